@@ -1,0 +1,222 @@
+"""`infergate up`: a local cluster in one command, N replica processes and the gateway in front.
+
+This process runs the gateway itself and supervises the replicas as child processes (one GPU
+each via CUDA_VISIBLE_DEVICES when GPUs exist). It never imports torch: replicas are started as
+`python -m replica`. On Ctrl-C or SIGTERM the gateway drains, then every replica is stopped;
+children also get SIGTERM from the kernel if this process dies, so none is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.cli import configure_logging, loop_factory, serve
+from gateway.config import parse_config
+from gateway.errors import ConfigError
+
+log = logging.getLogger("gateway.cluster")
+
+READY_TIMEOUT_S = 180.0
+PR_SET_PDEATHSIG = 1
+
+
+class ClusterConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    replicas: int = Field(2, ge=1, le=64)
+    engine: str = Field("torch", pattern="^(torch|simulated)$")
+    replica_config: Path | None = None  # a replica YAML passed to every replica with -c
+    host: str = "127.0.0.1"
+    first_replica_port: int = Field(9001, ge=1, le=65535)
+    # The gateway's own YAML minus `replicas` (listen, routing, timeouts, health_check, ...).
+    gateway: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_cluster(path: Path | None, args: argparse.Namespace) -> ClusterConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+    if args.replicas is not None:
+        data["replicas"] = args.replicas
+    if args.engine is not None:
+        data["engine"] = args.engine
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{where}: {first['msg']}") from None
+
+
+def gateway_yaml(cluster: ClusterConfig, args: argparse.Namespace) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 8080},
+        "routing": {"strategy": "least_outstanding_requests"},
+        "health_check": {"path": "/ping", "interval_s": 1.0, "timeout_s": 1.0},
+        **cluster.gateway,
+    }
+    if args.strategy is not None:
+        config["routing"] = {**config.get("routing", {}), "strategy": args.strategy}
+    if args.port is not None:
+        config["listen"] = {**config.get("listen", {}), "port": args.port}
+    config["replicas"] = [
+        {"url": f"http://{cluster.host}:{cluster.first_replica_port + i}"}
+        for i in range(cluster.replicas)
+    ]
+    return config
+
+
+def gpu_count() -> int:
+    """GPUs without importing torch: nvidia-smi when present, else none."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def start_replica(cluster: ClusterConfig, index: int, gpus: int) -> subprocess.Popen[bytes]:
+    port = cluster.first_replica_port + index
+    cmd = [sys.executable, "-m", "replica", "--host", cluster.host, "--port", str(port)]
+    cmd += ["--engine", cluster.engine]
+    if cluster.replica_config is not None:
+        cmd += ["-c", str(cluster.replica_config)]
+    env = dict(os.environ)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+    preexec = _die_with_parent if sys.platform == "linux" else None
+    return subprocess.Popen(cmd, env=env, preexec_fn=preexec)  # noqa: PLW1509
+
+
+async def wait_ready(urls: list[str], procs: list[subprocess.Popen[bytes]]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READY_TIMEOUT_S
+    pending = dict(zip(urls, procs, strict=True))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as client:
+        while pending:
+            for url, proc in list(pending.items()):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"replica {url} exited with code {proc.returncode}")
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with client.get(f"{url}/ping") as response:
+                        if response.status == 200:
+                            del pending[url]
+            if loop.time() > deadline:
+                raise RuntimeError(f"replicas not ready after {READY_TIMEOUT_S:.0f} s: {pending}")
+            await asyncio.sleep(0.2)
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def replicas_running(cluster: ClusterConfig) -> Iterator[list[subprocess.Popen[bytes]]]:
+    gpus = gpu_count()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(cluster.replicas):
+            procs.append(start_replica(cluster, i, gpus))
+        yield procs
+    finally:
+        stop_all(procs)
+
+
+def banner(url: str, config_path: Path) -> str:
+    example = (
+        f"curl -s {url}/v1/completions -H 'Content-Type: application/json' "
+        """-d '{"model": "tiny-gpt", "prompt": "Hello", "max_tokens": 16}'"""
+    )
+    return (
+        f"\ninfergate is up: {url}\n"
+        f"  try:    {example}\n"
+        f"  config: {config_path} (edit it; the gateway reloads without a restart)\n"
+        f"  stop:   Ctrl-C\n"
+    )
+
+
+async def run_cluster(cluster: ClusterConfig, args: argparse.Namespace, workdir: Path) -> int:
+    gateway_data = gateway_yaml(cluster, args)
+    config = parse_config(gateway_data)
+    config_path = workdir / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(gateway_data, sort_keys=False))
+    with replicas_running(cluster) as procs:
+        # Our own signal handlers from here on, so a Ctrl-C while replicas load still cleans up.
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        ready = asyncio.create_task(wait_ready(config.replica_urls, procs))
+        stopped = asyncio.create_task(stopping.wait())
+        await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if stopped.done():
+            ready.cancel()
+            return 130
+        stopped.cancel()
+        ready.result()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        url = f"http://{config.listen.host}:{config.listen.port}"
+        print(banner(url, config_path), flush=True)
+        return await serve(config, config_path, config.listen.host, config.listen.port)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="infergate up", description=__doc__)
+    parser.add_argument("-c", "--config", type=Path, help="cluster YAML (see README)")
+    parser.add_argument("--replicas", type=int, help="number of replica processes")
+    parser.add_argument("--strategy", help="routing strategy, e.g. least_outstanding_requests")
+    parser.add_argument("--engine", choices=["torch", "simulated"])
+    parser.add_argument("--port", type=int, help="gateway port (default 8080)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        cluster = load_cluster(args.config, args)
+        parse_config(gateway_yaml(cluster, args))
+    except ConfigError as exc:
+        print(f"infergate up: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="infergate-") as workdir:
+        try:
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
+                return runner.run(run_cluster(cluster, args, Path(workdir)))
+        except RuntimeError as exc:
+            print(f"infergate up: {exc}", file=sys.stderr)
+            return 1

@@ -1,0 +1,150 @@
+"""Gateway configuration: one YAML file, validated fully into frozen models before any use.
+
+`load_config(path)` is the only way config enters the program. Every error names the key path
+and what was expected (`replicas[2].url: ...`), so a bad file is fixed from one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
+from yarl import URL
+
+from gateway.errors import ConfigError
+from gateway.policies import canonical_policy_name
+
+
+def _replica_url(value: str) -> str:
+    try:
+        url = URL(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("expected an absolute http:// or https:// URL with a host")
+    if url.query_string or url.fragment or url.user:
+        raise ValueError("a replica URL takes no query, fragment or credentials")
+    return str(url).rstrip("/")
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("expected a path starting with '/'")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Listen(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Routing(_Model):
+    strategy: Annotated[str, AfterValidator(canonical_policy_name)] = "least_outstanding_requests"
+    seed: int | None = None  # fixes random tie-breaks and draws, for reproducible benchmarks
+
+
+class ReplicaSpec(_Model):
+    url: Annotated[str, AfterValidator(_replica_url)]
+
+
+class Timeouts(_Model):
+    connect_s: float = Field(5.0, gt=0)
+    read_s: float = Field(600.0, gt=0)  # longest silence between two upstream chunks
+    total_s: float | None = Field(None, gt=0)
+
+
+class HealthCheck(_Model):
+    path: Annotated[str, AfterValidator(_absolute_path)] = "/ping"
+    interval_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0)
+    healthy_threshold: int = Field(1, ge=1)
+    unhealthy_threshold: int = Field(2, ge=1)
+
+
+class Limits(_Model):
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
+
+
+class Reload(_Model):
+    watch: bool = True  # poll the file's mtime and reload on change
+    poll_interval_s: float = Field(1.0, gt=0)
+
+
+class GatewayConfig(_Model):
+    listen: Listen = Listen()
+    routing: Routing = Routing()
+    replicas: tuple[ReplicaSpec, ...] = Field(min_length=1)
+    timeouts: Timeouts = Timeouts()
+    health_check: HealthCheck | None = None
+    limits: Limits = Limits()
+    reload: Reload = Reload()
+
+    @model_validator(mode="after")
+    def _unique_replicas(self) -> GatewayConfig:
+        seen: set[str] = set()
+        for i, spec in enumerate(self.replicas):
+            if spec.url in seen:
+                raise ValueError(f"replicas[{i}].url: {spec.url} is listed twice")
+            seen.add(spec.url)
+        return self
+
+    @property
+    def replica_urls(self) -> list[str]:
+        return [spec.url for spec in self.replicas]
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def _describe(error: ErrorDetails) -> str | None:
+    kind, loc, msg = error["type"], tuple(error["loc"]), error["msg"]
+    if kind == "extra_forbidden":
+        return f"{_key_path(loc)}: unknown key"
+    if kind == "missing":
+        return f"{_key_path(loc)}: required key is missing"
+    if kind == "too_short" and loc == ("replicas",):
+        # pydantic also reports the length when an item failed; only an empty list is news.
+        return None if error.get("input") else "replicas: at least one replica is required"
+    msg = msg.removeprefix("Value error, ").replace("a valid tuple", "a list")
+    if not loc and ": " in msg:  # model-level validators already carry their path
+        return msg
+    got = repr(error.get("input"))
+    return f"{_key_path(loc)}: {msg} (got {got[:60]})"
+
+
+def parse_config(data: Any) -> GatewayConfig:
+    if data is None:
+        raise ConfigError("(top level): the file is empty; expected a mapping with 'replicas'")
+    if not isinstance(data, dict):
+        raise ConfigError(f"(top level): expected a mapping, got {type(data).__name__}")
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [p for p in map(_describe, exc.errors()) if p]
+        raise ConfigError("; ".join(problems)) from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"(yaml) {where}{problem}") from None
+    return parse_config(data)

@@ -1,0 +1,39 @@
+"""The gateway's exception hierarchy; server.error_middleware maps each to a JSON response."""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """An error with an HTTP status and a stable machine-readable type."""
+
+    status = 500
+    error_type = "internal_error"
+
+
+class NoHealthyReplica(GatewayError):
+    status = 503
+    error_type = "no_healthy_replica"
+
+
+class UpstreamError(GatewayError):
+    """The chosen replica could not be reached or failed before any byte reached the client."""
+
+    status = 502
+    error_type = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    error_type = "upstream_timeout"
+
+
+class ConfigError(GatewayError):
+    """A configuration file that cannot be used; the message names the key path."""
+
+    status = 422
+    error_type = "invalid_config"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    error_type = "body_too_large"

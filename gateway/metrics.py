@@ -1,0 +1,77 @@
+"""Prometheus metrics of one gateway process, declared against a registry passed in.
+
+Per-replica gauges (outstanding, healthy) are read from the pool at scrape time by a collector,
+so the pool stays the one owner of that state and a scrape never sees a stale copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.pool import ReplicaPool
+
+# Inference requests run from milliseconds (classifiers) to minutes (long generations).
+LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+class PoolCollector(Collector):
+    def __init__(self, pool: ReplicaPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        outstanding = GaugeMetricFamily(
+            "gateway_outstanding_requests",
+            "Requests dispatched to a replica and not yet fully relayed.",
+            labels=["replica"],
+        )
+        healthy = GaugeMetricFamily(
+            "gateway_replica_healthy", "1 when the replica takes new requests.", labels=["replica"]
+        )
+        for replica in self._pool.all():
+            outstanding.add_metric([replica.url], replica.outstanding)
+            healthy.add_metric([replica.url], int(replica.healthy and not replica.draining))
+        yield outstanding
+        yield healthy
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry, pool: ReplicaPool) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Proxied requests by replica and response status code.",
+            ["replica", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Dispatch to last byte relayed, per replica.",
+            ["replica"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.strategy = Info(
+            "gateway_routing_strategy", "The routing strategy in force.", registry=registry
+        )
+        self.reloads = Counter(
+            "gateway_config_reloads", "Config reload attempts by result.", ["result"],
+            registry=registry,
+        )  # fmt: skip
+        self.unrouted = Counter(
+            "gateway_unrouted_requests",
+            "Requests answered by the gateway without reaching a replica, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        registry.register(PoolCollector(pool))
+
+    def observe(self, replica: str, code: int, duration_s: float) -> None:
+        self.requests.labels(replica, str(code)).inc()
+        self.duration.labels(replica).observe(duration_s)

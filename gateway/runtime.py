@@ -1,0 +1,57 @@
+"""The gateway's state: what lives for the process (pool, metrics, client session) and the
+Runtime that a config reload swaps as one reference (config + policy).
+
+A request reads `state.runtime` once at dispatch, so a reload never changes the rules halfway
+through a request; the pool is shared across runtimes, so outstanding counts survive a swap.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.policies import Policy, make_policy
+from gateway.pool import ReplicaPool
+
+
+@dataclass(frozen=True)
+class Runtime:
+    config: GatewayConfig
+    policy: Policy
+
+
+def build_runtime(config: GatewayConfig, previous: Runtime | None = None) -> Runtime:
+    """A new runtime; an unchanged strategy keeps its policy object (round robin keeps its turn)."""
+    routing = config.routing
+    if previous is not None and previous.config.routing == routing:
+        return Runtime(config, previous.policy)
+    rng = random.Random(routing.seed)
+    return Runtime(config, make_policy(routing.strategy, rng))
+
+
+@dataclass
+class GatewayState:
+    config_path: Path | None
+    runtime: Runtime
+    pool: ReplicaPool
+    metrics: GatewayMetrics
+    admin_token: str | None
+    session: aiohttp.ClientSession | None = field(default=None)
+
+    def swap(self, runtime: Runtime) -> None:
+        self.pool.update(runtime.config.replica_urls)
+        self.runtime = runtime
+        self.metrics.strategy.info({"strategy": runtime.config.routing.strategy})
+
+    def client(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "client session is opened by the app's cleanup_ctx"
+        return self.session
+
+
+STATE = web.AppKey("gateway_state", GatewayState)

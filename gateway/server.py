@@ -1,0 +1,181 @@
+"""The gateway's HTTP surface: an app factory, its own endpoints, and the error middleware.
+
+Paths the gateway owns (/healthz, /readyz, /metrics, /admin/...) answer here; every other
+method and path goes to proxy.handle. Admin endpoints need `Authorization: Bearer <token>`
+matching INFERGATE_ADMIN_TOKEN and answer 404 when no token is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from gateway import proxy
+from gateway.config import GatewayConfig
+from gateway.errors import ConfigError, GatewayError
+from gateway.health import HealthChecker
+from gateway.metrics import GatewayMetrics
+from gateway.pool import ReplicaPool
+from gateway.reload import ReloadWatcher, reload_config
+from gateway.runtime import STATE, GatewayState, build_runtime
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+WATCHER = web.AppKey("reload_watcher", ReloadWatcher)
+
+
+def error_response(status: int, error_type: str, message: str) -> web.Response:
+    return web.json_response({"error": {"type": error_type, "message": message}}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc.status, exc.error_type, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = exc.reason.lower().replace(" ", "_")
+        return error_response(exc.status, kind, exc.text or exc.reason)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "the gateway failed; see its log")
+
+
+def _only(methods: tuple[str, ...], handler: Handler) -> Handler:
+    """Gateway-owned paths answer 405 to other methods instead of being proxied."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        if request.method not in methods:
+            raise web.HTTPMethodNotAllowed(request.method, methods)
+        return await handler(request)
+
+    return guarded
+
+
+def _require_admin(request: web.Request) -> GatewayState:
+    state = request.app[STATE]
+    if state.admin_token is None:
+        raise web.HTTPNotFound(text=f"{request.path} is off: set INFERGATE_ADMIN_TOKEN to enable")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    expected = state.admin_token.encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        raise web.HTTPUnauthorized(
+            text="admin endpoints need 'Authorization: Bearer <INFERGATE_ADMIN_TOKEN>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return state
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready = len(request.app[STATE].pool.available())
+    status = 200 if ready else 503
+    return web.json_response({"ready": ready > 0, "healthy_replicas": ready}, status=status)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[STATE].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _describe_state(state: GatewayState) -> dict[str, Any]:
+    return {
+        "strategy": state.runtime.config.routing.strategy,
+        "replicas": [replica.as_json() for replica in state.pool.all()],
+    }
+
+
+async def admin_replicas(request: web.Request) -> web.Response:
+    return web.json_response(_describe_state(_require_admin(request)))
+
+
+async def admin_reload(request: web.Request) -> web.Response:
+    state = _require_admin(request)
+    reload_config(state, "admin")
+    return web.json_response({"result": "ok", **_describe_state(state)})
+
+
+async def admin_unknown(request: web.Request) -> web.Response:
+    _require_admin(request)
+    raise web.HTTPNotFound(text=f"no admin endpoint {request.path}")
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=10)
+    session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    app[STATE].session = session
+    yield
+    await session.close()
+
+
+Background = Callable[[web.Application], Coroutine[None, None, None]]
+
+
+def _background(name: str, make: Background) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(make(app), name=name)
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
+
+
+def create_app(
+    config: GatewayConfig,
+    *,
+    config_path: Path | None = None,
+    admin_token: str | None = None,
+    registry: CollectorRegistry | None = None,
+) -> web.Application:
+    pool = ReplicaPool(config.replica_urls)
+    gateway_metrics = GatewayMetrics(registry or CollectorRegistry(), pool)
+    state = GatewayState(config_path, build_runtime(config), pool, gateway_metrics, admin_token)
+    state.swap(state.runtime)
+    # The body limit follows the live config (proxy.read_body); aiohttp's own cap stays off.
+    app = web.Application(middlewares=[error_middleware], client_max_size=0)
+    app[STATE] = state
+    app[WATCHER] = ReloadWatcher(state)
+    app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_background("health-checks", lambda a: HealthChecker(state).run()))
+    app.cleanup_ctx.append(_background("config-watch", lambda a: a[WATCHER].run()))
+    own = [
+        ("/healthz", ("GET", "HEAD"), healthz),
+        ("/readyz", ("GET", "HEAD"), readyz),
+        ("/metrics", ("GET", "HEAD"), metrics),
+        ("/admin/replicas", ("GET", "HEAD"), admin_replicas),
+        ("/admin/reload", ("POST",), admin_reload),
+    ]
+    for path, methods, handler in own:
+        app.router.add_route("*", path, _only(methods, handler))
+    app.router.add_route("*", "/admin/{tail:.*}", admin_unknown)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+__all__ = ["ConfigError", "create_app", "error_response"]

@@ -1,0 +1,122 @@
+"""The gateway as a process: start-up errors, signals, and no torch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from tests.support.processes import BIN, free_port, stop, wait_http_ok
+from tests.support.servers import fake_replicas
+
+GOOD = {"replicas": [{"url": "http://127.0.0.1:9001"}]}
+BAD_FILES = {
+    "unknown key": ({**GOOD, "listen": {"hots": "x"}}, "listen.hots: unknown key"),
+    "wrong type": ({**GOOD, "listen": {"port": "eighty"}}, "listen.port: "),
+    "bad url": ({"replicas": [{"url": "ftp://a"}]}, "replicas[0].url: "),
+    "empty replicas": ({"replicas": []}, "replicas: at least one replica is required"),
+    "unknown strategy": ({**GOOD, "routing": {"strategy": "fast"}}, "routing.strategy: "),
+    "no replicas key": ({"routing": {"strategy": "random"}}, "replicas: required key"),
+    "not a mapping": (["a"], "(top level): expected a mapping"),
+}
+
+
+def _run_gateway(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "infergate"), "gateway", "-c", str(config), *extra],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_file_exits_nonzero_with_one_line_naming_the_key(case: str, tmp_path: Path) -> None:
+    content, expected = BAD_FILES[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(content))
+    result = _run_gateway(path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("replicas:\n  - url: [unclosed\n")
+    result = _run_gateway(path)
+    assert result.returncode == 2 and "line " in result.stderr
+    result = _run_gateway(tmp_path / "missing.yaml")
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_gateway_never_imports_torch() -> None:
+    code = (
+        "import sys, gateway.cli, gateway.server, gateway.proxy, gateway.policies;"
+        "assert 'torch' not in sys.modules, 'gateway imported torch'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_sighup_reloads_and_sigterm_exits_zero(tmp_path: Path) -> None:
+    async with fake_replicas(2) as replicas:
+        port = free_port()
+        path = tmp_path / "g.yaml"
+        config = {
+            "listen": {"host": "127.0.0.1", "port": port},
+            "routing": {"strategy": "RANDOM"},
+            "replicas": [{"url": r.url} for r in replicas],
+            "reload": {"watch": False},
+        }
+        path.write_text(yaml.safe_dump(config))
+        env = {**os.environ, "INFERGATE_ADMIN_TOKEN": "t"}
+        log = tmp_path / "gateway.log"
+        with log.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "-c", str(path)],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            await wait_http_ok(f"{base}/healthz", proc)
+            path.write_text(yaml.safe_dump({**config, "routing": {"strategy": "round_robin"}}))
+            async with aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as client:
+                assert await _strategy(client, base) == "random"
+                await asyncio.sleep(0.3)
+                assert await _strategy(client, base) == "random"  # watch is off
+                proc.send_signal(signal.SIGHUP)
+                seen: list[str] = []
+
+                async def poll() -> None:
+                    seen.append(await _strategy(client, base))
+
+                for _ in range(100):
+                    await poll()
+                    if seen[-1] == "round_robin":
+                        break
+                    await asyncio.sleep(0.05)
+                async with client.get(f"{base}/x") as response:
+                    assert response.status == 200
+        finally:
+            code = stop(proc)
+    output = log.read_text()
+    assert seen[-1] == "round_robin", output
+    assert code == 0, output
+    assert "config reloaded (signal): strategy round_robin" in output
+
+
+async def _strategy(client: aiohttp.ClientSession, base: str) -> str:
+    async with client.get(f"{base}/admin/replicas") as response:
+        strategy: str = (await response.json())["strategy"]
+        return strategy

@@ -1,0 +1,49 @@
+"""Helpers for tests that run our commands as real OS processes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
+    """Poll until `url` answers 200; fail early if the process died."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with aiohttp.ClientSession() as client:
+        while True:
+            assert proc.poll() is None, f"process exited with {proc.returncode}"
+            try:
+                async with client.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert loop.time() < deadline, f"{url} did not come up"
+            await asyncio.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 10) -> int:
+    """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -1,0 +1,186 @@
+"""Real loopback servers for tests: a fake replica whose behaviour each test steers, and the
+gateway app started on an ephemeral port. Nothing here mocks our own components."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway.config import load_config
+from gateway.runtime import STATE, GatewayState
+from gateway.server import create_app
+
+
+@dataclass
+class FakeReplica:
+    """What the fake replica saw, and the knobs a test turns."""
+
+    name: str
+    url: str = ""
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    healthy: bool = True
+    in_flight: int = 0
+
+
+def fake_replica_app(replica: FakeReplica) -> web.Application:
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        record = {
+            "method": request.method,
+            "path": request.path,
+            "raw_path": request.raw_path,
+            "headers": dict(request.headers),
+            "body": body.decode("utf-8", "replace"),
+        }
+        replica.seen.append(record)
+        return web.json_response({"replica": replica.name, **record})
+
+    async def ping(request: web.Request) -> web.Response:
+        return web.json_response({"ok": replica.healthy}, status=200 if replica.healthy else 503)
+
+    async def sleep(request: web.Request) -> web.Response:
+        replica.in_flight += 1
+        try:
+            await asyncio.sleep(float(request.query.get("s", "0.1")))
+        finally:
+            replica.in_flight -= 1
+        return web.json_response({"replica": replica.name})
+
+    async def hold(request: web.Request) -> web.Response:
+        """Answers only when the test sets `release`."""
+        replica.in_flight += 1
+        try:
+            await replica.release.wait()
+        finally:
+            replica.in_flight -= 1
+        return web.json_response({"replica": replica.name})
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        """n events `interval` apart; with gate=1 the second event waits for `release`."""
+        n = int(request.query.get("n", "3"))
+        interval = float(request.query.get("interval", "0"))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(n):
+            if i == 1 and request.query.get("gate") == "1":
+                await replica.release.wait()
+            await response.write(f"data: {json.dumps({'i': i})}\n\n".encode())
+            await asyncio.sleep(interval)
+        if request.query.get("cut") == "1":
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/ping", ping)
+    app.router.add_route("*", "/sleep", sleep)
+    app.router.add_route("*", "/hold", hold)
+    app.router.add_get("/sse", sse)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+@asynccontextmanager
+async def serve(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    server = site._server
+    assert server is not None
+    sockets = getattr(server, "sockets", None) or []
+    bound_port = sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{bound_port}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def fake_replicas(n: int) -> AsyncIterator[list[FakeReplica]]:
+    replicas = [FakeReplica(f"r{i}") for i in range(n)]
+    async with _serve_all(replicas):
+        yield replicas
+
+
+@asynccontextmanager
+async def _serve_all(replicas: list[FakeReplica]) -> AsyncIterator[None]:
+    if not replicas:
+        yield
+        return
+    first, rest = replicas[0], replicas[1:]
+    async with serve(fake_replica_app(first)) as url:
+        first.url = url
+        async with _serve_all(rest):
+            yield
+        first.release.set()  # let held handlers finish so shutdown is quick
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    """Write atomically, as editors and Kubernetes ConfigMap updates do."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config))
+    tmp.replace(path)
+
+
+def gateway_config(replicas: list[FakeReplica], strategy: str, **extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "routing": {"strategy": strategy},
+        "replicas": [{"url": r.url} for r in replicas],
+        "reload": {"poll_interval_s": 0.1},
+    }
+    config.update(extra)
+    return config
+
+
+@dataclass
+class Gateway:
+    url: str
+    state: GatewayState
+    config_path: Path
+
+
+@asynccontextmanager
+async def running_gateway(
+    config_path: Path, admin_token: str | None = None
+) -> AsyncIterator[Gateway]:
+    config = load_config(config_path)
+    app = create_app(
+        config, config_path=config_path, admin_token=admin_token, registry=CollectorRegistry()
+    )
+    async with serve(app) as url:
+        state = app[STATE]
+        yield Gateway(url, state, config_path)
+        await _settle(state)
+        leftover = {r.url: r.outstanding for r in state.pool.all() if r.outstanding}
+        assert not leftover, f"outstanding counts not back to zero: {leftover}"
+
+
+async def _settle(state: GatewayState, timeout_s: float = 5.0) -> None:
+    """Wait (bounded) for handlers of disconnected clients to run their finally blocks."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while any(r.outstanding for r in state.pool.all()) and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Bounded wait for a condition a test cannot await directly."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)

@@ -1,0 +1,55 @@
+"""The pool owns replica state: counts survive list changes; removed replicas drain."""
+
+from __future__ import annotations
+
+from gateway.pool import ReplicaPool
+
+A, B, C = "http://a:1", "http://b:1", "http://c:1"
+
+
+def test_update_keeps_counts_of_kept_replicas() -> None:
+    pool = ReplicaPool([A, B])
+    a = pool.available()[0]
+    pool.acquire(a)
+    pool.update([B, A, C])
+    assert pool.get(A) is a and a.outstanding == 1
+    assert [r.url for r in pool.available()] == [B, A, C]
+
+
+def test_removed_replica_drains_until_its_last_request_ends() -> None:
+    pool = ReplicaPool([A, B])
+    a = pool.get(A)
+    assert a is not None
+    pool.acquire(a)
+    pool.update([B])
+    assert a.draining and a not in pool.available() and a in pool.all()
+    pool.release(a)
+    assert a not in pool.all()
+
+
+def test_removed_then_restored_replica_is_the_same_object() -> None:
+    pool = ReplicaPool([A])
+    a = pool.get(A)
+    assert a is not None
+    pool.acquire(a)
+    pool.update([B])
+    pool.update([A, B])
+    assert pool.get(A) is a and not a.draining and a.outstanding == 1
+
+
+def test_unhealthy_replicas_are_not_available() -> None:
+    pool = ReplicaPool([A, B])
+    a = pool.get(A)
+    assert a is not None
+    pool.set_healthy(a, False)
+    assert [r.url for r in pool.available()] == [B]
+    pool.set_healthy(a, True)
+    assert len(pool.available()) == 2
+
+
+def test_failures_are_counted() -> None:
+    pool = ReplicaPool([A])
+    a = pool.available()[0]
+    pool.acquire(a)
+    pool.release(a, failed=True)
+    assert (a.outstanding, a.requests_total, a.errors_total) == (0, 1, 1)
