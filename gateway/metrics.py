@@ -71,7 +71,16 @@ class GatewayMetrics:
             registry=registry,
         )
         registry.register(PoolCollector(pool))
+        self._counters: dict[tuple[str, int], Counter] = {}
+        self._histograms: dict[str, Histogram] = {}
 
     def observe(self, replica: str, code: int, duration_s: float) -> None:
-        self.requests.labels(replica, str(code)).inc()
-        self.duration.labels(replica).observe(duration_s)
+        # Children are cached: prometheus_client's labels() takes a lock and builds a key.
+        counter = self._counters.get((replica, code))
+        if counter is None:
+            counter = self._counters[(replica, code)] = self.requests.labels(replica, str(code))
+        histogram = self._histograms.get(replica)
+        if histogram is None:
+            histogram = self._histograms[replica] = self.duration.labels(replica)
+        counter.inc()
+        histogram.observe(duration_s)

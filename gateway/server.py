@@ -61,7 +61,12 @@ def _only(methods: tuple[str, ...], handler: Handler) -> Handler:
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         if request.method not in methods:
-            raise web.HTTPMethodNotAllowed(request.method, methods)
+            allowed = " or ".join(methods)
+            raise web.HTTPMethodNotAllowed(
+                request.method,
+                methods,
+                text=f"{request.path} answers {allowed}, not {request.method}",
+            )
         return await handler(request)
 
     return guarded

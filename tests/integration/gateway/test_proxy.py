@@ -117,7 +117,8 @@ async def test_gateway_paths_are_not_proxied(tmp_path: Path) -> None:
                 assert response.status == 200
             async with client.post(f"{gw.url}/healthz") as response:
                 assert response.status == 405
-                assert "error" in await response.json()
+                error = (await response.json())["error"]
+                assert error["message"] == "/healthz answers GET or HEAD, not POST"
             async with client.get(f"{gw.url}/readyz") as response:
                 assert (await response.json()) == {"ready": True, "healthy_replicas": 1}
             async with client.get(f"{gw.url}/admin/replicas") as response:
