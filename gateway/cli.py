@@ -88,10 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     gateway_parser(commands.add_parser("gateway", help="run the routing gateway"))
     commands.add_parser("replica", help="run a model replica (see: infergate replica -h)")
     commands.add_parser("up", help="run a local cluster: replicas + gateway")
+    commands.add_parser("bench", help="the routing benchmark (see: infergate bench -h)")
     if argv[:1] == ["replica"]:
         from replica.cli import main as replica_main
 
         return replica_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from loadtests.bench import main as bench_main
+
+        return bench_main(argv[1:])
     if argv[:1] == ["up"]:
         from gateway.cluster import main as up_main
 

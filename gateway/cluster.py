@@ -21,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import yaml
@@ -79,10 +79,7 @@ def gateway_yaml(cluster: ClusterConfig, args: argparse.Namespace) -> dict[str, 
         config["routing"] = {**config.get("routing", {}), "strategy": args.strategy}
     if args.port is not None:
         config["listen"] = {**config.get("listen", {}), "port": args.port}
-    config["replicas"] = [
-        {"url": f"http://{cluster.host}:{cluster.first_replica_port + i}"}
-        for i in range(cluster.replicas)
-    ]
+    config["replicas"] = [{"url": url} for url in replica_urls(cluster)]
     return config
 
 
@@ -103,7 +100,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start_replica(cluster: ClusterConfig, index: int, gpus: int) -> subprocess.Popen[bytes]:
+def start_replica(
+    cluster: ClusterConfig, index: int, gpus: int, output: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
     port = cluster.first_replica_port + index
     cmd = [sys.executable, "-m", "replica", "--host", cluster.host, "--port", str(port)]
     cmd += ["--engine", cluster.engine]
@@ -113,7 +112,14 @@ def start_replica(cluster: ClusterConfig, index: int, gpus: int) -> subprocess.P
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
     preexec = _die_with_parent if sys.platform == "linux" else None
-    return subprocess.Popen(cmd, env=env, preexec_fn=preexec)  # noqa: PLW1509
+    # preexec_fn only sets the parent-death signal; no threads run when replicas start.
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        preexec_fn=preexec,  # noqa: PLW1509
+        stdout=output,
+        stderr=output,
+    )
 
 
 async def wait_ready(urls: list[str], procs: list[subprocess.Popen[bytes]]) -> None:
@@ -146,13 +152,21 @@ def stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> N
             proc.wait()
 
 
+def replica_urls(cluster: ClusterConfig) -> list[str]:
+    return [
+        f"http://{cluster.host}:{cluster.first_replica_port + i}" for i in range(cluster.replicas)
+    ]
+
+
 @contextlib.contextmanager
-def replicas_running(cluster: ClusterConfig) -> Iterator[list[subprocess.Popen[bytes]]]:
+def replicas_running(
+    cluster: ClusterConfig, output: IO[bytes] | None = None
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     gpus = gpu_count()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i in range(cluster.replicas):
-            procs.append(start_replica(cluster, i, gpus))
+            procs.append(start_replica(cluster, i, gpus, output))
         yield procs
     finally:
         stop_all(procs)

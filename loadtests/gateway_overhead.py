@@ -166,8 +166,11 @@ def processes(workdir: Path) -> Iterator[tuple[str, str]]:
 
 def report(name: str, rate: float, samples: list[float], errors: int) -> dict[str, float]:
     p50, p99 = percentile(samples, 50) * 1e3, percentile(samples, 99) * 1e3
-    print(f"  {name:8s} {rate:6.0f} req/s  n={len(samples):6d}  errors={errors}  "
-          f"p50={p50:7.3f} ms  p99={p99:7.3f} ms", flush=True)  # fmt: skip
+    print(
+        f"  {name:8s} {rate:6.0f} req/s  n={len(samples):6d}  errors={errors}  "
+        f"p50={p50:7.3f} ms  p99={p99:7.3f} ms",
+        flush=True,
+    )
     return {"p50": p50, "p99": p99}
 
 

@@ -1,0 +1,250 @@
+"""`infergate bench`: the SageMaker routing comparison, reproduced for every strategy we ship.
+
+For each scenario (users / instances: 4/1, 20/5, 40/10, 60/15, 80/20) it starts the replicas
+once, then for every seed and strategy starts a gateway, drives closed-loop Locust users (or
+open-loop Poisson arrivals) for warm-up + measurement time, and stops the gateway. Everything
+is reported from raw samples: see loadtests/report.py and loadtests/stats.py.
+
+Each simulated replica stands for one ml.g5.24xlarge instance of the published study: four
+A10G GPUs with one model copy each, so four sequences run at once (`max_num_seqs: 4`, the 7B
+A10G profile) and further requests queue at the instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import random
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO
+
+import yaml
+
+from gateway.cluster import ClusterConfig, replica_urls, replicas_running, wait_ready
+from gateway.policies import POLICIES
+from loadtests import report
+from loadtests.runner import RunResult, RunSpec, free_port_block, gateway_process, run_load
+from loadtests.workload import Workload, output_tokens
+
+SAGEMAKER_SCENARIOS = ((4, 1), (20, 5), (40, 10), (60, 15), (80, 20))
+QUICK_SCENARIOS = ((4, 1), (20, 5))
+INSTANCE_CONCURRENCY = 4  # sequences one instance runs at once (4 GPUs, one model copy each)
+
+
+@dataclass(frozen=True)
+class Plan:
+    scenarios: tuple[tuple[int, int], ...]
+    strategies: tuple[str, ...]
+    seeds: tuple[int, ...]
+    warmup_s: float
+    duration_s: float
+    block_s: float
+    engine: str
+    workload: Workload
+    out: Path
+    utilization: float | None  # open loop at this share of nominal capacity; None = closed
+
+    @property
+    def runs(self) -> int:
+        return len(self.scenarios) * len(self.strategies) * len(self.seeds)
+
+
+def replica_config(engine: str) -> dict[str, object]:
+    batcher = {
+        "kind": "continuous",
+        "max_num_seqs": INSTANCE_CONCURRENCY,
+        "max_batch_tokens": 8192,
+        "max_queue": 4096,
+        "queue_timeout_ms": 600_000,
+    }
+    model = {
+        "kind": "tiny-gpt",
+        "max_tokens_limit": 1024,
+        "batcher": batcher,
+        "params": {"context_len": 2048},
+    }
+    return {"engine": {"kind": engine}, "models": [model]}
+
+
+def nominal_capacity_rps(workload: Workload) -> float:
+    """Requests/s one simulated instance completes when always full: an estimate from the
+    built-in profile, used only to set open-loop arrival rates."""
+    from replica.engines.profile import load_profile  # the profile reader, not torch
+
+    gen = load_profile().generation
+    rng = random.Random(0)
+    mean_out = statistics.fmean(output_tokens(workload, rng) for _ in range(20_000))
+    step = gen.decode_base_s + gen.decode_per_seq_s * INSTANCE_CONCURRENCY
+    prompt_tokens = 6 * (workload.prompt_words_min + workload.prompt_words_max) / 2
+    prefill = gen.prefill_base_s + gen.prefill_s_per_token * prompt_tokens
+    return INSTANCE_CONCURRENCY / (prefill + mean_out * step)
+
+
+def progress(i: int, total: int, spec: RunSpec, started: float) -> None:
+    elapsed = time.monotonic() - started
+    eta = elapsed / i * (total - i) if i else float("nan")
+    print(
+        f"[{i + 1:3d}/{total}] {spec.users:3d} users / {spec.instances:2d} instances  "
+        f"{spec.strategy:28s} seed {spec.seed}   elapsed {elapsed:5.0f} s, "
+        f"left ~{eta:4.0f} s",
+        flush=True,
+    )
+
+
+def run_plan(plan: Plan, log: IO[bytes]) -> list[RunResult]:
+    results: list[RunResult] = []
+    started = time.monotonic()
+    workdir = plan.out / "tmp"
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "replica.yaml"
+    config_path.write_text(yaml.safe_dump(replica_config(plan.engine)))
+    capacity = nominal_capacity_rps(plan.workload) if plan.utilization else 0.0
+    for users, instances in plan.scenarios:
+        first_port = free_port_block(instances + 1)
+        cluster = ClusterConfig(
+            replicas=instances,
+            engine=plan.engine,
+            replica_config=config_path,
+            first_replica_port=first_port,
+        )
+        urls = replica_urls(cluster)
+        with replicas_running(cluster, output=log) as procs:
+            asyncio.run(wait_ready(urls, procs))
+            for seed in plan.seeds:
+                for strategy in plan.strategies:
+                    rate = plan.utilization * capacity * instances if plan.utilization else None
+                    spec = RunSpec(
+                        users,
+                        instances,
+                        strategy,
+                        seed,
+                        plan.warmup_s,
+                        plan.duration_s,
+                        replace(plan.workload, seed=seed),
+                        rate,
+                    )
+                    progress(len(results), plan.runs, spec, started)
+                    port = first_port + instances
+                    with gateway_process(urls, strategy, seed, port, workdir, log) as (url, pid):
+                        result = run_load(spec, url, pid, workdir, log)
+                    report.keep_samples(plan.out, result, workdir / "samples.csv")
+                    results.append(result)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def write_results(plan: Plan, results: list[RunResult], command: str) -> list[Path]:
+    summaries = report.summarize(results, plan.block_s)
+    mode = (
+        f"open loop, Poisson arrivals at {plan.utilization:.0%} of nominal capacity"
+        if plan.utilization
+        else "closed loop (each user waits for its answer)"
+    )
+    header = (
+        f"Engine: {plan.engine} (7B on A10G profile, {INSTANCE_CONCURRENCY} sequences per "
+        f"instance); {mode}; {len(plan.seeds)} seeds x {plan.duration_s:.0f} s measured "
+        f"after {plan.warmup_s:.0f} s warm-up per run. Command: `{command}`"
+    )
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "table.md").write_text(report.markdown(summaries, header))
+    report.write_csv(plan.out / "summary.csv", summaries)
+    report.write_runs_csv(plan.out / "runs.csv", results)
+    (plan.out / "command.txt").write_text(command + "\n")
+    paths = [plan.out / "table.md", plan.out / "summary.csv", plan.out / "runs.csv"]
+    return paths + report.charts(plan.out, summaries)
+
+
+def parse_scenarios(text: str) -> tuple[tuple[int, int], ...]:
+    pairs = []
+    for item in text.split(","):
+        users, _, instances = item.partition("/")
+        pairs.append((int(users), int(instances)))
+    return tuple(pairs)
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    quick = args.quick
+    scenarios = (
+        parse_scenarios(args.scenarios)
+        if args.scenarios
+        else (QUICK_SCENARIOS if quick else SAGEMAKER_SCENARIOS)
+    )
+    strategies = tuple(args.strategies.split(",")) if args.strategies else tuple(POLICIES)
+    unknown = [s for s in strategies if s not in POLICIES]
+    if unknown:
+        raise SystemExit(f"infergate bench: unknown strategies {unknown}; have {list(POLICIES)}")
+    if "random" not in strategies:
+        strategies = ("random", *strategies)
+    seeds = tuple(range(args.seeds if args.seeds else (2 if quick else 3)))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Plan(
+        scenarios=scenarios,
+        strategies=strategies,
+        seeds=seeds,
+        warmup_s=args.warmup if args.warmup is not None else (3.0 if quick else 6.0),
+        duration_s=args.duration if args.duration is not None else (8.0 if quick else 18.0),
+        block_s=args.block,
+        engine=args.engine,
+        workload=Workload(
+            output_median=args.output_median,
+            output_sigma=args.output_sigma,
+            output_max=args.output_max,
+            stream_share=args.stream_share,
+        ),
+        out=args.out or Path("loadtests/results") / stamp,
+        utilization=args.utilization,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infergate bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 scenarios, short runs (< 2 min)")
+    p.add_argument("--engine", choices=["simulated", "torch"], default="simulated")
+    p.add_argument("--scenarios", help="users/instances list, e.g. 4/1,20/5")
+    p.add_argument("--strategies", help="comma-separated (default: every registered one)")
+    p.add_argument("--seeds", type=int, help="runs per scenario and strategy (default 3)")
+    p.add_argument("--warmup", type=float, help="seconds discarded at the start of each run")
+    p.add_argument("--duration", type=float, help="measured seconds per run")
+    p.add_argument("--block", type=float, default=3.0, help="bootstrap block length (s)")
+    p.add_argument("--output-median", type=int, default=64, help="median output tokens")
+    p.add_argument("--output-sigma", type=float, default=1.0, help="lognormal sigma")
+    p.add_argument("--output-max", type=int, default=512)
+    p.add_argument("--stream-share", type=float, default=0.5)
+    p.add_argument(
+        "--open-loop",
+        dest="utilization",
+        type=float,
+        metavar="UTILIZATION",
+        help="Poisson arrivals at this share of nominal capacity, e.g. 0.7",
+    )
+    p.add_argument("--out", type=Path, help="results folder (default loadtests/results/<time>)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    plan = build_plan(args)
+    command = "infergate bench " + shlex.join(argv)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{plan.runs} runs, about {plan.runs * (plan.warmup_s + plan.duration_s + 4) / 60:.0f}"
+        f" min; results in {plan.out}",
+        flush=True,
+    )
+    with (plan.out / "run.log").open("wb") as log:
+        results = run_plan(plan, log)
+    for path in write_results(plan, results, command):
+        print(f"wrote {path}")
+    print((plan.out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,219 @@
+"""One benchmark run: a gateway with one strategy in front of running replicas, a load
+generator for a fixed time, and the raw samples it recorded, with the machine's CPU sampled
+throughout so a saturated load generator or machine is flagged, not silently reported."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+import psutil
+import yaml
+
+from loadtests.samples import Sample, read_samples
+from loadtests.workload import Workload
+
+REPO = Path(__file__).resolve().parent.parent
+SATURATED_PERCENT = 90.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    users: int
+    instances: int
+    strategy: str
+    seed: int
+    warmup_s: float
+    duration_s: float
+    workload: Workload
+    open_loop_rate: float | None = None  # requests/s in total; None = closed loop (Locust)
+
+
+@dataclass
+class CpuSample:
+    machine: list[float] = field(default_factory=list)
+    generator: list[float] = field(default_factory=list)
+    gateway: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    spec: RunSpec
+    samples: list[Sample]
+    window_start: float
+    cpu_machine_mean: float
+    cpu_generator_p90: float
+    cpu_gateway_p90: float
+
+    @property
+    def saturated(self) -> bool:
+        return (
+            self.cpu_machine_mean > SATURATED_PERCENT or self.cpu_generator_p90 > SATURATED_PERCENT
+        )
+
+
+def free_port_block(n: int, start: int = 20000) -> int:
+    """The first port of n consecutive free loopback ports."""
+    import socket
+
+    base = start + (os.getpid() % 200) * 50
+    while True:
+        socks = []
+        try:
+            for port in range(base, base + n + 1):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            base += n + 1
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def wait_http(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def gateway_process(
+    replica_urls: list[str], strategy: str, seed: int, port: int, workdir: Path, log: IO[bytes]
+) -> Iterator[tuple[str, int]]:
+    """A gateway process with this strategy; yields its URL and pid once it is ready."""
+    config = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "routing": {"strategy": strategy, "seed": seed},
+        "replicas": [{"url": url} for url in replica_urls],
+        "reload": {"watch": False},
+        "timeouts": {"read_s": 120},
+    }
+    path = workdir / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "gateway", "-c", str(path), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/readyz")
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _sample_cpu(pids: dict[str, int], stop: threading.Event, out: CpuSample) -> None:
+    procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+    psutil.cpu_percent(None)
+    for proc in procs.values():
+        with contextlib.suppress(psutil.Error):
+            proc.cpu_percent(None)
+    while not stop.wait(0.5):
+        out.machine.append(psutil.cpu_percent(None))
+        for name, proc in procs.items():
+            with contextlib.suppress(psutil.Error):
+                getattr(out, name).append(proc.cpu_percent(None))
+
+
+def _generator_cmd(spec: RunSpec, url: str, samples: Path) -> list[str]:
+    run_s = spec.warmup_s + spec.duration_s + 1
+    if spec.open_loop_rate is not None:
+        return [
+            sys.executable,
+            "-m",
+            "loadtests.openloop",
+            "--host",
+            url,
+            "--rate",
+            str(spec.open_loop_rate),
+            "--seconds",
+            str(run_s),
+            "--samples",
+            str(samples),
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(REPO / "loadtests" / "locustfile.py"),
+        "--headless",
+        "-u",
+        str(spec.users),
+        "-r",
+        str(spec.users),
+        "-t",
+        f"{run_s:.0f}s",
+        "--host",
+        url,
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        "--stop-timeout",
+        "0",
+        "CompletionUser",
+    ]
+
+
+def run_load(
+    spec: RunSpec, url: str, gateway_pid: int | None, workdir: Path, log: IO[bytes]
+) -> RunResult:
+    samples_path = workdir / "samples.csv"
+    samples_path.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "INFERGATE_BENCH_SAMPLES": str(samples_path),
+        "INFERGATE_BENCH_WORKLOAD": spec.workload.to_env(),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(
+        _generator_cmd(spec, url, samples_path), env=env, stdout=log, stderr=log, cwd=REPO
+    )
+    cpu = CpuSample()
+    stop = threading.Event()
+    pids = {"generator": proc.pid} | ({"gateway": gateway_pid} if gateway_pid else {})
+    sampler = threading.Thread(target=_sample_cpu, args=(pids, stop, cpu), daemon=True)
+    sampler.start()
+    try:
+        proc.wait(spec.warmup_s + spec.duration_s + 120)
+    finally:
+        stop.set()
+        sampler.join()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode not in (0, 1) or not samples_path.exists():  # locust exits 1 on failures
+        raise RuntimeError(f"load generator failed (exit {proc.returncode}); see the run log")
+    samples = read_samples(samples_path)
+    first = min((s.start_unix for s in samples), default=time.time())
+    return RunResult(
+        spec,
+        samples,
+        first + spec.warmup_s,
+        _mean(cpu.machine),
+        _p90(cpu.generator),
+        _p90(cpu.gateway),
+    )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _p90(values: list[float]) -> float:
+    return sorted(values)[int(0.9 * (len(values) - 1))] if values else 0.0
