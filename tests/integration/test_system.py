@@ -1,0 +1,79 @@
+"""The whole system as README's run command starts it: `infergate up` (replicas + gateway),
+driven by clients we did not write (openai, tritonclient), then stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.http as triton
+import yaml
+from openai import AsyncOpenAI
+
+from loadtests.runner import free_port_block
+from tests.support.processes import BIN, free_port, stop, wait_http_ok
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    port = free_port()
+    config = {"replicas": 2, "first_replica_port": free_port_block(2, start=31000)}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "infergate"), "up", "-c", str(path), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield f"http://127.0.0.1:{port}", proc, log
+    finally:
+        stop(proc, timeout_s=40)
+
+
+async def test_up_serves_openai_and_triton_clients_and_stops_clean(
+    cluster: tuple[str, subprocess.Popen[bytes], Path],
+) -> None:
+    url, proc, log = cluster
+    await wait_http_ok(f"{url}/readyz", proc, timeout_s=120)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 2
+
+    async with AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as client:
+        completion = await client.completions.create(
+            model="tiny-gpt", prompt="Hello, gateway", max_tokens=8, temperature=0
+        )
+        stream = await client.completions.create(
+            model="tiny-gpt", prompt="Hello, gateway", max_tokens=8, temperature=0, stream=True
+        )
+        streamed = "".join([chunk.choices[0].text async for chunk in stream])
+    assert completion.usage is not None and completion.usage.completion_tokens == 8
+    assert streamed == completion.choices[0].text
+
+    def classify() -> np.ndarray:
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        try:
+            meta = client.get_model_metadata("classifier")
+            size = int(meta["inputs"][0]["shape"][1])
+            tensor = triton.InferInput("input", [2, size], "FP32")
+            tensor.set_data_from_numpy(np.ones((2, size), dtype=np.float32))
+            result: np.ndarray = client.infer("classifier", [tensor]).as_numpy("logits")
+            return result
+        finally:
+            client.close()
+
+    logits = await asyncio.to_thread(classify)
+    assert logits.shape[0] == 2
+
+    assert stop(proc, timeout_s=40) == 0, log.read_text()[-3000:]
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], f"left behind: {[p.pid for p in alive]}"
+    output = log.read_text()
+    assert "infergate is up: " + url in output
