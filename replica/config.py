@@ -1,0 +1,185 @@
+"""Replica configuration: frozen pydantic models, `load_config(path)`, errors that name a key path.
+
+Config enters the replica only through `load_config` / `parse_config`; everything downstream
+receives these immutable objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key path."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+
+
+class EngineConfig(_Frozen):
+    kind: Literal["torch", "simulated"] = "torch"
+    device: str = "auto"
+    profile_path: Path | None = None  # simulated engine; None = built-in 7B/A10G profile
+    torch_threads: int | None = Field(default=None, gt=0)
+
+
+class _QueueKnobs(_Frozen):
+    max_queue: int = Field(default=256, gt=0)
+    queue_timeout_ms: float = Field(default=30_000.0, gt=0)
+
+
+class NoneBatcherConfig(_QueueKnobs):
+    kind: Literal["none"]
+
+
+class StaticBatcherConfig(_QueueKnobs):
+    kind: Literal["static"]
+    batch_size: int = Field(default=8, gt=0)
+    max_wait_ms: float | None = Field(default=None, gt=0)  # starvation guard; None = wait forever
+
+
+class DynamicBatcherConfig(_QueueKnobs):
+    kind: Literal["dynamic"]
+    max_batch_size: int = Field(default=32, gt=0)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+
+
+class ContinuousBatcherConfig(_QueueKnobs):
+    kind: Literal["continuous"]
+    max_num_seqs: int = Field(default=16, gt=0)
+    max_batch_tokens: int = Field(default=2048, gt=0)
+
+
+BatcherConfig = Annotated[
+    NoneBatcherConfig | StaticBatcherConfig | DynamicBatcherConfig | ContinuousBatcherConfig,
+    Field(discriminator="kind"),
+]
+
+
+class TinyGptParams(_Frozen):
+    layers: int = Field(default=2, gt=0)
+    width: int = Field(default=128, gt=0)
+    heads: int = Field(default=4, gt=0)
+    context_len: int = Field(default=512, gt=1)
+    seed: int = 0
+    weights_path: Path | None = None
+    ascii_only: bool = True  # random weights: keep output printable; turn off for trained weights
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyGptParams:
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class ClassifierParams(_Frozen):
+    input_size: int = Field(default=1024, gt=0)
+    hidden_sizes: tuple[int, ...] = (2048, 2048)
+    num_classes: int = Field(default=10, gt=0)
+    seed: int = 0
+    weights_path: Path | None = None
+    max_rows_per_request: int = Field(default=64, gt=0)
+
+
+class TinyGptModelConfig(_Frozen):
+    name: str = Field(default="tiny-gpt", min_length=1)
+    kind: Literal["tiny-gpt"]
+    params: TinyGptParams = TinyGptParams()
+    max_tokens_limit: int = Field(default=256, gt=0)
+    batcher: BatcherConfig = ContinuousBatcherConfig(kind="continuous")
+
+
+class ClassifierModelConfig(_Frozen):
+    name: str = Field(default="classifier", min_length=1)
+    kind: Literal["classifier"]
+    params: ClassifierParams = ClassifierParams()
+    batcher: BatcherConfig = DynamicBatcherConfig(kind="dynamic")
+
+    @model_validator(mode="after")
+    def _no_continuous(self) -> ClassifierModelConfig:
+        if self.batcher.kind == "continuous":
+            raise ValueError("batcher.kind 'continuous' is for generative models only")
+        return self
+
+
+ModelConfig = Annotated[TinyGptModelConfig | ClassifierModelConfig, Field(discriminator="kind")]
+
+
+def _default_models() -> tuple[ModelConfig, ...]:
+    return (TinyGptModelConfig(kind="tiny-gpt"), ClassifierModelConfig(kind="classifier"))
+
+
+class ReplicaConfig(_Frozen):
+    server: ServerConfig = ServerConfig()
+    engine: EngineConfig = EngineConfig()
+    models: tuple[ModelConfig, ...] = Field(default_factory=_default_models, min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ReplicaConfig:
+        seen: set[str] = set()
+        for model in self.models:
+            if model.name in seen:
+                raise ValueError(f"model name '{model.name}' is used twice")
+            seen.add(model.name)
+        return self
+
+
+_UNION_TAGS = {"tiny-gpt", "classifier", "none", "static", "dynamic", "continuous"}
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    """`('models', 1, 'classifier', 'batcher', 'dynamic', 'x')` -> `models[1].batcher.x`."""
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif (
+            part in _UNION_TAGS
+            and i > 0
+            and (isinstance(loc[i - 1], int) or loc[i - 1] == "batcher")
+        ):
+            continue  # pydantic puts the discriminator value in the path; readers don't write it
+        else:
+            out += f".{part}" if out else part
+    return out or "(root)"
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = [f"{_key_path(tuple(e['loc']))}: {e['msg']}" for e in error.errors()]
+    return "; ".join(lines)
+
+
+def parse_config(raw: Any) -> ReplicaConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"(root): expected a mapping, got {type(raw).__name__}")
+    try:
+        return ReplicaConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def read_raw(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+
+
+def load_config(path: Path | str) -> ReplicaConfig:
+    return parse_config(read_raw(Path(path)))

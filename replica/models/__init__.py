@@ -1,0 +1,1 @@
+"""Torch models served by the torch engine: `tiny_gpt` (generative) and `classifier`."""

@@ -1,0 +1,28 @@
+"""Small helpers every route module uses: reading the body, the state, JSON responses."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from replica.api.errors import BadRequest
+from replica.api.kserve import HEADER_LENGTH
+from replica.keys import STATE
+from replica.state import ReplicaState
+
+
+def state(request: web.Request) -> ReplicaState:
+    return request.app[STATE]
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body; aiohttp raises 413 past `server.max_body_bytes` (mapped by middleware)."""
+    return await request.read()
+
+
+def binary_header_length(request: web.Request, body_size: int) -> int | None:
+    raw = request.headers.get(HEADER_LENGTH)
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) > body_size:
+        raise BadRequest(f"{HEADER_LENGTH}: must be an integer no larger than the body")
+    return int(raw)

@@ -1,0 +1,89 @@
+"""Operational routes: SageMaker `/ping`, KServe health, `/load`, `/metrics`, `/v1/models`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from replica.api.errors import error_body
+from replica.keys import METRICS
+from replica.routes.common import state
+from replica.runtime import GenerativeModel
+
+routes = web.RouteTableDef()
+_STARTED = int(time.time())
+
+
+def _readiness(request: web.Request) -> web.Response:
+    current = state(request)
+    if current.ready:
+        return web.json_response({"status": "ready"})
+    body = error_body("not_ready", f"replica is {current.phase}")
+    return web.json_response(body, status=503)
+
+
+@routes.get("/ping")
+async def ping(request: web.Request) -> web.Response:
+    return _readiness(request)
+
+
+@routes.get("/v2/health/ready")
+async def v2_ready(request: web.Request) -> web.Response:
+    return _readiness(request)
+
+
+@routes.get("/v2/health/live")
+async def v2_live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+@routes.get("/v2")
+async def v2_server(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"name": "infergate-replica", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    )
+
+
+@routes.get("/load")
+async def load(request: web.Request) -> web.Response:
+    current = state(request)
+    total = current.load()
+    per_model: dict[str, Any] = {}
+    if current.runtime is not None:
+        for name, model in current.runtime.models.items():
+            m = model.batcher.load()
+            per_model[name] = {"queued": m.queued, "running": m.running, "capacity": m.capacity}
+    return web.json_response(
+        {
+            "phase": current.phase,
+            "queued": total.queued,
+            "running": total.running,
+            "capacity": total.capacity,
+            "models": per_model,
+        }
+    )
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@routes.get("/v1/models")
+async def v1_models(request: web.Request) -> web.Response:
+    runtime = state(request).require_runtime()
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": _STARTED,
+            "owned_by": "infergate",
+            "kind": "generative" if isinstance(model, GenerativeModel) else "classifier",
+        }
+        for name, model in runtime.models.items()
+    ]
+    return web.json_response({"object": "list", "data": data})

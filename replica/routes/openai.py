@@ -1,0 +1,194 @@
+"""OpenAI-compatible `POST /v1/completions`: JSON or SSE (`data: {...}` chunks, `data: [DONE]`).
+
+Each prompt becomes one `GenRequest` submitted to the model's batcher; a stream starts only
+after the first token, so queue errors (429/503) still get a proper status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+from aiohttp import web
+
+from replica.api.errors import BadRequest, ReplicaError
+from replica.api.schemas import CompletionRequest, parse_completion, parse_json_object
+from replica.batching import Batcher
+from replica.generation import Completion, GenRequest, SamplingParams, TokenEvent, TokenSink
+from replica.models.tokenizer import encode
+from replica.routes.common import read_body, state
+from replica.runtime import GenerativeModel
+
+routes = web.RouteTableDef()
+
+
+def build_request(
+    model: GenerativeModel, req: CompletionRequest, prompt: str, sink: TokenSink
+) -> GenRequest:
+    ids = encode(prompt)
+    limit, context = model.config.max_tokens_limit, model.context_len
+    if req.max_tokens > limit:
+        raise BadRequest(f"max_tokens: {req.max_tokens} is over this model's limit of {limit}")
+    if len(ids) + req.max_tokens > context:
+        raise BadRequest(
+            f"prompt: {len(ids)} tokens plus max_tokens {req.max_tokens} exceed the context "
+            f"length {context}"
+        )
+    seed = req.seed if req.seed is not None else random.getrandbits(31)
+    sampling = SamplingParams(req.temperature, req.top_p, seed)
+    return GenRequest(ids, req.max_tokens, context, sampling, req.stops, sink)
+
+
+async def submit_all(
+    batcher: Batcher[GenRequest, Completion], requests: list[GenRequest]
+) -> list[Completion]:
+    """Submit every prompt; the first failure cancels the rest and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(batcher.submit(r)) for r in requests]
+    except* ReplicaError as errors:
+        raise errors.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+class _Merged:
+    """Token events of several prompts, in production order, tagged with the prompt index."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, TokenEvent] | BaseException] = asyncio.Queue()
+
+    def sink(self, index: int) -> TokenSink:
+        def put(event: TokenEvent) -> None:
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+        return put
+
+    def on_done(self, task: asyncio.Task[Completion]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.queue.put_nowait(task.exception() or RuntimeError("unreachable"))
+
+
+async def stream_events(
+    batcher: Batcher[GenRequest, Completion], requests: list[GenRequest], merged: _Merged
+) -> AsyncGenerator[tuple[int, TokenEvent]]:
+    tasks = [asyncio.create_task(batcher.submit(r)) for r in requests]
+    for task in tasks:
+        task.add_done_callback(merged.on_done)
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await merged.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            remaining -= item[1].finish_reason is not None
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _envelope(cid: str, created: int, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    total = prompt_tokens + completion_tokens
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": total,
+    }
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n".encode()
+
+
+async def _start_sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    return response
+
+
+async def _stream(
+    request: web.Request, model: GenerativeModel, req: CompletionRequest, arrival: float
+) -> web.StreamResponse:
+    merged = _Merged()
+    gens = [build_request(model, req, p, merged.sink(i)) for i, p in enumerate(req.prompts)]
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    counts, first_at = [0] * len(gens), [0.0] * len(gens)
+    response: web.StreamResponse | None = None
+    try:
+        async with aclosing(stream_events(model.batcher, gens, merged)) as events:
+            async for index, event in events:
+                response = response or await _start_sse(request)
+                counts[index] += 1
+                first_at[index] = first_at[index] or time.monotonic()
+                if event.text or event.finish_reason:
+                    choice = {"index": index, "text": event.text, "logprobs": None,
+                              "finish_reason": event.finish_reason}  # fmt: skip
+                    await response.write(_sse(_envelope(cid, created, model.name, [choice])))
+                if event.finish_reason:
+                    _observe(model, arrival, first_at[index], counts[index])
+    except ReplicaError as error:
+        if response is None:
+            raise
+        await response.write(_sse({"error": {"type": error.type, "message": error.message}}))
+    assert response is not None  # every request yields at least one token
+    if req.stream_options and req.stream_options.include_usage:
+        usage = _usage(sum(len(g.prompt_ids) for g in gens), sum(counts))
+        await response.write(_sse({**_envelope(cid, created, model.name, []), "usage": usage}))
+    await response.write(_sse("[DONE]"))
+    await response.write_eof()
+    return response
+
+
+def _observe(model: GenerativeModel, arrival: float, first_at: float, count: int) -> None:
+    now = time.monotonic()
+    tpot = (now - first_at) / (count - 1) if count > 1 else None
+    model.metrics.on_generation(first_at - arrival, tpot)
+
+
+async def complete(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    arrival = time.monotonic()
+    req = parse_completion(body)
+    model = state(request).generative(req.model)
+    if req.stream:
+        return await _stream(request, model, req, arrival)
+    gens = [build_request(model, req, p, _ignore) for p in req.prompts]
+    results = await submit_all(model.batcher, gens)
+    for c in results:
+        model.metrics.on_generation(c.first_token_at_s - arrival, c.tpot_s)
+    choices = [
+        {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+        for i, c in enumerate(results)
+    ]
+    usage = _usage(sum(c.prompt_tokens for c in results), sum(len(c.token_ids) for c in results))
+    payload = _envelope(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model.name, choices)
+    return web.json_response({**payload, "usage": usage})
+
+
+def _ignore(_event: TokenEvent) -> None:
+    return None
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await complete(request, parse_json_object(await read_body(request)))

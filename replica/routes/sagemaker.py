@@ -1,0 +1,29 @@
+"""SageMaker `POST /invocations`: one entry point, routed by the body's shape.
+
+- a body with `inputs` is a KServe v2 infer request (JSON or binary tensor extension) for the
+  classifier named by `model_name` (default: the first classifier served);
+- any other JSON object is an OpenAI completion body (`prompt`, `max_tokens`, `stream`, ...)
+  for the model named by `model` (default: the first generative model served).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from replica.api.schemas import parse_json_object
+from replica.routes import kserve, openai
+from replica.routes.common import binary_header_length, read_body, state
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/invocations")
+async def invocations(request: web.Request) -> web.StreamResponse:
+    body = await read_body(request)
+    header_length = binary_header_length(request, len(body))
+    head = parse_json_object(body if header_length is None else body[:header_length])
+    if "inputs" in head:
+        name = head.get("model_name")
+        model = state(request).classifier(name if isinstance(name, str) else None)
+        return await kserve.run_infer(request, model, body, header_length)
+    return await openai.complete(request, head)

@@ -1,0 +1,144 @@
+"""The replica's aiohttp app factory: lifecycle, error middleware, the `X-Replica-Load` header.
+
+Models load in a background task after the socket opens, so `/ping` answers 503 while loading.
+Every response carries `X-Replica-Load: queued=<n>,running=<n>,capacity=<n>` (totals over the
+replica's models) for the gateway's load feedback. Routes live in `replica/routes/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from replica.api.errors import ReplicaError, error_body
+from replica.batching.clock import Clock
+from replica.config import ReplicaConfig
+from replica.keys import CONFIG, METRICS, STATE
+from replica.metrics import ReplicaMetrics
+from replica.routes import health, kserve, openai, sagemaker
+from replica.runtime import build_runtime
+from replica.state import ReplicaState
+
+log = logging.getLogger("replica")
+
+LOAD_HEADER = "X-Replica-Load"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(
+    request: web.Request,
+    status: int,
+    type_: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """`{"error": {type, message}}`; on /v2 the KServe form `{"error": message, "type": type}`,
+    because tritonclient and other KServe clients read `error` as a string."""
+    if request.path.startswith("/v2/"):
+        body: dict[str, object] = {"error": message, "type": type_}
+    else:
+        body = dict(error_body(type_, message))
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _endpoint(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ReplicaError as error:
+        return json_error(request, error.status, error.type, error.message, error.headers())
+    except web.HTTPRequestEntityTooLarge as error:
+        return json_error(
+            request, 413, "payload_too_large", error.text or "request body is too large"
+        )
+    except web.HTTPException as error:
+        message = f"{request.method} {request.path}: {error.reason}"
+        return json_error(request, error.status, error.reason.lower().replace(" ", "_"), message)
+    except ConnectionResetError:
+        raise  # the client went away mid-response: nothing to answer, nothing to log
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_error(
+            request, 500, "internal_error", "the replica failed to handle this request"
+        )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.begin()
+    try:
+        response = await _respond(request, handler)
+    finally:
+        state.end()
+    status = f"{response.status // 100}xx"
+    request.app[METRICS].requests.labels(_endpoint(request), status).inc()
+    return response
+
+
+async def _add_load_header(request: web.Request, response: web.StreamResponse) -> None:
+    load = request.app[STATE].load()
+    response.headers[LOAD_HEADER] = (
+        f"queued={load.queued},running={load.running},capacity={load.capacity}"
+    )
+
+
+async def _load_models(app: web.Application, clock: Clock | None) -> None:
+    state = app[STATE]
+    try:
+        loop = asyncio.get_running_loop()
+        runtime = await loop.run_in_executor(None, build_runtime, app[CONFIG], app[METRICS], clock)
+    except Exception as error:
+        log.exception("model loading failed")
+        state.phase, state.load_error = "failed", str(error)
+    else:
+        state.runtime = runtime
+        if state.phase == "loading":
+            state.phase = "ready"
+    finally:
+        state.settled.set()
+
+
+def _runtime_ctx(clock: Clock | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_load_models(app, clock), name="load-models")
+        yield
+        if not loading.done():
+            loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+        state = app[STATE]
+        state.phase = "draining"
+        if state.runtime is not None:
+            await state.runtime.close()
+
+    return ctx
+
+
+def create_app(
+    config: ReplicaConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    clock: Clock | None = None,
+) -> web.Application:
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
+    )
+    app[CONFIG] = config
+    app[STATE] = ReplicaState()
+    app[METRICS] = ReplicaMetrics(registry or CollectorRegistry())
+    app.on_response_prepare.append(_add_load_header)
+    app.cleanup_ctx.append(_runtime_ctx(clock))
+    for module in (health, openai, kserve, sagemaker):
+        app.router.add_routes(module.routes)
+    return app
