@@ -7,7 +7,7 @@ and what was expected (`replicas[2].url: ...`), so a bad file is fixed from one 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -56,8 +56,32 @@ class ReplicaSpec(_Model):
 
 class Timeouts(_Model):
     connect_s: float = Field(5.0, gt=0)
-    read_s: float = Field(600.0, gt=0)  # longest silence between two upstream chunks
+    first_byte_s: float = Field(300.0, gt=0)  # dispatch until the replica's response headers
+    idle_s: float = Field(300.0, gt=0)  # longest silence between two upstream chunks
     total_s: float | None = Field(None, gt=0)
+    client_body_s: float = Field(30.0, gt=0)  # reading the client's request body
+
+
+RetryOn = Literal["connect_error", "reset", "timeout", "429", "503"]
+
+
+class Retries(_Model):
+    """Retry on another replica, only while no response byte has reached the client."""
+
+    max_attempts: int = Field(3, ge=1)  # tries per request, the first one included
+    retry_on: tuple[RetryOn, ...] = ("connect_error", "reset", "timeout", "429", "503")
+    budget_percent: float = Field(20.0, ge=0, le=100)  # retries in flight / requests in flight
+    min_retry_concurrency: int = Field(3, ge=0)  # retries always allowed up to this many
+
+
+class OutlierDetection(_Model):
+    """Passive ejection: consecutive connect errors, resets, timeouts or 5xx take a replica out
+    of rotation for base_ejection_s x (times ejected), capped."""
+
+    consecutive_failures: int = Field(5, ge=1)
+    base_ejection_s: float = Field(5.0, gt=0)
+    max_ejection_s: float = Field(300.0, gt=0)
+    max_ejected_percent: float = Field(50.0, ge=0, le=100)
 
 
 class HealthCheck(_Model):
@@ -70,6 +94,10 @@ class HealthCheck(_Model):
 
 class Limits(_Model):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    max_outstanding: int | None = Field(None, ge=1)  # gateway-wide requests in flight
+    max_outstanding_per_replica: int | None = Field(None, ge=1)
+    max_queue: int = Field(0, ge=0)  # requests waiting at the gateway for a free slot
+    queue_timeout_s: float = Field(5.0, gt=0)
 
 
 class Reload(_Model):
@@ -82,7 +110,9 @@ class GatewayConfig(_Model):
     routing: Routing = Routing()
     replicas: tuple[ReplicaSpec, ...] = Field(min_length=1)
     timeouts: Timeouts = Timeouts()
+    retries: Retries = Retries()
     health_check: HealthCheck | None = None
+    outlier_detection: OutlierDetection | None = OutlierDetection()
     limits: Limits = Limits()
     reload: Reload = Reload()
 

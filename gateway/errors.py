@@ -9,6 +9,10 @@ class GatewayError(Exception):
     status = 500
     error_type = "internal_error"
 
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.headers = headers or {}
+
 
 class NoHealthyReplica(GatewayError):
     status = 503
@@ -37,3 +41,15 @@ class ConfigError(GatewayError):
 class BodyTooLarge(GatewayError):
     status = 413
     error_type = "body_too_large"
+
+
+class Overloaded(GatewayError):
+    """Every slot is taken and the gateway queue is full or timed out: come back later."""
+
+    status = 429
+    error_type = "overloaded"
+
+
+class ClientTimeout(GatewayError):
+    status = 408
+    error_type = "client_timeout"

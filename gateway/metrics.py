@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.admission import Admission
 from gateway.pool import ReplicaPool
 
 # Inference requests run from milliseconds (classifiers) to minutes (long generations).
@@ -22,8 +23,9 @@ LATENCY_BUCKETS_S = (
 
 
 class PoolCollector(Collector):
-    def __init__(self, pool: ReplicaPool) -> None:
+    def __init__(self, pool: ReplicaPool, admission: Admission) -> None:
         self._pool = pool
+        self._admission = admission
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         outstanding = GaugeMetricFamily(
@@ -34,15 +36,27 @@ class PoolCollector(Collector):
         healthy = GaugeMetricFamily(
             "gateway_replica_healthy", "1 when the replica takes new requests.", labels=["replica"]
         )
+        ejected = GaugeMetricFamily(
+            "gateway_replica_ejected", "1 while outlier detection keeps it out.", labels=["replica"]
+        )
         for replica in self._pool.all():
             outstanding.add_metric([replica.url], replica.outstanding)
             healthy.add_metric([replica.url], int(replica.healthy and not replica.draining))
+            ejected.add_metric([replica.url], int(replica.ejected_until > 0))
         yield outstanding
         yield healthy
+        yield ejected
+        yield GaugeMetricFamily(
+            "gateway_queue_depth",
+            "Requests waiting at the gateway for a free replica slot.",
+            value=self._admission.queued,
+        )
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry, pool: ReplicaPool) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, pool: ReplicaPool, admission: Admission
+    ) -> None:
         self.registry = registry
         self.requests = Counter(
             "gateway_requests",
@@ -70,7 +84,21 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
-        registry.register(PoolCollector(pool))
+        self.retries = Counter(
+            "gateway_retries",
+            "Requests sent again to another replica, by what failed.",
+            ["reason"],
+            registry=registry,
+        )
+        self.retries_refused = Counter(
+            "gateway_retries_refused",
+            "Retries not made because the retry budget was spent.",
+            registry=registry,
+        )
+        self.ejections = Counter(
+            "gateway_ejections", "Outlier-detection ejections.", ["replica"], registry=registry
+        )
+        registry.register(PoolCollector(pool, admission))
         self._counters: dict[tuple[str, int], Counter] = {}
         self._histograms: dict[str, Histogram] = {}
 

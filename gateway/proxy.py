@@ -1,12 +1,15 @@
-"""The proxy: relays one client request to the replica the policy picks, streaming the response.
+"""The proxy: relays one client request to a replica, retrying on another one while no
+response byte has reached the client, and streams the response back.
 
 The request body is read whole (bounded by limits.max_body_bytes) so it has an exact length and
-can be re-sent; the response is relayed chunk by chunk as it arrives, so server-sent events
-reach the client when the replica emits them. The outstanding count brackets the whole relay.
+can be re-sent. Small responses of known length are relayed in one write; anything else chunk
+by chunk as it arrives, so server-sent events reach the client when the replica emits them.
+The outstanding count brackets each attempt; admission decides where (and whether) it goes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -19,10 +22,12 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.config import Timeouts
-from gateway.errors import BodyTooLarge, NoHealthyReplica, UpstreamError, UpstreamTimeout
+from gateway import outlier
+from gateway.admission import NoUntriedReplica
+from gateway.config import Retries, Timeouts
+from gateway.errors import BodyTooLarge, ClientTimeout, GatewayError, UpstreamError, UpstreamTimeout
 from gateway.pool import Replica
-from gateway.runtime import STATE
+from gateway.runtime import STATE, GatewayState, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,7 @@ REPLICA_HEADER = "X-Infergate-Replica"
 REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", recorded in metrics only
 BUFFERED_MAX_BYTES = 256 * 1024
+RETRIABLE_STATUSES = frozenset({429, 503})
 
 # RFC 9110 section 7.6.1, plus the non-standard ones seen in the wild.
 HOP_BY_HOP = frozenset(
@@ -40,6 +46,23 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # Recomputed for the upstream leg: the body is re-sent whole, the client sets Host.
 NOT_FORWARDED = frozenset({"host", "content-length", "expect"})
+
+
+class AttemptFailed(Exception):
+    """An attempt failed before any response byte reached the client; `reason` is a
+    `retries.retry_on` name, and `response` the replica's own answer when it sent one."""
+
+    def __init__(
+        self, reason: str, error: GatewayError, response: web.Response | None = None
+    ) -> None:
+        super().__init__(str(error))
+        self.reason = reason
+        self.error = error
+        self.response = response
+
+    @property
+    def status(self) -> int:
+        return self.response.status if self.response is not None else self.error.status
 
 
 class RelayAborted(Exception):
@@ -83,8 +106,10 @@ def client_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str
 
 @functools.lru_cache(maxsize=16)
 def _client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
+    # first_byte_s is enforced around the wait for headers (see _send); sock_read covers
+    # the silences between chunks after that.
     return aiohttp.ClientTimeout(
-        total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.read_s
+        total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
     )
 
 
@@ -93,40 +118,93 @@ def new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
     too_large = BodyTooLarge(f"request body over limits.max_body_bytes = {limit} bytes")
-    if request.content_length is not None:
-        if request.content_length > limit:
-            raise too_large
-        return await request.read()
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
+    length = request.content_length
+    if length is not None and length > limit:
+        raise too_large
+    if length is not None and request.content.total_bytes >= length:
+        return await request.read()  # already here with the headers: no timer needed
+    try:
+        async with asyncio.timeout(timeout_s):
+            if request.content_length is not None:
+                return await request.read()
+            body = bytearray()
+            async for chunk in request.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+            return bytes(body)
+    except TimeoutError:
+        raise ClientTimeout(
+            f"request body not received within timeouts.client_body_s = {timeout_s} s"
+        ) from None
+
+
+def retry_allowed(state: GatewayState, retries: Retries) -> bool:
+    """Envoy-style retry budget: retries in flight stay under a share of all requests."""
+    budget = max(
+        retries.min_retry_concurrency, retries.budget_percent / 100 * state.pool.outstanding
+    )
+    return state.retries_in_flight < budget
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every path that is not the gateway's own ends here."""
     state = request.app[STATE]
     runtime = state.runtime
-    body = await read_body(request, runtime.config.limits.max_body_bytes)
-    candidates = state.pool.available()
-    if not candidates:
-        state.metrics.unrouted.labels("no_healthy_replica").inc()
-        raise NoHealthyReplica("no healthy replica to route to; see /admin/replicas")
-    replica = runtime.policy.choose(candidates)
+    config = runtime.config
+    body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
     request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+    tried: list[Replica] = []
+    failure: AttemptFailed | None = None
+    for attempt in range(config.retries.max_attempts):
+        if failure is not None and not retry_allowed(state, config.retries):
+            state.metrics.retries_refused.inc()
+            break
+        try:
+            replica = await state.admission.acquire(runtime.policy, config.limits, tried)
+        except NoUntriedReplica:
+            break
+        except GatewayError as exc:
+            if failure is not None:
+                break  # the first failure says more than "nowhere left to retry"
+            state.metrics.unrouted.labels(exc.error_type).inc()
+            raise
+        tried.append(replica)
+        try:
+            return await _attempt(request, state, runtime, replica, body, request_id, attempt)
+        except AttemptFailed as failed:
+            failure = failed
+            if failed.reason not in config.retries.retry_on:
+                break
+            if attempt + 1 < config.retries.max_attempts:
+                state.metrics.retries.labels(failed.reason).inc()
+    assert failure is not None
+    if failure.response is not None:
+        return failure.response  # the replica's own 429/503, Retry-After and all
+    raise failure.error
+
+
+async def _attempt(
+    request: web.Request,
+    state: GatewayState,
+    runtime: Runtime,
+    replica: Replica,
+    body: bytes,
+    request_id: str,
+    attempt: int,
+) -> web.StreamResponse:
+    config = runtime.config
     started = time.perf_counter()
     code = CLIENT_CLOSED
-    state.pool.acquire(replica)
+    state.retries_in_flight += attempt > 0
     try:
-        response = await _relay(request, replica, body, request_id, runtime.config.timeouts)
+        response = await _relay(request, replica, body, request_id, config.timeouts)
         code = response.status
         return response
-    except UpstreamError as exc:
-        code = exc.status
+    except AttemptFailed as failed:
+        code = failed.status
         raise
     except RelayAborted as exc:
         code = 502
@@ -135,34 +213,63 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except ClientGone as exc:
         return exc.response
     finally:
-        state.pool.release(replica, failed=code >= 500)
+        state.retries_in_flight -= attempt > 0
+        replica_failed = code >= 500 and code != CLIENT_CLOSED
+        state.admission.release(replica, failed=replica_failed, limits=config.limits)
+        if outlier.observe(state.pool, replica, config.outlier_detection) is not None:
+            state.metrics.ejections.labels(replica.url).inc()
         state.metrics.observe(replica.url, code, time.perf_counter() - started)
+
+
+async def _send(
+    request: web.Request, replica: Replica, body: bytes, request_id: str, timeouts: Timeouts
+) -> aiohttp.ClientResponse:
+    """The replica's response headers, or AttemptFailed naming why there are none."""
+    session = request.app[STATE].client()
+    url = URL(replica.url + request.raw_path, encoded=True)
+    try:
+        async with asyncio.timeout(timeouts.first_byte_s):
+            return await session.request(
+                request.method,
+                url,
+                data=body if body else None,
+                headers=upstream_request_headers(request, request_id),
+                timeout=_client_timeout(timeouts),
+                allow_redirects=False,
+            )
+    except TimeoutError:
+        error: GatewayError = UpstreamTimeout(f"replica {replica.url} did not answer in time")
+        raise AttemptFailed("timeout", error) from None
+    except aiohttp.ClientConnectorError as exc:
+        error = UpstreamError(f"replica {replica.url} refused the connection: {exc.os_error}")
+        raise AttemptFailed("connect_error", error) from None
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        error = UpstreamError(f"replica {replica.url} closed the connection: {type(exc).__name__}")
+        raise AttemptFailed("reset", error) from None
+    except aiohttp.ClientError as exc:
+        error = UpstreamError(f"replica {replica.url} failed: {type(exc).__name__}")
+        raise AttemptFailed("other", error) from None
 
 
 async def _relay(
     request: web.Request, replica: Replica, body: bytes, request_id: str, timeouts: Timeouts
 ) -> web.StreamResponse:
-    session = request.app[STATE].client()
-    url = URL(replica.url + request.raw_path, encoded=True)
-    headers = upstream_request_headers(request, request_id)
+    upstream = await _send(request, replica, body, request_id, timeouts)
+    response: web.StreamResponse
     try:
-        async with session.request(
-            request.method,
-            url,
-            data=body if body else None,
-            headers=headers,
-            timeout=_client_timeout(timeouts),
-            allow_redirects=False,
-        ) as upstream:
-            if _is_small_whole_body(request, upstream):
-                return await _buffered_response(upstream, replica, request_id)
+        if upstream.status in RETRIABLE_STATUSES or _is_small_whole_body(request, upstream):
+            response = await _buffered_response(upstream, replica, request_id)
+            if upstream.status in RETRIABLE_STATUSES:
+                error = UpstreamError(f"replica {replica.url} answered {upstream.status}")
+                raise AttemptFailed(str(upstream.status), error, response)
+        else:
             response = await _start_response(request, upstream, replica, request_id)
             await _copy_body(upstream, response, replica)
-            return response
-    except TimeoutError:
-        raise UpstreamTimeout(f"replica {replica.url} did not answer in time") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"replica {replica.url} failed: {type(exc).__name__}") from None
+    except BaseException:
+        upstream.close()  # never hand a half-read connection back to the pool
+        raise
+    upstream.release()
+    return response
 
 
 def _is_small_whole_body(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
@@ -175,7 +282,11 @@ def _is_small_whole_body(request: web.Request, upstream: aiohttp.ClientResponse)
 async def _buffered_response(
     upstream: aiohttp.ClientResponse, replica: Replica, request_id: str
 ) -> web.Response:
-    body = await upstream.read()  # a failure here has sent nothing: the caller answers 502
+    try:
+        body = await upstream.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:  # nothing was sent: a clean 502
+        error = UpstreamError(f"replica {replica.url} failed mid-body: {type(exc).__name__}")
+        raise AttemptFailed("reset", error) from None
     headers = client_response_headers(upstream)
     headers.popall("Content-Length", None)
     headers[REPLICA_HEADER] = replica.url

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Policy, make_policy
@@ -40,9 +41,12 @@ class GatewayState:
     config_path: Path | None
     runtime: Runtime
     pool: ReplicaPool
+    admission: Admission
     metrics: GatewayMetrics
     admin_token: str | None
     session: aiohttp.ClientSession | None = field(default=None)
+    retries_in_flight: int = 0
+    draining: bool = False  # set on shutdown: /readyz answers 503 so load balancers move on
 
     def swap(self, runtime: Runtime) -> None:
         self.pool.update(runtime.config.replica_urls)

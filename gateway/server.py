@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway import proxy
+from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.health import HealthChecker
@@ -34,8 +35,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WATCHER = web.AppKey("reload_watcher", ReloadWatcher)
 
 
-def error_response(status: int, error_type: str, message: str) -> web.Response:
-    return web.json_response({"error": {"type": error_type, "message": message}}, status=status)
+def error_response(
+    status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = {"error": {"type": error_type, "message": message}}
+    return web.json_response(body, status=status, headers=headers)
 
 
 @web.middleware
@@ -43,7 +47,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as exc:
-        return error_response(exc.status, exc.error_type, str(exc))
+        return error_response(exc.status, exc.error_type, str(exc), exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -91,9 +95,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready = len(request.app[STATE].pool.available())
-    status = 200 if ready else 503
-    return web.json_response({"ready": ready > 0, "healthy_replicas": ready}, status=status)
+    state = request.app[STATE]
+    healthy = len(state.pool.available())
+    ready = healthy > 0 and not state.draining
+    body = {"ready": ready, "healthy_replicas": healthy, "draining": state.draining}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -121,6 +127,10 @@ async def admin_reload(request: web.Request) -> web.Response:
 async def admin_unknown(request: web.Request) -> web.Response:
     _require_admin(request)
     raise web.HTTPNotFound(text=f"no admin endpoint {request.path}")
+
+
+async def _start_draining(app: web.Application) -> None:
+    app[STATE].draining = True
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
@@ -159,13 +169,17 @@ def create_app(
     registry: CollectorRegistry | None = None,
 ) -> web.Application:
     pool = ReplicaPool(config.replica_urls)
-    gateway_metrics = GatewayMetrics(registry or CollectorRegistry(), pool)
-    state = GatewayState(config_path, build_runtime(config), pool, gateway_metrics, admin_token)
+    admission = Admission(pool)
+    gateway_metrics = GatewayMetrics(registry or CollectorRegistry(), pool, admission)
+    state = GatewayState(
+        config_path, build_runtime(config), pool, admission, gateway_metrics, admin_token
+    )
     state.swap(state.runtime)
     # The body limit follows the live config (proxy.read_body); aiohttp's own cap stays off.
     app = web.Application(middlewares=[error_middleware], client_max_size=0)
     app[STATE] = state
     app[WATCHER] = ReloadWatcher(state)
+    app.on_shutdown.append(_start_draining)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_background("health-checks", lambda a: HealthChecker(state).run()))
     app.cleanup_ctx.append(_background("config-watch", lambda a: a[WATCHER].run()))

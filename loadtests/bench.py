@@ -188,8 +188,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         scenarios=scenarios,
         strategies=strategies,
         seeds=seeds,
-        warmup_s=args.warmup if args.warmup is not None else (3.0 if quick else 6.0),
-        duration_s=args.duration if args.duration is not None else (8.0 if quick else 18.0),
+        warmup_s=args.warmup if args.warmup is not None else (3.0 if quick else 5.0),
+        duration_s=args.duration if args.duration is not None else (8.0 if quick else 15.0),
         block_s=args.block,
         engine=args.engine,
         workload=Workload(

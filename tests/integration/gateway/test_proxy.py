@@ -120,7 +120,11 @@ async def test_gateway_paths_are_not_proxied(tmp_path: Path) -> None:
                 error = (await response.json())["error"]
                 assert error["message"] == "/healthz answers GET or HEAD, not POST"
             async with client.get(f"{gw.url}/readyz") as response:
-                assert (await response.json()) == {"ready": True, "healthy_replicas": 1}
+                assert (await response.json()) == {
+                    "ready": True,
+                    "healthy_replicas": 1,
+                    "draining": False,
+                }
             async with client.get(f"{gw.url}/admin/replicas") as response:
                 assert response.status == 404  # no admin token configured: admin is off
     assert replicas[0].seen == []
