@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
@@ -33,17 +34,38 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a client's malformed HTTP (bad framing, NUL bytes, over-long headers) with a
+    traceback at ERROR; it is the client's fault and answered 400, so one warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = f"{record.getMessage()}: malformed request: {error.message}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
 
 
 async def serve(config: GatewayConfig, config_path: Path, host: str, port: int) -> int:
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
     app = create_app(config, config_path=config_path, admin_token=token)
+    limits = config.limits
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=DRAIN_TIMEOUT_S
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=DRAIN_TIMEOUT_S,
+        keepalive_timeout=limits.client_keepalive_s,
+        max_line_size=limits.max_header_bytes,
+        max_field_size=limits.max_header_bytes,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)

@@ -70,8 +70,8 @@ class Retries(_Model):
 
     max_attempts: int = Field(3, ge=1)  # tries per request, the first one included
     retry_on: tuple[RetryOn, ...] = ("connect_error", "reset", "timeout", "429", "503")
-    budget_percent: float = Field(20.0, ge=0, le=100)  # retries in flight / requests in flight
-    min_retry_concurrency: int = Field(3, ge=0)  # retries always allowed up to this many
+    budget_percent: float = Field(50.0, ge=0, le=100)  # retries in flight / requests in flight
+    min_retry_concurrency: int = Field(10, ge=0)  # retries always allowed up to this many
 
 
 class OutlierDetection(_Model):
@@ -98,6 +98,9 @@ class Limits(_Model):
     max_outstanding_per_replica: int | None = Field(None, ge=1)
     max_queue: int = Field(0, ge=0)  # requests waiting at the gateway for a free slot
     queue_timeout_s: float = Field(5.0, gt=0)
+    # Read at start-up only (they shape the HTTP server):
+    max_header_bytes: int = Field(32 * 1024, ge=1024)  # one header line, and the request line
+    client_keepalive_s: float = Field(75.0, gt=0)  # idle client connections are closed after
 
 
 class Reload(_Model):

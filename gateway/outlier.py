@@ -26,7 +26,7 @@ def may_eject(settings: OutlierDetection, pool: ReplicaPool) -> bool:
 
 def observe(pool: ReplicaPool, replica: Replica, settings: OutlierDetection | None) -> float | None:
     """After a request's outcome is in the pool: eject if the rule says so; the ejection time."""
-    if settings is None or replica.ejected_until or replica.draining:
+    if settings is None or replica.draining or pool.is_ejected(replica):
         return None
     if replica.consecutive_failures < settings.consecutive_failures:
         return None

@@ -99,6 +99,9 @@ class ReplicaPool:
     def ejected_count(self) -> int:
         return self._ejected
 
+    def is_ejected(self, replica: Replica) -> bool:
+        return replica.ejected_until > self._clock()
+
     def acquire(self, replica: Replica) -> None:
         replica.outstanding += 1
         replica.requests_total += 1

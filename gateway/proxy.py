@@ -226,7 +226,8 @@ async def _send(
 ) -> aiohttp.ClientResponse:
     """The replica's response headers, or AttemptFailed naming why there are none."""
     session = request.app[STATE].client()
-    url = URL(replica.url + request.raw_path, encoded=True)
+    # Path and query only: an absolute-form target (GET http://host/x) must not pick a host.
+    url = URL(replica.url + request.rel_url.raw_path_qs, encoded=True)
     try:
         async with asyncio.timeout(timeouts.first_byte_s):
             return await session.request(

@@ -38,8 +38,14 @@ def reload_config(state: GatewayState, trigger: str) -> Runtime:
         log.error("config reload (%s) refused, previous config still serving: %s", trigger, exc)
         raise
     old = state.runtime.config
-    if config.listen != old.listen:
-        log.warning("config reload (%s): 'listen' changes take effect on restart", trigger)
+    for key, before, after in (
+        ("listen", old.listen, config.listen),
+        ("limits.max_header_bytes", old.limits.max_header_bytes, config.limits.max_header_bytes),
+        ("limits.client_keepalive_s", old.limits.client_keepalive_s,
+         config.limits.client_keepalive_s),
+    ):  # fmt: skip
+        if before != after:
+            log.warning("config reload (%s): '%s' changes take effect on restart", trigger, key)
     state.swap(build_runtime(config, state.runtime))
     state.metrics.reloads.labels("ok").inc()
     log.info(

@@ -25,6 +25,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import DOCUMENT
 from gateway.pool import ReplicaPool
 from gateway.reload import ReloadWatcher, reload_config
 from gateway.runtime import STATE, GatewayState, build_runtime
@@ -124,6 +125,10 @@ async def admin_reload(request: web.Request) -> web.Response:
     return web.json_response({"result": "ok", **_describe_state(state)})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(DOCUMENT)
+
+
 async def admin_unknown(request: web.Request) -> web.Response:
     _require_admin(request)
     raise web.HTTPNotFound(text=f"no admin endpoint {request.path}")
@@ -189,6 +194,7 @@ def create_app(
         ("/metrics", ("GET", "HEAD"), metrics),
         ("/admin/replicas", ("GET", "HEAD"), admin_replicas),
         ("/admin/reload", ("POST",), admin_reload),
+        ("/openapi.json", ("GET", "HEAD"), openapi),
     ]
     for path, methods, handler in own:
         app.router.add_route("*", path, _only(methods, handler))

@@ -110,7 +110,7 @@ async def closed_loop(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    while not idle():  # let a batch in the forward pass finish before the next round  # noqa: ASYNC110
+    while not idle():  # let a batch in the forward pass finish before the next round
         await asyncio.sleep(0.01)
     return Result(name, len(latencies), units, duration_s, latencies)
 

@@ -102,7 +102,7 @@ def gateway_process(
         "routing": {"strategy": strategy, "seed": seed},
         "replicas": [{"url": url} for url in replica_urls],
         "reload": {"watch": False},
-        "timeouts": {"read_s": 120},
+        "timeouts": {"idle_s": 120, "first_byte_s": 120},
     }
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -20,7 +20,7 @@ from replica.batching.clock import Clock
 from replica.config import ReplicaConfig
 from replica.keys import CONFIG, METRICS, STATE
 from replica.metrics import ReplicaMetrics
-from replica.routes import health, kserve, openai, sagemaker
+from replica.routes import health, kserve, openai, openapi, sagemaker
 from replica.runtime import build_runtime
 from replica.state import ReplicaState
 
@@ -139,6 +139,6 @@ def create_app(
     app[METRICS] = ReplicaMetrics(registry or CollectorRegistry())
     app.on_response_prepare.append(_add_load_header)
     app.cleanup_ctx.append(_runtime_ctx(clock))
-    for module in (health, openai, kserve, sagemaker):
+    for module in (health, openai, kserve, sagemaker, openapi):
         app.router.add_routes(module.routes)
     return app

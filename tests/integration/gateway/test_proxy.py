@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,20 @@ async def test_metrics_count_requests_per_replica_and_code(tmp_path: Path) -> No
 
 def _header(record: dict[str, Any], name: str) -> str:
     return next(v for k, v in record["headers"].items() if k.lower() == name)
+
+
+async def test_absolute_form_target_cannot_choose_the_upstream_host(tmp_path: Path) -> None:
+    async with fake_replicas(1) as replicas:
+        write_config(tmp_path / "g.yaml", gateway_config(replicas, "random"))
+        async with running_gateway(tmp_path / "g.yaml") as gw:
+            host, port = gw.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                b"GET http://evil.example.com/steal?x=1 HTTP/1.1\r\n"
+                b"Host: evil.example.com\r\nConnection: close\r\n\r\n"
+            )
+            raw = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            await writer.wait_closed()
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert replicas[0].seen[0]["raw_path"] == "/steal?x=1"  # went to our replica, path only
