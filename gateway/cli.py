@@ -18,6 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
+from gateway.listener import limit_connections
 from gateway.server import WATCHER, create_app
 
 log = logging.getLogger("gateway")
@@ -68,6 +69,8 @@ async def serve(config: GatewayConfig, config_path: Path, host: str, port: int) 
         max_field_size=limits.max_header_bytes,
     )
     await runner.setup()
+    if limits.max_connections is not None:
+        limit_connections(runner, limits.max_connections)
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     log.info("infergate gateway listening on %s", site.name)

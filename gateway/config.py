@@ -101,6 +101,7 @@ class Limits(_Model):
     # Read at start-up only (they shape the HTTP server):
     max_header_bytes: int = Field(32 * 1024, ge=1024)  # one header line, and the request line
     client_keepalive_s: float = Field(75.0, gt=0)  # idle client connections are closed after
+    max_connections: int | None = Field(None, ge=1)  # open client connections
 
 
 class Reload(_Model):

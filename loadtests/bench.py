@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import datetime
+import gzip
 import random
 import shlex
 import shutil
@@ -31,6 +33,7 @@ from gateway.cluster import ClusterConfig, replica_urls, replicas_running, wait_
 from gateway.policies import POLICIES
 from loadtests import report
 from loadtests.runner import RunResult, RunSpec, free_port_block, gateway_process, run_load
+from loadtests.samples import read_samples_from
 from loadtests.workload import Workload, output_tokens
 
 SAGEMAKER_SCENARIOS = ((4, 1), (20, 5), (40, 10), (60, 15), (80, 20))
@@ -225,11 +228,56 @@ def parser() -> argparse.ArgumentParser:
         help="Poisson arrivals at this share of nominal capacity, e.g. 0.7",
     )
     p.add_argument("--out", type=Path, help="results folder (default loadtests/results/<time>)")
+    p.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="FOLDER",
+        help="recompute tables and charts of a finished run from its raw samples",
+    )
     return p
+
+
+def load_results(folder: Path) -> tuple[Plan, list[RunResult], str]:
+    """Rebuild a finished benchmark's runs from its folder (command, runs.csv, raw samples)."""
+    command = (folder / "command.txt").read_text().strip()
+    plan = replace(build_plan(parser().parse_args(shlex.split(command)[2:])), out=folder)
+    results = []
+    with (folder / "runs.csv").open() as f:
+        for row in csv.DictReader(f):
+            users, instances, seed = int(row["users"]), int(row["instances"]), int(row["seed"])
+            spec = RunSpec(
+                users,
+                instances,
+                row["strategy"],
+                seed,
+                plan.warmup_s,
+                plan.duration_s,
+                replace(plan.workload, seed=seed),
+            )
+            name = f"u{users}-n{instances}-{row['strategy']}-seed{seed}.csv.gz"
+            with gzip.open(folder / "samples" / name, "rt") as raw:
+                samples = read_samples_from(raw)
+            first = min(s.start_unix for s in samples)
+            results.append(
+                RunResult(
+                    spec,
+                    samples,
+                    first + plan.warmup_s,
+                    float(row["cpu_machine_mean"]),
+                    float(row["cpu_generator_p90"]),
+                    float(row["cpu_gateway_p90"]),
+                )
+            )
+    return plan, results, command
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.report_only:
+        plan, results, command = load_results(args.report_only)
+        for path in write_results(plan, results, command):
+            print(f"wrote {path}")
+        return 0
     plan = build_plan(args)
     command = "infergate bench " + shlex.join(argv)
     plan.out.mkdir(parents=True, exist_ok=True)

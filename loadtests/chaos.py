@@ -18,7 +18,7 @@ import json
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,10 +121,15 @@ class Load:
             self.outcomes.append(await one_request(self._session, self.url, self.body))
 
 
-def summarize(report: Report, outcomes: list[Outcome], fault: tuple[float, float]) -> Report:
+def summarize(
+    report: Report,
+    outcomes: list[Outcome],
+    fault: tuple[float, float],
+    failed_if: Callable[[Outcome], bool] = lambda o: o.failed,
+) -> Report:
     report.sent = len(outcomes)
     report.rejected_429 = sum(o.status == 429 for o in outcomes)
-    failed = [o for o in outcomes if o.failed and o.status != 429]
+    failed = [o for o in outcomes if failed_if(o) and o.status != 429]
     report.failed = len(failed)
     if failed:
         kinds = Counter(f"{o.status}{'' if o.complete else ' incomplete'}" for o in failed)
@@ -135,7 +140,7 @@ def summarize(report: Report, outcomes: list[Outcome], fault: tuple[float, float
 
 
 @contextlib.asynccontextmanager
-async def observing(url: str):  # type: ignore[no-untyped-def]
+async def observing(url: str) -> AsyncIterator[Observer]:
     observer = Observer(url)
     task = asyncio.create_task(observer.run())
     try:

@@ -274,6 +274,7 @@ def charts(out: Path, summaries: Sequence[Summary]) -> list[Path]:
                 (s.instances, getattr(s, field)) for s in summaries if s.strategy == strategy
             )
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=strategy)
+        ax.set_xticks(sorted({s.instances for s in summaries}))
         ax.set_xlabel("instances (users = 4 x instances)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

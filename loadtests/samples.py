@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 FIELDS = (
     "start_unix",
@@ -55,17 +56,21 @@ def write_samples(path: str | Path, samples: list[Sample]) -> None:
 
 def read_samples(path: Path) -> list[Sample]:
     with path.open(newline="") as f:
-        return [
-            Sample(
-                start_unix=float(row["start_unix"]),
-                end_unix=float(row["end_unix"]),
-                kind=row["kind"],
-                ok=row["ok"] == "1",
-                status=int(row["status"]),
-                latency_s=float(row["latency_s"]),
-                ttft_s=float(row["ttft_s"]) if row["ttft_s"] else None,
-                tokens=int(row["tokens"]),
-                replica=row["replica"],
-            )
-            for row in csv.DictReader(f)
-        ]
+        return read_samples_from(f)
+
+
+def read_samples_from(f: IO[str]) -> list[Sample]:
+    return [
+        Sample(
+            start_unix=float(row["start_unix"]),
+            end_unix=float(row["end_unix"]),
+            kind=row["kind"],
+            ok=row["ok"] == "1",
+            status=int(row["status"]),
+            latency_s=float(row["latency_s"]),
+            ttft_s=float(row["ttft_s"]) if row["ttft_s"] else None,
+            tokens=int(row["tokens"]),
+            replica=row["replica"],
+        )
+        for row in csv.DictReader(f)
+    ]

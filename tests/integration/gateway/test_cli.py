@@ -120,3 +120,39 @@ async def _strategy(client: aiohttp.ClientSession, base: str) -> str:
     async with client.get(f"{base}/admin/replicas") as response:
         strategy: str = (await response.json())["strategy"]
         return strategy
+
+
+async def test_connections_past_the_limit_get_a_503_and_are_closed(tmp_path: Path) -> None:
+    async with fake_replicas(1) as replicas:
+        port = free_port()
+        path = tmp_path / "g.yaml"
+        config = {
+            "listen": {"port": port},
+            "replicas": [{"url": replicas[0].url}],
+            "limits": {"max_connections": 2},
+        }
+        path.write_text(yaml.safe_dump(config))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "-c", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc)
+            await asyncio.sleep(0.1)  # the probe's connection is closed
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            refused = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            held[0][1].close()
+            await asyncio.sleep(0.2)
+            async with aiohttp.ClientSession() as client:
+                async with client.get(f"http://127.0.0.1:{port}/x") as response:
+                    served = response.status
+            for _, w in held[1:]:
+                w.close()
+        finally:
+            stop(proc)
+    assert refused.startswith(b"HTTP/1.1 503 Service Unavailable")
+    assert b'"too_many_connections"' in refused
+    assert served == 200
