@@ -185,7 +185,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"infergate bench: unknown strategies {unknown}; have {list(POLICIES)}")
     if "random" not in strategies:
         strategies = ("random", *strategies)
-    seeds = tuple(range(args.seeds if args.seeds else (2 if quick else 3)))
+    seeds = tuple(range(args.seeds if args.seeds else (1 if quick else 3)))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Plan(
         scenarios=scenarios,
@@ -208,7 +208,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infergate bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 scenarios, short runs (< 2 min)")
+    p.add_argument("--quick", action="store_true", help="2 scenarios, 1 seed, short runs (< 2 min)")
     p.add_argument("--engine", choices=["simulated", "torch"], default="simulated")
     p.add_argument("--scenarios", help="users/instances list, e.g. 4/1,20/5")
     p.add_argument("--strategies", help="comma-separated (default: every registered one)")

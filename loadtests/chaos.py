@@ -151,32 +151,48 @@ async def observing(url: str) -> AsyncIterator[Observer]:
             await task
 
 
-async def crash(
-    f: Fleet, before_s: float = 3, down_s: float = 10, after_s: float = 8, clients: int = 20
+async def fault(
+    f: Fleet,
+    name: str,
+    inject: Callable[[], None],
+    recover: Callable[[], None],
+    victim_url: str,
+    times: tuple[float, float, float],
+    clients: int,
 ) -> Report:
-    """kill -9 one replica under steady load, restart it `down_s` later."""
-    victim = f.replicas[1]
+    """Steady load; inject a fault after times[0] s, recover times[1] s later, run times[2] s
+    more; report what clients saw and when the victim left and rejoined rotation."""
+    before_s, during_s, after_s = times
     async with (
         observing(f.gateway_url) as seen,
         Load(f.gateway_url, clients, completion(8)) as load,
     ):
         await asyncio.sleep(before_s)
-        killed = time.monotonic()
-        victim.kill9()
-        await asyncio.sleep(down_s)
-        victim.start()
-        restarted = time.monotonic()
+        injected = time.monotonic()
+        inject()
+        await asyncio.sleep(during_s)
+        recover()
+        recovered = time.monotonic()
         await asyncio.sleep(after_s)
-    report = summarize(Report("crash"), load.outcomes, (killed, restarted))
+    report = summarize(Report(name), load.outcomes, (injected, recovered))
     report.retried = await f.metric("gateway_retries_total")
     refused = await f.metric("gateway_retries_refused_total")
     if refused:
         report.notes.append(f"retries refused by the budget: {refused:.0f}")
-    out = seen.first(victim.url, False, killed)
-    back = seen.first(victim.url, True, restarted)
-    report.eject_s = None if out is None else out - killed
-    report.restore_s = None if back is None else back - restarted
+    out = seen.first(victim_url, False, injected)
+    back = seen.first(victim_url, True, recovered)
+    report.eject_s = None if out is None else out - injected
+    report.restore_s = None if back is None else back - recovered
     return report
+
+
+async def crash(
+    f: Fleet, before_s: float = 3, down_s: float = 10, after_s: float = 8, clients: int = 20
+) -> Report:
+    """kill -9 one replica under steady load, restart it `down_s` later."""
+    victim = f.replicas[1]
+    times = (before_s, down_s, after_s)
+    return await fault(f, "crash", victim.kill9, victim.start, victim.url, times, clients)
 
 
 async def hang(
@@ -184,24 +200,8 @@ async def hang(
 ) -> Report:
     """SIGSTOP one replica (it accepts connections and never answers), SIGCONT it later."""
     victim = f.replicas[2]
-    async with (
-        observing(f.gateway_url) as seen,
-        Load(f.gateway_url, clients, completion(8)) as load,
-    ):
-        await asyncio.sleep(before_s)
-        stopped = time.monotonic()
-        victim.pause()
-        await asyncio.sleep(stopped_s)
-        victim.resume()
-        resumed = time.monotonic()
-        await asyncio.sleep(after_s)
-    report = summarize(Report("hang"), load.outcomes, (stopped, resumed))
-    report.retried = await f.metric("gateway_retries_total", 'reason="timeout"')
-    out = seen.first(victim.url, False, stopped)
-    back = seen.first(victim.url, True, resumed)
-    report.eject_s = None if out is None else out - stopped
-    report.restore_s = None if back is None else back - resumed
-    return report
+    times = (before_s, stopped_s, after_s)
+    return await fault(f, "hang", victim.pause, victim.resume, victim.url, times, clients)
 
 
 async def stream_cut(f: Fleet, streams: int = 12) -> Report:

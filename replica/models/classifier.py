@@ -7,12 +7,12 @@ function. Rows are independent: batching changes no output beyond float rounding
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from replica.config import ClassifierParams
+from replica.models.weights import build
 
 
 class Classifier(nn.Module):
@@ -31,14 +31,4 @@ class Classifier(nn.Module):
 
 
 def build_classifier(params: ClassifierParams, device: torch.device) -> Classifier:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.seed)
-        model = Classifier(params)
-    if params.weights_path is not None:
-        model.load_state_dict(_load_state(params.weights_path))
-    return model.to(device).eval()
-
-
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
-    return state
+    return build(lambda: Classifier(params), params.seed, params.weights_path, device)

@@ -8,7 +8,6 @@ sequence's logits do not depend on its batch-mates.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import cast
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 
 from replica.config import TinyGptParams
 from replica.models.tokenizer import VOCAB_SIZE
+from replica.models.weights import build
 
 
 class KVCache:
@@ -116,14 +116,4 @@ class TinyGPT(nn.Module):
 
 
 def build_tiny_gpt(params: TinyGptParams, device: torch.device) -> TinyGPT:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.seed)
-        model = TinyGPT(params)
-    if params.weights_path is not None:
-        model.load_state_dict(_load_state(params.weights_path))
-    return model.to(device).eval()
-
-
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
-    return state
+    return build(lambda: TinyGPT(params), params.seed, params.weights_path, device)
