@@ -156,3 +156,44 @@ async def test_connections_past_the_limit_get_a_503_and_are_closed(tmp_path: Pat
     assert refused.startswith(b"HTTP/1.1 503 Service Unavailable")
     assert b'"too_many_connections"' in refused
     assert served == 200
+
+
+async def test_sigterm_lets_requests_in_flight_finish_then_exits_zero(tmp_path: Path) -> None:
+    async with fake_replicas(1) as (replica,):
+        port = free_port()
+        path = tmp_path / "g.yaml"
+        path.write_text(
+            yaml.safe_dump({"listen": {"port": port}, "replicas": [{"url": replica.url}]})
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "-c", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            await wait_http_ok(f"{base}/healthz", proc)
+            async with aiohttp.ClientSession() as client:
+                held = asyncio.create_task(client.get(f"{base}/hold"))
+                while replica.in_flight == 0:
+                    await asyncio.sleep(0.02)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                assert proc.poll() is None, "exited with a request in flight"
+                async with aiohttp.ClientSession() as fresh:
+                    try:
+                        async with fresh.get(f"{base}/healthz") as late:
+                            refused = False
+                            await late.read()
+                    except aiohttp.ClientConnectionError:
+                        refused = True
+                replica.release.set()
+                response = await asyncio.wait_for(held, 10)
+                status = response.status
+                response.release()
+            code = await asyncio.to_thread(proc.wait, 15)
+        finally:
+            stop(proc)
+    assert status == 200
+    assert refused, "a new connection was accepted while draining"
+    assert code == 0
