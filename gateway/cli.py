@@ -72,7 +72,11 @@ async def serve(config: GatewayConfig, config_path: Path, host: str, port: int) 
     if limits.max_connections is not None:
         limit_connections(runner, limits.max_connections)
     site = web.TCPSite(runner, host, port, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()  # close what setup() opened (the client session, tasks)
+        raise
     log.info("infergate gateway listening on %s", site.name)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -94,8 +98,12 @@ def run_gateway(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.listen.host
     port = config.listen.port if args.port is None else args.port
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(serve(config, Path(args.config).resolve(), host, port))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            return runner.run(serve(config, Path(args.config).resolve(), host, port))
+    except OSError as exc:  # the listening socket: port in use, address not local
+        print(f"infergate gateway: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return 1
 
 
 def gateway_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -234,3 +234,6 @@ def main(argv: list[str]) -> int:
         except RuntimeError as exc:
             print(f"infergate up: {exc}", file=sys.stderr)
             return 1
+        except OSError as exc:  # the gateway's listening socket
+            print(f"infergate up: cannot listen for the gateway: {exc.strerror}", file=sys.stderr)
+            return 1

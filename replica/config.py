@@ -76,6 +76,9 @@ class TinyGptParams(_Frozen):
     seed: int = 0
     weights_path: Path | None = None
     ascii_only: bool = True  # random weights: keep output printable; turn off for trained weights
+    # float64 makes greedy tokens independent of batch-mates beyond doubt; float32 (faster) can
+    # flip a near-tie argmax when a different batch shape rounds differently (~1e-6).
+    dtype: Literal["float32", "float64"] = "float32"
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TinyGptParams:

@@ -66,7 +66,8 @@ class TinyGPT(nn.Module):
     def new_cache(self) -> KVCache:
         p = self.params
         shape = (2, p.layers, self.heads, p.context_len, self.head_dim)
-        return KVCache(torch.empty(shape, device=self.head.weight.device))
+        weight = self.head.weight
+        return KVCache(torch.empty(shape, device=weight.device, dtype=weight.dtype))
 
     def prefill(self, prompts: list[tuple[int, ...]]) -> tuple[torch.Tensor, list[KVCache]]:
         """Logits for each prompt's next token [B, V], and each prompt's filled cache."""
@@ -116,4 +117,5 @@ class TinyGPT(nn.Module):
 
 
 def build_tiny_gpt(params: TinyGptParams, device: torch.device) -> TinyGPT:
-    return build(lambda: TinyGPT(params), params.seed, params.weights_path, device)
+    model = build(lambda: TinyGPT(params), params.seed, params.weights_path, device)
+    return model.double() if params.dtype == "float64" else model

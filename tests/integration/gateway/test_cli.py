@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,19 @@ async def test_sigterm_lets_requests_in_flight_finish_then_exits_zero(tmp_path: 
     assert status == 200
     assert refused, "a new connection was accepted while draining"
     assert code == 0
+
+
+async def test_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "g.yaml"
+        path.write_text(yaml.safe_dump({"listen": {"port": port}, **GOOD}))
+        result = await asyncio.to_thread(_run_gateway, path)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"infergate gateway: cannot listen on 127.0.0.1:{port}: ")
+    )

@@ -34,7 +34,10 @@ async def complete(session: aiohttp.ClientSession, url: str, prompt: str) -> str
 async def test_greedy_text_is_the_same_alone_and_in_a_batch_of_16(
     start_replica: Start, batcher: dict[str, Any]
 ) -> None:
-    url = await start_replica(small_config(gen_batcher=batcher))
+    # float64: in float32 a different batch shape may round a near-tie argmax the other way.
+    config = small_config(gen_batcher=batcher)
+    config["models"][0]["params"]["dtype"] = "float64"
+    url = await start_replica(config)
     async with aiohttp.ClientSession() as session:
         alone = [await complete(session, url, p) for p in PROMPTS]
         together = await asyncio.gather(*(complete(session, url, p) for p in PROMPTS))
