@@ -119,13 +119,16 @@ def new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"request body over limits.max_body_bytes = {limit} bytes")
+
+
 async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
     if not request.can_read_body:
         return b""
-    too_large = BodyTooLarge(f"request body over limits.max_body_bytes = {limit} bytes")
     length = request.content_length
     if length is not None and length > limit:
-        raise too_large
+        raise _too_large(limit)
     if length is not None and request.content.total_bytes >= length:
         return await request.read()  # already here with the headers: no timer needed
     try:
@@ -136,7 +139,7 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
             async for chunk in request.content.iter_any():
                 body += chunk
                 if len(body) > limit:
-                    raise too_large
+                    raise _too_large(limit)
             return bytes(body)
     except TimeoutError:
         raise ClientTimeout(
