@@ -1,10 +1,11 @@
 """Admission: which replica a request may be dispatched to now, or how long it must wait.
 
 With no limits configured this is the policy's choice over the available replicas. With
-`limits.max_outstanding_per_replica` or `limits.max_outstanding`, a request that finds no free
-slot waits in one FIFO queue at the gateway (a central queue: it goes to the first replica that
-frees a slot) for up to `queue_timeout_s`; when the queue is full it gets a fast 429 whose
-Retry-After comes from the rate at which requests are completing now.
+`limits.max_outstanding_per_replica`, a replica's own `max_concurrency`, or
+`limits.max_outstanding`, a request that finds no free slot waits in one FIFO queue at the
+gateway (a central queue: it goes to the first replica that frees a slot) for up to
+`queue_timeout_s`; when the queue is full it gets a fast 429 whose Retry-After comes from the
+rate at which requests are completing now.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from collections.abc import Callable, Collection, Sequence
 
 from gateway.config import Limits
 from gateway.errors import NoHealthyReplica, Overloaded
-from gateway.policies import Policy
+from gateway.policies import NO_INFO, Policy, RequestInfo
 from gateway.pool import Replica, ReplicaPool
+
+_NO_LIMIT = 1 << 62
 
 
 class NoUntriedReplica(Exception):
@@ -64,11 +67,16 @@ class Admission:
         return 1 if rate <= 0 else max(1, min(60, math.ceil((self.queued + 1) / rate)))
 
     async def acquire(
-        self, policy: Policy, limits: Limits, exclude: Collection[Replica] = ()
+        self,
+        policy: Policy,
+        limits: Limits,
+        exclude: Collection[Replica] = (),
+        request: RequestInfo = NO_INFO,
     ) -> Replica:
-        """A replica with a free slot, counted as dispatched; waits in the queue if need be."""
+        """A replica with a free slot, counted as dispatched (with the request's estimated
+        tokens); waits in the queue if need be."""
         if not self._waiters:
-            replica = self._try(policy, limits, exclude)
+            replica = self._try(policy, limits, exclude, request)
             if replica is not None:
                 return replica
         if self.queued >= limits.max_queue:
@@ -90,14 +98,14 @@ class Admission:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-            replica = self._try(policy, limits, exclude)
+            replica = self._try(policy, limits, exclude, request)
             if replica is not None:
                 self._wake_next(limits)  # more than one slot may be free
                 return replica
             front = True  # woken but beaten to the slot: keep our place
 
-    def release(self, replica: Replica, *, failed: bool, limits: Limits) -> None:
-        self._pool.release(replica, failed=failed)
+    def release(self, replica: Replica, *, failed: bool, limits: Limits, tokens: int = 0) -> None:
+        self._pool.release(replica, failed=failed, tokens=tokens)
         self.drain.tick()
         self._wake_next(limits)
 
@@ -110,12 +118,18 @@ class Admission:
     def _has_free_slot(self, limits: Limits) -> bool:
         return bool(self._free(limits, ()))
 
-    def _try(self, policy: Policy, limits: Limits, exclude: Collection[Replica]) -> Replica | None:
+    def _try(
+        self,
+        policy: Policy,
+        limits: Limits,
+        exclude: Collection[Replica],
+        request: RequestInfo,
+    ) -> Replica | None:
         free = self._free(limits, exclude)
         if not free:
             return None
-        replica = policy.choose(free)
-        self._pool.acquire(replica)
+        replica = policy.choose(free, request)
+        self._pool.acquire(replica, request.tokens)
         return replica
 
     def _free(self, limits: Limits, exclude: Collection[Replica]) -> Sequence[Replica]:
@@ -128,9 +142,10 @@ class Admission:
         if limits.max_outstanding is not None and self._pool.outstanding >= limits.max_outstanding:
             return ()
         per_replica = limits.max_outstanding_per_replica
-        if per_replica is None:
+        if per_replica is None and not self._pool.replica_limits:
             return candidates
-        return [r for r in candidates if r.outstanding < per_replica]
+        default = per_replica or _NO_LIMIT
+        return [r for r in candidates if r.outstanding < (r.max_concurrency or default)]
 
     def _overloaded(self, message: str) -> Overloaded:
         return Overloaded(message, headers={"Retry-After": str(self.retry_after_s())})

@@ -15,7 +15,7 @@ from pydantic_core import ErrorDetails
 from yarl import URL
 
 from gateway.errors import ConfigError
-from gateway.policies import canonical_policy_name
+from gateway.policies import PolicyOptions, canonical_policy_name
 
 
 def _replica_url(value: str) -> str:
@@ -45,13 +45,36 @@ class Listen(_Model):
     port: int = Field(8080, ge=0, le=65535)
 
 
+class AffinityConfig(_Model):
+    """Strategy `affinity`: which key keeps a conversation on one replica, and how much more
+    than the mean load that replica may take before the key spills to the next one."""
+
+    header: str | None = "X-Session-Id"  # the key, when the request carries this header
+    prompt_prefix_chars: int = Field(256, ge=0)  # else the prompt's first N characters; 0 = off
+    load_factor: float = Field(1.25, ge=1.0)
+
+
 class Routing(_Model):
     strategy: Annotated[str, AfterValidator(canonical_policy_name)] = "least_outstanding_requests"
     seed: int | None = None  # fixes random tie-breaks and draws, for reproducible benchmarks
+    affinity: AffinityConfig = AffinityConfig()
+    ewma_decay_s: float = Field(10.0, gt=0)  # strategy peak_ewma
+
+
+class LoadFeedback(_Model):
+    """Replicas report their load on every response (X-Replica-Load); the gateway also polls
+    GET /load. Strategy least_loaded uses reports no older than max_age_s."""
+
+    poll_interval_s: float = Field(0.5, ge=0)  # 0 turns polling off (headers still count)
+    max_age_s: float = Field(2.0, gt=0)
+    path: Annotated[str, AfterValidator(_absolute_path)] = "/load"
 
 
 class ReplicaSpec(_Model):
     url: Annotated[str, AfterValidator(_replica_url)]
+    # Requests this replica takes at once; more wait in the gateway queue (limits.max_queue).
+    # Overrides limits.max_outstanding_per_replica, e.g. for a replica on a smaller GPU.
+    max_concurrency: int | None = Field(None, ge=1)
 
 
 class Timeouts(_Model):
@@ -118,6 +141,7 @@ class GatewayConfig(_Model):
     health_check: HealthCheck | None = None
     outlier_detection: OutlierDetection | None = OutlierDetection()
     limits: Limits = Limits()
+    load_feedback: LoadFeedback = LoadFeedback()
     reload: Reload = Reload()
 
     @model_validator(mode="after")
@@ -132,6 +156,17 @@ class GatewayConfig(_Model):
     @property
     def replica_urls(self) -> list[str]:
         return [spec.url for spec in self.replicas]
+
+    @property
+    def replica_max_concurrency(self) -> dict[str, int | None]:
+        return {spec.url: spec.max_concurrency for spec in self.replicas}
+
+    def policy_options(self) -> PolicyOptions:
+        return PolicyOptions(
+            feedback_max_age_s=self.load_feedback.max_age_s,
+            ewma_decay_s=self.routing.ewma_decay_s,
+            affinity_load_factor=self.routing.affinity.load_factor,
+        )
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:

@@ -1,62 +1,257 @@
 """Routing policies: each picks one replica from the healthy ones and holds no counts of its own.
 
-The pool owns replica state; a policy only reads it. A policy never sees an empty list (the
-caller raises NoHealthyReplica first) and takes its random source as an argument so tests are
-exact. New policies are registered by name in POLICIES, the one place the config looks.
+The pool owns replica state (outstanding requests and tokens, reported load, latency); a policy
+only reads it. A policy never sees an empty list (the caller raises NoHealthyReplica first) and
+takes its random source as an argument so tests are exact. Ties are broken at random, never by
+list order. New policies are registered by name in POLICIES, the one place the config looks.
+
+A policy that needs to know about the request (its estimated work in tokens, or an affinity
+key) says so in `needs`; the proxy reads the body for it only then (gateway/work.py).
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import math
 import random
+import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 from gateway.pool import Replica
 
+Need = str  # "tokens" | "key"
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What a policy may know of the request it routes."""
+
+    tokens: int = 0  # estimated work: prompt tokens + max_tokens for completions, else 1
+    key: str | None = None  # affinity key (a header's value or a prompt prefix)
+
+
+NO_INFO = RequestInfo()
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    feedback_max_age_s: float = 2.0  # a replica's load report counts for this long
+    ewma_decay_s: float = 10.0  # peak_ewma: how fast a faster latency pulls the average down
+    affinity_load_factor: float = 1.25  # affinity: no replica takes more than c x the mean
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False)
+
 
 class Policy(Protocol):
-    def choose(self, replicas: Sequence[Replica]) -> Replica: ...
+    needs: ClassVar[frozenset[Need]]
+
+    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica: ...
+
+
+def least(
+    replicas: Sequence[Replica], cost: Callable[[Replica], float], rng: random.Random
+) -> Replica:
+    """A replica of least cost; ties broken uniformly at random."""
+    best = math.inf
+    tied: list[Replica] = []
+    for replica in replicas:
+        c = cost(replica)
+        if c < best:
+            best, tied = c, [replica]
+        elif c == best:
+            tied.append(replica)
+    return tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
 
 
 class RandomPolicy:
     """Uniform choice: SageMaker's RANDOM."""
 
-    def __init__(self, rng: random.Random) -> None:
+    needs: ClassVar[frozenset[Need]] = frozenset()
+
+    def __init__(self, rng: random.Random, options: PolicyOptions) -> None:
         self._rng = rng
 
-    def choose(self, replicas: Sequence[Replica]) -> Replica:
+    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
         return replicas[self._rng.randrange(len(replicas))]
 
 
 class RoundRobinPolicy:
     """Each replica in turn; a changed list continues the rotation where it is."""
 
-    def __init__(self, rng: random.Random) -> None:
+    needs: ClassVar[frozenset[Need]] = frozenset()
+
+    def __init__(self, rng: random.Random, options: PolicyOptions) -> None:
         # Start at a random offset so several gateways do not all begin on the first replica.
         self._next = rng.randrange(1 << 16)
 
-    def choose(self, replicas: Sequence[Replica]) -> Replica:
+    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
         replica = replicas[self._next % len(replicas)]
         self._next += 1
         return replica
 
 
 class LeastOutstandingRequests:
-    """Exact minimum of outstanding requests; ties broken at random, never by list order."""
+    """Exact minimum of this gateway's outstanding requests."""
 
-    def __init__(self, rng: random.Random) -> None:
+    needs: ClassVar[frozenset[Need]] = frozenset()
+
+    def __init__(self, rng: random.Random, options: PolicyOptions) -> None:
         self._rng = rng
 
-    def choose(self, replicas: Sequence[Replica]) -> Replica:
-        least = min(r.outstanding for r in replicas)
-        tied = [r for r in replicas if r.outstanding == least]
-        return tied[0] if len(tied) == 1 else tied[self._rng.randrange(len(tied))]
+    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
+        return least(replicas, _outstanding, self._rng)
 
 
-POLICIES: dict[str, Callable[[random.Random], Policy]] = {
+def _outstanding(replica: Replica) -> int:
+    return replica.outstanding
+
+
+class PowerOfTwoChoices:
+    """Least outstanding of two replicas drawn at random (Envoy's and Ray Serve's default):
+    nearly as good as the exact minimum, and several gateways do not all herd onto the same
+    emptiest replica."""
+
+    needs: ClassVar[frozenset[Need]] = frozenset()
+
+    def __init__(self, rng: random.Random, options: PolicyOptions) -> None:
+        self._rng = rng
+
+    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
+        n = len(replicas)
+        if n == 1:
+            return replicas[0]
+        i = self._rng.randrange(n)
+        j = self._rng.randrange(n - 1)
+        a, b = replicas[i], replicas[j + (j >= i)]
+        return b if b.outstanding < a.outstanding else a  # a is already a random pick
+
+
+class LeastLoaded:
+    """Minimum of this gateway's outstanding requests plus the requests other gateways have at
+    the replica, from its freshest load report (response header or /load poll), so several
+    gateway instances in front of the same replicas stay balanced."""
+
+    needs: ClassVar[frozenset[Need]] = frozenset()
+
+    def __init__(self, rng: random.Random, options: PolicyOptions) -> None:
+        self._rng = rng
+        self._clock = options.clock
+        self._max_age_s = options.feedback_max_age_s
+
+    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
+        now = self._clock()
+        max_age = self._max_age_s
+        return least(replicas, lambda r: r.load(now, max_age), self._rng)
+
+
+class LeastOutstandingTokens:
+    """Minimum estimated outstanding work: prompt tokens plus max_tokens of every request in
+    flight, reduced as streamed tokens are relayed. Fewer requests break ties."""
+
+    needs: ClassVar[frozenset[Need]] = frozenset({"tokens"})
+
+    def __init__(self, rng: random.Random, options: PolicyOptions) -> None:
+        self._rng = rng
+
+    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
+        return least(replicas, _tokens_then_requests, self._rng)
+
+
+def _tokens_then_requests(replica: Replica) -> float:
+    return replica.outstanding_tokens + replica.outstanding / 1024
+
+
+class PeakEwma:
+    """Latency-aware (Finagle/Linkerd): cost = the replica's peak-EWMA latency per unit of work
+    x (outstanding + 1). A slow replica's latency rises at once and fades only over
+    `ewma_decay_s`, so it gets fewer requests until it speeds up. A replica with no sample yet
+    is costed at the mean of the others, so a new replica is neither flooded nor starved."""
+
+    needs: ClassVar[frozenset[Need]] = frozenset({"tokens"})
+
+    def __init__(self, rng: random.Random, options: PolicyOptions) -> None:
+        self._rng = rng
+        self._clock = options.clock
+        self._decay_s = options.ewma_decay_s
+
+    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
+        now = self._clock()
+        latency = {r.url: self._decayed(r, now) for r in replicas}
+        sampled = [v for v in latency.values() if v > 0]
+        default = sum(sampled) / len(sampled) if sampled else 1.0
+        return least(
+            replicas, lambda r: (latency[r.url] or default) * (r.outstanding + 1), self._rng
+        )
+
+    def _decayed(self, replica: Replica, now: float) -> float:
+        return replica.latency_ewma_s * math.exp(-(now - replica.latency_at) / self._decay_s)
+
+
+class Affinity:
+    """Consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam 2018): a key
+    (session header or prompt prefix) goes to the same replica while that replica holds at
+    most `affinity_load_factor` x the mean outstanding; past that, to the next one on the ring.
+    Requests without a key go to the least outstanding replica. The hash is stable across
+    processes, so every gateway instance maps a key to the same replica."""
+
+    needs: ClassVar[frozenset[Need]] = frozenset({"key"})
+    VNODES = 64  # points per replica on the ring: keys spread within a few percent
+
+    def __init__(self, rng: random.Random, options: PolicyOptions) -> None:
+        self._rng = rng
+        self._factor = options.affinity_load_factor
+        self._rings: dict[frozenset[str], tuple[list[int], list[str]]] = {}
+
+    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
+        if request.key is None or len(replicas) == 1:
+            return least(replicas, _outstanding, self._rng)
+        by_url = {r.url: r for r in replicas}
+        points, owners = self._ring(by_url)
+        total = sum(r.outstanding for r in replicas)
+        bound = math.ceil(self._factor * (total + 1) / len(replicas))
+        start = bisect.bisect(points, stable_hash(request.key))
+        seen: set[str] = set()
+        for k in range(len(owners)):
+            url = owners[(start + k) % len(owners)]
+            if url in seen:
+                continue
+            if by_url[url].outstanding + 1 <= bound:
+                return by_url[url]
+            seen.add(url)
+            if len(seen) == len(by_url):
+                break
+        return least(replicas, _outstanding, self._rng)  # unreachable: the bound admits one
+
+    def _ring(self, by_url: dict[str, Replica]) -> tuple[list[int], list[str]]:
+        key = frozenset(by_url)
+        ring = self._rings.get(key)
+        if ring is None:
+            entries = sorted(
+                (stable_hash(f"{url}#{i}"), url) for url in by_url for i in range(self.VNODES)
+            )
+            ring = ([h for h, _ in entries], [u for _, u in entries])
+            if len(self._rings) >= 16:  # replica sets seen lately (health, limits, retries)
+                self._rings.clear()
+            self._rings[key] = ring
+        return ring
+
+
+def stable_hash(text: str) -> int:
+    """64 bits that every process agrees on (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+POLICIES: dict[str, Callable[[random.Random, PolicyOptions], Policy]] = {
     "random": RandomPolicy,
     "round_robin": RoundRobinPolicy,
     "least_outstanding_requests": LeastOutstandingRequests,
+    "power_of_two": PowerOfTwoChoices,
+    "least_loaded": LeastLoaded,
+    "least_outstanding_tokens": LeastOutstandingTokens,
+    "peak_ewma": PeakEwma,
+    "affinity": Affinity,
 }
 
 
@@ -68,5 +263,7 @@ def canonical_policy_name(name: str) -> str:
     return key
 
 
-def make_policy(name: str, rng: random.Random | None = None) -> Policy:
-    return POLICIES[canonical_policy_name(name)](rng or random.Random())
+def make_policy(
+    name: str, rng: random.Random | None = None, options: PolicyOptions | None = None
+) -> Policy:
+    return POLICIES[canonical_policy_name(name)](rng or random.Random(), options or PolicyOptions())

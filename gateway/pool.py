@@ -1,17 +1,23 @@
-"""The replica pool: the one owner of per-replica state (outstanding count, health, ejection,
-totals).
+"""The replica pool: the one owner of per-replica state (outstanding count and work, health,
+ejection, reported load, latency, totals).
 
 The request path brackets each dispatch with acquire/release in one try/finally, so the
 outstanding count covers a request from dispatch until its response is fully relayed, the
 upstream fails, or the client goes away. The pool outlives config reloads: a reload hands it
 the new replica list, replicas that stay keep their counts, and removed ones drain (they take
 no new requests and disappear once their last request ends).
+
+Load feedback: replicas report how many requests they hold (`X-Replica-Load` on every response,
+`GET /load` when polled). What matters for routing is the part this gateway cannot see, the
+requests other gateways sent: `remote` = reported - ours at the moment of the report. A
+replica's load is then `outstanding + remote` while the report is fresh.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +33,13 @@ class Replica:
     consecutive_failures: int = 0
     ejections: int = 0  # times ejected by outlier detection; the back-off grows with it
     ejected_until: float = 0.0  # monotonic clock; 0 when not ejected
+    max_concurrency: int | None = None  # this replica's own slot limit at the gateway queue
+    outstanding_tokens: int = 0  # estimated work (tokens) of the requests outstanding
+    remote: int = 0  # requests other gateways had here at the last report
+    reported_at: float = -math.inf  # monotonic time of the last load report
+    reported: str = ""  # the last report as the replica sent it: "queued=1,running=4,..."
+    latency_ewma_s: float = 0.0  # peak-sensitive moving average of seconds per unit of work
+    latency_at: float = 0.0  # monotonic time of the last latency sample
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -35,10 +48,31 @@ class Replica:
             "draining": self.draining,
             "ejected": self.ejected_until > 0,
             "outstanding": self.outstanding,
+            "outstanding_tokens": self.outstanding_tokens,
+            "max_concurrency": self.max_concurrency,
             "requests_total": self.requests_total,
             "errors_total": self.errors_total,
             "ejections_total": self.ejections,
+            "reported": parse_load_report(self.reported) if self.reported else None,
+            "remote": self.remote,
+            "latency_ewma_s": round(self.latency_ewma_s, 6),
         }
+
+    def load(self, now: float, max_age_s: float) -> int:
+        """Requests at the replica as best known: ours, plus others' while the report is fresh."""
+        if now - self.reported_at <= max_age_s:
+            return self.outstanding + self.remote
+        return self.outstanding
+
+
+def parse_load_report(text: str) -> dict[str, int]:
+    """`queued=1,running=4,capacity=4,inflight=5` -> a dict; malformed parts are skipped."""
+    report: dict[str, int] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if value.strip().isdigit():
+            report[key.strip()] = int(value)
+    return report
 
 
 class ReplicaPool:
@@ -49,6 +83,7 @@ class ReplicaPool:
         self._clock = clock
         self._ejected = 0
         self.outstanding = 0  # over every replica, draining ones included
+        self.replica_limits = False  # some replica has its own max_concurrency
 
     def available(self) -> Sequence[Replica]:
         """Replicas a policy may choose from: configured, healthy, not draining, not ejected."""
@@ -69,18 +104,22 @@ class ReplicaPool:
     def get(self, url: str) -> Replica | None:
         return self._active.get(url)
 
-    def update(self, urls: Sequence[str]) -> None:
+    def update(
+        self, urls: Sequence[str], max_concurrency: Mapping[str, int | None] | None = None
+    ) -> None:
         """Swap in a new replica list; kept replicas keep their state, removed ones drain."""
         active: dict[str, Replica] = {}
         for url in urls:
             replica = self._active.get(url) or self._draining.pop(url, None) or Replica(url)
             replica.draining = False
+            replica.max_concurrency = (max_concurrency or {}).get(url)
             active[url] = replica
         for url, replica in self._active.items():
             if url not in active and replica.outstanding > 0:
                 replica.draining = True
                 self._draining[url] = replica
         self._active = active
+        self.replica_limits = any(r.max_concurrency for r in active.values())
         self._ejected = sum(1 for r in active.values() if r.ejected_until)
         self._available = None
 
@@ -102,13 +141,20 @@ class ReplicaPool:
     def is_ejected(self, replica: Replica) -> bool:
         return replica.ejected_until > self._clock()
 
-    def acquire(self, replica: Replica) -> None:
+    def acquire(self, replica: Replica, tokens: int = 0) -> None:
         replica.outstanding += 1
+        replica.outstanding_tokens += tokens
         replica.requests_total += 1
         self.outstanding += 1
 
-    def release(self, replica: Replica, *, failed: bool = False) -> None:
+    def progress(self, replica: Replica, tokens: int) -> None:
+        """Work done on a request still outstanding (tokens streamed back)."""
+        replica.outstanding_tokens -= tokens
+
+    def release(self, replica: Replica, *, failed: bool = False, tokens: int = 0) -> None:
+        """`tokens`: the request's work still counted (its estimate minus progress reported)."""
         replica.outstanding -= 1
+        replica.outstanding_tokens -= tokens
         self.outstanding -= 1
         if failed:
             replica.errors_total += 1
@@ -117,6 +163,24 @@ class ReplicaPool:
             replica.consecutive_failures = 0
         if replica.draining and replica.outstanding == 0:
             self._draining.pop(replica.url, None)
+
+    def report(self, replica: Replica, report: str, inflight: int, ours: int) -> None:
+        """A load report: the replica holds `inflight` requests, `ours` of them from here."""
+        replica.reported = report
+        replica.remote = max(0, inflight - ours)
+        replica.reported_at = self._clock()
+
+    def observe_latency(self, replica: Replica, seconds: float, work: int, decay_s: float) -> None:
+        """Peak-sensitive EWMA (Finagle's PeakEwma) of seconds per unit of work: a slower
+        sample is taken at once, faster ones pull the average down over `decay_s`."""
+        sample = seconds / max(1, work)
+        now = self._clock()
+        if sample >= replica.latency_ewma_s:
+            replica.latency_ewma_s = sample
+        else:
+            weight = math.exp(-(now - replica.latency_at) / decay_s)
+            replica.latency_ewma_s = replica.latency_ewma_s * weight + sample * (1 - weight)
+        replica.latency_at = now
 
     def _return_ejected(self) -> None:
         now = self._clock()

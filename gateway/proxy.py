@@ -5,6 +5,8 @@ The request body is read whole (bounded by limits.max_body_bytes) so it has an e
 can be re-sent. Small responses of known length are relayed in one write; anything else chunk
 by chunk as it arrives, so server-sent events reach the client when the replica emits them.
 The outstanding count brackets each attempt; admission decides where (and whether) it goes.
+Every replica response's `X-Replica-Load` header is handed to the pool (load feedback), and
+a streamed completion's estimated work shrinks as its tokens are relayed.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from gateway import outlier
 from gateway.admission import NoUntriedReplica
 from gateway.config import Retries, Timeouts
 from gateway.errors import BodyTooLarge, ClientTimeout, GatewayError, UpstreamError, UpstreamTimeout
-from gateway.pool import Replica
+from gateway.policies import NO_INFO, RequestInfo
+from gateway.pool import Replica, ReplicaPool, parse_load_report
 from gateway.runtime import STATE, GatewayState, Runtime
+from gateway.work import count_sse_events, describe
 
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "X-Infergate-Replica"
 REQUEST_ID_HEADER = "X-Request-Id"
+LOAD_HEADER = "X-Replica-Load"
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", recorded in metrics only
 BUFFERED_MAX_BYTES = 256 * 1024
 RETRIABLE_STATUSES = frozenset({429, 503})
@@ -46,6 +51,15 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # Recomputed for the upstream leg: the body is re-sent whole, the client sets Host.
 NOT_FORWARDED = frozenset({"host", "content-length", "expect"})
+
+
+class Work:
+    """The tokens of an attempt still counted against its replica."""
+
+    __slots__ = ("remaining",)
+
+    def __init__(self, tokens: int) -> None:
+        self.remaining = tokens
 
 
 class AttemptFailed(Exception):
@@ -162,6 +176,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     config = runtime.config
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
     request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+    needs = runtime.policy.needs
+    info = describe(needs, request.headers, body, config.routing.affinity) if needs else NO_INFO
     tried: list[Replica] = []
     failure: AttemptFailed | None = None
     for attempt in range(config.retries.max_attempts):
@@ -169,7 +185,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             state.metrics.retries_refused.inc()
             break
         try:
-            replica = await state.admission.acquire(runtime.policy, config.limits, tried)
+            replica = await state.admission.acquire(runtime.policy, config.limits, tried, info)
         except NoUntriedReplica:
             break
         except GatewayError as exc:
@@ -179,7 +195,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise
         tried.append(replica)
         try:
-            return await _attempt(request, state, runtime, replica, body, request_id, attempt)
+            return await _attempt(request, state, runtime, replica, body, request_id, attempt, info)
         except AttemptFailed as failed:
             failure = failed
             if failed.reason not in config.retries.retry_on:
@@ -200,13 +216,15 @@ async def _attempt(
     body: bytes,
     request_id: str,
     attempt: int,
+    info: RequestInfo,
 ) -> web.StreamResponse:
     config = runtime.config
     started = time.perf_counter()
     code = CLIENT_CLOSED
+    work = Work(info.tokens)
     state.retries_in_flight += attempt > 0
     try:
-        response = await _relay(request, replica, body, request_id, config.timeouts)
+        response = await _relay(request, replica, body, request_id, config.timeouts, work)
         code = response.status
         return response
     except AttemptFailed as failed:
@@ -221,10 +239,16 @@ async def _attempt(
     finally:
         state.retries_in_flight -= attempt > 0
         replica_failed = code >= 500 and code != CLIENT_CLOSED
-        state.admission.release(replica, failed=replica_failed, limits=config.limits)
+        state.admission.release(
+            replica, failed=replica_failed, limits=config.limits, tokens=work.remaining
+        )
         if outlier.observe(state.pool, replica, config.outlier_detection) is not None:
             state.metrics.ejections.labels(replica.url).inc()
-        state.metrics.observe(replica.url, code, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        if code < 500:
+            decay_s = config.routing.ewma_decay_s
+            state.pool.observe_latency(replica, elapsed, info.tokens, decay_s)
+        state.metrics.observe(replica.url, code, elapsed)
 
 
 async def _send(
@@ -259,10 +283,24 @@ async def _send(
         raise AttemptFailed("other", error) from None
 
 
+def _take_load_report(state: GatewayState, replica: Replica, report: str) -> None:
+    inflight = parse_load_report(report).get("inflight")
+    if inflight is not None:  # the replica counts its requests without this one
+        state.pool.report(replica, report, inflight, ours=replica.outstanding - 1)
+
+
 async def _relay(
-    request: web.Request, replica: Replica, body: bytes, request_id: str, timeouts: Timeouts
+    request: web.Request,
+    replica: Replica,
+    body: bytes,
+    request_id: str,
+    timeouts: Timeouts,
+    work: Work,
 ) -> web.StreamResponse:
     upstream = await _send(request, replica, body, request_id, timeouts)
+    report = upstream.headers.get(LOAD_HEADER)
+    if report:
+        _take_load_report(request.app[STATE], replica, report)
     response: web.StreamResponse
     try:
         if upstream.status in RETRIABLE_STATUSES or _is_small_whole_body(request, upstream):
@@ -272,7 +310,9 @@ async def _relay(
                 raise AttemptFailed(str(upstream.status), error, response)
         else:
             response = await _start_response(request, upstream, replica, request_id)
-            await _copy_body(upstream, response, replica)
+            stream = work.remaining > 1 and response.content_type == "text/event-stream"
+            progress = (request.app[STATE].pool, work) if stream else None
+            await _copy_body(upstream, response, replica, progress)
     except BaseException:
         upstream.close()  # never hand a half-read connection back to the pool
         raise
@@ -317,8 +357,13 @@ async def _start_response(
 
 
 async def _copy_body(
-    upstream: aiohttp.ClientResponse, response: web.StreamResponse, replica: Replica
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    replica: Replica,
+    progress: tuple[ReplicaPool, Work] | None,
 ) -> None:
+    """Relay chunk by chunk; for a token stream, its work shrinks by the events relayed (one
+    never goes below 1 token until the response ends)."""
     chunks = upstream.content.iter_any().__aiter__()
     while True:
         try:
@@ -331,6 +376,12 @@ async def _copy_body(
             reason = f"replica {replica.url} failed mid-response: {type(exc).__name__}"
             log.warning("%s", reason)
             raise RelayAborted(response, reason) from None
+        if progress is not None:
+            pool, work = progress
+            done = min(count_sse_events(chunk), work.remaining - 1)
+            if done > 0:
+                work.remaining -= done
+                pool.progress(replica, done)
         await _write(response, chunk)
     await _write(response, b"", eof=True)
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.policies import Policy, make_policy
+from gateway.policies import Policy, PolicyOptions, make_policy
 from gateway.pool import ReplicaPool
 
 
@@ -25,15 +25,16 @@ from gateway.pool import ReplicaPool
 class Runtime:
     config: GatewayConfig
     policy: Policy
+    options: PolicyOptions
 
 
 def build_runtime(config: GatewayConfig, previous: Runtime | None = None) -> Runtime:
     """A new runtime; an unchanged strategy keeps its policy object (round robin keeps its turn)."""
-    routing = config.routing
-    if previous is not None and previous.config.routing == routing:
-        return Runtime(config, previous.policy)
+    routing, options = config.routing, config.policy_options()
+    if previous is not None and (previous.config.routing, previous.options) == (routing, options):
+        return Runtime(config, previous.policy, options)
     rng = random.Random(routing.seed)
-    return Runtime(config, make_policy(routing.strategy, rng))
+    return Runtime(config, make_policy(routing.strategy, rng, options), options)
 
 
 @dataclass
@@ -49,7 +50,8 @@ class GatewayState:
     draining: bool = False  # set on shutdown: /readyz answers 503 so load balancers move on
 
     def swap(self, runtime: Runtime) -> None:
-        self.pool.update(runtime.config.replica_urls)
+        config = runtime.config
+        self.pool.update(config.replica_urls, config.replica_max_concurrency)
         self.runtime = runtime
         self.metrics.strategy.info({"strategy": runtime.config.routing.strategy})
 

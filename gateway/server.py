@@ -23,6 +23,7 @@ from gateway import proxy
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError, GatewayError
+from gateway.feedback import LoadPoller
 from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import DOCUMENT
@@ -188,6 +189,7 @@ def create_app(
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_background("health-checks", lambda a: HealthChecker(state).run()))
     app.cleanup_ctx.append(_background("config-watch", lambda a: a[WATCHER].run()))
+    app.cleanup_ctx.append(_background("load-feedback", lambda a: LoadPoller(state).run()))
     own = [
         ("/healthz", ("GET", "HEAD"), healthz),
         ("/readyz", ("GET", "HEAD"), readyz),

@@ -80,6 +80,7 @@ class Runtime:
             queued=sum(x.queued for x in loads),
             running=sum(x.running for x in loads),
             capacity=sum(x.capacity for x in loads),
+            backlog_tokens=sum(x.backlog_tokens for x in loads),
         )
 
     async def close(self) -> None:

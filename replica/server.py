@@ -1,8 +1,10 @@
 """The replica's aiohttp app factory: lifecycle, error middleware, the `X-Replica-Load` header.
 
 Models load in a background task after the socket opens, so `/ping` answers 503 while loading.
-Every response carries `X-Replica-Load: queued=<n>,running=<n>,capacity=<n>` (totals over the
-replica's models) for the gateway's load feedback. Routes live in `replica/routes/`.
+Every response carries `X-Replica-Load: queued=<n>,running=<n>,capacity=<n>,backlog_tokens=<n>,
+inflight=<n>` (totals over the replica's models) for the gateway's load feedback. `inflight`
+counts the inference (POST) requests being handled, without the one answered, so a gateway can
+tell its own requests from those other gateways sent. Routes live in `replica/routes/`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from replica.state import ReplicaState
 log = logging.getLogger("replica")
 
 LOAD_HEADER = "X-Replica-Load"
+WORKING = web.RequestKey("working", bool)  # set while the request counts in state.working
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -77,19 +80,29 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = request.app[STATE]
     state.begin()
+    working = request.method == "POST"
+    if working:
+        state.working += 1
+        request[WORKING] = True
     try:
         response = await _respond(request, handler)
     finally:
         state.end()
+        if working:
+            state.working -= 1
+            request[WORKING] = False
     status = f"{response.status // 100}xx"
     request.app[METRICS].requests.labels(_endpoint(request), status).inc()
     return response
 
 
 async def _add_load_header(request: web.Request, response: web.StreamResponse) -> None:
-    load = request.app[STATE].load()
+    state = request.app[STATE]
+    load = state.load()
+    others = state.working - bool(request.get(WORKING))
     response.headers[LOAD_HEADER] = (
-        f"queued={load.queued},running={load.running},capacity={load.capacity}"
+        f"queued={load.queued},running={load.running},capacity={load.capacity},"
+        f"backlog_tokens={load.backlog_tokens},inflight={others}"
     )
 
 

@@ -21,7 +21,8 @@ class ReplicaState:
         self.runtime: Runtime | None = None
         self.load_error: str | None = None
         self.settled = asyncio.Event()  # set once loading has succeeded or failed
-        self.inflight = 0
+        self.inflight = 0  # every HTTP request being handled (drain waits for these)
+        self.working = 0  # POST requests (inference) being handled: the load gateways route by
         self._idle = asyncio.Event()
         self._idle.set()
 

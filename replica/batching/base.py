@@ -28,6 +28,7 @@ class Load:
     queued: int
     running: int
     capacity: int
+    backlog_tokens: int = 0  # tokens still to generate for queued and running sequences
 
 
 class Batcher(Protocol[T_contra, R_co]):

@@ -59,7 +59,16 @@ class ContinuousBatcher:
         return await self._queue.submit(item)
 
     def load(self) -> Load:
-        return Load(queued=len(self._queue), running=len(self._running), capacity=self.capacity)
+        backlog = sum(p.item.token_budget for p in self._queue) + sum(
+            max(0, r.tracker.request.token_budget - len(r.tracker.token_ids))
+            for r in self._running.values()
+        )
+        return Load(
+            queued=len(self._queue),
+            running=len(self._running),
+            capacity=self.capacity,
+            backlog_tokens=backlog,
+        )
 
     async def close(self) -> None:
         """Fail queued requests, let running sequences finish, stop the task."""

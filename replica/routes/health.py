@@ -55,13 +55,20 @@ async def load(request: web.Request) -> web.Response:
     if current.runtime is not None:
         for name, model in current.runtime.models.items():
             m = model.batcher.load()
-            per_model[name] = {"queued": m.queued, "running": m.running, "capacity": m.capacity}
+            per_model[name] = {
+                "queued": m.queued,
+                "running": m.running,
+                "capacity": m.capacity,
+                "backlog_tokens": m.backlog_tokens,
+            }
     return web.json_response(
         {
             "phase": current.phase,
             "queued": total.queued,
             "running": total.running,
             "capacity": total.capacity,
+            "backlog_tokens": total.backlog_tokens,
+            "inflight": current.working,  # inference requests being handled
             "models": per_model,
         }
     )

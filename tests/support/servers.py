@@ -48,6 +48,9 @@ def fake_replica_app(replica: FakeReplica) -> web.Application:
     async def ping(request: web.Request) -> web.Response:
         return web.json_response({"ok": replica.healthy}, status=200 if replica.healthy else 503)
 
+    async def load(request: web.Request) -> web.Response:
+        return web.json_response({"inflight": replica.in_flight})
+
     async def sleep(request: web.Request) -> web.Response:
         replica.in_flight += 1
         try:
@@ -86,9 +89,10 @@ def fake_replica_app(replica: FakeReplica) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/ping", ping)
+    app.router.add_get("/load", load)
     app.router.add_route("*", "/sleep", sleep)
     app.router.add_route("*", "/hold", hold)
-    app.router.add_get("/sse", sse)
+    app.router.add_route("*", "/sse", sse)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 
@@ -165,7 +169,11 @@ async def running_gateway(
         state = app[STATE]
         yield Gateway(url, state, config_path)
         await _settle(state)
-        leftover = {r.url: r.outstanding for r in state.pool.all() if r.outstanding}
+        leftover = {
+            r.url: (r.outstanding, r.outstanding_tokens)
+            for r in state.pool.all()
+            if r.outstanding or r.outstanding_tokens
+        }
         assert not leftover, f"outstanding counts not back to zero: {leftover}"
 
 

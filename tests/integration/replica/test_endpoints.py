@@ -20,7 +20,7 @@ async def test_health_and_load_endpoints(start_replica: Start) -> None:
             header = response.headers["X-Replica-Load"]
         assert (load["queued"], load["running"]) == (0, 0)
         assert load["capacity"] == 16 + 32  # continuous max_num_seqs + dynamic max_batch_size
-        assert header == "queued=0,running=0,capacity=48"
+        assert header == "queued=0,running=0,capacity=48,backlog_tokens=0,inflight=0"
 
 
 async def test_metrics_cover_queue_batch_compute_ttft_tpot(start_replica: Start) -> None:

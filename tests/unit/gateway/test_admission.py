@@ -10,7 +10,7 @@ import pytest
 from gateway.admission import Admission, DrainRate, NoUntriedReplica
 from gateway.config import Limits
 from gateway.errors import NoHealthyReplica, Overloaded
-from gateway.policies import LeastOutstandingRequests, RoundRobinPolicy
+from gateway.policies import LeastOutstandingRequests, PolicyOptions, RoundRobinPolicy
 from gateway.pool import ReplicaPool
 
 URLS = ["http://a:1", "http://b:1"]
@@ -23,7 +23,7 @@ def _setup(**limits: object) -> tuple[ReplicaPool, Admission, Limits]:
 
 async def test_without_limits_the_policy_chooses_and_the_count_moves() -> None:
     pool, admission, limits = _setup()
-    policy = RoundRobinPolicy(random.Random(0))
+    policy = RoundRobinPolicy(random.Random(0), PolicyOptions())
     first = await admission.acquire(policy, limits)
     second = await admission.acquire(policy, limits)
     assert {first.url, second.url} == set(URLS)
@@ -34,7 +34,7 @@ async def test_without_limits_the_policy_chooses_and_the_count_moves() -> None:
 
 async def test_a_full_fleet_queues_and_the_first_freed_slot_serves_the_first_waiter() -> None:
     pool, admission, limits = _setup(max_outstanding_per_replica=1, max_queue=4)
-    policy = LeastOutstandingRequests(random.Random(0))
+    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
     a = await admission.acquire(policy, limits)
     b = await admission.acquire(policy, limits)
     waiters = [asyncio.create_task(admission.acquire(policy, limits)) for _ in range(2)]
@@ -50,7 +50,7 @@ async def test_a_full_fleet_queues_and_the_first_freed_slot_serves_the_first_wai
 
 async def test_a_full_queue_is_a_fast_429_with_retry_after() -> None:
     _, admission, limits = _setup(max_outstanding=1, max_queue=1)
-    policy = LeastOutstandingRequests(random.Random(0))
+    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
     await admission.acquire(policy, limits)
     queued = asyncio.create_task(admission.acquire(policy, limits))
     await asyncio.sleep(0)
@@ -66,7 +66,7 @@ async def test_a_full_queue_is_a_fast_429_with_retry_after() -> None:
 
 async def test_queue_timeout_is_a_429_naming_the_setting() -> None:
     _, admission, limits = _setup(max_outstanding=1, max_queue=5, queue_timeout_s=0.05)
-    policy = LeastOutstandingRequests(random.Random(0))
+    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
     await admission.acquire(policy, limits)
     with pytest.raises(Overloaded, match="queue_timeout_s"):
         await admission.acquire(policy, limits)
@@ -75,7 +75,7 @@ async def test_queue_timeout_is_a_429_naming_the_setting() -> None:
 
 async def test_retries_exclude_replicas_already_tried() -> None:
     pool, admission, limits = _setup()
-    policy = LeastOutstandingRequests(random.Random(0))
+    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
     a = await admission.acquire(policy, limits)
     b = await admission.acquire(policy, limits, exclude=[a])
     assert b is not a
@@ -98,3 +98,17 @@ def test_drain_rate_counts_the_last_whole_second() -> None:
     assert rate.per_second() == 30  # the last whole second
     now[0] = 103.5
     assert rate.per_second() == 0  # nothing finished for over a second
+
+
+async def test_a_replicas_own_max_concurrency_overrides_the_default_limit() -> None:
+    pool, admission, limits = _setup(max_outstanding_per_replica=1, max_queue=4)
+    pool.update(URLS, {URLS[0]: 3})
+    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
+    got = [await admission.acquire(policy, limits) for _ in range(4)]
+    assert sorted(r.url for r in got) == [URLS[0]] * 3 + [URLS[1]]
+    waiting = asyncio.create_task(admission.acquire(policy, limits))
+    await asyncio.sleep(0)
+    assert admission.queued == 1  # both replicas are at their own limits
+    on_b = next(r for r in got if r.url == URLS[1])
+    admission.release(on_b, failed=False, limits=limits)
+    assert (await waiting).url == URLS[1]

@@ -1,0 +1,92 @@
+"""What a request asks of a replica, for the policies that route by it (see Policy.needs).
+
+Work is estimated in tokens: for an OpenAI completion or chat request, the prompt's tokens
+(characters / 4, the usual rule of thumb for English with BPE tokenizers; a list of token ids
+counts exactly) plus `max_tokens` (OpenAI's default 16 when absent). Any other request, or a
+body that is not such JSON, counts as 1. The affinity key is a configured header's value, or
+else the first `prompt_prefix_chars` characters of the prompt. Bodies are parsed only for a
+policy that needs them, and never past a size cap, so routing never costs a large parse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Collection
+from typing import Any
+
+from multidict import CIMultiDictProxy
+
+from gateway.config import AffinityConfig
+from gateway.policies import NO_INFO, Need, RequestInfo
+
+CHARS_PER_TOKEN = 4
+DEFAULT_MAX_TOKENS = 16  # OpenAI completions' default
+PARSE_MAX_BYTES = 1024 * 1024
+
+
+def describe(
+    needs: Collection[Need],
+    headers: CIMultiDictProxy[str],
+    body: bytes,
+    affinity: AffinityConfig,
+) -> RequestInfo:
+    if not needs:
+        return NO_INFO
+    key = headers.get(affinity.header) if "key" in needs and affinity.header else None
+    payload = _json_object(body) if ("tokens" in needs or key is None) else None
+    prompt = _prompt_text(payload) if payload is not None else None
+    tokens = 1
+    if "tokens" in needs and payload is not None and prompt is not None:
+        tokens = _prompt_tokens(payload) + _max_tokens(payload)
+    if key is None and "key" in needs and prompt and affinity.prompt_prefix_chars:
+        key = prompt[: affinity.prompt_prefix_chars]
+    return RequestInfo(tokens=tokens, key=key)
+
+
+def count_sse_events(chunk: bytes) -> int:
+    """Token events in a relayed chunk of an OpenAI stream (the final `[DONE]` included; the
+    count only ever lowers an estimate that was an upper bound)."""
+    return chunk.count(b"data:")
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    if not body or len(body) > PARSE_MAX_BYTES or body.lstrip()[:1] != b"{":
+        return None
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None  # the replica will say what is wrong with it
+    return payload if isinstance(payload, dict) else None
+
+
+def _prompt_text(payload: dict[str, Any]) -> str | None:
+    """The prompt as text (completions' `prompt`, or chat `messages` contents joined)."""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        return "".join(p for p in prompt if isinstance(p, str)) or json.dumps(prompt)[:4096]
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        return "".join(
+            m["content"]
+            for m in messages
+            if isinstance(m, dict) and isinstance(m.get("content"), str)
+        )
+    return None
+
+
+def _prompt_tokens(payload: dict[str, Any]) -> int:
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    text = _prompt_text(payload) or ""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def _max_tokens(payload: dict[str, Any]) -> int:
+    value = payload.get("max_tokens", payload.get("max_completion_tokens", DEFAULT_MAX_TOKENS))
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return DEFAULT_MAX_TOKENS

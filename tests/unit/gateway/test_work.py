@@ -1,0 +1,62 @@
+"""The work estimate and affinity key the proxy hands to policies that need them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.config import AffinityConfig
+from gateway.work import count_sse_events, describe
+
+AFFINITY = AffinityConfig(header="X-Session-Id", prompt_prefix_chars=8)
+
+
+def _headers(**items: str) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in items.items()}))
+
+
+def _body(payload: object) -> bytes:
+    return json.dumps(payload).encode()
+
+
+@pytest.mark.parametrize(
+    ("payload", "tokens"),
+    [
+        ({"prompt": "x" * 40, "max_tokens": 100}, 10 + 100),
+        ({"prompt": "x" * 41}, 11 + 16),  # OpenAI's default max_tokens
+        ({"prompt": [1, 2, 3], "max_tokens": 5}, 3 + 5),  # token ids count exactly
+        ({"messages": [{"role": "user", "content": "y" * 8}], "max_tokens": 7}, 2 + 7),
+        ({"prompt": "abcd", "max_tokens": -3}, 1 + 16),  # nonsense: the replica will refuse it
+        ({"inputs": [{"name": "x", "data": [1.0]}]}, 1),  # not a completion
+        ([1, 2], 1),
+    ],
+)
+def test_tokens_are_prompt_plus_max_tokens(payload: object, tokens: int) -> None:
+    info = describe({"tokens"}, _headers(), _body(payload), AFFINITY)
+    assert info.tokens == tokens
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b"{broken", b"\xff\xfe"])
+def test_a_body_that_is_not_json_counts_as_one(body: bytes) -> None:
+    assert describe({"tokens"}, _headers(), body, AFFINITY).tokens == 1
+
+
+def test_the_affinity_header_wins_over_the_prompt_prefix() -> None:
+    body = _body({"prompt": "You are a helpful assistant. Hi"})
+    assert describe({"key"}, _headers(X_Session_Id="abc"), body, AFFINITY).key == "abc"
+    assert describe({"key"}, _headers(), body, AFFINITY).key == "You are "
+    off = AffinityConfig(header=None, prompt_prefix_chars=0)
+    assert describe({"key"}, _headers(X_Session_Id="abc"), body, off).key is None
+
+
+def test_nothing_is_parsed_for_a_policy_that_needs_nothing() -> None:
+    info = describe(set(), _headers(), _body({"prompt": "x", "max_tokens": 9}), AFFINITY)
+    assert (info.tokens, info.key) == (0, None)
+
+
+def test_sse_events_are_counted_per_chunk() -> None:
+    chunk = b'data: {"a": 1}\n\ndata: {"a": 2}\n\ndata: [DONE]\n\n'
+    assert count_sse_events(chunk) == 3
+    assert count_sse_events(b": keep-alive\n\n") == 0
