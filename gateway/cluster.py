@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -101,13 +101,18 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 
 
 def start_replica(
-    cluster: ClusterConfig, index: int, gpus: int, output: IO[bytes] | None = None
+    cluster: ClusterConfig,
+    index: int,
+    gpus: int,
+    output: IO[bytes] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     port = cluster.first_replica_port + index
     cmd = [sys.executable, "-m", "replica", "--host", cluster.host, "--port", str(port)]
     cmd += ["--engine", cluster.engine]
     if cluster.replica_config is not None:
         cmd += ["-c", str(cluster.replica_config)]
+    cmd += extra_args
     env = dict(os.environ)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
@@ -160,13 +165,16 @@ def replica_urls(cluster: ClusterConfig) -> list[str]:
 
 @contextlib.contextmanager
 def replicas_running(
-    cluster: ClusterConfig, output: IO[bytes] | None = None
+    cluster: ClusterConfig,
+    output: IO[bytes] | None = None,
+    extra_args: Mapping[int, Sequence[str]] | None = None,
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`extra_args`: more command-line arguments for some replicas, by index."""
     gpus = gpu_count()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i in range(cluster.replicas):
-            procs.append(start_replica(cluster, i, gpus, output))
+            procs.append(start_replica(cluster, i, gpus, output, (extra_args or {}).get(i, ())))
         yield procs
     finally:
         stop_all(procs)

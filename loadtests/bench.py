@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import datetime
 import gzip
@@ -23,6 +24,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
@@ -32,13 +34,39 @@ import yaml
 from gateway.cluster import ClusterConfig, replica_urls, replicas_running, wait_ready
 from gateway.policies import POLICIES
 from loadtests import report
-from loadtests.runner import RunResult, RunSpec, free_port_block, gateway_process, run_load
+from loadtests.runner import (
+    RunResult,
+    RunSpec,
+    free_port_block,
+    gateway_process,
+    haproxy_available,
+    haproxy_process,
+    run_load,
+)
 from loadtests.samples import read_samples_from
 from loadtests.workload import Workload, output_tokens
 
 SAGEMAKER_SCENARIOS = ((4, 1), (20, 5), (40, 10), (60, 15), (80, 20))
 QUICK_SCENARIOS = ((4, 1), (20, 5))
 INSTANCE_CONCURRENCY = 4  # sequences one instance runs at once (4 GPUs, one model copy each)
+
+# Front ends besides our strategies: the gateway as a central queue (least outstanding with a
+# per-replica limit equal to the instance's concurrency, the rest waiting at the gateway), and
+# HAProxy in front of the same replicas when it is installed.
+CENTRAL_QUEUE = "central_queue"
+HAPROXY = {"haproxy_leastconn": "leastconn", "haproxy_random2": "random(2)"}
+DEFAULT_STRATEGIES = (
+    "random",
+    "round_robin",
+    "least_outstanding_requests",
+    "power_of_two",
+    "least_loaded",
+    "least_outstanding_tokens",
+    "peak_ewma",
+    CENTRAL_QUEUE,
+    *HAPROXY,
+)
+FRONT_ENDS = (*POLICIES, CENTRAL_QUEUE, *HAPROXY)
 
 
 @dataclass(frozen=True)
@@ -53,6 +81,8 @@ class Plan:
     workload: Workload
     out: Path
     utilization: float | None  # open loop at this share of nominal capacity; None = closed
+    gateways: int = 1  # front-end processes sharing the load (scenario b: two gateways)
+    slow: float = 1.0  # replica 0 runs this many times slower (scenario c: 2 = half speed)
 
     @property
     def runs(self) -> int:
@@ -101,6 +131,54 @@ def progress(i: int, total: int, spec: RunSpec, started: float) -> None:
     )
 
 
+@contextlib.contextmanager
+def front_ends(
+    plan: Plan,
+    strategy: str,
+    seed: int,
+    urls: list[str],
+    first_port: int,
+    workdir: Path,
+    log: IO[bytes],
+) -> Iterator[tuple[str, list[int]]]:
+    """`plan.gateways` front ends for this strategy: comma-joined URLs, and their pids."""
+    with contextlib.ExitStack() as stack:
+        listen, pids = [], []
+        for g in range(plan.gateways):
+            port = first_port + g
+            if strategy in HAPROXY:
+                front = haproxy_process(urls, HAPROXY[strategy], port, workdir, log)
+            elif strategy == CENTRAL_QUEUE:
+                per_gateway = max(1, INSTANCE_CONCURRENCY // plan.gateways)
+                limits = {
+                    "max_outstanding_per_replica": per_gateway,
+                    "max_queue": 100_000,
+                    "queue_timeout_s": 600,
+                }
+                lor = "least_outstanding_requests"
+                extra = {"limits": limits}
+                front = gateway_process(urls, lor, seed + g, port, workdir, log, extra)
+            else:
+                front = gateway_process(urls, strategy, seed + g, port, workdir, log)
+            url, pid = stack.enter_context(front)
+            listen.append(url)
+            pids.append(pid)
+        yield ",".join(listen), pids
+
+
+def slow_profile(factor: float, workdir: Path) -> Path:
+    """The built-in profile with every generation time multiplied by `factor`."""
+    from replica.engines.profile import BUILTIN_PROFILE
+
+    data = yaml.safe_load(BUILTIN_PROFILE.read_text())
+    for key in ("prefill_base_s", "prefill_s_per_token", "decode_base_s", "decode_per_seq_s"):
+        data["generation"][key] *= factor
+    data["name"] = f"{data['name']} x{factor:g} slower"
+    path = workdir / "slow-profile.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def run_plan(plan: Plan, log: IO[bytes]) -> list[RunResult]:
     results: list[RunResult] = []
     started = time.monotonic()
@@ -109,8 +187,9 @@ def run_plan(plan: Plan, log: IO[bytes]) -> list[RunResult]:
     config_path = workdir / "replica.yaml"
     config_path.write_text(yaml.safe_dump(replica_config(plan.engine)))
     capacity = nominal_capacity_rps(plan.workload) if plan.utilization else 0.0
+    extra = {0: ["--profile", str(slow_profile(plan.slow, workdir))]} if plan.slow != 1 else {}
     for users, instances in plan.scenarios:
-        first_port = free_port_block(instances + 1)
+        first_port = free_port_block(instances + plan.gateways)
         cluster = ClusterConfig(
             replicas=instances,
             engine=plan.engine,
@@ -118,7 +197,7 @@ def run_plan(plan: Plan, log: IO[bytes]) -> list[RunResult]:
             first_replica_port=first_port,
         )
         urls = replica_urls(cluster)
-        with replicas_running(cluster, output=log) as procs:
+        with replicas_running(cluster, output=log, extra_args=extra) as procs:
             asyncio.run(wait_ready(urls, procs))
             for seed in plan.seeds:
                 for strategy in plan.strategies:
@@ -135,8 +214,8 @@ def run_plan(plan: Plan, log: IO[bytes]) -> list[RunResult]:
                     )
                     progress(len(results), plan.runs, spec, started)
                     port = first_port + instances
-                    with gateway_process(urls, strategy, seed, port, workdir, log) as (url, pid):
-                        result = run_load(spec, url, pid, workdir, log)
+                    with front_ends(plan, strategy, seed, urls, port, workdir, log) as front:
+                        result = run_load(spec, front[0], front[1], workdir, log)
                     report.keep_samples(plan.out, result, workdir / "samples.csv")
                     results.append(result)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -150,18 +229,69 @@ def write_results(plan: Plan, results: list[RunResult], command: str) -> list[Pa
         if plan.utilization
         else "closed loop (each user waits for its answer)"
     )
+    setup = ""
+    if plan.gateways > 1:
+        setup += f" {plan.gateways} front ends share the load (users split evenly among them)."
+    if plan.slow != 1:
+        setup += f" Replica 0 runs {plan.slow:g}x slower than the others."
     header = (
         f"Engine: {plan.engine} (7B on A10G profile, {INSTANCE_CONCURRENCY} sequences per "
         f"instance); {mode}; {len(plan.seeds)} seeds x {plan.duration_s:.0f} s measured "
-        f"after {plan.warmup_s:.0f} s warm-up per run. Command: `{command}`"
+        f"after {plan.warmup_s:.0f} s warm-up per run.{setup} Command: `{command}`"
     )
     plan.out.mkdir(parents=True, exist_ok=True)
-    (plan.out / "table.md").write_text(report.markdown(summaries, header))
+    (plan.out / "table.md").write_text(
+        report.markdown(summaries, header) + "\n" + against_bound(plan, summaries)
+    )
     report.write_csv(plan.out / "summary.csv", summaries)
     report.write_runs_csv(plan.out / "runs.csv", results)
     (plan.out / "command.txt").write_text(command + "\n")
     paths = [plan.out / "table.md", plan.out / "summary.csv", plan.out / "runs.csv"]
     return paths + report.charts(plan.out, summaries)
+
+
+def against_bound(plan: Plan, summaries: list[report.Summary]) -> str:
+    """Each scenario's best live P99 against the simulated central queue (the queueing bound
+    for this workload and these replicas) and against HAProxy leastconn, when it ran."""
+    from loadtests import simulate
+
+    lines = [
+        "### Against the ideal and HAProxy",
+        "",
+        "Simulated central queue: `loadtests/simulate.py`, the same workload and replica model, "
+        "600 simulated seconds, no network or gateway overhead.",
+        "",
+        "| Users | Instances | Simulated central queue P99 (s) | Best live strategy | "
+        "Its P99 (s) | vs central queue | HAProxy leastconn P99 (s) | Best vs HAProxy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    capacity = nominal_capacity_rps(plan.workload) if plan.utilization else 0.0
+    for users, instances in plan.scenarios:
+        bound = next(
+            simulate.results(
+                ((users, instances),),
+                (simulate.CENTRAL_QUEUE,),
+                plan.workload,
+                warmup_s=30.0,
+                duration_s=600.0,
+                utilization=plan.utilization,
+                capacity_rps=capacity,
+                slowdowns=(plan.slow,),
+            )
+        )
+        live = [s for s in summaries if (s.users, s.instances) == (users, instances)]
+        ours = [s for s in live if s.strategy not in HAPROXY]
+        if not ours:
+            continue
+        best = min(ours, key=lambda s: s.p99_s)
+        haproxy = next((s for s in live if s.strategy == "haproxy_leastconn"), None)
+        versus = f"{best.p99_s / haproxy.p99_s - 1:+.1%}" if haproxy else "not run"
+        lines.append(
+            f"| {users} | {instances} | {bound.p99_s:.2f} | {best.strategy} | "
+            f"{best.p99_s:.2f} | {best.p99_s / bound.p99_s - 1:+.1%} | "
+            f"{f'{haproxy.p99_s:.2f}' if haproxy else '-'} | {versus} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def parse_scenarios(text: str) -> tuple[tuple[int, int], ...]:
@@ -179,10 +309,14 @@ def build_plan(args: argparse.Namespace) -> Plan:
         if args.scenarios
         else (QUICK_SCENARIOS if quick else SAGEMAKER_SCENARIOS)
     )
-    strategies = tuple(args.strategies.split(",")) if args.strategies else tuple(POLICIES)
-    unknown = [s for s in strategies if s not in POLICIES]
+    strategies = tuple(args.strategies.split(",")) if args.strategies else DEFAULT_STRATEGIES
+    unknown = [s for s in strategies if s not in FRONT_ENDS]
     if unknown:
-        raise SystemExit(f"infergate bench: unknown strategies {unknown}; have {list(POLICIES)}")
+        raise SystemExit(f"infergate bench: unknown strategies {unknown}; have {list(FRONT_ENDS)}")
+    missing = [s for s in strategies if s in HAPROXY and not haproxy_available()]
+    if missing:
+        print(f"notice: haproxy is not installed; skipping {', '.join(missing)}", flush=True)
+        strategies = tuple(s for s in strategies if s not in missing)
     if "random" not in strategies:
         strategies = ("random", *strategies)
     seeds = tuple(range(args.seeds if args.seeds else (1 if quick else 3)))
@@ -203,6 +337,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         ),
         out=args.out or Path("loadtests/results") / stamp,
         utilization=args.utilization,
+        gateways=args.gateways,
+        slow=args.slow,
     )
 
 
@@ -227,6 +363,8 @@ def parser() -> argparse.ArgumentParser:
         metavar="UTILIZATION",
         help="Poisson arrivals at this share of nominal capacity, e.g. 0.7",
     )
+    p.add_argument("--gateways", type=int, default=1, help="front ends sharing the load")
+    p.add_argument("--slow", type=float, default=1.0, help="replica 0 this many times slower")
     p.add_argument("--out", type=Path, help="results folder (default loadtests/results/<time>)")
     p.add_argument(
         "--report-only",

@@ -25,6 +25,7 @@ from loadtests.workload import CompletionRequest, Workload, draw, user_rng
 WORKLOAD = Workload.from_env()
 
 SAMPLES: list[Sample] = []
+HOSTS = [h for h in os.environ.get("INFERGATE_BENCH_HOSTS", "").split(",") if h]
 _user_index = itertools.count()
 
 
@@ -63,7 +64,10 @@ class CompletionUser(HttpUser):
     wait_time = constant(float(os.environ.get("INFERGATE_BENCH_THINK_S", "0")))
 
     def on_start(self) -> None:
-        self.rng = user_rng(WORKLOAD, next(_user_index))
+        index = next(_user_index)
+        self.rng = user_rng(WORKLOAD, index)
+        if HOSTS:  # several front ends (two gateways): users split evenly among them
+            self.client.base_url = HOSTS[index % len(HOSTS)]
 
     @task
     def complete(self) -> None:
@@ -146,7 +150,10 @@ class KServeUser(HttpUser):
     input_size = int(os.environ.get("INFERGATE_BENCH_INPUT_SIZE", "1024"))
 
     def on_start(self) -> None:
-        self.rng = user_rng(WORKLOAD, next(_user_index))
+        index = next(_user_index)
+        self.rng = user_rng(WORKLOAD, index)
+        if HOSTS:  # several front ends (two gateways): users split evenly among them
+            self.client.base_url = HOSTS[index % len(HOSTS)]
 
     @task
     def infer(self) -> None:

@@ -58,6 +58,10 @@ async def one(
 
 
 async def run(host: str, rate: float, seconds: float, workload: Workload) -> list[Sample]:
+    """`host`: one URL, or several joined by commas: each arrival goes to one drawn at random
+    (as a Kubernetes Service spreads connections over gateway pods)."""
+    hosts = host.split(",")
+    pick = random.Random(f"hosts:{workload.seed}")
     arrivals = random.Random(f"arrivals:{workload.seed}")
     requests = user_rng(workload, 0)
     connector = aiohttp.TCPConnector(limit=0)
@@ -74,7 +78,8 @@ async def run(host: str, rate: float, seconds: float, workload: Workload) -> lis
             if delay > 0:
                 await asyncio.sleep(delay)
             request = draw(workload, requests)
-            tasks.append(asyncio.create_task(one(client, host, workload, request)))
+            target = hosts[pick.randrange(len(hosts))] if len(hosts) > 1 else host
+            tasks.append(asyncio.create_task(one(client, target, workload, request)))
         return list(await asyncio.gather(*tasks))
 
 

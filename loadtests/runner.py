@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import psutil
@@ -94,23 +95,74 @@ def wait_http(url: str, timeout_s: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def gateway_process(
-    replica_urls: list[str], strategy: str, seed: int, port: int, workdir: Path, log: IO[bytes]
+    replica_urls: list[str],
+    strategy: str,
+    seed: int,
+    port: int,
+    workdir: Path,
+    log: IO[bytes],
+    extra: dict[str, Any] | None = None,
 ) -> Iterator[tuple[str, int]]:
     """A gateway process with this strategy; yields its URL and pid once it is ready."""
-    config = {
+    config: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": port},
         "routing": {"strategy": strategy, "seed": seed},
         "replicas": [{"url": url} for url in replica_urls],
         "reload": {"watch": False},
         "timeouts": {"idle_s": 120, "first_byte_s": 120},
     }
-    path = workdir / "gateway.yaml"
+    config.update(extra or {})
+    path = workdir / f"gateway-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "gateway", "-c", str(path), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/readyz")
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    option http-keep-alive
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend replicas
+backend replicas
+    balance {balance}
+    option httpchk GET /ping
+{servers}
+"""
+
+
+def haproxy_available() -> bool:
+    return shutil.which("haproxy") is not None
+
+
+@contextlib.contextmanager
+def haproxy_process(
+    replica_urls: list[str], balance: str, port: int, workdir: Path, log: IO[bytes]
+) -> Iterator[tuple[str, int]]:
+    """HAProxy in front of the same replicas (`balance leastconn`, `random(2)`, ...)."""
+    servers = "\n".join(
+        f"    server r{i} {url.removeprefix('http://')} maxconn 1000"
+        for i, url in enumerate(replica_urls)
+    )
+    path = workdir / f"haproxy-{port}.cfg"
+    path.write_text(HAPROXY_CONFIG.format(port=port, balance=balance, servers=servers))
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=log, stderr=log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/v1/models")
         yield url, proc.pid
     finally:
         proc.terminate()
@@ -131,6 +183,7 @@ def _sample_cpu(pids: dict[str, int], stop: threading.Event, out: CpuSample) -> 
 
 
 def _generator_cmd(spec: RunSpec, url: str, samples: Path) -> list[str]:
+    """`url`: one front end, or several joined by commas (the load is split among them)."""
     run_s = spec.warmup_s + spec.duration_s + 1
     if spec.open_loop_rate is not None:
         return [
@@ -160,7 +213,7 @@ def _generator_cmd(spec: RunSpec, url: str, samples: Path) -> list[str]:
         "-t",
         f"{run_s:.0f}s",
         "--host",
-        url,
+        url.split(",", maxsplit=1)[0],
         "--only-summary",
         "--loglevel",
         "WARNING",
@@ -171,7 +224,7 @@ def _generator_cmd(spec: RunSpec, url: str, samples: Path) -> list[str]:
 
 
 def run_load(
-    spec: RunSpec, url: str, gateway_pid: int | None, workdir: Path, log: IO[bytes]
+    spec: RunSpec, url: str, gateway_pids: list[int], workdir: Path, log: IO[bytes]
 ) -> RunResult:
     samples_path = workdir / "samples.csv"
     samples_path.unlink(missing_ok=True)
@@ -179,6 +232,7 @@ def run_load(
         **os.environ,
         "INFERGATE_BENCH_SAMPLES": str(samples_path),
         "INFERGATE_BENCH_WORKLOAD": spec.workload.to_env(),
+        "INFERGATE_BENCH_HOSTS": url,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.Popen(
@@ -186,7 +240,7 @@ def run_load(
     )
     cpu = CpuSample()
     stop = threading.Event()
-    pids = {"generator": proc.pid} | ({"gateway": gateway_pid} if gateway_pid else {})
+    pids = {"generator": proc.pid} | ({"gateway": gateway_pids[0]} if gateway_pids else {})
     sampler = threading.Thread(target=_sample_cpu, args=(pids, stop, cpu), daemon=True)
     sampler.start()
     try:
