@@ -39,9 +39,19 @@ _REPLICA = {
         "draining": {"type": "boolean"},
         "ejected": {"type": "boolean"},
         "outstanding": {"type": "integer"},
+        "outstanding_tokens": {"type": "integer", "description": "estimated work in flight"},
+        "max_concurrency": {"type": ["integer", "null"]},
         "requests_total": {"type": "integer"},
         "errors_total": {"type": "integer"},
         "ejections_total": {"type": "integer"},
+        "reported": {
+            "type": ["object", "null"],
+            "description": "the replica's last load report (queued, running, capacity, "
+            "backlog_tokens, inflight)",
+            "additionalProperties": {"type": "integer"},
+        },
+        "remote": {"type": "integer", "description": "requests other gateways had there"},
+        "latency_ewma_s": {"type": "number", "description": "peak EWMA, seconds per token"},
     },
 }
 _STATE = {
