@@ -32,6 +32,7 @@ POLICIES = (
     "round_robin",
     "least_outstanding_requests",
     "power_of_two",
+    "least_loaded",
     "least_outstanding_tokens",
     CENTRAL_QUEUE,
 )
@@ -59,6 +60,7 @@ class Request:
     output_tokens: int
     stream: bool
     sent_s: float
+    gateway: int = 0  # which gateway instance routes it
     estimate: int = 0  # the gateway's work estimate still counted (least_outstanding_tokens)
     left: int = 0  # tokens still to generate
     first_token_s: float = math.nan
@@ -72,8 +74,9 @@ class SimReplica:
     queue: deque[Request] = field(default_factory=deque)
     running: list[Request] = field(default_factory=list)
     busy: bool = False
-    outstanding: int = 0  # the gateway's count: dispatched, not yet answered
-    outstanding_tokens: int = 0
+    outstanding: int = 0  # dispatched, not yet answered, over all gateways
+    by_gateway: list[int] = field(default_factory=list)  # what each gateway counts itself
+    tokens_by_gateway: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -108,11 +111,19 @@ class Simulation:
         max_num_seqs: int = 4,
         profile: Profile = Profile(),
         slowdowns: tuple[float, ...] = (),
+        gateways: int = 1,
         seed: int = 0,
     ) -> None:
         self.policy = policy
+        self.gateways = gateways
         self.replicas = [
-            SimReplica(i, slowdowns[i] if i < len(slowdowns) else 1.0) for i in range(instances)
+            SimReplica(
+                i,
+                slowdowns[i] if i < len(slowdowns) else 1.0,
+                by_gateway=[0] * gateways,
+                tokens_by_gateway=[0] * gateways,
+            )
+            for i in range(instances)
         ]
         self.workload = workload
         self.max_num_seqs = max_num_seqs
@@ -153,7 +164,9 @@ class Simulation:
             self._dispatch(self.rng.choice(tied), self._waiting.popleft())
 
     def _choose(self, request: Request) -> SimReplica:
-        replicas, rng = self.replicas, self.rng
+        """Each gateway sees only its own counts; `least_loaded` sees every gateway's (as
+        if load reports were instant), so with one gateway it is least_outstanding_requests."""
+        replicas, rng, g = self.replicas, self.rng, request.gateway
         if self.policy == "random":
             return rng.choice(replicas)
         if self.policy == "round_robin":
@@ -161,27 +174,30 @@ class Simulation:
             return replicas[self._turn % len(replicas)]
         if self.policy == "power_of_two" and len(replicas) > 1:
             a, b = rng.sample(replicas, 2)
-            return b if b.outstanding < a.outstanding else a
+            return b if b.by_gateway[g] < a.by_gateway[g] else a
+        cost: Callable[[SimReplica], float]
         if self.policy == "least_outstanding_tokens":
-            cost: Callable[[SimReplica], float] = lambda r: (  # noqa: E731
-                r.outstanding_tokens + r.outstanding / 1024
-            )
-        else:
+            cost = lambda r: r.tokens_by_gateway[g] + r.by_gateway[g] / 1024  # noqa: E731
+        elif self.policy == "least_loaded":
             cost = lambda r: r.outstanding  # noqa: E731
+        else:
+            cost = lambda r: r.by_gateway[g]  # noqa: E731
         least = min(cost(r) for r in replicas)
         return rng.choice([r for r in replicas if cost(r) == least])
 
     def _dispatch(self, replica: SimReplica, request: Request) -> None:
         request.estimate = math.ceil(request.prompt_tokens / 4) + request.output_tokens
         replica.outstanding += 1
-        replica.outstanding_tokens += request.estimate
+        replica.by_gateway[request.gateway] += 1
+        replica.tokens_by_gateway[request.gateway] += request.estimate
         replica.queue.append(request)
         if not replica.busy:
             self._step(replica)
 
     def _answered(self, replica: SimReplica, request: Request) -> None:
         replica.outstanding -= 1
-        replica.outstanding_tokens -= request.estimate
+        replica.by_gateway[request.gateway] -= 1
+        replica.tokens_by_gateway[request.gateway] -= request.estimate
         request.answered_s = self.now
         self.done.append(request)
         self.on_done(request)
@@ -210,7 +226,7 @@ class Simulation:
             for request in [*joining, *decoding]:
                 if request.stream and request.estimate > 1:  # the proxy counts relayed events
                     request.estimate -= 1
-                    replica.outstanding_tokens -= 1
+                    replica.tokens_by_gateway[request.gateway] -= 1
             replica.running = [r for r in [*decoding, *joining] if r.left > 0]
             for request in [*decoding, *joining]:
                 if request.left <= 0:
@@ -220,9 +236,12 @@ class Simulation:
         self.at(self.now + duration, finish)
 
 
-def _request(workload: Workload, rng: random.Random, user: int, now: float) -> Request:
+def _request(
+    workload: Workload, rng: random.Random, user: int, now: float, gateway: int = 0
+) -> Request:
     drawn = draw(workload, rng)
-    return Request(user, len(drawn.prompt.encode()), drawn.max_tokens, drawn.stream, now)
+    prompt = len(drawn.prompt.encode())
+    return Request(user, prompt, drawn.max_tokens, drawn.stream, now, gateway)
 
 
 def closed_loop(
@@ -234,13 +253,17 @@ def closed_loop(
     warmup_s: float,
     duration_s: float,
     slowdowns: tuple[float, ...] = (),
+    gateways: int = 1,
 ) -> Result:
-    """Each user sends its next request as soon as the last is answered (think time 0)."""
-    sim = Simulation(policy, instances, workload, slowdowns=slowdowns, seed=workload.seed)
+    """Each user sends its next request as soon as the last is answered (think time 0); users
+    are split evenly among the gateways."""
+    sim = Simulation(
+        policy, instances, workload, slowdowns=slowdowns, gateways=gateways, seed=workload.seed
+    )
     rngs = [user_rng(workload, u) for u in range(users)]
 
     def next_from(user: int) -> None:
-        sim.submit(_request(workload, rngs[user], user, sim.now))
+        sim.submit(_request(workload, rngs[user], user, sim.now, user % gateways))
 
     sim.on_done = lambda request: next_from(request.user)
     for user in range(users):
@@ -258,14 +281,18 @@ def open_loop(
     warmup_s: float,
     duration_s: float,
     slowdowns: tuple[float, ...] = (),
+    gateways: int = 1,
 ) -> Result:
-    """Poisson arrivals at `rate` requests/s in total."""
-    sim = Simulation(policy, instances, workload, slowdowns=slowdowns, seed=workload.seed)
+    """Poisson arrivals at `rate` requests/s in total, each to a gateway drawn at random."""
+    sim = Simulation(
+        policy, instances, workload, slowdowns=slowdowns, gateways=gateways, seed=workload.seed
+    )
     arrivals = random.Random(f"arrivals:{workload.seed}")
     draws = user_rng(workload, 0)
+    pick = random.Random(f"hosts:{workload.seed}")
 
     def arrive() -> None:
-        sim.submit(_request(workload, draws, 0, sim.now))
+        sim.submit(_request(workload, draws, 0, sim.now, pick.randrange(gateways)))
         sim.at(sim.now + arrivals.expovariate(rate), arrive)
 
     sim.at(arrivals.expovariate(rate), arrive)
@@ -298,6 +325,7 @@ def results(
     utilization: float | None = None,
     capacity_rps: float = 0.0,
     slowdowns: tuple[float, ...] = (),
+    gateways: int = 1,
 ) -> Iterator[Result]:
     for users, instances in scenarios:
         for policy in policies:
@@ -311,6 +339,7 @@ def results(
                     warmup_s=warmup_s,
                     duration_s=duration_s,
                     slowdowns=slowdowns,
+                    gateways=gateways,
                 )
             else:
                 yield closed_loop(
@@ -321,6 +350,7 @@ def results(
                     warmup_s=warmup_s,
                     duration_s=duration_s,
                     slowdowns=slowdowns,
+                    gateways=gateways,
                 )
 
 
@@ -336,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slow", type=float, default=1.0, help="replica 0 step-time factor (2 = half)")
     p.add_argument("--open-loop", dest="utilization", type=float, help="Poisson, share of capacity")
+    p.add_argument("--gateways", type=int, default=1, help="gateways, each counting its own")
     args = p.parse_args(argv)
     workload = Workload(seed=args.seed, output_sigma=args.output_sigma)
     scenarios = parse_scenarios(args.scenarios) if args.scenarios else SAGEMAKER_SCENARIOS
@@ -350,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         utilization=args.utilization,
         capacity_rps=nominal_capacity_rps(workload),
         slowdowns=(args.slow,),
+        gateways=args.gateways,
     ):
         print(
             f"| {r.users}/{r.instances} | {r.policy} | {r.p50_s:.2f} | {r.p99_s:.2f} | "

@@ -84,3 +84,21 @@ def test_open_loop_random_queues_more_than_the_central_queue() -> None:
     rand = open_loop("random", 5.0, 5, workload, **args)
     central = open_loop(CENTRAL_QUEUE, 5.0, 5, workload, **args)
     assert rand.p99_s > central.p99_s
+
+
+def _max_per_replica_after_four_requests(policy: str, seed: int) -> int:
+    sim = Simulation(policy, 4, Workload(), gateways=2, seed=seed)
+    for i in range(4):
+        request = _request(100, user=i)
+        request.gateway = i % 2
+        sim.submit(request)
+    return max(r.outstanding for r in sim.replicas)
+
+
+def test_two_blind_gateways_collide_where_load_feedback_does_not() -> None:
+    blind = [
+        _max_per_replica_after_four_requests("least_outstanding_requests", s) for s in range(30)
+    ]
+    informed = [_max_per_replica_after_four_requests("least_loaded", s) for s in range(30)]
+    assert max(informed) == 1
+    assert sum(m > 1 for m in blind) > 10  # 5 times in 6 in expectation
