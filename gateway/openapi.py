@@ -114,6 +114,27 @@ DOCUMENT: dict[str, Any] = {
         "/openapi.json": {
             "get": {"summary": "This document", "responses": {"200": _json("OpenAPI 3 document")}}
         },
+        "/ui": {
+            "get": {
+                "summary": "The status page (HTML; its script polls /ui/status.json)",
+                "responses": {
+                    "200": {
+                        "description": "HTML page",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    "404": _error("the status page is off (ui.enabled: false)"),
+                },
+            }
+        },
+        "/ui/status.json": {
+            "get": {
+                "summary": "Replicas, strategy, outstanding counts, recent rate and latency",
+                "responses": {
+                    "200": _json("status"),
+                    "404": _error("the status page is off (ui.enabled: false)"),
+                },
+            }
+        },
     },
     "components": {
         "schemas": {"Error": _ERROR, "Replica": _REPLICA},

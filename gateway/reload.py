@@ -53,7 +53,7 @@ def reload_config(state: GatewayState, trigger: str) -> Runtime:
         "config reloaded (%s): strategy %s, %d replicas",
         trigger,
         config.routing.strategy,
-        len(config.replicas),
+        len(state.pool.active()),
     )
     return state.runtime
 
