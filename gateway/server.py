@@ -24,6 +24,8 @@ from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.health import HealthChecker
+from gateway.jobs import routes as job_routes
+from gateway.jobs.service import JOBS, JobService
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import DOCUMENT
 from gateway.pool import ReplicaPool
@@ -188,6 +190,10 @@ def create_app(
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_background("health-checks", lambda a: HealthChecker(state).run()))
     app.cleanup_ctx.append(_background("config-watch", lambda a: a[WATCHER].run()))
+    if config.jobs is not None:
+        jobs = app[JOBS] = JobService(state, config.jobs)
+        app.cleanup_ctx.append(jobs.lifetime)
+        app.cleanup_ctx.append(_background("jobs", lambda a: jobs.run()))
     own = [
         ("/healthz", ("GET", "HEAD"), healthz),
         ("/readyz", ("GET", "HEAD"), readyz),
@@ -198,6 +204,8 @@ def create_app(
     ]
     for path, methods, handler in own:
         app.router.add_route("*", path, _only(methods, handler))
+    for path, handlers in job_routes.ROUTES:
+        app.router.add_route("*", path, _only(tuple(handlers), job_routes.by_method(handlers)))
     app.router.add_route("*", "/admin/{tail:.*}", admin_unknown)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
