@@ -107,7 +107,7 @@ def parse_batch(data: bytes, max_lines: int) -> list[BatchLine]:
 
 def _parse_line(number: int, raw: bytes) -> BatchLine:
     try:
-        data = json.loads(raw)
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         return BatchLine(number, None, error="the line is not UTF-8 text")
     except json.JSONDecodeError as exc:

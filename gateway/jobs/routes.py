@@ -22,6 +22,7 @@ from gateway.proxy import read_body
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 1000
 RESULTS_PAGE = 1000
+FORM_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
 
 
 def _service(request: web.Request) -> JobService:
@@ -111,10 +112,10 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def submit_batch(request: web.Request) -> web.Response:
     service = _service(request)
     settings = service.settings
-    if request.content_type.startswith("multipart/"):
+    if request.content_type in FORM_TYPES:  # curl -d and -F: a form, not the file's bytes
         raise InvalidRequest(
-            "send the JSONL file itself as the body (curl --data-binary @batch.jsonl), "
-            "not as a multipart form"
+            "send the JSONL file itself as the body, e.g. curl --data-binary @batch.jsonl "
+            "-H 'Content-Type: application/jsonl' (a form loses the file's line breaks)"
         )
     timeout_s = service.state.runtime.config.timeouts.client_body_s
     try:

@@ -102,8 +102,13 @@ class Scheduler:
                     if held is None:
                         await self._sleep(IDLE_WAIT_S)
                 else:
-                    self._start(held, self._state.runtime.policy.choose(replicas))
-                    held = None
+                    # One loop turn first: a real-time request that a release just woke in the
+                    # admission queue takes its slot before a job can.
+                    await asyncio.sleep(0)
+                    replicas = eligible(self._state, self._settings)
+                    if replicas:
+                        self._start(held, self._state.runtime.policy.choose(replicas))
+                        held = None
         finally:
             tasks = list(self._in_flight.values())
             for task in tasks:
