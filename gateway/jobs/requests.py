@@ -8,6 +8,7 @@ reason, which the store records as that line's failed result while the other lin
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -17,11 +18,14 @@ from gateway.errors import InvalidRequest
 
 # Paths the gateway answers itself: a job aimed at one would never reach a replica.
 GATEWAY_PATHS = ("/v1/jobs", "/v1/batches", "/admin", "/healthz", "/readyz", "/metrics")
+PRINTABLE_ASCII = re.compile(r"[!-~]*")
 
 
 def _replica_path(value: str) -> str:
     if not value.startswith("/") or value.startswith("//"):
         raise ValueError("expected a replica path starting with '/', e.g. /v1/completions")
+    if not PRINTABLE_ASCII.fullmatch(value):
+        raise ValueError("expected printable ASCII without spaces; percent-encode the rest")
     path = value.split("?", 1)[0]
     if any(path == own or path.startswith(own + "/") for own in GATEWAY_PATHS):
         raise ValueError(f"{path} is the gateway's own endpoint, not a replica's")

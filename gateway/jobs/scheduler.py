@@ -162,6 +162,6 @@ class Scheduler:
                 body = await response.read()
         except TimeoutError:
             return Reply(None, f"replica {replica.url} did not answer in time")
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, ValueError) as exc:
             return Reply(None, f"replica {replica.url} failed: {type(exc).__name__}")
         return Reply(response.status, body.decode("utf-8", "replace"))

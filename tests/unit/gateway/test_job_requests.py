@@ -13,6 +13,7 @@ BAD_JOBS = {
     "not an object": ([1, 2], "expected a JSON object"),
     "no url": ({"body": {}}, "url: required key is missing"),
     "relative url": ({**GOOD, "url": "v1/completions"}, "url: expected a replica path"),
+    "space in url": ({**GOOD, "url": "/v1/a b"}, "url: expected printable ASCII"),
     "gateway path": ({**GOOD, "url": "/v1/jobs"}, "the gateway's own endpoint"),
     "body not object": ({**GOOD, "body": "hi"}, "body: "),
     "stream": ({**GOOD, "body": {"stream": True}}, "'stream': true is not supported"),
