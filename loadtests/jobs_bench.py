@@ -5,7 +5,7 @@ The same seeded open-loop real-time stream (Poisson arrivals, heavy-tailed outpu
 streamed) runs twice: alone, then while a batch fills the replicas' idle capacity. Percentiles
 come from raw per-request samples; the report gives both, the change, and how the batch went.
 
-    python -m loadtests.jobs_bench [--replicas 4] [--rate 6] [--seconds 40] [--lines 1000]
+    python -m loadtests.jobs_bench [--replicas 4] [--rate 6] [--seconds 40] [--lines 400]
 """
 
 from __future__ import annotations
@@ -120,9 +120,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--rate", type=float, default=6.0, help="real-time requests per second")
     parser.add_argument("--seconds", type=float, default=40.0, help="each real-time phase")
-    parser.add_argument("--lines", type=int, default=1000, help="batch lines")
+    parser.add_argument("--lines", type=int, default=400, help="batch lines")
     parser.add_argument("--job-tokens", type=int, default=32, help="max_tokens of each line")
-    parser.add_argument("--threshold", type=int, default=4, help="jobs.max_outstanding_per_replica")
+    parser.add_argument("--threshold", type=int, default=2, help="jobs.max_outstanding_per_replica")
     parser.add_argument("--output-sigma", type=float, default=0.5, help="real-time output tail")
     parser.add_argument("--drain-s", type=float, default=60.0, help="wait for the batch after")
     parser.add_argument("--seed", type=int, default=0)
