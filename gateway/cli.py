@@ -69,7 +69,11 @@ async def serve(config: GatewayConfig, config_path: Path, host: str, port: int) 
         max_line_size=limits.max_header_bytes,
         max_field_size=limits.max_header_bytes,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except ConfigError:  # found while starting (the job store): close what was opened
+        await runner.cleanup()
+        raise
     if limits.max_connections is not None:
         limit_connections(runner, limits.max_connections)
     site = web.TCPSite(runner, host, port, backlog=1024)

@@ -143,11 +143,13 @@ class Scheduler:
             if outlier.observe(self._state.pool, replica, config.outlier_detection) is not None:
                 self._state.metrics.ejections.labels(replica.url).inc()
         outcome = outcome_of(reply, job, self._settings.max_attempts)
+        metrics = self._state.metrics
         if outcome is None:
             log.info("job %s: %s; queued again", job.id, reply.text[:200])
-            await self._store.run(JobStore.requeue, job)
-        else:
-            await self._store.run(JobStore.finish, job, outcome)
+            if await self._store.run(JobStore.requeue, job):
+                metrics.job_retries.inc()
+        elif await self._store.run(JobStore.finish, job, outcome):
+            metrics.jobs_finished.labels(outcome.status).inc()
 
     async def _send(self, job: Job, replica: Replica, timeouts: Timeouts) -> Reply:
         url = URL(replica.url + job.url, encoded=True)

@@ -8,9 +8,11 @@ shutdown dispatches in flight are cancelled and their jobs queued again for the 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from aiohttp import web
@@ -45,21 +47,25 @@ class JobService:
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         path = Path(self.settings.store)
+        with _exclusive(path):
+            store = await self._open(path)
+            self._store = store
+            self._scheduler = Scheduler(self.state, store, self.settings)
+            try:
+                yield
+            finally:
+                await store.run(JobStore.recover)  # dispatches in flight were cancelled
+                await store.close()
+
+    async def _open(self, path: Path) -> ThreadedStore:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             store = await ThreadedStore.open(path, retention_s=self.settings.result_retention_s)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"jobs.store: cannot open {path}: {exc}") from None
         recovered = await store.run(JobStore.recover)
         if recovered:
             log.warning("jobs: %d jobs the last gateway left running are queued again", recovered)
-        self._store = store
-        self._scheduler = Scheduler(self.state, store, self.settings)
-        try:
-            yield
-        finally:
-            await store.run(JobStore.recover)  # dispatches in flight were cancelled
-            await store.close()
+        return store
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -72,6 +78,23 @@ class JobService:
             if deleted:
                 log.info("jobs: %d finished jobs past jobs.result_retention_s deleted", deleted)
             await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """One gateway per store: a second one would re-queue the first one's running jobs. The
+    kernel drops the lock when the holder dies, kill -9 included."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(path.name + ".lock").open("a")
+    except OSError as exc:
+        raise ConfigError(f"jobs.store: cannot open {path}: {exc}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"jobs.store: {path} is in use by another gateway") from None
+        yield
 
 
 JOBS = web.AppKey("jobs", JobService)

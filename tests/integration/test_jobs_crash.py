@@ -20,6 +20,11 @@ from tests.support.servers import fake_replicas
 LINES = 2000
 
 
+def _run(config: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "gateway", "-c", str(config)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+
 def _start_gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
@@ -108,3 +113,34 @@ def _batch_from_store(path: Path) -> dict[str, Any]:
         return batch.as_json()
     finally:
         store.close()
+
+
+async def test_a_second_gateway_on_the_same_store_and_an_unusable_store_exit_2(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "jobs.db"
+    configs = []
+    for name, path in (("a", store), ("b", store), ("dir", tmp_path)):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": {"port": free_port()},
+                    "replicas": [{"url": "http://127.0.0.1:9"}],
+                    "jobs": {"store": str(path)},
+                }
+            )
+        )
+        configs.append(config)
+    first = _start_gateway(configs[0], tmp_path / "a.log")
+    try:
+        port = yaml.safe_load(configs[0].read_text())["listen"]["port"]
+        await wait_http_ok(f"http://127.0.0.1:{port}/healthz", first)
+        second, unusable = [await asyncio.to_thread(_run, config) for config in configs[1:]]
+    finally:
+        stop(first)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1].endswith("is in use by another gateway")
+    assert "Unclosed" not in second.stderr, second.stderr
+    assert unusable.returncode == 2
+    assert f"jobs.store: cannot open {tmp_path}" in unusable.stderr.strip().splitlines()[-1]

@@ -65,6 +65,9 @@ async def test_a_job_runs_on_a_replica_and_its_result_is_kept(tmp_path: Path) ->
             location = response.headers["Location"]
         assert location == f"/v1/jobs/{job['id']}" and job["status"] in ("queued", "running")
         done = await _until(client, gw.url + location, "succeeded")
+        async with client.get(f"{gw.url}/metrics") as response:
+            metrics = await response.text()
+    assert 'gateway_jobs_finished_total{status="succeeded"} 1.0' in metrics
     (seen,) = replicas[0].seen
     assert (seen["method"], seen["path"]) == ("POST", "/v1/completions")
     assert json.loads(seen["body"]) == COMPLETION["body"]
@@ -256,6 +259,9 @@ async def test_a_job_whose_replica_keeps_failing_fails_after_max_attempts(tmp_pa
         async with client.post(f"{gw.url}/v1/jobs", json=COMPLETION) as response:
             job_url = gw.url + response.headers["Location"]
         done = await _until(client, job_url, "failed")
+        async with client.get(f"{gw.url}/metrics") as response:
+            metrics = await response.text()
+    assert "gateway_job_retries_total 1.0" in metrics
     assert done["attempts"] == 2 and done["response"] is None
     assert done["error"]["code"] == "upstream_error"
     assert "refused" in done["error"]["message"] or "failed" in done["error"]["message"]
