@@ -36,6 +36,12 @@ def _absolute_path(value: str) -> str:
     return value
 
 
+def _store_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("expected a file path for the SQLite job store")
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -156,6 +162,18 @@ class Reload(_Model):
     poll_interval_s: float = Field(1.0, gt=0)
 
 
+class Jobs(_Model):
+    """Deferred inference (gateway/jobs/): durable jobs and batch files run in idle capacity."""
+
+    store: Annotated[str, AfterValidator(_store_path)]  # SQLite file; read at start-up only
+    max_outstanding_per_replica: int = Field(1, ge=1)  # spare capacity: dispatch only below it
+    max_attempts: int = Field(3, ge=1)  # tries per job on replica errors, the first included
+    result_retention_s: float = Field(7 * 24 * 3600.0, gt=0)  # finished jobs and batches
+    max_batch_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_batch_lines: int = Field(50_000, ge=1)
+    poll_interval_s: float = Field(0.02, gt=0)  # capacity check while jobs wait for a slot
+
+
 class GatewayConfig(_Model):
     listen: Listen = Listen()
     routing: Routing = Routing()
@@ -178,6 +196,8 @@ class GatewayConfig(_Model):
         if self.replicas is not None and self.discovery is not None:
             raise ValueError("discovery: give either 'replicas' or 'discovery', not both")
         return self
+
+    jobs: Jobs | None = None  # off unless configured: it needs a durable store path
 
     @model_validator(mode="after")
     def _unique_replicas(self) -> GatewayConfig:

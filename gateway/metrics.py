@@ -105,6 +105,17 @@ class GatewayMetrics:
             ["result"],
             registry=registry,
         )
+        self.jobs_finished = Counter(
+            "gateway_jobs_finished",
+            "Deferred jobs whose result a dispatch recorded, by status (succeeded, failed).",
+            ["status"],
+            registry=registry,
+        )
+        self.job_retries = Counter(
+            "gateway_job_retries",
+            "Job dispatches that failed on a replica and were queued again.",
+            registry=registry,
+        )
         registry.register(PoolCollector(pool, admission))
         self.recent = RecentTraffic()  # rate and latency over the last seconds, for /ui
         self._counters: dict[tuple[str, int], Counter] = {}

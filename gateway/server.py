@@ -26,6 +26,8 @@ from gateway.discovery import DnsDiscovery
 from gateway.errors import ConfigError, GatewayError
 from gateway.feedback import LoadPoller
 from gateway.health import HealthChecker
+from gateway.jobs import routes as job_routes
+from gateway.jobs.service import JOBS, JobService
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import DOCUMENT
 from gateway.pool import ReplicaPool
@@ -192,6 +194,10 @@ def create_app(
     app.cleanup_ctx.append(_background("config-watch", lambda a: a[WATCHER].run()))
     app.cleanup_ctx.append(_background("load-feedback", lambda a: LoadPoller(state).run()))
     app.cleanup_ctx.append(_background("dns-discovery", lambda a: DnsDiscovery(state).run()))
+    if config.jobs is not None:
+        jobs = app[JOBS] = JobService(state, config.jobs)
+        app.cleanup_ctx.append(jobs.lifetime)
+        app.cleanup_ctx.append(_background("jobs", lambda a: jobs.run()))
     own = [
         ("/healthz", ("GET", "HEAD"), healthz),
         ("/readyz", ("GET", "HEAD"), readyz),
@@ -205,6 +211,8 @@ def create_app(
     ]
     for path, methods, handler in own:
         app.router.add_route("*", path, _only(methods, handler))
+    for path, handlers in job_routes.ROUTES:
+        app.router.add_route("*", path, _only(tuple(handlers), job_routes.by_method(handlers)))
     app.router.add_route("*", "/admin/{tail:.*}", admin_unknown)
     app.router.add_route("*", "/ui/{tail:.*}", status.unknown)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
