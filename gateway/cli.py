@@ -1,6 +1,7 @@
-"""The `infergate` command: `gateway` runs the gateway; `replica` and `up` hand over to the
-replica server and the local cluster launcher. Only this module touches argv, signals and exit
-codes; the replica package (and torch) is imported only when its subcommand runs."""
+"""The `infergate` command: `gateway` runs the gateway; `replica`, `up` and `jobs` hand over to
+the replica server, the local cluster launcher and the jobs client. Only this module touches
+argv, signals and exit codes; the replica package (and torch) is imported only when its
+subcommand runs."""
 
 from __future__ import annotations
 
@@ -68,7 +69,11 @@ async def serve(config: GatewayConfig, config_path: Path, host: str, port: int) 
         max_line_size=limits.max_header_bytes,
         max_field_size=limits.max_header_bytes,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except ConfigError:  # found while starting (the job store): close what was opened
+        await runner.cleanup()
+        raise
     if limits.max_connections is not None:
         limit_connections(runner, limits.max_connections)
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -104,6 +109,9 @@ def run_gateway(args: argparse.Namespace) -> int:
     except OSError as exc:  # the listening socket: port in use, address not local
         print(f"infergate gateway: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found at start-up, e.g. a job store that cannot be opened
+        print(f"infergate gateway: {exc}", file=sys.stderr)
+        return 2
 
 
 def gateway_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -122,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("replica", help="run a model replica (see: infergate replica -h)")
     commands.add_parser("up", help="run a local cluster: replicas + gateway")
     commands.add_parser("bench", help="the routing benchmark (see: infergate bench -h)")
+    commands.add_parser("jobs", help="deferred jobs and batches (see: infergate jobs -h)")
     if argv[:1] == ["replica"]:
         from replica.cli import main as replica_main
 
@@ -130,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtests.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["jobs"]:
+        from gateway.jobs.client import main as jobs_main
+
+        return jobs_main(argv[1:])
     if argv[:1] == ["up"]:
         from gateway.cluster import main as up_main
 

@@ -34,6 +34,8 @@ from gateway.errors import ConfigError
 log = logging.getLogger("gateway.cluster")
 
 READY_TIMEOUT_S = 180.0
+# Deferred jobs are on in a local cluster; the store outlives a restart of `infergate up`.
+DEFAULT_JOB_STORE = Path(tempfile.gettempdir()) / "infergate" / "jobs.db"
 PR_SET_PDEATHSIG = 1
 
 
@@ -73,6 +75,7 @@ def gateway_yaml(cluster: ClusterConfig, args: argparse.Namespace) -> dict[str, 
         "listen": {"host": "127.0.0.1", "port": 8080},
         "routing": {"strategy": "least_outstanding_requests"},
         "health_check": {"path": "/ping", "interval_s": 1.0, "timeout_s": 1.0},
+        "jobs": {"store": str(DEFAULT_JOB_STORE)},
         **cluster.gateway,
     }
     if args.strategy is not None:
@@ -188,6 +191,7 @@ def banner(url: str, config_path: Path) -> str:
     return (
         f"\ninfergate is up: {url}\n"
         f"  try:    {example}\n"
+        f"  jobs:   infergate jobs submit batch.jsonl --wait --url {url}\n"
         f"  config: {config_path} (edit it; the gateway reloads without a restart)\n"
         f"  stop:   Ctrl-C\n"
     )

@@ -36,6 +36,12 @@ def _absolute_path(value: str) -> str:
     return value
 
 
+def _store_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("expected a file path for the SQLite job store")
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -127,15 +133,53 @@ class Limits(_Model):
     max_connections: int | None = Field(None, ge=1)  # open client connections
 
 
+def _nameserver(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:53")
+    return value
+
+
+class Discovery(_Model):
+    """Replicas from DNS: every A/AAAA address of `dns` becomes scheme://ADDRESS:port (as a
+    Kubernetes headless Service gives). Re-resolved every interval_s; a failed or empty answer
+    keeps the last good list."""
+
+    dns: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    interval_s: float = Field(5.0, gt=0)
+    timeout_s: float = Field(2.0, gt=0)  # one resolution, all tries included
+    scheme: Literal["http", "https"] = "http"
+    nameserver: Annotated[str, AfterValidator(_nameserver)] | None = None  # None: the system's
+
+
+class Ui(_Model):
+    enabled: bool = True  # the read-only status page at /ui (no secrets; replica URLs and counts)
+
+
 class Reload(_Model):
     watch: bool = True  # poll the file's mtime and reload on change
     poll_interval_s: float = Field(1.0, gt=0)
 
 
+class Jobs(_Model):
+    """Deferred inference (gateway/jobs/): durable jobs and batch files run in idle capacity."""
+
+    store: Annotated[str, AfterValidator(_store_path)]  # SQLite file; read at start-up only
+    max_outstanding_per_replica: int = Field(1, ge=1)  # spare capacity: dispatch only below it
+    max_attempts: int = Field(3, ge=1)  # tries per job on replica errors, the first included
+    result_retention_s: float = Field(7 * 24 * 3600.0, gt=0)  # finished jobs and batches
+    max_batch_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_batch_lines: int = Field(50_000, ge=1)
+    poll_interval_s: float = Field(0.02, gt=0)  # capacity check while jobs wait for a slot
+
+
 class GatewayConfig(_Model):
     listen: Listen = Listen()
     routing: Routing = Routing()
-    replicas: tuple[ReplicaSpec, ...] = Field(min_length=1)
+    # Exactly one of the two: a static list, or DNS discovery (which then owns the list).
+    replicas: tuple[ReplicaSpec, ...] | None = Field(None, min_length=1)
+    discovery: Discovery | None = None
     timeouts: Timeouts = Timeouts()
     retries: Retries = Retries()
     health_check: HealthCheck | None = None
@@ -143,11 +187,22 @@ class GatewayConfig(_Model):
     limits: Limits = Limits()
     load_feedback: LoadFeedback = LoadFeedback()
     reload: Reload = Reload()
+    ui: Ui = Ui()
+
+    @model_validator(mode="after")
+    def _one_replica_source(self) -> GatewayConfig:
+        if self.replicas is None and self.discovery is None:
+            raise ValueError("replicas: required key is missing (or give 'discovery' instead)")
+        if self.replicas is not None and self.discovery is not None:
+            raise ValueError("discovery: give either 'replicas' or 'discovery', not both")
+        return self
+
+    jobs: Jobs | None = None  # off unless configured: it needs a durable store path
 
     @model_validator(mode="after")
     def _unique_replicas(self) -> GatewayConfig:
         seen: set[str] = set()
-        for i, spec in enumerate(self.replicas):
+        for i, spec in enumerate(self.replicas or ()):
             if spec.url in seen:
                 raise ValueError(f"replicas[{i}].url: {spec.url} is listed twice")
             seen.add(spec.url)
@@ -155,11 +210,12 @@ class GatewayConfig(_Model):
 
     @property
     def replica_urls(self) -> list[str]:
-        return [spec.url for spec in self.replicas]
+        """The static list; empty when discovery finds the replicas."""
+        return [spec.url for spec in self.replicas or ()]
 
     @property
     def replica_max_concurrency(self) -> dict[str, int | None]:
-        return {spec.url: spec.max_concurrency for spec in self.replicas}
+        return {spec.url: spec.max_concurrency for spec in self.replicas or ()}
 
     def policy_options(self) -> PolicyOptions:
         return PolicyOptions(

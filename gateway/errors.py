@@ -53,3 +53,22 @@ class Overloaded(GatewayError):
 class ClientTimeout(GatewayError):
     status = 408
     error_type = "client_timeout"
+
+
+class InvalidRequest(GatewayError):
+    """A request to one of the gateway's own endpoints that cannot be used as sent."""
+
+    status = 400
+    error_type = "invalid_request"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "not_found"
+
+
+class Conflict(GatewayError):
+    """The request is valid but the resource's state forbids it (e.g. cancelling a done job)."""
+
+    status = 409
+    error_type = "conflict"

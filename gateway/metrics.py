@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from gateway.admission import Admission
 from gateway.pool import ReplicaPool
+from gateway.recent import RecentTraffic
 
 # Inference requests run from milliseconds (classifiers) to minutes (long generations).
 LATENCY_BUCKETS_S = (
@@ -98,7 +99,25 @@ class GatewayMetrics:
         self.ejections = Counter(
             "gateway_ejections", "Outlier-detection ejections.", ["replica"], registry=registry
         )
+        self.discovery = Counter(
+            "gateway_discovery_resolutions",
+            "DNS discovery rounds by result; an error keeps the last good replica list.",
+            ["result"],
+            registry=registry,
+        )
+        self.jobs_finished = Counter(
+            "gateway_jobs_finished",
+            "Deferred jobs whose result a dispatch recorded, by status (succeeded, failed).",
+            ["status"],
+            registry=registry,
+        )
+        self.job_retries = Counter(
+            "gateway_job_retries",
+            "Job dispatches that failed on a replica and were queued again.",
+            registry=registry,
+        )
         registry.register(PoolCollector(pool, admission))
+        self.recent = RecentTraffic()  # rate and latency over the last seconds, for /ui
         self._counters: dict[tuple[str, int], Counter] = {}
         self._histograms: dict[str, Histogram] = {}
 
@@ -112,3 +131,4 @@ class GatewayMetrics:
             histogram = self._histograms[replica] = self.duration.labels(replica)
         counter.inc()
         histogram.observe(duration_s)
+        self.recent.add(replica, duration_s)

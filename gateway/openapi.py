@@ -61,6 +61,191 @@ _STATE = {
         "replicas": {"type": "array", "items": {"$ref": "#/components/schemas/Replica"}},
     },
 }
+_RESULT_FIELDS: dict[str, Any] = {
+    "id": {"type": "string"},
+    "custom_id": {"type": ["string", "null"]},
+    "response": {
+        "type": ["object", "null"],
+        "properties": {"status_code": {"type": "integer"}, "body": {}},
+    },
+    "error": {
+        "type": ["object", "null"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+    },
+}
+_JOB: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        **_RESULT_FIELDS,
+        "object": {"const": "job"},
+        "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+        "method": {"type": "string"},
+        "url": {"type": "string"},
+        "batch_id": {"type": ["string", "null"]},
+        "attempts": {"type": "integer"},
+        "created_at": {"type": "integer"},
+        "started_at": {"type": ["integer", "null"]},
+        "finished_at": {"type": ["integer", "null"]},
+        "expires_at": {"type": ["integer", "null"]},
+    },
+}
+_JOB_REQUEST = {
+    "type": "object",
+    "required": ["url", "body"],
+    "properties": {
+        "url": {
+            "type": "string",
+            "pattern": "^/[!-~]*$",
+            "description": "the replica path, e.g. /v1/completions",
+        },
+        "body": {"type": "object", "description": "the JSON request that path accepts"},
+        "method": {"const": "POST"},
+        "custom_id": {"type": "string", "minLength": 1, "maxLength": 512},
+    },
+    "additionalProperties": False,
+}
+_BATCH = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "batch"},
+        "status": {"enum": ["in_progress", "completed", "cancelled"]},
+        "request_counts": {
+            "type": "object",
+            "properties": {
+                k: {"type": "integer"}
+                for k in ("total", "completed", "failed", "queued", "running")
+            },
+        },
+        "results_url": {"type": "string"},
+        "created_at": {"type": "integer"},
+        "completed_at": {"type": ["integer", "null"]},
+        "cancelled_at": {"type": ["integer", "null"]},
+        "expires_at": {"type": ["integer", "null"]},
+    },
+}
+_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_PAGE = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+    {"name": "after", "in": "query", "schema": {"type": "string"}},
+]
+_OFF = {"404": _error("unknown id, or jobs are off (no 'jobs:' section in the config)")}
+
+
+def _list_of(ref: str) -> dict[str, Any]:
+    items = {"type": "array", "items": {"$ref": f"#/components/schemas/{ref}"}}
+    return {"type": "object", "properties": {"data": items, "has_more": {"type": "boolean"}}}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_JOB_PATHS: dict[str, Any] = {
+    "/v1/jobs": {
+        "post": {
+            "summary": "Submit a deferred job; it runs when a replica has spare capacity",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("JobRequest")}},
+            },
+            "responses": {
+                "202": _json("queued; Location: /v1/jobs/{id}", _ref("Job")),
+                "400": _error("not a valid job: the message says what to fix"),
+                "413": _error("body over limits.max_body_bytes"),
+                **_OFF,
+            },
+        },
+        "get": {
+            "summary": "List jobs, oldest first",
+            "parameters": [
+                {"name": "status", "in": "query", "schema": _JOB["properties"]["status"]},
+                {"name": "batch_id", "in": "query", "schema": {"type": "string"}},
+                *_PAGE,
+            ],
+            "responses": {
+                "200": _json("a page", _list_of("Job")),
+                "400": _error("bad query"),
+                **_OFF,
+            },
+        },
+    },
+    "/v1/jobs/{id}": {
+        "get": {
+            "summary": "A job, with its result when done",
+            "parameters": _ID,
+            "responses": {"200": _json("the job", _ref("Job")), **_OFF},
+        },
+        "delete": {
+            "summary": "Cancel a queued or running job",
+            "parameters": _ID,
+            "responses": {
+                "200": _json("cancelled", _ref("Job")),
+                "409": _error("the job already finished"),
+                **_OFF,
+            },
+        },
+    },
+    "/v1/batches": {
+        "post": {
+            "summary": "Submit a JSONL batch file, one OpenAI Batch request per line",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/jsonl": {"schema": {"type": "string"}},
+                    "text/plain": {"schema": {"type": "string"}},
+                },
+            },
+            "responses": {
+                "202": _json("accepted; Location: /v1/batches/{id}", _ref("Batch")),
+                "400": _error("empty, or over jobs.max_batch_lines"),
+                "413": _error("over jobs.max_batch_bytes"),
+                **_OFF,
+            },
+        },
+        "get": {
+            "summary": "List batches, oldest first",
+            "parameters": _PAGE,
+            "responses": {
+                "200": _json("a page", _list_of("Batch")),
+                "400": _error("bad query"),
+                **_OFF,
+            },
+        },
+    },
+    "/v1/batches/{id}": {
+        "get": {
+            "summary": "A batch and its progress counts",
+            "parameters": _ID,
+            "responses": {"200": _json("the batch", _ref("Batch")), **_OFF},
+        }
+    },
+    "/v1/batches/{id}/results": {
+        "get": {
+            "summary": "The result file: one JSONL line per input line, in file order",
+            "parameters": _ID,
+            "responses": {
+                "200": {
+                    "description": "JSONL: {id, custom_id, response, error} per line",
+                    "content": {"application/jsonl": {"schema": {"type": "string"}}},
+                },
+                "409": _error("the batch is still in progress"),
+                **_OFF,
+            },
+        }
+    },
+    "/v1/batches/{id}/cancel": {
+        "post": {
+            "summary": "Cancel the batch's queued and running lines",
+            "parameters": _ID,
+            "responses": {
+                "200": _json("cancelled", _ref("Batch")),
+                "409": _error("the batch already finished"),
+                **_OFF,
+            },
+        }
+    },
+}
 _ADMIN_ERRORS = {
     "401": _error("missing or wrong bearer token"),
     "404": _error("admin endpoints are off (INFERGATE_ADMIN_TOKEN unset)"),
@@ -114,9 +299,37 @@ DOCUMENT: dict[str, Any] = {
         "/openapi.json": {
             "get": {"summary": "This document", "responses": {"200": _json("OpenAPI 3 document")}}
         },
+        "/ui": {
+            "get": {
+                "summary": "The status page (HTML; its script polls /ui/status.json)",
+                "responses": {
+                    "200": {
+                        "description": "HTML page",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    "404": _error("the status page is off (ui.enabled: false)"),
+                },
+            }
+        },
+        "/ui/status.json": {
+            "get": {
+                "summary": "Replicas, strategy, outstanding counts, recent rate and latency",
+                "responses": {
+                    "200": _json("status"),
+                    "404": _error("the status page is off (ui.enabled: false)"),
+                },
+            }
+        },
+        **_JOB_PATHS,
     },
     "components": {
-        "schemas": {"Error": _ERROR, "Replica": _REPLICA},
+        "schemas": {
+            "Error": _ERROR,
+            "Replica": _REPLICA,
+            "Job": _JOB,
+            "JobRequest": _JOB_REQUEST,
+            "Batch": _BATCH,
+        },
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
     },
 }

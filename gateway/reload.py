@@ -44,6 +44,7 @@ def reload_config(state: GatewayState, trigger: str) -> Runtime:
         ("limits.client_keepalive_s", old.limits.client_keepalive_s,
          config.limits.client_keepalive_s),
         ("limits.max_connections", old.limits.max_connections, config.limits.max_connections),
+        ("jobs", old.jobs, config.jobs),
     ):  # fmt: skip
         if before != after:
             log.warning("config reload (%s): '%s' changes take effect on restart", trigger, key)
@@ -53,7 +54,7 @@ def reload_config(state: GatewayState, trigger: str) -> Runtime:
         "config reloaded (%s): strategy %s, %d replicas",
         trigger,
         config.routing.strategy,
-        len(config.replicas),
+        len(state.pool.active()),
     )
     return state.runtime
 

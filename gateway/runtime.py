@@ -48,12 +48,22 @@ class GatewayState:
     session: aiohttp.ClientSession | None = field(default=None)
     retries_in_flight: int = 0
     draining: bool = False  # set on shutdown: /readyz answers 503 so load balancers move on
+    discovered: tuple[str, ...] | None = None  # DNS discovery's last good answer
 
     def swap(self, runtime: Runtime) -> None:
         config = runtime.config
-        self.pool.update(config.replica_urls, config.replica_max_concurrency)
+        self.pool.update(self.replica_urls(config), config.replica_max_concurrency)
         self.runtime = runtime
         self.metrics.strategy.info({"strategy": runtime.config.routing.strategy})
+
+    def replica_urls(self, config: GatewayConfig) -> list[str]:
+        """Discovery owns the list when configured; until its first answer the pool stays."""
+        if config.discovery is None:
+            self.discovered = None
+            return config.replica_urls
+        if self.discovered is None:
+            return [replica.url for replica in self.pool.active()]
+        return list(self.discovered)
 
     def client(self) -> aiohttp.ClientSession:
         assert self.session is not None, "client session is opened by the app's cleanup_ctx"

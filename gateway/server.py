@@ -1,6 +1,6 @@
 """The gateway's HTTP surface: an app factory, its own endpoints, and the error middleware.
 
-Paths the gateway owns (/healthz, /readyz, /metrics, /admin/...) answer here; every other
+Paths the gateway owns (/healthz, /readyz, /metrics, /admin/..., /ui...) answer here; every other
 method and path goes to proxy.handle. Admin endpoints need `Authorization: Bearer <token>`
 matching INFERGATE_ADMIN_TOKEN and answer 404 when no token is configured.
 """
@@ -19,12 +19,15 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from gateway import proxy
+from gateway import proxy, status
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
+from gateway.discovery import DnsDiscovery
 from gateway.errors import ConfigError, GatewayError
 from gateway.feedback import LoadPoller
 from gateway.health import HealthChecker
+from gateway.jobs import routes as job_routes
+from gateway.jobs.service import JOBS, JobService
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import DOCUMENT
 from gateway.pool import ReplicaPool
@@ -190,6 +193,11 @@ def create_app(
     app.cleanup_ctx.append(_background("health-checks", lambda a: HealthChecker(state).run()))
     app.cleanup_ctx.append(_background("config-watch", lambda a: a[WATCHER].run()))
     app.cleanup_ctx.append(_background("load-feedback", lambda a: LoadPoller(state).run()))
+    app.cleanup_ctx.append(_background("dns-discovery", lambda a: DnsDiscovery(state).run()))
+    if config.jobs is not None:
+        jobs = app[JOBS] = JobService(state, config.jobs)
+        app.cleanup_ctx.append(jobs.lifetime)
+        app.cleanup_ctx.append(_background("jobs", lambda a: jobs.run()))
     own = [
         ("/healthz", ("GET", "HEAD"), healthz),
         ("/readyz", ("GET", "HEAD"), readyz),
@@ -197,10 +205,16 @@ def create_app(
         ("/admin/replicas", ("GET", "HEAD"), admin_replicas),
         ("/admin/reload", ("POST",), admin_reload),
         ("/openapi.json", ("GET", "HEAD"), openapi),
+        ("/ui", ("GET", "HEAD"), status.page),
+        ("/ui/status.js", ("GET", "HEAD"), status.page),
+        ("/ui/status.json", ("GET", "HEAD"), status.status),
     ]
     for path, methods, handler in own:
         app.router.add_route("*", path, _only(methods, handler))
+    for path, handlers in job_routes.ROUTES:
+        app.router.add_route("*", path, _only(tuple(handlers), job_routes.by_method(handlers)))
     app.router.add_route("*", "/admin/{tail:.*}", admin_unknown)
+    app.router.add_route("*", "/ui/{tail:.*}", status.unknown)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 

@@ -86,6 +86,7 @@ def run(examples: int, workdir: Path) -> dict[str, int]:
         "listen": {"port": base + 1},
         "replicas": [{"url": replica_url}],
         "reload": {"watch": False},
+        "jobs": {"store": str(workdir / "jobs.db")},
     }
     (workdir / "gateway.yaml").write_text(yaml.safe_dump(gateway))
     log = (workdir / "processes.log").open("wb")

@@ -39,6 +39,10 @@ class ReplicaMetrics:
         self.queue_depth = Gauge(
             "replica_queue_depth", "Requests waiting in the queue", ["model"], registry=registry
         )
+        self.queue_capacity = Gauge(
+            "replica_queue_capacity", "Most requests the queue holds (max_queue); past it, 429",
+            ["model"], registry=registry,
+        )  # fmt: skip
         self.running = Gauge(
             "replica_running_sequences", "Requests or sequences in the forward pass", ["model"],
             registry=registry,
@@ -78,6 +82,9 @@ class ModelMetrics:
         if tpot_s is not None:
             self._m.tpot.labels(self._model).observe(tpot_s)
 
-    def track_load(self, queued: Callable[[], int], running: Callable[[], int]) -> None:
+    def track_load(
+        self, queued: Callable[[], int], running: Callable[[], int], max_queue: int
+    ) -> None:
+        self._m.queue_capacity.labels(self._model).set(max_queue)
         self._m.queue_depth.labels(self._model).set_function(queued)
         self._m.running.labels(self._model).set_function(running)

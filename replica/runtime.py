@@ -170,8 +170,8 @@ def _configure_torch(engine: EngineConfig) -> None:
         torch.set_num_threads(engine.torch_threads)
 
 
-def _track(observer: ModelMetrics, batcher: Batcher[Any, Any]) -> None:
-    observer.track_load(lambda: batcher.load().queued, lambda: batcher.load().running)
+def _track(observer: ModelMetrics, batcher: Batcher[Any, Any], max_queue: int) -> None:
+    observer.track_load(lambda: batcher.load().queued, lambda: batcher.load().running, max_queue)
 
 
 def build_runtime(
@@ -200,6 +200,6 @@ def build_runtime(
                 model.batcher, forward, executor=executor, observer=observer, clock=clock
             )
             served = ClassifierModel(model.name, model, batcher_c, observer, spec)
-        _track(observer, served.batcher)
+        _track(observer, served.batcher, model.batcher.max_queue)
         models[model.name] = served
     return Runtime(models, executor)

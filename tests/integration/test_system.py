@@ -4,10 +4,13 @@ driven by clients we did not write (openai, tritonclient), then stopped with SIG
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import numpy as np
 import psutil
 import pytest
@@ -22,7 +25,11 @@ from tests.support.processes import BIN, free_port, stop, wait_http_ok
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     port = free_port()
-    config = {"replicas": 2, "first_replica_port": free_port_block(2, start=31000)}
+    config = {
+        "replicas": 2,
+        "first_replica_port": free_port_block(2, start=31000),
+        "gateway": {"jobs": {"store": str(tmp_path / "jobs.db")}},
+    }
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "up.log"
@@ -72,8 +79,32 @@ async def test_up_serves_openai_and_triton_clients_and_stops_clean(
     logits = await asyncio.to_thread(classify)
     assert logits.shape[0] == 2
 
+    lines = [
+        json.dumps({"custom_id": str(i), "url": "/v1/completions", "body": {
+            "model": "tiny-gpt", "prompt": f"job {i}", "max_tokens": 4, "temperature": 0}})
+        for i in range(3)
+    ]  # fmt: skip
+    results = await _run_batch(url, "\n".join(lines).encode())
+    assert [r["custom_id"] for r in results] == ["0", "1", "2"]
+    assert all(r["response"]["body"]["usage"]["completion_tokens"] == 4 for r in results)
+
     assert stop(proc, timeout_s=40) == 0, log.read_text()[-3000:]
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == [], f"left behind: {[p.pid for p in alive]}"
     output = log.read_text()
     assert "infergate is up: " + url in output
+
+
+async def _run_batch(url: str, data: bytes) -> list[dict[str, Any]]:
+    """A batch through the gateway's deferred jobs, on the real replicas; its result lines."""
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"{url}/v1/batches", data=data) as response:
+            assert response.status == 202, await response.text()
+            batch_url = url + response.headers["Location"]
+        for _ in range(600):
+            async with client.get(batch_url) as response:
+                if (await response.json())["status"] == "completed":
+                    break
+            await asyncio.sleep(0.05)
+        async with client.get(f"{batch_url}/results") as response:
+            return [json.loads(line) for line in (await response.text()).splitlines()]

@@ -47,3 +47,23 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float = 10) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+async def start_replica(*args: str) -> tuple[asyncio.subprocess.Process, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "replica", *args, "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
+    assert line.startswith("replica listening on "), line
+    return process, line.split()[-1]
+
+
+async def wait_replica_ready(session: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(600):
+        async with session.get(f"{url}/ping") as response:
+            if response.status == 200:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("replica never became ready")

@@ -98,17 +98,17 @@ def fake_replica_app(replica: FakeReplica) -> web.Application:
 
 
 @asynccontextmanager
-async def serve(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+async def serve(app: web.Application, port: int = 0, host: str = "127.0.0.1") -> AsyncIterator[str]:
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     server = site._server
     assert server is not None
     sockets = getattr(server, "sockets", None) or []
     bound_port = sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{bound_port}"
+        yield f"http://{host}:{bound_port}"
     finally:
         await runner.cleanup()
 

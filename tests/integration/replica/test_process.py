@@ -9,6 +9,9 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.support.processes import start_replica as start_process
+from tests.support.processes import wait_replica_ready as wait_ready
+
 CONFIG = """\
 engine: {kind: simulated}
 models:
@@ -18,30 +21,10 @@ models:
 """
 
 
-async def start_process(config: Path) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "replica", "-c", str(config), "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
-    assert line.startswith("replica listening on "), line
-    return process, line.split()[-1]
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
-    for _ in range(600):
-        async with session.get(f"{url}/ping") as response:
-            if response.status == 200:
-                return
-        await asyncio.sleep(0.05)
-    raise AssertionError("replica never became ready")
-
-
 async def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
     config = tmp_path / "replica.yaml"
     config.write_text(CONFIG)
-    process, url = await start_process(config)
+    process, url = await start_process("-c", str(config))
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, url)

@@ -73,3 +73,28 @@ def test_yaml_errors_give_line_and_column(tmp_path: Path) -> None:
     path.write_text("replicas:\n  - url: 'unterminated\n")
     with pytest.raises(ConfigError, match=r"line \d+, column \d+"):
         load_config(path)
+
+
+DISCOVERY = {"dns": "infergate-replica", "port": 9001}
+
+
+def test_discovery_replaces_the_static_list() -> None:
+    config = parse_config({"discovery": {**DISCOVERY, "nameserver": "127.0.0.1:5353"}})
+    assert config.replicas is None and config.replica_urls == []
+    assert config.discovery is not None
+    assert (config.discovery.interval_s, config.discovery.nameserver) == (5.0, "127.0.0.1:5353")
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({}, "replicas: required key is missing (or give 'discovery' instead)"),
+        ({"replicas": [{"url": URL}], "discovery": DISCOVERY}, "discovery: give either"),
+        ({"discovery": {"dns": "x"}}, "discovery.port: required key is missing"),
+        ({"discovery": {**DISCOVERY, "nameserver": "10.0.0.1"}}, "discovery.nameserver: expected"),
+        ({"discovery": {**DISCOVERY, "interval_s": 0}}, "discovery.interval_s: "),
+        ({"replicas": [{"url": URL}], "ui": {"enabled": "maybe"}}, "ui.enabled: "),
+    ],
+)
+def test_discovery_errors_name_the_key_path(data: Any, expected: str) -> None:
+    assert _error(data).startswith(expected)

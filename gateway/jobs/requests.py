@@ -1,0 +1,127 @@
+"""What a deferred job asks for: one JSON request to a replica path, sent as the body of
+POST /v1/jobs or as one line of a batch file (the OpenAI Batch API line shape).
+
+Parsing is pure. A bad job body is a 400; a bad batch line becomes a `BadLine` with its
+reason, which the store records as that line's failed result while the other lines proceed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import InvalidRequest
+
+# Paths the gateway answers itself: a job aimed at one would never reach a replica.
+GATEWAY_PATHS = ("/v1/jobs", "/v1/batches", "/admin", "/healthz", "/readyz", "/metrics")
+PRINTABLE_ASCII = re.compile(r"[!-~]*")
+
+
+def _replica_path(value: str) -> str:
+    if not value.startswith("/") or value.startswith("//"):
+        raise ValueError("expected a replica path starting with '/', e.g. /v1/completions")
+    if not PRINTABLE_ASCII.fullmatch(value):
+        raise ValueError("expected printable ASCII without spaces; percent-encode the rest")
+    path = value.split("?", 1)[0]
+    if any(path == own or path.startswith(own + "/") for own in GATEWAY_PATHS):
+        raise ValueError(f"{path} is the gateway's own endpoint, not a replica's")
+    return value
+
+
+def _not_streamed(body: dict[str, Any]) -> dict[str, Any]:
+    if body.get("stream") is True:
+        raise ValueError("'stream': true is not supported for deferred jobs (results are stored)")
+    return body
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    custom_id: str | None = Field(None, min_length=1, max_length=512)
+    method: Literal["POST"] = "POST"
+    url: Annotated[str, AfterValidator(_replica_path)]
+    body: Annotated[dict[str, Any], AfterValidator(_not_streamed)]
+
+    def body_json(self) -> str:
+        return json.dumps(self.body, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """One line of a batch file: a request to run, or the reason it cannot run (then it gets
+    a failed result with that reason)."""
+
+    line: int
+    custom_id: str | None
+    request: JobRequest | None = None
+    error: str | None = None
+
+
+def describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key (expected custom_id, method, url, body)")
+        elif error["type"] == "missing":
+            problems.append(f"{where}: required key is missing")
+        else:
+            problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
+def parse_job(data: Any) -> JobRequest:
+    """The body of POST /v1/jobs, or InvalidRequest saying what to fix."""
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            'expected a JSON object like {"url": "/v1/completions", "body": {...}}'
+        )
+    try:
+        return JobRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(describe(exc)) from None
+
+
+def parse_batch(data: bytes, max_lines: int) -> list[BatchLine]:
+    """Every non-blank line of a JSONL batch file, parsed or failed with its reason."""
+    lines = [(n, raw) for n, raw in enumerate(data.split(b"\n"), start=1) if raw.strip()]
+    if not lines:
+        raise InvalidRequest("the batch file has no requests: send one JSON object per line")
+    if len(lines) > max_lines:
+        raise InvalidRequest(
+            f"the batch file has {len(lines)} lines, over jobs.max_batch_lines = {max_lines}; "
+            "split it into smaller batches"
+        )
+    first_line: dict[str, int] = {}
+    parsed = []
+    for number, raw in lines:
+        item = _parse_line(number, raw)
+        if item.request is not None and item.custom_id is not None:
+            seen = first_line.setdefault(item.custom_id, number)
+            if seen != number:
+                reason = f"custom_id {item.custom_id!r} is also on line {seen}; make it unique"
+                item = BatchLine(number, item.custom_id, error=reason)
+        parsed.append(item)
+    return parsed
+
+
+def _parse_line(number: int, raw: bytes) -> BatchLine:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return BatchLine(number, None, error="the line is not UTF-8 text")
+    except json.JSONDecodeError as exc:
+        return BatchLine(number, None, error=f"not valid JSON: {exc.msg} at column {exc.colno}")
+    if not isinstance(data, dict):
+        return BatchLine(number, None, error=f"expected a JSON object, got {type(data).__name__}")
+    custom_id = data.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return BatchLine(number, None, error="custom_id: required, a string naming this request")
+    try:
+        return BatchLine(number, custom_id, request=JobRequest.model_validate(data))
+    except ValidationError as exc:
+        return BatchLine(number, custom_id, error=describe(exc))

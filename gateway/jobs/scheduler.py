@@ -1,0 +1,186 @@
+"""The job scheduler: one task that sends queued jobs to replicas, only into idle capacity.
+
+A job is dispatched only while no real-time request waits at the gateway (admission queue
+empty) and to a replica whose outstanding count is below `jobs.max_outstanding_per_replica`;
+the routing policy chooses among those. Each dispatch is bracketed by pool.acquire and
+admission.release, so real-time routing sees job traffic in the outstanding counts. The
+scheduler polls for capacity every `jobs.poll_interval_s` only while jobs wait; a submit or a
+finished job wakes it at once. With jobs off none of this runs: the real-time path is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway import outlier
+from gateway.config import Jobs, Timeouts
+from gateway.jobs.store import Job, JobStore, Outcome, ThreadedStore
+from gateway.policies import NO_INFO
+from gateway.pool import Replica
+from gateway.runtime import GatewayState
+from gateway.work import describe
+
+NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 1.0  # no job queued: a submit wakes the scheduler; this is only a safety net
+RETRIABLE_STATUSES = frozenset({429, 503})
+
+
+def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
+    """Replicas with spare capacity for a job now; none while real-time requests wait."""
+    if state.admission.queued or state.draining:
+        return ()
+    limits = state.runtime.config.limits
+    if limits.max_outstanding is not None and state.pool.outstanding >= limits.max_outstanding:
+        return ()
+    threshold = settings.max_outstanding_per_replica
+    if limits.max_outstanding_per_replica is not None:
+        threshold = min(threshold, limits.max_outstanding_per_replica)
+    return [
+        r
+        for r in state.pool.available()
+        if r.outstanding < min(threshold, r.max_concurrency or threshold)
+    ]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What one attempt got: the replica's answer (status_code set) or why there is none."""
+
+    status_code: int | None
+    text: str
+
+    @property
+    def retriable(self) -> bool:
+        return self.status_code is None or self.status_code in RETRIABLE_STATUSES
+
+    @property
+    def replica_failed(self) -> bool:  # counts toward outlier ejection, as in the proxy
+        return self.status_code is None or self.status_code >= 500
+
+
+def outcome_of(reply: Reply, job: Job, max_attempts: int) -> Outcome | None:
+    """The job's final outcome, or None when it should go back to the queue for a retry."""
+    if reply.retriable and job.attempt < max_attempts:
+        return None
+    if reply.status_code is None:
+        message = f"{reply.text} (attempt {job.attempt} of {max_attempts})"
+        return Outcome("failed", error_code="upstream_error", error_message=message)
+    if reply.status_code < 400:
+        return Outcome("succeeded", status_code=reply.status_code, response=reply.text)
+    return Outcome("failed", status_code=reply.status_code, response=reply.text)
+
+
+class Scheduler:
+    def __init__(self, state: GatewayState, store: ThreadedStore, settings: Jobs) -> None:
+        self._state = state
+        self._store = store
+        self._settings = settings
+        self._wake = asyncio.Event()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def abandon(self, job_ids: Sequence[str]) -> None:
+        """Stop dispatches of cancelled jobs (their result is already recorded as cancelled)."""
+        for job_id in job_ids:
+            task = self._in_flight.get(job_id)
+            if task is not None:
+                task.cancel()
+
+    async def run(self) -> None:
+        held: Job | None = None  # claimed, waiting for a slot that vanished during the claim
+        try:
+            while True:
+                replicas = eligible(self._state, self._settings)
+                if not replicas:
+                    await self._sleep(self._settings.poll_interval_s)
+                elif held is None:
+                    held = await self._store.run(JobStore.claim)
+                    if held is None:
+                        await self._sleep(IDLE_WAIT_S)
+                else:
+                    # One loop turn first: a real-time request that a release just woke in the
+                    # admission queue takes its slot before a job can.
+                    await asyncio.sleep(0)
+                    replicas = eligible(self._state, self._settings)
+                    if replicas:
+                        self._start(held, replicas)
+                        held = None
+        finally:
+            tasks = list(self._in_flight.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _sleep(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
+        self._wake.clear()
+
+    def _start(self, job: Job, replicas: Sequence[Replica]) -> None:
+        """Route the job as a real-time request with its body would be, and count it."""
+        runtime = self._state.runtime
+        needs = runtime.policy.needs
+        affinity = runtime.config.routing.affinity
+        info = describe(needs, NO_HEADERS, job.body.encode(), affinity) if needs else NO_INFO
+        replica = runtime.policy.choose(replicas, info)
+        self._state.pool.acquire(replica, info.tokens)
+        task = asyncio.create_task(self._dispatch(job, replica, info.tokens), name=f"job-{job.id}")
+        self._in_flight[job.id] = task
+        task.add_done_callback(lambda t: self._done(job.id, t))
+
+    def _done(self, job_id: str, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(job_id, None)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job %s: dispatch failed", job_id, exc_info=task.exception())
+
+    async def _dispatch(self, job: Job, replica: Replica, tokens: int) -> None:
+        config = self._state.runtime.config
+        failed = False
+        try:
+            reply = await self._send(job, replica, config.timeouts)
+            failed = reply.replica_failed
+        finally:
+            self._state.admission.release(
+                replica, failed=failed, limits=config.limits, tokens=tokens
+            )
+            if outlier.observe(self._state.pool, replica, config.outlier_detection) is not None:
+                self._state.metrics.ejections.labels(replica.url).inc()
+        outcome = outcome_of(reply, job, self._settings.max_attempts)
+        metrics = self._state.metrics
+        if outcome is None:
+            log.info("job %s: %s; queued again", job.id, reply.text[:200])
+            if await self._store.run(JobStore.requeue, job):
+                metrics.job_retries.inc()
+        elif await self._store.run(JobStore.finish, job, outcome):
+            metrics.jobs_finished.labels(outcome.status).inc()
+
+    async def _send(self, job: Job, replica: Replica, timeouts: Timeouts) -> Reply:
+        url = URL(replica.url + job.url, encoded=True)
+        timeout = aiohttp.ClientTimeout(
+            total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
+        )
+        headers = {"Content-Type": "application/json", "X-Request-Id": job.id}
+        try:
+            async with self._state.client().request(
+                job.method, url, data=job.body.encode(), headers=headers, timeout=timeout
+            ) as response:
+                body = await response.read()
+        except TimeoutError:
+            return Reply(None, f"replica {replica.url} did not answer in time")
+        except (aiohttp.ClientError, ValueError) as exc:
+            return Reply(None, f"replica {replica.url} failed: {type(exc).__name__}")
+        return Reply(response.status, body.decode("utf-8", "replace"))

@@ -1,0 +1,446 @@
+"""The durable job store: SQLite in WAL mode, the one owner of job and batch state.
+
+A job moves queued -> running -> succeeded | failed, or to cancelled from queued or running.
+Each claim bumps the job's `attempt`; a result is written only by
+`UPDATE ... WHERE id = ? AND status = 'running' AND attempt = ?`, so however many times a job
+was dispatched (retries, a gateway restart), exactly one result is recorded. On start-up,
+jobs left running by a crashed gateway go back to queued.
+
+`JobStore` is synchronous and owns its connection; `ThreadedStore` runs its methods on one
+dedicated thread so the event loop never waits on disk. WAL with synchronous=NORMAL keeps
+every commit across a process crash (kill -9); only a power loss may lose the last commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
+
+from gateway.jobs.requests import BatchLine, JobRequest
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    total INTEGER NOT NULL,
+    cancelled_at REAL,
+    completed_at REAL,
+    expires_at REAL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    batch_id TEXT,
+    line INTEGER,
+    custom_id TEXT,
+    method TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    expires_at REAL,
+    status_code INTEGER,
+    response TEXT,
+    error_code TEXT,
+    error_message TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs (batch_id);
+CREATE INDEX IF NOT EXISTS jobs_by_batch_status ON jobs (batch_id, status);
+CREATE INDEX IF NOT EXISTS jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+"""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended: the replica's answer, an error, or both (a failed answer)."""
+
+    status: Literal["succeeded", "failed", "cancelled"]
+    status_code: int | None = None
+    response: str | None = None  # the replica's body as text
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    seq: int
+    id: str
+    batch_id: str | None
+    line: int | None
+    custom_id: str | None
+    method: str
+    url: str
+    body: str
+    status: JobStatus
+    attempt: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    expires_at: float | None
+    status_code: int | None
+    response: str | None
+    error_code: str | None
+    error_message: str | None
+
+    def result_json(self) -> dict[str, Any]:
+        """The OpenAI Batch output line: response when a replica answered, error otherwise."""
+        response = None
+        if self.status_code is not None:
+            response = {"status_code": self.status_code, "body": _json_or_text(self.response)}
+        error = None
+        if self.error_code is not None:
+            error = {"code": self.error_code, "message": self.error_message}
+        return {"id": self.id, "custom_id": self.custom_id, "response": response, "error": error}
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "object": "job",
+            **self.result_json(),
+            "status": self.status,
+            "method": self.method,
+            "url": self.url,
+            "batch_id": self.batch_id,
+            "attempts": self.attempt,
+            "created_at": _unix(self.created_at),
+            "started_at": _unix(self.started_at),
+            "finished_at": _unix(self.finished_at),
+            "expires_at": _unix(self.expires_at),
+        }
+
+
+@dataclass(frozen=True)
+class Batch:
+    id: str
+    created_at: float
+    total: int
+    cancelled_at: float | None
+    completed_at: float | None
+    expires_at: float | None
+    counts: dict[str, int]
+
+    @property
+    def status(self) -> str:
+        if self.cancelled_at is not None:
+            return "cancelled" if self.completed_at is not None else "cancelling"
+        return "completed" if self.completed_at is not None else "in_progress"
+
+    def as_json(self) -> dict[str, Any]:
+        counts = self.counts
+        return {
+            "id": self.id,
+            "object": "batch",
+            "status": self.status,
+            "created_at": _unix(self.created_at),
+            "completed_at": _unix(self.completed_at),
+            "cancelled_at": _unix(self.cancelled_at),
+            "expires_at": _unix(self.expires_at),
+            "request_counts": {
+                "total": self.total,
+                "completed": counts.get("succeeded", 0),
+                "failed": counts.get("failed", 0) + counts.get("cancelled", 0),
+                "queued": counts.get("queued", 0),
+                "running": counts.get("running", 0),
+            },
+            "results_url": f"/v1/batches/{self.id}/results",
+        }
+
+
+def _unix(at: float | None) -> int | None:
+    return None if at is None else int(at)
+
+
+def _json_or_text(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class JobStore:
+    def __init__(
+        self, path: str | Path, *, retention_s: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+        self._retention_s = retention_s
+        self._clock = clock
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # Submitting
+
+    def add_job(self, request: JobRequest) -> Job:
+        job_id = new_id("job")
+        self._db.execute(
+            "INSERT INTO jobs (id, custom_id, method, url, body, status, created_at)"
+            " VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+            (job_id, request.custom_id, request.method, request.url, request.body_json(),
+             self._clock()),
+        )  # fmt: skip
+        return self._job(job_id)
+
+    def add_batch(self, lines: Sequence[BatchLine]) -> Batch:
+        """The batch and all its lines in one transaction: it exists whole or not at all."""
+        batch_id, now = new_id("batch"), self._clock()
+        rows = [_line_row(batch_id, line, now) for line in lines]
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO batches (id, created_at, total) VALUES (?, ?, ?)",
+                (batch_id, now, len(lines)),
+            )
+            db.executemany(
+                "INSERT INTO jobs (id, batch_id, line, custom_id, method, url, body, status,"
+                " created_at, finished_at, error_code, error_message)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            self._complete_if_done(batch_id, now)
+        batch = self.get_batch(batch_id)
+        assert batch is not None
+        return batch
+
+    # Dispatching
+
+    def claim(self) -> Job | None:
+        """The oldest queued job, now running under a new attempt number."""
+        row = self._db.execute(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = ?"
+            " WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1)"
+            " RETURNING *",
+            (self._clock(),),
+        ).fetchone()
+        return None if row is None else Job(**row)
+
+    def finish(self, job: Job, outcome: Outcome) -> bool:
+        """Record the result of this attempt; False when the job was cancelled or re-claimed
+        meanwhile (then another attempt, or the cancel, owns its result)."""
+        now = self._clock()
+        with self._transaction() as db:
+            row = db.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, status_code = ?, response = ?,"
+                " error_code = ?, error_message = ?,"
+                " expires_at = CASE WHEN batch_id IS NULL THEN ? END"
+                " WHERE id = ? AND status = 'running' AND attempt = ? RETURNING batch_id",
+                (outcome.status, now, outcome.status_code, outcome.response, outcome.error_code,
+                 outcome.error_message, now + self._retention_s, job.id, job.attempt),
+            ).fetchone()  # fmt: skip
+            if row is not None and row["batch_id"] is not None:
+                self._complete_if_done(row["batch_id"], now)
+        return row is not None
+
+    def requeue(self, job: Job) -> bool:
+        """Back to the queue for another attempt (the replica failed); fenced like finish."""
+        cursor = self._db.execute(
+            "UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'running' AND attempt = ?",
+            (job.id, job.attempt),
+        )
+        return cursor.rowcount == 1
+
+    def recover(self) -> int:
+        """Jobs left running by a gateway that stopped go back to the queue."""
+        cursor = self._db.execute("UPDATE jobs SET status = 'queued' WHERE status = 'running'")
+        return cursor.rowcount
+
+    # Cancelling
+
+    def cancel_job(self, job_id: str) -> tuple[Job | None, bool]:
+        """(the job after, whether this call cancelled it); (None, False) when unknown."""
+        now = self._clock()
+        with self._transaction() as db:
+            row = db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, error_code = 'cancelled',"
+                " error_message = 'cancelled before it finished',"
+                " expires_at = CASE WHEN batch_id IS NULL THEN ? END"
+                " WHERE id = ? AND status IN ('queued', 'running') RETURNING batch_id",
+                (now, now + self._retention_s, job_id),
+            ).fetchone()
+            if row is not None and row["batch_id"] is not None:
+                self._complete_if_done(row["batch_id"], now)
+        return self.get_job(job_id), row is not None
+
+    def cancel_batch(self, batch_id: str) -> tuple[Batch | None, list[str]]:
+        """(the batch after, ids of the jobs it cancelled); a finished batch is unchanged."""
+        now = self._clock()
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE batches SET cancelled_at = ?"
+                " WHERE id = ? AND completed_at IS NULL AND cancelled_at IS NULL",
+                (now, batch_id),
+            ).rowcount
+            cancelled: list[str] = []
+            if changed:
+                rows = db.execute(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = ?,"
+                    " error_code = 'cancelled', error_message = 'the batch was cancelled'"
+                    " WHERE batch_id = ? AND status IN ('queued', 'running')"
+                    " RETURNING id",
+                    (now, batch_id),
+                ).fetchall()
+                cancelled = [row["id"] for row in rows]
+                self._complete_if_done(batch_id, now)
+        return self.get_batch(batch_id), cancelled
+
+    # Reading
+
+    def get_job(self, job_id: str) -> Job | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else Job(**row)
+
+    def _job(self, job_id: str) -> Job:
+        job = self.get_job(job_id)
+        assert job is not None
+        return job
+
+    def list_jobs(
+        self, *, status: str | None, batch_id: str | None, after: str | None, limit: int
+    ) -> tuple[list[Job], bool]:
+        """A page of jobs, oldest first, and whether more follow."""
+        where, args = ["1"], []
+        for column, value in (("status", status), ("batch_id", batch_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if after is not None:
+            where.append("seq > COALESCE((SELECT seq FROM jobs WHERE id = ?), -1)")
+            args.append(after)
+        rows = self._db.execute(
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
+            (*args, limit + 1),
+        ).fetchall()
+        return [Job(**row) for row in rows[:limit]], len(rows) > limit
+
+    def get_batch(self, batch_id: str) -> Batch | None:
+        row = self._db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            return None
+        counts = self._db.execute(
+            "SELECT status, COUNT(*) FROM jobs WHERE batch_id = ? GROUP BY status", (batch_id,)
+        ).fetchall()
+        return Batch(**row, counts={status: n for status, n in counts})
+
+    def list_batches(self, *, after: str | None, limit: int) -> tuple[list[Batch], bool]:
+        rows = self._db.execute(
+            "SELECT id FROM batches WHERE rowid > COALESCE("
+            "(SELECT rowid FROM batches WHERE id = ?), -1) ORDER BY rowid LIMIT ?",
+            (after, limit + 1),
+        ).fetchall()
+        batches = [self.get_batch(row["id"]) for row in rows[:limit]]
+        return [b for b in batches if b is not None], len(rows) > limit
+
+    def batch_results(self, batch_id: str, after_seq: int, limit: int) -> list[Job]:
+        """Finished lines of a batch in file order, a page at a time (results are streamed)."""
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE batch_id = ? AND seq > ? AND status NOT IN"
+            " ('queued', 'running') ORDER BY seq LIMIT ?",
+            (batch_id, after_seq, limit),
+        ).fetchall()
+        return [Job(**row) for row in rows]
+
+    # Retention
+
+    def expire(self) -> int:
+        """Delete finished jobs and batches past their retention; returns the jobs deleted."""
+        now = self._clock()
+        with self._transaction() as db:
+            deleted = db.execute(
+                "DELETE FROM jobs WHERE expires_at <= ? OR batch_id IN"
+                " (SELECT id FROM batches WHERE expires_at <= ?)",
+                (now, now),
+            ).rowcount
+            db.execute("DELETE FROM batches WHERE expires_at <= ?", (now,))
+        return deleted
+
+    def _complete_if_done(self, batch_id: str, now: float) -> None:
+        active = self._db.execute(
+            "SELECT 1 FROM jobs WHERE batch_id = ? AND status IN ('queued', 'running') LIMIT 1",
+            (batch_id,),
+        ).fetchone()
+        if active is None:
+            self._db.execute(
+                "UPDATE batches SET completed_at = ?, expires_at = ?"
+                " WHERE id = ? AND completed_at IS NULL",
+                (now, now + self._retention_s, batch_id),
+            )
+
+
+def _line_row(batch_id: str, line: BatchLine, now: float) -> tuple[Any, ...]:
+    request = line.request
+    if request is None:  # a bad line: failed at once, with its reason
+        return (new_id("job"), batch_id, line.line, line.custom_id, "POST", "", "{}", "failed",
+                now, now, "invalid_request", f"line {line.line}: {line.error}")  # fmt: skip
+    return (new_id("job"), batch_id, line.line, request.custom_id, request.method, request.url,
+            request.body_json(), "queued", now, None, None, None)  # fmt: skip
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class ThreadedStore:
+    """A JobStore whose every call runs on one dedicated thread (SQLite connections belong to
+    the thread that opened them; one thread also serialises writes without lock waits)."""
+
+    def __init__(self, executor: ThreadPoolExecutor, store: JobStore) -> None:
+        self._executor = executor
+        self._store = store
+
+    @classmethod
+    async def open(cls, path: str | Path, *, retention_s: float) -> ThreadedStore:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store")
+        loop = asyncio.get_running_loop()
+        try:
+            store = await loop.run_in_executor(
+                executor, functools.partial(JobStore, path, retention_s=retention_s)
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(executor, store)
+
+    async def run(
+        self, method: Callable[Concatenate[JobStore, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        call = functools.partial(method, self._store, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def close(self) -> None:
+        await self.run(JobStore.close)
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,69 @@
+"""The status page at /ui: one HTML page and a small script (gateway/ui/, no build step) that
+poll /ui/status.json, built here from the pool, the strategy and the recent-traffic windows.
+
+Read-only and public, like HAProxy's stats page: it shows replica URLs and counts, no config
+secrets and no admin action. `ui: {enabled: false}` turns it off (404), live on reload.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.runtime import STATE, GatewayState
+
+UI_DIR = Path(__file__).with_name("ui")
+ASSETS = {"/ui": "index.html", "/ui/status.js": "status.js"}
+CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript"}
+HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'",
+}
+
+
+@cache
+def _asset(name: str) -> bytes:
+    return (UI_DIR / name).read_bytes()
+
+
+def status_document(state: GatewayState) -> dict[str, Any]:
+    replicas = state.pool.all()
+    recent = state.metrics.recent
+    recent.keep_only(replica.url for replica in replicas)
+    config = state.runtime.config
+    return {
+        "strategy": config.routing.strategy,
+        "discovery": config.discovery.dns if config.discovery else None,
+        "draining": state.draining,
+        "outstanding": state.pool.outstanding,
+        "queued": state.admission.queued,
+        "recent": recent.summary(),
+        "replicas": [{**r.as_json(), "recent": recent.summary(r.url)} for r in replicas],
+    }
+
+
+def _enabled(request: web.Request) -> GatewayState:
+    state = request.app[STATE]
+    if not state.runtime.config.ui.enabled:
+        raise web.HTTPNotFound(text="the status page is off (ui.enabled: false)")
+    return state
+
+
+async def page(request: web.Request) -> web.Response:
+    _enabled(request)
+    name = ASSETS[request.path]
+    content_type = CONTENT_TYPES[Path(name).suffix]
+    return web.Response(body=_asset(name), content_type=content_type, headers=HEADERS)
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(status_document(_enabled(request)), headers=HEADERS)
+
+
+async def unknown(request: web.Request) -> web.Response:
+    _enabled(request)
+    raise web.HTTPNotFound(text=f"no status page resource {request.path}")

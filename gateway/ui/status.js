@@ -1,0 +1,79 @@
+// The status page: polls /ui/status.json once a second and renders it. Plain JavaScript, no
+// build step; every value goes in with textContent, never as HTML.
+"use strict";
+
+const POLL_MS = 1000;
+
+function seconds(value) {
+  if (value === null || value === undefined) return "–";
+  return value < 1 ? (value * 1000).toFixed(1) + " ms" : value.toFixed(2) + " s";
+}
+
+function replicaState(r) {
+  if (r.draining) return "draining";
+  if (r.ejected) return "ejected";
+  return r.healthy ? "healthy" : "unhealthy";
+}
+
+function reported(r) {
+  if (!r.reported) return "–";
+  return Object.entries(r.reported)
+    .filter(([, v]) => v !== null && typeof v !== "object")
+    .map(([k, v]) => k + "=" + v)
+    .join(" ");
+}
+
+function cell(row, field, text, className) {
+  const td = document.createElement("td");
+  td.dataset.field = field;
+  td.textContent = String(text);
+  if (className) td.className = className;
+  row.appendChild(td);
+}
+
+function renderReplica(r) {
+  const row = document.createElement("tr");
+  row.dataset.replica = r.url;
+  const state = replicaState(r);
+  cell(row, "url", r.url);
+  cell(row, "state", state, "state state-" + state);
+  cell(row, "outstanding", r.outstanding);
+  cell(row, "reported", reported(r));
+  cell(row, "requests_total", r.requests_total);
+  cell(row, "errors_total", r.errors_total);
+  cell(row, "rate", r.recent.requests_per_s.toFixed(1));
+  cell(row, "p50", seconds(r.recent.p50_s));
+  cell(row, "p99", seconds(r.recent.p99_s));
+  return row;
+}
+
+function render(status) {
+  const text = (id, value) => { document.getElementById(id).textContent = String(value); };
+  text("strategy", status.strategy);
+  text("replica-count", status.replicas.length);
+  text("outstanding", status.outstanding);
+  text("queued", status.queued);
+  text("rate", status.recent.requests_per_s.toFixed(1));
+  text("p50", seconds(status.recent.p50_s));
+  text("p99", seconds(status.recent.p99_s));
+  text("window", "over the last " + status.recent.window_s.toFixed(0) + " s" +
+    (status.discovery ? " · discovery: " + status.discovery : ""));
+  document.getElementById("replicas").replaceChildren(...status.replicas.map(renderReplica));
+  document.getElementById("error").hidden = true;
+}
+
+async function poll() {
+  try {
+    const response = await fetch("/ui/status.json", { cache: "no-store" });
+    if (!response.ok) throw new Error("status.json answered " + response.status);
+    render(await response.json());
+  } catch (error) {
+    const box = document.getElementById("error");
+    box.textContent = "gateway unreachable: " + error.message;
+    box.hidden = false;
+  } finally {
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+poll();

@@ -1,0 +1,138 @@
+"""Real-time latency with and without a large background batch of deferred jobs.
+
+Simulated-engine replicas (the 7B/A10G timing profile) behind a gateway process with jobs on.
+The same seeded open-loop real-time stream (Poisson arrivals, heavy-tailed output lengths, half
+streamed) runs twice: alone, then while a batch fills the replicas' idle capacity. Percentiles
+come from raw per-request samples; the report gives both, the change, and how the batch went.
+
+    python -m loadtests.jobs_bench [--replicas 4] [--rate 6] [--seconds 40] [--lines 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from loadtests.fleet import Fleet, fleet
+from loadtests.openloop import run as open_loop
+from loadtests.samples import Sample, write_samples
+from loadtests.stats import percentile
+from loadtests.workload import Workload, draw
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    samples: list[Sample]
+
+    def latencies(self) -> list[float]:
+        return [s.latency_s for s in self.samples if s.ok]
+
+    def row(self, baseline: Phase | None) -> str:
+        lat = self.latencies()
+        p50, p99 = percentile(lat, 50), percentile(lat, 99)
+        change = ""
+        if baseline is not None:
+            base99 = percentile(baseline.latencies(), 99)
+            change = f"{(p99 / base99 - 1) * 100:+.1f}%"
+        failed = len(self.samples) - len(lat)
+        return f"| {self.name} | {len(lat)} | {failed} | {p50:.3f} | {p99:.3f} | {change} |"
+
+
+def batch_file(lines: int, tokens: int, seed: int) -> bytes:
+    rng = random.Random(f"batch:{seed}")
+    workload = Workload(seed=seed)
+    out = []
+    for i in range(lines):
+        prompt = draw(workload, rng).prompt
+        body = {"model": workload.model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+        out.append(json.dumps({"custom_id": f"line-{i}", "url": "/v1/completions", "body": body}))
+    return "\n".join(out).encode()
+
+
+async def batch_state(client: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with client.get(url) as response:
+        state: dict[str, Any] = await response.json()
+        return state
+
+
+def done(state: dict[str, Any]) -> int:
+    counts = state["request_counts"]
+    return int(counts["completed"] + counts["failed"])
+
+
+async def measure(f: Fleet, args: argparse.Namespace, workload: Workload) -> list[str]:
+    await open_loop(f.gateway_url, args.rate, 5, Workload(seed=workload.seed + 1))  # warm-up
+    alone = Phase("real time alone", await open_loop(f.gateway_url, args.rate, args.seconds,
+                                                     workload))  # fmt: skip
+    async with aiohttp.ClientSession() as client:
+        data = batch_file(args.lines, args.job_tokens, workload.seed)
+        async with client.post(f"{f.gateway_url}/v1/batches", data=data) as response:
+            assert response.status == 202, await response.text()
+            url = f.gateway_url + response.headers["Location"]
+        started = time.monotonic()
+        loaded = Phase("with the batch", await open_loop(f.gateway_url, args.rate, args.seconds,
+                                                         workload))  # fmt: skip
+        during = done(await batch_state(client, url))
+        while (state := await batch_state(client, url))["status"] == "in_progress":
+            if time.monotonic() - started > args.seconds + args.drain_s:
+                break
+            await asyncio.sleep(0.5)
+        elapsed = time.monotonic() - started
+    write_samples(args.out / "alone.csv", alone.samples)
+    write_samples(args.out / "with_batch.csv", loaded.samples)
+    counts = state["request_counts"]
+    return [
+        "| phase | ok | failed | P50 (s) | P99 (s) | P99 change |",
+        "|---|---|---|---|---|---|",
+        alone.row(None),
+        loaded.row(alone),
+        "",
+        f"batch: {args.lines} lines of {args.job_tokens} tokens; {during} done during the "
+        f"{args.seconds:.0f} s real-time phase; status {state['status']} after {elapsed:.1f} s "
+        f"({counts['completed']} completed, {counts['failed']} failed; "
+        f"{done(state) / elapsed:.1f} lines/s)",
+    ]
+
+
+async def main_async(args: argparse.Namespace) -> list[str]:
+    jobs = {
+        "store": str(args.out / "jobs.db"),
+        "max_outstanding_per_replica": args.threshold,
+    }
+    timeouts = {"connect_s": 1.0, "first_byte_s": 300.0, "idle_s": 300.0}
+    workload = Workload(seed=args.seed, output_sigma=args.output_sigma)
+    async with fleet(args.out, args.replicas, jobs=jobs, timeouts=timeouts) as f:
+        return await measure(f, args, workload)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=6.0, help="real-time requests per second")
+    parser.add_argument("--seconds", type=float, default=40.0, help="each real-time phase")
+    parser.add_argument("--lines", type=int, default=400, help="batch lines")
+    parser.add_argument("--job-tokens", type=int, default=32, help="max_tokens of each line")
+    parser.add_argument("--threshold", type=int, default=2, help="jobs.max_outstanding_per_replica")
+    parser.add_argument("--output-sigma", type=float, default=0.5, help="real-time output tail")
+    parser.add_argument("--drain-s", type=float, default=60.0, help="wait for the batch after")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="folder for samples (default: a temp folder)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="jobs-bench-") as tmp:
+        args.out = args.out or Path(tmp)
+        args.out.mkdir(parents=True, exist_ok=True)
+        print("\n".join(asyncio.run(main_async(args))))
+
+
+if __name__ == "__main__":
+    main()
