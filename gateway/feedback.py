@@ -45,12 +45,11 @@ class LoadPoller:
                 if response.status != 200:
                     return
                 load = json.loads(await response.read())
-                inflight = load.get("inflight") if isinstance(load, dict) else None
-                if isinstance(inflight, int) and not isinstance(inflight, bool):
-                    report = ",".join(
-                        f"{k}={v}"
-                        for k, v in load.items()
-                        if isinstance(v, int) and not isinstance(v, bool)
-                    )
+                if not isinstance(load, dict):
+                    return
+                report = {
+                    k: v for k, v in load.items() if isinstance(v, int) and not isinstance(v, bool)
+                }
+                if "inflight" in report:
                     # The replica counted our requests in flight as it answered: ours now.
-                    self._state.pool.report(replica, report, inflight, replica.outstanding)
+                    self._state.pool.report(replica, report, ours=replica.outstanding)

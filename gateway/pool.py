@@ -37,7 +37,7 @@ class Replica:
     outstanding_tokens: int = 0  # estimated work (tokens) of the requests outstanding
     remote: int = 0  # requests other gateways had here at the last report
     reported_at: float = -math.inf  # monotonic time of the last load report
-    reported: str = ""  # the last report as the replica sent it: "queued=1,running=4,..."
+    reported: dict[str, int] | None = None  # the last report: queued, running, inflight, ...
     latency_ewma_s: float = 0.0  # peak-sensitive moving average of seconds per unit of work
     latency_at: float = 0.0  # monotonic time of the last latency sample
 
@@ -53,7 +53,7 @@ class Replica:
             "requests_total": self.requests_total,
             "errors_total": self.errors_total,
             "ejections_total": self.ejections,
-            "reported": parse_load_report(self.reported) if self.reported else None,
+            "reported": self.reported,
             "remote": self.remote,
             "latency_ewma_s": round(self.latency_ewma_s, 6),
         }
@@ -164,10 +164,10 @@ class ReplicaPool:
         if replica.draining and replica.outstanding == 0:
             self._draining.pop(replica.url, None)
 
-    def report(self, replica: Replica, report: str, inflight: int, ours: int) -> None:
-        """A load report: the replica holds `inflight` requests, `ours` of them from here."""
+    def report(self, replica: Replica, report: dict[str, int], ours: int) -> None:
+        """A load report holding `inflight` requests at the replica, `ours` of them from here."""
         replica.reported = report
-        replica.remote = max(0, inflight - ours)
+        replica.remote = max(0, report["inflight"] - ours)
         replica.reported_at = self._clock()
 
     def observe_latency(self, replica: Replica, seconds: float, work: int, decay_s: float) -> None:

@@ -283,10 +283,10 @@ async def _send(
         raise AttemptFailed("other", error) from None
 
 
-def _take_load_report(state: GatewayState, replica: Replica, report: str) -> None:
-    inflight = parse_load_report(report).get("inflight")
-    if inflight is not None:  # the replica counts its requests without this one
-        state.pool.report(replica, report, inflight, ours=replica.outstanding - 1)
+def _take_load_report(state: GatewayState, replica: Replica, header: str) -> None:
+    report = parse_load_report(header)
+    if "inflight" in report:  # the replica counts its requests without this one
+        state.pool.report(replica, report, ours=replica.outstanding - 1)
 
 
 async def _relay(

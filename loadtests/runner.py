@@ -115,10 +115,20 @@ def gateway_process(
     path = workdir / f"gateway-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "gateway", "-c", str(path), "--log-level", "warning"]
+    with _front_end(cmd, port, "/readyz", log) as front:
+        yield front
+
+
+@contextlib.contextmanager
+def _front_end(
+    cmd: list[str], port: int, ready_path: str, log: IO[bytes]
+) -> Iterator[tuple[str, int]]:
+    """Run `cmd` (listening on `port`) until the block ends; yields its URL and pid once
+    `ready_path` answers 200."""
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/readyz")
+        wait_http(f"{url}{ready_path}")
         yield url, proc.pid
     finally:
         proc.terminate()
@@ -159,14 +169,8 @@ def haproxy_process(
     )
     path = workdir / f"haproxy-{port}.cfg"
     path.write_text(HAPROXY_CONFIG.format(port=port, balance=balance, servers=servers))
-    proc = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=log, stderr=log)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/v1/models")
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with _front_end(["haproxy", "-db", "-f", str(path)], port, "/v1/models", log) as front:
+        yield front
 
 
 def _sample_cpu(pids: dict[str, int], stop: threading.Event, out: CpuSample) -> None:

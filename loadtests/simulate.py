@@ -15,6 +15,7 @@ when someone joins) + decode (base + per running sequence), from the profile.
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import itertools
 import math
@@ -329,29 +330,19 @@ def results(
 ) -> Iterator[Result]:
     for users, instances in scenarios:
         for policy in policies:
+            run: Callable[..., Result]
             if utilization:
-                rate = utilization * capacity_rps * instances
-                yield open_loop(
-                    policy,
-                    rate,
-                    instances,
-                    workload,
-                    warmup_s=warmup_s,
-                    duration_s=duration_s,
-                    slowdowns=slowdowns,
-                    gateways=gateways,
-                )
+                run = functools.partial(open_loop, policy, utilization * capacity_rps * instances)
             else:
-                yield closed_loop(
-                    policy,
-                    users,
-                    instances,
-                    workload,
-                    warmup_s=warmup_s,
-                    duration_s=duration_s,
-                    slowdowns=slowdowns,
-                    gateways=gateways,
-                )
+                run = functools.partial(closed_loop, policy, users)
+            yield run(
+                instances,
+                workload,
+                warmup_s=warmup_s,
+                duration_s=duration_s,
+                slowdowns=slowdowns,
+                gateways=gateways,
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

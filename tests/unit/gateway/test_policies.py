@@ -147,10 +147,10 @@ def test_least_loaded_adds_fresh_reports_of_other_gateways_requests() -> None:
     a, b, c = pool.active()
     a.outstanding, b.outstanding, c.outstanding = 1, 2, 3
     # b's report says 5 requests of which 2 are ours: 3 came from elsewhere.
-    pool.report(b, "inflight=5", inflight=5, ours=2)
+    pool.report(b, {"inflight": 5}, ours=2)
     policy = LeastLoaded(random.Random(0), PolicyOptions(feedback_max_age_s=2.0, clock=clock))
     assert {policy.choose(pool.active(), NO_INFO).url for _ in range(50)} == {a.url}
-    pool.report(a, "inflight=4", inflight=4, ours=1)  # a: 1 + 3 = 4 > c: 3
+    pool.report(a, {"inflight": 4}, ours=1)  # a: 1 + 3 = 4 > c: 3
     assert {policy.choose(pool.active(), NO_INFO).url for _ in range(50)} == {c.url}
     clock.now += 2.5  # reports older than max_age_s no longer count: local counts decide
     assert {policy.choose(pool.active(), NO_INFO).url for _ in range(50)} == {a.url}
@@ -159,7 +159,7 @@ def test_least_loaded_adds_fresh_reports_of_other_gateways_requests() -> None:
 def test_load_report_never_counts_fewer_requests_than_ours() -> None:
     pool = ReplicaPool(["http://r:1"])
     (r,) = pool.active()
-    pool.report(r, "inflight=1", inflight=1, ours=3)  # our requests still in transit
+    pool.report(r, {"inflight": 1}, ours=3)  # our requests still in transit
     assert r.remote == 0
 
 
