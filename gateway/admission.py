@@ -1,11 +1,22 @@
-"""Admission: which replica a request may be dispatched to now, or how long it must wait.
+"""Admission: which replica a request may be dispatched to now, or how long it must wait, and the
+lease that brackets every dispatch from acquisition to release.
 
-With no limits configured this is the policy's choice over the available replicas. With
+`async with admission.lease(request, tried=...) as lease:` counts the request on `lease.replica`
+and, on exit, releases it and records the outcome once: the pool's counts and failure streak,
+outlier detection, the latency sample (`peak_ewma`) and the request metrics. The proxy and the
+jobs scheduler both dispatch through a lease, so neither repeats the accounting.
+
+With no limits configured the policy chooses over the available replicas. With
 `limits.max_outstanding_per_replica`, a replica's own `max_concurrency`, or
 `limits.max_outstanding`, a request that finds no free slot waits in one FIFO queue at the
-gateway (a central queue: it goes to the first replica that frees a slot) for up to
-`queue_timeout_s`; when the queue is full it gets a fast 429 whose Retry-After comes from the
-rate at which requests are completing now.
+gateway (a central queue) for up to `queue_timeout_s`; when the queue is full it gets a fast 429
+whose Retry-After comes from the rate at which requests are completing now.
+
+Slots are handed over, not announced: whenever capacity may have grown (a release, a replica
+added or turned healthy, an ejection running out, limits raised by a reload), `wake` walks the
+queue in order and acquires a replica *for* each waiter that may use a free one, skipping those
+that may not (a retry that already tried it). So no wake-up is ever lost, and the invariant holds
+between events: no request waits while a replica it may use has a free slot.
 """
 
 from __future__ import annotations
@@ -14,18 +25,35 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from gateway.config import Limits
+from gateway import outlier
+from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded
 from gateway.policies import NO_INFO, Policy, RequestInfo
-from gateway.pool import Replica, ReplicaPool
+from gateway.pool import Outcome, Replica, ReplicaPool
+
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
 
 _NO_LIMIT = 1 << 62
+CLIENT_CLOSED = 499  # nginx's status for "client closed request", recorded in metrics only
+TOO_MANY_REQUESTS = 429
 
 
 class NoUntriedReplica(Exception):
     """Every available replica was already tried by this request."""
+
+
+def outcome_of(code: int) -> Outcome:
+    """What a response says about the replica that gave it. A 429 is a refusal, not service (no
+    latency sample, no reset of a failure streak); a client that left says nothing at all."""
+    if code in (TOO_MANY_REQUESTS, CLIENT_CLOSED):
+        return "not_served"
+    return "failed" if code >= 500 else "served"
 
 
 class DrainRate:
@@ -52,100 +80,240 @@ class DrainRate:
             self._second, self._count = second, 0
 
 
+@dataclass(frozen=True)
+class Rules:
+    """What admission reads of the config in force; a reload hands it new ones."""
+
+    policy: Policy
+    limits: Limits
+    outlier_detection: OutlierDetection | None = None
+    ewma_decay_s: float = 10.0
+
+
+class Lease:
+    """One dispatch of one request to one replica, counted until `close` (which is idempotent).
+
+    The holder sets `code` to the status the client got (499 while none) and reports streamed
+    progress; `key` names the API key for metrics."""
+
+    __slots__ = (
+        "_admission", "_closed", "_started", "code", "key", "remaining", "replica", "tokens",
+    )  # fmt: skip
+
+    def __init__(self, admission: Admission, replica: Replica, request: RequestInfo) -> None:
+        self._admission = admission
+        self._started = time.perf_counter()
+        self._closed = False
+        self.replica = replica
+        self.tokens = request.tokens  # the request's estimated work
+        self.remaining = request.tokens  # the part of it still counted against the replica
+        self.code = CLIENT_CLOSED
+        self.key = ""
+
+    def progress(self, tokens: int) -> None:
+        """Work done on the request while it is still outstanding (tokens streamed back)."""
+        self.remaining -= tokens
+        self._admission.pool.progress(self.replica, tokens)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._admission.finish(self, time.perf_counter() - self._started)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+@dataclass(eq=False)
+class _Waiter:
+    request: RequestInfo
+    tried: Collection[Replica]
+    future: asyncio.Future[Replica] = field(repr=False)
+
+
 class Admission:
     def __init__(self, pool: ReplicaPool, clock: Callable[[], float] = time.monotonic) -> None:
-        self._pool = pool
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.pool = pool
+        self._rules: Rules | None = None
+        self._waiters: deque[_Waiter] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self.drain = DrainRate(clock)
+        self.metrics: GatewayMetrics | None = None
+        pool.on_change = self._pool_changed
 
     @property
     def queued(self) -> int:
         return len(self._waiters)
 
+    @property
+    def rules(self) -> Rules:
+        assert self._rules is not None, "admission is configured before the first request"
+        return self._rules
+
+    def configure(self, rules: Rules) -> None:
+        """The rules of a new config (policy, limits): a raised limit may let waiters go."""
+        self._rules = rules
+        self.wake()
+
     def retry_after_s(self) -> int:
         rate = self.drain.per_second()
         return 1 if rate <= 0 else max(1, min(60, math.ceil((self.queued + 1) / rate)))
 
-    async def acquire(
-        self,
-        policy: Policy,
-        limits: Limits,
-        exclude: Collection[Replica] = (),
-        request: RequestInfo = NO_INFO,
-    ) -> Replica:
-        """A replica with a free slot, counted as dispatched (with the request's estimated
-        tokens); waits in the queue if need be."""
-        if not self._waiters:
-            replica = self._try(policy, limits, exclude, request)
-            if replica is not None:
-                return replica
+    @asynccontextmanager
+    async def lease(
+        self, request: RequestInfo = NO_INFO, *, tried: Collection[Replica] = ()
+    ) -> AsyncIterator[Lease]:
+        """A replica with a free slot for this request (waiting in the queue if need be), held
+        until the block exits."""
+        lease = Lease(self, await self.acquire(request, tried), request)
+        try:
+            yield lease
+        finally:
+            lease.close()
+
+    def take(self, candidates: Sequence[Replica], request: RequestInfo = NO_INFO) -> Lease:
+        """A lease on one of `candidates` (the caller checked their capacity), chosen by the
+        policy; it never waits. The jobs scheduler dispatches this way."""
+        replica = self.rules.policy.choose(candidates, request)
+        self.pool.acquire(replica, request.tokens)
+        return Lease(self, replica, request)
+
+    async def acquire(self, request: RequestInfo, tried: Collection[Replica] = ()) -> Replica:
+        """A replica counted as dispatched to; prefer `lease`, which also releases it."""
+        self.wake()  # an ejection may have run out since the last event
+        replica = self._take_free(request, tried)
+        if replica is not None:
+            return replica
+        limits = self.rules.limits
         if self.queued >= limits.max_queue:
             raise self._overloaded("every replica is at its limit and the gateway queue is full")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limits.queue_timeout_s
-        front = False
-        while True:
-            waiter = loop.create_future()
-            (self._waiters.appendleft if front else self._waiters.append)(waiter)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await waiter
-            except TimeoutError:
-                raise self._overloaded(
-                    f"no replica slot freed within limits.queue_timeout_s = "
-                    f"{limits.queue_timeout_s} s"
-                ) from None
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-            replica = self._try(policy, limits, exclude, request)
-            if replica is not None:
-                self._wake_next(limits)  # more than one slot may be free
-                return replica
-            front = True  # woken but beaten to the slot: keep our place
+        waiter = _Waiter(request, tried, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self._arm_timer()
+        try:
+            async with asyncio.timeout(limits.queue_timeout_s):
+                return await waiter.future
+        except TimeoutError:
+            if _granted(waiter) is not None:
+                return waiter.future.result()  # the slot came as the time ran out: use it
+            self._raise_unavailable(tried)
+            raise self._overloaded(
+                f"no replica slot freed within limits.queue_timeout_s = {limits.queue_timeout_s} s"
+            ) from None
+        except BaseException:
+            granted = _granted(waiter)
+            if granted is not None:  # the client left as its slot came: pass the slot on
+                self.pool.give_back(granted, request.tokens)
+                self.wake()
+            raise
+        finally:
+            if not waiter.future.done():
+                waiter.future.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
-    def release(self, replica: Replica, *, failed: bool, limits: Limits, tokens: int = 0) -> None:
-        self._pool.release(replica, failed=failed, tokens=tokens)
+    def finish(self, lease: Lease, elapsed_s: float) -> None:
+        """A lease's end: counts, failure streak, ejection, latency sample, metrics; then the
+        freed slot goes to the queue."""
+        rules, replica, outcome = self.rules, lease.replica, outcome_of(lease.code)
+        self.pool.release(replica, outcome=outcome, tokens=lease.remaining)
         self.drain.tick()
-        self._wake_next(limits)
+        ejected = outlier.observe(self.pool, replica, rules.outlier_detection) is not None
+        if outcome == "served":
+            self.pool.observe_latency(replica, elapsed_s, lease.tokens, rules.ewma_decay_s)
+        if self.metrics is not None:
+            if ejected:
+                self.metrics.ejections.labels(replica.url).inc()
+            self.metrics.observe(replica.url, lease.code, elapsed_s)
+        self.wake()
 
-    def _wake_next(self, limits: Limits) -> None:
-        if self._waiters and self._has_free_slot(limits):
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+    def wake(self) -> None:
+        """Hand free slots to waiters, in queue order; one that may use none of them keeps its
+        place and the next one is looked at."""
+        if not self._waiters or self._rules is None:
+            return
+        for waiter in list(self._waiters):
+            if waiter.future.done():  # timed out or cancelled, not yet out of the queue
+                continue
+            free = self._free()
+            if not free:
+                break
+            usable = [r for r in free if r not in waiter.tried] if waiter.tried else free
+            if not usable:
+                continue
+            replica = self.rules.policy.choose(usable, waiter.request)
+            self.pool.acquire(replica, waiter.request.tokens)
+            self._waiters.remove(waiter)
+            waiter.future.set_result(replica)
+        self._arm_timer()
 
-    def _has_free_slot(self, limits: Limits) -> bool:
-        return bool(self._free(limits, ()))
+    def _pool_changed(self) -> None:
+        """The set of available replicas changed: a retry that has tried every one left stops
+        waiting, and new ones may have free slots."""
+        for waiter in list(self._waiters):
+            if waiter.tried and not waiter.future.done() and self._all_tried(waiter.tried):
+                self._waiters.remove(waiter)
+                waiter.future.set_exception(NoUntriedReplica())
+        self.wake()
 
-    def _try(
-        self,
-        policy: Policy,
-        limits: Limits,
-        exclude: Collection[Replica],
-        request: RequestInfo,
-    ) -> Replica | None:
-        free = self._free(limits, exclude)
-        if not free:
-            return None
-        replica = policy.choose(free, request)
-        self._pool.acquire(replica, request.tokens)
-        return replica
-
-    def _free(self, limits: Limits, exclude: Collection[Replica]) -> Sequence[Replica]:
-        available = self._pool.available()
+    def _take_free(self, request: RequestInfo, tried: Collection[Replica]) -> Replica | None:
+        available = self.pool.available()
         if not available:
             raise NoHealthyReplica("no healthy replica to route to; see /admin/replicas")
-        candidates = [r for r in available if r not in exclude] if exclude else available
-        if not candidates:
+        if tried and self._all_tried(tried):
             raise NoUntriedReplica
-        if limits.max_outstanding is not None and self._pool.outstanding >= limits.max_outstanding:
+        free = self._free()
+        usable = [r for r in free if r not in tried] if tried else free
+        if not usable:
+            return None
+        replica = self.rules.policy.choose(usable, request)
+        self.pool.acquire(replica, request.tokens)
+        return replica
+
+    def _all_tried(self, tried: Collection[Replica]) -> bool:
+        return all(r in tried for r in self.pool.available())
+
+    def _free(self) -> Sequence[Replica]:
+        """Available replicas with a free slot; none while the gateway-wide limit is reached."""
+        limits = self.rules.limits
+        available = self.pool.available()
+        if limits.max_outstanding is not None and self.pool.outstanding >= limits.max_outstanding:
             return ()
         per_replica = limits.max_outstanding_per_replica
-        if per_replica is None and not self._pool.replica_limits:
-            return candidates
+        if per_replica is None and not self.pool.replica_limits:
+            return available
         default = per_replica or _NO_LIMIT
-        return [r for r in candidates if r.outstanding < (r.max_concurrency or default)]
+        return [r for r in available if r.outstanding < (r.max_concurrency or default)]
+
+    def _arm_timer(self) -> None:
+        """While requests wait, an ejection running out is an event too: look again then."""
+        at = self.pool.next_return_at() if self._waiters else math.inf
+        if at >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        delay = max(0.0, at - self.pool.now())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self.wake()
+
+    def _raise_unavailable(self, tried: Collection[Replica]) -> None:
+        if not self.pool.available():
+            raise NoHealthyReplica("no healthy replica to route to; see /admin/replicas")
+        if tried and self._all_tried(tried):
+            raise NoUntriedReplica
 
     def _overloaded(self, message: str) -> Overloaded:
         return Overloaded(message, headers={"Retry-After": str(self.retry_after_s())})
+
+
+def _granted(waiter: _Waiter) -> Replica | None:
+    future = waiter.future
+    if future.done() and not future.cancelled() and future.exception() is None:
+        return future.result()
+    return None

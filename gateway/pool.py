@@ -19,7 +19,11 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+# What a finished request says about its replica: served (resets the failure streak, a latency
+# sample), failed (extends the streak), not_served (a refusal or a client that left: neither).
+Outcome = Literal["served", "failed", "not_served"]
 
 
 @dataclass(eq=False)
@@ -84,6 +88,7 @@ class ReplicaPool:
         self._ejected = 0
         self.outstanding = 0  # over every replica, draining ones included
         self.replica_limits = False  # some replica has its own max_concurrency
+        self.on_change: Callable[[], None] = lambda: None  # available replicas changed
 
     def available(self) -> Sequence[Replica]:
         """Replicas a policy may choose from: configured, healthy, not draining, not ejected."""
@@ -122,11 +127,13 @@ class ReplicaPool:
         self.replica_limits = any(r.max_concurrency for r in active.values())
         self._ejected = sum(1 for r in active.values() if r.ejected_until)
         self._available = None
+        self.on_change()
 
     def set_healthy(self, replica: Replica, healthy: bool) -> None:
         if replica.healthy != healthy:
             replica.healthy = healthy
             self._available = None
+            self.on_change()
 
     def eject(self, replica: Replica, duration_s: float) -> None:
         if not replica.ejected_until:
@@ -134,12 +141,24 @@ class ReplicaPool:
         replica.ejections += 1
         replica.ejected_until = self._clock() + duration_s
         self._available = None
+        self.on_change()
 
     def ejected_count(self) -> int:
         return self._ejected
 
     def is_ejected(self, replica: Replica) -> bool:
         return replica.ejected_until > self._clock()
+
+    def next_return_at(self) -> float:
+        """When the first ejection runs out (the pool's clock); inf when none is ejected."""
+        if not self._ejected:
+            return math.inf
+        return min(
+            (r.ejected_until for r in self._active.values() if r.ejected_until), default=math.inf
+        )
+
+    def now(self) -> float:
+        return self._clock()
 
     def acquire(self, replica: Replica, tokens: int = 0) -> None:
         replica.outstanding += 1
@@ -151,16 +170,24 @@ class ReplicaPool:
         """Work done on a request still outstanding (tokens streamed back)."""
         replica.outstanding_tokens -= tokens
 
-    def release(self, replica: Replica, *, failed: bool = False, tokens: int = 0) -> None:
+    def release(self, replica: Replica, *, outcome: Outcome, tokens: int = 0) -> None:
         """`tokens`: the request's work still counted (its estimate minus progress reported)."""
+        self._uncount(replica, tokens)
+        if outcome == "failed":
+            replica.errors_total += 1
+            replica.consecutive_failures += 1
+        elif outcome == "served":
+            replica.consecutive_failures = 0
+
+    def give_back(self, replica: Replica, tokens: int = 0) -> None:
+        """Undo an acquire whose request never went out (its client left as the slot came)."""
+        replica.requests_total -= 1
+        self._uncount(replica, tokens)
+
+    def _uncount(self, replica: Replica, tokens: int) -> None:
         replica.outstanding -= 1
         replica.outstanding_tokens -= tokens
         self.outstanding -= 1
-        if failed:
-            replica.errors_total += 1
-            replica.consecutive_failures += 1
-        else:
-            replica.consecutive_failures = 0
         if replica.draining and replica.outstanding == 0:
             self._draining.pop(replica.url, None)
 

@@ -4,33 +4,36 @@ response byte has reached the client, and streams the response back.
 The request body is read whole (bounded by limits.max_body_bytes) so it has an exact length and
 can be re-sent. Small responses of known length are relayed in one write; anything else chunk
 by chunk as it arrives, so server-sent events reach the client when the replica emits them.
-The outstanding count brackets each attempt; admission decides where (and whether) it goes.
-Every replica response's `X-Replica-Load` header is handed to the pool (load feedback), and
-a streamed completion's estimated work shrinks as its tokens are relayed.
+Each attempt is one admission lease, which decides where (and whether) it goes and records its
+outcome when it ends. Every replica response's `X-Replica-Load` header is handed to the pool
+(load feedback), and a streamed completion's estimated work shrinks as its tokens are relayed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import random
-import time
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
-from gateway import outlier
-from gateway.admission import NoUntriedReplica
-from gateway.config import Retries, Timeouts
+from gateway.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
+from gateway.config import GatewayConfig, Retries, Timeouts
 from gateway.errors import BodyTooLarge, ClientTimeout, GatewayError, UpstreamError, UpstreamTimeout
-from gateway.policies import NO_INFO, RequestInfo
-from gateway.pool import Replica, ReplicaPool, parse_load_report
-from gateway.runtime import STATE, GatewayState, Runtime
+from gateway.policies import NO_INFO
+from gateway.pool import Replica, parse_load_report
+from gateway.runtime import STATE, GatewayState
+from gateway.upstream import (
+    RETRIABLE_STATUSES,
+    BodyOverLimit,
+    client_timeout,
+    read_capped,
+    upstream_url,
+)
 from gateway.work import count_sse_events, describe
 
 log = logging.getLogger(__name__)
@@ -38,9 +41,7 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "X-Infergate-Replica"
 REQUEST_ID_HEADER = "X-Request-Id"
 LOAD_HEADER = "X-Replica-Load"
-CLIENT_CLOSED = 499  # nginx's status for "client closed request", recorded in metrics only
-BUFFERED_MAX_BYTES = 256 * 1024
-RETRIABLE_STATUSES = frozenset({429, 503})
+BUFFERED_MAX_BYTES = 256 * 1024  # also the most of a 429/503 body held for a retry
 
 # RFC 9110 section 7.6.1, plus the non-standard ones seen in the wild.
 HOP_BY_HOP = frozenset(
@@ -51,15 +52,6 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # Recomputed for the upstream leg: the body is re-sent whole, the client sets Host.
 NOT_FORWARDED = frozenset({"host", "content-length", "expect"})
-
-
-class Work:
-    """The tokens of an attempt still counted against its replica."""
-
-    __slots__ = ("remaining",)
-
-    def __init__(self, tokens: int) -> None:
-        self.remaining = tokens
 
 
 class AttemptFailed(Exception):
@@ -107,25 +99,17 @@ def upstream_request_headers(request: web.BaseRequest, request_id: str) -> CIMul
     peer = request.remote or "unknown"
     prior = request.headers.get("X-Forwarded-For")
     out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    out.setdefault("X-Forwarded-Proto", request.scheme)
+    # What this gateway saw, never what the client claims (only X-Forwarded-For is a chain).
+    out["X-Forwarded-Proto"] = request.scheme
+    out.popall("X-Forwarded-Host", None)
     if request.host:
-        out.setdefault("X-Forwarded-Host", request.host)
+        out["X-Forwarded-Host"] = request.host
     return out
 
 
 def client_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
     dropped = _dropped(upstream.headers, frozenset())
     return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in dropped)
-
-
-@functools.lru_cache(maxsize=16)
-def _client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    # sock_read bounds every silence from the replica, the wait for the headers included, so
-    # the wait for headers is min(first_byte_s, idle_s); _send adds a timer only when
-    # first_byte_s is the shorter (a timer per request is measurable at thousands per second).
-    return aiohttp.ClientTimeout(
-        total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
-    )
 
 
 def new_request_id() -> str:
@@ -172,11 +156,10 @@ def retry_allowed(state: GatewayState, retries: Retries) -> bool:
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every path that is not the gateway's own ends here."""
     state = request.app[STATE]
-    runtime = state.runtime
-    config = runtime.config
+    config = state.runtime.config
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
     request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
-    needs = runtime.policy.needs
+    needs = state.runtime.policy.needs
     info = describe(needs, request.headers, body, config.routing.affinity) if needs else NO_INFO
     tried: list[Replica] = []
     failure: AttemptFailed | None = None
@@ -185,17 +168,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
             state.metrics.retries_refused.inc()
             break
         try:
-            replica = await state.admission.acquire(runtime.policy, config.limits, tried, info)
+            async with state.admission.lease(info, tried=tried) as lease:
+                tried.append(lease.replica)
+                retry = attempt > 0
+                return await _attempt(request, state, lease, body, request_id, retry, config)
         except NoUntriedReplica:
             break
-        except GatewayError as exc:
+        except GatewayError as exc:  # from admission: nowhere to go now
             if failure is not None:
                 break  # the first failure says more than "nowhere left to retry"
             state.metrics.unrouted.labels(exc.error_type).inc()
             raise
-        tried.append(replica)
-        try:
-            return await _attempt(request, state, runtime, replica, body, request_id, attempt, info)
         except AttemptFailed as failed:
             failure = failed
             if failed.reason not in config.retries.retry_on:
@@ -211,44 +194,30 @@ async def handle(request: web.Request) -> web.StreamResponse:
 async def _attempt(
     request: web.Request,
     state: GatewayState,
-    runtime: Runtime,
-    replica: Replica,
+    lease: Lease,
     body: bytes,
     request_id: str,
-    attempt: int,
-    info: RequestInfo,
+    retry: bool,
+    config: GatewayConfig,
 ) -> web.StreamResponse:
-    config = runtime.config
-    started = time.perf_counter()
-    code = CLIENT_CLOSED
-    work = Work(info.tokens)
-    state.retries_in_flight += attempt > 0
+    """One try on the leased replica; sets the lease's code to what the client got."""
+    state.retries_in_flight += retry
     try:
-        response = await _relay(request, replica, body, request_id, config.timeouts, work)
-        code = response.status
+        response = await _relay(request, lease, body, request_id, config.timeouts)
+        lease.code = response.status
         return response
     except AttemptFailed as failed:
-        code = failed.status
+        lease.code = failed.status
         raise
     except RelayAborted as exc:
-        code = 502
+        lease.code = 502
         await _cut(request, exc.response, str(exc))
         return exc.response
     except ClientGone as exc:
+        lease.code = CLIENT_CLOSED
         return exc.response
     finally:
-        state.retries_in_flight -= attempt > 0
-        replica_failed = code >= 500 and code != CLIENT_CLOSED
-        state.admission.release(
-            replica, failed=replica_failed, limits=config.limits, tokens=work.remaining
-        )
-        if outlier.observe(state.pool, replica, config.outlier_detection) is not None:
-            state.metrics.ejections.labels(replica.url).inc()
-        elapsed = time.perf_counter() - started
-        if code < 500:
-            decay_s = config.routing.ewma_decay_s
-            state.pool.observe_latency(replica, elapsed, info.tokens, decay_s)
-        state.metrics.observe(replica.url, code, elapsed)
+        state.retries_in_flight -= retry
 
 
 async def _send(
@@ -256,8 +225,9 @@ async def _send(
 ) -> aiohttp.ClientResponse:
     """The replica's response headers, or AttemptFailed naming why there are none."""
     session = request.app[STATE].client()
-    # Path and query only: an absolute-form target (GET http://host/x) must not pick a host.
-    url = URL(replica.url + request.rel_url.raw_path_qs, encoded=True)
+    url = upstream_url(replica.url, request.rel_url.raw_path_qs)
+    # sock_read already bounds the wait for headers by idle_s; a timer per request (measurable
+    # at thousands per second) only when first_byte_s is the shorter.
     first_byte_s = timeouts.first_byte_s if timeouts.first_byte_s < timeouts.idle_s else None
     try:
         async with asyncio.timeout(first_byte_s):
@@ -266,7 +236,7 @@ async def _send(
                 url,
                 data=body if body else None,
                 headers=upstream_request_headers(request, request_id),
-                timeout=_client_timeout(timeouts),
+                timeout=client_timeout(timeouts),
                 allow_redirects=False,
             )
     except TimeoutError:
@@ -290,13 +260,9 @@ def _take_load_report(state: GatewayState, replica: Replica, header: str) -> Non
 
 
 async def _relay(
-    request: web.Request,
-    replica: Replica,
-    body: bytes,
-    request_id: str,
-    timeouts: Timeouts,
-    work: Work,
+    request: web.Request, lease: Lease, body: bytes, request_id: str, timeouts: Timeouts
 ) -> web.StreamResponse:
+    replica = lease.replica
     upstream = await _send(request, replica, body, request_id, timeouts)
     report = upstream.headers.get(LOAD_HEADER)
     if report:
@@ -310,9 +276,8 @@ async def _relay(
                 raise AttemptFailed(str(upstream.status), error, response)
         else:
             response = await _start_response(request, upstream, replica, request_id)
-            stream = work.remaining > 1 and response.content_type == "text/event-stream"
-            progress = (request.app[STATE].pool, work) if stream else None
-            await _copy_body(upstream, response, replica, progress)
+            stream = lease.remaining > 1 and response.content_type == "text/event-stream"
+            await _copy_body(upstream, response, replica, lease if stream else None)
     except BaseException:
         upstream.close()  # never hand a half-read connection back to the pool
         raise
@@ -330,12 +295,18 @@ def _is_small_whole_body(request: web.Request, upstream: aiohttp.ClientResponse)
 async def _buffered_response(
     upstream: aiohttp.ClientResponse, replica: Replica, request_id: str
 ) -> web.Response:
+    headers = client_response_headers(upstream)
     try:
-        body = await upstream.read()
+        body = await read_capped(upstream, BUFFERED_MAX_BYTES)
     except (aiohttp.ClientError, TimeoutError) as exc:  # nothing was sent: a clean 502
         error = UpstreamError(f"replica {replica.url} failed mid-body: {type(exc).__name__}")
         raise AttemptFailed("reset", error) from None
-    headers = client_response_headers(upstream)
+    except BodyOverLimit as exc:  # only a 429/503 of unknown length gets here
+        message = f"replica {replica.url} answered {upstream.status} with a body of {exc} (dropped)"
+        body = json.dumps({"error": {"type": "upstream_error", "message": message}}).encode()
+        headers.popall("Content-Type", None)
+        headers.popall("Content-Encoding", None)
+        headers["Content-Type"] = "application/json"
     headers.popall("Content-Length", None)
     headers[REPLICA_HEADER] = replica.url
     headers[REQUEST_ID_HEADER] = request_id
@@ -360,7 +331,7 @@ async def _copy_body(
     upstream: aiohttp.ClientResponse,
     response: web.StreamResponse,
     replica: Replica,
-    progress: tuple[ReplicaPool, Work] | None,
+    progress: Lease | None,
 ) -> None:
     """Relay chunk by chunk; for a token stream, its work shrinks by the events relayed (one
     never goes below 1 token until the response ends)."""
@@ -377,11 +348,9 @@ async def _copy_body(
             log.warning("%s", reason)
             raise RelayAborted(response, reason) from None
         if progress is not None:
-            pool, work = progress
-            done = min(count_sse_events(chunk), work.remaining - 1)
+            done = min(count_sse_events(chunk), progress.remaining - 1)
             if done > 0:
-                work.remaining -= done
-                pool.progress(replica, done)
+                progress.progress(done)
         await _write(response, chunk)
     await _write(response, b"", eof=True)
 

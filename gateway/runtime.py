@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from gateway.admission import Admission
+from gateway.admission import Admission, Rules
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Policy, PolicyOptions, make_policy
@@ -50,10 +50,21 @@ class GatewayState:
     draining: bool = False  # set on shutdown: /readyz answers 503 so load balancers move on
     discovered: tuple[str, ...] | None = None  # DNS discovery's last good answer
 
+    def __post_init__(self) -> None:
+        self.admission.metrics = self.metrics
+
     def swap(self, runtime: Runtime) -> None:
         config = runtime.config
-        self.pool.update(self.replica_urls(config), config.replica_max_concurrency)
         self.runtime = runtime
+        self.admission.configure(
+            Rules(
+                runtime.policy,
+                config.limits,
+                config.outlier_detection,
+                config.routing.ewma_decay_s,
+            )
+        )
+        self.pool.update(self.replica_urls(config), config.replica_max_concurrency)
         self.metrics.strategy.info({"strategy": runtime.config.routing.strategy})
 
     def replica_urls(self, config: GatewayConfig) -> list[str]:

@@ -2,8 +2,9 @@
 
 A job is dispatched only while no real-time request waits at the gateway (admission queue
 empty) and to a replica whose outstanding count is below `jobs.max_outstanding_per_replica`;
-the routing policy chooses among those. Each dispatch is bracketed by pool.acquire and
-admission.release, so real-time routing sees job traffic in the outstanding counts. The
+the routing policy chooses among those. Each dispatch is an admission lease taken when the job
+is started (so real-time routing sees job traffic in the outstanding counts) and closed when its
+task ends, however it ends: done, failed, cancelled, even before its first step. The
 scheduler polls for capacity every `jobs.poll_interval_s` only while jobs wait; a submit or a
 finished job wakes it at once. With jobs off none of this runs: the real-time path is unchanged.
 """
@@ -18,14 +19,20 @@ from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
-from gateway import outlier
+from gateway.admission import Lease
 from gateway.config import Jobs, Timeouts
 from gateway.jobs.store import Job, JobStore, Outcome, ThreadedStore
 from gateway.policies import NO_INFO
 from gateway.pool import Replica
 from gateway.runtime import GatewayState
+from gateway.upstream import (
+    RETRIABLE_STATUSES,
+    BodyOverLimit,
+    client_timeout,
+    read_capped,
+    upstream_url,
+)
 from gateway.work import describe
 
 NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
@@ -33,7 +40,7 @@ NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0  # no job queued: a submit wakes the scheduler; this is only a safety net
-RETRIABLE_STATUSES = frozenset({429, 503})
+MAX_REPLY_BYTES = 16 * 1024 * 1024  # a job's stored result; a larger reply fails the job
 
 
 def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
@@ -59,14 +66,18 @@ class Reply:
 
     status_code: int | None
     text: str
+    final: bool = False  # no other attempt would do better (a reply too large to store)
 
     @property
     def retriable(self) -> bool:
+        if self.final:
+            return False
         return self.status_code is None or self.status_code in RETRIABLE_STATUSES
 
     @property
-    def replica_failed(self) -> bool:  # counts toward outlier ejection, as in the proxy
-        return self.status_code is None or self.status_code >= 500
+    def code(self) -> int:
+        """The status the lease records: 502 when the replica gave no usable answer."""
+        return self.status_code or 502
 
 
 def outcome_of(reply: Reply, job: Job, max_attempts: int) -> Outcome | None:
@@ -88,6 +99,7 @@ class Scheduler:
         self._settings = settings
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._held: Job | None = None  # claimed, waiting for a slot that vanished meanwhile
 
     def wake(self) -> None:
         self._wake.set()
@@ -95,29 +107,30 @@ class Scheduler:
     def abandon(self, job_ids: Sequence[str]) -> None:
         """Stop dispatches of cancelled jobs (their result is already recorded as cancelled)."""
         for job_id in job_ids:
+            if self._held is not None and self._held.id == job_id:
+                self._held = None
             task = self._in_flight.get(job_id)
             if task is not None:
                 task.cancel()
 
     async def run(self) -> None:
-        held: Job | None = None  # claimed, waiting for a slot that vanished during the claim
         try:
             while True:
                 replicas = eligible(self._state, self._settings)
                 if not replicas:
                     await self._sleep(self._settings.poll_interval_s)
-                elif held is None:
-                    held = await self._store.run(JobStore.claim)
-                    if held is None:
+                elif self._held is None:
+                    self._held = await self._store.run(JobStore.claim)
+                    if self._held is None:
                         await self._sleep(IDLE_WAIT_S)
                 else:
                     # One loop turn first: a real-time request that a release just woke in the
                     # admission queue takes its slot before a job can.
                     await asyncio.sleep(0)
                     replicas = eligible(self._state, self._settings)
-                    if replicas:
-                        self._start(held, replicas)
-                        held = None
+                    if replicas and self._held is not None:
+                        self._start(self._held, replicas)
+                        self._held = None
         finally:
             tasks = list(self._in_flight.values())
             for task in tasks:
@@ -135,30 +148,27 @@ class Scheduler:
         needs = runtime.policy.needs
         affinity = runtime.config.routing.affinity
         info = describe(needs, NO_HEADERS, job.body.encode(), affinity) if needs else NO_INFO
-        replica = runtime.policy.choose(replicas, info)
-        self._state.pool.acquire(replica, info.tokens)
-        task = asyncio.create_task(self._dispatch(job, replica, info.tokens), name=f"job-{job.id}")
+        lease = self._state.admission.take(replicas, info)
+        task = asyncio.create_task(self._dispatch(job, lease), name=f"job-{job.id}")
         self._in_flight[job.id] = task
-        task.add_done_callback(lambda t: self._done(job.id, t))
+        # The lease is closed when the task ends, even one cancelled before its first step.
+        task.add_done_callback(lambda t: self._done(job.id, t, lease))
 
-    def _done(self, job_id: str, task: asyncio.Task[None]) -> None:
+    def _done(self, job_id: str, task: asyncio.Task[None], lease: Lease) -> None:
+        lease.close()
         self._in_flight.pop(job_id, None)
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("job %s: dispatch failed", job_id, exc_info=task.exception())
 
-    async def _dispatch(self, job: Job, replica: Replica, tokens: int) -> None:
-        config = self._state.runtime.config
-        failed = False
+    async def _dispatch(self, job: Job, lease: Lease) -> None:
         try:
-            reply = await self._send(job, replica, config.timeouts)
-            failed = reply.replica_failed
-        finally:
-            self._state.admission.release(
-                replica, failed=failed, limits=config.limits, tokens=tokens
-            )
-            if outlier.observe(self._state.pool, replica, config.outlier_detection) is not None:
-                self._state.metrics.ejections.labels(replica.url).inc()
+            reply = await self._send(job, lease.replica, self._state.runtime.config.timeouts)
+        except Exception as exc:  # never leave a job running until restart
+            log.exception("job %s: dispatch failed", job.id)
+            reply = Reply(None, f"gateway failed dispatching it: {type(exc).__name__}")
+        lease.code = reply.code
+        lease.close()
         outcome = outcome_of(reply, job, self._settings.max_attempts)
         metrics = self._state.metrics
         if outcome is None:
@@ -169,18 +179,22 @@ class Scheduler:
             metrics.jobs_finished.labels(outcome.status).inc()
 
     async def _send(self, job: Job, replica: Replica, timeouts: Timeouts) -> Reply:
-        url = URL(replica.url + job.url, encoded=True)
-        timeout = aiohttp.ClientTimeout(
-            total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
-        )
+        url = upstream_url(replica.url, job.url)
         headers = {"Content-Type": "application/json", "X-Request-Id": job.id}
         try:
             async with self._state.client().request(
-                job.method, url, data=job.body.encode(), headers=headers, timeout=timeout
+                job.method,
+                url,
+                data=job.body.encode(),
+                headers=headers,
+                timeout=client_timeout(timeouts),
             ) as response:
-                body = await response.read()
+                body = await read_capped(response, MAX_REPLY_BYTES)
         except TimeoutError:
             return Reply(None, f"replica {replica.url} did not answer in time")
+        except BodyOverLimit as exc:
+            text = f"replica {replica.url} replied with {exc}: too large to store"
+            return Reply(None, text, final=True)
         except (aiohttp.ClientError, ValueError) as exc:
             return Reply(None, f"replica {replica.url} failed: {type(exc).__name__}")
         return Reply(response.status, body.decode("utf-8", "replace"))

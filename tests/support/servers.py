@@ -155,6 +155,7 @@ class Gateway:
     url: str
     state: GatewayState
     config_path: Path
+    app: web.Application
 
 
 @asynccontextmanager
@@ -167,7 +168,7 @@ async def running_gateway(
     )
     async with serve(app) as url:
         state = app[STATE]
-        yield Gateway(url, state, config_path)
+        yield Gateway(url, state, config_path, app)
         await _settle(state)
         leftover = {
             r.url: (r.outstanding, r.outstanding_tokens)

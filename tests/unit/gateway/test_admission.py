@@ -1,61 +1,93 @@
-"""Admission: limits, the central FIFO queue, 429 with Retry-After. Pure asyncio, no servers."""
+"""Admission: limits, the central FIFO queue, slots handed over on every capacity change, 429 with
+Retry-After, and the lease that records each dispatch's outcome. Pure asyncio, no servers."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Collection
 
 import pytest
 
-from gateway.admission import Admission, DrainRate, NoUntriedReplica
-from gateway.config import Limits
+from gateway.admission import Admission, DrainRate, Lease, NoUntriedReplica, Rules, outcome_of
+from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded
-from gateway.policies import LeastOutstandingRequests, PolicyOptions, RoundRobinPolicy
-from gateway.pool import ReplicaPool
+from gateway.policies import (
+    NO_INFO,
+    LeastOutstandingRequests,
+    PolicyOptions,
+    RequestInfo,
+    RoundRobinPolicy,
+)
+from gateway.pool import Replica, ReplicaPool
 
 URLS = ["http://a:1", "http://b:1"]
 
 
-def _setup(**limits: object) -> tuple[ReplicaPool, Admission, Limits]:
-    pool = ReplicaPool(URLS)
-    return pool, Admission(pool), Limits(**limits)  # type: ignore[arg-type]
+def _setup(
+    urls: list[str] = URLS, outlier: OutlierDetection | None = None, **limits: object
+) -> tuple[ReplicaPool, Admission]:
+    pool = ReplicaPool(urls)
+    admission = Admission(pool)
+    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
+    admission.configure(Rules(policy, Limits(**limits), outlier))  # type: ignore[arg-type]
+    return pool, admission
+
+
+async def _hold(admission: Admission, tried: Collection[Replica] = ()) -> Lease:
+    return Lease(admission, await admission.acquire(NO_INFO, tried), NO_INFO)
+
+
+def _waiting(admission: Admission, tried: Collection[Replica] = ()) -> asyncio.Task[Replica]:
+    return asyncio.create_task(admission.acquire(NO_INFO, tried))
+
+
+async def _settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 async def test_without_limits_the_policy_chooses_and_the_count_moves() -> None:
-    pool, admission, limits = _setup()
-    policy = RoundRobinPolicy(random.Random(0), PolicyOptions())
-    first = await admission.acquire(policy, limits)
-    second = await admission.acquire(policy, limits)
-    assert {first.url, second.url} == set(URLS)
-    assert pool.outstanding == 2 and first.outstanding == 1
-    admission.release(first, failed=False, limits=limits)
-    assert pool.outstanding == 1 and first.outstanding == 0
+    pool, admission = _setup()
+    admission.configure(Rules(RoundRobinPolicy(random.Random(0), PolicyOptions()), Limits()))
+    first, second = await _hold(admission), await _hold(admission)
+    assert {first.replica.url, second.replica.url} == set(URLS)
+    assert pool.outstanding == 2 and first.replica.outstanding == 1
+    first.close()
+    first.close()  # a lease closes once
+    assert pool.outstanding == 1 and first.replica.outstanding == 0
+
+
+async def test_a_lease_block_releases_however_it_ends() -> None:
+    pool, admission = _setup()
+    with pytest.raises(RuntimeError):
+        async with admission.lease(RequestInfo(tokens=7)) as lease:
+            assert lease.replica.outstanding == 1 and lease.replica.outstanding_tokens == 7
+            raise RuntimeError
+    assert pool.outstanding == 0 and all(r.outstanding_tokens == 0 for r in pool.all())
 
 
 async def test_a_full_fleet_queues_and_the_first_freed_slot_serves_the_first_waiter() -> None:
-    pool, admission, limits = _setup(max_outstanding_per_replica=1, max_queue=4)
-    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
-    a = await admission.acquire(policy, limits)
-    b = await admission.acquire(policy, limits)
-    waiters = [asyncio.create_task(admission.acquire(policy, limits)) for _ in range(2)]
-    await asyncio.sleep(0)
+    pool, admission = _setup(max_outstanding_per_replica=1, max_queue=4)
+    a, b = await _hold(admission), await _hold(admission)
+    waiters = [_waiting(admission) for _ in range(2)]
+    await _settle()
     assert admission.queued == 2 and not any(w.done() for w in waiters)
-    admission.release(b, failed=False, limits=limits)
-    assert await asyncio.wait_for(waiters[0], 1) is b  # the slot that freed, FIFO
+    b.close()
+    assert await asyncio.wait_for(waiters[0], 1) is b.replica  # the slot that freed, FIFO
     assert not waiters[1].done()
-    admission.release(a, failed=False, limits=limits)
-    assert await asyncio.wait_for(waiters[1], 1) is a
+    a.close()
+    assert await asyncio.wait_for(waiters[1], 1) is a.replica
     assert admission.queued == 0 and pool.outstanding == 2
 
 
 async def test_a_full_queue_is_a_fast_429_with_retry_after() -> None:
-    _, admission, limits = _setup(max_outstanding=1, max_queue=1)
-    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
-    await admission.acquire(policy, limits)
-    queued = asyncio.create_task(admission.acquire(policy, limits))
-    await asyncio.sleep(0)
+    _, admission = _setup(max_outstanding=1, max_queue=1)
+    await _hold(admission)
+    queued = _waiting(admission)
+    await _settle()
     with pytest.raises(Overloaded) as info:
-        await admission.acquire(policy, limits)
+        await admission.acquire(NO_INFO)
     assert info.value.status == 429
     assert 1 <= int(info.value.headers["Retry-After"]) <= 60
     assert "queue is full" in str(info.value)
@@ -65,26 +97,24 @@ async def test_a_full_queue_is_a_fast_429_with_retry_after() -> None:
 
 
 async def test_queue_timeout_is_a_429_naming_the_setting() -> None:
-    _, admission, limits = _setup(max_outstanding=1, max_queue=5, queue_timeout_s=0.05)
-    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
-    await admission.acquire(policy, limits)
+    _, admission = _setup(max_outstanding=1, max_queue=5, queue_timeout_s=0.05)
+    await _hold(admission)
     with pytest.raises(Overloaded, match="queue_timeout_s"):
-        await admission.acquire(policy, limits)
+        await admission.acquire(NO_INFO)
     assert admission.queued == 0
 
 
 async def test_retries_exclude_replicas_already_tried() -> None:
-    pool, admission, limits = _setup()
-    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
-    a = await admission.acquire(policy, limits)
-    b = await admission.acquire(policy, limits, exclude=[a])
+    pool, admission = _setup()
+    a = (await _hold(admission)).replica
+    b = (await _hold(admission, tried=[a])).replica
     assert b is not a
     with pytest.raises(NoUntriedReplica):
-        await admission.acquire(policy, limits, exclude=[a, b])
+        await admission.acquire(NO_INFO, [a, b])
     for replica in pool.all():
         pool.set_healthy(replica, False)
     with pytest.raises(NoHealthyReplica):
-        await admission.acquire(policy, limits)
+        await admission.acquire(NO_INFO)
 
 
 def test_drain_rate_counts_the_last_whole_second() -> None:
@@ -101,14 +131,130 @@ def test_drain_rate_counts_the_last_whole_second() -> None:
 
 
 async def test_a_replicas_own_max_concurrency_overrides_the_default_limit() -> None:
-    pool, admission, limits = _setup(max_outstanding_per_replica=1, max_queue=4)
+    pool, admission = _setup(max_outstanding_per_replica=1, max_queue=4)
     pool.update(URLS, {URLS[0]: 3})
-    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
-    got = [await admission.acquire(policy, limits) for _ in range(4)]
-    assert sorted(r.url for r in got) == [URLS[0]] * 3 + [URLS[1]]
-    waiting = asyncio.create_task(admission.acquire(policy, limits))
-    await asyncio.sleep(0)
+    got = [await _hold(admission) for _ in range(4)]
+    assert sorted(lease.replica.url for lease in got) == [URLS[0]] * 3 + [URLS[1]]
+    waiting = _waiting(admission)
+    await _settle()
     assert admission.queued == 1  # both replicas are at their own limits
-    on_b = next(r for r in got if r.url == URLS[1])
-    admission.release(on_b, failed=False, limits=limits)
+    next(lease for lease in got if lease.replica.url == URLS[1]).close()
     assert (await waiting).url == URLS[1]
+
+
+# Wake-ups: every way capacity can grow hands the slot to a waiter (issue 13, A.1).
+
+
+async def test_a_replica_added_by_reload_serves_the_queued_request_at_once() -> None:
+    pool, admission = _setup(urls=URLS[:1], max_outstanding_per_replica=1, max_queue=4)
+    await _hold(admission)
+    waiting = _waiting(admission)
+    await _settle()
+    pool.update(URLS)
+    assert (await asyncio.wait_for(waiting, 1)).url == URLS[1]
+
+
+async def test_a_limit_raised_by_reload_lets_waiters_go() -> None:
+    pool, admission = _setup(urls=URLS[:1], max_outstanding_per_replica=1, max_queue=4)
+    await _hold(admission)
+    waiting = _waiting(admission)
+    await _settle()
+    admission.configure(Rules(admission.rules.policy, Limits(max_outstanding_per_replica=2)))
+    assert (await asyncio.wait_for(waiting, 1)).url == URLS[0]
+    assert pool.outstanding == 2
+
+
+async def test_a_replica_turning_healthy_serves_the_queued_request() -> None:
+    pool, admission = _setup(max_outstanding_per_replica=1, max_queue=4)
+    b = pool.get(URLS[1])
+    assert b is not None
+    pool.set_healthy(b, False)
+    await _hold(admission)
+    waiting = _waiting(admission)
+    await _settle()
+    pool.set_healthy(b, True)
+    assert await asyncio.wait_for(waiting, 1) is b
+
+
+async def test_an_ejection_running_out_serves_the_queued_request() -> None:
+    pool, admission = _setup(max_outstanding_per_replica=1, max_queue=4)
+    b = pool.get(URLS[1])
+    assert b is not None
+    pool.eject(b, 0.05)
+    await _hold(admission)
+    waiting = _waiting(admission)
+    assert await asyncio.wait_for(waiting, 2) is b  # nothing else happens: a timer looks again
+
+
+async def test_a_waiter_that_cannot_use_the_freed_slot_passes_it_on() -> None:
+    _, admission = _setup(max_outstanding_per_replica=1, max_queue=4)
+    a, b = await _hold(admission), await _hold(admission)
+    retry = _waiting(admission, tried=[a.replica])  # first in the queue, but has tried a
+    fresh = _waiting(admission)
+    await _settle()
+    a.close()
+    assert await asyncio.wait_for(fresh, 1) is a.replica
+    assert not retry.done() and admission.queued == 1
+    b.close()
+    assert await asyncio.wait_for(retry, 1) is b.replica
+
+
+async def test_a_slot_granted_as_the_client_leaves_goes_to_the_next_waiter() -> None:
+    pool, admission = _setup(urls=URLS[:1], max_outstanding_per_replica=1, max_queue=4)
+    a = await _hold(admission)
+    leaving, next_one = _waiting(admission), _waiting(admission)
+    await _settle()
+    a.close()  # hands the slot to `leaving` ...
+    leaving.cancel()  # ... whose client goes away before it runs
+    await asyncio.gather(leaving, return_exceptions=True)
+    assert await asyncio.wait_for(next_one, 1) is a.replica
+    assert pool.outstanding == 1 and a.replica.requests_total == 2
+
+
+async def test_a_slot_granted_as_the_queue_timeout_fires_is_used() -> None:
+    pool, admission = _setup(urls=URLS[:1], max_outstanding=1, max_queue=4, queue_timeout_s=1)
+    loop = asyncio.get_running_loop()
+    now = [loop.time()]
+    loop.time = lambda: now[0]  # type: ignore[method-assign]  # the loop's clock, stepped here
+    a = await _hold(admission)
+    waiting = _waiting(admission)
+    await _settle()
+    # The release and the queue timeout fall due in the same loop turn, the release first.
+    loop.call_at(now[0] + 1 - 1e-6, a.close)
+    now[0] += 1
+    assert await asyncio.wait_for(waiting, 1) is a.replica  # the grant wins over the 429
+    assert pool.outstanding == 1
+
+
+async def test_a_waiter_whose_every_replica_was_tried_stops_waiting() -> None:
+    pool, admission = _setup(max_outstanding_per_replica=1, max_queue=4)
+    a, b = await _hold(admission), await _hold(admission)
+    retry = _waiting(admission, tried=[a.replica])
+    await _settle()
+    pool.update([a.replica.url])  # b leaves: every replica left was tried
+    with pytest.raises(NoUntriedReplica):
+        await asyncio.wait_for(retry, 1)
+    a.close()
+    b.close()
+    assert pool.outstanding == 0
+
+
+# Outcomes (issue 13, A.4): a refusal or a client that left is not service.
+
+
+def test_outcomes_of_statuses() -> None:
+    assert outcome_of(200) == outcome_of(404) == "served"
+    assert outcome_of(500) == outcome_of(502) == outcome_of(503) == "failed"
+    assert outcome_of(429) == outcome_of(499) == "not_served"
+
+
+async def test_429_and_499_neither_reset_the_failure_streak_nor_feed_latency() -> None:
+    settings = OutlierDetection(consecutive_failures=3)
+    pool, admission = _setup(urls=URLS[:1], outlier=settings)
+    replica = pool.all()[0]
+    for code in (500, 500, 429, 499, 500):
+        lease = await _hold(admission)
+        lease.code = code
+        lease.close()
+    assert replica.ejected_until > 0  # three 5xx in a row: the 429 and 499 did not break it
+    assert replica.latency_ewma_s == 0.0  # and none of them was a latency sample

@@ -15,7 +15,7 @@ def _fail(pool: ReplicaPool, replica: Replica, times: int) -> float | None:
     ejected = None
     for _ in range(times):
         pool.acquire(replica)
-        pool.release(replica, failed=True)
+        pool.release(replica, outcome="failed")
         ejected = outlier.observe(pool, replica, SETTINGS) or ejected
     return ejected
 
@@ -39,7 +39,7 @@ def test_a_success_resets_the_streak() -> None:
     a = pool.active()[0]
     _fail(pool, a, 2)
     pool.acquire(a)
-    pool.release(a, failed=False)
+    pool.release(a, outcome="served")
     assert _fail(pool, a, 2) is None and a in pool.available()
 
 

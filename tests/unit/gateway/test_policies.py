@@ -173,7 +173,7 @@ def test_least_outstanding_tokens_routes_by_work_not_count() -> None:
     assert policy.choose(pool.active(), RequestInfo(tokens=50)) is b
     pool.progress(a, 490)  # the long one has streamed most of its tokens
     assert policy.choose(pool.active(), RequestInfo(tokens=50)) is a
-    pool.release(a, tokens=10)
+    pool.release(a, outcome="served", tokens=10)
     assert a.outstanding_tokens == 0 and a.outstanding == 0
 
 

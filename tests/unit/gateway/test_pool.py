@@ -23,7 +23,7 @@ def test_removed_replica_drains_until_its_last_request_ends() -> None:
     pool.acquire(a)
     pool.update([B])
     assert a.draining and a not in pool.available() and a in pool.all()
-    pool.release(a)
+    pool.release(a, outcome="served")
     assert a not in pool.all()
 
 
@@ -51,5 +51,5 @@ def test_failures_are_counted() -> None:
     pool = ReplicaPool([A])
     a = pool.available()[0]
     pool.acquire(a)
-    pool.release(a, failed=True)
+    pool.release(a, outcome="failed")
     assert (a.outstanding, a.requests_total, a.errors_total) == (0, 1, 1)

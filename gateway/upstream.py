@@ -1,0 +1,61 @@
+"""The upstream leg shared by the proxy and the jobs scheduler: where a request goes on a replica,
+the client timeouts it is sent with, which answers mean "try another replica", and bounded reads
+of replica bodies the gateway holds in memory."""
+
+from __future__ import annotations
+
+import functools
+
+import aiohttp
+from yarl import URL
+
+from gateway.config import Timeouts
+
+RETRIABLE_STATUSES = frozenset({429, 503})
+
+
+class BodyOverLimit(Exception):
+    """A replica body the gateway must hold whole is larger than it will hold."""
+
+
+@functools.lru_cache(maxsize=16)
+def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
+    """sock_read bounds every silence from the replica, the wait for the headers included."""
+    return aiohttp.ClientTimeout(
+        total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def origin(replica_url: str) -> URL:
+    return URL(replica_url)
+
+
+def upstream_url(replica_url: str, target: str) -> URL:
+    """The replica's scheme, host and port with the request's path and query, built from parts:
+    nothing in a request target (`//host`, `@host`, an absolute form) can name another host."""
+    base = origin(replica_url)
+    path, _, query = target.partition("?")
+    if not path.startswith("/"):
+        path = "/" + path
+    prefix = base.raw_path.rstrip("/")
+    return URL.build(
+        scheme=base.scheme,
+        host=base.raw_host or "",
+        port=base.explicit_port,
+        path=prefix + path,
+        query_string=query,
+        encoded=True,
+    )
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or BodyOverLimit as soon as it passes `limit` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        raise BodyOverLimit(f"{response.content_length} bytes")
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise BodyOverLimit(f"over {limit} bytes")
+    return bytes(body)
