@@ -23,7 +23,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
 from gateway.config import GatewayConfig, Retries, Timeouts
-from gateway.errors import BodyTooLarge, ClientTimeout, GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    BodyTooLarge,
+    ClientTimeout,
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.policies import NO_INFO
 from gateway.pool import Replica, parse_load_report
 from gateway.runtime import STATE, GatewayState

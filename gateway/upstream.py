@@ -27,26 +27,18 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
 
 
 @functools.lru_cache(maxsize=1024)
-def origin(replica_url: str) -> URL:
-    return URL(replica_url)
+def _origin(replica_url: str) -> str:
+    """scheme://authority[/prefix] of a replica URL, from its parsed parts."""
+    base = URL(replica_url)
+    return f"{base.scheme}://{base.raw_authority}{base.raw_path.rstrip('/')}"
 
 
 def upstream_url(replica_url: str, target: str) -> URL:
-    """The replica's scheme, host and port with the request's path and query, built from parts:
-    nothing in a request target (`//host`, `@host`, an absolute form) can name another host."""
-    base = origin(replica_url)
-    path, _, query = target.partition("?")
-    if not path.startswith("/"):
-        path = "/" + path
-    prefix = base.raw_path.rstrip("/")
-    return URL.build(
-        scheme=base.scheme,
-        host=base.raw_host or "",
-        port=base.explicit_port,
-        path=prefix + path,
-        query_string=query,
-        encoded=True,
-    )
+    """The replica's scheme, host and port with the request's path and query: the authority
+    comes from the replica alone and the target always starts a path, so nothing in it (`//host`,
+    `@host`, `*`) can name another host."""
+    path = target if target.startswith("/") else "/" + target
+    return URL(_origin(replica_url) + path, encoded=True)
 
 
 async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -116,3 +116,22 @@ async def test_a_huge_429_body_is_not_held_in_memory(tmp_path: Path) -> None:
                 assert response.headers["Retry-After"] == "3"
             assert body["error"]["type"] == "upstream_error"
             assert "dropped" in body["error"]["message"]
+
+
+async def test_targets_that_are_not_paths_never_reach_a_replica(tmp_path: Path) -> None:
+    """B.4: CONNECT and asterisk-form targets get a 4xx JSON error; the replica sees nothing."""
+    path = tmp_path / "g.yaml"
+    async with fake_replicas(1) as replicas:
+        write_config(path, gateway_config(replicas, "round_robin"))
+        async with running_gateway(path) as gw:
+            host, port = gw.url.removeprefix("http://").split(":")
+            answers = []
+            for line in ("CONNECT 127.0.0.1:9 HTTP/1.1", "OPTIONS * HTTP/1.1"):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(f"{line}\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                await writer.drain()
+                answers.append(await asyncio.wait_for(reader.read(), 5))
+                writer.close()
+        assert all(a.startswith(b"HTTP/1.1 4") for a in answers), answers
+        assert all(b'{"error": {"type": ' in a for a in answers), answers
+        assert replicas[0].seen == []
