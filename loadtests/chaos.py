@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from loadtests.fleet import Fleet, Observer, fleet
+from loadtests.sse import StreamCheck
 from loadtests.stats import percentile
 
 
@@ -76,22 +77,24 @@ def completion(max_tokens: int, stream: bool = False) -> dict[str, object]:
 
 
 async def one_request(client: aiohttp.ClientSession, url: str, body: dict[str, object]) -> Outcome:
+    """A stream is complete only with `[DONE]` and no error event (loadtests/sse.py)."""
     started = time.monotonic()
-    error_event = complete = False
+    check = StreamCheck()
+    complete = False
     status = 0
     try:
         async with client.post(f"{url}/v1/completions", json=body) as response:
             status = response.status
             if body.get("stream") and status == 200:
                 async for line in response.content:
-                    complete = complete or line.strip() == b"data: [DONE]"
-                    error_event = error_event or line.startswith(b"event: error")
+                    check.feed(line)
+                complete = check.ok
             else:
                 payload = await response.read()
                 complete = status == 200 and b'"usage"' in payload
     except (aiohttp.ClientError, TimeoutError):
         complete = False
-    return Outcome(started, time.monotonic(), status, complete, error_event)
+    return Outcome(started, time.monotonic(), status, complete, check.error is not None)
 
 
 class Load:

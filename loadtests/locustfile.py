@@ -12,7 +12,6 @@ $INFERGATE_BENCH_WORKLOAD (JSON), see loadtests/workload.py.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from locust import HttpUser, constant, events, task
 
 from loadtests.samples import Sample, write_samples
+from loadtests.sse import StreamCheck
 from loadtests.workload import CompletionRequest, Workload, draw, user_rng
 
 WORKLOAD = Workload.from_env()
@@ -49,13 +49,6 @@ def save_samples(environment: Any, **_: Any) -> None:
     path = os.environ.get("INFERGATE_BENCH_SAMPLES")
     if path:
         write_samples(path, SAMPLES)
-
-
-def _tokens_in(event: bytes) -> int:
-    """Completion tokens carried by one SSE `data:` line (the simulated and torch engines send
-    one token per chunk; counting characters of text would miscount multi-byte tokens)."""
-    payload = json.loads(event)
-    return sum(1 for choice in payload.get("choices", []) if choice.get("text"))
 
 
 class CompletionUser(HttpUser):
@@ -92,11 +85,11 @@ class CompletionUser(HttpUser):
         record("completion", start_unix, ok, response.status_code, latency, None, tokens, replica)
 
     def _streamed(self, request: CompletionRequest) -> None:
+        """A stream counts as served only when it ends with `[DONE]` and has no error event."""
         start_unix, t0 = time.time(), time.perf_counter()
         body = request.body(WORKLOAD.model, WORKLOAD.seed)
         ttft: float | None = None
-        tokens = 0
-        done = False
+        check = StreamCheck()
         with self.client.post(
             "/v1/completions",
             json=body,
@@ -107,20 +100,17 @@ class CompletionUser(HttpUser):
             replica = response.headers.get("X-Infergate-Replica", "")
             if response.status_code == 200:
                 for line in response.iter_lines():
-                    if not line.startswith(b"data: "):
-                        continue
-                    data = line[6:]
-                    if data == b"[DONE]":
-                        done = True
-                        break
-                    if ttft is None:
+                    if check.feed(line) and ttft is None:
                         ttft = time.perf_counter() - t0
                         self._report_ttft(ttft)
-                    tokens += _tokens_in(data)
+                    if check.done:
+                        break
             latency = time.perf_counter() - t0
-            ok = response.status_code == 200 and done
+            ok = response.status_code == 200 and check.ok
             if not ok:
-                response.failure(f"HTTP {response.status_code}, stream complete: {done}")
+                response.failure(
+                    f"HTTP {response.status_code}, [DONE]: {check.done}, error: {check.error}"
+                )
         record(
             "completion_stream",
             start_unix,
@@ -128,7 +118,7 @@ class CompletionUser(HttpUser):
             response.status_code,
             latency,
             ttft,
-            tokens,
+            check.tokens,
             replica,
         )
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import time
 
 import aiohttp
 
 from loadtests.samples import Sample, write_samples
+from loadtests.sse import StreamCheck
 from loadtests.workload import CompletionRequest, Workload, draw, user_rng
 
 
@@ -38,15 +38,13 @@ async def one(
                 tokens = (await response.json())["usage"]["completion_tokens"]
                 ok = True
             elif status == 200:
+                check = StreamCheck()  # ok only with `[DONE]` and no error event
                 async for line in response.content:
-                    if not line.startswith(b"data: "):
-                        continue
-                    data = line[6:].strip()
-                    if data == b"[DONE]":
-                        ok = True
+                    if check.feed(line) and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    if check.done:
                         break
-                    ttft = ttft if ttft is not None else time.perf_counter() - t0
-                    tokens += sum(1 for c in json.loads(data).get("choices", []) if c.get("text"))
+                tokens, ok = check.tokens, check.ok
             else:
                 await response.read()
     except (aiohttp.ClientError, TimeoutError):

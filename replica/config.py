@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from replica.errors import format_validation_error
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key path."""
@@ -33,6 +35,8 @@ class EngineConfig(_Frozen):
     device: str = "auto"
     profile_path: Path | None = None  # simulated engine; None = built-in 7B/A10G profile
     torch_threads: int | None = Field(default=None, gt=0)
+    # Test hook (replica/engines/faults.py): every Nth generation step raises. Never in production.
+    fail_every_n_steps: int | None = Field(default=None, gt=0)
 
 
 class _QueueKnobs(_Frozen):
@@ -139,31 +143,6 @@ class ReplicaConfig(_Frozen):
         return self
 
 
-_UNION_TAGS = {"tiny-gpt", "classifier", "none", "static", "dynamic", "continuous"}
-
-
-def _key_path(loc: tuple[int | str, ...]) -> str:
-    """`('models', 1, 'classifier', 'batcher', 'dynamic', 'x')` -> `models[1].batcher.x`."""
-    out = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif (
-            part in _UNION_TAGS
-            and i > 0
-            and (isinstance(loc[i - 1], int) or loc[i - 1] == "batcher")
-        ):
-            continue  # pydantic puts the discriminator value in the path; readers don't write it
-        else:
-            out += f".{part}" if out else part
-    return out or "(root)"
-
-
-def format_validation_error(error: ValidationError) -> str:
-    lines = [f"{_key_path(tuple(e['loc']))}: {e['msg']}" for e in error.errors()]
-    return "; ".join(lines)
-
-
 def parse_config(raw: Any) -> ReplicaConfig:
     if raw is None:
         raw = {}
@@ -172,7 +151,7 @@ def parse_config(raw: Any) -> ReplicaConfig:
     try:
         return ReplicaConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error)) from None
+        raise ConfigError(format_validation_error(error, raw)) from None
 
 
 def read_raw(path: Path) -> Any:

@@ -2,16 +2,16 @@
 
 A `GenRequest` enters a batcher; engines turn it into token ids step by step; a
 `SequenceTracker` turns ids into text, applies `stop` strings and `max_tokens`, and emits
-`TokenEvent`s to the request's sink (a `TokenStream` for HTTP handlers).
+`TokenEvent`s to the request's sink: a plain callable, possibly called on the forward-pass
+thread (the completions route hands each event to the event loop, replica/routes/openai.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -140,23 +140,3 @@ class SequenceTracker:
             first_token_at_s=self._first_at,
             finished_at_s=self._last_at,
         )
-
-
-class TokenStream:
-    """A thread-safe sink that an HTTP handler iterates; `close()` ends the iteration."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._queue: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
-
-    def __call__(self, event: TokenEvent) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-
-    def close(self, *_: object) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
-
-    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        while (event := await self._queue.get()) is not None:
-            yield event
-            if event.finish_reason is not None:
-                return

@@ -139,6 +139,14 @@ def generation_batcher(
     )
 
 
+def _with_faults(engine: EngineConfig, gen: GenerationEngine) -> GenerationEngine:
+    if engine.fail_every_n_steps is None:
+        return gen
+    from replica.engines.faults import FailingEngine
+
+    return FailingEngine(gen, engine.fail_every_n_steps)
+
+
 def _generation_engine(engine: EngineConfig, model: TinyGptModelConfig) -> GenerationEngine:
     if engine.kind == "simulated":
         from replica.engines.profile import load_profile
@@ -188,8 +196,8 @@ def build_runtime(
             gen = _generation_engine(config.engine, model)
             cap = getattr(getattr(gen, "profile", None), "max_num_seqs", None)
             batcher = generation_batcher(
-                model.batcher, gen, executor=executor, observer=observer, clock=clock,
-                max_num_seqs_cap=cap,
+                model.batcher, _with_faults(config.engine, gen), executor=executor,
+                observer=observer, clock=clock, max_num_seqs_cap=cap,
             )  # fmt: skip
             served = GenerativeModel(model.name, model, batcher, observer)
         else:

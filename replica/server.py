@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from replica.api.errors import ReplicaError, error_body
 from replica.batching.clock import Clock
 from replica.config import ReplicaConfig
+from replica.errors import ReplicaError, error_body, kserve_error_body
 from replica.keys import CONFIG, METRICS, STATE
 from replica.metrics import ReplicaMetrics
 from replica.routes import health, kserve, openai, openapi, sagemaker
@@ -41,12 +41,9 @@ def json_error(
     message: str,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    """`{"error": {type, message}}`; on /v2 the KServe form `{"error": message, "type": type}`,
-    because tritonclient and other KServe clients read `error` as a string."""
-    if request.path.startswith("/v2/"):
-        body: dict[str, object] = {"error": message, "type": type_}
-    else:
-        body = dict(error_body(type_, message))
+    """`error_body`, or on /v2 `kserve_error_body` (see replica/errors.py)."""
+    kserve = request.path.startswith("/v2/")
+    body = kserve_error_body(type_, message) if kserve else error_body(type_, message)
     return web.json_response(body, status=status, headers=headers)
 
 

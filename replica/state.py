@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from typing import Literal
 
-from replica.api.errors import BadRequest, ModelNotFound, NotReady
 from replica.batching import Load
+from replica.errors import BadRequest, ModelNotFound, NotReady
 from replica.runtime import ClassifierModel, GenerativeModel, Runtime, ServedModel
 
 Phase = Literal["loading", "ready", "draining", "failed"]

@@ -1,1 +1,4 @@
-"""The replica's wire contract: request schemas and the error hierarchy mapped to HTTP statuses."""
+"""The replica's wire contract: request schemas (OpenAI completions, KServe v2 tensors).
+
+The errors these raise live one level up, in `replica/errors.py`, so batchers can share them.
+"""

@@ -11,8 +11,8 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
-from replica.api.errors import BadRequest
 from replica.api.schemas import parse_json_object
+from replica.errors import BadRequest
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

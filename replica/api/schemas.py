@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from replica.api.errors import BadRequest
+from replica.errors import BadRequest, format_validation_error
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -22,14 +22,6 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest(f"body must be a JSON object, got {type(value).__name__}")
     return value
-
-
-def describe(error: ValidationError) -> str:
-    parts = []
-    for e in error.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "body"
-        parts.append(f"{loc}: {e['msg']}")
-    return "; ".join(parts)
 
 
 class StreamOptions(BaseModel):
@@ -68,4 +60,4 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     try:
         return CompletionRequest.model_validate(body)
     except ValidationError as error:
-        raise BadRequest(describe(error)) from None
+        raise BadRequest(format_validation_error(error, body)) from None

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from replica.api.errors import BatcherClosed, QueueFull, QueueTimeout
 from replica.batching.clock import Clock
 from replica.batching.observer import BatchObserver
+from replica.errors import BatcherClosed, QueueFull, QueueTimeout
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from replica.api.errors import BadRequest
 from replica.api.kserve import HEADER_LENGTH
+from replica.errors import BadRequest
 from replica.keys import STATE
 from replica.state import ReplicaState
 

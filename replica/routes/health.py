@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from replica.api.errors import error_body
+from replica.errors import NotReady
 from replica.keys import METRICS
 from replica.routes.common import state
 from replica.runtime import GenerativeModel
@@ -19,10 +19,9 @@ _STARTED = int(time.time())
 
 def _readiness(request: web.Request) -> web.Response:
     current = state(request)
-    if current.ready:
-        return web.json_response({"status": "ready"})
-    body = error_body("not_ready", f"replica is {current.phase}")
-    return web.json_response(body, status=503)
+    if not current.ready:
+        raise NotReady(f"replica is {current.phase}")  # the middleware words it per route
+    return web.json_response({"status": "ready"})
 
 
 @routes.get("/ping")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from replica.api.errors import NotReady
 from replica.api.kserve import infer_response, model_metadata, parse_infer
+from replica.errors import NotReady
 from replica.routes.common import binary_header_length, read_body, state
 from replica.runtime import ClassifierModel
 

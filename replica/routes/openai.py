@@ -1,30 +1,34 @@
 """OpenAI-compatible `POST /v1/completions`: JSON or SSE (`data: {...}` chunks, `data: [DONE]`).
 
 Each prompt becomes one `GenRequest` submitted to the model's batcher; a stream starts only
-after the first token, so queue errors (429/503) still get a proper status code.
+after the first token, so queue errors (429/503) still get a proper status code. A stream that
+fails after that ends with `event: error` + `data: {"error": {...}}` and no `[DONE]`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 from aiohttp import web
 
-from replica.api.errors import BadRequest, ReplicaError
 from replica.api.schemas import CompletionRequest, parse_completion, parse_json_object
 from replica.batching import Batcher
+from replica.errors import BadRequest, ReplicaError, error_body
 from replica.generation import Completion, GenRequest, SamplingParams, TokenEvent, TokenSink
 from replica.models.tokenizer import encode
 from replica.routes.common import read_body, state
 from replica.runtime import GenerativeModel
 
+log = logging.getLogger("replica")
 routes = web.RouteTableDef()
 
 
@@ -114,50 +118,99 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _sse(payload: dict[str, Any] | str) -> bytes:
+def _sse(payload: dict[str, Any] | str, event: str | None = None) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
-    return f"data: {data}\n\n".encode()
+    field = f"event: {event}\n" if event else ""
+    return f"{field}data: {data}\n\n".encode()
 
 
-async def _start_sse(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
-    return response
+class _SseResponse:
+    """An SSE response whose headers go out at the first token, so that errors before it still
+    get their own status code from the middleware."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._response: web.StreamResponse | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._response is not None
+
+    async def open(self) -> web.StreamResponse:
+        if self._response is None:
+            self._response = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
+            await self._response.prepare(self._request)
+        return self._response
+
+    async def send(self, payload: dict[str, Any] | str, event: str | None = None) -> None:
+        await (await self.open()).write(_sse(payload, event))
+
+    async def end(self) -> web.StreamResponse:
+        response = await self.open()
+        await response.write_eof()
+        return response
+
+
+Envelope = Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 
 async def _stream(
     request: web.Request, model: GenerativeModel, req: CompletionRequest, arrival: float
 ) -> web.StreamResponse:
+    """Chunks as tokens come, the usage chunk if asked, then `[DONE]`. A failure after the
+    headers went out ends the stream with an error event and no `[DONE]`: the answer is
+    incomplete, and no client may take it for a whole one."""
     merged = _Merged()
     gens = [build_request(model, req, p, merged.sink(i)) for i, p in enumerate(req.prompts)]
-    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    counts, first_at = [0] * len(gens), [0.0] * len(gens)
-    response: web.StreamResponse | None = None
+    envelope = partial(_envelope, f"cmpl-{uuid.uuid4().hex}", int(time.time()), model.name)
+    out = _SseResponse(request)
     try:
-        async with aclosing(stream_events(model.batcher, gens, merged)) as events:
-            async for index, event in events:
-                response = response or await _start_sse(request)
-                counts[index] += 1
-                first_at[index] = first_at[index] or time.monotonic()
-                if event.text or event.finish_reason:
-                    choice = {"index": index, "text": event.text, "logprobs": None,
-                              "finish_reason": event.finish_reason}  # fmt: skip
-                    await response.write(_sse(_envelope(cid, created, model.name, [choice])))
-                if event.finish_reason:
-                    _observe(model, arrival, first_at[index], counts[index])
-    except ReplicaError as error:
-        if response is None:
-            raise
-        await response.write(_sse({"error": {"type": error.type, "message": error.message}}))
-    assert response is not None  # every request yields at least one token
+        counts = await _relay(out, model, gens, merged, envelope, arrival)
+    except ConnectionResetError:
+        raise  # the client went away: nobody is left to tell
+    except Exception as error:
+        if not out.started:
+            raise  # nothing sent yet: the middleware answers with the error's status
+        await out.send(_error_event(error), event="error")
+        return await out.end()
     if req.stream_options and req.stream_options.include_usage:
         usage = _usage(sum(len(g.prompt_ids) for g in gens), sum(counts))
-        await response.write(_sse({**_envelope(cid, created, model.name, []), "usage": usage}))
-    await response.write(_sse("[DONE]"))
-    await response.write_eof()
-    return response
+        await out.send({**envelope([]), "usage": usage})
+    await out.send("[DONE]")
+    return await out.end()
+
+
+async def _relay(
+    out: _SseResponse,
+    model: GenerativeModel,
+    gens: list[GenRequest],
+    merged: _Merged,
+    envelope: Envelope,
+    arrival: float,
+) -> list[int]:
+    """Write each prompt's tokens as they are produced; returns the token count per prompt."""
+    counts, first_at = [0] * len(gens), [0.0] * len(gens)
+    async with aclosing(stream_events(model.batcher, gens, merged)) as events:
+        async for index, event in events:
+            await out.open()
+            counts[index] += 1
+            first_at[index] = first_at[index] or time.monotonic()
+            if event.text or event.finish_reason:
+                choice = {"index": index, "text": event.text, "logprobs": None,
+                          "finish_reason": event.finish_reason}  # fmt: skip
+                await out.send(envelope([choice]))
+            if event.finish_reason:
+                _observe(model, arrival, first_at[index], counts[index])
+    return counts
+
+
+def _error_event(error: Exception) -> dict[str, dict[str, str]]:
+    if isinstance(error, ReplicaError):
+        return error_body(error.type, error.message)
+    log.error("generation failed mid-stream", exc_info=error)
+    return error_body(ReplicaError.type, "generation failed mid-stream; the answer is incomplete")
 
 
 def _observe(model: GenerativeModel, arrival: float, first_at: float, count: int) -> None:

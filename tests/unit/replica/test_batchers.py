@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from replica.api.errors import BatcherClosed, QueueFull, QueueTimeout
 from replica.batching import DynamicBatcher, NoBatcher, QueueKnobs, StaticBatcher
 from replica.batching.clock import FakeClock
 from replica.batching.testing import InlineExecutor, RecordingForward
+from replica.errors import BatcherClosed, QueueFull, QueueTimeout
 
 
 async def settle() -> None:

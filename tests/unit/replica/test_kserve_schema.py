@@ -8,9 +8,9 @@ from array import array
 
 import pytest
 
-from replica.api.errors import BadRequest
 from replica.api.kserve import TensorSpec, infer_response, parse_infer
 from replica.api.schemas import parse_completion
+from replica.errors import BadRequest
 
 SPEC = TensorSpec(input_size=4, num_classes=2, max_rows=8)
 
