@@ -226,7 +226,7 @@ class Admission:
         if self.metrics is not None:
             if ejected:
                 self.metrics.ejections.labels(replica.url).inc()
-            self.metrics.observe(replica.url, lease.code, elapsed_s)
+            self.metrics.observe(replica.url, lease.code, elapsed_s, key=lease.key)
         self.wake()
 
     def wake(self) -> None:

@@ -6,6 +6,9 @@ and what was expected (`replicas[2].url: ...`), so a bad file is fixed from one 
 
 from __future__ import annotations
 
+import hashlib
+import re
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import ErrorDetails
 from yarl import URL
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, key_path
 from gateway.policies import PolicyOptions, canonical_policy_name
 
 
@@ -40,6 +43,15 @@ def _store_path(value: str) -> str:
     if not value.strip():
         raise ValueError("expected a file path for the SQLite job store")
     return value
+
+
+HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _sha256_hex(value: str) -> str:
+    if not HEX_SHA256.fullmatch(value):
+        raise ValueError("expected the key's SHA-256 as 64 hex digits (sha256sum of the key)")
+    return value.lower()
 
 
 class _Model(BaseModel):
@@ -174,6 +186,34 @@ class Jobs(_Model):
     poll_interval_s: float = Field(0.02, gt=0)  # capacity check while jobs wait for a slot
 
 
+class ApiKey(_Model):
+    """One client key: its name (the owner of its jobs, the `key` label of its metrics) and
+    either the SHA-256 of the key (hex) or, for local use, the key itself."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")
+    sha256: Annotated[str, AfterValidator(_sha256_hex)] | None = None
+    key: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ApiKey:
+        if (self.sha256 is None) == (self.key is None):
+            raise ValueError("give exactly one of 'sha256' (the key's hex digest) or 'key'")
+        return self
+
+    @cached_property
+    def digest(self) -> bytes:
+        if self.sha256 is not None:
+            return bytes.fromhex(self.sha256)
+        assert self.key is not None
+        return hashlib.sha256(self.key.encode()).digest()
+
+
+class Auth(_Model):
+    """When present, every proxied and jobs request needs `Authorization: Bearer <key>`."""
+
+    api_keys: tuple[ApiKey, ...] = Field(min_length=1)
+
+
 class GatewayConfig(_Model):
     listen: Listen = Listen()
     routing: Routing = Routing()
@@ -188,6 +228,7 @@ class GatewayConfig(_Model):
     load_feedback: LoadFeedback = LoadFeedback()
     reload: Reload = Reload()
     ui: Ui = Ui()
+    auth: Auth | None = None  # None: anyone who reaches the gateway may use it (local use)
 
     @model_validator(mode="after")
     def _one_replica_source(self) -> GatewayConfig:
@@ -208,6 +249,21 @@ class GatewayConfig(_Model):
             seen.add(spec.url)
         return self
 
+    @model_validator(mode="after")
+    def _unique_keys(self) -> GatewayConfig:
+        names: dict[str, int] = {}
+        digests: dict[bytes, int] = {}
+        for i, key in enumerate(self.auth.api_keys if self.auth else ()):
+            where = f"auth.api_keys[{i}]"
+            if key.name in names:
+                raise ValueError(
+                    f"{where}.name: {key.name!r} is also auth.api_keys[{names[key.name]}]"
+                )
+            if key.digest in digests:
+                raise ValueError(f"{where}: the same key as auth.api_keys[{digests[key.digest]}]")
+            names[key.name], digests[key.digest] = i, i
+        return self
+
     @property
     def replica_urls(self) -> list[str]:
         """The static list; empty when discovery finds the replicas."""
@@ -225,27 +281,23 @@ class GatewayConfig(_Model):
         )
 
 
-def _key_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(top level)"
-
-
 def _describe(error: ErrorDetails) -> str | None:
     kind, loc, msg = error["type"], tuple(error["loc"]), error["msg"]
     if kind == "extra_forbidden":
-        return f"{_key_path(loc)}: unknown key"
+        return f"{key_path(loc)}: unknown key"
     if kind == "missing":
-        return f"{_key_path(loc)}: required key is missing"
+        return f"{key_path(loc)}: required key is missing"
     if kind == "too_short" and loc == ("replicas",):
         # pydantic also reports the length when an item failed; only an empty list is news.
         return None if error.get("input") else "replicas: at least one replica is required"
     msg = msg.removeprefix("Value error, ").replace("a valid tuple", "a list")
+    msg = msg.replace("Tuple should", "List should")
     if not loc and ": " in msg:  # model-level validators already carry their path
         return msg
+    if loc[:1] == ("auth",):  # never echo a key (or its digest) into a log line
+        return f"{key_path(loc)}: {msg}"
     got = repr(error.get("input"))
-    return f"{_key_path(loc)}: {msg} (got {got[:60]})"
+    return f"{key_path(loc)}: {msg} (got {got[:60]})"
 
 
 def parse_config(data: Any) -> GatewayConfig:

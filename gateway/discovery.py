@@ -4,7 +4,8 @@ replica list, so new addresses get traffic and vanished ones drain (pool.update)
 It is the shape of a Kubernetes headless Service: one A (or AAAA) record per ready pod, every
 pod on the same port. When configured, discovery owns the replica list (GatewayState.discovered;
 a config reload keeps it). A failed or empty answer is logged and counted and keeps the last good
-list: a DNS hiccup never empties the pool.
+list: a DNS hiccup never empties the pool. After each change the metrics of replicas that left
+the pool are dropped, so a fleet whose pods come and go does not grow the gateway.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class DnsDiscovery:
             return
         self._state.discovered = urls
         self._state.pool.update(urls)
+        self._state.metrics.forget_gone()  # addresses come and go: keep series for the pool only
         added, gone = sorted(set(urls) - before), sorted(before - set(urls))
         log.info("discovery: %d replicas (added %s, draining %s)", len(urls), added, gone)
 

@@ -1,6 +1,26 @@
-"""The gateway's exception hierarchy; server.error_middleware maps each to a JSON response."""
+"""What the gateway's errors look like: the exception hierarchy (server.error_middleware maps
+each to its status), the one JSON shape of every error answer, and the one way a key path is
+written in a message (`replicas[2].url`, `body.messages[0].content`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def error_body(error_type: str, message: str) -> dict[str, Any]:
+    """The body of every error the gateway answers itself: `{"error": {"type", "message"}}`."""
+    return {"error": {"type": error_type, "message": message}}
+
+
+def key_path(loc: Sequence[int | str]) -> str:
+    """A location in a config file or JSON body (a pydantic error's `loc`) as one key path:
+    names joined by dots, list positions in brackets; `(top level)` for the document itself."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
 
 
 class GatewayError(Exception):
@@ -60,6 +80,16 @@ class InvalidRequest(GatewayError):
 
     status = 400
     error_type = "invalid_request"
+
+
+class Unauthorized(GatewayError):
+    """No valid API key (config `auth.api_keys`) on a request that needs one."""
+
+    status = 401
+    error_type = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, {"WWW-Authenticate": "Bearer"})
 
 
 class NotFound(GatewayError):

@@ -1,7 +1,8 @@
 """Active health checks: one task probes every configured replica's health path on an interval.
 
 A replica turns unhealthy after `unhealthy_threshold` failed probes in a row and healthy again
-after `healthy_threshold` good ones; the pool holds the verdict, the checker only its streaks.
+after `healthy_threshold` good ones; the pool holds the verdict, the checker only its streaks,
+kept for the replicas of the last round only (DNS discovery may replace every address).
 Replicas start healthy and are probed at once, so a fresh gateway serves without waiting.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
 import aiohttp
 
@@ -34,6 +36,10 @@ class HealthChecker:
         self._state = state
         self._streaks: dict[str, int] = {}  # >0: good probes in a row, <0: failures in a row
 
+    @property
+    def streaks(self) -> Mapping[str, int]:
+        return self._streaks
+
     async def run(self) -> None:
         while True:
             check = self._state.runtime.config.health_check
@@ -50,6 +56,9 @@ class HealthChecker:
         replicas = self._state.pool.all()
         session = self._state.client()
         results = await asyncio.gather(*(probe(session, r.url, check) for r in replicas))
+        probed = {replica.url for replica in replicas}
+        for url in [url for url in self._streaks if url not in probed]:
+            del self._streaks[url]  # a replica that left the pool
         for replica, ok in zip(replicas, results, strict=True):
             self._record(replica, ok, check)
 

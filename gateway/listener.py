@@ -13,13 +13,10 @@ import json
 
 from aiohttp import web
 
+from gateway.errors import error_body
+
 _BODY = json.dumps(
-    {
-        "error": {
-            "type": "too_many_connections",
-            "message": "the gateway is at limits.max_connections; retry shortly",
-        }
-    }
+    error_body("too_many_connections", "the gateway is at limits.max_connections; retry shortly")
 ).encode()
 REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"

@@ -1,15 +1,21 @@
 """Prometheus metrics of one gateway process, declared against a registry passed in.
 
 Per-replica gauges (outstanding, healthy) are read from the pool at scrape time by a collector,
-so the pool stays the one owner of that state and a scrape never sees a stale copy.
+so the pool stays the one owner of that state and a scrape never sees a stale copy. Request
+counts are labelled by status class (`code="2xx"`, as the replica's metrics) and API key name.
+
+Per-replica series are bounded by the pool: when DNS discovery or a reload replaces replicas,
+the series of those that left (no longer active nor draining) are dropped (`forget_gone`), from
+the discovery loop and whenever a new replica's first request is observed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from gateway.admission import Admission
@@ -61,8 +67,9 @@ class GatewayMetrics:
         self.registry = registry
         self.requests = Counter(
             "gateway_requests",
-            "Proxied requests by replica and response status code.",
-            ["replica", "code"],
+            "Proxied requests by replica, status class (2xx..5xx; a client that went away is "
+            "4xx) and API key name ('' without auth).",
+            ["replica", "code", "key"],
             registry=registry,
         )
         self.duration = Histogram(
@@ -117,18 +124,59 @@ class GatewayMetrics:
             registry=registry,
         )
         registry.register(PoolCollector(pool, admission))
+        self._pool = pool
         self.recent = RecentTraffic()  # rate and latency over the last seconds, for /ui
-        self._counters: dict[tuple[str, int], Counter] = {}
+        self._counters: dict[tuple[str, str, str], Counter] = {}
         self._histograms: dict[str, Histogram] = {}
 
-    def observe(self, replica: str, code: int, duration_s: float) -> None:
+    def observe(self, replica: str, code: int, duration_s: float, key: str = "") -> None:
+        """One attempt's end: the status the client got (499 when it left), and the API key."""
         # Children are cached: prometheus_client's labels() takes a lock and builds a key.
-        counter = self._counters.get((replica, code))
-        if counter is None:
-            counter = self._counters[(replica, code)] = self.requests.labels(replica, str(code))
         histogram = self._histograms.get(replica)
         if histogram is None:
-            histogram = self._histograms[replica] = self.duration.labels(replica)
+            histogram = self._first_of(replica)
+        labels = (replica, status_class(code), key)
+        counter = self._counters.get(labels)
+        if counter is None:
+            counter = self._counters[labels] = self.requests.labels(*labels)
         counter.inc()
         histogram.observe(duration_s)
         self.recent.add(replica, duration_s)
+
+    def _first_of(self, replica: str) -> Histogram:
+        if len(self._histograms) >= len(self._pool.all()):
+            self.forget_gone(also_keep=replica)  # it may have drained just before this call
+        histogram = self._histograms[replica] = self.duration.labels(replica)
+        return histogram
+
+    def forget_gone(self, also_keep: str | None = None) -> None:
+        """Drop every per-replica series of replicas no longer in the pool."""
+        keep = {replica.url for replica in self._pool.all()}
+        if also_keep is not None:
+            keep.add(also_keep)
+        for labels in [labels for labels in self._counters if labels[0] not in keep]:
+            del self._counters[labels]
+        for url in [url for url in self._histograms if url not in keep]:
+            del self._histograms[url]
+        _remove_replicas(self.requests, ("replica", "code", "key"), keep)
+        _remove_replicas(self.duration, ("replica",), keep)
+        _remove_replicas(self.ejections, ("replica",), keep)
+        self.recent.keep_only(keep)
+
+
+def status_class(code: int) -> str:
+    """200 -> '2xx': a bounded label, the same convention as the replica's metrics."""
+    return f"{code // 100}xx"
+
+
+def _remove_replicas(
+    metric: MetricWrapperBase, labelnames: Sequence[str], keep: Collection[str]
+) -> None:
+    stale = {
+        tuple(sample.labels[name] for name in labelnames)
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.labels["replica"] not in keep
+    }
+    for labels in stale:
+        metric.remove(*labels)

@@ -1,6 +1,7 @@
 """The OpenAPI document of the gateway's own endpoints, served at /openapi.json.
 
-Every other path is proxied to a replica unchanged; the replica serves its own document.
+Every other path is proxied to a replica unchanged; the replica serves its own document. With
+`auth` configured, the jobs endpoints (and every proxied path) need an API key.
 """
 
 from __future__ import annotations
@@ -246,6 +247,25 @@ _JOB_PATHS: dict[str, Any] = {
         }
     },
 }
+# Optional: only when the config has `auth` (an empty requirement means "none needed").
+_API_KEY: list[dict[str, list[str]]] = [{"apiKey": []}, {}]
+_UNAUTHORIZED = {"401": _error("auth is on and the request carries no valid API key")}
+
+
+def _with_api_key(paths: dict[str, Any]) -> dict[str, Any]:
+    return {
+        path: {
+            method: {
+                **operation,
+                "security": _API_KEY,
+                "responses": {**operation["responses"], **_UNAUTHORIZED},
+            }
+            for method, operation in operations.items()
+        }
+        for path, operations in paths.items()
+    }
+
+
 _ADMIN_ERRORS = {
     "401": _error("missing or wrong bearer token"),
     "404": _error("admin endpoints are off (INFERGATE_ADMIN_TOKEN unset)"),
@@ -257,7 +277,8 @@ DOCUMENT: dict[str, Any] = {
         "title": "infergate gateway",
         "version": "0.1.0",
         "description": "The gateway's own endpoints. Every other path is proxied to a "
-        "replica chosen by the routing strategy.",
+        "replica chosen by the routing strategy; with `auth` configured, it and the jobs "
+        "endpoints need `Authorization: Bearer <API key>`.",
     },
     "paths": {
         "/healthz": {"get": {"summary": "The process is up", "responses": {"200": _json("up")}}},
@@ -320,7 +341,7 @@ DOCUMENT: dict[str, Any] = {
                 },
             }
         },
-        **_JOB_PATHS,
+        **_with_api_key(_JOB_PATHS),
     },
     "components": {
         "schemas": {
@@ -330,6 +351,9 @@ DOCUMENT: dict[str, Any] = {
             "JobRequest": _JOB_REQUEST,
             "Batch": _BATCH,
         },
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "the admin token"},
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "auth.api_keys"},
+        },
     },
 }

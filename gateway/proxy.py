@@ -22,6 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
+from gateway.auth import key_name
 from gateway.config import GatewayConfig, Retries, Timeouts
 from gateway.errors import (
     BodyTooLarge,
@@ -29,6 +30,7 @@ from gateway.errors import (
     GatewayError,
     UpstreamError,
     UpstreamTimeout,
+    error_body,
 )
 from gateway.policies import NO_INFO
 from gateway.pool import Replica, parse_load_report
@@ -175,6 +177,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             break
         try:
             async with state.admission.lease(info, tried=tried) as lease:
+                lease.key = key_name(request)
                 tried.append(lease.replica)
                 retry = attempt > 0
                 return await _attempt(request, state, lease, body, request_id, retry, config)
@@ -309,7 +312,7 @@ async def _buffered_response(
         raise AttemptFailed("reset", error) from None
     except BodyOverLimit as exc:  # only a 429/503 of unknown length gets here
         message = f"replica {replica.url} answered {upstream.status} with a body of {exc} (dropped)"
-        body = json.dumps({"error": {"type": "upstream_error", "message": message}}).encode()
+        body = json.dumps(error_body("upstream_error", message)).encode()
         headers.popall("Content-Type", None)
         headers.popall("Content-Encoding", None)
         headers["Content-Type"] = "application/json"
@@ -365,7 +368,7 @@ async def _cut(request: web.Request, response: web.StreamResponse, reason: str) 
     """End a relayed response that cannot complete: an SSE client gets an error event first;
     then the connection is aborted so no client mistakes the truncated body for a whole one."""
     if response.content_type == "text/event-stream":
-        event = json.dumps({"error": {"type": "upstream_error", "message": reason}})
+        event = json.dumps(error_body("upstream_error", reason))
         with contextlib.suppress(ConnectionError):
             await response.write(f"event: error\ndata: {event}\n\n".encode())
     if request.transport is not None:

@@ -2,8 +2,10 @@
 window_s seconds, per replica and for the whole gateway.
 
 Each finished request appends one (time, duration) pair to a bounded ring, O(1) on the request
-path; the percentiles are computed only when the page asks. Under a rate that fills the ring
-faster than window_s, the figures cover the ring's span instead (still exact for that span).
+path, and drops the samples that have aged out of the window as it writes; the percentiles are
+computed only when the page asks. Under a rate that fills the ring faster than window_s, the
+figures cover the ring's span instead (still exact for that span). The windows of replicas that
+left the pool are dropped by GatewayMetrics.forget_gone (`keep_only`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ class RecentWindow:
         self._since = since  # when counting began: a young gateway's rate is over its age
 
     def add(self, duration_s: float) -> None:
-        self._samples.append((self._clock(), duration_s))
+        now = self._clock()
+        samples = self._samples
+        while samples and samples[0][0] < now - self._window_s:
+            samples.popleft()
+        samples.append((now, duration_s))
 
     def summary(self) -> dict[str, Any]:
         now = self._clock()
@@ -71,6 +77,9 @@ class RecentTraffic:
     def summary(self, replica: str = TOTAL) -> dict[str, Any]:
         window = self._windows.get(replica)
         return (window or self._make()).summary()
+
+    def replicas(self) -> list[str]:
+        return [url for url in self._windows if url != TOTAL]
 
     def keep_only(self, replicas: Iterable[str]) -> None:
         """Forget replicas that left the pool, so the windows stay bounded by the pool."""

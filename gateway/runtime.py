@@ -65,6 +65,7 @@ class GatewayState:
             )
         )
         self.pool.update(self.replica_urls(config), config.replica_max_concurrency)
+        self.metrics.forget_gone()
         self.metrics.strategy.info({"strategy": runtime.config.routing.strategy})
 
     def replica_urls(self, config: GatewayConfig) -> list[str]:

@@ -1,8 +1,10 @@
 """The gateway's HTTP surface: an app factory, its own endpoints, and the error middleware.
 
-Paths the gateway owns (/healthz, /readyz, /metrics, /admin/..., /ui...) answer here; every other
-method and path goes to proxy.handle. Admin endpoints need `Authorization: Bearer <token>`
-matching INFERGATE_ADMIN_TOKEN and answer 404 when no token is configured.
+Paths the gateway owns (/healthz, /readyz, /metrics, /openapi.json, /admin and /admin/..., /ui
+and /ui/...) answer here and are never proxied; every other method and path goes to proxy.handle.
+Admin endpoints need `Authorization: Bearer <token>` matching INFERGATE_ADMIN_TOKEN and answer 404
+when no token is configured. Proxied and jobs requests need an API key when `auth` is configured
+(gateway/auth.py); the gateway's own endpoints keep their own rules.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import posixpath
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -21,9 +25,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from gateway import proxy, status
 from gateway.admission import Admission
+from gateway.auth import require_key
 from gateway.config import GatewayConfig
 from gateway.discovery import DnsDiscovery
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, error_body
 from gateway.feedback import LoadPoller
 from gateway.health import HealthChecker
 from gateway.jobs import routes as job_routes
@@ -38,13 +43,13 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WATCHER = web.AppKey("reload_watcher", ReloadWatcher)
+HEALTH = web.AppKey("health_checker", HealthChecker)
 
 
 def error_response(
     status: int, error_type: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
-    body = {"error": {"type": error_type, "message": message}}
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(error_body(error_type, message), status=status, headers=headers)
 
 
 @web.middleware
@@ -138,6 +143,25 @@ async def admin_unknown(request: web.Request) -> web.Response:
     raise web.HTTPNotFound(text=f"no admin endpoint {request.path}")
 
 
+def is_admin_path(path: str) -> bool:
+    """`/admin` or below it, however spelled (`//admin`, `/x/../admin`, `/admin%2F` decoded)."""
+    if "/admin" not in path:
+        return False  # the common case, at the cost of one substring search
+    normal = posixpath.normpath(re.sub("/+", "/", path))
+    return normal == "/admin" or normal.startswith("/admin/")
+
+
+def _proxied(handler: Handler) -> Handler:
+    """The catch-all route: a spelling of an admin path the router did not match stays here."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        if is_admin_path(request.path):
+            return await admin_unknown(request)
+        return await handler(request)
+
+    return route
+
+
 async def _start_draining(app: web.Application) -> None:
     app[STATE].draining = True
 
@@ -188,9 +212,10 @@ def create_app(
     app = web.Application(middlewares=[error_middleware], client_max_size=0)
     app[STATE] = state
     app[WATCHER] = ReloadWatcher(state)
+    app[HEALTH] = HealthChecker(state)
     app.on_shutdown.append(_start_draining)
     app.cleanup_ctx.append(_client_session)
-    app.cleanup_ctx.append(_background("health-checks", lambda a: HealthChecker(state).run()))
+    app.cleanup_ctx.append(_background("health-checks", lambda a: a[HEALTH].run()))
     app.cleanup_ctx.append(_background("config-watch", lambda a: a[WATCHER].run()))
     app.cleanup_ctx.append(_background("load-feedback", lambda a: LoadPoller(state).run()))
     app.cleanup_ctx.append(_background("dns-discovery", lambda a: DnsDiscovery(state).run()))
@@ -212,10 +237,14 @@ def create_app(
     for path, methods, handler in own:
         app.router.add_route("*", path, _only(methods, handler))
     for path, handlers in job_routes.ROUTES:
-        app.router.add_route("*", path, _only(tuple(handlers), job_routes.by_method(handlers)))
+        jobs_handler = _only(tuple(handlers), job_routes.by_method(handlers))
+        app.router.add_route("*", path, require_key(jobs_handler))
+    # The /admin and /ui trees are the gateway's: an unknown path there is a 404 here, never a
+    # request to a replica (which would carry the admin token to it).
+    app.router.add_route("*", "/admin", admin_unknown)
     app.router.add_route("*", "/admin/{tail:.*}", admin_unknown)
     app.router.add_route("*", "/ui/{tail:.*}", status.unknown)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    app.router.add_route("*", "/{tail:.*}", _proxied(require_key(proxy.handle)))
     return app
 
 

@@ -33,7 +33,6 @@ def _asset(name: str) -> bytes:
 def status_document(state: GatewayState) -> dict[str, Any]:
     replicas = state.pool.all()
     recent = state.metrics.recent
-    recent.keep_only(replica.url for replica in replicas)
     config = state.runtime.config
     return {
         "strategy": config.routing.strategy,

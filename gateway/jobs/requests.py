@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, key_path
 
 # Paths the gateway answers itself: a job aimed at one would never reach a replica.
 GATEWAY_PATHS = ("/v1/jobs", "/v1/batches", "/admin", "/healthz", "/readyz", "/metrics")
@@ -64,7 +64,7 @@ class BatchLine:
 def describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        where = key_path(error["loc"])
         if error["type"] == "extra_forbidden":
             problems.append(f"{where}: unknown key (expected custom_id, method, url, body)")
         elif error["type"] == "missing":

@@ -2,6 +2,8 @@
 file, OpenAI Batch style). Handlers validate and orchestrate; the store owns the state.
 
 With no `jobs:` section in the config every endpoint answers 404 saying how to turn jobs on.
+Jobs and batches belong to the API key that submitted them (`auth.key_name`, '' without auth):
+every read, listing and cancel is scoped to it, so another key's job is a 404 like an unknown id.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.auth import key_name
 from gateway.errors import BodyTooLarge, Conflict, InvalidRequest, NotFound
 from gateway.jobs.requests import parse_batch, parse_job
 from gateway.jobs.service import JOBS, JobService
@@ -57,7 +60,7 @@ async def submit_job(request: web.Request) -> web.Response:
         data = json.loads(body)
     except ValueError as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
-    job = await service.store.run(JobStore.add_job, parse_job(data))
+    job = await service.store.run(JobStore.add_job, parse_job(data), owner=key_name(request))
     service.scheduler.wake()
     location = f"/v1/jobs/{job.id}"
     return web.json_response(job.as_json(), status=202, headers={"Location": location})
@@ -74,6 +77,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         batch_id=request.query.get("batch_id"),
         after=request.query.get("after"),
         limit=_limit(request),
+        owner=key_name(request),
     )
     return _page([job.as_json() for job in jobs], more)
 
@@ -82,22 +86,22 @@ def _no_job(job_id: str) -> NotFound:
     return NotFound(f"no job {job_id!r} (finished jobs are deleted after their retention)")
 
 
-async def _job(service: JobService, job_id: str) -> Job:
-    job = await service.store.run(JobStore.get_job, job_id)
+async def _job(request: web.Request) -> Job:
+    job_id = request.match_info["id"]
+    job = await _service(request).store.run(JobStore.get_job, job_id, owner=key_name(request))
     if job is None:
         raise _no_job(job_id)
     return job
 
 
 async def get_job(request: web.Request) -> web.Response:
-    job = await _job(_service(request), request.match_info["id"])
-    return web.json_response(job.as_json())
+    return web.json_response((await _job(request)).as_json())
 
 
 async def cancel_job(request: web.Request) -> web.Response:
     service = _service(request)
     job_id = request.match_info["id"]
-    job, cancelled = await service.store.run(JobStore.cancel_job, job_id)
+    job, cancelled = await service.store.run(JobStore.cancel_job, job_id, owner=key_name(request))
     if job is None:
         raise _no_job(job_id)
     if not cancelled:
@@ -126,39 +130,43 @@ async def submit_batch(request: web.Request) -> web.Response:
             "split it into smaller batches"
         ) from None
     lines = await asyncio.to_thread(parse_batch, body, settings.max_batch_lines)
-    batch = await service.store.run(JobStore.add_batch, lines)
+    batch = await service.store.run(JobStore.add_batch, lines, owner=key_name(request))
     service.scheduler.wake()
     location = f"/v1/batches/{batch.id}"
     return web.json_response(batch.as_json(), status=202, headers={"Location": location})
 
 
-async def _batch(service: JobService, batch_id: str) -> Batch:
-    batch = await service.store.run(JobStore.get_batch, batch_id)
+async def _batch(request: web.Request) -> Batch:
+    batch_id = request.match_info["id"]
+    store = _service(request).store
+    batch = await store.run(JobStore.get_batch, batch_id, owner=key_name(request))
     if batch is None:
         raise NotFound(f"no batch {batch_id!r} (batches are deleted after their retention)")
     return batch
 
 
 async def get_batch(request: web.Request) -> web.Response:
-    batch = await _batch(_service(request), request.match_info["id"])
-    return web.json_response(batch.as_json())
+    return web.json_response((await _batch(request)).as_json())
 
 
 async def list_batches(request: web.Request) -> web.Response:
     service = _service(request)
     batches, more = await service.store.run(
-        JobStore.list_batches, after=request.query.get("after"), limit=_limit(request)
+        JobStore.list_batches,
+        after=request.query.get("after"),
+        limit=_limit(request),
+        owner=key_name(request),
     )
     return _page([batch.as_json() for batch in batches], more)
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
     service = _service(request)
-    batch_id = request.match_info["id"]
-    before = await _batch(service, batch_id)
+    before = await _batch(request)
     if before.status != "in_progress":
-        raise Conflict(f"batch {batch_id} is already {before.status}")
-    batch, cancelled = await service.store.run(JobStore.cancel_batch, batch_id)
+        raise Conflict(f"batch {before.id} is already {before.status}")
+    owner = key_name(request)
+    batch, cancelled = await service.store.run(JobStore.cancel_batch, before.id, owner=owner)
     service.scheduler.abandon(cancelled)
     assert batch is not None
     return web.json_response(batch.as_json())
@@ -167,7 +175,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
 async def batch_results(request: web.Request) -> web.StreamResponse:
     """The JSONL result file, one line per input line in file order, streamed page by page."""
     service = _service(request)
-    batch = await _batch(service, request.match_info["id"])
+    batch = await _batch(request)
     if batch.status == "in_progress":
         counts = batch.as_json()["request_counts"]
         done = counts["completed"] + counts["failed"]
@@ -182,8 +190,10 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    after = 0
-    while page := await service.store.run(JobStore.batch_results, batch.id, after, RESULTS_PAGE):
+    after, owner = 0, batch.owner
+    while page := await service.store.run(
+        JobStore.batch_results, batch.id, after, RESULTS_PAGE, owner=owner
+    ):
         lines = "".join(json.dumps(job.result_json()) + "\n" for job in page)
         await response.write(lines.encode())
         after = page[-1].seq

@@ -149,6 +149,7 @@ class Scheduler:
         affinity = runtime.config.routing.affinity
         info = describe(needs, NO_HEADERS, job.body.encode(), affinity) if needs else NO_INFO
         lease = self._state.admission.take(replicas, info)
+        lease.key = job.owner
         task = asyncio.create_task(self._dispatch(job, lease), name=f"job-{job.id}")
         self._in_flight[job.id] = task
         # The lease is closed when the task ends, even one cancelled before its first step.

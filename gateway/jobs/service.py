@@ -62,9 +62,14 @@ class JobService:
             store = await ThreadedStore.open(path, retention_s=self.settings.result_retention_s)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"jobs.store: cannot open {path}: {exc}") from None
-        recovered = await store.run(JobStore.recover)
-        if recovered:
-            log.warning("jobs: %d jobs the last gateway left running are queued again", recovered)
+        queued, failed = await store.run(JobStore.recover, self.settings.max_attempts)
+        if queued or failed:
+            log.warning(
+                "jobs: of the jobs the last gateway left running, %d are queued again and %d "
+                "failed (their last allowed attempt)",
+                queued,
+                failed,
+            )
         return store
 
     async def run(self) -> None:

@@ -9,6 +9,10 @@ jobs left running by a crashed gateway go back to queued.
 `JobStore` is synchronous and owns its connection; `ThreadedStore` runs its methods on one
 dedicated thread so the event loop never waits on disk. WAL with synchronous=NORMAL keeps
 every commit across a process crash (kill -9); only a power loss may lose the last commits.
+
+Every job and batch has an `owner`: the name of the API key that created it ('' without auth).
+Every read and cancel a client makes is scoped to one owner, so another key's jobs are "not
+found" and never listed. A store file from before owners gets the column when it is opened.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ CREATE TABLE IF NOT EXISTS batches (
     total INTEGER NOT NULL,
     cancelled_at REAL,
     completed_at REAL,
-    expires_at REAL
+    expires_at REAL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -58,12 +63,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     status_code INTEGER,
     response TEXT,
     error_code TEXT,
-    error_message TEXT
+    error_message TEXT,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs (batch_id);
 CREATE INDEX IF NOT EXISTS jobs_by_batch_status ON jobs (batch_id, status);
 CREATE INDEX IF NOT EXISTS jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+"""
+# After the columns exist (a store from before owners gets them in _migrate).
+OWNER_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
+CREATE INDEX IF NOT EXISTS batches_by_owner ON batches (owner);
 """
 
 
@@ -98,6 +109,7 @@ class Job:
     response: str | None
     error_code: str | None
     error_message: str | None
+    owner: str = ""
 
     def result_json(self) -> dict[str, Any]:
         """The OpenAI Batch output line: response when a replica answered, error otherwise."""
@@ -134,6 +146,7 @@ class Batch:
     completed_at: float | None
     expires_at: float | None
     counts: dict[str, int]
+    owner: str = ""
 
     @property
     def status(self) -> str:
@@ -189,11 +202,20 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._retention_s = retention_s
         self._clock = clock
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self) -> None:
+        """Bring a store file written by an older gateway up to this schema; idempotent."""
+        for table in ("jobs", "batches"):
+            columns = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if "owner" not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        self._db.executescript(OWNER_INDEXES)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -207,33 +229,33 @@ class JobStore:
 
     # Submitting
 
-    def add_job(self, request: JobRequest) -> Job:
+    def add_job(self, request: JobRequest, *, owner: str = "") -> Job:
         job_id = new_id("job")
         self._db.execute(
-            "INSERT INTO jobs (id, custom_id, method, url, body, status, created_at)"
-            " VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+            "INSERT INTO jobs (id, custom_id, method, url, body, status, created_at, owner)"
+            " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
             (job_id, request.custom_id, request.method, request.url, request.body_json(),
-             self._clock()),
+             self._clock(), owner),
         )  # fmt: skip
         return self._job(job_id)
 
-    def add_batch(self, lines: Sequence[BatchLine]) -> Batch:
+    def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch:
         """The batch and all its lines in one transaction: it exists whole or not at all."""
         batch_id, now = new_id("batch"), self._clock()
-        rows = [_line_row(batch_id, line, now) for line in lines]
+        rows = [(*_line_row(batch_id, line, now), owner) for line in lines]
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO batches (id, created_at, total) VALUES (?, ?, ?)",
-                (batch_id, now, len(lines)),
+                "INSERT INTO batches (id, created_at, total, owner) VALUES (?, ?, ?, ?)",
+                (batch_id, now, len(lines), owner),
             )
             db.executemany(
                 "INSERT INTO jobs (id, batch_id, line, custom_id, method, url, body, status,"
-                " created_at, finished_at, error_code, error_message)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, finished_at, error_code, error_message, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             self._complete_if_done(batch_id, now)
-        batch = self.get_batch(batch_id)
+        batch = self.get_batch(batch_id, owner=owner)
         assert batch is not None
         return batch
 
@@ -274,14 +296,33 @@ class JobStore:
         )
         return cursor.rowcount == 1
 
-    def recover(self) -> int:
-        """Jobs left running by a gateway that stopped go back to the queue."""
+    def recover(self, max_attempts: int | None = None) -> tuple[int, int]:
+        """Jobs left running by a gateway that stopped: (queued again, failed). With
+        `max_attempts`, one whose attempt that was is the last allowed fails instead, so a job
+        that crashes the gateway is not run forever; without it (our own shutdown cancelled
+        them) all go back to the queue."""
+        failed = 0
+        if max_attempts is not None:
+            now = self._clock()
+            with self._transaction() as db:
+                rows = db.execute(
+                    "UPDATE jobs SET status = 'failed', finished_at = ?,"
+                    " error_code = 'attempts_exhausted',"
+                    " error_message = 'the gateway stopped during attempt ' || attempt ||"
+                    " ' of ' || ? || '; not run again',"
+                    " expires_at = CASE WHEN batch_id IS NULL THEN ? END"
+                    " WHERE status = 'running' AND attempt >= ? RETURNING batch_id",
+                    (now, max_attempts, now + self._retention_s, max_attempts),
+                ).fetchall()
+                for batch_id in {row["batch_id"] for row in rows} - {None}:
+                    self._complete_if_done(batch_id, now)
+            failed = len(rows)
         cursor = self._db.execute("UPDATE jobs SET status = 'queued' WHERE status = 'running'")
-        return cursor.rowcount
+        return cursor.rowcount, failed
 
     # Cancelling
 
-    def cancel_job(self, job_id: str) -> tuple[Job | None, bool]:
+    def cancel_job(self, job_id: str, *, owner: str = "") -> tuple[Job | None, bool]:
         """(the job after, whether this call cancelled it); (None, False) when unknown."""
         now = self._clock()
         with self._transaction() as db:
@@ -289,21 +330,22 @@ class JobStore:
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?, error_code = 'cancelled',"
                 " error_message = 'cancelled before it finished',"
                 " expires_at = CASE WHEN batch_id IS NULL THEN ? END"
-                " WHERE id = ? AND status IN ('queued', 'running') RETURNING batch_id",
-                (now, now + self._retention_s, job_id),
+                " WHERE id = ? AND owner = ? AND status IN ('queued', 'running')"
+                " RETURNING batch_id",
+                (now, now + self._retention_s, job_id, owner),
             ).fetchone()
             if row is not None and row["batch_id"] is not None:
                 self._complete_if_done(row["batch_id"], now)
-        return self.get_job(job_id), row is not None
+        return self.get_job(job_id, owner=owner), row is not None
 
-    def cancel_batch(self, batch_id: str) -> tuple[Batch | None, list[str]]:
+    def cancel_batch(self, batch_id: str, *, owner: str = "") -> tuple[Batch | None, list[str]]:
         """(the batch after, ids of the jobs it cancelled); a finished batch is unchanged."""
         now = self._clock()
         with self._transaction() as db:
             changed = db.execute(
                 "UPDATE batches SET cancelled_at = ?"
-                " WHERE id = ? AND completed_at IS NULL AND cancelled_at IS NULL",
-                (now, batch_id),
+                " WHERE id = ? AND owner = ? AND completed_at IS NULL AND cancelled_at IS NULL",
+                (now, batch_id, owner),
             ).rowcount
             cancelled: list[str] = []
             if changed:
@@ -316,39 +358,49 @@ class JobStore:
                 ).fetchall()
                 cancelled = [row["id"] for row in rows]
                 self._complete_if_done(batch_id, now)
-        return self.get_batch(batch_id), cancelled
+        return self.get_batch(batch_id, owner=owner), cancelled
 
     # Reading
 
-    def get_job(self, job_id: str) -> Job | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    def get_job(self, job_id: str, *, owner: str = "") -> Job | None:
+        row = self._db.execute(
+            "SELECT * FROM jobs WHERE id = ? AND owner = ?", (job_id, owner)
+        ).fetchone()
         return None if row is None else Job(**row)
 
     def _job(self, job_id: str) -> Job:
-        job = self.get_job(job_id)
-        assert job is not None
-        return job
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        assert row is not None
+        return Job(**row)
 
     def list_jobs(
-        self, *, status: str | None, batch_id: str | None, after: str | None, limit: int
+        self,
+        *,
+        status: str | None,
+        batch_id: str | None,
+        after: str | None,
+        limit: int,
+        owner: str = "",
     ) -> tuple[list[Job], bool]:
-        """A page of jobs, oldest first, and whether more follow."""
-        where, args = ["1"], []
+        """A page of one owner's jobs, oldest first, and whether more follow."""
+        where, args = ["owner = ?"], [owner]
         for column, value in (("status", status), ("batch_id", batch_id)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
         if after is not None:
-            where.append("seq > COALESCE((SELECT seq FROM jobs WHERE id = ?), -1)")
-            args.append(after)
+            where.append("seq > COALESCE((SELECT seq FROM jobs WHERE id = ? AND owner = ?), -1)")
+            args += [after, owner]
         rows = self._db.execute(
             f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
             (*args, limit + 1),
         ).fetchall()
         return [Job(**row) for row in rows[:limit]], len(rows) > limit
 
-    def get_batch(self, batch_id: str) -> Batch | None:
-        row = self._db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+    def get_batch(self, batch_id: str, *, owner: str = "") -> Batch | None:
+        row = self._db.execute(
+            "SELECT * FROM batches WHERE id = ? AND owner = ?", (batch_id, owner)
+        ).fetchone()
         if row is None:
             return None
         counts = self._db.execute(
@@ -356,21 +408,25 @@ class JobStore:
         ).fetchall()
         return Batch(**row, counts={status: n for status, n in counts})
 
-    def list_batches(self, *, after: str | None, limit: int) -> tuple[list[Batch], bool]:
+    def list_batches(
+        self, *, after: str | None, limit: int, owner: str = ""
+    ) -> tuple[list[Batch], bool]:
         rows = self._db.execute(
-            "SELECT id FROM batches WHERE rowid > COALESCE("
-            "(SELECT rowid FROM batches WHERE id = ?), -1) ORDER BY rowid LIMIT ?",
-            (after, limit + 1),
+            "SELECT id FROM batches WHERE owner = ? AND rowid > COALESCE("
+            "(SELECT rowid FROM batches WHERE id = ? AND owner = ?), -1) ORDER BY rowid LIMIT ?",
+            (owner, after, owner, limit + 1),
         ).fetchall()
-        batches = [self.get_batch(row["id"]) for row in rows[:limit]]
+        batches = [self.get_batch(row["id"], owner=owner) for row in rows[:limit]]
         return [b for b in batches if b is not None], len(rows) > limit
 
-    def batch_results(self, batch_id: str, after_seq: int, limit: int) -> list[Job]:
+    def batch_results(
+        self, batch_id: str, after_seq: int, limit: int, *, owner: str = ""
+    ) -> list[Job]:
         """Finished lines of a batch in file order, a page at a time (results are streamed)."""
         rows = self._db.execute(
-            "SELECT * FROM jobs WHERE batch_id = ? AND seq > ? AND status NOT IN"
+            "SELECT * FROM jobs WHERE batch_id = ? AND owner = ? AND seq > ? AND status NOT IN"
             " ('queued', 'running') ORDER BY seq LIMIT ?",
-            (batch_id, after_seq, limit),
+            (batch_id, owner, after_seq, limit),
         ).fetchall()
         return [Job(**row) for row in rows]
 

@@ -115,4 +115,4 @@ async def test_upstream_cut_mid_stream_ends_with_an_sse_error_event(tmp_path: Pa
     assert events[-1].startswith("event: error\ndata: ")
     error = json.loads(events[-1].split("data: ", 1)[1])["error"]
     assert error["type"] == "upstream_error" and replicas[0].url in error["message"]
-    assert f'gateway_requests_total{{code="502",replica="{replicas[0].url}"}} 1.0' in metrics
+    assert f'gateway_requests_total{{code="5xx",key="",replica="{replicas[0].url}"}} 1.0' in metrics

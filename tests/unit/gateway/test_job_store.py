@@ -79,6 +79,27 @@ def test_a_result_is_recorded_once_and_a_stale_attempt_cannot_overwrite_it(
     assert job.result_json()["response"] == {"status_code": 200, "body": {"text": "hi"}}
 
 
+def test_a_job_that_keeps_crashing_the_gateway_fails_at_its_last_attempt(
+    tmp_path: Path, clock: Clock
+) -> None:
+    store = JobStore(tmp_path / "jobs.db", retention_s=RETENTION_S, clock=clock)
+    (batch_line,) = parse_batch(_batch_file(1), max_lines=10)
+    batch = store.add_batch([batch_line])
+    outcomes = []
+    for _ in range(3):  # claimed, then the gateway dies during the attempt, three times
+        assert store.claim() is not None
+        store.close()
+        store = JobStore(tmp_path / "jobs.db", retention_s=RETENTION_S, clock=clock)
+        outcomes.append(store.recover(max_attempts=3))
+    assert outcomes == [(1, 0), (1, 0), (0, 1)]
+    assert store.claim() is None  # not run a fourth time
+    (job,) = store.batch_results(batch.id, after_seq=0, limit=10)
+    assert job.status == "failed" and job.error_code == "attempts_exhausted"
+    assert job.error_message == "the gateway stopped during attempt 3 of 3; not run again"
+    done = store.get_batch(batch.id)
+    assert done is not None and done.status == "completed"
+
+
 def test_recovery_requeues_running_jobs_and_fences_the_old_attempt(
     tmp_path: Path, clock: Clock
 ) -> None:
@@ -88,7 +109,7 @@ def test_recovery_requeues_running_jobs_and_fences_the_old_attempt(
     running = [store.claim(), store.claim()]
     store.close()  # the gateway died with two jobs running
     store = JobStore(tmp_path / "jobs.db", retention_s=RETENTION_S, clock=clock)
-    assert store.recover() == 2
+    assert store.recover(max_attempts=3) == (2, 0)
     assert [j.status for j in store.list_jobs(status=None, batch_id=None, after=None,
                                               limit=10)[0]] == ["queued"] * 3  # fmt: skip
     claimed = store.claim()

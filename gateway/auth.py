@@ -1,0 +1,60 @@
+"""API keys (config `auth.api_keys`): who may use the proxied and jobs endpoints, and as whom.
+
+The first step on those routes (server.py wraps their handlers with `require_key`), before any
+body is read. With `auth` configured a request must carry `Authorization: Bearer <key>`: the key
+is hashed with SHA-256 and compared in constant time with every configured digest, and the
+matching key's name becomes the request's identity (`key_name(request)`): the owner of the jobs
+it creates and the `key` label of its metrics. Without `auth` every request passes, named ''.
+The config is read per request, so keys change with a hot reload. The key is never stored or
+logged; it is forwarded to the replica with the rest of the request's headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.config import Auth
+from gateway.errors import Unauthorized
+from gateway.runtime import STATE
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+KEY_NAME = web.RequestKey("api_key_name", str)  # where require_key leaves the key's name
+MISSING = "this gateway needs an API key: send 'Authorization: Bearer <key>'"
+WRONG = "the API key is not valid for this gateway"
+
+
+def key_name(request: web.BaseRequest) -> str:
+    """The name of the API key this request authenticated with; '' when auth is off."""
+    name: str = request.get(KEY_NAME, "")
+    return name
+
+
+def identify(auth: Auth, authorization: str | None) -> str:
+    """The name of the key in an Authorization header value; Unauthorized if there is none."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized(MISSING)
+    digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+    found = ""
+    for key in auth.api_keys:  # every digest is compared: the time does not depend on which
+        if hmac.compare_digest(digest, key.digest) and not found:
+            found = key.name
+    if not found:
+        raise Unauthorized(WRONG)
+    return found
+
+
+def require_key(handler: Handler) -> Handler:
+    async def authenticated(request: web.Request) -> web.StreamResponse:
+        auth = request.app[STATE].runtime.config.auth
+        if auth is not None:
+            request[KEY_NAME] = identify(auth, request.headers.get("Authorization"))
+        return await handler(request)
+
+    return authenticated
