@@ -93,11 +93,13 @@ class Rules:
 class Lease:
     """One dispatch of one request to one replica, counted until `close` (which is idempotent).
 
-    The holder sets `code` to the status the client got (499 while none) and reports streamed
-    progress; `key` names the API key for metrics."""
+    The holder sets `code` to the status the client got (499 while none), `broken` when the
+    replica failed after its response began, and reports streamed progress; `key` names the API
+    key for metrics."""
 
     __slots__ = (
-        "_admission", "_closed", "_started", "code", "key", "remaining", "replica", "tokens",
+        "_admission", "_closed", "_started", "broken", "code", "key", "remaining", "replica",
+        "tokens",
     )  # fmt: skip
 
     def __init__(self, admission: Admission, replica: Replica, request: RequestInfo) -> None:
@@ -108,6 +110,7 @@ class Lease:
         self.tokens = request.tokens  # the request's estimated work
         self.remaining = request.tokens  # the part of it still counted against the replica
         self.code = CLIENT_CLOSED
+        self.broken = False  # the replica failed after its response began (an SSE error event)
         self.key = ""
 
     def progress(self, tokens: int) -> None:
@@ -217,7 +220,8 @@ class Admission:
     def finish(self, lease: Lease, elapsed_s: float) -> None:
         """A lease's end: counts, failure streak, ejection, latency sample, metrics; then the
         freed slot goes to the queue."""
-        rules, replica, outcome = self.rules, lease.replica, outcome_of(lease.code)
+        rules, replica = self.rules, lease.replica
+        outcome = "failed" if lease.broken else outcome_of(lease.code)
         self.pool.release(replica, outcome=outcome, tokens=lease.remaining)
         self.drain.tick()
         ejected = outlier.observe(self.pool, replica, rules.outlier_detection) is not None

@@ -285,8 +285,7 @@ async def _relay(
                 raise AttemptFailed(str(upstream.status), error, response)
         else:
             response = await _start_response(request, upstream, replica, request_id)
-            stream = lease.remaining > 1 and response.content_type == "text/event-stream"
-            await _copy_body(upstream, response, replica, lease if stream else None)
+            await _copy_body(upstream, response, lease)
     except BaseException:
         upstream.close()  # never hand a half-read connection back to the pool
         raise
@@ -337,13 +336,13 @@ async def _start_response(
 
 
 async def _copy_body(
-    upstream: aiohttp.ClientResponse,
-    response: web.StreamResponse,
-    replica: Replica,
-    progress: Lease | None,
+    upstream: aiohttp.ClientResponse, response: web.StreamResponse, lease: Lease
 ) -> None:
-    """Relay chunk by chunk; for a token stream, its work shrinks by the events relayed (one
-    never goes below 1 token until the response ends)."""
+    """Relay chunk by chunk. For a token stream, its work shrinks by the events relayed (never
+    below 1 token until the response ends), and an error event from the replica marks the lease
+    failed: the client got a 200, but the replica did not serve it."""
+    replica = lease.replica
+    sse = response.content_type == "text/event-stream"
     chunks = upstream.content.iter_any().__aiter__()
     while True:
         try:
@@ -356,10 +355,12 @@ async def _copy_body(
             reason = f"replica {replica.url} failed mid-response: {type(exc).__name__}"
             log.warning("%s", reason)
             raise RelayAborted(response, reason) from None
-        if progress is not None:
-            done = min(count_sse_events(chunk), progress.remaining - 1)
+        if sse:
+            done = min(count_sse_events(chunk), lease.remaining - 1)
             if done > 0:
-                progress.progress(done)
+                lease.progress(done)
+            if b"event: error" in chunk:
+                lease.broken = True
         await _write(response, chunk)
     await _write(response, b"", eof=True)
 

@@ -135,3 +135,30 @@ async def test_targets_that_are_not_paths_never_reach_a_replica(tmp_path: Path) 
         assert all(a.startswith(b"HTTP/1.1 4") for a in answers), answers
         assert all(b'{"error": {"type": ' in a for a in answers), answers
         assert replicas[0].seen == []
+
+
+async def test_a_stream_that_ends_in_an_error_event_is_a_replica_failure(tmp_path: Path) -> None:
+    """A.5: the client gets the replica's 200 and its error event; the replica gets a failure."""
+
+    async def broken_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"text": "a"}]}\n\n')
+        await response.write(b'event: error\ndata: {"error": {"type": "internal_error"}}\n\n')
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", broken_stream)
+    path = tmp_path / "g.yaml"
+    async with serve(app) as url:
+        write_config(path, {"replicas": [{"url": url}]})
+        async with running_gateway(path) as gw, aiohttp.ClientSession() as client:
+            async with client.post(f"{gw.url}/v1/completions", json={"stream": True}) as response:
+                body = await response.read()
+                assert response.status == 200
+            assert b"event: error" in body and b"[DONE]" not in body
+            replica = gw.state.pool.all()[0]
+            await wait_until(lambda: replica.outstanding == 0)
+            assert (replica.errors_total, replica.consecutive_failures) == (1, 1)
+            assert replica.latency_ewma_s == 0.0
