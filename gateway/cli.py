@@ -1,23 +1,38 @@
-"""The `infergate` command: `gateway` runs the gateway; `replica`, `up` and `jobs` hand over to
-the replica server, the local cluster launcher and the jobs client. Only this module touches
-argv, signals and exit codes; the replica package (and torch) is imported only when its
-subcommand runs."""
+"""The `infergate` command: `gateway` runs the gateway, `up` a local cluster (replica processes
+from gateway/cluster.py with the gateway in front), `jobs` the jobs client. Only this module
+touches argv, signals and exit codes.
+
+`replica` and `bench` belong to the packages above the gateway (replica/, loadtests/): this
+process becomes their own entry point (`python -m replica`, `python -m loadtests.bench`) by
+exec, as `up` starts replicas, and never imports them; so the gateway package imports neither,
+and the slim gateway image, which has neither, runs `infergate gateway` unchanged."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.config import GatewayConfig, load_config
+from gateway.cluster import (
+    ClusterConfig,
+    banner,
+    gateway_yaml,
+    load_cluster,
+    replicas_running,
+    wait_ready,
+)
+from gateway.config import GatewayConfig, load_config, parse_config
 from gateway.errors import ConfigError
 from gateway.listener import limit_connections
 from gateway.server import WATCHER, create_app
@@ -26,6 +41,8 @@ log = logging.getLogger("gateway")
 
 ADMIN_TOKEN_ENV = "INFERGATE_ADMIN_TOKEN"
 DRAIN_TIMEOUT_S = 30.0
+# Commands run by their own entry point, a module of a package above this one.
+ENTRY_POINTS = {"replica": "replica", "bench": "loadtests.bench"}
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -122,30 +139,100 @@ def gateway_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+async def run_cluster(cluster: ClusterConfig, args: argparse.Namespace, workdir: Path) -> int:
+    """`infergate up`: the replicas, then the gateway in front once every one is ready."""
+    gateway_data = gateway_yaml(cluster, args)
+    config = parse_config(gateway_data)
+    config_path = workdir / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(gateway_data, sort_keys=False))
+    with replicas_running(cluster) as procs:
+        # Our own signal handlers from here on, so a Ctrl-C while replicas load still cleans up.
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        ready = asyncio.create_task(wait_ready(config.replica_urls, procs))
+        stopped = asyncio.create_task(stopping.wait())
+        await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if stopped.done():
+            ready.cancel()
+            return 130
+        stopped.cancel()
+        ready.result()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        url = f"http://{config.listen.host}:{config.listen.port}"
+        print(banner(url, config_path), flush=True)
+        return await serve(config, config_path, config.listen.host, config.listen.port)
+
+
+def up_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infergate up",
+        description="A local cluster in one command: N replica processes and the gateway.",
+    )
+    parser.add_argument("-c", "--config", type=Path, help="cluster YAML (see README)")
+    parser.add_argument("--replicas", type=int, help="number of replica processes")
+    parser.add_argument("--strategy", help="routing strategy, e.g. least_outstanding_requests")
+    parser.add_argument("--engine", choices=["torch", "simulated"])
+    parser.add_argument("--port", type=int, help="gateway port (default 8080)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    return parser
+
+
+def run_up(argv: list[str]) -> int:
+    args = up_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        cluster = load_cluster(args.config, args)
+        parse_config(gateway_yaml(cluster, args))
+    except ConfigError as exc:
+        print(f"infergate up: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="infergate-") as workdir:
+        try:
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
+                return runner.run(run_cluster(cluster, args, Path(workdir)))
+        except RuntimeError as exc:
+            print(f"infergate up: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # the gateway's listening socket
+            print(f"infergate up: cannot listen for the gateway: {exc.strerror}", file=sys.stderr)
+            return 1
+
+
+def run_entry_point(command: str, argv: list[str]) -> int:
+    """Replace this process with the command's own entry point (returns only on failure)."""
+    module = ENTRY_POINTS[command]
+    package = module.partition(".")[0]
+    if importlib.util.find_spec(package) is None:  # looks for it without importing it
+        print(
+            f"infergate {command}: the {package!r} package is not installed here "
+            "(pip install 'infergate[replica]' from a checkout)",
+            file=sys.stderr,
+        )
+        return 2
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", module, *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="infergate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="infergate", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gateway_parser(commands.add_parser("gateway", help="run the routing gateway"))
     commands.add_parser("replica", help="run a model replica (see: infergate replica -h)")
     commands.add_parser("up", help="run a local cluster: replicas + gateway")
     commands.add_parser("bench", help="the routing benchmark (see: infergate bench -h)")
     commands.add_parser("jobs", help="deferred jobs and batches (see: infergate jobs -h)")
-    if argv[:1] == ["replica"]:
-        from replica.cli import main as replica_main
-
-        return replica_main(argv[1:])
-    if argv[:1] == ["bench"]:
-        from loadtests.bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv[:1] == ["jobs"]:
+    command, rest = argv[:1], argv[1:]
+    if command and command[0] in ENTRY_POINTS:
+        return run_entry_point(command[0], rest)
+    if command == ["jobs"]:
         from gateway.jobs.client import main as jobs_main
 
-        return jobs_main(argv[1:])
-    if argv[:1] == ["up"]:
-        from gateway.cluster import main as up_main
-
-        return up_main(argv[1:])
+        return jobs_main(rest)
+    if command == ["up"]:
+        return run_up(rest)
     args = parser.parse_args(argv)
     return run_gateway(args)

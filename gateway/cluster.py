@@ -1,9 +1,10 @@
-"""`infergate up`: a local cluster in one command, N replica processes and the gateway in front.
+"""A local cluster's replicas: the cluster file, and N replica processes supervised as children
+of this one (one GPU each via CUDA_VISIBLE_DEVICES when GPUs exist). `infergate up`
+(gateway/cli.py) runs the gateway in front of them; the benchmark starts its replicas here too.
 
-This process runs the gateway itself and supervises the replicas as child processes (one GPU
-each via CUDA_VISIBLE_DEVICES when GPUs exist). It never imports torch: replicas are started as
-`python -m replica`. On Ctrl-C or SIGTERM the gateway drains, then every replica is stopped;
-children also get SIGTERM from the kernel if this process dies, so none is left behind.
+Replicas are started as `python -m replica`, never imported (no torch here). When they are
+stopped every one gets SIGTERM and then SIGKILL; children also get SIGTERM from the kernel if
+this process dies, so none is left behind.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import logging
 import os
 import shutil
 import signal
@@ -27,11 +27,7 @@ import aiohttp
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.cli import configure_logging, loop_factory, serve
-from gateway.config import parse_config
 from gateway.errors import ConfigError
-
-log = logging.getLogger("gateway.cluster")
 
 READY_TIMEOUT_S = 180.0
 # Deferred jobs are on in a local cluster; the store outlives a restart of `infergate up`.
@@ -195,57 +191,3 @@ def banner(url: str, config_path: Path) -> str:
         f"  config: {config_path} (edit it; the gateway reloads without a restart)\n"
         f"  stop:   Ctrl-C\n"
     )
-
-
-async def run_cluster(cluster: ClusterConfig, args: argparse.Namespace, workdir: Path) -> int:
-    gateway_data = gateway_yaml(cluster, args)
-    config = parse_config(gateway_data)
-    config_path = workdir / "gateway.yaml"
-    config_path.write_text(yaml.safe_dump(gateway_data, sort_keys=False))
-    with replicas_running(cluster) as procs:
-        # Our own signal handlers from here on, so a Ctrl-C while replicas load still cleans up.
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping.set)
-        ready = asyncio.create_task(wait_ready(config.replica_urls, procs))
-        stopped = asyncio.create_task(stopping.wait())
-        await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
-        if stopped.done():
-            ready.cancel()
-            return 130
-        stopped.cancel()
-        ready.result()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        url = f"http://{config.listen.host}:{config.listen.port}"
-        print(banner(url, config_path), flush=True)
-        return await serve(config, config_path, config.listen.host, config.listen.port)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="infergate up", description=__doc__)
-    parser.add_argument("-c", "--config", type=Path, help="cluster YAML (see README)")
-    parser.add_argument("--replicas", type=int, help="number of replica processes")
-    parser.add_argument("--strategy", help="routing strategy, e.g. least_outstanding_requests")
-    parser.add_argument("--engine", choices=["torch", "simulated"])
-    parser.add_argument("--port", type=int, help="gateway port (default 8080)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    args = parser.parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        cluster = load_cluster(args.config, args)
-        parse_config(gateway_yaml(cluster, args))
-    except ConfigError as exc:
-        print(f"infergate up: {exc}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="infergate-") as workdir:
-        try:
-            with asyncio.Runner(loop_factory=loop_factory()) as runner:
-                return runner.run(run_cluster(cluster, args, Path(workdir)))
-        except RuntimeError as exc:
-            print(f"infergate up: {exc}", file=sys.stderr)
-            return 1
-        except OSError as exc:  # the gateway's listening socket
-            print(f"infergate up: cannot listen for the gateway: {exc.strerror}", file=sys.stderr)
-            return 1

@@ -1,9 +1,13 @@
 """`infergate bench`: the SageMaker routing comparison, reproduced for every strategy we ship.
 
 For each scenario (users / instances: 4/1, 20/5, 40/10, 60/15, 80/20) it starts the replicas
-once, then for every seed and strategy starts a gateway, drives closed-loop Locust users (or
-open-loop Poisson arrivals) for warm-up + measurement time, and stops the gateway. Everything
-is reported from raw samples: see loadtests/report.py and loadtests/stats.py.
+once and first measures their capacity: a saturation run (closed-loop users, two per slot,
+through least outstanding requests) whose completions per second are what these replicas do
+with every slot full, on this machine, in this invocation. Open-loop arrival rates are shares
+of that measured rate. Then for every seed and strategy it starts a gateway, drives closed-loop
+Locust users (or open-loop Poisson arrivals) for warm-up + measurement time, and stops the
+gateway. Everything is reported from raw samples: see loadtests/report.py, loadtests/bound.py
+and loadtests/stats.py. The command line is loadtests/plan.py.
 
 Each simulated replica stands for one ml.g5.24xlarge instance of the published study: four
 A10G GPUs with one model copy each, so four sequences run at once (`max_num_seqs: 4`, the 7B
@@ -12,16 +16,11 @@ A10G profile) and further requests queue at the instance.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import csv
-import datetime
 import gzip
-import random
-import shlex
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -32,8 +31,18 @@ from typing import IO
 import yaml
 
 from gateway.cluster import ClusterConfig, replica_urls, replicas_running, wait_ready
-from gateway.policies import POLICIES
-from loadtests import report
+from loadtests import bound, report, sim_gateway
+from loadtests.plan import (
+    CENTRAL_QUEUE,
+    HAPROXY,
+    Plan,
+    build_plan,
+    command_of,
+    parse_command,
+    parser,
+    requested_strategies,
+)
+from loadtests.report import Scenario
 from loadtests.runner import (
     RunResult,
     RunSpec,
@@ -44,49 +53,28 @@ from loadtests.runner import (
     run_load,
 )
 from loadtests.samples import read_samples_from
-from loadtests.workload import Workload, output_tokens
+from loadtests.scenarios import INSTANCE_CONCURRENCY, saturation_users
 
-SAGEMAKER_SCENARIOS = ((4, 1), (20, 5), (40, 10), (60, 15), (80, 20))
-QUICK_SCENARIOS = ((4, 1), (20, 5))
-INSTANCE_CONCURRENCY = 4  # sequences one instance runs at once (4 GPUs, one model copy each)
-
-# Front ends besides our strategies: the gateway as a central queue (least outstanding with a
-# per-replica limit equal to the instance's concurrency, the rest waiting at the gateway), and
-# HAProxy in front of the same replicas when it is installed.
-CENTRAL_QUEUE = "central_queue"
-HAPROXY = {"haproxy_leastconn": "leastconn", "haproxy_random2": "random(2)"}
-DEFAULT_STRATEGIES = (
-    "random",
-    "round_robin",
-    "least_outstanding_requests",
-    "power_of_two",
-    "least_loaded",
-    "least_outstanding_tokens",
-    "peak_ewma",
-    CENTRAL_QUEUE,
-    *HAPROXY,
-)
-FRONT_ENDS = (*POLICIES, CENTRAL_QUEUE, *HAPROXY)
+SATURATION = "saturation"  # the capacity run, as named in samples/ and capacity.csv
+CAPACITY_POLICY = "least_outstanding_requests"
 
 
 @dataclass(frozen=True)
-class Plan:
-    scenarios: tuple[tuple[int, int], ...]
-    strategies: tuple[str, ...]
-    seeds: tuple[int, ...]
-    warmup_s: float
-    duration_s: float
-    block_s: float
-    engine: str
-    workload: Workload
-    out: Path
-    utilization: float | None  # open loop at this share of nominal capacity; None = closed
-    gateways: int = 1  # front-end processes sharing the load (scenario b: two gateways)
-    slow: float = 1.0  # replica 0 runs this many times slower (scenario c: 2 = half speed)
+class Finished:
+    """A finished benchmark: its plan, every strategy's runs, and each scenario's saturation
+    run (the capacity its open-loop rates are shares of)."""
 
-    @property
-    def runs(self) -> int:
-        return len(self.scenarios) * len(self.strategies) * len(self.seeds)
+    plan: Plan
+    results: list[RunResult]
+    saturation: dict[Scenario, RunResult]
+
+    def loads(self) -> dict[Scenario, report.Load]:
+        loads = {}
+        for scenario, run in self.saturation.items():
+            capacity = report.completed_rps(run)
+            target = self.plan.utilization * capacity if self.plan.utilization else None
+            loads[scenario] = report.Load(capacity, target)
+        return loads
 
 
 def replica_config(engine: str) -> dict[str, object]:
@@ -104,20 +92,6 @@ def replica_config(engine: str) -> dict[str, object]:
         "params": {"context_len": 2048},
     }
     return {"engine": {"kind": engine}, "models": [model]}
-
-
-def nominal_capacity_rps(workload: Workload) -> float:
-    """Requests/s one simulated instance completes when always full: an estimate from the
-    built-in profile, used only to set open-loop arrival rates."""
-    from replica.engines.profile import load_profile  # the profile reader, not torch
-
-    gen = load_profile().generation
-    rng = random.Random(0)
-    mean_out = statistics.fmean(output_tokens(workload, rng) for _ in range(20_000))
-    step = gen.decode_base_s + gen.decode_per_seq_s * INSTANCE_CONCURRENCY
-    prompt_tokens = 6 * (workload.prompt_words_min + workload.prompt_words_max) / 2
-    prefill = gen.prefill_base_s + gen.prefill_s_per_token * prompt_tokens
-    return INSTANCE_CONCURRENCY / (prefill + mean_out * step)
 
 
 def progress(i: int, total: int, spec: RunSpec, started: float) -> None:
@@ -155,7 +129,7 @@ def front_ends(
                     "max_queue": 100_000,
                     "queue_timeout_s": 600,
                 }
-                lor = "least_outstanding_requests"
+                lor = sim_gateway.CENTRAL_QUEUE_POLICY
                 extra = {"limits": limits}
                 front = gateway_process(urls, lor, seed + g, port, workdir, log, extra)
             else:
@@ -179,15 +153,40 @@ def slow_profile(factor: float, workdir: Path) -> Path:
     return path
 
 
-def run_plan(plan: Plan, log: IO[bytes]) -> list[RunResult]:
-    results: list[RunResult] = []
+def saturation_spec(plan: Plan, users: int, instances: int) -> RunSpec:
+    """The capacity run of a scenario: enough closed-loop users that no slot ever idles."""
+    seed = plan.seeds[0]
+    workload = replace(plan.workload, seed=seed)
+    return RunSpec(
+        saturation_users(instances),
+        instances,
+        SATURATION,
+        seed,
+        plan.warmup_s,
+        plan.duration_s,
+        workload,
+    )
+
+
+def run_plan(plan: Plan, log: IO[bytes]) -> Finished:
+    finished = Finished(plan, [], {})
     started = time.monotonic()
     workdir = plan.out / "tmp"
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "replica.yaml"
     config_path.write_text(yaml.safe_dump(replica_config(plan.engine)))
-    capacity = nominal_capacity_rps(plan.workload) if plan.utilization else 0.0
     extra = {0: ["--profile", str(slow_profile(plan.slow, workdir))]} if plan.slow != 1 else {}
+    done = 0
+
+    def one(spec: RunSpec, front: Plan, strategy: str, urls: list[str], port: int) -> RunResult:
+        nonlocal done
+        progress(done, plan.runs, spec, started)
+        with front_ends(front, strategy, spec.seed, urls, port, workdir, log) as (url, pids):
+            result = run_load(spec, url, pids, workdir, log)
+        report.keep_samples(plan.out, result, workdir / "samples.csv")
+        done += 1
+        return result
+
     for users, instances in plan.scenarios:
         first_port = free_port_block(instances + plan.gateways)
         cluster = ClusterConfig(
@@ -196,36 +195,33 @@ def run_plan(plan: Plan, log: IO[bytes]) -> list[RunResult]:
             replica_config=config_path,
             first_replica_port=first_port,
         )
-        urls = replica_urls(cluster)
+        urls, port = replica_urls(cluster), first_port + instances
         with replicas_running(cluster, output=log, extra_args=extra) as procs:
             asyncio.run(wait_ready(urls, procs))
+            spec = saturation_spec(plan, users, instances)
+            saturation = one(spec, replace(plan, gateways=1), CAPACITY_POLICY, urls, port)
+            finished.saturation[(users, instances)] = saturation
+            capacity = report.completed_rps(saturation)
+            rate = plan.utilization * capacity if plan.utilization else None
             for seed in plan.seeds:
                 for strategy in plan.strategies:
-                    rate = plan.utilization * capacity * instances if plan.utilization else None
+                    workload = replace(plan.workload, seed=seed)
                     spec = RunSpec(
-                        users,
-                        instances,
-                        strategy,
-                        seed,
-                        plan.warmup_s,
-                        plan.duration_s,
-                        replace(plan.workload, seed=seed),
-                        rate,
-                    )
-                    progress(len(results), plan.runs, spec, started)
-                    port = first_port + instances
-                    with front_ends(plan, strategy, seed, urls, port, workdir, log) as front:
-                        result = run_load(spec, front[0], front[1], workdir, log)
-                    report.keep_samples(plan.out, result, workdir / "samples.csv")
-                    results.append(result)
+                        users, instances, strategy, seed, plan.warmup_s, plan.duration_s,
+                        workload, rate,
+                    )  # fmt: skip
+                    finished.results.append(one(spec, plan, strategy, urls, port))
     shutil.rmtree(workdir, ignore_errors=True)
-    return results
+    return finished
 
 
-def write_results(plan: Plan, results: list[RunResult], command: str) -> list[Path]:
-    summaries = report.summarize(results, plan.block_s)
+def write_results(finished: Finished) -> list[Path]:
+    plan, loads = finished.plan, finished.loads()
+    summaries = report.summarize(finished.results, plan.block_s, loads)
+    command = command_of(plan)
     mode = (
-        f"open loop, Poisson arrivals at {plan.utilization:.0%} of nominal capacity"
+        f"open loop, Poisson arrivals at {plan.utilization:.0%} of the capacity measured in "
+        "this run"
         if plan.utilization
         else "closed loop (each user waits for its answer)"
     )
@@ -239,198 +235,78 @@ def write_results(plan: Plan, results: list[RunResult], command: str) -> list[Pa
         f"instance); {mode}; {len(plan.seeds)} seeds x {plan.duration_s:.0f} s measured "
         f"after {plan.warmup_s:.0f} s warm-up per run.{setup} Command: `{command}`"
     )
+    modelled = bound.modelled_capacity(plan)
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "table.md").write_text(
-        report.markdown(summaries, header) + "\n" + against_bound(plan, summaries)
+        report.markdown(summaries, f"{header}\n\n{bound.load_section(plan, loads, modelled)}")
+        + "\n"
+        + bound.against_bound(plan, summaries, modelled)
     )
     report.write_csv(plan.out / "summary.csv", summaries)
-    report.write_runs_csv(plan.out / "runs.csv", results)
+    report.write_runs_csv(plan.out / "runs.csv", finished.results)
+    report.write_capacity_csv(plan.out / "capacity.csv", finished.saturation)
     (plan.out / "command.txt").write_text(command + "\n")
-    paths = [plan.out / "table.md", plan.out / "summary.csv", plan.out / "runs.csv"]
+    paths = [plan.out / name for name in ("table.md", "summary.csv", "runs.csv", "capacity.csv")]
     return paths + report.charts(plan.out, summaries)
 
 
-def against_bound(plan: Plan, summaries: list[report.Summary]) -> str:
-    """Each scenario's best live P99 against the simulated central queue (the queueing bound
-    for this workload and these replicas) and against HAProxy leastconn, when it ran."""
-    from loadtests import simulate
-
-    lines = [
-        "### Against the ideal and HAProxy",
-        "",
-        "Simulated central queue: `loadtests/simulate.py`, the same workload and replica model, "
-        "600 simulated seconds, no network or gateway overhead.",
-        "",
-        "| Users | Instances | Simulated central queue P99 (s) | Best live strategy | "
-        "Its P99 (s) | vs central queue | HAProxy leastconn P99 (s) | Best vs HAProxy |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    capacity = nominal_capacity_rps(plan.workload) if plan.utilization else 0.0
-    for users, instances in plan.scenarios:
-        bound = next(
-            simulate.results(
-                ((users, instances),),
-                (simulate.CENTRAL_QUEUE,),
-                plan.workload,
-                warmup_s=30.0,
-                duration_s=600.0,
-                utilization=plan.utilization,
-                capacity_rps=capacity,
-                slowdowns=(plan.slow,),
-            )
-        )
-        live = [s for s in summaries if (s.users, s.instances) == (users, instances)]
-        ours = [s for s in live if s.strategy not in HAPROXY]
-        if not ours:
-            continue
-        best = min(ours, key=lambda s: s.p99_s)
-        haproxy = next((s for s in live if s.strategy == "haproxy_leastconn"), None)
-        versus = f"{best.p99_s / haproxy.p99_s - 1:+.1%}" if haproxy else "not run"
-        lines.append(
-            f"| {users} | {instances} | {bound.p99_s:.2f} | {best.strategy} | "
-            f"{best.p99_s:.2f} | {best.p99_s / bound.p99_s - 1:+.1%} | "
-            f"{f'{haproxy.p99_s:.2f}' if haproxy else '-'} | {versus} |"
-        )
-    return "\n".join(lines) + "\n"
+def load_results(folder: Path) -> Finished:
+    """Rebuild a finished benchmark from its folder (command, runs.csv, capacity.csv, raw
+    samples). A folder from before capacity was measured has no capacity.csv."""
+    args = parse_command((folder / "command.txt").read_text().strip())
+    plan = replace(build_plan(args), out=folder)
+    runs = [run for _, run in _rebuild(folder, plan, folder / "runs.csv")]
+    saturation = {
+        (int(row["scenario_users"]), run.spec.instances): run
+        for row, run in _rebuild(folder, plan, folder / "capacity.csv")
+    }
+    return Finished(plan, runs, saturation)
 
 
-def parse_scenarios(text: str) -> tuple[tuple[int, int], ...]:
-    pairs = []
-    for item in text.split(","):
-        users, _, instances = item.partition("/")
-        pairs.append((int(users), int(instances)))
-    return tuple(pairs)
+def _rebuild(folder: Path, plan: Plan, table: Path) -> Iterator[tuple[dict[str, str], RunResult]]:
+    if not table.exists():
+        return
+    with table.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        users, instances, seed = int(row["users"]), int(row["instances"]), int(row["seed"])
+        workload = replace(plan.workload, seed=seed)
+        strategy = row["strategy"]
+        spec = RunSpec(users, instances, strategy, seed, plan.warmup_s, plan.duration_s, workload)
+        name = f"u{users}-n{instances}-{strategy}-seed{seed}.csv.gz"
+        with gzip.open(folder / "samples" / name, "rt") as raw:
+            samples = read_samples_from(raw)
+        first = min(s.start_unix for s in samples)
+        cpu = (row["cpu_machine_mean"], row["cpu_generator_p90"], row["cpu_gateway_p90"])
+        yield row, RunResult(spec, samples, first + plan.warmup_s, *map(float, cpu))
 
 
-def build_plan(args: argparse.Namespace) -> Plan:
-    quick = args.quick
-    scenarios = (
-        parse_scenarios(args.scenarios)
-        if args.scenarios
-        else (QUICK_SCENARIOS if quick else SAGEMAKER_SCENARIOS)
-    )
-    strategies = tuple(args.strategies.split(",")) if args.strategies else DEFAULT_STRATEGIES
-    unknown = [s for s in strategies if s not in FRONT_ENDS]
-    if unknown:
-        raise SystemExit(f"infergate bench: unknown strategies {unknown}; have {list(FRONT_ENDS)}")
+def runnable(strategies: tuple[str, ...]) -> tuple[str, ...]:
+    """`strategies` less the HAProxy ones when haproxy is not installed (with a notice)."""
     missing = [s for s in strategies if s in HAPROXY and not haproxy_available()]
     if missing:
         print(f"notice: haproxy is not installed; skipping {', '.join(missing)}", flush=True)
-        strategies = tuple(s for s in strategies if s not in missing)
-    if "random" not in strategies:
-        strategies = ("random", *strategies)
-    seeds = tuple(range(args.seeds if args.seeds else (1 if quick else 3)))
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Plan(
-        scenarios=scenarios,
-        strategies=strategies,
-        seeds=seeds,
-        warmup_s=args.warmup if args.warmup is not None else (3.0 if quick else 5.0),
-        duration_s=args.duration if args.duration is not None else (8.0 if quick else 15.0),
-        block_s=args.block,
-        engine=args.engine,
-        workload=Workload(
-            output_median=args.output_median,
-            output_sigma=args.output_sigma,
-            output_max=args.output_max,
-            stream_share=args.stream_share,
-        ),
-        out=args.out or Path("loadtests/results") / stamp,
-        utilization=args.utilization,
-        gateways=args.gateways,
-        slow=args.slow,
-    )
+    return tuple(s for s in strategies if s not in missing)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infergate bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 scenarios, 1 seed, short runs (< 2 min)")
-    p.add_argument("--engine", choices=["simulated", "torch"], default="simulated")
-    p.add_argument("--scenarios", help="users/instances list, e.g. 4/1,20/5")
-    p.add_argument("--strategies", help="comma-separated (default: every registered one)")
-    p.add_argument("--seeds", type=int, help="runs per scenario and strategy (default 3)")
-    p.add_argument("--warmup", type=float, help="seconds discarded at the start of each run")
-    p.add_argument("--duration", type=float, help="measured seconds per run")
-    p.add_argument("--block", type=float, default=3.0, help="bootstrap block length (s)")
-    p.add_argument("--output-median", type=int, default=64, help="median output tokens")
-    p.add_argument("--output-sigma", type=float, default=1.0, help="lognormal sigma")
-    p.add_argument("--output-max", type=int, default=512)
-    p.add_argument("--stream-share", type=float, default=0.5)
-    p.add_argument(
-        "--open-loop",
-        dest="utilization",
-        type=float,
-        metavar="UTILIZATION",
-        help="Poisson arrivals at this share of nominal capacity, e.g. 0.7",
-    )
-    p.add_argument("--gateways", type=int, default=1, help="front ends sharing the load")
-    p.add_argument("--slow", type=float, default=1.0, help="replica 0 this many times slower")
-    p.add_argument("--out", type=Path, help="results folder (default loadtests/results/<time>)")
-    p.add_argument(
-        "--report-only",
-        type=Path,
-        metavar="FOLDER",
-        help="recompute tables and charts of a finished run from its raw samples",
-    )
-    return p
-
-
-def load_results(folder: Path) -> tuple[Plan, list[RunResult], str]:
-    """Rebuild a finished benchmark's runs from its folder (command, runs.csv, raw samples)."""
-    command = (folder / "command.txt").read_text().strip()
-    plan = replace(build_plan(parser().parse_args(shlex.split(command)[2:])), out=folder)
-    results = []
-    with (folder / "runs.csv").open() as f:
-        for row in csv.DictReader(f):
-            users, instances, seed = int(row["users"]), int(row["instances"]), int(row["seed"])
-            spec = RunSpec(
-                users,
-                instances,
-                row["strategy"],
-                seed,
-                plan.warmup_s,
-                plan.duration_s,
-                replace(plan.workload, seed=seed),
-            )
-            name = f"u{users}-n{instances}-{row['strategy']}-seed{seed}.csv.gz"
-            with gzip.open(folder / "samples" / name, "rt") as raw:
-                samples = read_samples_from(raw)
-            first = min(s.start_unix for s in samples)
-            results.append(
-                RunResult(
-                    spec,
-                    samples,
-                    first + plan.warmup_s,
-                    float(row["cpu_machine_mean"]),
-                    float(row["cpu_generator_p90"]),
-                    float(row["cpu_gateway_p90"]),
-                )
-            )
-    return plan, results, command
-
-
-def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.report_only:
-        plan, results, command = load_results(args.report_only)
-        for path in write_results(plan, results, command):
+        for path in write_results(load_results(args.report_only)):
             print(f"wrote {path}")
         return 0
-    plan = build_plan(args)
-    command = "infergate bench " + shlex.join(argv)
+    plan = build_plan(args, runnable(requested_strategies(args)))
     plan.out.mkdir(parents=True, exist_ok=True)
-    print(
-        f"{plan.runs} runs, about {plan.runs * (plan.warmup_s + plan.duration_s + 4) / 60:.0f}"
-        f" min; results in {plan.out}",
-        flush=True,
-    )
+    minutes = plan.runs * (plan.warmup_s + plan.duration_s + 4) / 60
+    print(f"{plan.runs} runs, about {minutes:.0f} min; results in {plan.out}", flush=True)
+    print(command_of(plan), flush=True)
     with (plan.out / "run.log").open("wb") as log:
-        results = run_plan(plan, log)
-    for path in write_results(plan, results, command):
+        finished = run_plan(plan, log)
+    for path in write_results(finished):
         print(f"wrote {path}")
     print((plan.out / "table.md").read_text())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

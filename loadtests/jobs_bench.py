@@ -6,6 +6,9 @@ streamed) runs twice: alone, then while a batch fills the replicas' idle capacit
 come from raw per-request samples; the report gives both, the change, and how the batch went.
 
     python -m loadtests.jobs_bench [--replicas 4] [--rate 6] [--seconds 40] [--lines 400]
+
+With `--out`, the folder gets table.md and command.txt: the full command, every option spelled
+out, that reproduces it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import asyncio
 import json
 import random
+import shlex
 import tempfile
 import time
 from dataclasses import dataclass
@@ -115,8 +119,11 @@ async def main_async(args: argparse.Namespace) -> list[str]:
         return await measure(f, args, workload)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+PROG = "python -m loadtests.jobs_bench"
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--rate", type=float, default=6.0, help="real-time requests per second")
     parser.add_argument("--seconds", type=float, default=40.0, help="each real-time phase")
@@ -127,11 +134,34 @@ def main() -> None:
     parser.add_argument("--drain-s", type=float, default=60.0, help="wait for the batch after")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="folder for samples (default: a temp folder)")
-    args = parser.parse_args()
+    return parser
+
+
+def command_of(args: argparse.Namespace) -> str:
+    """The command with every option spelled out (defaults included)."""
+    argv = [
+        *PROG.split(),
+        *("--replicas", str(args.replicas), "--rate", f"{args.rate:g}"),
+        *("--seconds", f"{args.seconds:g}", "--lines", str(args.lines)),
+        *("--job-tokens", str(args.job_tokens), "--threshold", str(args.threshold)),
+        *("--output-sigma", f"{args.output_sigma:g}", "--drain-s", f"{args.drain_s:g}"),
+        *("--seed", str(args.seed), "--out", str(args.out)),
+    ]
+    return shlex.join(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    keep = args.out is not None
     with tempfile.TemporaryDirectory(prefix="jobs-bench-") as tmp:
         args.out = args.out or Path(tmp)
         args.out.mkdir(parents=True, exist_ok=True)
-        print("\n".join(asyncio.run(main_async(args))))
+        table = "\n".join(asyncio.run(main_async(args)))
+        print(table)
+        if keep:
+            command = command_of(args)
+            (args.out / "command.txt").write_text(command + "\n")
+            (args.out / "table.md").write_text(f"Command: `{command}`\n\n{table}\n")
 
 
 if __name__ == "__main__":

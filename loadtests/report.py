@@ -1,5 +1,8 @@
 """Turns benchmark runs into the published artefacts: per-run and summary CSV, a markdown table
-in the layout of SageMaker's routing comparison, and PNG charts (one line per strategy)."""
+in the layout of SageMaker's routing comparison, and PNG charts (one line per strategy).
+
+Every summary says what load its runs were offered (requests sent per second in the window)
+against the capacity measured on the same replicas (a saturation run, see bench.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ import gzip
 import math
 import shutil
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loadtests import stats
@@ -17,6 +20,18 @@ from loadtests.runner import RunResult
 from loadtests.samples import Sample
 
 BASELINE = "random"
+Scenario = tuple[int, int]  # (users, instances)
+
+
+@dataclass(frozen=True)
+class Load:
+    """A scenario's offered load setting against what its replicas can do."""
+
+    capacity_rps: float  # measured completions/s with every slot always full; NaN: not measured
+    target_rps: float | None = None  # the open-loop Poisson rate; None in closed loop
+
+
+UNMEASURED = Load(math.nan)
 
 
 @dataclass(frozen=True)
@@ -38,6 +53,23 @@ class Summary:
     saturated_runs: int
     p99_change: stats.Interval | None
     throughput_change: stats.Interval | None
+    offered_rps: float  # requests sent per second in the window, mean over the runs
+    load: Load = UNMEASURED
+
+    @property
+    def offered_share(self) -> float:
+        return self.offered_rps / self.load.capacity_rps
+
+
+def sent_in_window(run: RunResult) -> list[Sample]:
+    """Requests sent inside the measurement window: what the run offered."""
+    end = run.window_start + run.spec.duration_s
+    return [s for s in run.samples if run.window_start <= s.start_unix < end]
+
+
+def completed_rps(run: RunResult) -> float:
+    """Successful requests per second that ended in the window (a saturation run's capacity)."""
+    return sum(s.ok for s in in_window(run)) / run.spec.duration_s
 
 
 def in_window(run: RunResult) -> list[Sample]:
@@ -53,7 +85,9 @@ def blocks(run: RunResult, block_s: float) -> list[stats.Block]:
     return stats.blocks_of(ends, latencies, run.window_start, run.spec.duration_s, n)
 
 
-def summarize(runs: Sequence[RunResult], block_s: float) -> list[Summary]:
+def summarize(
+    runs: Sequence[RunResult], block_s: float, loads: Mapping[Scenario, Load] | None = None
+) -> list[Summary]:
     groups: dict[tuple[int, int, str], list[RunResult]] = defaultdict(list)
     for run in runs:
         groups[(run.spec.users, run.spec.instances, run.spec.strategy)].append(run)
@@ -68,7 +102,8 @@ def summarize(runs: Sequence[RunResult], block_s: float) -> list[Summary]:
         if base is not None and strategy != BASELINE:
             p99_change = stats.relative_change(own, base, stats.p99)
             throughput_change = stats.relative_change(own, base, stats.per_minute)
-        out.append(_summary(users, instances, strategy, group, own, p99_change, throughput_change))
+        summary = _summary(users, instances, strategy, group, own, p99_change, throughput_change)
+        out.append(replace(summary, load=(loads or {}).get((users, instances), UNMEASURED)))
     return sorted(out, key=lambda s: (s.instances, s.users, s.strategy))
 
 
@@ -102,6 +137,7 @@ def _summary(
         sum(run.saturated for run in group),
         p99_change,
         throughput_change,
+        sum(len(sent_in_window(run)) / run.spec.duration_s for run in group) / len(group),
     )
 
 
@@ -150,17 +186,24 @@ def markdown(summaries: Sequence[Summary], header: str) -> str:
     lines += [
         "### Detail",
         "",
-        "| Users | Instances | Strategy | Requests | Errors | P50 (s) | P90 (s) | P99 (s) "
-        "| P99 TTFT (s) | P99 per output token (ms) | Saturated runs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Users | Instances | Strategy | Offered (req/s) | Capacity (req/s) | Offered / capacity "
+        "| Requests | Errors | P50 (s) | P90 (s) | P99 (s) | P99 TTFT (s) "
+        "| P99 per output token (ms) | Saturated runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         lines.append(
-            f"| {s.users} | {s.instances} | {s.strategy} | {s.requests} | {s.errors} | "
+            f"| {s.users} | {s.instances} | {s.strategy} | {s.offered_rps:.2f} | "
+            f"{_number(s.load.capacity_rps, '{:.2f}')} | {_number(s.offered_share, '{:.0%}')} | "
+            f"{s.requests} | {s.errors} | "
             f"{s.p50_s:.2f} | {s.p90_s:.2f} | {s.p99_s:.2f} | {s.ttft_p99_s:.3f} | "
             f"{s.per_token_p99_s * 1000:.1f} | {s.saturated_runs}/{s.runs} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float, fmt: str) -> str:
+    return "not measured" if math.isnan(value) else fmt.format(value)
 
 
 def _fmt(summary: Summary | None, field: str, fmt: str) -> str:
@@ -191,6 +234,10 @@ def write_csv(path: Path, summaries: Sequence[Summary]) -> None:
                 "throughput_change",
                 "throughput_change_low",
                 "throughput_change_high",
+                "offered_rps",
+                "target_rps",
+                "capacity_rps",
+                "offered_share",
             ]
         )
         for s in summaries:
@@ -215,42 +262,58 @@ def write_csv(path: Path, summaries: Sequence[Summary]) -> None:
                     f"{s.throughput_per_min_per_instance:.2f}",
                     s.saturated_runs,
                     *changes,
+                    f"{s.offered_rps:.4f}",
+                    "" if s.load.target_rps is None else f"{s.load.target_rps:.4f}",
+                    "" if math.isnan(s.load.capacity_rps) else f"{s.load.capacity_rps:.4f}",
+                    "" if math.isnan(s.offered_share) else f"{s.offered_share:.4f}",
                 ]
             )
+
+
+RUN_COLUMNS = (
+    "users",
+    "instances",
+    "strategy",
+    "seed",
+    "samples",
+    "in_window",
+    "cpu_machine_mean",
+    "cpu_generator_p90",
+    "cpu_gateway_p90",
+    "saturated",
+)
+
+
+def _run_row(r: RunResult) -> list[object]:
+    return [
+        r.spec.users,
+        r.spec.instances,
+        r.spec.strategy,
+        r.spec.seed,
+        len(r.samples),
+        len(in_window(r)),
+        f"{r.cpu_machine_mean:.1f}",
+        f"{r.cpu_generator_p90:.1f}",
+        f"{r.cpu_gateway_p90:.1f}",
+        int(r.saturated),
+    ]
 
 
 def write_runs_csv(path: Path, runs: Sequence[RunResult]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(
-            [
-                "users",
-                "instances",
-                "strategy",
-                "seed",
-                "samples",
-                "in_window",
-                "cpu_machine_mean",
-                "cpu_generator_p90",
-                "cpu_gateway_p90",
-                "saturated",
-            ]
-        )
-        for r in runs:
-            writer.writerow(
-                [
-                    r.spec.users,
-                    r.spec.instances,
-                    r.spec.strategy,
-                    r.spec.seed,
-                    len(r.samples),
-                    len(in_window(r)),
-                    f"{r.cpu_machine_mean:.1f}",
-                    f"{r.cpu_generator_p90:.1f}",
-                    f"{r.cpu_gateway_p90:.1f}",
-                    int(r.saturated),
-                ]
-            )
+        writer.writerow(RUN_COLUMNS)
+        writer.writerows(_run_row(r) for r in runs)
+
+
+def write_capacity_csv(path: Path, saturation: Mapping[Scenario, RunResult]) -> None:
+    """Each scenario's saturation run (`users` are the run's own, `scenario_users` the
+    scenario's) and the capacity it measured."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("scenario_users", *RUN_COLUMNS, "capacity_rps"))
+        for (users, _), r in saturation.items():
+            writer.writerow([users, *_run_row(r), f"{completed_rps(r):.4f}"])
 
 
 def charts(out: Path, summaries: Sequence[Summary]) -> list[Path]:

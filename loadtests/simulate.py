@@ -1,13 +1,20 @@
-"""A discrete-event simulation of the routing benchmark: the same workload, the same replicas
-(continuous batching with the 7B/A10G step profile), each routing policy, and the ideal: one
-central queue at the gateway that hands a request to the first replica with a free slot.
+"""A discrete-event model of the routing benchmark: the same workload, the same replicas
+(continuous batching with the 7B/A10G step profile) and the gateway's own routing code, run by
+simulated gateways (loadtests/sim_gateway.py: a real ReplicaPool and a policy from POLICIES, so
+every registered policy is simulated with no change here). What this module models itself:
 
-It shows how close live results come to what the policy could do with zero overhead and exact
-timing, and how far every policy is from the central-queue bound. A replica is modelled step
-by step as replica/batching/continuous.py runs it: at every step waiting sequences join (up to
-`max_num_seqs`) and are prefilled while the running ones decode one token; a sequence of n
-tokens finishes n steps after it joined. Step time = prefill (base + per prompt token, only
-when someone joins) + decode (base + per running sequence), from the profile.
+- the replicas, step by step as replica/batching/continuous.py runs them: at every step
+  waiting sequences join (up to `max_num_seqs`) and are prefilled while the running ones decode
+  one token; a sequence of n tokens finishes n steps after it joined. Step time = prefill (base
+  + per prompt token, only when someone joins) + decode (base + per running sequence);
+- the central queue's FIFO at each gateway (`central_queue`, as bench.py runs it live: a
+  replica takes at most `max_num_seqs / gateways` of a gateway's requests);
+- the network: none. Load reports reach every gateway the instant a replica's count changes
+  (live ones come with responses and a 0.5 s poll), and a streamed token is relayed the step
+  it is made.
+
+Requests are measured as the live report measures them: those that ended in the window after
+the warm-up.
 
     python -m loadtests.simulate --scenarios 20/5,80/20 --seconds 600
 """
@@ -15,28 +22,26 @@ when someone joins) + decode (base + per running sequence), from the profile.
 from __future__ import annotations
 
 import argparse
-import functools
 import heapq
 import itertools
+import json
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loadtests.stats import percentile
-from loadtests.workload import Workload, draw, user_rng
-
-CENTRAL_QUEUE = "central_queue"
-POLICIES = (
-    "random",
-    "round_robin",
-    "least_outstanding_requests",
-    "power_of_two",
-    "least_loaded",
-    "least_outstanding_tokens",
-    CENTRAL_QUEUE,
+from gateway.policies import NO_INFO, RequestInfo
+from gateway.pool import Replica
+from loadtests import stats
+from loadtests.scenarios import (
+    INSTANCE_CONCURRENCY,
+    SAGEMAKER_SCENARIOS,
+    parse_scenarios,
+    saturation_users,
 )
+from loadtests.sim_gateway import CENTRAL_QUEUE, SimGateway, front_ends
+from loadtests.workload import Workload, draw, user_rng
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,13 @@ class Request:
     output_tokens: int
     stream: bool
     sent_s: float
-    gateway: int = 0  # which gateway instance routes it
-    estimate: int = 0  # the gateway's work estimate still counted (least_outstanding_tokens)
+    gateway: int = 0  # which gateway routes it
+    body: bytes = b""  # the JSON the client sends; a policy's work estimate reads it
+    info: RequestInfo = NO_INFO  # what the gateway's policy knows of it
+    replica: int = -1  # the replica that served it
+    lease: Replica | None = None  # the gateway's pool entry counting it while outstanding
+    remaining: int = 0  # its work estimate still counted at the gateway
+    dispatched_s: float = math.nan
     left: int = 0  # tokens still to generate
     first_token_s: float = math.nan
     answered_s: float = math.nan
@@ -70,14 +80,15 @@ class Request:
 
 @dataclass(eq=False)
 class SimReplica:
+    """The replica process: its queue and running batch (what the gateway cannot see)."""
+
     index: int
+    url: str
     slowdown: float = 1.0  # step times are multiplied by this (2.0 = half speed)
     queue: deque[Request] = field(default_factory=deque)
     running: list[Request] = field(default_factory=list)
     busy: bool = False
-    outstanding: int = 0  # dispatched, not yet answered, over all gateways
-    by_gateway: list[int] = field(default_factory=list)  # what each gateway counts itself
-    tokens_by_gateway: list[int] = field(default_factory=list)
+    inflight: int = 0  # requests here from every gateway, as its load report counts them
 
 
 @dataclass(frozen=True)
@@ -87,19 +98,27 @@ class Result:
     instances: int
     latencies_s: list[float]
     ttfts_s: list[float]
+    end_times_s: list[float]  # simulated time each measured request ended
+    warmup_s: float
     measured_s: float
 
     @property
     def p50_s(self) -> float:
-        return percentile(self.latencies_s, 50)
+        return stats.percentile(self.latencies_s, 50)
 
     @property
     def p99_s(self) -> float:
-        return percentile(self.latencies_s, 99)
+        return stats.percentile(self.latencies_s, 99)
 
     @property
     def per_instance_per_min(self) -> float:
         return len(self.latencies_s) / self.measured_s * 60 / self.instances
+
+    def blocks(self, block_s: float) -> list[stats.Block]:
+        n = max(1, round(self.measured_s / block_s))
+        return stats.blocks_of(
+            self.end_times_s, self.latencies_s, self.warmup_s, self.measured_s, n
+        )
 
 
 class Simulation:
@@ -109,34 +128,36 @@ class Simulation:
         instances: int,
         workload: Workload,
         *,
-        max_num_seqs: int = 4,
+        max_num_seqs: int = INSTANCE_CONCURRENCY,
         profile: Profile = Profile(),
         slowdowns: tuple[float, ...] = (),
         gateways: int = 1,
         seed: int = 0,
     ) -> None:
         self.policy = policy
-        self.gateways = gateways
         self.replicas = [
-            SimReplica(
-                i,
-                slowdowns[i] if i < len(slowdowns) else 1.0,
-                by_gateway=[0] * gateways,
-                tokens_by_gateway=[0] * gateways,
-            )
+            SimReplica(i, f"http://sim-replica-{i}", slowdowns[i] if i < len(slowdowns) else 1.0)
             for i in range(instances)
         ]
+        self._by_url = {r.url: r for r in self.replicas}
+        slots = max(1, max_num_seqs // gateways) if policy == CENTRAL_QUEUE else None
+        urls = [r.url for r in self.replicas]
+        self.gateways = [
+            SimGateway(policy, urls, random.Random(f"gateway:{seed}:{g}"), self.clock, slots)
+            for g in range(gateways)
+        ]
+        self._waiting: list[deque[Request]] = [deque() for _ in range(gateways)]
         self.workload = workload
         self.max_num_seqs = max_num_seqs
         self.profile = profile
-        self.rng = random.Random(seed)
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
-        self._turn = self.rng.randrange(1 << 16)
-        self._waiting: deque[Request] = deque()  # the central queue
         self.done: list[Request] = []
         self.on_done: Callable[[Request], None] = lambda request: None
+
+    def clock(self) -> float:
+        return self.now
 
     # -- the event loop -------------------------------------------------------------------
     def at(self, when: float, action: Callable[[], None]) -> None:
@@ -147,65 +168,68 @@ class Simulation:
             self.now, _, action = heapq.heappop(self._events)
             action()
 
-    # -- the gateway ------------------------------------------------------------------------
+    # -- the gateways ---------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        if self.policy == CENTRAL_QUEUE:
-            self._waiting.append(request)
-            self._dispatch_waiting()
-            return
-        self._dispatch(self._choose(request), request)
+        gateway = self.gateways[request.gateway]
+        request.info = gateway.describe(request.body)
+        self._waiting[request.gateway].append(request)
+        self._admit(request.gateway)
 
-    def _dispatch_waiting(self) -> None:
-        while self._waiting:
-            free = [r for r in self.replicas if r.outstanding < self.max_num_seqs]
-            if not free:
+    def _admit(self, g: int) -> None:
+        """Dispatch gateway g's waiting requests in order while its policy finds a replica."""
+        waiting = self._waiting[g]
+        while waiting:
+            replica = self.gateways[g].route(waiting[0].info)
+            if replica is None:
                 return
-            least = min(r.outstanding for r in free)
-            tied = [r for r in free if r.outstanding == least]
-            self._dispatch(self.rng.choice(tied), self._waiting.popleft())
+            self._dispatch(replica, waiting.popleft())
 
-    def _choose(self, request: Request) -> SimReplica:
-        """Each gateway sees only its own counts; `least_loaded` sees every gateway's (as
-        if load reports were instant), so with one gateway it is least_outstanding_requests."""
-        replicas, rng, g = self.replicas, self.rng, request.gateway
-        if self.policy == "random":
-            return rng.choice(replicas)
-        if self.policy == "round_robin":
-            self._turn += 1
-            return replicas[self._turn % len(replicas)]
-        if self.policy == "power_of_two" and len(replicas) > 1:
-            a, b = rng.sample(replicas, 2)
-            return b if b.by_gateway[g] < a.by_gateway[g] else a
-        cost: Callable[[SimReplica], float]
-        if self.policy == "least_outstanding_tokens":
-            cost = lambda r: r.tokens_by_gateway[g] + r.by_gateway[g] / 1024  # noqa: E731
-        elif self.policy == "least_loaded":
-            cost = lambda r: r.outstanding  # noqa: E731
-        else:
-            cost = lambda r: r.by_gateway[g]  # noqa: E731
-        least = min(cost(r) for r in replicas)
-        return rng.choice([r for r in replicas if cost(r) == least])
-
-    def _dispatch(self, replica: SimReplica, request: Request) -> None:
-        request.estimate = math.ceil(request.prompt_tokens / 4) + request.output_tokens
-        replica.outstanding += 1
-        replica.by_gateway[request.gateway] += 1
-        replica.tokens_by_gateway[request.gateway] += request.estimate
+    def _dispatch(self, lease: Replica, request: Request) -> None:
+        replica = self._by_url[lease.url]
+        request.lease, request.replica = lease, replica.index
+        request.remaining, request.dispatched_s = request.info.tokens, self.now
+        replica.inflight += 1
+        self._report(replica)
         replica.queue.append(request)
         if not replica.busy:
             self._step(replica)
 
+    def _relayed_token(self, request: Request) -> None:
+        """The proxy lowers a stream's counted work per event relayed, never below 1 token."""
+        if request.stream and request.remaining > 1 and request.lease is not None:
+            request.remaining -= 1
+            self.gateways[request.gateway].pool.progress(request.lease, 1)
+
     def _answered(self, replica: SimReplica, request: Request) -> None:
-        replica.outstanding -= 1
-        replica.by_gateway[request.gateway] -= 1
-        replica.tokens_by_gateway[request.gateway] -= request.estimate
+        gateway, lease = self.gateways[request.gateway], request.lease
+        assert lease is not None
+        gateway.pool.release(lease, outcome="served", tokens=request.remaining)
+        latency = self.now - request.dispatched_s
+        gateway.pool.observe_latency(
+            lease, latency, request.info.tokens, gateway.options.ewma_decay_s
+        )
+        request.lease = None
+        replica.inflight -= 1
+        self._report(replica)
         request.answered_s = self.now
         self.done.append(request)
         self.on_done(request)
-        if self.policy == CENTRAL_QUEUE:
-            self._dispatch_waiting()
+        self._admit(request.gateway)
 
-    # -- a replica -------------------------------------------------------------------------
+    def _report(self, replica: SimReplica) -> None:
+        """Every gateway hears the replica's new load at once (an idealised X-Replica-Load)."""
+        report = {
+            "queued": len(replica.queue),
+            "running": len(replica.running),
+            "capacity": self.max_num_seqs,
+            "inflight": replica.inflight,
+        }
+        for gateway in self.gateways:
+            entry = gateway.pool.get(replica.url)
+            assert entry is not None
+            gateway.pool.report(entry, dict(report), ours=entry.outstanding)
+
+    # -- a replica ------------------------------------------------------------------------
     def _step(self, replica: SimReplica) -> None:
         joining: list[Request] = []
         while replica.queue and len(replica.running) + len(joining) < self.max_num_seqs:
@@ -225,9 +249,7 @@ class Simulation:
             for request in decoding:
                 request.left -= 1
             for request in [*joining, *decoding]:
-                if request.stream and request.estimate > 1:  # the proxy counts relayed events
-                    request.estimate -= 1
-                    replica.tokens_by_gateway[request.gateway] -= 1
+                self._relayed_token(request)
             replica.running = [r for r in [*decoding, *joining] if r.left > 0]
             for request in [*decoding, *joining]:
                 if request.left <= 0:
@@ -242,7 +264,10 @@ def _request(
 ) -> Request:
     drawn = draw(workload, rng)
     prompt = len(drawn.prompt.encode())
-    return Request(user, prompt, drawn.max_tokens, drawn.stream, now, gateway)
+    body = drawn.body(workload.model, workload.seed)
+    return Request(
+        user, prompt, drawn.max_tokens, drawn.stream, now, gateway, json.dumps(body).encode()
+    )
 
 
 def closed_loop(
@@ -304,80 +329,112 @@ def open_loop(
 def _measure(
     sim: Simulation, policy: str, users: int, instances: int, warmup_s: float, duration_s: float
 ) -> Result:
-    """As the live report does: requests sent in the window, after the warm-up."""
-    measured = [r for r in sim.done if r.sent_s >= warmup_s]
+    """As the live report does: requests that ended in the window after the warm-up."""
+    end = warmup_s + duration_s
+    measured = [r for r in sim.done if warmup_s <= r.answered_s < end]
     return Result(
         policy,
         users,
         instances,
         [r.answered_s - r.sent_s for r in measured],
         [r.first_token_s - r.sent_s for r in measured],
+        [r.answered_s for r in measured],
+        warmup_s,
         duration_s,
     )
 
 
-def results(
-    scenarios: tuple[tuple[int, int], ...],
-    policies: tuple[str, ...],
+def run(
+    policy: str,
+    users: int,
+    instances: int,
     workload: Workload,
     *,
+    rate: float | None = None,
     warmup_s: float,
     duration_s: float,
-    utilization: float | None = None,
-    capacity_rps: float = 0.0,
     slowdowns: tuple[float, ...] = (),
     gateways: int = 1,
-) -> Iterator[Result]:
-    for users, instances in scenarios:
-        for policy in policies:
-            run: Callable[..., Result]
-            if utilization:
-                run = functools.partial(open_loop, policy, utilization * capacity_rps * instances)
-            else:
-                run = functools.partial(closed_loop, policy, users)
-            yield run(
-                instances,
-                workload,
-                warmup_s=warmup_s,
-                duration_s=duration_s,
-                slowdowns=slowdowns,
-                gateways=gateways,
-            )
+) -> Result:
+    """Closed loop with `users` users, or open loop at `rate` requests/s when it is given."""
+    if rate is not None:
+        return open_loop(
+            policy, rate, instances, workload, warmup_s=warmup_s, duration_s=duration_s,
+            slowdowns=slowdowns, gateways=gateways,
+        )  # fmt: skip
+    return closed_loop(
+        policy, users, instances, workload, warmup_s=warmup_s, duration_s=duration_s,
+        slowdowns=slowdowns, gateways=gateways,
+    )  # fmt: skip
+
+
+def capacity_rps(
+    instances: int,
+    workload: Workload,
+    *,
+    slowdowns: tuple[float, ...] = (),
+    warmup_s: float = 30.0,
+    duration_s: float = 600.0,
+) -> float:
+    """Requests/s the modelled replicas complete when every slot is always full: closed-loop
+    users, `SATURATION_USERS_PER_SLOT` per slot, through least outstanding requests."""
+    result = closed_loop(
+        "least_outstanding_requests",
+        saturation_users(instances),
+        instances,
+        workload,
+        warmup_s=warmup_s,
+        duration_s=duration_s,
+        slowdowns=slowdowns,
+    )
+    return len(result.latencies_s) / result.measured_s
 
 
 def main(argv: list[str] | None = None) -> None:
-    from loadtests.bench import SAGEMAKER_SCENARIOS, nominal_capacity_rps, parse_scenarios
-
     p = argparse.ArgumentParser(prog="python -m loadtests.simulate", description=__doc__)
     p.add_argument("--scenarios", help="users/instances list (default: the SageMaker five)")
-    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--policies", default=",".join(front_ends()))
     p.add_argument("--seconds", type=float, default=600.0, help="simulated seconds measured")
     p.add_argument("--warmup", type=float, default=30.0)
     p.add_argument("--output-sigma", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slow", type=float, default=1.0, help="replica 0 step-time factor (2 = half)")
-    p.add_argument("--open-loop", dest="utilization", type=float, help="Poisson, share of capacity")
+    p.add_argument(
+        "--open-loop",
+        dest="utilization",
+        type=float,
+        help="Poisson arrivals at this share of the modelled replicas' saturated rate",
+    )
     p.add_argument("--gateways", type=int, default=1, help="gateways, each counting its own")
     args = p.parse_args(argv)
     workload = Workload(seed=args.seed, output_sigma=args.output_sigma)
     scenarios = parse_scenarios(args.scenarios) if args.scenarios else SAGEMAKER_SCENARIOS
-    print("| users / instances | policy | P50 (s) | P99 (s) | P99 TTFT (s) | req/min/instance |")
-    print("|---|---|---|---|---|---|")
-    for r in results(
-        scenarios,
-        tuple(args.policies.split(",")),
-        workload,
-        warmup_s=args.warmup,
-        duration_s=args.seconds,
-        utilization=args.utilization,
-        capacity_rps=nominal_capacity_rps(workload),
-        slowdowns=(args.slow,),
-        gateways=args.gateways,
-    ):
-        print(
-            f"| {r.users}/{r.instances} | {r.policy} | {r.p50_s:.2f} | {r.p99_s:.2f} | "
-            f"{percentile(r.ttfts_s, 99):.2f} | {r.per_instance_per_min:.1f} |"
-        )
+    print(
+        "| users / instances | policy | offered (req/s) | capacity (req/s) | P50 (s) | P99 (s) "
+        "| P99 TTFT (s) | req/min/instance |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for users, instances in scenarios:
+        capacity = capacity_rps(instances, workload, slowdowns=(args.slow,))
+        rate = args.utilization * capacity if args.utilization else None
+        for policy in args.policies.split(","):
+            r = run(
+                policy,
+                users,
+                instances,
+                workload,
+                rate=rate,
+                warmup_s=args.warmup,
+                duration_s=args.seconds,
+                slowdowns=(args.slow,),
+                gateways=args.gateways,
+            )
+            offered = f"{rate:.2f}" if rate else f"closed, {users} users"
+            print(
+                f"| {users}/{instances} | {policy} | {offered} | {capacity:.2f} | {r.p50_s:.2f} "
+                f"| {r.p99_s:.2f} | {stats.percentile(r.ttfts_s, 99):.2f} "
+                f"| {r.per_instance_per_min:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -84,3 +84,15 @@ def relative_change(
         draws[i] = statistic(t) / statistic(c) - 1
     low, high = np.nanpercentile(draws, [2.5, 97.5])
     return Interval(float(estimate), float(low), float(high))
+
+
+def interval(
+    blocks: Sequence[Block], statistic: Statistic, *, resamples: int = 2000, seed: int = 0
+) -> Interval:
+    """statistic(blocks), with a 95% block-bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for i in range(resamples):
+        draws[i] = statistic([blocks[j] for j in rng.integers(0, len(blocks), len(blocks))])
+    low, high = np.nanpercentile(draws, [2.5, 97.5])
+    return Interval(statistic(blocks), float(low), float(high))

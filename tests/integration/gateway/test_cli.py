@@ -60,6 +60,38 @@ def test_yaml_syntax_error_and_missing_file(tmp_path: Path) -> None:
     assert result.returncode == 2 and "cannot read" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "usage"),
+    [
+        ("gateway", "usage: infergate gateway"),
+        ("up", "usage: infergate up"),
+        ("jobs", "usage: infergate jobs"),
+        ("replica", "usage: replica"),  # the replica's own entry point, `python -m replica`
+        ("bench", "usage: infergate bench"),  # `python -m loadtests.bench`
+    ],
+)
+def test_every_documented_command_answers_help(command: str, usage: str) -> None:
+    result = subprocess.run(
+        [str(BIN / "infergate"), command, "-h"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(usage), result.stdout
+
+
+def test_a_command_whose_package_is_not_installed_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway import cli
+
+    monkeypatch.setitem(cli.ENTRY_POINTS, "bench", "no_such_package_here.bench")
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "the 'no_such_package_here' package is not installed" in capsys.readouterr().err
+
+
 def test_gateway_never_imports_torch() -> None:
     code = (
         "import sys, gateway.cli, gateway.server, gateway.proxy, gateway.policies;"

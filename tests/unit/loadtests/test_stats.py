@@ -65,3 +65,12 @@ def test_lognormal_output_lengths_are_heavy_tailed_and_bounded() -> None:
     assert 58 <= median <= 70
     assert p99 >= 6 * median  # the tail a routing policy has to cope with
     assert lengths[0] >= 1 and lengths[-1] <= 512
+
+
+def test_interval_of_one_statistic_brackets_its_estimate() -> None:
+    rng = random.Random(2)
+    blocks = _blocks(rng, 1.0)
+    interval = stats.interval(blocks, stats.p99)
+    assert interval.estimate == pytest.approx(stats.p99(blocks))
+    assert interval.low < interval.estimate < interval.high
+    assert interval.high - interval.low < interval.estimate  # 30 blocks of 40: not degenerate

@@ -1,0 +1,117 @@
+"""The committed result folders: each command.txt is a full command that the benchmark's own
+parser accepts and that names what its table shows, and README's result tables are exactly what
+`python -m loadtests.readme` writes from those folders."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loadtests import jobs_bench, readme
+from loadtests.plan import (
+    HAPROXY,
+    PROG,
+    build_plan,
+    command_of,
+    known_front_ends,
+    parse_command,
+    parser,
+)
+
+RESULTS = readme.ROOT / "loadtests" / "results"
+FOLDERS = sorted(p.name for p in RESULTS.iterdir() if p.is_dir())
+BENCH = [f for f in FOLDERS if (RESULTS / f / "runs.csv").exists()]
+JOBS = [f for f in FOLDERS if f.startswith("jobs-")]
+
+
+def test_every_folder_is_a_bench_or_a_jobs_result() -> None:
+    assert sorted(BENCH + JOBS) == FOLDERS and BENCH and JOBS
+
+
+@pytest.mark.parametrize("folder", BENCH)
+def test_bench_command_names_what_its_table_shows(folder: str) -> None:
+    command = (RESULTS / folder / "command.txt").read_text().strip()
+    args = parse_command(command)
+    plan = build_plan(args)  # no HAProxy filter: the command as recorded
+    tables = readme.sections((RESULTS / folder / "table.md").read_text())
+    p99 = tables["P99 end-to-end latency (s)"]
+    shown = {h for h in p99.header[3:] if not h.endswith("[95% CI]")}
+    assert set(plan.strategies) == shown
+    assert args.strategies is not None, "the front ends are spelled out, not defaults"
+    assert {(int(r[1]), int(r[2])) for r in p99.rows} == set(plan.scenarios)
+    header = (RESULTS / folder / "table.md").read_text().splitlines()[0]
+    expected = (
+        f"{len(plan.seeds)} seeds x {plan.duration_s:.0f} s measured after "
+        f"{plan.warmup_s:.0f} s warm-up"
+    )
+    assert expected in header
+    assert ("open loop" in header) == bool(plan.utilization)
+    if plan.utilization:
+        assert f"Poisson arrivals at {plan.utilization:.0%} of" in header
+    assert plan.out == Path("loadtests/results") / folder
+    assert command == command_of(plan)  # the full form: every option that matters, explicit
+
+
+@pytest.mark.parametrize("folder", JOBS)
+def test_jobs_command_parses_and_matches_its_config(folder: str) -> None:
+    command = (RESULTS / folder / "command.txt").read_text().strip()
+    words = command.split()
+    assert " ".join(words[:3]) == jobs_bench.PROG
+    args = jobs_bench.parser().parse_args(words[3:])
+    assert args.out == Path("loadtests/results") / folder
+    assert command == jobs_bench.command_of(args)
+    config = RESULTS / folder / "gateway.yaml"
+    if config.exists():
+        jobs = yaml.safe_load(config.read_text())["jobs"]
+        assert jobs["max_outstanding_per_replica"] == args.threshold
+    table = (RESULTS / folder / "table.md").read_text()
+    assert f"{args.lines} lines of {args.job_tokens} tokens" in table
+    assert f"{args.seconds:.0f} s real-time phase" in table
+
+
+def test_a_plan_survives_its_own_command() -> None:
+    args = parser().parse_args(
+        ["--quick", "--open-loop", "0.85", "--gateways", "2", "--out", "x", "--seeds", "2"]
+    )
+    plan = build_plan(args)
+    again = build_plan(parse_command(command_of(plan)))
+    assert again == plan
+    assert "--quick" not in command_of(plan)  # the defaults it stood for are spelled out
+    with pytest.raises(ValueError, match="not an"):
+        parse_command("infergate gateway -c g.yaml")
+
+
+def test_front_ends_are_read_from_the_policy_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.policies import POLICIES
+
+    monkeypatch.setitem(POLICIES, "brand_new", POLICIES["random"])
+    assert "brand_new" in known_front_ends() and set(HAPROXY) <= set(known_front_ends())
+    args = parser().parse_args(["--strategies", "brand_new"])
+    assert build_plan(args).strategies == ("random", "brand_new")
+    assert PROG == "infergate bench"
+
+
+def test_readme_result_blocks_are_what_the_generator_writes() -> None:
+    text = (readme.ROOT / "README.md").read_text()
+    blocks = re.findall(r"<!-- results:([^ ]+?)(?:#[^>]*)? -->", text)
+    assert set(blocks) >= {
+        "sagemaker-simulated-sigma0.5",
+        "routing-a-sagemaker",
+        "routing-b-two-gateways",
+        "routing-c-slow-replica",
+        "routing-d-open-loop-70",
+        "routing-d-open-loop-85",
+    }
+    assert readme.render(text) == text, "README is stale: run python -m loadtests.readme"
+
+
+def test_the_generator_replaces_a_stale_block() -> None:
+    stale = "x\n<!-- results:routing-c-slow-replica -->\n| old | table |\n<!-- /results -->\ny\n"
+    fresh = readme.render(stale)
+    assert "| old | table |" not in fresh and "| peak_ewma | 8.73 |" in fresh
+    assert fresh.startswith("x\n<!-- results:routing-c-slow-replica -->\n[`routing-c")
+    assert fresh.endswith("<!-- /results -->\ny\n")
+    assert readme.render(fresh) == fresh
