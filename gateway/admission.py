@@ -123,10 +123,6 @@ class Lease:
             self._closed = True
             self._admission.finish(self, time.perf_counter() - self._started)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
 
 @dataclass(eq=False)
 class _Waiter:
