@@ -111,7 +111,7 @@ def test_readme_result_blocks_are_what_the_generator_writes() -> None:
 def test_the_generator_replaces_a_stale_block() -> None:
     stale = "x\n<!-- results:routing-c-slow-replica -->\n| old | table |\n<!-- /results -->\ny\n"
     fresh = readme.render(stale)
-    assert "| old | table |" not in fresh and "| peak_ewma | 8.73 |" in fresh
+    assert "| old | table |" not in fresh and "\n| peak_ewma | " in fresh
     assert fresh.startswith("x\n<!-- results:routing-c-slow-replica -->\n[`routing-c")
     assert fresh.endswith("<!-- /results -->\ny\n")
     assert readme.render(fresh) == fresh
