@@ -60,10 +60,28 @@ class DynamicBatcherConfig(_QueueKnobs):
     max_wait_ms: float = Field(default=5.0, ge=0)
 
 
+class PrefixCacheConfig(_Frozen):
+    enabled: bool = True
+    block_size: int | None = Field(default=None, gt=0, le=1024)  # None: the profile's, else 16
+
+
 class ContinuousBatcherConfig(_QueueKnobs):
     kind: Literal["continuous"]
     max_num_seqs: int = Field(default=16, gt=0)
+    # Token budget per step: decodes first, the rest prefills (chunked). At least max_num_seqs.
     max_batch_tokens: int = Field(default=2048, gt=0)
+    # KV memory in tokens; None: the simulated profile's, or max_num_seqs full contexts (torch).
+    kv_capacity_tokens: int | None = Field(default=None, gt=0)
+    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
+
+    @model_validator(mode="after")
+    def _budget_holds_every_decode(self) -> ContinuousBatcherConfig:
+        if self.max_batch_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_num_seqs "
+                f"({self.max_num_seqs}): every running sequence decodes one token per step"
+            )
+        return self
 
 
 BatcherConfig = Annotated[

@@ -66,6 +66,7 @@ class Completion:
     finish_reason: FinishReason
     first_token_at_s: float
     finished_at_s: float
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (OpenAI's cached_tokens)
 
     @property
     def tpot_s(self) -> float | None:
@@ -104,6 +105,7 @@ class SequenceTracker:
         self._text: list[str] = []
         self.token_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
+        self.cached_tokens = 0  # prompt tokens the batcher found in the prefix cache
         self._first_at = 0.0
         self._last_at = 0.0
 
@@ -139,4 +141,5 @@ class SequenceTracker:
             finish_reason=self.finish_reason,
             first_token_at_s=self._first_at,
             finished_at_s=self._last_at,
+            cached_tokens=self.cached_tokens,
         )

@@ -5,9 +5,13 @@ Label `model` is bounded by the config; `reason` by the rejection kinds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from replica.kv import CacheStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -56,8 +60,43 @@ class ReplicaMetrics:
             ["endpoint", "status"], registry=registry,
         )  # fmt: skip
 
+        self.kv = _KvCollector()
+        registry.register(self.kv)
+
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)
+
+
+class _KvCollector(Collector):
+    """KV memory and prefix-cache counts, read from each continuous batcher at scrape time."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, Callable[[], CacheStats]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        queried = CounterMetricFamily(
+            "replica_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache", labels=["model"],
+        )  # fmt: skip
+        hits = CounterMetricFamily(
+            "replica_prefix_cache_hit_tokens",
+            "Prompt tokens found in the prefix cache (not computed again)", labels=["model"],
+        )  # fmt: skip
+        preemptions = CounterMetricFamily(
+            "replica_preemptions",
+            "Sequences preempted for KV memory (freed, recomputed later)", labels=["model"],
+        )  # fmt: skip
+        usage = GaugeMetricFamily(
+            "replica_kv_cache_usage_ratio", "Share of KV blocks held by sequences, 0-1",
+            labels=["model"],
+        )  # fmt: skip
+        for model, read in self.sources.items():
+            stats = read()
+            queried.add_metric([model], stats.queried_tokens)
+            hits.add_metric([model], stats.hit_tokens)
+            preemptions.add_metric([model], stats.preemptions)
+            usage.add_metric([model], stats.usage)
+        yield from (queried, hits, preemptions, usage)
 
 
 class ModelMetrics:
@@ -81,6 +120,9 @@ class ModelMetrics:
         self._m.ttft.labels(self._model).observe(ttft_s)
         if tpot_s is not None:
             self._m.tpot.labels(self._model).observe(tpot_s)
+
+    def track_kv(self, stats: Callable[[], CacheStats]) -> None:
+        self._m.kv.sources[self._model] = stats
 
     def track_load(
         self, queued: Callable[[], int], running: Callable[[], int], max_queue: int

@@ -37,7 +37,8 @@ from replica.config import (
     StaticBatcherConfig,
     TinyGptModelConfig,
 )
-from replica.engines.base import ClassifierEngine, GenerationEngine, generate_batch
+from replica.engines.base import ClassifierEngine, GenerationEngine, KvLayout, generate_batch
+from replica.engines.profile import GenerationProfile
 from replica.generation import Completion, GenRequest
 from replica.metrics import ModelMetrics, ReplicaMetrics
 
@@ -81,6 +82,7 @@ class Runtime:
             running=sum(x.running for x in loads),
             capacity=sum(x.capacity for x in loads),
             backlog_tokens=sum(x.backlog_tokens for x in loads),
+            kv_usage=max((x.kv_usage for x in loads), default=0.0),  # the fullest model's
         )
 
     async def close(self) -> None:
@@ -128,15 +130,40 @@ def generation_batcher(
     if not isinstance(config, ContinuousBatcherConfig):
         forward = partial(generate_batch, engine)
         return request_batcher(config, forward, executor=executor, observer=observer, clock=clock)
+    max_num_seqs = min(config.max_num_seqs, max_num_seqs_cap or config.max_num_seqs)
     return ContinuousBatcher(
         engine,
         executor=executor,
-        max_num_seqs=min(config.max_num_seqs, max_num_seqs_cap or config.max_num_seqs),
-        max_batch_tokens=config.max_batch_tokens,
+        max_num_seqs=max_num_seqs,
+        max_batch_tokens=max(config.max_batch_tokens, max_num_seqs),
+        prefix_cache=config.prefix_cache.enabled,
         knobs=QueueKnobs(config.max_queue, config.queue_timeout_ms / 1000),
         observer=observer,
         clock=clock,
     )
+
+
+def kv_layout(
+    batcher: BatcherConfig, context_len: int, profile: GenerationProfile | None = None
+) -> KvLayout:
+    """KV memory for one model. Continuous: `kv_capacity_tokens`, else the simulated profile's
+    capacity, else `max_num_seqs` full contexts. Request-level batchers hold whole sequences
+    for a whole batch, so they get room for a full batch of full contexts."""
+    default_block = profile.block_size if profile else 16
+    if isinstance(batcher, ContinuousBatcherConfig):
+        block = batcher.prefix_cache.block_size or default_block
+        tokens = batcher.kv_capacity_tokens or (
+            profile.kv_capacity_tokens if profile else batcher.max_num_seqs * context_len
+        )
+        return KvLayout.holding(tokens, block)
+    match batcher:
+        case StaticBatcherConfig():
+            rows = batcher.batch_size
+        case DynamicBatcherConfig():
+            rows = batcher.max_batch_size
+        case _:
+            rows = 1
+    return KvLayout(rows * -(-context_len // default_block), default_block)
 
 
 def _with_faults(engine: EngineConfig, gen: GenerationEngine) -> GenerationEngine:
@@ -148,14 +175,18 @@ def _with_faults(engine: EngineConfig, gen: GenerationEngine) -> GenerationEngin
 
 
 def _generation_engine(engine: EngineConfig, model: TinyGptModelConfig) -> GenerationEngine:
+    context = model.params.context_len
     if engine.kind == "simulated":
         from replica.engines.profile import load_profile
         from replica.engines.simulated import SimulatedGenerationEngine
 
-        return SimulatedGenerationEngine(load_profile(engine.profile_path).generation)
+        profile = load_profile(engine.profile_path).generation
+        layout = kv_layout(model.batcher, context, profile)
+        return SimulatedGenerationEngine(profile, kv=layout)
     from replica.engines.torch_engine import TorchGenerationEngine, resolve_device
 
-    return TorchGenerationEngine(model.params, resolve_device(engine.device))
+    layout = kv_layout(model.batcher, context)
+    return TorchGenerationEngine(model.params, resolve_device(engine.device), kv=layout)
 
 
 def _classifier_engine(engine: EngineConfig, model: ClassifierModelConfig) -> ClassifierEngine:
@@ -180,6 +211,8 @@ def _configure_torch(engine: EngineConfig) -> None:
 
 def _track(observer: ModelMetrics, batcher: Batcher[Any, Any], max_queue: int) -> None:
     observer.track_load(lambda: batcher.load().queued, lambda: batcher.load().running, max_queue)
+    if isinstance(batcher, ContinuousBatcher):
+        observer.track_kv(batcher.blocks.stats)
 
 
 def build_runtime(

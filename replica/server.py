@@ -2,7 +2,8 @@
 
 Models load in a background task after the socket opens, so `/ping` answers 503 while loading.
 Every response carries `X-Replica-Load: queued=<n>,running=<n>,capacity=<n>,backlog_tokens=<n>,
-inflight=<n>` (totals over the replica's models) for the gateway's load feedback. `inflight`
+inflight=<n>,kv_usage=<0-1>` (totals over the replica's models; `kv_usage` is the fullest
+model's share of KV blocks in use) for the gateway's load feedback. `inflight`
 counts the inference (POST) requests being handled, without the one answered, so a gateway can
 tell its own requests from those other gateways sent. Routes live in `replica/routes/`.
 """
@@ -22,7 +23,7 @@ from replica.config import ReplicaConfig
 from replica.errors import ReplicaError, error_body, kserve_error_body
 from replica.keys import CONFIG, METRICS, STATE
 from replica.metrics import ReplicaMetrics
-from replica.routes import health, kserve, openai, openapi, sagemaker
+from replica.routes import chat, health, kserve, openai, openapi, sagemaker
 from replica.runtime import build_runtime
 from replica.state import ReplicaState
 
@@ -99,7 +100,7 @@ async def _add_load_header(request: web.Request, response: web.StreamResponse) -
     others = state.working - bool(request.get(WORKING))
     response.headers[LOAD_HEADER] = (
         f"queued={load.queued},running={load.running},capacity={load.capacity},"
-        f"backlog_tokens={load.backlog_tokens},inflight={others}"
+        f"backlog_tokens={load.backlog_tokens},inflight={others},kv_usage={load.kv_usage:.3f}"
     )
 
 
@@ -149,6 +150,6 @@ def create_app(
     app[METRICS] = ReplicaMetrics(registry or CollectorRegistry())
     app.on_response_prepare.append(_add_load_header)
     app.cleanup_ctx.append(_runtime_ctx(clock))
-    for module in (health, openai, kserve, sagemaker, openapi):
+    for module in (health, openai, chat, kserve, sagemaker, openapi):
         app.router.add_routes(module.routes)
     return app

@@ -29,6 +29,7 @@ class Load:
     running: int
     capacity: int
     backlog_tokens: int = 0  # tokens still to generate for queued and running sequences
+    kv_usage: float = 0.0  # share of KV blocks held by sequences (continuous batcher), 0-1
 
 
 class Batcher(Protocol[T_contra, R_co]):

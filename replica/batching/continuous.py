@@ -1,14 +1,22 @@
-"""`continuous` batcher: iteration-level scheduling for generation.
+"""`continuous` batcher: iteration-level scheduling with paged KV memory and chunked prefill.
 
-Every decode step, finished sequences leave and queued ones join (bounded by `max_num_seqs`
-and `max_batch_tokens` = prefill tokens of newcomers + one token per running sequence).
-Newcomers are prefilled in the same step; each token goes to its request's sink at once.
+Each step has a token budget (`max_batch_tokens`). Running sequences' decode tokens are
+scheduled first; what is left of the budget prefills, in arrival order, the sequences still
+prefilling and then newcomers, in chunks: a long prompt is prefilled over several steps while
+everyone else keeps decoding every step, so a join stalls decodes by one chunk at most.
+
+KV memory is counted in blocks (`replica/kv.py`). A newcomer is admitted only when blocks for
+its whole prompt fit (after the longest cached prefix, which it does not compute again). When
+a decoding sequence needs a block and none is free, the newest running sequence is preempted:
+its blocks are freed and it goes back to the front of the line, to be recomputed (prompt and
+the tokens it already streamed) when memory allows. The client only sees it take longer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -16,14 +24,22 @@ from replica.batching.base import DEFAULT_KNOBS, Load, QueueKnobs
 from replica.batching.clock import Clock, LoopClock
 from replica.batching.observer import BatchObserver, NullObserver
 from replica.batching.queue import Pending, RequestQueue
-from replica.engines.base import GenerationEngine, StepPlan
+from replica.engines.base import GenerationEngine, StepPlan, Work
+from replica.errors import BadRequest
 from replica.generation import Completion, GenRequest, SequenceTracker
+from replica.kv import BlockManager
 
 
 @dataclass(eq=False)
-class _Running:
+class _Seq:
     pending: Pending[GenRequest, Completion]
     tracker: SequenceTracker
+    ids: list[int]  # prompt, then every token generated so far
+    computed: int = 0  # leading tokens whose keys/values are in the sequence's blocks
+
+    @property
+    def id(self) -> int:
+        return self.pending.item.id
 
 
 class ContinuousBatcher:
@@ -34,14 +50,20 @@ class ContinuousBatcher:
         executor: Executor,
         max_num_seqs: int,
         max_batch_tokens: int,
+        prefix_cache: bool = False,
         knobs: QueueKnobs = DEFAULT_KNOBS,
         clock: Clock | None = None,
         observer: BatchObserver | None = None,
     ) -> None:
+        if max_batch_tokens < max_num_seqs:
+            raise ValueError("max_batch_tokens must be at least max_num_seqs (one decode each)")
         self._engine = engine
         self._executor = executor
         self.capacity = max_num_seqs
         self._max_batch_tokens = max_batch_tokens
+        self.blocks = BlockManager(
+            engine.kv.num_blocks, engine.kv.block_size, prefix_cache=prefix_cache
+        )
         self._observer = observer or NullObserver()
         self._queue: RequestQueue[GenRequest, Completion] = RequestQueue(
             max_queue=knobs.max_queue,
@@ -49,29 +71,38 @@ class ContinuousBatcher:
             clock=clock or LoopClock(),
             observer=self._observer,
         )
-        self._running: dict[int, _Running] = {}
+        self._running: dict[int, _Seq] = {}  # admission order: the last is the newest
+        self._preempted: deque[_Seq] = deque()  # back to the front of the line
         self._release: list[int] = []
         self._task: asyncio.Task[None] | None = None
 
     async def submit(self, item: GenRequest) -> Completion:
+        need = self.blocks.blocks_for(len(item.prompt_ids) + item.token_budget)
+        if need > self.blocks.num_blocks:
+            raise BadRequest(
+                f"prompt: {len(item.prompt_ids)} tokens plus max_tokens {item.max_tokens} need "
+                f"{need} KV blocks; this model's KV memory holds {self.blocks.num_blocks} "
+                f"({self.blocks.num_blocks * self.blocks.block_size} tokens)"
+            )
         if self._task is None and not self._queue.closed:
             self._task = asyncio.create_task(self._loop(), name="ContinuousBatcher")
         return await self._queue.submit(item)
 
     def load(self) -> Load:
         backlog = sum(p.item.token_budget for p in self._queue) + sum(
-            max(0, r.tracker.request.token_budget - len(r.tracker.token_ids))
-            for r in self._running.values()
+            max(0, s.tracker.request.token_budget - len(s.tracker.token_ids))
+            for s in (*self._running.values(), *self._preempted)
         )
         return Load(
-            queued=len(self._queue),
+            queued=len(self._queue) + len(self._preempted),
             running=len(self._running),
             capacity=self.capacity,
             backlog_tokens=backlog,
+            kv_usage=self.blocks.stats().usage,
         )
 
     async def close(self) -> None:
-        """Fail queued requests, let running sequences finish, stop the task."""
+        """Fail queued requests, let running (and preempted) sequences finish, stop the task."""
         self._queue.close()
         if self._task is not None:
             await self._task
@@ -79,40 +110,112 @@ class ContinuousBatcher:
     async def _loop(self) -> None:
         while True:
             self._drop_cancelled()
-            if not self._running and not self._release and not await self._queue.wait_for(1, None):
+            busy = self._running or self._preempted or self._release
+            if not busy and not await self._queue.wait_for(1, None):
                 return
-            newcomers = self._admit()
-            plan = StepPlan(
-                prefill=tuple(p.item for p in newcomers),
-                decode=tuple(self._running),
-                release=tuple(self._release),
-            )
-            self._release = []
-            for pending in newcomers:
-                self._running[pending.item.id] = _Running(pending, SequenceTracker(pending.item))
+            plan = self._schedule()
             if plan.size:
                 await self._step(plan)
             elif plan.release:
                 self._engine.step(plan)  # nothing to compute: only frees state
 
-    def _admit(self) -> list[Pending[GenRequest, Completion]]:
-        admitted: list[Pending[GenRequest, Completion]] = []
-        tokens = len(self._running)
-        while (head := self._queue.peek()) is not None:
-            if len(self._running) + len(admitted) >= self.capacity:
+    # -- scheduling -------------------------------------------------------------------------
+
+    def _schedule(self) -> StepPlan:
+        budget = self._max_batch_tokens
+        work: list[Work] = []
+        preempted_now: set[int] = set()
+        for seq in list(self._running.values()):  # decodes first, oldest first
+            if seq.id in preempted_now or len(seq.ids) - seq.computed != 1:
+                continue
+            if not self._make_room(seq, preempted_now):
+                continue
+            work.append(self._work(seq, 1))
+            budget -= 1
+        for seq in self._running.values():  # then sequences part-way through their prefill
+            remaining = len(seq.ids) - seq.computed
+            if budget <= 0:
                 break
-            cost = len(head.item.prompt_ids)
-            if tokens + cost > self._max_batch_tokens and (admitted or self._running):
+            if remaining > 1:
+                chunk = min(remaining, budget)
+                work.append(self._work(seq, chunk))
+                budget -= chunk
+        while budget > 0 and len(self._running) < self.capacity:  # then newcomers
+            joined = self._admit(preempted_now)
+            if joined is None:
                 break
-            tokens += cost
-            admitted.extend(self._queue.take(1))
-        return admitted
+            chunk = min(len(joined.ids) - joined.computed, budget)
+            work.append(self._work(joined, chunk))
+            budget -= chunk
+        release, self._release = tuple(self._release), []
+        return StepPlan(tuple(work), release)
+
+    def _make_room(self, seq: _Seq, preempted_now: set[int]) -> bool:
+        """A block for the decode token, preempting the newest sequences until one is free;
+        False when `seq` itself was the newest and had to go."""
+        while not self.blocks.grow(seq.id, len(seq.ids)):
+            newest = next(reversed(self._running.values()))
+            self._preempt(newest)
+            preempted_now.add(newest.id)
+            if newest is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: _Seq) -> None:
+        del self._running[seq.id]
+        self.blocks.free(seq.id, preempted=True)
+        seq.computed = 0
+        self._preempted.appendleft(seq)
+
+    def _admit(self, preempted_now: set[int]) -> _Seq | None:
+        """The next sequence in line (a preempted one before any newcomer), if its blocks fit."""
+        if self._preempted:
+            seq = self._preempted[0]
+            if seq.id in preempted_now:
+                return None
+            cached = self.blocks.allocate(seq.id, seq.ids)
+            if cached is None:
+                return None
+            self._preempted.popleft()
+        else:
+            head = self._queue.peek()
+            if head is None:
+                return None
+            cached = self.blocks.allocate(head.item.id, head.item.prompt_ids)
+            if cached is None:
+                return None
+            (pending,) = self._queue.take(1)
+            seq = _Seq(pending, SequenceTracker(pending.item), list(pending.item.prompt_ids))
+            seq.tracker.cached_tokens = cached
+        seq.computed = cached
+        self._running[seq.id] = seq
+        return seq
+
+    def _work(self, seq: _Seq, tokens: int) -> Work:
+        start = seq.computed
+        end = start + tokens
+        return Work(
+            seq.pending.item,
+            tuple(seq.ids[start:end]),
+            start,
+            tuple(self.blocks.table(seq.id)),
+            sample=end == len(seq.ids),
+        )
 
     def _drop_cancelled(self) -> None:
-        for seq_id, running in list(self._running.items()):
-            if running.pending.future.done():
-                del self._running[seq_id]
-                self._release.append(seq_id)
+        for seq in list(self._running.values()):
+            if seq.pending.future.done():
+                self._forget(seq)
+        for seq in [s for s in self._preempted if s.pending.future.done()]:
+            self._preempted.remove(seq)
+            self._release.append(seq.id)
+
+    def _forget(self, seq: _Seq) -> None:
+        del self._running[seq.id]
+        self.blocks.free(seq.id)
+        self._release.append(seq.id)
+
+    # -- running a step ---------------------------------------------------------------------
 
     async def _step(self, plan: StepPlan) -> None:
         started = time.perf_counter()
@@ -124,23 +227,26 @@ class ContinuousBatcher:
             return
         finally:
             self._observer.on_batch(plan.size, time.perf_counter() - started)
-        for seq_id, token in tokens.items():
-            running = self._running.get(seq_id)
-            if running is None:
+        for w in plan.work:
+            seq = self._running.get(w.id)
+            if seq is None:
                 continue
-            if running.tracker.push(token).finish_reason is not None:
-                self._finish(seq_id, running)
-
-    def _finish(self, seq_id: int, running: _Running) -> None:
-        del self._running[seq_id]
-        self._release.append(seq_id)
-        if not running.pending.future.done():
-            running.pending.future.set_result(running.tracker.completion())
+            seq.computed = w.start + len(w.tokens)
+            self.blocks.commit(seq.id, seq.ids, seq.computed)
+            if not w.sample:
+                continue
+            token = tokens[w.id]
+            seq.ids.append(token)
+            if seq.tracker.push(token).finish_reason is not None:
+                self._forget(seq)
+                if not seq.pending.future.done():
+                    seq.pending.future.set_result(seq.tracker.completion())
 
     def _fail(self, plan: StepPlan, error: Exception) -> None:
-        ids = [r.id for r in plan.prefill] + list(plan.decode)
-        for seq_id in ids:
-            running = self._running.pop(seq_id, None)
-            self._release.append(seq_id)
-            if running is not None and not running.pending.future.done():
-                running.pending.future.set_exception(error)
+        for w in plan.work:
+            seq = self._running.get(w.id)
+            if seq is None:
+                continue
+            self._forget(seq)
+            if not seq.pending.future.done():
+                seq.pending.future.set_exception(error)

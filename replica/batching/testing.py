@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from replica.engines.base import StepPlan
+from replica.engines.base import KvLayout, StepPlan
 
 T = TypeVar("T")
 
@@ -43,9 +43,13 @@ class RecordingForward:
 
 
 class CountingEngine:
-    """A generation engine whose sequences emit 'a', 'b', 'c', ...; records every plan."""
+    """A generation engine whose sequences emit 'a', 'b', 'c', ...; records every plan.
 
-    def __init__(self) -> None:
+    A preempted sequence keeps its count, as a real engine keeps its sampler: the recompute
+    continues where the stream left off."""
+
+    def __init__(self, kv: KvLayout | None = None) -> None:
+        self.kv = kv or KvLayout(4096, 16)
         self.plans: list[StepPlan] = []
         self._counts: dict[int, int] = {}
 
@@ -53,12 +57,12 @@ class CountingEngine:
         self.plans.append(plan)
         for seq_id in plan.release:
             self._counts.pop(seq_id, None)
-        for request in plan.prefill:
-            self._counts[request.id] = 0
         out = {}
-        for seq_id in [r.id for r in plan.prefill] + list(plan.decode):
-            out[seq_id] = ord("a") + self._counts[seq_id] % 26
-            self._counts[seq_id] += 1
+        for w in plan.work:
+            count = self._counts.setdefault(w.id, 0)
+            if w.sample:
+                out[w.id] = ord("a") + count % 26
+                self._counts[w.id] = count + 1
         return out
 
     @property

@@ -1,8 +1,12 @@
 """Engine protocols, torch-free, and the request-level generation loop built on them.
 
-A generation engine does one thing: `step(plan)` runs prefill for newcomers and one decode step
-for running sequences, and returns each sequence's next token. Per-sequence state (KV cache,
-sampler) lives inside the engine, keyed by `GenRequest.id`, until the plan releases it.
+A generation engine does one thing: `step(plan)` computes the scheduled tokens of each sequence
+in the plan and returns the next token of every sequence whose scheduled tokens reach the end
+of what it holds. One shape covers everything a scheduler asks for, as in vLLM's: a newcomer's
+prompt (whole, or a chunk of it after a cached prefix or an earlier chunk), one decode token,
+or a preempted sequence's recompute. KV memory is paged (`replica/kv.py`): each
+`Work` carries the sequence's block table; per-sequence sampler state lives in the engine,
+keyed by `GenRequest.id`, until the plan releases it.
 """
 
 from __future__ import annotations
@@ -13,20 +17,63 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from replica.generation import Completion, GenRequest, SequenceTracker
+from replica.kv import BlockManager
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """The engine's KV memory: `num_blocks` blocks of `block_size` token slots."""
+
+    num_blocks: int
+    block_size: int = 16
+
+    @classmethod
+    def holding(cls, tokens: int, block_size: int = 16) -> KvLayout:
+        return cls(max(1, -(-tokens // block_size)), block_size)
+
+    @property
+    def tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class Work:
+    """Compute `tokens` at positions `start ..` of sequence `request.id`, whose earlier
+    positions are already in its blocks; `sample`: return its next token."""
+
+    request: GenRequest
+    tokens: tuple[int, ...]
+    start: int
+    blocks: tuple[int, ...]
+    sample: bool = True
+
+    @property
+    def id(self) -> int:
+        return self.request.id
+
+    @property
+    def is_decode(self) -> bool:
+        """One token past the prompt: a decode step, not (re)prefill."""
+        return len(self.tokens) == 1 and self.start >= len(self.request.prompt_ids)
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    prefill: tuple[GenRequest, ...] = ()
-    decode: tuple[int, ...] = ()  # sequence ids already prefilled
+    work: tuple[Work, ...] = ()
     release: tuple[int, ...] = ()  # sequence ids whose state can be dropped
 
     @property
     def size(self) -> int:
-        return len(self.prefill) + len(self.decode)
+        return len(self.work)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(w.tokens) for w in self.work)
 
 
 class GenerationEngine(Protocol):
+    kv: KvLayout
+
     def step(self, plan: StepPlan) -> dict[int, int]: ...
 
 
@@ -40,18 +87,30 @@ class ClassifierEngine(Protocol):
 
 
 def generate_batch(engine: GenerationEngine, requests: Sequence[GenRequest]) -> list[Completion]:
-    """Run a whole batch to completion (request-level batching); finished rows drop out."""
+    """Run a whole batch to completion (request-level batching); finished rows drop out.
+
+    Each sequence gets blocks for its whole budget up front; a batch that does not fit in the
+    engine's KV memory fails (the runtime sizes it for `batch_size` full-context sequences)."""
+    blocks = BlockManager(engine.kv.num_blocks, engine.kv.block_size, prefix_cache=False)
     trackers = {r.id: SequenceTracker(r) for r in requests}
-    plan = StepPlan(prefill=tuple(requests))
     try:
+        work = []
+        for r in requests:
+            if blocks.allocate(r.id, r.prompt_ids + (0,) * r.token_budget) is None:
+                raise RuntimeError("the batch does not fit in the engine's KV memory")
+            work.append(Work(r, r.prompt_ids, 0, tuple(blocks.table(r.id))))
+        plan = StepPlan(tuple(work))
         while plan.size:
             tokens = engine.step(plan)
-            finished = []
-            for seq_id, token in tokens.items():
-                if trackers[seq_id].push(token).finish_reason is not None:
-                    finished.append(seq_id)
-            active = tuple(i for i in tokens if i not in finished)
-            plan = StepPlan(decode=active, release=tuple(finished))
+            work, finished = [], []
+            for w in plan.work:
+                tracker = trackers[w.id]
+                if tracker.push(tokens[w.id]).finish_reason is not None:
+                    finished.append(w.id)
+                else:
+                    start = w.start + len(w.tokens)
+                    work.append(Work(w.request, (tracker.token_ids[-1],), start, w.blocks))
+            plan = StepPlan(tuple(work), release=tuple(finished))
     finally:
         engine.step(StepPlan(release=tuple(trackers)))
     return [trackers[r.id].completion() for r in requests]

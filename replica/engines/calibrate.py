@@ -18,7 +18,7 @@ from replica.config import (
     ReplicaConfig,
     TinyGptModelConfig,
 )
-from replica.engines.base import StepPlan
+from replica.engines.base import KvLayout, StepPlan, Work
 from replica.engines.profile import ClassifierProfile, GenerationProfile, TimingProfile
 from replica.engines.torch_engine import (
     TorchClassifierEngine,
@@ -51,31 +51,44 @@ def _prompt(length: int, context: int) -> GenRequest:
     return GenRequest(tuple(65 + i % 26 for i in range(length)), 1, context)
 
 
+def _blocks(engine: TorchGenerationEngine, row: int, tokens: int) -> tuple[int, ...]:
+    """Row `row`'s own blocks for `tokens` tokens (calibration owns the whole pool)."""
+    per_row = -(-tokens // engine.kv.block_size)
+    return tuple(range(row * per_row, (row + 1) * per_row))
+
+
 def _prefill_s(engine: TorchGenerationEngine, length: int, context: int) -> float:
     def run() -> None:
         request = _prompt(length, context)
-        engine.step(StepPlan(prefill=(request,)))
+        blocks = _blocks(engine, 0, context)
+        engine.step(StepPlan((Work(request, request.prompt_ids, 0, blocks),)))
         engine.step(StepPlan(release=(request.id,)))
 
     return _median_s(run, 5)
 
 
 def _decode_s(engine: TorchGenerationEngine, seqs: int, context: int) -> float:
-    requests = tuple(_prompt(min(64, context // 4), context) for _ in range(seqs))
-    engine.step(StepPlan(prefill=requests))
-    ids = tuple(r.id for r in requests)
+    requests = [_prompt(min(64, context // 4), context) for _ in range(seqs)]
+    blocks = [_blocks(engine, row, context) for row in range(seqs)]
+    engine.step(
+        StepPlan(tuple(Work(r, r.prompt_ids, 0, b) for r, b in zip(requests, blocks, strict=True)))
+    )
+    decode = StepPlan(
+        tuple(Work(r, (65,), len(r.prompt_ids), b) for r, b in zip(requests, blocks, strict=True))
+    )
     try:
-        return _median_s(lambda: engine.step(StepPlan(decode=ids)), 10)
+        return _median_s(lambda: engine.step(decode), 10)
     finally:
-        engine.step(StepPlan(release=ids))
+        engine.step(StepPlan(release=tuple(r.id for r in requests)))
 
 
 def calibrate_generation(model: TinyGptModelConfig, device: str) -> GenerationProfile:
-    engine = TorchGenerationEngine(model.params, resolve_device(device))
     context = model.params.context_len
     max_seqs = (
         model.batcher.max_num_seqs if isinstance(model.batcher, ContinuousBatcherConfig) else 16
     )
+    layout = KvLayout(max_seqs * -(-context // 16), 16)
+    engine = TorchGenerationEngine(model.params, resolve_device(device), kv=layout)
     lengths = sorted({max(2, min(256, context // d)) for d in (16, 8, 4, 2)})
     prefill_base, per_token = fit_line(lengths, [_prefill_s(engine, n, context) for n in lengths])
     sizes = sorted({1, max(1, max_seqs // 4), max(1, max_seqs // 2), max_seqs})

@@ -18,6 +18,7 @@ class InjectedFault(RuntimeError):
 class FailingEngine:
     def __init__(self, inner: GenerationEngine, every_n_steps: int) -> None:
         self._inner = inner
+        self.kv = inner.kv
         self._every = every_n_steps
         self._steps = 0  # forward steps only: a plan that only releases state is not counted
 

@@ -24,6 +24,7 @@ class GenerationProfile(_Frozen):
     decode_per_seq_s: float = Field(ge=0)
     max_num_seqs: int = Field(gt=0)
     kv_capacity_tokens: int = Field(gt=0)
+    block_size: int = Field(default=16, gt=0)  # KV block (page) size, tokens
 
     def step_s(self, prefill_tokens: int, prefill_seqs: int, decode_seqs: int) -> float:
         prefill = self.prefill_base_s + self.prefill_s_per_token * prefill_tokens

@@ -13,7 +13,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Sequence
 
-from replica.engines.base import StepPlan
+from replica.engines.base import KvLayout, StepPlan
 from replica.engines.profile import ClassifierProfile, GenerationProfile
 from replica.models.tokenizer import PRINTABLE
 
@@ -24,22 +24,37 @@ def _rng_for(prompt_ids: tuple[int, ...], seed: int) -> random.Random:
 
 
 class SimulatedGenerationEngine:
+    """Charges each step for the tokens it computes: prefill (and chunks, and recomputes) per
+    token, decode per sequence; a cached prefix is never in the plan, so it costs nothing."""
+
     def __init__(
-        self, profile: GenerationProfile, sleep: Callable[[float], None] = time.sleep
+        self,
+        profile: GenerationProfile,
+        sleep: Callable[[float], None] = time.sleep,
+        kv: KvLayout | None = None,
     ) -> None:
         self.profile = profile
+        self.kv = kv or KvLayout.holding(profile.kv_capacity_tokens, profile.block_size)
         self._sleep = sleep
         self._rngs: dict[int, random.Random] = {}
+        self.computed_tokens = 0
 
     def step(self, plan: StepPlan) -> dict[int, int]:
         for seq_id in plan.release:
             self._rngs.pop(seq_id, None)
-        tokens = sum(len(r.prompt_ids) for r in plan.prefill)
-        self._sleep(self.profile.step_s(tokens, len(plan.prefill), len(plan.decode)))
-        for request in plan.prefill:
-            self._rngs[request.id] = _rng_for(request.prompt_ids, request.sampling.seed)
-        ids = [r.id for r in plan.prefill] + list(plan.decode)
-        return {i: self._rngs[i].choice(PRINTABLE) for i in ids}
+        prefill = [w for w in plan.work if not w.is_decode]
+        tokens = sum(len(w.tokens) for w in prefill)
+        self.computed_tokens += plan.tokens
+        self._sleep(self.profile.step_s(tokens, len(prefill), plan.size - len(prefill)))
+        out = {}
+        for w in plan.work:
+            rng = self._rngs.get(w.id)
+            if rng is None:
+                request = w.request
+                rng = self._rngs[w.id] = _rng_for(request.prompt_ids, request.sampling.seed)
+            if w.sample:
+                out[w.id] = rng.choice(PRINTABLE)
+        return out
 
 
 class SimulatedClassifierEngine:

@@ -8,16 +8,14 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from replica.config import ClassifierParams, TinyGptParams
-from replica.engines.base import StepPlan
-from replica.generation import GenRequest
+from replica.engines.base import KvLayout, StepPlan, Work
 from replica.models.classifier import build_classifier
 from replica.models.sampling import choose, make_generator
-from replica.models.tiny_gpt import KVCache, build_tiny_gpt
+from replica.models.tiny_gpt import Chunk, KVPool, build_tiny_gpt
 from replica.models.tokenizer import PRINTABLE, VOCAB_SIZE
 
 
@@ -27,58 +25,53 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@dataclass(eq=False)
-class _Sequence:
-    request: GenRequest
-    cache: KVCache
-    generator: torch.Generator | None
-    last_token: int = 0
-
-
 class TorchGenerationEngine:
-    def __init__(self, params: TinyGptParams, device: torch.device) -> None:
+    """Runs a plan as at most two forward passes: the decode rows together (one token each),
+    then the prefill chunks together (padded to the longest). `computed_positions` counts the
+    token positions the model computed, so tests can see a cached prefix was not."""
+
+    def __init__(
+        self, params: TinyGptParams, device: torch.device, kv: KvLayout | None = None
+    ) -> None:
         self.model = build_tiny_gpt(params, device)
         self.device = device
+        self.kv = kv or KvLayout.holding(32 * params.context_len)
+        self.pool = KVPool(self.model, self.kv.num_blocks, self.kv.block_size)
         self._bias = torch.zeros(VOCAB_SIZE, device=device)
         if params.ascii_only:
             self._bias.fill_(-math.inf)
             self._bias[list(PRINTABLE)] = 0.0
         else:
             self._bias[VOCAB_SIZE - 1] = -math.inf  # never emit BOS
-        self._seqs: dict[int, _Sequence] = {}
+        self._generators: dict[int, torch.Generator | None] = {}
+        self.computed_positions = 0
 
     def step(self, plan: StepPlan) -> dict[int, int]:
         for seq_id in plan.release:
-            self._seqs.pop(seq_id, None)
+            self._generators.pop(seq_id, None)
         out: dict[int, int] = {}
+        decode = [w for w in plan.work if w.is_decode]
+        prefill = [w for w in plan.work if not w.is_decode]
         with torch.inference_mode():
-            if plan.prefill:
-                out.update(self._prefill(plan.prefill))
-            if plan.decode:
-                out.update(self._decode([self._seqs[i] for i in plan.decode]))
+            for group in (decode, prefill):
+                if group:
+                    out.update(self._forward(group))
         return out
 
-    def _prefill(self, requests: tuple[GenRequest, ...]) -> dict[int, int]:
-        logits, caches = self.model.prefill([r.prompt_ids for r in requests])
-        out = {}
-        for row, (request, cache) in enumerate(zip(requests, caches, strict=True)):
-            sampling = request.sampling
-            generator = make_generator(sampling.seed, self.device) if sampling.temperature else None
-            seq = _Sequence(request, cache, generator)
-            self._seqs[request.id] = seq
-            out[request.id] = self._choose(seq, logits[row])
-        return out
+    def _forward(self, work: list[Work]) -> dict[int, int]:
+        chunks = [Chunk(w.tokens, w.start, w.blocks) for w in work]
+        logits = self.model.forward_chunks(chunks, self.pool)
+        self.computed_positions += sum(len(w.tokens) for w in work)
+        return {w.id: self._choose(w, logits[row]) for row, w in enumerate(work) if w.sample}
 
-    def _decode(self, seqs: list[_Sequence]) -> dict[int, int]:
-        logits = self.model.decode([s.last_token for s in seqs], [s.cache for s in seqs])
-        return {s.request.id: self._choose(s, logits[row]) for row, s in enumerate(seqs)}
-
-    def _choose(self, seq: _Sequence, logits: torch.Tensor) -> int:
-        sampling = seq.request.sampling
-        seq.last_token = choose(
-            logits + self._bias, sampling.temperature, sampling.top_p, seq.generator
+    def _choose(self, w: Work, logits: torch.Tensor) -> int:
+        sampling = w.request.sampling
+        if w.id not in self._generators:
+            seeded = sampling.temperature > 0
+            self._generators[w.id] = make_generator(sampling.seed, self.device) if seeded else None
+        return choose(
+            logits + self._bias, sampling.temperature, sampling.top_p, self._generators[w.id]
         )
-        return seq.last_token
 
 
 class TorchClassifierEngine:

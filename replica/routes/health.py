@@ -1,4 +1,5 @@
-"""Operational routes: SageMaker `/ping`, KServe health, `/load`, `/metrics`, `/v1/models`."""
+"""Operational routes: SageMaker `/ping`, vLLM/SGLang-style `/health`, KServe health, `/load`,
+`/metrics`, `/v1/models`, `/cache/blocks`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from replica.errors import NotReady
+from replica.batching import ContinuousBatcher
+from replica.errors import BadRequest, NotReady
 from replica.keys import METRICS
+from replica.kv import HASH_SCHEME
 from replica.routes.common import state
 from replica.runtime import GenerativeModel
 
@@ -26,6 +29,12 @@ def _readiness(request: web.Request) -> web.Response:
 
 @routes.get("/ping")
 async def ping(request: web.Request) -> web.Response:
+    return _readiness(request)
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """The readiness probe vLLM and SGLang servers answer, which their routers call on start."""
     return _readiness(request)
 
 
@@ -59,6 +68,7 @@ async def load(request: web.Request) -> web.Response:
                 "running": m.running,
                 "capacity": m.capacity,
                 "backlog_tokens": m.backlog_tokens,
+                "kv_usage": round(m.kv_usage, 4),
             }
     return web.json_response(
         {
@@ -67,8 +77,34 @@ async def load(request: web.Request) -> web.Response:
             "running": total.running,
             "capacity": total.capacity,
             "backlog_tokens": total.backlog_tokens,
+            "kv_usage": round(total.kv_usage, 4),
             "inflight": current.working,  # inference requests being handled
             "models": per_model,
+        }
+    )
+
+
+@routes.get("/cache/blocks")
+async def cache_blocks(request: web.Request) -> web.Response:
+    """The hashes of the KV blocks a model holds in its prefix cache (see replica/kv.py), so a
+    router can compute a prompt's exact cached prefix here. At most one entry per KV block."""
+    model = state(request).generative(request.query.get("model"))
+    batcher = model.batcher
+    if not isinstance(batcher, ContinuousBatcher):
+        raise BadRequest(
+            f"model: '{model.name}' has no prefix cache (batcher {model.config.batcher.kind}); "
+            "only the continuous batcher keeps one"
+        )
+    blocks = batcher.blocks
+    return web.json_response(
+        {
+            "model": model.name,
+            "enabled": blocks.prefix_cache,
+            "block_size": blocks.block_size,
+            "num_blocks": blocks.num_blocks,
+            "hash_scheme": HASH_SCHEME,
+            "tokenizer": "bytes: BOS (256) then the UTF-8 bytes of the prompt",
+            "blocks": [f"{h:016x}" for h in blocks.cached_hashes()],
         }
     )
 

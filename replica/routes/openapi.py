@@ -1,7 +1,7 @@
 """The OpenAPI document of the replica's HTTP API, served at /openapi.json.
 
-The completion request schema is generated from the pydantic model the route validates with,
-so the document cannot drift from what is accepted.
+The completion and chat completion request schemas are generated from the pydantic models the
+routes validate with, so the document cannot drift from what is accepted.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from replica.api.schemas import CompletionRequest
+from replica.api.schemas import ChatCompletionRequest, CompletionRequest
 
 routes = web.RouteTableDef()
 
@@ -90,17 +90,36 @@ def _get(summary: str) -> dict[str, Any]:
 
 @cache
 def document() -> dict[str, Any]:
-    completion = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs = completion.pop("$defs", {})
+    ref = "#/components/schemas/{model}"
+    completion = CompletionRequest.model_json_schema(ref_template=ref)
+    chat = ChatCompletionRequest.model_json_schema(ref_template=ref)
+    defs = completion.pop("$defs", {}) | chat.pop("$defs", {})
     return {
         "openapi": "3.1.0",
         "info": {"title": "infergate replica", "version": "0.1.0"},
         "paths": {
             "/ping": _get("SageMaker health: 200 when ready"),
+            "/health": _get("vLLM/SGLang-style health: 200 when ready"),
             "/v2/health/ready": _get("KServe readiness"),
             "/v2/health/live": _get("KServe liveness"),
             "/load": _get("Queued and running work, and capacity"),
             "/v1/models": _get("OpenAI model list"),
+            "/cache/blocks": {
+                "get": {
+                    "summary": "The prefix cache's block hashes (hash scheme and block size "
+                    "included), at most one per KV block",
+                    "parameters": [
+                        {
+                            "name": "model",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "example": "tiny-gpt",
+                        },
+                    ],
+                    "responses": {"200": _json("cached block hashes"), **_ERRORS},
+                }
+            },
             "/v1/completions": {
                 "post": {
                     "summary": "OpenAI text completion (SSE with stream: true)",
@@ -108,10 +127,17 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _json("completion"), **_ERRORS},
                 }
             },
+            "/v1/chat/completions": {
+                "post": {
+                    "summary": "OpenAI chat completion (SSE with stream: true)",
+                    "requestBody": _body("ChatCompletionRequest"),
+                    "responses": {"200": _json("chat completion"), **_ERRORS},
+                }
+            },
             "/invocations": {
                 "post": {
-                    "summary": "SageMaker entry point: a completion body, or a KServe body "
-                    "with `inputs`",
+                    "summary": "SageMaker entry point: a completion or chat completion body "
+                    "(`messages`), or a KServe body with `inputs`",
                     "requestBody": _body("CompletionRequest"),
                     "responses": {"200": _json("result"), **_ERRORS},
                 }
@@ -141,6 +167,7 @@ def document() -> dict[str, Any]:
         "components": {
             "schemas": {
                 "CompletionRequest": completion,
+                "ChatCompletionRequest": chat,
                 **defs,
                 "Tensor": _TENSOR,
                 "InferRequest": _INFER,

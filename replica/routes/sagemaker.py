@@ -2,8 +2,9 @@
 
 - a body with `inputs` is a KServe v2 infer request (JSON or binary tensor extension) for the
   classifier named by `model_name` (default: the first classifier served);
-- any other JSON object is an OpenAI completion body (`prompt`, `max_tokens`, `stream`, ...)
-  for the model named by `model` (default: the first generative model served).
+- a body with `messages` is an OpenAI chat completion body, and any other JSON object an OpenAI
+  completion body (`prompt`, `max_tokens`, `stream`, ...), for the model named by `model`
+  (default: the first generative model served).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from replica.api.schemas import parse_json_object
-from replica.routes import kserve, openai
+from replica.routes import chat, kserve, openai
 from replica.routes.common import binary_header_length, read_body, state
 
 routes = web.RouteTableDef()
@@ -26,4 +27,6 @@ async def invocations(request: web.Request) -> web.StreamResponse:
         name = head.get("model_name")
         model = state(request).classifier(name if isinstance(name, str) else None)
         return await kserve.run_infer(request, model, body, header_length)
+    if "messages" in head:
+        return await chat.chat(request, head)
     return await openai.complete(request, head)

@@ -12,7 +12,13 @@ from .conftest import Start
 async def test_health_and_load_endpoints(start_replica: Start) -> None:
     url = await start_replica()
     async with aiohttp.ClientSession() as session:
-        for path in ("/ping", "/v2/health/ready", "/v2/health/live", "/v2/models/classifier/ready"):
+        for path in (
+            "/ping",
+            "/health",
+            "/v2/health/ready",
+            "/v2/health/live",
+            "/v2/models/classifier/ready",
+        ):
             async with session.get(url + path) as response:
                 assert response.status == 200, path
         async with session.get(f"{url}/load") as response:
@@ -20,7 +26,7 @@ async def test_health_and_load_endpoints(start_replica: Start) -> None:
             header = response.headers["X-Replica-Load"]
         assert (load["queued"], load["running"]) == (0, 0)
         assert load["capacity"] == 16 + 32  # continuous max_num_seqs + dynamic max_batch_size
-        assert header == "queued=0,running=0,capacity=48,backlog_tokens=0,inflight=0"
+        assert header == "queued=0,running=0,capacity=48,backlog_tokens=0,inflight=0,kv_usage=0.000"
 
 
 async def test_metrics_cover_queue_batch_compute_ttft_tpot(start_replica: Start) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtests import jobs_bench, readme
+from loadtests import batching_bench, jobs_bench, readme
 from loadtests.plan import (
     HAPROXY,
     PROG,
@@ -25,10 +25,30 @@ RESULTS = readme.ROOT / "loadtests" / "results"
 FOLDERS = sorted(p.name for p in RESULTS.iterdir() if p.is_dir())
 BENCH = [f for f in FOLDERS if (RESULTS / f / "runs.csv").exists()]
 JOBS = [f for f in FOLDERS if f.startswith("jobs-")]
+BATCHING = [f for f in FOLDERS if f.startswith("batching")]
 
 
-def test_every_folder_is_a_bench_or_a_jobs_result() -> None:
-    assert sorted(BENCH + JOBS) == FOLDERS and BENCH and JOBS
+def test_every_folder_is_a_bench_a_jobs_or_a_batching_result() -> None:
+    assert sorted(BENCH + JOBS + BATCHING) == FOLDERS and BENCH and JOBS and BATCHING
+
+
+@pytest.mark.parametrize("folder", BATCHING)
+def test_batching_command_parses_and_names_what_its_table_shows(folder: str) -> None:
+    command = (RESULTS / folder / "command.txt").read_text().strip()
+    prog = batching_bench.PROG
+    assert command.startswith(prog + " ")
+    args = batching_bench.parser().parse_args(command[len(prog) :].split())
+    assert args.out == str(Path("loadtests/results") / folder)
+    table = (RESULTS / folder / "table.md").read_text()
+    header = table.splitlines()[0]
+    assert f"Closed-loop clients {args.clients}" in header
+    assert f"{args.duration_s:g} s per point, {args.seeds} seeds" in header
+    assert f"batch size {args.batch_size}" in header
+    assert f"max_batch_tokens {args.max_batch_tokens}" in header
+    titles = readme.sections(table)
+    for engine in args.engines:
+        assert any(t.endswith(": tokens/s at equal P99") for t in titles), engine
+    assert (RESULTS / folder / "samples.json.gz").exists()
 
 
 @pytest.mark.parametrize("folder", BENCH)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from replica.batching import ContinuousBatcher, QueueKnobs
 from replica.batching.clock import FakeClock
 from replica.batching.testing import CountingEngine, InlineExecutor
+from replica.engines.base import KvLayout
+from replica.errors import BadRequest
 from replica.generation import GenRequest, TokenEvent
 
 
@@ -30,8 +34,8 @@ async def test_short_request_arriving_during_a_long_one_finishes_first() -> None
     short = await b.submit(request(max_tokens=3))
     assert short.text == "abc"
     assert not long.done()
-    joined = next(p for p in engine.plans if p.prefill and p.decode)
-    assert len(joined.decode) == 1  # the newcomer was prefilled beside the running sequence
+    joined = next(p for p in engine.plans if len(p.work) == 2)
+    assert [w.is_decode for w in joined.work] == [True, False]  # prefilled beside the decode
     assert (await long).finish_reason == "length"
     await b.close()
     assert engine.live_sequences == 0
@@ -43,7 +47,7 @@ async def test_finished_sequences_leave_and_waiting_ones_join() -> None:
     results = await asyncio.gather(*(b.submit(request(n)) for n in (2, 5, 3)))
     assert [len(r.token_ids) for r in results] == [2, 5, 3]
     assert max(p.size for p in engine.plans) <= 2
-    third = next(i for i, p in enumerate(engine.plans) if len(p.prefill) == 1 and p.decode)
+    third = next(i for i, p in enumerate(engine.plans) if i and any(w.start == 0 for w in p.work))
     assert engine.plans[third].release  # the finished one was released as the third joined
     await b.close()
 
@@ -52,9 +56,7 @@ async def test_token_budget_limits_prefill_per_step() -> None:
     engine = CountingEngine()
     b = batcher(engine, max_batch_tokens=10)
     await asyncio.gather(*(b.submit(request(2, prompt_len=6)) for _ in range(3)))
-    assert all(
-        sum(len(r.prompt_ids) for r in p.prefill) + len(p.decode) <= 10 for p in engine.plans
-    )
+    assert all(p.tokens <= 10 for p in engine.plans)
     await b.close()
 
 
@@ -92,3 +94,64 @@ async def test_cancelled_sequence_is_released() -> None:
     assert b.load().running == 0
     await b.close()
     assert engine.live_sequences == 0
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_while_running_sequences_decode() -> None:
+    engine = CountingEngine()
+    b = batcher(engine, max_batch_tokens=64)
+    running = [asyncio.create_task(b.submit(request(200))) for _ in range(3)]
+    while len(engine.plans) < 5:
+        await asyncio.sleep(0)
+    long = GenRequest(tuple(range(1, 301)), 4, context_len=4096)
+    joined_at = len(engine.plans)
+    assert (await b.submit(long)).text == "abcd"
+    chunks = [(i, w) for i, p in enumerate(engine.plans) for w in p.work if w.id == long.id]
+    prefill = [w for _, w in chunks if not w.is_decode]
+    assert len(prefill) == 5  # 300 tokens over steps of 64 - 3 decode tokens
+    assert sum(len(w.tokens) for w in prefill) == 300
+    assert [w.start for w in prefill] == [0, 61, 122, 183, 244]
+    assert [w.sample for w in prefill] == [False] * 4 + [True]
+    for index in (i for i, w in chunks if not w.is_decode):  # the others decoded every step
+        assert sum(w.is_decode for w in engine.plans[index].work) == 3
+    assert all(p.tokens <= 64 for p in engine.plans[joined_at:])
+    await asyncio.gather(*running)
+    await b.close()
+    assert engine.live_sequences == 0
+
+
+async def test_out_of_kv_memory_preempts_the_newest_and_every_request_completes() -> None:
+    engine = CountingEngine(KvLayout(num_blocks=24, block_size=16))  # 384 tokens
+    b = batcher(engine, max_num_seqs=16)
+    results = await asyncio.gather(*(b.submit(request(120, prompt_len=30)) for _ in range(64)))
+    assert all(len(r.token_ids) == 120 for r in results)  # 150 tokens each, 2.5 fit at once
+    alphabet = "".join(chr(ord("a") + i % 26) for i in range(120))
+    assert all(r.text == alphabet for r in results)  # recomputed, never repeated or skipped
+    assert b.blocks.stats().preemptions > 0
+    assert b.blocks.stats().used_blocks == 0
+    assert all(p.tokens <= 1024 for p in engine.plans)
+    await b.close()
+    assert engine.live_sequences == 0
+
+
+async def test_a_repeated_prompt_computes_only_its_uncached_tail() -> None:
+    engine = CountingEngine()
+    b = ContinuousBatcher(
+        engine, executor=InlineExecutor(), clock=FakeClock(), max_num_seqs=4,
+        max_batch_tokens=4096, prefix_cache=True,
+    )  # fmt: skip
+    prompt = tuple(range(1, 2002))
+    first = await b.submit(GenRequest(prompt, 2, context_len=4096))
+    before = len(engine.plans)
+    second = await b.submit(GenRequest(prompt, 2, context_len=4096))
+    assert (first.cached_tokens, second.cached_tokens) == (0, 2000)
+    assert engine.plans[before].work[0].start == 2000
+    assert engine.plans[before].tokens == 1
+    assert second.text == first.text
+    await b.close()
+
+
+async def test_a_request_larger_than_kv_memory_is_refused_up_front() -> None:
+    b = batcher(CountingEngine(KvLayout(num_blocks=4, block_size=16)))
+    with pytest.raises(BadRequest, match="KV"):
+        await b.submit(request(60, prompt_len=10))
+    await b.close()

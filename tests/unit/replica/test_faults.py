@@ -5,30 +5,34 @@ from __future__ import annotations
 import pytest
 
 from replica.config import parse_config
-from replica.engines.base import StepPlan
+from replica.engines.base import KvLayout, StepPlan, Work
 from replica.engines.faults import FailingEngine, InjectedFault
 from replica.generation import GenRequest
 
 
 class RecordingEngine:
+    kv = KvLayout(8)
+
     def __init__(self) -> None:
         self.plans: list[StepPlan] = []
 
     def step(self, plan: StepPlan) -> dict[int, int]:
         self.plans.append(plan)
-        return {r.id: 65 for r in plan.prefill} | dict.fromkeys(plan.decode, 66)
+        return {w.id: 65 if w.start == 0 else 66 for w in plan.work}
 
 
 def test_every_nth_forward_step_fails_and_release_only_steps_do_not_count() -> None:
     inner = RecordingEngine()
     engine = FailingEngine(inner, every_n_steps=2)
     request = GenRequest((1,), 8, 64)
-    assert engine.step(StepPlan(prefill=(request,))) == {request.id: 65}
+    prefill = StepPlan((Work(request, request.prompt_ids, 0, (0,)),))
+    decode = StepPlan((Work(request, (65,), 1, (0,)),))
+    assert engine.step(prefill) == {request.id: 65}
     assert engine.step(StepPlan(release=(99,))) == {}  # not a forward step
     with pytest.raises(InjectedFault, match="step 2"):
-        engine.step(StepPlan(decode=(request.id,), release=(7,)))
+        engine.step(StepPlan(decode.work, release=(7,)))
     assert inner.plans[-1] == StepPlan(release=(7,))  # what the failed step freed, still freed
-    assert engine.step(StepPlan(decode=(request.id,))) == {request.id: 66}
+    assert engine.step(decode) == {request.id: 66}
 
 
 def test_the_hook_is_off_unless_configured() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from replica.config import ClassifierParams, TinyGptParams
-from replica.engines.base import StepPlan, generate_batch
+from replica.engines.base import StepPlan, Work, generate_batch
 from replica.engines.torch_engine import (
     TorchClassifierEngine,
     TorchGenerationEngine,
@@ -37,18 +37,46 @@ def test_greedy_tokens_are_the_same_alone_and_in_a_batch_of_16(
     assert [c.token_ids for c in batch] == alone
 
 
+class Driver:
+    """Drives the engine by hand, as a scheduler would: each sequence's own blocks, each step
+    computing what it has not computed yet."""
+
+    def __init__(self, engine: TorchGenerationEngine, *requests: GenRequest) -> None:
+        self.engine = engine
+        self.ids = {r.id: list(r.prompt_ids) for r in requests}
+        self.computed = dict.fromkeys(self.ids, 0)
+        self.blocks = {r.id: tuple(range(16 * i, 16 * (i + 1))) for i, r in enumerate(requests)}
+
+    def step(self, *requests: GenRequest, chunk: int | None = None) -> None:
+        work = []
+        for r in requests:
+            start = self.computed[r.id]
+            end = len(self.ids[r.id]) if chunk is None else min(start + chunk, len(self.ids[r.id]))
+            tokens = tuple(self.ids[r.id][start:end])
+            work.append(Work(r, tokens, start, self.blocks[r.id], end == len(self.ids[r.id])))
+        out = self.engine.step(StepPlan(tuple(work)))
+        for w in work:
+            self.computed[w.id] = w.start + len(w.tokens)
+            if w.sample:
+                self.ids[w.id].append(out[w.id])
+
+    def generated(self, r: GenRequest) -> tuple[int, ...]:
+        return tuple(self.ids[r.id][len(r.prompt_ids) :])
+
+    def close(self) -> None:
+        self.engine.step(StepPlan(release=tuple(self.ids)))
+
+
 def test_joining_mid_flight_changes_no_tokens(engine: TorchGenerationEngine) -> None:
     first, second = greedy(PROMPTS[3], 8), greedy(PROMPTS[9], 8)
     expected = generate_batch(engine, [greedy(PROMPTS[9], 8)])[0].token_ids
-    tokens = engine.step(StepPlan(prefill=(first,)))
-    for _ in range(3):
-        tokens = engine.step(StepPlan(decode=(first.id,)))
-    got = [engine.step(StepPlan(prefill=(second,), decode=(first.id,)))[second.id]]
-    while len(got) < 8:
-        got.append(engine.step(StepPlan(decode=(first.id, second.id)))[second.id])
-    engine.step(StepPlan(release=(first.id, second.id)))
-    assert tuple(got) == expected
-    assert tokens
+    drive = Driver(engine, first, second)
+    for _ in range(4):
+        drive.step(first)
+    while len(drive.generated(second)) < 8:
+        drive.step(first, second)
+    drive.close()
+    assert drive.generated(second) == expected
 
 
 def test_seeded_sampling_repeats_and_ignores_batch_mates(engine: TorchGenerationEngine) -> None:
