@@ -251,7 +251,10 @@ class Admission:
 
     def _pool_changed(self) -> None:
         """The set of available replicas changed: a retry that has tried every one left stops
-        waiting, and new ones may have free slots."""
+        waiting, and new ones may have free slots. A policy that keeps per-replica state
+        (`replicas_changed`) drops what it knows of replicas that left."""
+        if self._rules is not None and hasattr(self._rules.policy, "replicas_changed"):
+            self._rules.policy.replicas_changed([r.url for r in self.pool.active()])
         for waiter in list(self._waiters):
             if waiter.tried and not waiter.future.done() and self._all_tried(waiter.tried):
                 self._waiters.remove(waiter)

@@ -18,7 +18,7 @@ from pydantic_core import ErrorDetails
 from yarl import URL
 
 from gateway.errors import ConfigError, key_path
-from gateway.policies import PolicyOptions, canonical_policy_name
+from gateway.policies import PolicyOptions, PrefixOptions, canonical_policy_name
 
 
 def _replica_url(value: str) -> str:
@@ -72,11 +72,25 @@ class AffinityConfig(_Model):
     load_factor: float = Field(1.25, ge=1.0)
 
 
+class PrefixConfig(_Model):
+    """Strategies `prefix_aware` and `precise_prefix`: how prompts are hashed and when load wins
+    over a cached prefix (see PrefixAware in gateway/policies.py)."""
+
+    block_size: int = Field(16, gt=0, le=1024)  # the replicas' KV block, in tokens
+    prefix_length: int = Field(4096, gt=0)  # tokens of a prompt that are hashed
+    balance_factor: float = Field(1.5, ge=1.0)  # x the fleet's mean outstanding
+    concurrency_threshold: int | None = Field(None, gt=0)  # at or above: load only
+    tokens_per_outstanding: int = Field(256, ge=0)  # prefill tokens one queued request is worth
+    max_entries: int = Field(200_000, gt=0)  # (block, replica) pairs the index keeps
+    session_header: str | None = "X-Session-Id"
+
+
 class Routing(_Model):
     strategy: Annotated[str, AfterValidator(canonical_policy_name)] = "least_outstanding_requests"
     seed: int | None = None  # fixes random tie-breaks and draws, for reproducible benchmarks
     affinity: AffinityConfig = AffinityConfig()
     ewma_decay_s: float = Field(10.0, gt=0)  # strategy peak_ewma
+    prefix: PrefixConfig = PrefixConfig()
 
 
 class LoadFeedback(_Model):
@@ -278,6 +292,7 @@ class GatewayConfig(_Model):
             feedback_max_age_s=self.load_feedback.max_age_s,
             ewma_decay_s=self.routing.ewma_decay_s,
             affinity_load_factor=self.routing.affinity.load_factor,
+            prefix=PrefixOptions(**self.routing.prefix.model_dump()),
         )
 
 

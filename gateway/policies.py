@@ -16,13 +16,15 @@ import hashlib
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 from gateway.pool import Replica
+from gateway.prefix import PrefixIndex
 
-Need = str  # "tokens" | "key"
+Need = str  # "tokens" | "key" | "prefix"
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,24 @@ class RequestInfo:
 
     tokens: int = 0  # estimated work: prompt tokens + max_tokens for completions, else 1
     key: str | None = None  # affinity key (a header's value or a prompt prefix)
+    prefix: tuple[int, ...] = ()  # the prompt's leading KV block hashes (gateway/prefix.py)
+    prompt_tokens: int = 0  # the whole prompt, in the replica's tokens (for "prefix")
 
 
 NO_INFO = RequestInfo()
+
+
+@dataclass(frozen=True)
+class PrefixOptions:
+    """Strategy `prefix_aware`; see PrefixAware."""
+
+    block_size: int = 16  # the replicas' KV block, in tokens
+    prefix_length: int = 4096  # tokens of each prompt that are hashed (SageMaker's knob)
+    balance_factor: float = 1.5  # cache wins only below this x the fleet's mean outstanding
+    concurrency_threshold: int | None = None  # at or above it a replica takes no cache win
+    tokens_per_outstanding: int = 256  # one more request queued is worth this much prefill
+    max_entries: int = 200_000  # (block, replica) pairs kept; least recently used go first
+    session_header: str | None = "X-Session-Id"
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,7 @@ class PolicyOptions:
     feedback_max_age_s: float = 2.0  # a replica's load report counts for this long
     ewma_decay_s: float = 10.0  # peak_ewma: how fast a faster latency pulls the average down
     affinity_load_factor: float = 1.25  # affinity: no replica takes more than c x the mean
+    prefix: PrefixOptions = PrefixOptions()
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
 
 
@@ -238,6 +256,73 @@ class Affinity:
         return ring
 
 
+class PrefixAware:
+    """Cache reuse against load, in one cost: for each replica, the prompt tokens it would
+    have to prefill (those past the longest run of the prompt's blocks the gateway has sent it)
+    plus `tokens_per_outstanding` for each request it already has; the cheapest wins, ties at
+    random. (The prompt's length is the same everywhere, so the cost computed is
+    `tokens_per_outstanding x outstanding - cached tokens`.)
+
+    The guard is relative to the fleet, so it behaves alike at 2 and at 200 replicas: a replica
+    at or above `balance_factor` x the mean outstanding (rounded up, counting this request), or
+    at `concurrency_threshold`, counts no cached tokens. The index learns from the gateway's own
+    choices (bounded, LRU; replicas that leave are dropped). A request with a session header
+    and no prompt the gateway can read goes where its session went last, within the same guard.
+    SageMaker's PREFIX_AWARE routing names the same two knobs (`prefix_length`,
+    `concurrency_threshold`)."""
+
+    needs: ClassVar[frozenset[Need]] = frozenset({"prefix"})
+    MAX_SESSIONS = 65_536
+
+    def __init__(self, rng: random.Random, options: PolicyOptions) -> None:
+        self._rng = rng
+        self._options = options.prefix
+        self.index = PrefixIndex(self._options.max_entries)
+        self._sessions: OrderedDict[str, tuple[str, int]] = OrderedDict()  # url, prompt tokens
+
+    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
+        o = self._options
+        matched = self.matched(replicas, request)
+        total = sum(r.outstanding for r in replicas)
+        bound = math.ceil(o.balance_factor * (total + 1) / len(replicas))
+        cap = o.concurrency_threshold
+
+        def cost(r: Replica) -> float:  # the uncached prompt tokens, less the common prompt
+            hit = matched.get(r.url, 0)
+            if r.outstanding + 1 > bound or (cap is not None and r.outstanding >= cap):
+                hit = 0
+            return o.tokens_per_outstanding * r.outstanding - hit
+
+        chosen = least(replicas, cost, self._rng)
+        self.record(chosen, request)
+        return chosen
+
+    def matched(self, replicas: Sequence[Replica], request: RequestInfo) -> dict[str, int]:
+        """Prompt tokens each replica is thought to hold already."""
+        blocks = self.index.matched_blocks(request.prefix)
+        matched = {url: n * self._options.block_size for url, n in blocks.items()}
+        if not request.prefix and request.key is not None:
+            url, tokens = self._sessions.get(request.key, (None, 0))
+            if url is not None:
+                matched[url] = tokens  # its last prompt, as far as the gateway could read it
+        return matched
+
+    def record(self, replica: Replica, request: RequestInfo) -> None:
+        self.index.insert(replica.url, request.prefix)
+        if request.key is not None:
+            last = self._sessions.get(request.key, ("", 0))[1]
+            self._sessions[request.key] = (replica.url, max(request.prompt_tokens, last, 1))
+            self._sessions.move_to_end(request.key)
+            if len(self._sessions) > self.MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+
+    def replicas_changed(self, urls: Sequence[str]) -> None:
+        self.index.forget_all_but(urls)
+        kept = set(urls)
+        for key in [k for k, (url, _) in self._sessions.items() if url not in kept]:
+            del self._sessions[key]
+
+
 def stable_hash(text: str) -> int:
     """64 bits that every process agrees on (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
@@ -252,6 +337,7 @@ POLICIES: dict[str, Callable[[random.Random, PolicyOptions], Policy]] = {
     "least_outstanding_tokens": LeastOutstandingTokens,
     "peak_ewma": PeakEwma,
     "affinity": Affinity,
+    "prefix_aware": PrefixAware,
 }
 
 

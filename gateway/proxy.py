@@ -168,7 +168,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
     request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
     needs = state.runtime.policy.needs
-    info = describe(needs, request.headers, body, config.routing.affinity) if needs else NO_INFO
+    prefix = state.runtime.options.prefix
+    affinity = config.routing.affinity
+    info = describe(needs, request.headers, body, affinity, prefix) if needs else NO_INFO
     tried: list[Replica] = []
     failure: AttemptFailed | None = None
     for attempt in range(config.retries.max_attempts):

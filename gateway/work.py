@@ -18,7 +18,8 @@ from typing import Any
 from multidict import CIMultiDictProxy
 
 from gateway.config import AffinityConfig
-from gateway.policies import NO_INFO, Need, RequestInfo
+from gateway.policies import NO_INFO, Need, PrefixOptions, RequestInfo
+from gateway.prefix import block_hashes, prompt_text
 
 CHARS_PER_TOKEN = 4
 DEFAULT_MAX_TOKENS = 16  # OpenAI completions' default
@@ -30,9 +31,12 @@ def describe(
     headers: CIMultiDictProxy[str],
     body: bytes,
     affinity: AffinityConfig,
+    prefix: PrefixOptions | None = None,
 ) -> RequestInfo:
     if not needs:
         return NO_INFO
+    if "prefix" in needs:
+        return _prefix_info(headers, body, prefix or PrefixOptions())
     key = headers.get(affinity.header) if "key" in needs and affinity.header else None
     payload = _json_object(body) if ("tokens" in needs or key is None) else None
     prompt = _prompt_text(payload) if payload is not None else None
@@ -42,6 +46,19 @@ def describe(
     if key is None and "key" in needs and prompt and affinity.prompt_prefix_chars:
         key = prompt[: affinity.prompt_prefix_chars]
     return RequestInfo(tokens=tokens, key=key)
+
+
+def _prefix_info(
+    headers: CIMultiDictProxy[str], body: bytes, options: PrefixOptions
+) -> RequestInfo:
+    payload = _json_object(body)
+    text = prompt_text(payload) if payload is not None else None
+    session = headers.get(options.session_header) if options.session_header else None
+    if text is None:
+        return RequestInfo(tokens=1, key=session)
+    hashes = block_hashes(text, options.block_size, options.prefix_length)
+    length = len(text.encode("utf-8", errors="surrogatepass")) + 1  # BOS
+    return RequestInfo(tokens=length, key=session, prefix=hashes, prompt_tokens=length)
 
 
 def count_sse_events(chunk: bytes) -> int:

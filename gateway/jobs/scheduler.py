@@ -147,7 +147,12 @@ class Scheduler:
         runtime = self._state.runtime
         needs = runtime.policy.needs
         affinity = runtime.config.routing.affinity
-        info = describe(needs, NO_HEADERS, job.body.encode(), affinity) if needs else NO_INFO
+        body = job.body.encode()
+        info = (
+            describe(needs, NO_HEADERS, body, affinity, runtime.options.prefix)
+            if needs
+            else NO_INFO
+        )
         lease = self._state.admission.take(replicas, info)
         lease.key = job.owner
         task = asyncio.create_task(self._dispatch(job, lease), name=f"job-{job.id}")

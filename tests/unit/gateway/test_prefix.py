@@ -1,0 +1,182 @@
+"""Prefix-aware routing, pure: the gateway's block hashes are the replica's, the index is exact
+and bounded, and the policy trades cache hits against load the same way at any fleet size."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.policies import PolicyOptions, PrefixAware, PrefixOptions, RequestInfo
+from gateway.pool import Replica
+from gateway.prefix import HASH_SCHEME, TOKENIZER, PrefixIndex, block_hashes, prompt_text
+from replica.kv import HASH_SCHEME as REPLICA_SCHEME
+from replica.kv import chain_hashes
+from replica.models.chat_template import apply_chat_template
+from replica.models.tokenizer import encode
+
+SYSTEM = "You are a careful assistant. " * 20  # 580 bytes: 36 blocks of 16
+
+
+@given(st.text(max_size=300), st.sampled_from([1, 4, 16, 64]))
+@settings(max_examples=300)
+def test_the_gateway_hashes_a_prompt_as_the_replica_does(text: str, block: int) -> None:
+    try:
+        ids = encode(text)
+    except UnicodeEncodeError:
+        return  # the replica refuses such a prompt with a 400; routing it anywhere is fine
+    assert block_hashes(text, block, 10_000) == tuple(chain_hashes(ids, block))
+    assert block_hashes(text, block, 3 * block) == tuple(chain_hashes(ids[: 3 * block], block))
+
+
+def test_the_scheme_strings_match_what_the_replica_publishes() -> None:
+    from replica.routes.health import cache_blocks  # noqa: F401 - the route that publishes them
+
+    assert HASH_SCHEME == REPLICA_SCHEME
+    assert TOKENIZER == "bytes: BOS (256) then the UTF-8 bytes of the prompt"
+
+
+def test_chat_messages_render_as_the_replicas_template() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"text": "there"}]},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "And?"},
+    ]  # fmt: skip
+    pairs = [
+        ("system", "Be brief."),
+        ("user", "Hi there"),
+        ("assistant", "Hello."),
+        ("user", "And?"),
+    ]
+    assert prompt_text({"messages": messages}) == apply_chat_template(pairs)  # type: ignore[arg-type]
+    assert prompt_text({"prompt": ["first", "second"]}) == "first"
+    assert prompt_text({"messages": [{"content": "no role"}]}) is None
+    assert prompt_text({"input": "x"}) is None
+
+
+def test_the_index_finds_the_longest_run_each_replica_holds() -> None:
+    index = PrefixIndex(1000)
+    chain = block_hashes(SYSTEM, 16, 4096)
+    index.insert("a", chain)
+    index.insert("b", chain[:10])
+    other = block_hashes("x" * 200 + SYSTEM, 16, 4096)
+    index.insert("c", other)
+    assert index.matched_blocks(chain) == {"a": len(chain), "b": 10}
+    assert index.matched_blocks(chain[:5]) == {"a": 5, "b": 5}
+    assert index.matched_blocks(block_hashes("unrelated " * 20, 16, 4096)) == {}
+    assert index.matched_blocks(()) == {}
+    index.forget("a")
+    assert index.matched_blocks(chain) == {"b": 10} and index.urls() == {"b", "c"}
+    index.forget_all_but(["c"])
+    assert index.urls() == {"c"} and len(index) == len(other)
+
+
+def test_the_index_evicts_least_recently_used_and_never_holds_more_than_its_cap() -> None:
+    index = PrefixIndex(10)
+    old, new = block_hashes("o" * 200, 16, 4096)[:6], block_hashes("n" * 200, 16, 4096)[:6]
+    index.insert("a", old)
+    index.insert("a", old[:2])  # the first two blocks used again
+    index.insert("b", new)
+    assert len(index) == 10
+    assert index.matched_blocks(new) == {"b": 6}
+    assert index.matched_blocks(old) == {"a": 2}  # the tail went first, the reused head stayed
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 30), st.integers(0, 8))))
+@settings(max_examples=200)
+def test_index_state_stays_consistent_and_bounded(ops: list[tuple[str, int, int]]) -> None:
+    index = PrefixIndex(25)
+    chains = [block_hashes(f"{i:02d}" * 100, 16, 4096) for i in range(31)]
+    for url, which, length in ops:
+        index.insert(url, chains[which][:length])
+        assert len(index) <= 25
+    held = {(h, url) for url in index.urls() for h in index._by_url[url]}
+    assert held == set(index._lru)
+    assert {h: urls for h, urls in index._holders.items()} == {
+        h: {u for hh, u in held if hh == h} for h, _ in held
+    }
+
+
+def _fleet(n: int) -> list[Replica]:
+    return [Replica(f"http://127.0.0.1:{9000 + i}") for i in range(n)]
+
+
+def _request(text: str, session: str | None = None) -> RequestInfo:
+    length = len(text.encode()) + 1
+    return RequestInfo(length, session, block_hashes(text, 16, 4096), length)
+
+
+def test_a_prefix_goes_to_the_replica_that_has_it_while_load_is_even() -> None:
+    fleet = _fleet(4)
+    policy = PrefixAware(random.Random(0), PolicyOptions())
+    first = policy.choose(fleet, _request(SYSTEM + "question 0"))
+    picks = Counter(policy.choose(fleet, _request(SYSTEM + f"question {i}")).url for i in range(50))
+    assert picks == {first.url: 50}  # idle fleet: every one reuses the 36 cached blocks
+
+
+@pytest.mark.parametrize("n", [2, 8, 200])
+def test_a_hot_prefix_moves_when_its_replica_is_loaded_relative_to_the_fleet(n: int) -> None:
+    fleet = _fleet(n)
+    policy = PrefixAware(random.Random(1), PolicyOptions())
+    home = policy.choose(fleet, _request(SYSTEM + "warm"))
+    for replica in fleet:
+        replica.outstanding = 2
+    home.outstanding = 3  # 3 <= ceil(1.5 x mean): the cache still wins
+    assert policy.choose(fleet, _request(SYSTEM + "a")) is home
+    home.outstanding = 6  # past 1.5 x the mean for n >= 8; at n = 2 the cost says so
+    moved = policy.choose(fleet, _request(SYSTEM + "b"))
+    assert moved is not home and moved.outstanding == 2
+
+
+def test_the_concurrency_threshold_makes_load_win() -> None:
+    fleet = _fleet(3)
+    options = PolicyOptions(prefix=PrefixOptions(concurrency_threshold=2))
+    policy = PrefixAware(random.Random(2), options)
+    home = policy.choose(fleet, _request(SYSTEM))
+    home.outstanding = 2
+    assert policy.choose(fleet, _request(SYSTEM + "x")) is not home
+
+
+@pytest.mark.parametrize("n", [2, 5, 50])
+def test_unique_prompts_spread_like_least_outstanding(n: int) -> None:
+    fleet = _fleet(n)
+    policy = PrefixAware(random.Random(3), PolicyOptions())
+    rng = random.Random(4)
+    for i in range(40 * n):
+        text = f"{rng.random():.12f} unique prompt {i} " * 8
+        replica = policy.choose(fleet, _request(text))
+        replica.outstanding += 1
+    counts = [r.outstanding for r in fleet]
+    assert max(counts) - min(counts) <= 1, counts
+
+
+def test_shared_system_prompts_still_balance_a_loaded_small_fleet() -> None:
+    # SGLang's absolute threshold (64 requests) sends all of this to one replica; ours may not.
+    fleet = _fleet(2)
+    policy = PrefixAware(random.Random(5), PolicyOptions())
+    for i in range(60):
+        replica = policy.choose(fleet, _request(SYSTEM + f"turn {i}"))
+        replica.outstanding += 1
+    counts = sorted(r.outstanding for r in fleet)
+    assert counts[1] <= 1.5 * (sum(counts) + 1) / 2 + 1, counts
+
+
+def test_a_session_without_a_readable_prompt_follows_its_last_replica() -> None:
+    fleet = _fleet(5)
+    policy = PrefixAware(random.Random(6), PolicyOptions())
+    home = policy.choose(fleet, _request(SYSTEM, session="s1"))
+    unreadable = RequestInfo(1, "s1", (), 0)
+    assert all(policy.choose(fleet, unreadable) is home for _ in range(20))
+
+
+def test_replicas_that_leave_are_forgotten() -> None:
+    fleet = _fleet(3)
+    policy = PrefixAware(random.Random(7), PolicyOptions())
+    home = policy.choose(fleet, _request(SYSTEM, session="s"))
+    policy.replicas_changed([r.url for r in fleet if r is not home])
+    assert home.url not in policy.index.urls()
+    assert policy.matched(fleet, RequestInfo(1, "s", (), 0)) == {}
