@@ -83,6 +83,7 @@ class PrefixConfig(_Model):
     tokens_per_outstanding: int = Field(256, ge=0)  # prefill tokens one queued request is worth
     max_entries: int = Field(200_000, gt=0)  # (block, replica) pairs the index keeps
     session_header: str | None = "X-Session-Id"
+    poll_interval_s: float = Field(0.5, gt=0)  # precise_prefix: GET /cache/blocks cadence
 
 
 class Routing(_Model):

@@ -51,6 +51,7 @@ class PrefixOptions:
     tokens_per_outstanding: int = 256  # one more request queued is worth this much prefill
     max_entries: int = 200_000  # (block, replica) pairs kept; least recently used go first
     session_header: str | None = "X-Session-Id"
+    poll_interval_s: float = 0.5  # precise_prefix: how often each replica's blocks are read
 
 
 @dataclass(frozen=True)
@@ -293,9 +294,14 @@ class PrefixAware:
                 hit = 0
             return o.tokens_per_outstanding * r.outstanding - hit
 
-        chosen = least(replicas, cost, self._rng)
+        chosen = self._least(replicas, cost, request)
         self.record(chosen, request)
         return chosen
+
+    def _least(
+        self, replicas: Sequence[Replica], cost: Callable[[Replica], float], request: RequestInfo
+    ) -> Replica:
+        return least(replicas, cost, self._rng)
 
     def matched(self, replicas: Sequence[Replica], request: RequestInfo) -> dict[str, int]:
         """Prompt tokens each replica is thought to hold already."""
@@ -323,6 +329,30 @@ class PrefixAware:
             del self._sessions[key]
 
 
+class PrecisePrefix(PrefixAware):
+    """PrefixAware on what the replicas hold, not on what the gateway sent: the index is each
+    replica's own `GET /cache/blocks` report, replaced at every poll (gateway/prefix_poll.py),
+    so evictions and restarts show within one poll interval. Ties go to the replica whose
+    hash with the prompt's first block is highest (rendezvous hashing), so a new prefix keeps to
+    one replica until the replicas report it, and gateways that see the same reports and loads
+    make the same choice."""
+
+    def record(self, replica: Replica, request: RequestInfo) -> None:
+        if request.key is not None:  # sessions are remembered; blocks come from the replicas
+            super().record(
+                replica, RequestInfo(key=request.key, prompt_tokens=request.prompt_tokens)
+            )
+
+    def report(self, url: str, hashes: Sequence[int]) -> None:
+        self.index.replace(url, hashes)
+
+    def _least(
+        self, replicas: Sequence[Replica], cost: Callable[[Replica], float], request: RequestInfo
+    ) -> Replica:
+        seed = str(request.prefix[0] if request.prefix else request.key or "")
+        return min(replicas, key=lambda r: (cost(r), -stable_hash(f"{seed}|{r.url}")))
+
+
 def stable_hash(text: str) -> int:
     """64 bits that every process agrees on (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
@@ -338,6 +368,7 @@ POLICIES: dict[str, Callable[[random.Random, PolicyOptions], Policy]] = {
     "peak_ewma": PeakEwma,
     "affinity": Affinity,
     "prefix_aware": PrefixAware,
+    "precise_prefix": PrecisePrefix,
 }
 
 

@@ -36,6 +36,7 @@ from gateway.jobs.service import JOBS, JobService
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import DOCUMENT
 from gateway.pool import ReplicaPool
+from gateway.prefix_poll import CacheBlocksPoller
 from gateway.reload import ReloadWatcher, reload_config
 from gateway.runtime import STATE, GatewayState, build_runtime
 
@@ -218,6 +219,7 @@ def create_app(
     app.cleanup_ctx.append(_background("health-checks", lambda a: a[HEALTH].run()))
     app.cleanup_ctx.append(_background("config-watch", lambda a: a[WATCHER].run()))
     app.cleanup_ctx.append(_background("load-feedback", lambda a: LoadPoller(state).run()))
+    app.cleanup_ctx.append(_background("cache-blocks", lambda a: CacheBlocksPoller(state).run()))
     app.cleanup_ctx.append(_background("dns-discovery", lambda a: DnsDiscovery(state).run()))
     if config.jobs is not None:
         jobs = app[JOBS] = JobService(state, config.jobs)

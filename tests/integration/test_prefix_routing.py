@@ -25,8 +25,7 @@ from tests.support.servers import running_gateway, serve, write_config
 SYSTEMS = [f"System prompt {k}: " + "follow the house style closely. " * 16 for k in range(12)]
 
 
-@asynccontextmanager
-async def simulated_replicas(n: int, workdir: Path) -> AsyncIterator[list[str]]:
+def replica_config(workdir: Path) -> dict[str, Any]:
     fast = load_profile().model_dump()  # the 7B profile's shape, 20x faster: a quick test
     fast["generation"] |= {
         "prefill_base_s": 0.0005, "prefill_s_per_token": 0.00002,
@@ -34,7 +33,7 @@ async def simulated_replicas(n: int, workdir: Path) -> AsyncIterator[list[str]]:
     }  # fmt: skip
     profile = workdir / "fast.yaml"
     profile.write_text(yaml.safe_dump(fast))
-    config = {
+    return {
         "server": {"port": 0},
         "engine": {"kind": "simulated", "profile_path": str(profile)},
         "models": [
@@ -46,13 +45,20 @@ async def simulated_replicas(n: int, workdir: Path) -> AsyncIterator[list[str]]:
             }
         ],
     }
+
+
+@asynccontextmanager
+async def replica(workdir: Path, port: int = 0) -> AsyncIterator[str]:
+    app = create_app(parse_config(replica_config(workdir)))
+    async with serve(app, port=port) as url:
+        await app[STATE].settled.wait()
+        yield url
+
+
+@asynccontextmanager
+async def simulated_replicas(n: int, workdir: Path) -> AsyncIterator[list[str]]:
     async with AsyncExitStack() as stack:
-        urls = []
-        for _ in range(n):
-            app = create_app(parse_config(config))
-            urls.append(await stack.enter_async_context(serve(app)))
-            await app[STATE].settled.wait()
-        yield urls
+        yield [await stack.enter_async_context(replica(workdir)) for _ in range(n)]
 
 
 async def fleet_hit_ratio(urls: list[str]) -> tuple[float, list[float]]:
@@ -123,3 +129,81 @@ async def test_prefix_aware_reaches_a_higher_fleet_cache_hit_rate_than_least_out
     # (each system prompt once, and each new question); least outstanding misses about 30%.
     assert 1 - prefix < 0.9 * (1 - lor), (prefix, lor)
     assert min(prefix_spread) > 0.1, prefix_spread  # no replica was left out
+
+
+PROMPT = SYSTEMS[0] + "What is the house style?"
+
+
+async def complete(client: aiohttp.ClientSession, url: str) -> tuple[str | None, int]:
+    """One completion of PROMPT: the replica that served it, and its cached prompt tokens."""
+    body = {"model": "tiny-gpt", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    async with client.post(f"{url}/v1/completions", json=body) as response:
+        assert response.status == 200, await response.text()
+        usage = (await response.json())["usage"]
+        return response.headers.get("X-Infergate-Replica"), usage["prompt_tokens_details"][
+            "cached_tokens"
+        ]
+
+
+def precise_config(urls: list[str], path: Path) -> Path:
+    config = {
+        "routing": {"strategy": "precise_prefix", "prefix": {"poll_interval_s": 0.05}},
+        "replicas": [{"url": u} for u in urls],
+    }
+    write_config(path, config)
+    return path
+
+
+async def polled() -> None:
+    await asyncio.sleep(0.25)  # five poll intervals: every replica's report is in
+
+
+async def test_precise_prefix_follows_a_replica_that_restarts_with_an_empty_cache(
+    tmp_path: Path,
+) -> None:
+    async with (
+        replica(tmp_path) as x,
+        AsyncExitStack() as y_lifetime,
+        AsyncExitStack() as y_again,
+        aiohttp.ClientSession() as client,
+    ):
+        y = await y_lifetime.enter_async_context(replica(tmp_path))
+        async with running_gateway(precise_config([x, y], tmp_path / "g.yaml")) as gateway:
+            assert (await complete(client, y))[1] == 0  # y is warmed directly, not through us
+            await polled()
+            for _ in range(3):
+                served, cached = await complete(client, gateway.url)
+                assert (served, cached > 500) == (y, True)
+            await y_lifetime.aclose()  # y stops, and comes back on its port with an empty cache
+            port = int(y.rsplit(":", 1)[1])
+            assert await y_again.enter_async_context(replica(tmp_path, port=port)) == y
+            await complete(client, x)  # now x holds the prefix, y does not
+            await polled()
+            for _ in range(3):
+                served, cached = await complete(client, gateway.url)
+                assert (served, cached > 500) == (x, True)
+
+
+async def test_two_gateways_with_precise_prefix_make_the_same_choices(tmp_path: Path) -> None:
+    async with simulated_replicas(3, tmp_path) as urls, aiohttp.ClientSession() as client:
+        await complete(client, urls[1])  # one replica holds PROMPT's prefix
+        one = precise_config(urls, tmp_path / "one.yaml")
+        two = precise_config(urls, tmp_path / "two.yaml")
+        async with running_gateway(one) as first, running_gateway(two) as second:
+            await polled()
+            body = {"model": "tiny-gpt", "max_tokens": 1, "temperature": 0}
+            for i in range(12):
+                prompt = PROMPT if i % 3 == 0 else f"Prompt {i}: " + "words and more words " * 8
+                payload = {**body, "prompt": prompt}
+
+                async def send(gateway: Any, payload: dict[str, Any] = payload) -> str:
+                    async with client.post(f"{gateway.url}/v1/completions", json=payload) as r:
+                        assert r.status == 200
+                        return r.headers["X-Infergate-Replica"]
+
+                # At the same moment, from the same reports: neither has seen the other's send.
+                chosen = await asyncio.gather(send(first), send(second))
+                await polled()
+                assert chosen[0] == chosen[1], (i, chosen)
+                if prompt == PROMPT:
+                    assert chosen[0] == urls[1]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.policies import PolicyOptions, PrefixAware, PrefixOptions, RequestInfo
+from gateway.policies import PolicyOptions, PrecisePrefix, PrefixAware, PrefixOptions, RequestInfo
 from gateway.pool import Replica
 from gateway.prefix import HASH_SCHEME, TOKENIZER, PrefixIndex, block_hashes, prompt_text
 from replica.kv import HASH_SCHEME as REPLICA_SCHEME
@@ -180,3 +180,30 @@ def test_replicas_that_leave_are_forgotten() -> None:
     policy.replicas_changed([r.url for r in fleet if r is not home])
     assert home.url not in policy.index.urls()
     assert policy.matched(fleet, RequestInfo(1, "s", (), 0)) == {}
+
+
+def test_precise_prefix_routes_by_what_the_replicas_report() -> None:
+    fleet = _fleet(4)
+    policy = PrecisePrefix(random.Random(8), PolicyOptions())
+    request = _request(SYSTEM + "q")
+    holder = fleet[2]
+    policy.report(holder.url, request.prefix[:20])
+    assert all(policy.choose(fleet, request) is holder for _ in range(10))
+    assert policy.index.matched_blocks(request.prefix) == {holder.url: 20}  # routing adds none
+    policy.report(holder.url, [])  # it restarted: its cache is empty
+    assert policy.matched(fleet, request) == {}
+
+
+def test_precise_prefix_choices_do_not_depend_on_the_gateway() -> None:
+    # Two gateways (their own random sources) with the same reports and loads agree, and a
+    # prefix nobody holds yet keeps to one replica (rendezvous hashing on its first block).
+    fleet = _fleet(5)
+    one, two = (PrecisePrefix(random.Random(seed), PolicyOptions()) for seed in (1, 2))
+    for policy in (one, two):
+        policy.report(fleet[0].url, _request(SYSTEM).prefix)
+    fleet[3].outstanding = 1
+    prompts = [SYSTEM + "a", "unrelated prompt " * 10, "another one " * 30, f"{SYSTEM[:40]} b"]
+    for text in prompts:
+        assert one.choose(fleet, _request(text)) is two.choose(fleet, _request(text))
+    fresh = "a prefix no replica holds " * 8
+    assert len({one.choose(fleet, _request(fresh + str(i))).url for i in range(10)}) == 1
