@@ -48,7 +48,9 @@ class LoadPoller:
                 if not isinstance(load, dict):
                     return
                 report = {
-                    k: v for k, v in load.items() if isinstance(v, int) and not isinstance(v, bool)
+                    k: v
+                    for k, v in load.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 2**53
                 }
                 if "inflight" in report:
                     # The replica counted our requests in flight as it answered: ours now.

@@ -48,10 +48,19 @@ _REPLICA = {
         "reported": {
             "type": ["object", "null"],
             "description": "the replica's last load report (queued, running, capacity, "
-            "backlog_tokens, inflight)",
-            "additionalProperties": {"type": "integer"},
+            "backlog_tokens, inflight, kv_usage, prefix_cache_queried_tokens, "
+            "prefix_cache_hit_tokens)",
+            "additionalProperties": {"type": "number"},
         },
         "remote": {"type": "integer", "description": "requests other gateways had there"},
+        "kv_usage": {
+            "type": ["number", "null"],
+            "description": "share of the replica's KV blocks held by sequences, 0-1",
+        },
+        "cache_hit_ratio": {
+            "type": ["number", "null"],
+            "description": "prompt tokens served from its prefix cache over those looked up",
+        },
         "latency_ewma_s": {"type": "number", "description": "peak EWMA, seconds per token"},
     },
 }

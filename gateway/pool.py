@@ -16,6 +16,7 @@ replica's load is then `outstanding + remote` while the report is fresh.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class Replica:
     outstanding_tokens: int = 0  # estimated work (tokens) of the requests outstanding
     remote: int = 0  # requests other gateways had here at the last report
     reported_at: float = -math.inf  # monotonic time of the last load report
-    reported: dict[str, int] | None = None  # the last report: queued, running, inflight, ...
+    reported: dict[str, float] | None = None  # the last report: queued, running, inflight, ...
     latency_ewma_s: float = 0.0  # peak-sensitive moving average of seconds per unit of work
     latency_at: float = 0.0  # monotonic time of the last latency sample
 
@@ -59,8 +60,17 @@ class Replica:
             "ejections_total": self.ejections,
             "reported": self.reported,
             "remote": self.remote,
+            "kv_usage": (self.reported or {}).get("kv_usage"),
+            "cache_hit_ratio": self.cache_hit_ratio(),
             "latency_ewma_s": round(self.latency_ewma_s, 6),
         }
+
+    def cache_hit_ratio(self) -> float | None:
+        """Prompt tokens the replica served from its prefix cache, over those it looked up,
+        since it started (its own counts, from its last load report)."""
+        report = self.reported or {}
+        queried = report.get("prefix_cache_queried_tokens", 0)
+        return round(report.get("prefix_cache_hit_tokens", 0) / queried, 4) if queried else None
 
     def load(self, now: float, max_age_s: float) -> int:
         """Requests at the replica as best known: ours, plus others' while the report is fresh."""
@@ -69,14 +79,21 @@ class Replica:
         return self.outstanding
 
 
-def parse_load_report(text: str) -> dict[str, int]:
-    """`queued=1,running=4,capacity=4,inflight=5` -> a dict; malformed parts are skipped."""
-    report: dict[str, int] = {}
+def parse_load_report(text: str) -> dict[str, float]:
+    """`queued=1,running=4,inflight=5,kv_usage=0.25` -> a dict of counts (ints) and shares
+    (floats, 0 to 1); malformed parts are skipped."""
+    report: dict[str, float] = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
-        if value.strip().isdigit():
+        value = value.strip()
+        if value.isdigit():
             report[key.strip()] = int(value)
+        elif _SHARE.fullmatch(value):
+            report[key.strip()] = float(value)
     return report
+
+
+_SHARE = re.compile(r"(0|1)?\.\d{1,6}|[01]")
 
 
 class ReplicaPool:
@@ -191,10 +208,10 @@ class ReplicaPool:
         if replica.draining and replica.outstanding == 0:
             self._draining.pop(replica.url, None)
 
-    def report(self, replica: Replica, report: dict[str, int], ours: int) -> None:
+    def report(self, replica: Replica, report: dict[str, float], ours: int) -> None:
         """A load report holding `inflight` requests at the replica, `ours` of them from here."""
         replica.reported = report
-        replica.remote = max(0, report["inflight"] - ours)
+        replica.remote = max(0, int(report["inflight"]) - ours)
         replica.reported_at = self._clock()
 
     def observe_latency(self, replica: Replica, seconds: float, work: int, decay_s: float) -> None:

@@ -9,6 +9,10 @@ function seconds(value) {
   return value < 1 ? (value * 1000).toFixed(1) + " ms" : value.toFixed(2) + " s";
 }
 
+function percent(share) {
+  return share === null || share === undefined ? "–" : (share * 100).toFixed(1) + "%";
+}
+
 function replicaState(r) {
   if (r.draining) return "draining";
   if (r.ejected) return "ejected";
@@ -39,6 +43,8 @@ function renderReplica(r) {
   cell(row, "state", state, "state state-" + state);
   cell(row, "outstanding", r.outstanding);
   cell(row, "reported", reported(r));
+  cell(row, "cache_hit_ratio", percent(r.cache_hit_ratio));
+  cell(row, "kv_usage", percent(r.kv_usage));
   cell(row, "requests_total", r.requests_total);
   cell(row, "errors_total", r.errors_total);
   cell(row, "rate", r.recent.requests_per_s.toFixed(1));

@@ -60,8 +60,12 @@ async def load(request: web.Request) -> web.Response:
     current = state(request)
     total = current.load()
     per_model: dict[str, Any] = {}
+    queried = hits = 0
     if current.runtime is not None:
         for name, model in current.runtime.models.items():
+            if isinstance(model.batcher, ContinuousBatcher):
+                stats = model.batcher.blocks.stats()
+                queried, hits = queried + stats.queried_tokens, hits + stats.hit_tokens
             m = model.batcher.load()
             per_model[name] = {
                 "queued": m.queued,
@@ -79,6 +83,8 @@ async def load(request: web.Request) -> web.Response:
             "backlog_tokens": total.backlog_tokens,
             "kv_usage": round(total.kv_usage, 4),
             "inflight": current.working,  # inference requests being handled
+            "prefix_cache_queried_tokens": queried,  # since start, over the models
+            "prefix_cache_hit_tokens": hits,
             "models": per_model,
         }
     )

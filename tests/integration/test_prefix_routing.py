@@ -207,3 +207,27 @@ async def test_two_gateways_with_precise_prefix_make_the_same_choices(tmp_path: 
                 assert chosen[0] == chosen[1], (i, chosen)
                 if prompt == PROMPT:
                     assert chosen[0] == urls[1]
+
+
+async def test_the_status_page_shows_each_replicas_cache_hits_and_kv_usage(
+    tmp_path: Path,
+) -> None:
+    async with simulated_replicas(2, tmp_path) as urls, aiohttp.ClientSession() as client:
+        path = tmp_path / "g.yaml"
+        config = {
+            "routing": {"strategy": "prefix_aware"},
+            "replicas": [{"url": u} for u in urls],
+            "load_feedback": {"poll_interval_s": 0.05},
+        }
+        write_config(path, config)
+        async with running_gateway(path) as gateway:
+            for _ in range(3):
+                served, _ = await complete(client, gateway.url)
+            await asyncio.sleep(0.3)
+            async with client.get(f"{gateway.url}/ui/status.json") as response:
+                status = await response.json()
+    rows = {r["url"]: r for r in status["replicas"]}
+    assert rows[served]["cache_hit_ratio"] > 0.5  # two of three sends were served from cache
+    other = next(u for u in urls if u != served)
+    assert rows[other]["cache_hit_ratio"] is None  # it was never sent a prompt
+    assert all(0 <= r["kv_usage"] <= 1 for r in rows.values())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.pool import ReplicaPool
+from gateway.pool import ReplicaPool, parse_load_report
 
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
 
@@ -53,3 +53,8 @@ def test_failures_are_counted() -> None:
     pool.acquire(a)
     pool.release(a, outcome="failed")
     assert (a.outstanding, a.requests_total, a.errors_total) == (0, 1, 1)
+
+
+def test_load_reports_keep_counts_and_shares_and_skip_the_rest() -> None:
+    report = parse_load_report("queued=1,running=4,inflight=5,kv_usage=0.125,x=-1,y=1e9,z=.5,w=2.5")
+    assert report == {"queued": 1, "running": 4, "inflight": 5, "kv_usage": 0.125, "z": 0.5}
