@@ -47,12 +47,20 @@ class StreamCheck:
             self._fail(_message(payload.get("error")))
         else:
             choices = payload.get("choices") or ()
-            self.tokens += sum(1 for c in choices if isinstance(c, dict) and c.get("text"))
-            return True
+            texts = sum(1 for c in choices if isinstance(c, dict) and _text(c))
+            self.tokens += texts
+            return bool(texts)  # a chat stream's role-only first delta carries no token
         return False
 
     def _fail(self, reason: str) -> None:
         self.error = self.error or reason
+
+
+def _text(choice: dict[str, Any]) -> str:
+    """A completion chunk's text, or a chat chunk's delta content."""
+    delta = choice.get("delta")
+    content = delta.get("content") if isinstance(delta, dict) else None
+    return str(choice.get("text") or content or "")
 
 
 def _value(field: bytes) -> bytes:

@@ -14,9 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from replica.api.schemas import parse_chat_completion, parse_json_object
+from replica.api.schemas import parse_chat_completion, parse_completion, parse_json_object
 from replica.generation import Completion, TokenEvent
-from replica.routes.common import read_body
+from replica.models.tokenizer import encode
+from replica.routes.common import read_body, state
 from replica.routes.openai import generate
 
 routes = web.RouteTableDef()
@@ -58,3 +59,17 @@ async def chat(request: web.Request, body: dict[str, Any]) -> web.StreamResponse
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await chat(request, parse_json_object(await read_body(request)))
+
+
+@routes.post("/tokenize")
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's `POST /tokenize`: a completion body (`prompt`) or a chat body (`messages`, through
+    the template) as the model's token ids, so a router matching token prefixes (vllm-router's
+    cache_aware) sees what this replica caches. Nothing is generated."""
+    body = parse_json_object(await read_body(request))
+    parsed = parse_chat_completion(body) if "messages" in body else parse_completion(body)
+    model = state(request).generative(parsed.model)
+    tokens = list(encode(parsed.prompts[0]))
+    return web.json_response(
+        {"tokens": tokens, "count": len(tokens), "max_model_len": model.context_len}
+    )

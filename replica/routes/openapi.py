@@ -134,6 +134,13 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _json("chat completion"), **_ERRORS},
                 }
             },
+            "/tokenize": {
+                "post": {
+                    "summary": "vLLM's tokenize: a completion or chat body as token ids",
+                    "requestBody": _body("CompletionRequest"),
+                    "responses": {"200": _json("{tokens, count, max_model_len}"), **_ERRORS},
+                }
+            },
             "/invocations": {
                 "post": {
                     "summary": "SageMaker entry point: a completion or chat completion body "

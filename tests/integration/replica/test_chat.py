@@ -252,3 +252,20 @@ async def test_a_chat_stream_failing_mid_way_ends_with_an_error_event_and_no_don
         with pytest.raises(APIError, match="mid-stream"):
             async for _ in chunks:  # steps 6-9 stream, step 10 fails
                 pass
+
+
+async def test_tokenize_gives_the_token_ids_the_cache_is_keyed_by(start_replica: Start) -> None:
+    url = await start_replica()
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        async with session.post(f"{url}/tokenize", json={"messages": MESSAGES}) as response:
+            assert response.status == 200
+            chat_tokens = await response.json()
+        async with session.post(f"{url}/tokenize", json={"prompt": "héllo"}) as response:
+            prompt_tokens = await response.json()
+        async with session.post(f"{url}/tokenize", json={"prompt": 5}) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["message"].startswith("prompt")
+    pairs = [(m["role"], m["content"]) for m in MESSAGES]
+    assert chat_tokens["tokens"] == list(encode(apply_chat_template(pairs)))
+    assert chat_tokens["count"] == len(chat_tokens["tokens"])
+    assert prompt_tokens["tokens"] == [256, *"héllo".encode()]

@@ -102,3 +102,15 @@ async def test_openloop_and_chaos_count_a_failed_stream_as_failed(
         outcome = await one_request(client, broken_url, completion(4, stream=True))
         assert outcome.failed and outcome.error_event
         assert not (await one_request(client, whole_url, completion(4, stream=True))).failed
+
+
+def test_a_chat_stream_counts_content_deltas_and_its_first_token_is_the_first_content() -> None:
+    check = StreamCheck()
+    role = b'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n'
+    text = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n'
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3}}\n'
+    assert [check.feed(line) for line in (role, b"\n", text, b"\n", usage, b"\n")] == [
+        False, False, True, False, False, False,
+    ]  # fmt: skip
+    check.feed(b"data: [DONE]\n")
+    assert check.ok and check.tokens == 1
