@@ -80,7 +80,9 @@ class PrefixConfig(_Model):
     prefix_length: int = Field(4096, gt=0)  # tokens of a prompt that are hashed
     balance_factor: float = Field(1.5, ge=1.0)  # x the fleet's mean outstanding
     concurrency_threshold: int | None = Field(None, gt=0)  # at or above: load only
-    tokens_per_outstanding: int = Field(256, ge=0)  # prefill tokens one queued request is worth
+    tokens_per_outstanding: int = Field(256, ge=0)  # prefill tokens a request there is worth
+    tokens_per_running: int = Field(16, ge=0)  # ... one in a free slot (capacity known)
+    tokens_per_queued: int = Field(2048, ge=0)  # ... one that would wait for a slot
     max_entries: int = Field(200_000, gt=0)  # (block, replica) pairs the index keeps
     session_header: str | None = "X-Session-Id"
     poll_interval_s: float = Field(0.5, gt=0)  # precise_prefix: GET /cache/blocks cadence

@@ -48,7 +48,9 @@ class PrefixOptions:
     prefix_length: int = 4096  # tokens of each prompt that are hashed (SageMaker's knob)
     balance_factor: float = 1.5  # cache wins only below this x the fleet's mean outstanding
     concurrency_threshold: int | None = None  # at or above it a replica takes no cache win
-    tokens_per_outstanding: int = 256  # one more request queued is worth this much prefill
+    tokens_per_outstanding: int = 256  # a request there, when its capacity is unknown
+    tokens_per_running: int = 16  # a request there, below its reported capacity
+    tokens_per_queued: int = 2048  # a request that would wait there for a slot
     max_entries: int = 200_000  # (block, replica) pairs kept; least recently used go first
     session_header: str | None = "X-Session-Id"
     poll_interval_s: float = 0.5  # precise_prefix: how often each replica's blocks are read
@@ -258,19 +260,23 @@ class Affinity:
 
 
 class PrefixAware:
-    """Cache reuse against load, in one cost: for each replica, the prompt tokens it would
-    have to prefill (those past the longest run of the prompt's blocks the gateway has sent it)
-    plus `tokens_per_outstanding` for each request it already has; the cheapest wins, ties at
-    random. (The prompt's length is the same everywhere, so the cost computed is
-    `tokens_per_outstanding x outstanding - cached tokens`.)
+    """Cache reuse against load, in one cost in tokens of prefill: for each replica, the prompt
+    tokens it would have to prefill (those past the longest run of the prompt's blocks it is
+    known to hold) plus what its load costs this request; the cheapest wins, ties at random.
+    (The prompt's length is the same everywhere, so the cost computed is `load cost - cached
+    tokens`.) A replica's load is its outstanding requests (with those of other gateways while
+    its report is fresh). Where its capacity is known (its `max_concurrency`, or the `capacity`
+    it reports), a request that finds a free slot costs `tokens_per_running` (another sequence
+    in the batch) and one that would wait for a slot `tokens_per_queued`; where it is not, every
+    request costs `tokens_per_outstanding`.
 
-    The guard is relative to the fleet, so it behaves alike at 2 and at 200 replicas: a replica
-    at or above `balance_factor` x the mean outstanding (rounded up, counting this request), or
-    at `concurrency_threshold`, counts no cached tokens. The index learns from the gateway's own
-    choices (bounded, LRU; replicas that leave are dropped). A request with a session header
-    and no prompt the gateway can read goes where its session went last, within the same guard.
-    SageMaker's PREFIX_AWARE routing names the same two knobs (`prefix_length`,
-    `concurrency_threshold`)."""
+    The guard against imbalance is relative, so it behaves alike at 2 and at 200 replicas: a
+    replica gets credit for its cache only while it has a free slot or holds less than
+    `balance_factor` x the fleet's mean load (rounded up, counting this request), and never at
+    `concurrency_threshold` or above. The index learns from the gateway's own choices (bounded,
+    LRU; replicas that leave are dropped). A request with a session header and no prompt the
+    gateway can read goes where its session went last, within the same guard. SageMaker's
+    PREFIX_AWARE routing names the same two knobs (`prefix_length`, `concurrency_threshold`)."""
 
     needs: ClassVar[frozenset[Need]] = frozenset({"prefix"})
     MAX_SESSIONS = 65_536
@@ -278,25 +284,46 @@ class PrefixAware:
     def __init__(self, rng: random.Random, options: PolicyOptions) -> None:
         self._rng = rng
         self._options = options.prefix
+        self._max_age_s = options.feedback_max_age_s
+        self._clock = options.clock
         self.index = PrefixIndex(self._options.max_entries)
         self._sessions: OrderedDict[str, tuple[str, int]] = OrderedDict()  # url, prompt tokens
 
     def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
         o = self._options
+        now = self._clock()
         matched = self.matched(replicas, request)
-        total = sum(r.outstanding for r in replicas)
-        bound = math.ceil(o.balance_factor * (total + 1) / len(replicas))
+        loads = {r.url: r.load(now, self._max_age_s) for r in replicas}
+        bound = math.ceil(o.balance_factor * (sum(loads.values()) + 1) / len(replicas))
         cap = o.concurrency_threshold
 
-        def cost(r: Replica) -> float:  # the uncached prompt tokens, less the common prompt
+        def cost(r: Replica) -> float:
+            load, slots = loads[r.url], self.capacity(r, now)
+            if slots is None:
+                load_cost = o.tokens_per_outstanding * load
+                free = False
+            else:
+                queued = max(0, load + 1 - slots)
+                load_cost = o.tokens_per_running * (load - max(0, load - slots))
+                load_cost += o.tokens_per_queued * queued
+                free = queued == 0
             hit = matched.get(r.url, 0)
-            if r.outstanding + 1 > bound or (cap is not None and r.outstanding >= cap):
+            if not (free or load + 1 <= bound) or (cap is not None and load >= cap):
                 hit = 0
-            return o.tokens_per_outstanding * r.outstanding - hit
+            return load_cost - hit
 
         chosen = self._least(replicas, cost, request)
         self.record(chosen, request)
         return chosen
+
+    def capacity(self, replica: Replica, now: float) -> int | None:
+        """Requests the replica runs at once: its configured limit, else its fresh report."""
+        if replica.max_concurrency:
+            return replica.max_concurrency
+        report = replica.reported or {}
+        fresh = now - replica.reported_at <= self._max_age_s
+        slots = report.get("capacity", 0) if fresh else 0
+        return int(slots) if slots >= 1 else None
 
     def _least(
         self, replicas: Sequence[Replica], cost: Callable[[Replica], float], request: RequestInfo

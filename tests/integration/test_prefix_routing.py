@@ -145,10 +145,11 @@ async def complete(client: aiohttp.ClientSession, url: str) -> tuple[str | None,
         ]
 
 
-def precise_config(urls: list[str], path: Path) -> Path:
+def precise_config(urls: list[str], path: Path, **extra: Any) -> Path:
     config = {
         "routing": {"strategy": "precise_prefix", "prefix": {"poll_interval_s": 0.05}},
         "replicas": [{"url": u} for u in urls],
+        **extra,
     }
     write_config(path, config)
     return path
@@ -187,8 +188,11 @@ async def test_precise_prefix_follows_a_replica_that_restarts_with_an_empty_cach
 async def test_two_gateways_with_precise_prefix_make_the_same_choices(tmp_path: Path) -> None:
     async with simulated_replicas(3, tmp_path) as urls, aiohttp.ClientSession() as client:
         await complete(client, urls[1])  # one replica holds PROMPT's prefix
-        one = precise_config(urls, tmp_path / "one.yaml")
-        two = precise_config(urls, tmp_path / "two.yaml")
+        # The same view: load reports (the other gateway's requests, capacities) that expire
+        # before each next pair is sent, so only the replicas' cache reports differ in time.
+        quiet = {"load_feedback": {"poll_interval_s": 0, "max_age_s": 0.1}}
+        one = precise_config(urls, tmp_path / "one.yaml", **quiet)
+        two = precise_config(urls, tmp_path / "two.yaml", **quiet)
         async with running_gateway(one) as first, running_gateway(two) as second:
             await polled()
             body = {"model": "tiny-gpt", "max_tokens": 1, "temperature": 0}

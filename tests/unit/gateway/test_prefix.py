@@ -207,3 +207,27 @@ def test_precise_prefix_choices_do_not_depend_on_the_gateway() -> None:
         assert one.choose(fleet, _request(text)) is two.choose(fleet, _request(text))
     fresh = "a prefix no replica holds " * 8
     assert len({one.choose(fleet, _request(fresh + str(i))).url for i in range(10)}) == 1
+
+
+def test_with_known_capacity_a_prefix_stays_home_while_it_has_a_free_slot() -> None:
+    fleet = _fleet(4)
+    for replica in fleet:
+        replica.max_concurrency = 8  # as if each reported capacity=8
+    policy = PrefixAware(random.Random(9), PolicyOptions())
+    home = policy.choose(fleet, _request(SYSTEM + "warm"))
+    home.outstanding = 6  # far above the idle fleet's mean, but two slots are free
+    assert policy.choose(fleet, _request(SYSTEM + "a")) is home
+    home.outstanding = 8  # full: the request would wait, so it goes where a slot is free
+    moved = policy.choose(fleet, _request(SYSTEM + "b"))
+    assert moved is not home and moved.outstanding == 0
+
+
+def test_a_reported_capacity_counts_only_while_the_report_is_fresh() -> None:
+    now = [100.0]
+    options = PolicyOptions(feedback_max_age_s=2.0, clock=lambda: now[0])
+    policy = PrefixAware(random.Random(10), options)
+    replica = _fleet(1)[0]
+    replica.reported, replica.reported_at = {"capacity": 16, "inflight": 0}, 99.0
+    assert policy.capacity(replica, now[0]) == 16
+    now[0] = 102.5
+    assert policy.capacity(replica, now[0]) is None
