@@ -290,7 +290,7 @@ def replica_yaml(workdir: Path) -> Path:
                 "kind": "tiny-gpt",
                 "params": {"context_len": 8192},
                 "max_tokens_limit": 256,
-                "batcher": {"kind": "continuous", "max_num_seqs": 8, "max_batch_tokens": 2048},
+                "batcher": {"kind": "continuous", "max_num_seqs": 4, "max_batch_tokens": 2048},
             }
         ],
     }
@@ -357,6 +357,7 @@ def summary_rows(runs: list[Run], args: argparse.Namespace) -> list[dict[str, An
                     "workload": workload,
                     "front_end": name,
                     "offered_rps": np.mean([r.offered_rps for r in mine]),
+                    "sent_rps": sent / (len(mine) * args.duration_s),
                     "requests": sent,
                     "errors": sent - len(ok),
                     "ttft_p50_s": stats.percentile([s.ttft_s for s in ok], 50),
@@ -384,8 +385,10 @@ def interval_text(i: stats.Interval | None, scale: float = 1.0, pct: bool = Fals
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        f"Simulated engine (7B/A10G profile, KV 16,000 tokens, 8 sequences per replica), "
-        f"{args.replicas} replicas, prefix cache on; offered ~{args.rate:g} requests/s (Poisson); "
+        f"Simulated engine (7B/A10G profile, KV 16,000 tokens, 4 sequences per replica), "
+        f"{args.replicas} replicas, prefix cache on; conversations arrive as a Poisson process "
+        f"for ~{args.rate:g} requests/s over the run (offered: every turn of every conversation "
+        "that arrived, over warm-up + window; sent: requests sent inside the window); "
         f"{args.seeds} seeds x {args.duration_s:g} s measured after {args.warmup_s:g} s "
         f"warm-up; think time {args.think_s:g} s. Command: `{command_of(args)}`",
         "",
@@ -393,14 +396,16 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for workload in args.workloads:
         lines += [
             f"### {workload}", "",
-            "| Front end | Offered (req/s) | Requests | Errors | TTFT P50 (s) | TTFT P99 (s) "
-            "[95% CI] | TTFT P99 vs least_outstanding_requests [95% CI] | E2E P99 (s) | "
+            "| Front end | Offered (req/s) | Sent in window (req/s) | Requests | Errors "
+            "| TTFT P50 (s) | TTFT P99 (s) [95% CI] "
+            "| TTFT P99 vs least_outstanding_requests [95% CI] | E2E P99 (s) | "
             "req/min/instance | Cache hit rate | Load spread (max/mean) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         for row in (r for r in rows if r["workload"] == workload):
             lines.append(
-                f"| {row['front_end']} | {row['offered_rps']:.2f} | {row['requests']} | "
+                f"| {row['front_end']} | {row['offered_rps']:.2f} | {row['sent_rps']:.2f} | "
+                f"{row['requests']} | "
                 f"{row['errors']} | {row['ttft_p50_s']:.3f} | {interval_text(row['ttft_p99'])} | "
                 f"{interval_text(row['ttft_p99_vs_lor'], pct=True)} | {row['e2e_p99_s']:.2f} | "
                 f"{row['per_min_per_instance']:.1f} | {row['cache_hit']:.1%} | "
@@ -410,10 +415,76 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def chart(rows: list[dict[str, Any]], workloads: list[str], out: Path) -> Path:
+    """TTFT P99 (with its interval) and the cache hit rate per front end, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)
+    width = 0.8 / len(workloads)
+    names = list(dict.fromkeys(r["front_end"] for r in rows))
+    for k, workload in enumerate(workloads):
+        mine = {r["front_end"]: r for r in rows if r["workload"] == workload}
+        xs = [i + k * width for i, n in enumerate(names) if n in mine]
+        p99 = [mine[n]["ttft_p99"] for n in names if n in mine]
+        estimate = [i.estimate if i else math.nan for i in p99]
+        error = [
+            [e - i.low if i else 0 for e, i in zip(estimate, p99, strict=True)],
+            [i.high - e if i else 0 for e, i in zip(estimate, p99, strict=True)],
+        ]
+        axes[0].bar(xs, estimate, width, yerr=error, capsize=2, label=workload)
+        axes[1].bar(xs, [mine[n]["cache_hit"] for n in names if n in mine], width, label=workload)
+    for ax, label in zip(axes, ("TTFT P99 (s), 95% CI", "fleet cache hit rate"), strict=True):
+        ax.set_xticks([i + width * (len(workloads) - 1) / 2 for i in range(len(names))])
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = out / "ttft_p99_and_cache_hits.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def read(folder: Path) -> tuple[argparse.Namespace, list[Run]]:
+    """A result folder's command and runs, from its runs.csv and raw samples."""
+    command = (folder / "command.txt").read_text().strip()
+    args = parser().parse_args(command[len(PROG) :].split())
+    runs = []
+    with open(folder / "runs.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            name = f"{row['workload']}-{row['front_end'].replace(':', '_')}-seed{row['seed']}"
+            with gzip.open(folder / "samples" / f"{name}.csv.gz", "rt", newline="") as g:
+                samples = [_sample(r) for r in csv.DictReader(g)]
+            served = [float(x) for x in row["replica_requests"].split()]
+            offered = float(row["offered_rps"])
+            runs.append(
+                Run(row["workload"], row["front_end"], int(row["seed"]), offered, samples, served)
+            )
+    return args, runs
+
+
+def _sample(row: dict[str, str]) -> Sample:
+    kinds = {f.name: f.type for f in fields(Sample)}
+
+    def value(name: str, text: str) -> Any:
+        kind = kinds[name]
+        if kind == "bool":
+            return text == "True"
+        return int(text) if kind == "int" else float(text) if kind == "float" else text
+
+    return Sample(**{k: value(k, v) for k, v in row.items()})
+
+
 def write(runs: list[Run], args: argparse.Namespace) -> str:
     rows = summary_rows(runs, args)
     text = table(rows, args)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chart(rows, args.workloads, out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for run in runs:
         name = f"{run.workload}-{run.front_end.replace(':', '_')}-seed{run.seed}.csv.gz"
@@ -444,7 +515,7 @@ def csv_list(text: str) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0] if __doc__ else "")
     p.add_argument("--replicas", type=int, default=5)
-    p.add_argument("--rate", type=float, default=6.0, help="requests/s offered (Poisson)")
+    p.add_argument("--rate", type=float, default=9.0, help="requests/s offered (Poisson)")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--warmup-s", type=float, default=10.0)
     p.add_argument("--duration-s", type=float, default=40.0)
@@ -452,6 +523,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", type=csv_list, default=list(WORKLOADS))
     p.add_argument("--front-ends", type=csv_list, default=[*OURS, *PEERS])
     p.add_argument("--out", default="loadtests/results/prefix-routing")
+    p.add_argument(
+        "--render", type=Path, help="only rewrite this folder's table.md from its samples"
+    )
     return p
 
 
@@ -466,6 +540,14 @@ def command_of(args: argparse.Namespace) -> str:
 
 def main() -> None:
     args = parser().parse_args()
+    if args.render:
+        saved, runs = read(args.render)
+        rows = summary_rows(runs, saved)
+        text = table(rows, saved)
+        (args.render / "table.md").write_text(text)
+        chart(rows, saved.workloads, args.render)
+        print(text)
+        return
     unknown = [n for n in args.front_ends if n not in OURS and n not in PEERS]
     if unknown or any(w not in WORKLOADS for w in args.workloads):
         parser().error(f"unknown front ends or workloads: {unknown or args.workloads}")

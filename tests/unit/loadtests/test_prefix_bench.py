@@ -29,4 +29,4 @@ def test_the_command_spells_out_every_option_and_parses_back() -> None:
     args = parser().parse_args(["--seeds", "1", "--front-ends", "random,prefix_aware"])
     command = command_of(args)
     again = parser().parse_args(command.split()[3:])
-    assert command_of(again) == command and "--rate 6" in command
+    assert command_of(again) == command and "--rate 9" in command

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtests import batching_bench, jobs_bench, readme
+from loadtests import batching_bench, jobs_bench, prefix_bench, readme
 from loadtests.plan import (
     HAPROXY,
     PROG,
@@ -23,13 +23,33 @@ from loadtests.plan import (
 
 RESULTS = readme.ROOT / "loadtests" / "results"
 FOLDERS = sorted(p.name for p in RESULTS.iterdir() if p.is_dir())
-BENCH = [f for f in FOLDERS if (RESULTS / f / "runs.csv").exists()]
+PREFIX = [f for f in FOLDERS if f.startswith("prefix-")]
+BENCH = [f for f in FOLDERS if (RESULTS / f / "runs.csv").exists() and f not in PREFIX]
 JOBS = [f for f in FOLDERS if f.startswith("jobs-")]
 BATCHING = [f for f in FOLDERS if f.startswith("batching")]
 
 
-def test_every_folder_is_a_bench_a_jobs_or_a_batching_result() -> None:
-    assert sorted(BENCH + JOBS + BATCHING) == FOLDERS and BENCH and JOBS and BATCHING
+def test_every_folder_is_a_bench_a_jobs_a_batching_or_a_prefix_result() -> None:
+    assert sorted(BENCH + JOBS + BATCHING + PREFIX) == FOLDERS and BENCH and JOBS and BATCHING
+
+
+@pytest.mark.parametrize("folder", PREFIX)
+def test_prefix_command_parses_and_names_what_its_table_shows(folder: str) -> None:
+    command = (RESULTS / folder / "command.txt").read_text().strip()
+    prog = prefix_bench.PROG
+    assert command.startswith(prog + " ")
+    args = prefix_bench.parser().parse_args(command[len(prog) :].split())
+    assert prefix_bench.command_of(args) == command  # every option spelled out
+    assert args.out == str(Path("loadtests/results") / folder)
+    table = (RESULTS / folder / "table.md").read_text()
+    assert f"Command: `{command}`" in table.splitlines()[0]
+    titles = readme.sections(table)
+    assert set(titles) == set(args.workloads)
+    for workload in args.workloads:
+        shown = {row[0] for row in titles[workload].rows}
+        assert shown == set(args.front_ends), workload
+        runs = list((RESULTS / folder / "samples").glob(f"{workload}-*-seed*.csv.gz"))
+        assert len(runs) == len(args.front_ends) * args.seeds
 
 
 @pytest.mark.parametrize("folder", BATCHING)
