@@ -46,6 +46,7 @@ from loadtests.report import Scenario
 from loadtests.runner import (
     RunResult,
     RunSpec,
+    exit_on_sigterm,
     free_port_block,
     gateway_process,
     haproxy_available,
@@ -291,6 +292,7 @@ def runnable(strategies: tuple[str, ...]) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    exit_on_sigterm()
     if args.report_only:
         for path in write_results(load_results(args.report_only)):
             print(f"wrote {path}")

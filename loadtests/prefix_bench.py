@@ -50,7 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cluster import ClusterConfig, replica_urls, replicas_running, wait_ready
 from loadtests import stats
-from loadtests.runner import _front_end, free_port_block, gateway_process
+from loadtests.runner import _front_end, exit_on_sigterm, free_port_block, gateway_process
 from loadtests.sse import StreamCheck
 from loadtests.workload import WORDS
 
@@ -552,6 +552,7 @@ def main() -> None:
     if unknown or any(w not in WORKLOADS for w in args.workloads):
         parser().error(f"unknown front ends or workloads: {unknown or args.workloads}")
     args.front_ends = available(args.front_ends)
+    exit_on_sigterm()
     workdir = Path(args.out) / "work"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)

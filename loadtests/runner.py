@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -80,6 +81,12 @@ def free_port_block(n: int, start: int = 20000) -> int:
         finally:
             for sock in socks:
                 sock.close()
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM ends a benchmark as Ctrl-C does: through every `finally`, so the replicas, front
+    ends and load generators it started are stopped, not left running."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def wait_http(url: str, timeout_s: float = 30.0) -> None:

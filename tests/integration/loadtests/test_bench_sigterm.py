@@ -1,0 +1,38 @@
+"""A benchmark stopped with SIGTERM (as `timeout`, a CI runner or Kubernetes stop it) stops
+everything it started: replicas, the front end and its load, none left running."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+
+def test_sigterm_stops_the_benchmark_and_every_process_it_started(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "loadtests.prefix_bench", "--replicas", "2", "--rate", "2",
+           "--seeds", "1", "--warmup-s", "30", "--duration-s", "30", "--workloads", "unique",
+           "--front-ends", "least_outstanding_requests",
+           "--out", str(tmp_path / "out")]  # fmt: skip
+    bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(bench.pid)
+    try:
+        deadline = time.monotonic() + 60
+        started: list[psutil.Process] = []
+        while time.monotonic() < deadline:  # two replicas and the gateway, under way
+            started = parent.children(recursive=True)
+            if sum("gateway" in " ".join(p.cmdline()) for p in started) == 1:
+                break
+            time.sleep(0.2)
+        assert len(started) >= 3, [p.cmdline() for p in started]
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        for child in parent.children(recursive=True) if bench.poll() is None else ():
+            child.kill()
+        bench.kill()
