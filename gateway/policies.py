@@ -292,7 +292,7 @@ class PrefixAware:
     def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
         o = self._options
         now = self._clock()
-        matched = self.matched(replicas, request)
+        matched = self.matched(request)
         loads = {r.url: r.load(now, self._max_age_s) for r in replicas}
         bound = math.ceil(o.balance_factor * (sum(loads.values()) + 1) / len(replicas))
         cap = o.concurrency_threshold
@@ -304,8 +304,7 @@ class PrefixAware:
                 free = False
             else:
                 queued = max(0, load + 1 - slots)
-                load_cost = o.tokens_per_running * (load - max(0, load - slots))
-                load_cost += o.tokens_per_queued * queued
+                load_cost = o.tokens_per_running * min(load, slots) + o.tokens_per_queued * queued
                 free = queued == 0
             hit = matched.get(r.url, 0)
             if not (free or load + 1 <= bound) or (cap is not None and load >= cap):
@@ -330,7 +329,7 @@ class PrefixAware:
     ) -> Replica:
         return least(replicas, cost, self._rng)
 
-    def matched(self, replicas: Sequence[Replica], request: RequestInfo) -> dict[str, int]:
+    def matched(self, request: RequestInfo) -> dict[str, int]:
         """Prompt tokens each replica is thought to hold already."""
         blocks = self.index.matched_blocks(request.prefix)
         matched = {url: n * self._options.block_size for url, n in blocks.items()}

@@ -93,7 +93,7 @@ def parse_load_report(text: str) -> dict[str, float]:
     return report
 
 
-_SHARE = re.compile(r"(0|1)?\.\d{1,6}|[01]")
+_SHARE = re.compile(r"[01]?\.\d{1,6}")  # 0 and 1 are counts (isdigit) already
 
 
 class ReplicaPool:

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtests.plan import recorded_args
 from replica.batching import Batcher
 from replica.config import (
     BatcherConfig,
@@ -446,7 +447,7 @@ def raw_samples(
 def render(folder: Path) -> str:
     """Rewrite folder/table.md from its samples.json.gz and command.txt (no measuring)."""
     command = (folder / "command.txt").read_text().strip()
-    args = parser().parse_args(command[len(PROG) :].split())
+    args = recorded_args(command, PROG, parser())
     with gzip.open(folder / "samples.json.gz", "rt") as file:
         raw = json.load(file)
     return report(args, raw, command)

@@ -160,7 +160,12 @@ def command_of(plan: Plan) -> str:
 
 def parse_command(command: str) -> argparse.Namespace:
     """A recorded `infergate bench ...` command line, parsed by the bench's own parser."""
-    words = shlex.split(command)
-    if words[:2] != PROG.split():
-        raise ValueError(f"not an `{PROG}` command: {command!r}")
-    return parser().parse_args(words[2:])
+    return recorded_args(command, PROG, parser())
+
+
+def recorded_args(command: str, prog: str, tool: argparse.ArgumentParser) -> argparse.Namespace:
+    """A result folder's recorded command line (`prog` and its options), parsed by `tool`."""
+    words, head = shlex.split(command), prog.split()
+    if words[: len(head)] != head:
+        raise ValueError(f"not an `{prog}` command: {command!r}")
+    return tool.parse_args(words[len(head) :])

@@ -50,7 +50,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cluster import ClusterConfig, replica_urls, replicas_running, wait_ready
 from loadtests import stats
-from loadtests.runner import _front_end, exit_on_sigterm, free_port_block, gateway_process
+from loadtests.plan import recorded_args
+from loadtests.runner import (
+    exit_on_sigterm,
+    free_port_block,
+    front_end_process,
+    gateway_process,
+)
 from loadtests.sse import StreamCheck
 from loadtests.workload import WORDS
 
@@ -234,7 +240,7 @@ def front_end(
     ]  # fmt: skip
     if name.startswith("sglang"):
         cmd += ["--prometheus-host", "127.0.0.1"]
-    with _front_end(cmd, port, "/readiness", log) as (url, _):
+    with front_end_process(cmd, port, "/readiness", log) as (url, _):
         yield url
 
 
@@ -452,7 +458,7 @@ def chart(rows: list[dict[str, Any]], workloads: list[str], out: Path) -> Path:
 def read(folder: Path) -> tuple[argparse.Namespace, list[Run]]:
     """A result folder's command and runs, from its runs.csv and raw samples."""
     command = (folder / "command.txt").read_text().strip()
-    args = parser().parse_args(command[len(PROG) :].split())
+    args = recorded_args(command, PROG, parser())
     runs = []
     with open(folder / "runs.csv", newline="") as f:
         for row in csv.DictReader(f):

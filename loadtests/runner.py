@@ -122,12 +122,12 @@ def gateway_process(
     path = workdir / f"gateway-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "gateway", "-c", str(path), "--log-level", "warning"]
-    with _front_end(cmd, port, "/readyz", log) as front:
+    with front_end_process(cmd, port, "/readyz", log) as front:
         yield front
 
 
 @contextlib.contextmanager
-def _front_end(
+def front_end_process(
     cmd: list[str], port: int, ready_path: str, log: IO[bytes]
 ) -> Iterator[tuple[str, int]]:
     """Run `cmd` (listening on `port`) until the block ends; yields its URL and pid once
@@ -176,7 +176,7 @@ def haproxy_process(
     )
     path = workdir / f"haproxy-{port}.cfg"
     path.write_text(HAPROXY_CONFIG.format(port=port, balance=balance, servers=servers))
-    with _front_end(["haproxy", "-db", "-f", str(path)], port, "/v1/models", log) as front:
+    with front_end_process(["haproxy", "-db", "-f", str(path)], port, "/v1/models", log) as front:
         yield front
 
 

@@ -116,9 +116,6 @@ class BlockManager:
     def cached_hashes(self) -> list[int]:
         return list(self._cached)
 
-    def holds(self, seq_id: int) -> bool:
-        return seq_id in self._seqs
-
     def table(self, seq_id: int) -> list[int]:
         return self._seqs[seq_id].table
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 BOS = 256
 VOCAB_SIZE = 257
 PRINTABLE = (*range(32, 127), 10)  # the bytes an untrained (random-weight) model may emit
+DESCRIPTION = "bytes: BOS (256) then the UTF-8 bytes of the prompt"  # as /cache/blocks says
 
 
 def encode(text: str) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ from replica.batching import ContinuousBatcher
 from replica.errors import BadRequest, NotReady
 from replica.keys import METRICS
 from replica.kv import HASH_SCHEME
+from replica.models.tokenizer import DESCRIPTION as TOKENIZER
 from replica.routes.common import state
 from replica.runtime import GenerativeModel
 
@@ -109,7 +110,7 @@ async def cache_blocks(request: web.Request) -> web.Response:
             "block_size": blocks.block_size,
             "num_blocks": blocks.num_blocks,
             "hash_scheme": HASH_SCHEME,
-            "tokenizer": "bytes: BOS (256) then the UTF-8 bytes of the prompt",
+            "tokenizer": TOKENIZER,
             "blocks": [f"{h:016x}" for h in blocks.cached_hashes()],
         }
     )

@@ -179,7 +179,7 @@ def test_replicas_that_leave_are_forgotten() -> None:
     home = policy.choose(fleet, _request(SYSTEM, session="s"))
     policy.replicas_changed([r.url for r in fleet if r is not home])
     assert home.url not in policy.index.urls()
-    assert policy.matched(fleet, RequestInfo(1, "s", (), 0)) == {}
+    assert policy.matched(RequestInfo(1, "s", (), 0)) == {}
 
 
 def test_precise_prefix_routes_by_what_the_replicas_report() -> None:
@@ -191,7 +191,7 @@ def test_precise_prefix_routes_by_what_the_replicas_report() -> None:
     assert all(policy.choose(fleet, request) is holder for _ in range(10))
     assert policy.index.matched_blocks(request.prefix) == {holder.url: 20}  # routing adds none
     policy.report(holder.url, [])  # it restarted: its cache is empty
-    assert policy.matched(fleet, request) == {}
+    assert policy.matched(request) == {}
 
 
 def test_precise_prefix_choices_do_not_depend_on_the_gateway() -> None:

@@ -19,6 +19,7 @@ from loadtests.plan import (
     known_front_ends,
     parse_command,
     parser,
+    recorded_args,
 )
 
 RESULTS = readme.ROOT / "loadtests" / "results"
@@ -36,9 +37,7 @@ def test_every_folder_is_a_bench_a_jobs_a_batching_or_a_prefix_result() -> None:
 @pytest.mark.parametrize("folder", PREFIX)
 def test_prefix_command_parses_and_names_what_its_table_shows(folder: str) -> None:
     command = (RESULTS / folder / "command.txt").read_text().strip()
-    prog = prefix_bench.PROG
-    assert command.startswith(prog + " ")
-    args = prefix_bench.parser().parse_args(command[len(prog) :].split())
+    args = recorded_args(command, prefix_bench.PROG, prefix_bench.parser())
     assert prefix_bench.command_of(args) == command  # every option spelled out
     assert args.out == str(Path("loadtests/results") / folder)
     table = (RESULTS / folder / "table.md").read_text()
@@ -55,9 +54,7 @@ def test_prefix_command_parses_and_names_what_its_table_shows(folder: str) -> No
 @pytest.mark.parametrize("folder", BATCHING)
 def test_batching_command_parses_and_names_what_its_table_shows(folder: str) -> None:
     command = (RESULTS / folder / "command.txt").read_text().strip()
-    prog = batching_bench.PROG
-    assert command.startswith(prog + " ")
-    args = batching_bench.parser().parse_args(command[len(prog) :].split())
+    args = recorded_args(command, batching_bench.PROG, batching_bench.parser())
     assert args.out == str(Path("loadtests/results") / folder)
     table = (RESULTS / folder / "table.md").read_text()
     header = table.splitlines()[0]
