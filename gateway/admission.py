@@ -25,7 +25,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -88,6 +88,13 @@ class Rules:
     limits: Limits
     outlier_detection: OutlierDetection | None = None
     ewma_decay_s: float = 10.0
+    model_policies: Mapping[str, Policy] = field(default_factory=dict)  # models[].strategy
+
+    def policy_for(self, model: str | None) -> Policy:
+        return self.model_policies.get(model, self.policy) if model is not None else self.policy
+
+    def policies(self) -> list[Policy]:
+        return [self.policy, *self.model_policies.values()]
 
 
 class Lease:
@@ -95,11 +102,11 @@ class Lease:
 
     The holder sets `code` to the status the client got (499 while none), `broken` when the
     replica failed after its response began, and reports streamed progress; `key` names the API
-    key for metrics."""
+    key and `model` the served model for metrics."""
 
     __slots__ = (
-        "_admission", "_closed", "_started", "broken", "code", "key", "remaining", "replica",
-        "tokens",
+        "_admission", "_closed", "_started", "broken", "code", "key", "model", "remaining",
+        "replica", "tokens",
     )  # fmt: skip
 
     def __init__(self, admission: Admission, replica: Replica, request: RequestInfo) -> None:
@@ -112,6 +119,7 @@ class Lease:
         self.code = CLIENT_CLOSED
         self.broken = False  # the replica failed after its response began (an SSE error event)
         self.key = ""
+        self.model = request.model or ""
 
     def progress(self, tokens: int) -> None:
         """Work done on the request while it is still outstanding (tokens streamed back)."""
@@ -175,7 +183,7 @@ class Admission:
     def take(self, candidates: Sequence[Replica], request: RequestInfo = NO_INFO) -> Lease:
         """A lease on one of `candidates` (the caller checked their capacity), chosen by the
         policy; it never waits. The jobs scheduler dispatches this way."""
-        replica = self.rules.policy.choose(candidates, request)
+        replica = self.rules.policy_for(request.model).choose(candidates, request)
         self.pool.acquire(replica, request.tokens)
         return Lease(self, replica, request)
 
@@ -197,7 +205,7 @@ class Admission:
         except TimeoutError:
             if _granted(waiter) is not None:
                 return waiter.future.result()  # the slot came as the time ran out: use it
-            self._raise_unavailable(tried)
+            self._raise_unavailable(tried, request.model)
             raise self._overloaded(
                 f"no replica slot freed within limits.queue_timeout_s = {limits.queue_timeout_s} s"
             ) from None
@@ -226,7 +234,7 @@ class Admission:
         if self.metrics is not None:
             if ejected:
                 self.metrics.ejections.labels(replica.url).inc()
-            self.metrics.observe(replica.url, lease.code, elapsed_s, key=lease.key)
+            self.metrics.observe(replica.url, lease.code, elapsed_s, lease.key, lease.model)
         self.wake()
 
     def wake(self) -> None:
@@ -237,13 +245,15 @@ class Admission:
         for waiter in list(self._waiters):
             if waiter.future.done():  # timed out or cancelled, not yet out of the queue
                 continue
-            free = self._free()
+            free = self._free(waiter.request.model)
             if not free:
-                break
+                if waiter.request.model is None:
+                    break
+                continue  # a waiter for another model may find a slot
             usable = [r for r in free if r not in waiter.tried] if waiter.tried else free
             if not usable:
                 continue
-            replica = self.rules.policy.choose(usable, waiter.request)
+            replica = self.rules.policy_for(waiter.request.model).choose(usable, waiter.request)
             self.pool.acquire(replica, waiter.request.tokens)
             self._waiters.remove(waiter)
             waiter.future.set_result(replica)
@@ -253,35 +263,37 @@ class Admission:
         """The set of available replicas changed: a retry that has tried every one left stops
         waiting, and new ones may have free slots. A policy that keeps per-replica state
         (`replicas_changed`) drops what it knows of replicas that left."""
-        if self._rules is not None and hasattr(self._rules.policy, "replicas_changed"):
-            self._rules.policy.replicas_changed([r.url for r in self.pool.active()])
+        for policy in self._rules.policies() if self._rules is not None else ():
+            if hasattr(policy, "replicas_changed"):
+                policy.replicas_changed([r.url for r in self.pool.active()])
         for waiter in list(self._waiters):
-            if waiter.tried and not waiter.future.done() and self._all_tried(waiter.tried):
+            tried, model = waiter.tried, waiter.request.model
+            if tried and not waiter.future.done() and self._all_tried(tried, model):
                 self._waiters.remove(waiter)
                 waiter.future.set_exception(NoUntriedReplica())
         self.wake()
 
     def _take_free(self, request: RequestInfo, tried: Collection[Replica]) -> Replica | None:
-        available = self.pool.available()
-        if not available:
-            raise NoHealthyReplica("no healthy replica to route to; see /admin/replicas")
-        if tried and self._all_tried(tried):
+        if not self.pool.available_for(request.model):
+            raise _no_healthy(request.model)
+        if tried and self._all_tried(tried, request.model):
             raise NoUntriedReplica
-        free = self._free()
+        free = self._free(request.model)
         usable = [r for r in free if r not in tried] if tried else free
         if not usable:
             return None
-        replica = self.rules.policy.choose(usable, request)
+        replica = self.rules.policy_for(request.model).choose(usable, request)
         self.pool.acquire(replica, request.tokens)
         return replica
 
-    def _all_tried(self, tried: Collection[Replica]) -> bool:
-        return all(r in tried for r in self.pool.available())
+    def _all_tried(self, tried: Collection[Replica], model: str | None) -> bool:
+        return all(r in tried for r in self.pool.available_for(model))
 
-    def _free(self) -> Sequence[Replica]:
-        """Available replicas with a free slot; none while the gateway-wide limit is reached."""
+    def _free(self, model: str | None = None) -> Sequence[Replica]:
+        """Available replicas (of `model`) with a free slot; none while the gateway-wide limit
+        is reached."""
         limits = self.rules.limits
-        available = self.pool.available()
+        available = self.pool.available_for(model)
         if limits.max_outstanding is not None and self.pool.outstanding >= limits.max_outstanding:
             return ()
         per_replica = limits.max_outstanding_per_replica
@@ -305,14 +317,20 @@ class Admission:
         self._timer, self._timer_at = None, math.inf
         self.wake()
 
-    def _raise_unavailable(self, tried: Collection[Replica]) -> None:
-        if not self.pool.available():
-            raise NoHealthyReplica("no healthy replica to route to; see /admin/replicas")
-        if tried and self._all_tried(tried):
+    def _raise_unavailable(self, tried: Collection[Replica], model: str | None) -> None:
+        if not self.pool.available_for(model):
+            raise _no_healthy(model)
+        if tried and self._all_tried(tried, model):
             raise NoUntriedReplica
 
     def _overloaded(self, message: str) -> Overloaded:
         return Overloaded(message, headers={"Retry-After": str(self.retry_after_s())})
+
+
+def _no_healthy(model: str | None) -> NoHealthyReplica:
+    if model is None:
+        return NoHealthyReplica("no healthy replica to route to; see /admin/replicas")
+    return NoHealthyReplica(f"no healthy replica serves model '{model}'; see /admin/replicas")
 
 
 def _granted(waiter: _Waiter) -> Replica | None:

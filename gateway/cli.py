@@ -173,6 +173,9 @@ def up_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-c", "--config", type=Path, help="cluster YAML (see README)")
     parser.add_argument("--replicas", type=int, help="number of replica processes")
+    parser.add_argument(
+        "--model", action="append", help="serve only this model on every replica (repeatable)"
+    )
     parser.add_argument("--strategy", help="routing strategy, e.g. least_outstanding_requests")
     parser.add_argument("--engine", choices=["torch", "simulated"])
     parser.add_argument("--port", type=int, help="gateway port (default 8080)")

@@ -35,16 +35,44 @@ DEFAULT_JOB_STORE = Path(tempfile.gettempdir()) / "infergate" / "jobs.db"
 PR_SET_PDEATHSIG = 1
 
 
+class ReplicaGroup(BaseModel):
+    """Replicas started alike: how many, which of their configured models they serve (by name;
+    empty: all), and their replica YAML."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    replicas: int = Field(1, ge=1, le=64)
+    models: tuple[str, ...] = ()
+    replica_config: Path | None = None
+
+
 class ClusterConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     replicas: int = Field(2, ge=1, le=64)
+    models: tuple[str, ...] = ()  # served model names every replica keeps (replica --model)
     engine: str = Field("torch", pattern="^(torch|simulated)$")
     replica_config: Path | None = None  # a replica YAML passed to every replica with -c
+    # Several kinds of replica instead of `replicas` x one kind, e.g. two models side by side.
+    groups: tuple[ReplicaGroup, ...] = ()
     host: str = "127.0.0.1"
     first_replica_port: int = Field(9001, ge=1, le=65535)
     # The gateway's own YAML minus `replicas` (listen, routing, timeouts, health_check, ...).
     gateway: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def members(self) -> list[ReplicaGroup]:
+        """The group of each replica, in port order."""
+        groups = self.groups or (
+            ReplicaGroup(
+                replicas=self.replicas, models=self.models, replica_config=self.replica_config
+            ),
+        )
+        return [group for group in groups for _ in range(group.replicas)]
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
 
 
 def load_cluster(path: Path | None, args: argparse.Namespace) -> ClusterConfig:
@@ -54,8 +82,12 @@ def load_cluster(path: Path | None, args: argparse.Namespace) -> ClusterConfig:
             data = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from None
+    if (args.replicas is not None or getattr(args, "model", None)) and data.get("groups"):
+        raise ConfigError("--replicas/--model: the cluster file has groups; edit those instead")
     if args.replicas is not None:
         data["replicas"] = args.replicas
+    if getattr(args, "model", None):
+        data["models"] = list(args.model)
     if args.engine is not None:
         data["engine"] = args.engine
     try:
@@ -107,10 +139,13 @@ def start_replica(
     extra_args: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     port = cluster.first_replica_port + index
+    group = cluster.members[index]
     cmd = [sys.executable, "-m", "replica", "--host", cluster.host, "--port", str(port)]
     cmd += ["--engine", cluster.engine]
-    if cluster.replica_config is not None:
-        cmd += ["-c", str(cluster.replica_config)]
+    if group.replica_config is not None:
+        cmd += ["-c", str(group.replica_config)]
+    for model in group.models:
+        cmd += ["--model", model]
     cmd += extra_args
     env = dict(os.environ)
     if gpus:
@@ -157,9 +192,7 @@ def stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> N
 
 
 def replica_urls(cluster: ClusterConfig) -> list[str]:
-    return [
-        f"http://{cluster.host}:{cluster.first_replica_port + i}" for i in range(cluster.replicas)
-    ]
+    return [f"http://{cluster.host}:{cluster.first_replica_port + i}" for i in range(cluster.size)]
 
 
 @contextlib.contextmanager
@@ -172,7 +205,7 @@ def replicas_running(
     gpus = gpu_count()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for i in range(cluster.replicas):
+        for i in range(cluster.size):
             procs.append(start_replica(cluster, i, gpus, output, (extra_args or {}).get(i, ())))
         yield procs
     finally:

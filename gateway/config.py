@@ -96,13 +96,91 @@ class Routing(_Model):
     prefix: PrefixConfig = PrefixConfig()
 
 
-class LoadFeedback(_Model):
-    """Replicas report their load on every response (X-Replica-Load); the gateway also polls
-    GET /load. Strategy least_loaded uses reports no older than max_age_s."""
+LoadSource = Literal["infergate", "vllm", "sglang", "tgi", "prometheus"]
 
+
+class LoadMetrics(_Model):
+    """Prometheus metric names read from a replica's /metrics (`source: prometheus`); each
+    entry may list alternatives, the first one the replica exposes is used."""
+
+    waiting: tuple[str, ...] = Field(min_length=1)  # requests queued at the engine
+    running: tuple[str, ...] = Field(min_length=1)  # requests it is running
+    kv_usage: tuple[str, ...] = ()  # KV cache in use, a share from 0 to 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: [v] if isinstance(v, str) else v for k, v in data.items()}
+        return data
+
+
+class LoadFeedback(_Model):
+    """Where each replica's load comes from. `infergate`: the X-Replica-Load header of every
+    response and GET /load (our replica); `vllm`, `sglang`, `tgi`: the engine's documented
+    Prometheus metrics on GET /metrics (gateway/engines.py); `prometheus`: the metric names in
+    `metrics`. Strategy least_loaded, the jobs idle-capacity rule and the status page use
+    reports no older than max_age_s."""
+
+    source: LoadSource = "infergate"
     poll_interval_s: float = Field(0.5, ge=0)  # 0 turns polling off (headers still count)
     max_age_s: float = Field(2.0, gt=0)
-    path: Annotated[str, AfterValidator(_absolute_path)] = "/load"
+    path: Annotated[str, AfterValidator(_absolute_path)] = "/load"  # /metrics but for infergate
+    metrics: LoadMetrics | None = None  # only with source: prometheus
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_of_source(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and "path" not in data
+            and data.get("source", "infergate") != "infergate"
+        ):
+            return {**data, "path": "/metrics"}
+        return data
+
+    @model_validator(mode="after")
+    def _metrics_with_prometheus(self) -> LoadFeedback:
+        if self.source == "prometheus" and self.metrics is None:
+            raise ValueError(
+                "load_feedback.metrics: required with source: prometheus, e.g. {waiting: "
+                "vllm:num_requests_waiting, running: vllm:num_requests_running}"
+            )
+        if self.source != "prometheus" and self.metrics is not None:
+            raise ValueError(
+                f"load_feedback.metrics: only with source: prometheus (source {self.source} "
+                "names its own metrics)"
+            )
+        return self
+
+
+class ServedModels(_Model):
+    """Which models each replica serves: its GET /v1/models (OpenAI's list), polled; a replica
+    with `replicas[].models` in the config is not polled."""
+
+    path: Annotated[str, AfterValidator(_absolute_path)] | None = "/v1/models"  # None: off
+    interval_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0)
+
+
+class ModelRoute(_Model):
+    """One entry of `models:`: an alias (`target`: the served model it stands for; the
+    request's model is rewritten to it) or the strategy for a served model's requests."""
+
+    name: str = Field(min_length=1, max_length=256)
+    target: str | None = Field(None, min_length=1, max_length=256)
+    strategy: Annotated[str, AfterValidator(canonical_policy_name)] | None = None
+
+    @model_validator(mode="after")
+    def _says_something(self) -> ModelRoute:
+        if (self.target is None) == (self.strategy is None):
+            raise ValueError(
+                f"model {self.name!r}: give either a 'target' (an alias) or a 'strategy' (for "
+                "a served model; an alias's requests use its target's)"
+            )
+        if self.target == self.name:
+            raise ValueError(f"model {self.name!r}: an alias cannot target itself")
+        return self
 
 
 class ReplicaSpec(_Model):
@@ -110,6 +188,8 @@ class ReplicaSpec(_Model):
     # Requests this replica takes at once; more wait in the gateway queue (limits.max_queue).
     # Overrides limits.max_outstanding_per_replica, e.g. for a replica on a smaller GPU.
     max_concurrency: int | None = Field(None, ge=1)
+    # The models it serves; when given, its GET /v1/models is not polled.
+    models: tuple[Annotated[str, Field(min_length=1)], ...] | None = Field(None, min_length=1)
 
 
 class Timeouts(_Model):
@@ -142,12 +222,29 @@ class OutlierDetection(_Model):
     max_ejected_percent: float = Field(50.0, ge=0, le=100)
 
 
+Engine = Literal["infergate", "vllm", "sglang", "tgi", "triton"]
+HEALTH_PATHS: dict[str, str] = {
+    "infergate": "/ping", "vllm": "/health", "sglang": "/health", "tgi": "/health",
+    "triton": "/v2/health/ready",
+}  # fmt: skip
+
+
 class HealthCheck(_Model):
+    """`engine` presets the path its servers answer when `path` is not given."""
+
+    engine: Engine = "infergate"
     path: Annotated[str, AfterValidator(_absolute_path)] = "/ping"
     interval_s: float = Field(2.0, gt=0)
     timeout_s: float = Field(1.0, gt=0)
     healthy_threshold: int = Field(1, ge=1)
     unhealthy_threshold: int = Field(2, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_of_engine(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "path" not in data and data.get("engine") in HEALTH_PATHS:
+            return {**data, "path": HEALTH_PATHS[data["engine"]]}
+        return data
 
 
 class Limits(_Model):
@@ -243,6 +340,8 @@ class GatewayConfig(_Model):
     outlier_detection: OutlierDetection | None = OutlierDetection()
     limits: Limits = Limits()
     load_feedback: LoadFeedback = LoadFeedback()
+    served_models: ServedModels = ServedModels()
+    models: tuple[ModelRoute, ...] = ()  # aliases and per-model strategies
     reload: Reload = Reload()
     ui: Ui = Ui()
     auth: Auth | None = None  # None: anyone who reaches the gateway may use it (local use)
@@ -264,6 +363,24 @@ class GatewayConfig(_Model):
             if spec.url in seen:
                 raise ValueError(f"replicas[{i}].url: {spec.url} is listed twice")
             seen.add(spec.url)
+        return self
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> GatewayConfig:
+        names: dict[str, int] = {}
+        for i, route in enumerate(self.models):
+            if route.name in names:
+                raise ValueError(
+                    f"models[{i}].name: {route.name!r} is also models[{names[route.name]}]"
+                )
+            names[route.name] = i
+        for i, route in enumerate(self.models):
+            target = self.models[names[route.target]] if route.target in names else None
+            if target is not None and target.target is not None:
+                raise ValueError(
+                    f"models[{i}].target: {route.target!r} is itself an alias; name the "
+                    "served model"
+                )
         return self
 
     @model_validator(mode="after")
@@ -289,6 +406,10 @@ class GatewayConfig(_Model):
     @property
     def replica_max_concurrency(self) -> dict[str, int | None]:
         return {spec.url: spec.max_concurrency for spec in self.replicas or ()}
+
+    @property
+    def replica_models(self) -> dict[str, tuple[str, ...] | None]:
+        return {spec.url: spec.models for spec in self.replicas or ()}
 
     def policy_options(self) -> PolicyOptions:
         return PolicyOptions(

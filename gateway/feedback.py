@@ -1,9 +1,12 @@
-"""Load feedback by polling: every `load_feedback.poll_interval_s`, GET /load on each replica.
+"""Load feedback by polling: every `load_feedback.poll_interval_s`, each replica's load.
 
-Replicas also report their load on every response (X-Replica-Load, read by the proxy), but a
-replica this gateway has not sent to lately would go unheard; the poll keeps every report
-fresh, so `least_loaded` sees requests that other gateway instances sent. A failed poll is
-ignored: health checks and outlier detection deal with broken replicas.
+With `source: infergate` that is GET /load (JSON, our replica); replicas also report their load
+on every response (X-Replica-Load, read by the proxy), but a replica this gateway has not sent
+to lately would go unheard, so the poll keeps every report fresh and `least_loaded` sees
+requests that other gateway instances sent. With `vllm`, `sglang`, `tgi` or `prometheus` it is
+a scrape of GET /metrics read as gateway/engines.py says. A failed poll is ignored (the last
+report ages out after `max_age_s`): health checks and outlier detection deal with broken
+replicas. Bodies are read with a cap.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ import json
 import aiohttp
 
 from gateway.config import LoadFeedback
+from gateway.engines import LoadMetricNames, metric_names, scrape_report
 from gateway.pool import Replica
 from gateway.runtime import GatewayState
+from gateway.upstream import BodyOverLimit, read_capped
+
+MAX_REPORT_BYTES = 4 * 1024 * 1024  # an engine's whole /metrics page, histograms included
 
 
 class LoadPoller:
@@ -36,22 +43,37 @@ class LoadPoller:
     async def poll_once(self, feedback: LoadFeedback) -> None:
         replicas = self._state.pool.active()
         limit = aiohttp.ClientTimeout(total=max(0.05, min(1.0, feedback.poll_interval_s)))
-        await asyncio.gather(*(self._poll(r, feedback.path, limit) for r in replicas))
+        names = metric_names(feedback)
+        await asyncio.gather(*(self._poll(r, feedback.path, names, limit) for r in replicas))
 
-    async def _poll(self, replica: Replica, path: str, limit: aiohttp.ClientTimeout) -> None:
+    async def _poll(
+        self,
+        replica: Replica,
+        path: str,
+        names: LoadMetricNames | None,
+        limit: aiohttp.ClientTimeout,
+    ) -> None:
         session = self._state.client()
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, BodyOverLimit):
             async with session.get(replica.url + path, timeout=limit) as response:
                 if response.status != 200:
                     return
-                load = json.loads(await response.read())
-                if not isinstance(load, dict):
-                    return
-                report = {
-                    k: v
-                    for k, v in load.items()
-                    if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 2**53
-                }
-                if "inflight" in report:
-                    # The replica counted our requests in flight as it answered: ours now.
-                    self._state.pool.report(replica, report, ours=replica.outstanding)
+                body = await read_capped(response, MAX_REPORT_BYTES)
+            # The replica counted our requests in flight as it answered: ours now.
+            ours = replica.outstanding
+            if names is not None:
+                scrape = scrape_report(body.decode("utf-8", errors="replace"), names)
+                if scrape is not None:
+                    replica.model_load = scrape.by_model
+                    self._state.pool.report(replica, scrape.report, ours=ours)
+                return
+            load = json.loads(body)
+            if not isinstance(load, dict):
+                return
+            report = {
+                k: v
+                for k, v in load.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 2**53
+            }
+            if "inflight" in report:
+                self._state.pool.report(replica, report, ours=ours)

@@ -53,6 +53,14 @@ class PoolCollector(Collector):
         yield outstanding
         yield healthy
         yield ejected
+        serving = GaugeMetricFamily(
+            "gateway_model_replicas",
+            "Replicas in rotation that list the model on GET /v1/models (or in the config).",
+            labels=["model"],
+        )
+        for model in self._pool.catalog():
+            serving.add_metric([model], len(self._pool.available_for(model)))
+        yield serving
         yield GaugeMetricFamily(
             "gateway_queue_depth",
             "Requests waiting at the gateway for a free replica slot.",
@@ -123,14 +131,33 @@ class GatewayMetrics:
             "Job dispatches that failed on a replica and were queued again.",
             registry=registry,
         )
+        self.model_requests = Counter(
+            "gateway_model_requests",
+            "Proxied requests by served model (only models a replica lists; 'other' for a model "
+            "sent to a replica that lists none) and status class.",
+            ["model", "code"],
+            registry=registry,
+        )
         registry.register(PoolCollector(pool, admission))
         self._pool = pool
         self.recent = RecentTraffic()  # rate and latency over the last seconds, for /ui
         self._counters: dict[tuple[str, str, str], Counter] = {}
         self._histograms: dict[str, Histogram] = {}
+        self._model_counters: dict[tuple[str, str], Counter] = {}
 
-    def observe(self, replica: str, code: int, duration_s: float, key: str = "") -> None:
-        """One attempt's end: the status the client got (499 when it left), and the API key."""
+    def observe(
+        self, replica: str, code: int, duration_s: float, key: str = "", model: str = ""
+    ) -> None:
+        """One attempt's end: the status the client got (499 when it left), the API key and the
+        served model ('' for a request that named none)."""
+        if model:
+            model_labels = (model if model in self._pool.catalog() else "other", status_class(code))
+            child = self._model_counters.get(model_labels)
+            if child is None:
+                child = self._model_counters[model_labels] = self.model_requests.labels(
+                    *model_labels
+                )
+            child.inc()
         # Children are cached: prometheus_client's labels() takes a lock and builds a key.
         histogram = self._histograms.get(replica)
         if histogram is None:

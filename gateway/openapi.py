@@ -62,6 +62,17 @@ _REPLICA = {
             "description": "prompt tokens served from its prefix cache over those looked up",
         },
         "latency_ewma_s": {"type": "number", "description": "peak EWMA, seconds per token"},
+        "models": {
+            "type": ["array", "null"],
+            "items": {"type": "string"},
+            "description": "the models it serves (its /v1/models or the config); null: unknown, "
+            "so it may serve any",
+        },
+        "model_load": {
+            "type": ["object", "null"],
+            "additionalProperties": {"type": "integer"},
+            "description": "requests in flight per model label, from the engine's metrics",
+        },
     },
 }
 _STATE = {
@@ -261,6 +272,51 @@ _API_KEY: list[dict[str, list[str]]] = [{"apiKey": []}, {}]
 _UNAUTHORIZED = {"401": _error("auth is on and the request carries no valid API key")}
 
 
+_MODEL_CARD: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "object"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string", "enum": ["model"]},
+        "created": {"type": "integer"},
+        "owned_by": {"type": "string"},
+        "parent": {"type": "string", "description": "an alias's served model"},
+    },
+}
+_MODEL_PATHS: dict[str, Any] = {
+    "/v1/models": {
+        "get": {
+            "summary": "OpenAI's model list: what the replicas in rotation serve, and the aliases",
+            "responses": {
+                "200": _json(
+                    "the models",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "object": {"type": "string"},
+                            "data": {"type": "array", "items": _MODEL_CARD},
+                        },
+                    },
+                )
+            },
+        }
+    },
+    "/v1/models/{model}": {
+        "get": {
+            "summary": "One model's card",
+            "parameters": [
+                {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": _json("the model", _MODEL_CARD),
+                "404": _error("no replica serves it (type model_not_found)"),
+                "503": _error("replicas serve it, none is in rotation"),
+            },
+        }
+    },
+}
+
+
 def _with_api_key(paths: dict[str, Any]) -> dict[str, Any]:
     return {
         path: {
@@ -350,6 +406,7 @@ DOCUMENT: dict[str, Any] = {
                 },
             }
         },
+        **_with_api_key(_MODEL_PATHS),
         **_with_api_key(_JOB_PATHS),
     },
     "components": {

@@ -35,6 +35,7 @@ class RequestInfo:
     key: str | None = None  # affinity key (a header's value or a prompt prefix)
     prefix: tuple[int, ...] = ()  # the prompt's leading KV block hashes (gateway/prefix.py)
     prompt_tokens: int = 0  # the whole prompt, in the replica's tokens (for "prefix")
+    model: str | None = None  # the served model it asks for (after aliases); None: any replica
 
 
 NO_INFO = RequestInfo()

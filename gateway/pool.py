@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # What a finished request says about its replica: served (resets the failure streak, a latency
@@ -45,6 +45,15 @@ class Replica:
     reported: dict[str, float] | None = None  # the last report: queued, running, inflight, ...
     latency_ewma_s: float = 0.0  # peak-sensitive moving average of seconds per unit of work
     latency_at: float = 0.0  # monotonic time of the last latency sample
+    # The models it serves: from `replicas[].models` in the config, else its GET /v1/models;
+    # None while unknown (it may serve anything, as every replica did before model routing).
+    models: frozenset[str] | None = None
+    configured_models: frozenset[str] | None = None  # replicas[].models; never polled then
+    model_cards: tuple[dict[str, Any], ...] = ()  # its /v1/models entries, as it sent them
+    model_load: dict[str, int] = field(default_factory=dict)  # in flight per engine model label
+
+    def serves(self, model: str | None) -> bool:
+        return model is None or self.models is None or model in self.models
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +72,8 @@ class Replica:
             "kv_usage": (self.reported or {}).get("kv_usage"),
             "cache_hit_ratio": self.cache_hit_ratio(),
             "latency_ewma_s": round(self.latency_ewma_s, 6),
+            "models": sorted(self.models) if self.models is not None else None,
+            "model_load": self.model_load or None,
         }
 
     def cache_hit_ratio(self) -> float | None:
@@ -101,6 +112,8 @@ class ReplicaPool:
         self._active: dict[str, Replica] = {url: Replica(url) for url in urls}
         self._draining: dict[str, Replica] = {}
         self._available: tuple[Replica, ...] | None = None
+        self._by_model: dict[str, tuple[Replica, ...]] = {}
+        self._catalog: dict[str, list[Replica]] | None = None
         self._clock = clock
         self._ejected = 0
         self.outstanding = 0  # over every replica, draining ones included
@@ -115,7 +128,46 @@ class ReplicaPool:
             self._available = tuple(
                 r for r in self._active.values() if r.healthy and not r.ejected_until
             )
+            self._by_model.clear()
         return self._available
+
+    def available_for(self, model: str | None) -> Sequence[Replica]:
+        """The available replicas that serve `model` (all of them for a request without one)."""
+        available = self.available()
+        if model is None:
+            return available
+        found = self._by_model.get(model)
+        if found is None:
+            found = tuple(r for r in available if r.serves(model))
+            if model in self.catalog():  # never cache what a client made up
+                self._by_model[model] = found
+        return found
+
+    def set_models(self, replica: Replica, cards: Sequence[dict[str, Any]] | None) -> None:
+        """What a replica's GET /v1/models listed (None: it has no such list, so it may serve
+        anything); a configured `models:` list stays in force."""
+        if replica.configured_models is not None:
+            return
+        models = frozenset(str(c["id"]) for c in cards) if cards is not None else None
+        replica.model_cards = tuple(cards or ())
+        if models != replica.models:
+            replica.models = models
+            self._available = self._catalog = None
+            self.on_change()
+
+    def catalog(self) -> dict[str, list[Replica]]:
+        """Every model an active replica is known to serve, and those replicas (shared: do not
+        change it)."""
+        if self._catalog is None:
+            self._catalog = {}
+            for replica in self._active.values():
+                for model in sorted(replica.models or ()):
+                    self._catalog.setdefault(model, []).append(replica)
+        return self._catalog
+
+    def any_open(self) -> bool:
+        """Some active replica's models are unknown: it may serve a model no list names."""
+        return any(r.models is None for r in self._active.values())
 
     def all(self) -> list[Replica]:
         return [*self._active.values(), *self._draining.values()]
@@ -127,14 +179,23 @@ class ReplicaPool:
         return self._active.get(url)
 
     def update(
-        self, urls: Sequence[str], max_concurrency: Mapping[str, int | None] | None = None
+        self,
+        urls: Sequence[str],
+        max_concurrency: Mapping[str, int | None] | None = None,
+        models: Mapping[str, Collection[str] | None] | None = None,
     ) -> None:
-        """Swap in a new replica list; kept replicas keep their state, removed ones drain."""
+        """Swap in a new replica list; kept replicas keep their state, removed ones drain.
+        `models`: the configured model list of some replicas (the others are polled)."""
         active: dict[str, Replica] = {}
         for url in urls:
             replica = self._active.get(url) or self._draining.pop(url, None) or Replica(url)
             replica.draining = False
             replica.max_concurrency = (max_concurrency or {}).get(url)
+            configured = (models or {}).get(url)
+            if configured is not None:
+                replica.configured_models = replica.models = frozenset(configured)
+            elif replica.configured_models is not None:  # its list left the config: poll it
+                replica.configured_models = replica.models = None
             active[url] = replica
         for url, replica in self._active.items():
             if url not in active and replica.outstanding > 0:
@@ -143,7 +204,7 @@ class ReplicaPool:
         self._active = active
         self.replica_limits = any(r.max_concurrency for r in active.values())
         self._ejected = sum(1 for r in active.values() if r.ejected_until)
-        self._available = None
+        self._available = self._catalog = None
         self.on_change()
 
     def set_healthy(self, replica: Replica, healthy: bool) -> None:

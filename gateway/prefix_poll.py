@@ -34,24 +34,32 @@ class CacheBlocksPoller:
     async def run(self) -> None:
         while True:
             runtime = self._state.runtime
-            if isinstance(runtime.policy, PrecisePrefix):
-                await self.poll_once(runtime.policy, runtime.options.prefix.block_size)
+            polled = [(None, runtime.policy), *runtime.model_policies.items()]
+            precise = [(p, model) for model, p in polled if isinstance(p, PrecisePrefix)]
+            if precise:
+                block_size = runtime.options.prefix.block_size
+                await asyncio.gather(*(self.poll_once(p, block_size, m) for p, m in precise))
                 await asyncio.sleep(runtime.options.prefix.poll_interval_s)
             else:  # the strategy may be switched on by a reload
                 await asyncio.sleep(runtime.config.reload.poll_interval_s)
 
-    async def poll_once(self, policy: PrecisePrefix, block_size: int) -> None:
-        replicas = self._state.pool.active()
-        reports = await asyncio.gather(*(self._read(r, block_size) for r in replicas))
+    async def poll_once(
+        self, policy: PrecisePrefix, block_size: int, model: str | None = None
+    ) -> None:
+        """Every replica's blocks of `model` (its default model when None)."""
+        replicas = [r for r in self._state.pool.active() if r.serves(model)]
+        reports = await asyncio.gather(*(self._read(r, block_size, model) for r in replicas))
         for replica, hashes in zip(replicas, reports, strict=True):
             policy.report(replica.url, hashes)
 
-    async def _read(self, replica: Replica, block_size: int) -> list[int]:
+    async def _read(self, replica: Replica, block_size: int, model: str | None) -> list[int]:
         session = self._state.client()
         limit = aiohttp.ClientTimeout(total=2.0)
         failures = (aiohttp.ClientError, TimeoutError, ValueError, TypeError, BodyOverLimit)
+        query = {"model": model} if model is not None else None
         with contextlib.suppress(*failures):
-            async with session.get(f"{replica.url}/cache/blocks", timeout=limit) as response:
+            url = f"{replica.url}/cache/blocks"
+            async with session.get(url, params=query, timeout=limit) as response:
                 if response.status != 200:
                     return []
                 report = json.loads(await read_capped(response, MAX_REPORT_BYTES))

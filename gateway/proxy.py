@@ -16,11 +16,13 @@ import contextlib
 import json
 import logging
 import random
+from dataclasses import dataclass, replace
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway import models
 from gateway.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
 from gateway.auth import key_name
 from gateway.config import GatewayConfig, Retries, Timeouts
@@ -167,10 +169,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
     config = state.runtime.config
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
     request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
-    needs = state.runtime.policy.needs
+    target = models.route(state, request.rel_url.raw_path_qs, body)
+    # An alias is rewritten to the served model: in the body, or in a /v2/models/{name} path.
+    body, path_qs = target.body, target.path_qs or request.rel_url.raw_path_qs
+    needs = state.runtime.policy_for(target.model).needs
     prefix = state.runtime.options.prefix
     affinity = config.routing.affinity
     info = describe(needs, request.headers, body, affinity, prefix) if needs else NO_INFO
+    if target.model is not None:
+        info = replace(info, model=target.model)
     tried: list[Replica] = []
     failure: AttemptFailed | None = None
     for attempt in range(config.retries.max_attempts):
@@ -182,7 +189,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 lease.key = key_name(request)
                 tried.append(lease.replica)
                 retry = attempt > 0
-                return await _attempt(request, state, lease, body, request_id, retry, config)
+                sent = Outgoing(path_qs, body, request_id)
+                return await _attempt(request, state, lease, sent, retry, config)
         except NoUntriedReplica:
             break
         except GatewayError as exc:  # from admission: nowhere to go now
@@ -202,19 +210,27 @@ async def handle(request: web.Request) -> web.StreamResponse:
     raise failure.error
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """What goes to the replica: the path and query, the body, the request id."""
+
+    path_qs: str
+    body: bytes
+    request_id: str
+
+
 async def _attempt(
     request: web.Request,
     state: GatewayState,
     lease: Lease,
-    body: bytes,
-    request_id: str,
+    sent: Outgoing,
     retry: bool,
     config: GatewayConfig,
 ) -> web.StreamResponse:
     """One try on the leased replica; sets the lease's code to what the client got."""
     state.retries_in_flight += retry
     try:
-        response = await _relay(request, lease, body, request_id, config.timeouts)
+        response = await _relay(request, lease, sent, config.timeouts)
         lease.code = response.status
         return response
     except AttemptFailed as failed:
@@ -232,11 +248,12 @@ async def _attempt(
 
 
 async def _send(
-    request: web.Request, replica: Replica, body: bytes, request_id: str, timeouts: Timeouts
+    request: web.Request, replica: Replica, sent: Outgoing, timeouts: Timeouts
 ) -> aiohttp.ClientResponse:
     """The replica's response headers, or AttemptFailed naming why there are none."""
     session = request.app[STATE].client()
-    url = upstream_url(replica.url, request.rel_url.raw_path_qs)
+    url = upstream_url(replica.url, sent.path_qs)
+    body = sent.body
     # sock_read already bounds the wait for headers by idle_s; a timer per request (measurable
     # at thousands per second) only when first_byte_s is the shorter.
     first_byte_s = timeouts.first_byte_s if timeouts.first_byte_s < timeouts.idle_s else None
@@ -246,7 +263,7 @@ async def _send(
                 request.method,
                 url,
                 data=body if body else None,
-                headers=upstream_request_headers(request, request_id),
+                headers=upstream_request_headers(request, sent.request_id),
                 timeout=client_timeout(timeouts),
                 allow_redirects=False,
             )
@@ -271,10 +288,10 @@ def _take_load_report(state: GatewayState, replica: Replica, header: str) -> Non
 
 
 async def _relay(
-    request: web.Request, lease: Lease, body: bytes, request_id: str, timeouts: Timeouts
+    request: web.Request, lease: Lease, sent: Outgoing, timeouts: Timeouts
 ) -> web.StreamResponse:
-    replica = lease.replica
-    upstream = await _send(request, replica, body, request_id, timeouts)
+    replica, request_id = lease.replica, sent.request_id
+    upstream = await _send(request, replica, sent, timeouts)
     report = upstream.headers.get(LOAD_HEADER)
     if report:
         _take_load_report(request.app[STATE], replica, report)

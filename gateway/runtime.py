@@ -8,6 +8,7 @@ through a request; the pool is shared across runtimes, so outstanding counts sur
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,15 +27,36 @@ class Runtime:
     config: GatewayConfig
     policy: Policy
     options: PolicyOptions
+    model_policies: Mapping[str, Policy] = field(default_factory=dict)  # `models[].strategy`
+
+    def policy_for(self, model: str | None) -> Policy:
+        return self.model_policies.get(model, self.policy) if model is not None else self.policy
 
 
 def build_runtime(config: GatewayConfig, previous: Runtime | None = None) -> Runtime:
-    """A new runtime; an unchanged strategy keeps its policy object (round robin keeps its turn)."""
+    """A new runtime; an unchanged strategy keeps its policy object (round robin keeps its turn),
+    and so does a model whose strategy is unchanged."""
     routing, options = config.routing, config.policy_options()
-    if previous is not None and (previous.config.routing, previous.options) == (routing, options):
-        return Runtime(config, previous.policy, options)
+    same = previous is not None and (previous.config.routing, previous.options) == (
+        routing,
+        options,
+    )
     rng = random.Random(routing.seed)
-    return Runtime(config, make_policy(routing.strategy, rng, options), options)
+    policy = previous.policy if same and previous else make_policy(routing.strategy, rng, options)
+    model_policies: dict[str, Policy] = {}
+    for route in config.models:
+        if route.strategy is None:
+            continue
+        kept = previous.model_policies.get(route.name) if same and previous else None
+        if kept is not None and previous and _strategy_of(previous, route.name) == route.strategy:
+            model_policies[route.name] = kept
+        else:
+            model_policies[route.name] = make_policy(route.strategy, rng, options)
+    return Runtime(config, policy, options, model_policies)
+
+
+def _strategy_of(runtime: Runtime, model: str) -> str | None:
+    return next((m.strategy for m in runtime.config.models if m.name == model), None)
 
 
 @dataclass
@@ -49,6 +71,7 @@ class GatewayState:
     retries_in_flight: int = 0
     draining: bool = False  # set on shutdown: /readyz answers 503 so load balancers move on
     discovered: tuple[str, ...] | None = None  # DNS discovery's last good answer
+    models_polled: bool = False  # the first round of GET /v1/models is done (or polling is off)
 
     def __post_init__(self) -> None:
         self.admission.metrics = self.metrics
@@ -62,9 +85,12 @@ class GatewayState:
                 config.limits,
                 config.outlier_detection,
                 config.routing.ewma_decay_s,
+                runtime.model_policies,
             )
         )
-        self.pool.update(self.replica_urls(config), config.replica_max_concurrency)
+        self.pool.update(
+            self.replica_urls(config), config.replica_max_concurrency, config.replica_models
+        )
         self.metrics.forget_gone()
         self.metrics.strategy.info({"strategy": runtime.config.routing.strategy})
 

@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from gateway import proxy, status
+from gateway import models, proxy, status
 from gateway.admission import Admission
 from gateway.auth import require_key
 from gateway.config import GatewayConfig
@@ -34,6 +34,7 @@ from gateway.health import HealthChecker
 from gateway.jobs import routes as job_routes
 from gateway.jobs.service import JOBS, JobService
 from gateway.metrics import GatewayMetrics
+from gateway.models import ModelPoller
 from gateway.openapi import DOCUMENT
 from gateway.pool import ReplicaPool
 from gateway.prefix_poll import CacheBlocksPoller
@@ -108,8 +109,11 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     healthy = len(state.pool.available())
-    ready = healthy > 0 and not state.draining
-    body = {"ready": ready, "healthy_replicas": healthy, "draining": state.draining}
+    ready = healthy > 0 and not state.draining and state.models_polled
+    body = {
+        "ready": ready, "healthy_replicas": healthy, "draining": state.draining,
+        "models_known": state.models_polled,
+    }  # fmt: skip
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -219,6 +223,7 @@ def create_app(
     app.cleanup_ctx.append(_background("health-checks", lambda a: a[HEALTH].run()))
     app.cleanup_ctx.append(_background("config-watch", lambda a: a[WATCHER].run()))
     app.cleanup_ctx.append(_background("load-feedback", lambda a: LoadPoller(state).run()))
+    app.cleanup_ctx.append(_background("served-models", lambda a: ModelPoller(state).run()))
     app.cleanup_ctx.append(_background("cache-blocks", lambda a: CacheBlocksPoller(state).run()))
     app.cleanup_ctx.append(_background("dns-discovery", lambda a: DnsDiscovery(state).run()))
     if config.jobs is not None:
@@ -238,6 +243,11 @@ def create_app(
     ]
     for path, methods, handler in own:
         app.router.add_route("*", path, _only(methods, handler))
+    for path, handler in (
+        ("/v1/models", models.list_models),
+        ("/v1/models/{model}", models.get_model),
+    ):
+        app.router.add_route("*", path, require_key(_only(("GET", "HEAD"), handler)))
     for path, handlers in job_routes.ROUTES:
         jobs_handler = _only(tuple(handlers), job_routes.by_method(handlers))
         app.router.add_route("*", path, require_key(jobs_handler))

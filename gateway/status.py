@@ -34,8 +34,21 @@ def status_document(state: GatewayState) -> dict[str, Any]:
     replicas = state.pool.all()
     recent = state.metrics.recent
     config = state.runtime.config
+    strategies = {m.name: m.strategy for m in config.models if m.strategy}
+    models = [
+        {
+            "name": name,
+            "replicas": len(serving),
+            "available": len(state.pool.available_for(name)),
+            "strategy": strategies.get(name, config.routing.strategy),
+            "aliases": sorted(m.name for m in config.models if m.target == name),
+        }
+        for name, serving in sorted(state.pool.catalog().items())
+    ]
     return {
         "strategy": config.routing.strategy,
+        "load_source": config.load_feedback.source,
+        "models": models,
         "discovery": config.discovery.dns if config.discovery else None,
         "draining": state.draining,
         "outstanding": state.pool.outstanding,

@@ -2,14 +2,23 @@
 unique-prompt control, through every front end in front of the same simulated replicas (prefix
 cache on), in one run.
 
-    python -m loadtests.prefix_bench [--replicas 5] [--rate 6] [--seeds 2] [--warmup-s 10]
-        [--duration-s 40] [--workloads chat-prefix,unique] [--front-ends ...] [--out DIR]
+    python -m loadtests.prefix_bench [--replicas 5] [--loads closed,0.7] [--seeds 2]
+        [--warmup-s 10] [--duration-s 30] [--workloads chat-prefix,unique] [--front-ends ...]
+        [--out DIR]
 
-Workloads (seeded; every front end sees the same arrivals):
-- `chat-prefix`: 8 system prompts of 500-2,000 tokens; conversations arrive as a Poisson process,
-  each picks a system prompt, then sends 3-6 turns (a 20-80 word question each, the whole history
-  re-sent every turn, the reply appended as generated) with exponential think time between turns.
+Workloads (seeded; every front end sees the same conversations):
+- `chat-prefix`: 8 system prompts of 500-2,000 tokens; each conversation picks one, then sends
+  3-6 turns (a 20-80 word question each, the whole history re-sent every turn, the reply
+  appended as generated).
 - `unique`: single requests with a prompt of the same length range that shares nothing.
+
+Loads, per workload and seed:
+- `closed`: closed loop, two users per sequence slot of the fleet (so no slot idles), each
+  running conversations back to back with no think time. `least_outstanding_requests` runs it
+  first: the requests/s it completes in the window is the fleet's measured capacity for that
+  workload and seed.
+- a share such as `0.7`: open loop, new conversations arriving as a Poisson process so that this
+  share of that measured capacity is offered, with exponential think time between turns.
 
 Front ends: our gateway with `random`, `least_outstanding_requests`, `affinity`, `prefix_aware`,
 `precise_prefix`; and, when installed (`pip install -e '.[peers]'`), `sglang-router` with
@@ -19,10 +28,11 @@ no front end inherits another's caches. Requests are streamed OpenAI chat comple
 `X-Session-Id: <conversation>` and `stream_options.include_usage`, so each sample carries the
 prompt tokens and the cached tokens the replica reports.
 
-Measured, from raw samples of the requests sent inside the window (each waited for with the load
-kept on): TTFT P50/P99, end-to-end P99, completions per minute per instance, the fleet's cache
-hit rate (cached / prompt tokens), and the load spread (each replica's share of the chat requests,
-from its own metrics; max over mean). Intervals: 95% block bootstrap over the pooled seeds.
+Measured, from raw samples: of the requests sent inside the window (each waited for with the
+load kept on), TTFT P50/P99, end-to-end P99, the fleet's cache hit rate (cached / prompt tokens);
+completions that ended inside the window per minute per instance; the load spread (each
+replica's share of the chat requests, from its own metrics; max over mean). Intervals: 95% block
+bootstrap over the pooled seeds.
 """
 
 from __future__ import annotations
@@ -79,7 +89,7 @@ BASELINE = "least_outstanding_requests"
 class Turn:
     question: str
     max_tokens: int
-    think_s: float  # pause before this turn (0 for the first)
+    think_s: float  # pause before this turn in the open loop (0 for the first)
 
 
 @dataclass(frozen=True)
@@ -99,32 +109,45 @@ def text_of(rng: random.Random, length: int) -> str:
     return " ".join(words)[:length]
 
 
+def system_prompts(workload: str, seed: int) -> list[str]:
+    rng = random.Random(f"{workload}:{seed}:systems")
+    return [text_of(rng, rng.randint(500, 2000)) for _ in range(8)]
+
+
+def conversation(
+    workload: str, rng: random.Random, cid: str, arrival_s: float, systems: list[str],
+    think_s: float,
+) -> Conversation:  # fmt: skip
+    if workload == "chat-prefix":
+        system, n = rng.choice(systems), rng.randint(3, 6)
+    else:
+        system, n = text_of(rng, rng.randint(500, 2000)), 1
+    turns = tuple(
+        Turn(
+            f"{cid} question {k}: " + text_of(rng, rng.randint(20, 80) * 6),
+            rng.randint(16, 64),
+            0.0 if k == 0 else rng.expovariate(1 / think_s),
+        )
+        for k in range(n)
+    )
+    return Conversation(cid, arrival_s, system, turns)
+
+
+def mean_turns(workload: str) -> float:
+    return 4.5 if workload == "chat-prefix" else 1.0
+
+
 def conversations(
     workload: str, seed: int, rate: float, seconds: float, think_s: float
 ) -> list[Conversation]:
-    """Arrivals over `seconds` such that about `rate` requests/s are offered."""
+    """Poisson arrivals over `seconds` such that about `rate` requests/s are offered."""
     rng = random.Random(f"{workload}:{seed}")
-    systems = [text_of(rng, rng.randint(500, 2000)) for _ in range(8)]
-    mean_turns = 4.5 if workload == "chat-prefix" else 1.0
+    systems = system_prompts(workload, seed)
     out: list[Conversation] = []
-    t = rng.expovariate(rate / mean_turns)
+    t = rng.expovariate(rate / mean_turns(workload))
     while t < seconds:
-        cid = f"c{len(out)}"
-        if workload == "chat-prefix":
-            system = rng.choice(systems)
-            n = rng.randint(3, 6)
-        else:
-            system, n = text_of(rng, rng.randint(500, 2000)), 1
-        turns = tuple(
-            Turn(
-                f"{cid} question {k}: " + text_of(rng, rng.randint(20, 80) * 6),
-                rng.randint(16, 64),
-                0.0 if k == 0 else rng.expovariate(1 / think_s),
-            )
-            for k in range(n)
-        )
-        out.append(Conversation(cid, t, system, turns))
-        t += rng.expovariate(rate / mean_turns)
+        out.append(conversation(workload, rng, f"c{len(out)}", t, systems, think_s))
+        t += rng.expovariate(rate / mean_turns(workload))
     return out
 
 
@@ -135,8 +158,7 @@ def conversations(
 class Sample:
     conversation: str
     turn: int
-    start_unix: float
-    end_unix: float
+    sent_s: float  # from the start of the run
     ok: bool
     status: int
     latency_s: float
@@ -148,13 +170,13 @@ class Sample:
 
 async def chat(
     client: aiohttp.ClientSession, url: str, conv: Conversation, messages: list[dict[str, str]],
-    turn: Turn, index: int,
+    turn: Turn, index: int, sent_s: float,
 ) -> tuple[Sample, str]:  # fmt: skip
     body = {
         "model": "tiny-gpt", "messages": messages, "max_tokens": turn.max_tokens,
         "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
     }  # fmt: skip
-    start, t0 = time.time(), time.perf_counter()
+    t0 = time.perf_counter()
     ttft, status, text = math.nan, 0, []
     usage: dict[str, Any] = {}
     check = StreamCheck()
@@ -177,39 +199,85 @@ async def chat(
     latency = time.perf_counter() - t0
     details = usage.get("prompt_tokens_details") or {}
     sample = Sample(
-        conv.id, index, start, start + latency, check.ok and status == 200, status, latency,
-        ttft, int(usage.get("prompt_tokens", 0)), int(details.get("cached_tokens") or 0),
+        conv.id, index, sent_s, check.ok and status == 200, status, latency, ttft,
+        int(usage.get("prompt_tokens", 0)), int(details.get("cached_tokens") or 0),
         int(usage.get("completion_tokens", 0)),
     )  # fmt: skip
     return sample, "".join(text)
 
 
-async def drive(url: str, convs: list[Conversation], window: tuple[float, float]) -> list[Sample]:
-    """Every conversation from its arrival; returns the samples of requests sent in `window`
-    (seconds from the start). Conversations arriving after the window are not started; those
-    under way run to their end, so the load stays on for the last measured request."""
-    samples: list[Sample] = []
+class Driver:
+    """One run's client side: every request's sample, whatever the window (the report cuts)."""
+
+    def __init__(self, url: str, client: aiohttp.ClientSession) -> None:
+        self.url, self.client = url, client
+        self.samples: list[Sample] = []
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    async def converse(self, conv: Conversation, stop_s: float, think: bool) -> bool:
+        """The turns of one conversation, each after its think time (open loop) or at once
+        (closed loop); no turn is sent after `stop_s`. False when a request failed."""
+        messages = [{"role": "system", "content": conv.system}]
+        for k, turn in enumerate(conv.turns):
+            if think:
+                await asyncio.sleep(turn.think_s)
+            if self.now() >= stop_s:
+                return True
+            messages.append({"role": "user", "content": turn.question})
+            sample, reply = await chat(self.client, self.url, conv, messages, turn, k, self.now())
+            self.samples.append(sample)
+            if not sample.ok:
+                return False  # a broken conversation ends; its failure is counted
+            messages.append({"role": "assistant", "content": reply})
+        return True
+
+
+def client_session() -> aiohttp.ClientSession:
     limit = aiohttp.ClientTimeout(total=300)
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=limit, connector=connector) as client:
-        t0 = time.perf_counter()
+    return aiohttp.ClientSession(timeout=limit, connector=aiohttp.TCPConnector(limit=0))
+
+
+async def drive_open(
+    url: str, convs: list[Conversation], window: tuple[float, float]
+) -> list[Sample]:
+    """Every conversation from its arrival. Conversations arriving after the window are not
+    started; those under way run to their end, so the load stays on for the last measured
+    request."""
+    async with client_session() as client:
+        driver = Driver(url, client)
 
         async def run(conv: Conversation) -> None:
-            await asyncio.sleep(max(0.0, conv.arrival_s - (time.perf_counter() - t0)))
-            messages = [{"role": "system", "content": conv.system}]
-            for k, turn in enumerate(conv.turns):
-                await asyncio.sleep(turn.think_s)
-                messages.append({"role": "user", "content": turn.question})
-                sent = time.perf_counter() - t0
-                sample, reply = await chat(client, url, conv, messages, turn, k)
-                if window[0] <= sent < window[1]:
-                    samples.append(sample)
-                if not sample.ok:
-                    return  # a broken conversation ends; its failure is counted
-                messages.append({"role": "assistant", "content": reply})
+            await asyncio.sleep(max(0.0, conv.arrival_s - driver.now()))
+            await driver.converse(conv, math.inf, think=True)
 
         await asyncio.gather(*(run(c) for c in convs if c.arrival_s < window[1]))
-    return samples
+    return driver.samples
+
+
+async def drive_closed(
+    url: str, workload: str, seed: int, users: int, window: tuple[float, float]
+) -> list[Sample]:
+    """`users` users, each starting its next conversation when the last ends, until the window
+    ends; a request under way then is waited for."""
+    systems = system_prompts(workload, seed)
+    async with client_session() as client:
+        driver = Driver(url, client)
+
+        async def user(index: int) -> None:
+            rng = random.Random(f"{workload}:{seed}:user{index}")
+            n = 0
+            while driver.now() < window[1]:
+                cid = f"u{index}c{n}"
+                conv = conversation(workload, rng, cid, driver.now(), systems, 1.0)
+                if not await driver.converse(conv, window[1], think=False):
+                    await asyncio.sleep(0.5)  # a failing front end is not hammered
+                n += 1
+
+        await asyncio.gather(*(user(i) for i in range(users)))
+    return driver.samples
 
 
 # -- front ends -----------------------------------------------------------------------------
@@ -258,13 +326,22 @@ def available(names: list[str]) -> list[str]:
 
 # -- one run --------------------------------------------------------------------------------
 
+MAX_NUM_SEQS = 4  # per replica, as replica_yaml configures the batcher
+CLOSED = "closed"
+Capacities = dict[tuple[str, int], float]  # (workload, seed): req/s, measured
+
+
+def closed_users(replicas: int) -> int:
+    return 2 * replicas * MAX_NUM_SEQS
+
 
 @dataclass
 class Run:
     workload: str
+    load: str  # CLOSED, or the share of capacity offered ("0.7")
     front_end: str
     seed: int
-    offered_rps: float
+    offered_rps: float  # NaN in the closed loop
     samples: list[Sample] = field(default_factory=list)
     replica_requests: list[float] = field(default_factory=list)
 
@@ -296,88 +373,148 @@ def replica_yaml(workdir: Path) -> Path:
                 "kind": "tiny-gpt",
                 "params": {"context_len": 8192},
                 "max_tokens_limit": 256,
-                "batcher": {"kind": "continuous", "max_num_seqs": 4, "max_batch_tokens": 2048},
+                "batcher": {
+                    "kind": "continuous", "max_num_seqs": MAX_NUM_SEQS, "max_batch_tokens": 2048,
+                },
             }
         ],
-    }
+    }  # fmt: skip
     path = workdir / "replica.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def one_run(args: argparse.Namespace, workload: str, name: str, seed: int, workdir: Path) -> Run:
+def window_of(args: argparse.Namespace) -> tuple[float, float]:
+    return (args.warmup_s, args.warmup_s + args.duration_s)
+
+
+def one_run(
+    args: argparse.Namespace, workload: str, load: str, name: str, seed: int, rate: float,
+    workdir: Path,
+) -> Run:  # fmt: skip
     port = free_port_block(args.replicas + 2)
     cluster = ClusterConfig(
         replicas=args.replicas, engine="simulated", replica_config=replica_yaml(workdir),
         first_replica_port=port + 2,
     )  # fmt: skip
     urls = replica_urls(cluster)
-    convs = conversations(workload, seed, args.rate, args.warmup_s + args.duration_s, args.think_s)
-    window = (args.warmup_s, args.warmup_s + args.duration_s)
+    window = window_of(args)
+    convs = conversations(workload, seed, rate, window[1], args.think_s) if load != CLOSED else []
     with open(workdir / "processes.log", "ab") as log, replicas_running(cluster, log) as procs:
         asyncio.run(wait_ready(urls, procs))
         with front_end(name, urls, port, seed, workdir, log) as url:
-            samples = asyncio.run(drive(url, convs, window))
+            if load == CLOSED:
+                users = closed_users(args.replicas)
+                samples = asyncio.run(drive_closed(url, workload, seed, users, window))
+            else:
+                samples = asyncio.run(drive_open(url, convs, window))
         served = asyncio.run(replica_requests(urls))
-    offered = sum(1 for c in convs for _ in c.turns) / (args.warmup_s + args.duration_s)
-    return Run(workload, name, seed, offered, samples, served)
+    offered = sum(1 for c in convs for _ in c.turns) / window[1] if convs else math.nan
+    return Run(workload, load, name, seed, offered, samples, served)
+
+
+def measured(run: Run, args: argparse.Namespace) -> list[Sample]:
+    """The samples of the requests sent inside the window."""
+    low, high = window_of(args)
+    return [s for s in run.samples if low <= s.sent_s < high]
+
+
+def completed(run: Run, args: argparse.Namespace) -> list[Sample]:
+    """The requests that completed inside the window, whenever sent."""
+    low, high = window_of(args)
+    return [s for s in run.samples if s.ok and low <= s.sent_s + s.latency_s < high]
+
+
+def capacity(run: Run, args: argparse.Namespace) -> float:
+    """Requests/s completed inside the window: the closed loop's throughput."""
+    return len(completed(run, args)) / float(args.duration_s)
 
 
 # -- the report -----------------------------------------------------------------------------
 
 
-def blocks(runs: list[Run], value: str, args: argparse.Namespace) -> list[stats.Block]:
+def ttft_blocks(runs: list[Run], args: argparse.Namespace) -> list[stats.Block]:
+    """TTFT of the requests sent in the window, in blocks by when they were sent."""
     out: list[stats.Block] = []
     for run in runs:
-        ok = [s for s in run.samples if s.ok]
-        starts = [s.start_unix for s in run.samples]
-        if not ok or not starts:
-            continue
-        first = min(starts)
-        values = [getattr(s, value) for s in ok]
-        out += stats.blocks_of([s.start_unix for s in ok], values, first, args.duration_s, 4)
+        ok = [s for s in measured(run, args) if s.ok]
+        values = [s.ttft_s for s in ok]
+        out += stats.blocks_of([s.sent_s for s in ok], values, args.warmup_s, args.duration_s, 4)
     return out
 
 
-def summary_rows(runs: list[Run], args: argparse.Namespace) -> list[dict[str, Any]]:
+def completion_blocks(runs: list[Run], args: argparse.Namespace) -> list[stats.Block]:
+    """The completions inside the window, in blocks by when they ended."""
+    out: list[stats.Block] = []
+    for run in runs:
+        done = completed(run, args)
+        ends = [s.sent_s + s.latency_s for s in done]
+        out += stats.blocks_of(ends, [s.latency_s for s in done], args.warmup_s, args.duration_s, 4)
+    return out
+
+
+def loads_of(args: argparse.Namespace) -> list[str]:
+    return list(args.loads)
+
+
+def section_title(workload: str, load: str, args: argparse.Namespace) -> str:
+    if load == CLOSED:
+        return f"{workload}, closed loop ({closed_users(args.replicas)} users)"
+    return f"{workload}, open loop at {float(load):.0%} of capacity"
+
+
+def summary_rows(
+    runs: list[Run], capacities: Capacities, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     rows = []
     for workload in args.workloads:
-        base = [r for r in runs if (r.workload, r.front_end) == (workload, BASELINE)]
-        for name in args.front_ends:
-            mine = [r for r in runs if (r.workload, r.front_end) == (workload, name)]
-            if not mine:
-                continue
-            ok = [s for r in mine for s in r.samples if s.ok]
-            sent = sum(len(r.samples) for r in mine)
-            ttft = blocks(mine, "ttft_s", args)
-            p99 = stats.interval(ttft, stats.p99) if ttft else None
-            change = (
-                stats.relative_change(ttft, blocks(base, "ttft_s", args), stats.p99)
-                if base and name != BASELINE and ttft
-                else None
-            )
-            prompt = sum(s.prompt_tokens for s in ok)
-            spread = [max(r.replica_requests) / np.mean(r.replica_requests) for r in mine]
-            rows.append(
-                {
-                    "workload": workload,
-                    "front_end": name,
-                    "offered_rps": np.mean([r.offered_rps for r in mine]),
-                    "sent_rps": sent / (len(mine) * args.duration_s),
-                    "requests": sent,
-                    "errors": sent - len(ok),
-                    "ttft_p50_s": stats.percentile([s.ttft_s for s in ok], 50),
-                    "ttft_p99": p99,
-                    "ttft_p99_vs_lor": change,
-                    "e2e_p99_s": stats.percentile([s.latency_s for s in ok], 99),
-                    "per_min_per_instance": 60
-                    * len(ok)
-                    / (len(mine) * args.duration_s * args.replicas),
-                    "cache_hit": sum(s.cached_tokens for s in ok) / prompt if prompt else math.nan,
-                    "spread": max(spread),
-                }
-            )
+        for load in loads_of(args):
+            here = [r for r in runs if (r.workload, r.load) == (workload, load)]
+            base = [r for r in here if r.front_end == BASELINE]
+            for name in args.front_ends:
+                mine = [r for r in here if r.front_end == name]
+                if mine:
+                    rows.append(row_of(workload, load, name, mine, base, capacities, args))
     return rows
+
+
+def row_of(
+    workload: str, load: str, name: str, mine: list[Run], base: list[Run],
+    capacities: Capacities, args: argparse.Namespace,
+) -> dict[str, Any]:  # fmt: skip
+    sent = [s for r in mine for s in measured(r, args)]
+    ok = [s for s in sent if s.ok]
+    ttft = ttft_blocks(mine, args)
+    compare = bool(base) and name != BASELINE
+    done = completion_blocks(mine, args)
+    prompt = sum(s.prompt_tokens for s in ok)
+    spread = [max(r.replica_requests) / np.mean(r.replica_requests) for r in mine]
+    return {
+        "workload": workload,
+        "load": load,
+        "front_end": name,
+        "capacity_rps": np.mean([capacities[(workload, r.seed)] for r in mine]),
+        "offered_rps": np.mean([r.offered_rps for r in mine]),
+        "requests": len(sent),
+        "sent_rps": len(sent) / (len(mine) * float(args.duration_s)),
+        "errors": len(sent) - len(ok),
+        "ttft_p50_s": stats.percentile([s.ttft_s for s in ok], 50),
+        "ttft_p99": stats.interval(ttft, stats.p99) if ok else None,
+        "ttft_p99_vs_lor": (
+            stats.relative_change(ttft, ttft_blocks(base, args), stats.p99)
+            if compare and ok
+            else None
+        ),
+        "e2e_p99_s": stats.percentile([s.latency_s for s in ok], 99),
+        "per_min_per_instance": stats.interval(done, lambda b: stats.per_minute(b) / args.replicas),
+        "throughput_vs_lor": (
+            stats.relative_change(done, completion_blocks(base, args), stats.per_minute)
+            if compare
+            else None
+        ),
+        "cache_hit": sum(s.cached_tokens for s in ok) / prompt if prompt else math.nan,
+        "spread": max(spread),
+    }
 
 
 def interval_text(i: stats.Interval | None, scale: float = 1.0, pct: bool = False) -> str:
@@ -386,66 +523,99 @@ def interval_text(i: stats.Interval | None, scale: float = 1.0, pct: bool = Fals
     if pct:
         mark = "" if i.excludes_zero else " (n.s.)"
         return f"{i.estimate:+.1%} [{i.low:+.1%}, {i.high:+.1%}]{mark}"
-    return f"{i.estimate * scale:.2f} [{i.low * scale:.2f}, {i.high * scale:.2f}]"
+    digits = 1 if i.estimate * scale >= 10 else 2
+    return (
+        f"{i.estimate * scale:.{digits}f} [{i.low * scale:.{digits}f}, {i.high * scale:.{digits}f}]"
+    )
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        f"Simulated engine (7B/A10G profile, KV 16,000 tokens, 4 sequences per replica), "
-        f"{args.replicas} replicas, prefix cache on; conversations arrive as a Poisson process "
-        f"for ~{args.rate:g} requests/s over the run (offered: every turn of every conversation "
-        "that arrived, over warm-up + window; sent: requests sent inside the window); "
-        f"{args.seeds} seeds x {args.duration_s:g} s measured after {args.warmup_s:g} s "
-        f"warm-up; think time {args.think_s:g} s. Command: `{command_of(args)}`",
+        f"Simulated engine (7B/A10G profile, KV 16,000 tokens, {MAX_NUM_SEQS} sequences per "
+        f"replica), {args.replicas} replicas, prefix cache on. Closed loop: "
+        f"{closed_users(args.replicas)} users (two per sequence slot), no think time; its "
+        "least_outstanding_requests throughput is the measured capacity of each workload and "
+        "seed. Open loop: Poisson arrivals of conversations at the stated share of that "
+        f"capacity, think time {args.think_s:g} s between turns. {args.seeds} seeds x "
+        f"{args.duration_s:g} s measured after {args.warmup_s:g} s warm-up; latencies and cache "
+        "hits of the requests sent in the window, throughput of those completed in it. "
+        f"Command: `{command_of(args)}`",
         "",
     ]
     for workload in args.workloads:
-        lines += [
-            f"### {workload}", "",
-            "| Front end | Offered (req/s) | Sent in window (req/s) | Requests | Errors "
-            "| TTFT P50 (s) | TTFT P99 (s) [95% CI] "
-            "| TTFT P99 vs least_outstanding_requests [95% CI] | E2E P99 (s) | "
-            "req/min/instance | Cache hit rate | Load spread (max/mean) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]  # fmt: skip
-        for row in (r for r in rows if r["workload"] == workload):
-            lines.append(
-                f"| {row['front_end']} | {row['offered_rps']:.2f} | {row['sent_rps']:.2f} | "
-                f"{row['requests']} | "
-                f"{row['errors']} | {row['ttft_p50_s']:.3f} | {interval_text(row['ttft_p99'])} | "
-                f"{interval_text(row['ttft_p99_vs_lor'], pct=True)} | {row['e2e_p99_s']:.2f} | "
-                f"{row['per_min_per_instance']:.1f} | {row['cache_hit']:.1%} | "
-                f"{row['spread']:.2f} |"
+        for load in loads_of(args):
+            mine = [r for r in rows if (r["workload"], r["load"]) == (workload, load)]
+            if not mine:
+                continue
+            capacity_rps = mine[0]["capacity_rps"]
+            offered = (
+                f"offered {mine[0]['offered_rps']:.2f} req/s (every turn of the conversations "
+                "that arrived, over warm-up + window; Sent is what the window saw); "
+                if load != CLOSED
+                else ""
             )
-        lines.append("")
+            lines += [
+                f"### {section_title(workload, load, args)}", "",
+                f"{offered}measured capacity {capacity_rps:.2f} req/s "
+                "(least_outstanding_requests, closed loop, mean over seeds).", "",
+                "| Front end | Requests | Sent (req/s) | Errors | TTFT P50 (s) "
+                "| TTFT P99 (s) [95% CI] "
+                "| TTFT P99 vs least_outstanding_requests [95% CI] | E2E P99 (s) | "
+                "req/min/instance [95% CI] | Throughput vs least_outstanding_requests [95% CI] "
+                "| Cache hit rate | Load spread (max/mean) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            ]  # fmt: skip
+            for row in mine:
+                lines.append(
+                    f"| {row['front_end']} | {row['requests']} | {row['sent_rps']:.2f} | "
+                    f"{row['errors']} | "
+                    f"{row['ttft_p50_s']:.3f} | {interval_text(row['ttft_p99'])} | "
+                    f"{interval_text(row['ttft_p99_vs_lor'], pct=True)} | "
+                    f"{row['e2e_p99_s']:.2f} | {interval_text(row['per_min_per_instance'])} | "
+                    f"{interval_text(row['throughput_vs_lor'], pct=True)} | "
+                    f"{row['cache_hit']:.1%} | {row['spread']:.2f} |"
+                )
+            lines.append("")
     return "\n".join(lines)
 
 
-def chart(rows: list[dict[str, Any]], workloads: list[str], out: Path) -> Path:
-    """TTFT P99 (with its interval) and the cache hit rate per front end, one panel each."""
+def chart(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> Path:
+    """Per load: TTFT P99 (with its interval) per front end, one bar per workload; and the
+    cache hit rate of the first load."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)
-    width = 0.8 / len(workloads)
+    loads = loads_of(args)
+    fig, axes = plt.subplots(1, len(loads) + 1, figsize=(5.5 * (len(loads) + 1), 4.6), dpi=110)
+    width = 0.8 / len(args.workloads)
     names = list(dict.fromkeys(r["front_end"] for r in rows))
-    for k, workload in enumerate(workloads):
-        mine = {r["front_end"]: r for r in rows if r["workload"] == workload}
-        xs = [i + k * width for i, n in enumerate(names) if n in mine]
-        p99 = [mine[n]["ttft_p99"] for n in names if n in mine]
-        estimate = [i.estimate if i else math.nan for i in p99]
-        error = [
-            [e - i.low if i else 0 for e, i in zip(estimate, p99, strict=True)],
-            [i.high - e if i else 0 for e, i in zip(estimate, p99, strict=True)],
-        ]
-        axes[0].bar(xs, estimate, width, yerr=error, capsize=2, label=workload)
-        axes[1].bar(xs, [mine[n]["cache_hit"] for n in names if n in mine], width, label=workload)
-    for ax, label in zip(axes, ("TTFT P99 (s), 95% CI", "fleet cache hit rate"), strict=True):
-        ax.set_xticks([i + width * (len(workloads) - 1) / 2 for i in range(len(names))])
+    for panel, load in enumerate(loads):
+        for k, workload in enumerate(args.workloads):
+            mine = {
+                r["front_end"]: r for r in rows if (r["workload"], r["load"]) == (workload, load)
+            }
+            xs = [i + k * width for i, n in enumerate(names) if n in mine]
+            p99 = [mine[n]["ttft_p99"] for n in names if n in mine]
+            estimate = [i.estimate if i else math.nan for i in p99]
+            error = [
+                [e - i.low if i else 0 for e, i in zip(estimate, p99, strict=True)],
+                [i.high - e if i else 0 for e, i in zip(estimate, p99, strict=True)],
+            ]
+            axes[panel].bar(xs, estimate, width, yerr=error, capsize=2, label=workload)
+            if panel == 0:
+                hits = [mine[n]["cache_hit"] for n in names if n in mine]
+                axes[-1].bar(xs, hits, width, label=workload)
+        axes[panel].set_title(
+            "closed loop" if load == CLOSED else f"open loop, {float(load):.0%} of capacity"
+        )
+        axes[panel].set_ylabel("TTFT P99 (s), 95% CI")
+    axes[-1].set_title("closed loop" if loads[0] == CLOSED else f"{float(loads[0]):.0%}")
+    axes[-1].set_ylabel("fleet cache hit rate")
+    for ax in axes:
+        ax.set_xticks([i + width * (len(args.workloads) - 1) / 2 for i in range(len(names))])
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
-        ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -455,22 +625,27 @@ def chart(rows: list[dict[str, Any]], workloads: list[str], out: Path) -> Path:
     return path
 
 
-def read(folder: Path) -> tuple[argparse.Namespace, list[Run]]:
-    """A result folder's command and runs, from its runs.csv and raw samples."""
+def sample_file(run: Run) -> str:
+    return f"{run.workload}-{run.load}-{run.front_end.replace(':', '_')}-seed{run.seed}.csv.gz"
+
+
+def read(folder: Path) -> tuple[argparse.Namespace, list[Run], Capacities]:
+    """A result folder's command, runs and capacities, from its runs.csv and raw samples."""
     command = (folder / "command.txt").read_text().strip()
     args = recorded_args(command, PROG, parser())
-    runs = []
+    runs, capacities = [], {}
     with open(folder / "runs.csv", newline="") as f:
         for row in csv.DictReader(f):
-            name = f"{row['workload']}-{row['front_end'].replace(':', '_')}-seed{row['seed']}"
-            with gzip.open(folder / "samples" / f"{name}.csv.gz", "rt", newline="") as g:
-                samples = [_sample(r) for r in csv.DictReader(g)]
-            served = [float(x) for x in row["replica_requests"].split()]
-            offered = float(row["offered_rps"])
-            runs.append(
-                Run(row["workload"], row["front_end"], int(row["seed"]), offered, samples, served)
-            )
-    return args, runs
+            run = Run(
+                row["workload"], row["load"], row["front_end"], int(row["seed"]),
+                float(row["offered_rps"]), [],
+                [float(x) for x in row["replica_requests"].split()],
+            )  # fmt: skip
+            with gzip.open(folder / "samples" / sample_file(run), "rt", newline="") as g:
+                run.samples = [_sample(r) for r in csv.DictReader(g)]
+            capacities[(run.workload, run.seed)] = float(row["capacity_rps"])
+            runs.append(run)
+    return args, runs, capacities
 
 
 def _sample(row: dict[str, str]) -> Sample:
@@ -485,30 +660,33 @@ def _sample(row: dict[str, str]) -> Sample:
     return Sample(**{k: value(k, v) for k, v in row.items()})
 
 
-def write(runs: list[Run], args: argparse.Namespace) -> str:
-    rows = summary_rows(runs, args)
+def render(folder: Path, args: argparse.Namespace, runs: list[Run], capacities: Capacities) -> str:
+    rows = summary_rows(runs, capacities, args)
     text = table(rows, args)
+    (folder / "table.md").write_text(text)
+    chart(rows, args, folder)
+    return text
+
+
+def write(runs: list[Run], capacities: Capacities, args: argparse.Namespace) -> str:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    chart(rows, args.workloads, out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for run in runs:
-        name = f"{run.workload}-{run.front_end.replace(':', '_')}-seed{run.seed}.csv.gz"
-        with gzip.open(out / "samples" / name, "wt", newline="") as f:
+        with gzip.open(out / "samples" / sample_file(run), "wt", newline="") as f:
             writer = csv.writer(f)
             writer.writerow([fl.name for fl in fields(Sample)])
             writer.writerows([list(asdict(s).values()) for s in run.samples])
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["workload", "front_end", "seed", "offered_rps", "requests",
-                         "replica_requests"])  # fmt: skip
+        writer.writerow(["workload", "load", "front_end", "seed", "capacity_rps", "offered_rps",
+                         "requests", "replica_requests"])  # fmt: skip
         for r in runs:
             served = " ".join(f"{x:.0f}" for x in r.replica_requests)
-            writer.writerow([r.workload, r.front_end, r.seed, f"{r.offered_rps:.3f}",
+            writer.writerow([r.workload, r.load, r.front_end, r.seed,
+                             f"{capacities[(r.workload, r.seed)]:.3f}", f"{r.offered_rps:.3f}",
                              len(r.samples), served])  # fmt: skip
-    (out / "table.md").write_text(text)
     (out / "command.txt").write_text(command_of(args) + "\n")
-    return text
+    return render(out, args, runs, capacities)
 
 
 # -- the command line -----------------------------------------------------------------------
@@ -518,13 +696,32 @@ def csv_list(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
+def load_list(text: str) -> list[str]:
+    """`closed` or shares of capacity in (0, 2], as written (`0.7`)."""
+    loads = csv_list(text)
+    for load in loads:
+        try:
+            ok = load == CLOSED or 0 < float(load) <= 2
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(
+                f"load {load!r}: use {CLOSED!r} or a share of capacity in (0, 2], e.g. 0.7"
+            )
+    return loads
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0] if __doc__ else "")
     p.add_argument("--replicas", type=int, default=5)
-    p.add_argument("--rate", type=float, default=9.0, help="requests/s offered (Poisson)")
+    p.add_argument(
+        "--loads", type=load_list, default=[CLOSED, "0.7"],
+        help=f"{CLOSED!r} (closed loop, two users per slot) and/or open-loop shares of the "
+        "capacity least_outstanding_requests reaches in the closed loop",
+    )  # fmt: skip
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--warmup-s", type=float, default=10.0)
-    p.add_argument("--duration-s", type=float, default=40.0)
+    p.add_argument("--duration-s", type=float, default=30.0)
     p.add_argument("--think-s", type=float, default=2.0, help="mean think time between turns")
     p.add_argument("--workloads", type=csv_list, default=list(WORKLOADS))
     p.add_argument("--front-ends", type=csv_list, default=[*OURS, *PEERS])
@@ -537,22 +734,30 @@ def parser() -> argparse.ArgumentParser:
 
 def command_of(args: argparse.Namespace) -> str:
     return (
-        f"{PROG} --replicas {args.replicas} --rate {args.rate:g} --seeds {args.seeds} "
+        f"{PROG} --replicas {args.replicas} --loads {','.join(args.loads)} --seeds {args.seeds} "
         f"--warmup-s {args.warmup_s:g} --duration-s {args.duration_s:g} --think-s "
         f"{args.think_s:g} --workloads {','.join(args.workloads)} --front-ends "
         f"{','.join(args.front_ends)} --out {args.out}"
     )
 
 
+def report(run: Run, args: argparse.Namespace) -> None:
+    sent = measured(run, args)
+    ok = [s for s in sent if s.ok]
+    hit = sum(s.cached_tokens for s in ok) / max(1, sum(s.prompt_tokens for s in ok))
+    print(
+        f"  {run.workload:<11} {run.load:<6} {run.front_end:<26} seed {run.seed}: "
+        f"{len(ok)}/{len(sent)} ok, {capacity(run, args):.2f} req/s completed, TTFT P99 "
+        f"{stats.percentile([s.ttft_s for s in ok], 99):.3f} s, cache {hit:.0%}, replicas "
+        f"{run.replica_requests}",
+        flush=True,
+    )
+
+
 def main() -> None:
     args = parser().parse_args()
     if args.render:
-        saved, runs = read(args.render)
-        rows = summary_rows(runs, saved)
-        text = table(rows, saved)
-        (args.render / "table.md").write_text(text)
-        chart(rows, saved.workloads, args.render)
-        print(text)
+        print(render(args.render, *read(args.render)))
         return
     unknown = [n for n in args.front_ends if n not in OURS and n not in PEERS]
     if unknown or any(w not in WORKLOADS for w in args.workloads):
@@ -562,21 +767,26 @@ def main() -> None:
     workdir = Path(args.out) / "work"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    runs = []
+    runs: list[Run] = []
+    capacities: Capacities = {}
     for workload in args.workloads:
         for seed in range(args.seeds):
-            for name in args.front_ends:
-                run = one_run(args, workload, name, seed, workdir)
-                ok = [s for s in run.samples if s.ok]
-                hit = sum(s.cached_tokens for s in ok) / max(1, sum(s.prompt_tokens for s in ok))
-                print(
-                    f"  {workload:<11} {name:<26} seed {seed}: {len(ok)}/{len(run.samples)} ok, "
-                    f"TTFT P99 {stats.percentile([s.ttft_s for s in ok], 99):.3f} s, "
-                    f"cache {hit:.0%}, replicas {run.replica_requests}",
-                    flush=True,
-                )
-                runs.append(run)
-    print(write(runs, args))
+            # the capacity run first: least_outstanding_requests in the closed loop
+            saturation = one_run(args, workload, CLOSED, BASELINE, seed, math.nan, workdir)
+            report(saturation, args)
+            capacities[(workload, seed)] = capacity(saturation, args)
+            for load in args.loads:
+                for name in args.front_ends:
+                    if (load, name) == (CLOSED, BASELINE):
+                        run = saturation
+                    else:
+                        rate = (
+                            math.nan if load == CLOSED else float(load) * capacity(saturation, args)
+                        )
+                        run = one_run(args, workload, load, name, seed, rate, workdir)
+                        report(run, args)
+                    runs.append(run)
+    print(write(runs, capacities, args))
     shutil.rmtree(workdir, ignore_errors=True)
 
 

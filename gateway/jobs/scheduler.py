@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway import models
 from gateway.admission import Lease
 from gateway.config import Jobs, Timeouts
+from gateway.errors import GatewayError, NoHealthyReplica, error_body
 from gateway.jobs.store import Job, JobStore, Outcome, ThreadedStore
 from gateway.policies import NO_INFO
 from gateway.pool import Replica
@@ -44,7 +47,9 @@ MAX_REPLY_BYTES = 16 * 1024 * 1024  # a job's stored result; a larger reply fail
 
 
 def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
-    """Replicas with spare capacity for a job now; none while real-time requests wait."""
+    """Replicas with spare capacity for a job now (their load as best known: this gateway's
+    requests there, plus others' from a fresh load report); none while real-time requests
+    wait."""
     if state.admission.queued or state.draining:
         return ()
     limits = state.runtime.config.limits
@@ -53,10 +58,11 @@ def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
     threshold = settings.max_outstanding_per_replica
     if limits.max_outstanding_per_replica is not None:
         threshold = min(threshold, limits.max_outstanding_per_replica)
+    now, max_age = state.pool.now(), state.runtime.config.load_feedback.max_age_s
     return [
         r
         for r in state.pool.available()
-        if r.outstanding < min(threshold, r.max_concurrency or threshold)
+        if r.load(now, max_age) < min(threshold, r.max_concurrency or threshold)
     ]
 
 
@@ -129,8 +135,10 @@ class Scheduler:
                     await asyncio.sleep(0)
                     replicas = eligible(self._state, self._settings)
                     if replicas and self._held is not None:
-                        self._start(self._held, replicas)
-                        self._held = None
+                        if self._start(self._held, replicas):
+                            self._held = None
+                        else:
+                            await self._sleep(self._settings.poll_interval_s)
         finally:
             tasks = list(self._in_flight.values())
             for task in tasks:
@@ -142,23 +150,54 @@ class Scheduler:
             await asyncio.wait_for(self._wake.wait(), timeout_s)
         self._wake.clear()
 
-    def _start(self, job: Job, replicas: Sequence[Replica]) -> None:
-        """Route the job as a real-time request with its body would be, and count it."""
+    def _start(self, job: Job, replicas: Sequence[Replica]) -> bool:
+        """Route the job as a real-time request with its body would be, and count it; False
+        while no eligible replica serves its model (it stays held)."""
+        try:
+            target = models.route(self._state, job.url, job.body.encode())
+        except NoHealthyReplica:
+            return False  # its model's replicas are out of rotation: wait for them
+        except GatewayError as exc:  # a model no replica serves: the answer a client gets
+            self._refuse(job, exc)
+            return True
+        candidates = [r for r in replicas if r.serves(target.model)]
+        if not candidates:
+            return False
         runtime = self._state.runtime
-        needs = runtime.policy.needs
+        needs = runtime.policy_for(target.model).needs
         affinity = runtime.config.routing.affinity
-        body = job.body.encode()
+        body = target.body
         info = (
             describe(needs, NO_HEADERS, body, affinity, runtime.options.prefix)
             if needs
             else NO_INFO
         )
-        lease = self._state.admission.take(replicas, info)
+        info = replace(info, model=target.model)
+        lease = self._state.admission.take(candidates, info)
         lease.key = job.owner
-        task = asyncio.create_task(self._dispatch(job, lease), name=f"job-{job.id}")
+        task = asyncio.create_task(
+            self._dispatch(job, lease, body, target.path_qs or job.url), name=f"job-{job.id}"
+        )
         self._in_flight[job.id] = task
         # The lease is closed when the task ends, even one cancelled before its first step.
         task.add_done_callback(lambda t: self._done(job.id, t, lease))
+        return True
+
+    def _refuse(self, job: Job, error: GatewayError) -> None:
+        reply = Reply(error.status, json.dumps(error_body(error.error_type, str(error))), True)
+
+        async def record() -> None:
+            outcome = outcome_of(reply, job, self._settings.max_attempts)
+            if outcome is not None and await self._store.run(JobStore.finish, job, outcome):
+                self._state.metrics.jobs_finished.labels(outcome.status).inc()
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._in_flight.pop(job.id, None)
+            self._wake.set()
+
+        task = asyncio.create_task(record(), name=f"job-{job.id}")
+        self._in_flight[job.id] = task
+        task.add_done_callback(done)
 
     def _done(self, job_id: str, task: asyncio.Task[None], lease: Lease) -> None:
         lease.close()
@@ -167,9 +206,10 @@ class Scheduler:
         if not task.cancelled() and task.exception() is not None:
             log.error("job %s: dispatch failed", job_id, exc_info=task.exception())
 
-    async def _dispatch(self, job: Job, lease: Lease) -> None:
+    async def _dispatch(self, job: Job, lease: Lease, body: bytes, path: str) -> None:
         try:
-            reply = await self._send(job, lease.replica, self._state.runtime.config.timeouts)
+            timeouts = self._state.runtime.config.timeouts
+            reply = await self._send(job, lease.replica, body, path, timeouts)
         except Exception as exc:  # never leave a job running until restart
             log.exception("job %s: dispatch failed", job.id)
             reply = Reply(None, f"gateway failed dispatching it: {type(exc).__name__}")
@@ -184,14 +224,16 @@ class Scheduler:
         elif await self._store.run(JobStore.finish, job, outcome):
             metrics.jobs_finished.labels(outcome.status).inc()
 
-    async def _send(self, job: Job, replica: Replica, timeouts: Timeouts) -> Reply:
-        url = upstream_url(replica.url, job.url)
+    async def _send(
+        self, job: Job, replica: Replica, body: bytes, path: str, timeouts: Timeouts
+    ) -> Reply:
+        url = upstream_url(replica.url, path)
         headers = {"Content-Type": "application/json", "X-Request-Id": job.id}
         try:
             async with self._state.client().request(
                 job.method,
                 url,
-                data=job.body.encode(),
+                data=body,
                 headers=headers,
                 timeout=client_timeout(timeouts),
             ) as response:

@@ -41,6 +41,7 @@ function renderReplica(r) {
   const state = replicaState(r);
   cell(row, "url", r.url);
   cell(row, "state", state, "state state-" + state);
+  cell(row, "models", r.models === null ? "any" : r.models.join(", "));
   cell(row, "outstanding", r.outstanding);
   cell(row, "reported", reported(r));
   cell(row, "cache_hit_ratio", percent(r.cache_hit_ratio));
@@ -50,6 +51,16 @@ function renderReplica(r) {
   cell(row, "rate", r.recent.requests_per_s.toFixed(1));
   cell(row, "p50", seconds(r.recent.p50_s));
   cell(row, "p99", seconds(r.recent.p99_s));
+  return row;
+}
+
+function renderModel(m) {
+  const row = document.createElement("tr");
+  row.dataset.model = m.name;
+  cell(row, "name", m.name);
+  cell(row, "aliases", m.aliases.length ? m.aliases.join(", ") : "–");
+  cell(row, "strategy", m.strategy);
+  cell(row, "available", m.available + " of " + m.replicas, m.available ? "" : "state state-unhealthy");
   return row;
 }
 
@@ -64,7 +75,10 @@ function render(status) {
   text("p99", seconds(status.recent.p99_s));
   text("window", "over the last " + status.recent.window_s.toFixed(0) + " s" +
     (status.discovery ? " · discovery: " + status.discovery : ""));
+  text("load-source", status.load_source);
   document.getElementById("replicas").replaceChildren(...status.replicas.map(renderReplica));
+  document.getElementById("models").replaceChildren(...status.models.map(renderModel));
+  document.getElementById("models-table").hidden = status.models.length === 0;
   document.getElementById("error").hidden = true;
 }
 

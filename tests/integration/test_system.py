@@ -25,8 +25,11 @@ from tests.support.processes import BIN, free_port, stop, wait_http_ok
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     port = free_port()
-    config = {
-        "replicas": 2,
+    config = {  # one replica per model: every request must find the replica of its model
+        "groups": [
+            {"replicas": 1, "models": ["tiny-gpt"]},
+            {"replicas": 1, "models": ["classifier"]},
+        ],
         "first_replica_port": free_port_block(2, start=31000),
         "gateway": {"jobs": {"store": str(tmp_path / "jobs.db")}},
     }
@@ -54,6 +57,7 @@ async def test_up_serves_openai_and_triton_clients_and_stops_clean(
     assert len(children) >= 2
 
     async with AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as client:
+        assert {m.id for m in (await client.models.list()).data} == {"tiny-gpt", "classifier"}
         completion = await client.completions.create(
             model="tiny-gpt", prompt="Hello, gateway", max_tokens=8, temperature=0
         )
@@ -87,6 +91,11 @@ async def test_up_serves_openai_and_triton_clients_and_stops_clean(
     results = await _run_batch(url, "\n".join(lines).encode())
     assert [r["custom_id"] for r in results] == ["0", "1", "2"]
     assert all(r["response"]["body"]["usage"]["completion_tokens"] == 4 for r in results)
+
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/ui/status.json") as r:
+        replicas = (await r.json())["replicas"]
+    served = {tuple(r["models"]): r["requests_total"] for r in replicas}
+    assert served[("tiny-gpt",)] >= 5 and served[("classifier",)] >= 1, served
 
     assert stop(proc, timeout_s=40) == 0, log.read_text()[-3000:]
     _, alive = psutil.wait_procs(children, timeout=10)

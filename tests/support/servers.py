@@ -87,8 +87,12 @@ def fake_replica_app(replica: FakeReplica) -> web.Application:
         await response.write_eof()
         return response
 
+    async def no_model_list(request: web.Request) -> web.Response:
+        return web.json_response({"error": "no model list here"}, status=404)
+
     app = web.Application()
     app.router.add_get("/ping", ping)
+    app.router.add_get("/v1/models", no_model_list)  # serves anything (as before model routing)
     app.router.add_get("/load", load)
     app.router.add_route("*", "/sleep", sleep)
     app.router.add_route("*", "/hold", hold)
@@ -168,6 +172,7 @@ async def running_gateway(
     )
     async with serve(app) as url:
         state = app[STATE]
+        await wait_until(lambda: state.models_polled)  # as /readyz waits for it
         yield Gateway(url, state, config_path, app)
         await _settle(state)
         leftover = {

@@ -125,6 +125,7 @@ async def test_gateway_paths_are_not_proxied(tmp_path: Path) -> None:
                     "ready": True,
                     "healthy_replicas": 1,
                     "draining": False,
+                    "models_known": True,
                 }
             async with client.get(f"{gw.url}/admin/replicas") as response:
                 assert response.status == 404  # no admin token configured: admin is off

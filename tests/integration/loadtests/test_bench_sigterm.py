@@ -13,7 +13,7 @@ import psutil
 
 
 def test_sigterm_stops_the_benchmark_and_every_process_it_started(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "loadtests.prefix_bench", "--replicas", "2", "--rate", "2",
+    cmd = [sys.executable, "-m", "loadtests.prefix_bench", "--replicas", "2", "--loads", "0.5",
            "--seeds", "1", "--warmup-s", "30", "--duration-s", "30", "--workloads", "unique",
            "--front-ends", "least_outstanding_requests",
            "--out", str(tmp_path / "out")]  # fmt: skip

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from loadtests.prefix_bench import command_of, conversations, parser
+import random
+
+import pytest
+
+from loadtests.prefix_bench import (
+    closed_users,
+    command_of,
+    conversation,
+    conversations,
+    parser,
+    system_prompts,
+)
 
 
 def test_chat_conversations_share_eight_system_prompts_over_three_to_six_turns() -> None:
@@ -29,4 +40,22 @@ def test_the_command_spells_out_every_option_and_parses_back() -> None:
     args = parser().parse_args(["--seeds", "1", "--front-ends", "random,prefix_aware"])
     command = command_of(args)
     again = parser().parse_args(command.split()[3:])
-    assert command_of(again) == command and "--rate 9" in command
+    assert command_of(again) == command and "--loads closed,0.7" in command
+
+
+def test_loads_are_the_closed_loop_or_shares_of_capacity() -> None:
+    args = parser().parse_args(["--loads", "0.5,closed,1.2"])
+    assert args.loads == ["0.5", "closed", "1.2"]
+    for bad in ("0", "-1", "3", "fast", "0.5,open"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["--loads", bad])
+
+
+def test_closed_loop_users_draw_their_own_seeded_conversations_over_the_same_prompts() -> None:
+    systems = system_prompts("chat-prefix", 0)
+    assert systems == system_prompts("chat-prefix", 0) != system_prompts("chat-prefix", 1)
+    first = [conversation("chat-prefix", random.Random(k), f"u{k}", 0.0, systems, 1.0)
+             for k in range(20)]  # fmt: skip
+    assert {c.system for c in first} <= set(systems)
+    assert len({c.turns[0].question for c in first}) == 20
+    assert closed_users(5) == 40  # two per sequence slot
