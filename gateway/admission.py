@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
 
 _NO_LIMIT = 1 << 62
+SHARED_POLL_S = 0.002
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", recorded in metrics only
 TOO_MANY_REQUESTS = 429
 
@@ -300,11 +301,15 @@ class Admission:
         if per_replica is None and not self.pool.replica_limits:
             return available
         default = per_replica or _NO_LIMIT
-        return [r for r in available if r.outstanding < (r.max_concurrency or default)]
+        return [r for r in available if r.busy < (r.max_concurrency or default)]
 
     def _arm_timer(self) -> None:
-        """While requests wait, an ejection running out is an event too: look again then."""
+        """While requests wait, an ejection running out is an event too: look again then. With
+        `workers: N` a sibling's release frees a slot this process hears nothing of: look again
+        every SHARED_POLL_S while requests wait."""
         at = self.pool.next_return_at() if self._waiters else math.inf
+        if self._waiters and self.pool.shared is not None:
+            at = min(at, self.pool.now() + SHARED_POLL_S)
         if at >= self._timer_at:
             return
         if self._timer is not None:
@@ -330,7 +335,8 @@ class Admission:
 def _no_healthy(model: str | None) -> NoHealthyReplica:
     if model is None:
         return NoHealthyReplica("no healthy replica to route to; see /admin/replicas")
-    return NoHealthyReplica(f"no healthy replica serves model '{model}'; see /admin/replicas")
+    named = model if len(model) <= 200 else model[:200] + "..."
+    return NoHealthyReplica(f"no healthy replica serves model '{named}'; see /admin/replicas")
 
 
 def _granted(waiter: _Waiter) -> Replica | None:

@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from gateway.config import GatewayConfig, load_config, parse_config
 from gateway.errors import ConfigError
 from gateway.listener import limit_connections
 from gateway.server import WATCHER, create_app
+from gateway.workers import Supervisor, Worker, worker_args, worker_count, worker_from_args
 
 log = logging.getLogger("gateway")
 
@@ -73,9 +75,11 @@ def configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
 
 
-async def serve(config: GatewayConfig, config_path: Path, host: str, port: int) -> int:
+async def serve(
+    config: GatewayConfig, config_path: Path, host: str, port: int, worker: Worker | None = None
+) -> int:
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
-    app = create_app(config, config_path=config_path, admin_token=token)
+    app = create_app(config, config_path=config_path, admin_token=token, worker=worker)
     limits = config.limits
     runner = web.AppRunner(
         app,
@@ -93,7 +97,11 @@ async def serve(config: GatewayConfig, config_path: Path, host: str, port: int) 
         raise
     if limits.max_connections is not None:
         limit_connections(runner, limits.max_connections)
-    site = web.TCPSite(runner, host, port, backlog=1024)
+    site: web.BaseSite
+    if worker is not None:  # the supervisor's listening socket, shared by every worker
+        site = web.SockSite(runner, socket.socket(fileno=worker.listen_fd), backlog=1024)
+    else:
+        site = web.TCPSite(runner, host, port, backlog=1024)
     try:
         await site.start()
     except OSError:
@@ -120,9 +128,15 @@ def run_gateway(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.listen.host
     port = config.listen.port if args.port is None else args.port
+    worker = worker_from_args(args)
+    count = worker_count(config.workers)
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            return runner.run(serve(config, Path(args.config).resolve(), host, port))
+            path = Path(args.config).resolve()
+            if worker is None and count > 1:
+                supervisor = Supervisor(path, host, port, count, args.log_level)
+                return runner.run(supervisor.run())
+            return runner.run(serve(config, path, host, port, worker))
     except OSError as exc:  # the listening socket: port in use, address not local
         print(f"infergate gateway: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         return 1
@@ -136,6 +150,7 @@ def gateway_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--host", help="override listen.host")
     parser.add_argument("--port", type=int, help="override listen.port")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    worker_args(parser)
     return parser
 
 
@@ -163,7 +178,10 @@ async def run_cluster(cluster: ClusterConfig, args: argparse.Namespace, workdir:
             loop.remove_signal_handler(sig)
         url = f"http://{config.listen.host}:{config.listen.port}"
         print(banner(url, config_path), flush=True)
-        return await serve(config, config_path, config.listen.host, config.listen.port)
+        host, port, count = config.listen.host, config.listen.port, worker_count(config.workers)
+        if count > 1:
+            return await Supervisor(config_path, host, port, count, args.log_level).run()
+        return await serve(config, config_path, host, port)
 
 
 def up_parser() -> argparse.ArgumentParser:

@@ -242,8 +242,9 @@ class HealthCheck(_Model):
     @model_validator(mode="before")
     @classmethod
     def _path_of_engine(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "path" not in data and data.get("engine") in HEALTH_PATHS:
-            return {**data, "path": HEALTH_PATHS[data["engine"]]}
+        engine = data.get("engine") if isinstance(data, dict) else None
+        if isinstance(engine, str) and engine in HEALTH_PATHS and "path" not in data:
+            return {**data, "path": HEALTH_PATHS[engine]}
         return data
 
 
@@ -330,6 +331,8 @@ class Auth(_Model):
 
 class GatewayConfig(_Model):
     listen: Listen = Listen()
+    # Gateway processes sharing the port and exact counts (gateway/workers.py); start-up only.
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     routing: Routing = Routing()
     # Exactly one of the two: a static list, or DNS discovery (which then owns the list).
     replicas: tuple[ReplicaSpec, ...] | None = Field(None, min_length=1)
@@ -355,6 +358,15 @@ class GatewayConfig(_Model):
         return self
 
     jobs: Jobs | None = None  # off unless configured: it needs a durable store path
+
+    @model_validator(mode="after")
+    def _jobs_alone(self) -> GatewayConfig:
+        if self.jobs is not None and self.workers != 1:
+            raise ValueError(
+                "workers: jobs run in a gateway of one worker for now (one scheduler per job "
+                "store); set workers: 1, or run jobs on a separate gateway"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_replicas(self) -> GatewayConfig:

@@ -54,13 +54,14 @@ class LoadPoller:
         limit: aiohttp.ClientTimeout,
     ) -> None:
         session = self._state.client()
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, BodyOverLimit):
+        failures = (aiohttp.ClientError, TimeoutError, ValueError, RecursionError, BodyOverLimit)
+        with contextlib.suppress(*failures):
             async with session.get(replica.url + path, timeout=limit) as response:
                 if response.status != 200:
                     return
                 body = await read_capped(response, MAX_REPORT_BYTES)
             # The replica counted our requests in flight as it answered: ours now.
-            ours = replica.outstanding
+            ours = replica.busy
             if names is not None:
                 scrape = scrape_report(body.decode("utf-8", errors="replace"), names)
                 if scrape is not None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.admission import Admission
@@ -47,7 +48,7 @@ class PoolCollector(Collector):
             "gateway_replica_ejected", "1 while outlier detection keeps it out.", labels=["replica"]
         )
         for replica in self._pool.all():
-            outstanding.add_metric([replica.url], replica.outstanding)
+            outstanding.add_metric([replica.url], replica.busy)
             healthy.add_metric([replica.url], int(replica.healthy and not replica.draining))
             ejected.add_metric([replica.url], int(replica.ejected_until > 0))
         yield outstanding
@@ -68,11 +69,34 @@ class PoolCollector(Collector):
         )
 
 
+class StrategyCollector(Collector):
+    """`gateway_routing_strategy_info` from the live strategy (prometheus-client's Info does
+    not work in multiprocess mode)."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[InfoMetricFamily]:
+        info = InfoMetricFamily("gateway_routing_strategy", "The routing strategy in force.")
+        info.add_metric([], {"strategy": self._metrics.strategy_name})
+        yield info
+
+
 class GatewayMetrics:
+    """With `multiprocess_dir` (`workers: N`), counters and histograms are written to files
+    there by every worker and `exposition` sums them (prometheus-client's multiprocess mode);
+    the per-replica gauges come from the shared counts, the same in every worker."""
+
     def __init__(
-        self, registry: CollectorRegistry, pool: ReplicaPool, admission: Admission
+        self,
+        registry: CollectorRegistry,
+        pool: ReplicaPool,
+        admission: Admission,
+        multiprocess_dir: str | None = None,
     ) -> None:
         self.registry = registry
+        self.multiprocess = multiprocess_dir is not None
+        self.strategy_name = ""
         self.requests = Counter(
             "gateway_requests",
             "Proxied requests by replica, status class (2xx..5xx; a client that went away is "
@@ -139,6 +163,12 @@ class GatewayMetrics:
             registry=registry,
         )
         registry.register(PoolCollector(pool, admission))
+        self.exposition = registry  # what GET /metrics shows
+        if multiprocess_dir is not None:
+            self.exposition = CollectorRegistry()
+            MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+            self.exposition.register(PoolCollector(pool, admission))
+            self.exposition.register(StrategyCollector(self))
         self._pool = pool
         self.recent = RecentTraffic()  # rate and latency over the last seconds, for /ui
         self._counters: dict[tuple[str, str, str], Counter] = {}
@@ -176,8 +206,13 @@ class GatewayMetrics:
         histogram = self._histograms[replica] = self.duration.labels(replica)
         return histogram
 
+    def set_strategy(self, name: str) -> None:
+        self.strategy_name = name
+        self.strategy.info({"strategy": name})
+
     def forget_gone(self, also_keep: str | None = None) -> None:
-        """Drop every per-replica series of replicas no longer in the pool."""
+        """Drop every per-replica series of replicas no longer in the pool (not in multiprocess
+        mode, which cannot remove a series: there they stay until the gateway restarts)."""
         keep = {replica.url for replica in self._pool.all()}
         if also_keep is not None:
             keep.add(also_keep)
@@ -185,10 +220,12 @@ class GatewayMetrics:
             del self._counters[labels]
         for url in [url for url in self._histograms if url not in keep]:
             del self._histograms[url]
+        self.recent.keep_only(keep)
+        if self.multiprocess:
+            return
         _remove_replicas(self.requests, ("replica", "code", "key"), keep)
         _remove_replicas(self.duration, ("replica",), keep)
         _remove_replicas(self.ejections, ("replica",), keep)
-        self.recent.keep_only(keep)
 
 
 def status_class(code: int) -> str:

@@ -35,9 +35,11 @@ from gateway.upstream import BodyOverLimit, read_capped
 
 V2_PREFIX = "/v2/models/"
 PARSE_MAX_BYTES = 8 * 1024 * 1024  # a larger body goes to any replica of the pool unread
+UTF8_BOM = b"\xef\xbb\xbf"
 MAX_NAME_CHARS = 200  # of a client's model name quoted back in an error
 MAX_LIST_BYTES = 1024 * 1024
 MAX_MODELS_PER_REPLICA = 1024  # a /v1/models list longer than this is cut (bounded labels)
+NEW_REPLICA_CHECK_S = 0.1  # how soon a replica that joined is asked for its list
 STARTED = int(time.time())
 
 
@@ -57,18 +59,18 @@ class Target:
 
 
 def requested(path: str, body: bytes) -> tuple[str | None, dict[str, Any] | None]:
-    """The model a request (its decoded path, its body) names, and its parsed JSON body when
-    that was read for it."""
+    """The model a request (its raw path without the query, its body) names, and its parsed
+    JSON body when that was read for it."""
     if path.startswith(V2_PREFIX):
-        name = path[len(V2_PREFIX) :].split("/", 1)[0]
+        name = unquote(path[len(V2_PREFIX) :].split("/", 1)[0])
         return (name or None), None
     if not path.startswith("/v1/") or not body or len(body) > PARSE_MAX_BYTES:
         return None, None
-    if body.lstrip()[:1] != b"{":
+    if body.lstrip().removeprefix(UTF8_BOM)[:1] != b"{":
         return None, None
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, None  # the replica will say what is wrong with it
     if not isinstance(payload, dict):
         return None, None
@@ -83,7 +85,7 @@ def route(state: GatewayState, path_qs: str, body: bytes) -> Target:
     config = state.runtime.config
     if not config.models and not state.pool.catalog():
         return Target(None, None, body)  # nothing known of models: route as before
-    path = unquote(path_qs.split("?", 1)[0])
+    path, sep, query = path_qs.partition("?")
     asked, payload = requested(path, body)
     if asked is None:
         return Target(None, None, body)
@@ -94,9 +96,9 @@ def route(state: GatewayState, path_qs: str, body: bytes) -> Target:
     if payload is not None:
         payload["model"] = target
         return Target(target, asked, json.dumps(payload).encode())
-    rest = path_qs[len(V2_PREFIX) :].split("/", 1)
-    path_qs = V2_PREFIX + quote(target, safe="") + ("/" + rest[1] if len(rest) > 1 else "")
-    return Target(target, asked, body, path_qs)
+    rest = path[len(V2_PREFIX) :].split("/", 1)
+    path = V2_PREFIX + quote(target, safe="") + ("/" + rest[1] if len(rest) > 1 else "")
+    return Target(target, asked, body, path + sep + query)
 
 
 def aliases(config: GatewayConfig) -> dict[str, str]:
@@ -110,13 +112,15 @@ def check(state: GatewayState, model: str, asked: str) -> None:
     if pool.available_for(model):
         return
     catalog = pool.catalog()
-    named = _quoted(asked) if asked == model else f"{_quoted(asked)}' (alias of '{model}"
+    named = f"'{_quoted(asked)}'" + (f" (alias of '{model}')" if asked != model else "")
     configured = any(m.name == model for m in state.runtime.config.models)
     if model in catalog or configured or pool.any_open():
-        raise NoHealthyReplica(f"no healthy replica serves model '{named}'; see /admin/replicas")
-    served = sorted({*catalog, *aliases(state.runtime.config)})
+        raise NoHealthyReplica(f"no healthy replica serves model {named}; see /admin/replicas")
+    served = sorted(
+        {*catalog, *(a for a, t in aliases(state.runtime.config).items() if t in catalog)}
+    )
     listed = ", ".join(served[:50]) + (", ..." if len(served) > 50 else "") or "none"
-    raise ModelNotFound(f"model '{named}' is not served; available: {listed}")
+    raise ModelNotFound(f"model {named} is not served; available: {listed}")
 
 
 def _quoted(name: str) -> str:
@@ -139,6 +143,12 @@ def model_list(state: GatewayState) -> dict[str, Any]:
 
 def _card(model: str, owner: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": STARTED, "owned_by": owner}
+
+
+def known(state: GatewayState) -> bool:
+    """Some replica lists its models, or the config names some: the gateway answers
+    /v1/models itself (else it is proxied, a replica's own answer)."""
+    return bool(state.pool.catalog() or state.runtime.config.models)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -182,13 +192,22 @@ class ModelPoller:
     async def run(self) -> None:
         while True:
             served = self._state.runtime.config.served_models
-            if served.path is not None:
-                await self.poll_once(served)
-                self._state.models_polled = True
-                await asyncio.sleep(served.interval_s)
-            else:  # may be switched on by a reload
+            if served.path is None:  # may be switched on by a reload
                 self._state.models_polled = True
                 await asyncio.sleep(self._state.runtime.config.reload.poll_interval_s)
+                continue
+            await self.poll_once(served)
+            self._state.models_polled = True
+            # A replica that joins (reload, discovery) is asked at once, the rest every interval.
+            for _ in range(max(1, round(served.interval_s / NEW_REPLICA_CHECK_S))):
+                await asyncio.sleep(min(NEW_REPLICA_CHECK_S, served.interval_s))
+                if self._unasked():
+                    break
+
+    def _unasked(self) -> bool:
+        return any(
+            r.configured_models is None and not r.models_asked for r in self._state.pool.active()
+        )
 
     async def poll_once(self, served: ServedModels) -> None:
         replicas = [r for r in self._state.pool.active() if r.configured_models is None]
@@ -196,9 +215,11 @@ class ModelPoller:
 
     async def _poll(self, replica: Replica, served: ServedModels) -> None:
         assert served.path is not None
+        replica.models_asked = True
         session = self._state.client()
         limit = aiohttp.ClientTimeout(total=served.timeout_s)
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, BodyOverLimit):
+        failures = (aiohttp.ClientError, TimeoutError, ValueError, RecursionError, BodyOverLimit)
+        with contextlib.suppress(*failures):
             async with session.get(replica.url + served.path, timeout=limit) as response:
                 if response.status in (404, 405):
                     self._state.pool.set_models(replica, None)

@@ -127,7 +127,7 @@ class LeastOutstandingRequests:
 
 
 def _outstanding(replica: Replica) -> int:
-    return replica.outstanding
+    return replica.busy
 
 
 class PowerOfTwoChoices:
@@ -147,7 +147,7 @@ class PowerOfTwoChoices:
         i = self._rng.randrange(n)
         j = self._rng.randrange(n - 1)
         a, b = replicas[i], replicas[j + (j >= i)]
-        return b if b.outstanding < a.outstanding else a  # a is already a random pick
+        return b if b.busy < a.busy else a  # a is already a random pick
 
 
 class LeastLoaded:
@@ -182,7 +182,7 @@ class LeastOutstandingTokens:
 
 
 def _tokens_then_requests(replica: Replica) -> float:
-    return replica.outstanding_tokens + replica.outstanding / 1024
+    return replica.outstanding_tokens + replica.busy / 1024
 
 
 class PeakEwma:
@@ -203,9 +203,7 @@ class PeakEwma:
         latency = {r.url: self._decayed(r, now) for r in replicas}
         sampled = [v for v in latency.values() if v > 0]
         default = sum(sampled) / len(sampled) if sampled else 1.0
-        return least(
-            replicas, lambda r: (latency[r.url] or default) * (r.outstanding + 1), self._rng
-        )
+        return least(replicas, lambda r: (latency[r.url] or default) * (r.busy + 1), self._rng)
 
     def _decayed(self, replica: Replica, now: float) -> float:
         return replica.latency_ewma_s * math.exp(-(now - replica.latency_at) / self._decay_s)
@@ -231,7 +229,7 @@ class Affinity:
             return least(replicas, _outstanding, self._rng)
         by_url = {r.url: r for r in replicas}
         points, owners = self._ring(by_url)
-        total = sum(r.outstanding for r in replicas)
+        total = sum(r.busy for r in replicas)
         bound = math.ceil(self._factor * (total + 1) / len(replicas))
         start = bisect.bisect(points, stable_hash(request.key))
         seen: set[str] = set()
@@ -239,7 +237,7 @@ class Affinity:
             url = owners[(start + k) % len(owners)]
             if url in seen:
                 continue
-            if by_url[url].outstanding + 1 <= bound:
+            if by_url[url].busy + 1 <= bound:
                 return by_url[url]
             seen.add(url)
             if len(seen) == len(by_url):

@@ -20,7 +20,10 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from gateway.shared import SharedCounts
 
 # What a finished request says about its replica: served (resets the failure streak, a latency
 # sample), failed (extends the streak), not_served (a refusal or a client that left: neither).
@@ -51,6 +54,17 @@ class Replica:
     configured_models: frozenset[str] | None = None  # replicas[].models; never polled then
     model_cards: tuple[dict[str, Any], ...] = ()  # its /v1/models entries, as it sent them
     model_load: dict[str, int] = field(default_factory=dict)  # in flight per engine model label
+    # With `workers: N`, the counts every worker has here (gateway/shared.py), at `column`.
+    shared: SharedCounts | None = field(default=None, repr=False)
+    column: int = -1
+
+    @property
+    def busy(self) -> int:
+        """Requests this gateway has outstanding here: this process's, plus its sibling
+        workers' (`workers: N`). What routing and slot limits count."""
+        return self.outstanding if self.shared is None else self.shared.total(self.column)
+
+    models_asked: bool = False  # its /v1/models was asked for (gateway/models.py)
 
     def serves(self, model: str | None) -> bool:
         return model is None or self.models is None or model in self.models
@@ -61,7 +75,7 @@ class Replica:
             "healthy": self.healthy,
             "draining": self.draining,
             "ejected": self.ejected_until > 0,
-            "outstanding": self.outstanding,
+            "outstanding": self.busy,
             "outstanding_tokens": self.outstanding_tokens,
             "max_concurrency": self.max_concurrency,
             "requests_total": self.requests_total,
@@ -86,8 +100,8 @@ class Replica:
     def load(self, now: float, max_age_s: float) -> int:
         """Requests at the replica as best known: ours, plus others' while the report is fresh."""
         if now - self.reported_at <= max_age_s:
-            return self.outstanding + self.remote
-        return self.outstanding
+            return self.busy + self.remote
+        return self.busy
 
 
 def parse_load_report(text: str) -> dict[str, float]:
@@ -108,8 +122,14 @@ _SHARE = re.compile(r"[01]?\.\d{1,6}")  # 0 and 1 are counts (isdigit) already
 
 
 class ReplicaPool:
-    def __init__(self, urls: Iterable[str], clock: Callable[[], float] = time.monotonic) -> None:
-        self._active: dict[str, Replica] = {url: Replica(url) for url in urls}
+    def __init__(
+        self,
+        urls: Iterable[str],
+        clock: Callable[[], float] = time.monotonic,
+        shared: SharedCounts | None = None,
+    ) -> None:
+        self._shared = shared
+        self._active: dict[str, Replica] = {url: self._new(url) for url in urls}
         self._draining: dict[str, Replica] = {}
         self._available: tuple[Replica, ...] | None = None
         self._by_model: dict[str, tuple[Replica, ...]] = {}
@@ -119,6 +139,21 @@ class ReplicaPool:
         self.outstanding = 0  # over every replica, draining ones included
         self.replica_limits = False  # some replica has its own max_concurrency
         self.on_change: Callable[[], None] = lambda: None  # available replicas changed
+
+    @property
+    def shared(self) -> SharedCounts | None:
+        return self._shared
+
+    def _new(self, url: str) -> Replica:
+        replica = Replica(url)
+        if self._shared is not None:
+            replica.shared, replica.column = self._shared, self._shared.hold(url)
+        return replica
+
+    def _gone(self, replica: Replica) -> None:
+        """A replica left the pool, its last request done."""
+        if self._shared is not None:
+            self._shared.drop(replica.url)
 
     def available(self) -> Sequence[Replica]:
         """Replicas a policy may choose from: configured, healthy, not draining, not ejected."""
@@ -132,13 +167,16 @@ class ReplicaPool:
         return self._available
 
     def available_for(self, model: str | None) -> Sequence[Replica]:
-        """The available replicas that serve `model` (all of them for a request without one)."""
+        """The available replicas that serve `model` (all of them for a request without one):
+        those that list it, else (none does) those whose list is unknown, which may."""
         available = self.available()
         if model is None:
             return available
         found = self._by_model.get(model)
         if found is None:
-            found = tuple(r for r in available if r.serves(model))
+            # Replicas that list it; only when none does, those whose list is unknown.
+            found = tuple(r for r in available if r.models is not None and model in r.models)
+            found = found or tuple(r for r in available if r.models is None)
             if model in self.catalog():  # never cache what a client made up
                 self._by_model[model] = found
         return found
@@ -166,8 +204,8 @@ class ReplicaPool:
         return self._catalog
 
     def any_open(self) -> bool:
-        """Some active replica's models are unknown: it may serve a model no list names."""
-        return any(r.models is None for r in self._active.values())
+        """Some replica in rotation has no known list: it may serve a model no list names."""
+        return any(r.models is None for r in self.available())
 
     def all(self) -> list[Replica]:
         return [*self._active.values(), *self._draining.values()]
@@ -188,7 +226,7 @@ class ReplicaPool:
         `models`: the configured model list of some replicas (the others are polled)."""
         active: dict[str, Replica] = {}
         for url in urls:
-            replica = self._active.get(url) or self._draining.pop(url, None) or Replica(url)
+            replica = self._active.get(url) or self._draining.pop(url, None) or self._new(url)
             replica.draining = False
             replica.max_concurrency = (max_concurrency or {}).get(url)
             configured = (models or {}).get(url)
@@ -201,6 +239,8 @@ class ReplicaPool:
             if url not in active and replica.outstanding > 0:
                 replica.draining = True
                 self._draining[url] = replica
+            elif url not in active:
+                self._gone(replica)
         self._active = active
         self.replica_limits = any(r.max_concurrency for r in active.values())
         self._ejected = sum(1 for r in active.values() if r.ejected_until)
@@ -243,6 +283,8 @@ class ReplicaPool:
         replica.outstanding_tokens += tokens
         replica.requests_total += 1
         self.outstanding += 1
+        if replica.shared is not None:
+            replica.shared.set(replica.column, replica.outstanding)
 
     def progress(self, replica: Replica, tokens: int) -> None:
         """Work done on a request still outstanding (tokens streamed back)."""
@@ -266,8 +308,11 @@ class ReplicaPool:
         replica.outstanding -= 1
         replica.outstanding_tokens -= tokens
         self.outstanding -= 1
+        if replica.shared is not None:
+            replica.shared.set(replica.column, replica.outstanding)
         if replica.draining and replica.outstanding == 0:
             self._draining.pop(replica.url, None)
+            self._gone(replica)
 
     def report(self, replica: Replica, report: dict[str, float], ours: int) -> None:
         """A load report holding `inflight` requests at the replica, `ours` of them from here."""

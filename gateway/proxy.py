@@ -169,7 +169,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     config = state.runtime.config
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
     request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
-    target = models.route(state, request.rel_url.raw_path_qs, body)
+    try:
+        target = models.route(state, request.rel_url.raw_path_qs, body)
+    except GatewayError as exc:  # an unknown model, or none of its replicas in rotation
+        state.metrics.unrouted.labels(exc.error_type).inc()
+        raise
     # An alias is rewritten to the served model: in the body, or in a /v2/models/{name} path.
     body, path_qs = target.body, target.path_qs or request.rel_url.raw_path_qs
     needs = state.runtime.policy_for(target.model).needs
@@ -284,7 +288,7 @@ async def _send(
 def _take_load_report(state: GatewayState, replica: Replica, header: str) -> None:
     report = parse_load_report(header)
     if "inflight" in report:  # the replica counts its requests without this one
-        state.pool.report(replica, report, ours=replica.outstanding - 1)
+        state.pool.report(replica, report, ours=replica.busy - 1)
 
 
 async def _relay(

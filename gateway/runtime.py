@@ -34,8 +34,8 @@ class Runtime:
 
 
 def build_runtime(config: GatewayConfig, previous: Runtime | None = None) -> Runtime:
-    """A new runtime; an unchanged strategy keeps its policy object (round robin keeps its turn),
-    and so does a model whose strategy is unchanged."""
+    """A new runtime; an unchanged strategy keeps its policy object (round robin keeps its turn,
+    prefix_aware its index), and so does a model whose strategy and options are unchanged."""
     routing, options = config.routing, config.policy_options()
     same = previous is not None and (previous.config.routing, previous.options) == (
         routing,
@@ -47,7 +47,8 @@ def build_runtime(config: GatewayConfig, previous: Runtime | None = None) -> Run
     for route in config.models:
         if route.strategy is None:
             continue
-        kept = previous.model_policies.get(route.name) if same and previous else None
+        unchanged = previous is not None and previous.options == options
+        kept = previous.model_policies.get(route.name) if unchanged and previous else None
         if kept is not None and previous and _strategy_of(previous, route.name) == route.strategy:
             model_policies[route.name] = kept
         else:
@@ -72,6 +73,7 @@ class GatewayState:
     draining: bool = False  # set on shutdown: /readyz answers 503 so load balancers move on
     discovered: tuple[str, ...] | None = None  # DNS discovery's last good answer
     models_polled: bool = False  # the first round of GET /v1/models is done (or polling is off)
+    worker: tuple[int, int] | None = None  # (index, count) under `workers: N`; None: alone
 
     def __post_init__(self) -> None:
         self.admission.metrics = self.metrics
@@ -92,7 +94,7 @@ class GatewayState:
             self.replica_urls(config), config.replica_max_concurrency, config.replica_models
         )
         self.metrics.forget_gone()
-        self.metrics.strategy.info({"strategy": runtime.config.routing.strategy})
+        self.metrics.set_strategy(runtime.config.routing.strategy)
 
     def replica_urls(self, config: GatewayConfig) -> list[str]:
         """Discovery owns the list when configured; until its first answer the pool stays."""

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import posixpath
 import re
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from gateway.pool import ReplicaPool
 from gateway.prefix_poll import CacheBlocksPoller
 from gateway.reload import ReloadWatcher, reload_config
 from gateway.runtime import STATE, GatewayState, build_runtime
+from gateway.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[STATE].metrics.registry)
+    body = generate_latest(request.app[STATE].metrics.exposition)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -136,6 +139,8 @@ async def admin_replicas(request: web.Request) -> web.Response:
 async def admin_reload(request: web.Request) -> web.Response:
     state = _require_admin(request)
     reload_config(state, "admin")
+    if state.worker is not None:  # the sibling workers reload too: the supervisor tells them
+        os.kill(os.getppid(), signal.SIGHUP)
     return web.json_response({"result": "ok", **_describe_state(state)})
 
 
@@ -154,6 +159,18 @@ def is_admin_path(path: str) -> bool:
         return False  # the common case, at the cost of one substring search
     normal = posixpath.normpath(re.sub("/+", "/", path))
     return normal == "/admin" or normal.startswith("/admin/")
+
+
+def _models_or_proxied(handler: Handler) -> Handler:
+    """The gateway's model list while it knows models; a replica's own answer otherwise."""
+    guarded = _only(("GET", "HEAD"), handler)
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        if models.known(request.app[STATE]):
+            return await guarded(request)
+        return await proxy.handle(request)
+
+    return route
 
 
 def _proxied(handler: Handler) -> Handler:
@@ -189,8 +206,19 @@ Background = Callable[[web.Application], Coroutine[None, None, None]]
 
 
 def _background(name: str, make: Background) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A task for the app's lifetime; one that fails is logged and started again."""
+
+    async def keep_running(app: web.Application) -> None:
+        while True:
+            try:
+                await make(app)
+                return
+            except Exception:
+                log.exception("background task %s failed; starting it again", name)
+                await asyncio.sleep(1.0)
+
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(make(app), name=name)
+        task = asyncio.create_task(keep_running(app), name=name)
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -205,13 +233,21 @@ def create_app(
     config_path: Path | None = None,
     admin_token: str | None = None,
     registry: CollectorRegistry | None = None,
+    worker: Worker | None = None,
 ) -> web.Application:
-    pool = ReplicaPool(config.replica_urls)
+    """The gateway app; `worker`: this process is one of `workers: N` (gateway/workers.py)."""
+    shared = worker.counts if worker is not None else None
+    pool = ReplicaPool(config.replica_urls, shared=shared)
     admission = Admission(pool)
-    gateway_metrics = GatewayMetrics(registry or CollectorRegistry(), pool, admission)
+    multiprocess_dir = worker.metrics_dir if worker is not None else None
+    gateway_metrics = GatewayMetrics(
+        registry or CollectorRegistry(), pool, admission, multiprocess_dir
+    )
     state = GatewayState(
         config_path, build_runtime(config), pool, admission, gateway_metrics, admin_token
     )
+    if worker is not None:
+        state.worker = (worker.index, worker.count)
     state.swap(state.runtime)
     # The body limit follows the live config (proxy.read_body); aiohttp's own cap stays off.
     app = web.Application(middlewares=[error_middleware], client_max_size=0)
@@ -245,9 +281,9 @@ def create_app(
         app.router.add_route("*", path, _only(methods, handler))
     for path, handler in (
         ("/v1/models", models.list_models),
-        ("/v1/models/{model}", models.get_model),
+        ("/v1/models/{model:.+}", models.get_model),
     ):
-        app.router.add_route("*", path, require_key(_only(("GET", "HEAD"), handler)))
+        app.router.add_route("*", path, require_key(_models_or_proxied(handler)))
     for path, handlers in job_routes.ROUTES:
         jobs_handler = _only(tuple(handlers), job_routes.by_method(handlers))
         app.router.add_route("*", path, require_key(jobs_handler))

@@ -48,6 +48,7 @@ def status_document(state: GatewayState) -> dict[str, Any]:
     return {
         "strategy": config.routing.strategy,
         "load_source": config.load_feedback.source,
+        "worker": state.worker[0] if state.worker is not None else None,  # `workers: N`
         "models": models,
         "discovery": config.discovery.dns if config.discovery else None,
         "draining": state.draining,

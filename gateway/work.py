@@ -72,7 +72,7 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
         return None
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None  # the replica will say what is wrong with it
     return payload if isinstance(payload, dict) else None
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -43,14 +44,17 @@ NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0  # no job queued: a submit wakes the scheduler; this is only a safety net
+DEFER_S = 1.0  # a job no replica of its model can take now is passed over this long
+MAX_DEFERRED = 1000  # jobs passed over at once; past that, the oldest waits at the head
+MAX_PASSES = 16  # jobs passed over in a row before the scheduler pauses (DEFER_S / 4)
 MAX_REPLY_BYTES = 16 * 1024 * 1024  # a job's stored result; a larger reply fails the job
 
 
 def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
     """Replicas with spare capacity for a job now (their load as best known: this gateway's
     requests there, plus others' from a fresh load report); none while real-time requests
-    wait."""
-    if state.admission.queued or state.draining:
+    wait, or before the replicas' model lists are in."""
+    if state.admission.queued or state.draining or not state.models_polled:
         return ()
     limits = state.runtime.config.limits
     if limits.max_outstanding is not None and state.pool.outstanding >= limits.max_outstanding:
@@ -106,6 +110,18 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._held: Job | None = None  # claimed, waiting for a slot that vanished meanwhile
+        self._deferred: dict[str, float] = {}  # job id -> until when claims pass it over
+        self._passed = 0  # jobs passed over in a row
+
+    def _deferred_ids(self) -> list[str]:
+        now = time.monotonic()
+        for job_id in [j for j, until in self._deferred.items() if until <= now]:
+            del self._deferred[job_id]
+        return list(self._deferred)
+
+    def _defer(self, job_id: str) -> None:
+        if len(self._deferred) < MAX_DEFERRED:
+            self._deferred[job_id] = time.monotonic() + DEFER_S
 
     def wake(self) -> None:
         self._wake.set()
@@ -126,19 +142,27 @@ class Scheduler:
                 if not replicas:
                     await self._sleep(self._settings.poll_interval_s)
                 elif self._held is None:
-                    self._held = await self._store.run(JobStore.claim)
+                    self._held = await self._store.run(JobStore.claim, self._deferred_ids())
                     if self._held is None:
-                        await self._sleep(IDLE_WAIT_S)
+                        await self._sleep(IDLE_WAIT_S if not self._deferred else DEFER_S)
                 else:
                     # One loop turn first: a real-time request that a release just woke in the
                     # admission queue takes its slot before a job can.
                     await asyncio.sleep(0)
                     replicas = eligible(self._state, self._settings)
-                    if replicas and self._held is not None:
-                        if self._start(self._held, replicas):
-                            self._held = None
-                        else:
-                            await self._sleep(self._settings.poll_interval_s)
+                    job = self._held
+                    if replicas and job is not None and not self._start(job, replicas):
+                        # No replica of its model can take it now: back to the queue, passed
+                        # over for DEFER_S, so other models' jobs go meanwhile.
+                        self._held = None
+                        if await self._store.run(JobStore.unclaim, job):
+                            self._defer(job.id)
+                        self._passed += 1
+                        if self._passed >= MAX_PASSES:  # a queue of such jobs: pace the store
+                            self._passed = 0
+                            await self._sleep(DEFER_S / 4)
+                    elif replicas and job is not None:
+                        self._held, self._passed = None, 0
         finally:
             tasks = list(self._in_flight.values())
             for task in tasks:

@@ -261,15 +261,26 @@ class JobStore:
 
     # Dispatching
 
-    def claim(self) -> Job | None:
-        """The oldest queued job, now running under a new attempt number."""
+    def claim(self, passed_over: Sequence[str] = ()) -> Job | None:
+        """The oldest queued job (not one of `passed_over`), now running under a new attempt
+        number."""
+        skip = f" AND id NOT IN ({','.join('?' * len(passed_over))})" if passed_over else ""
         row = self._db.execute(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = ?"
-            " WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1)"
-            " RETURNING *",
-            (self._clock(),),
-        ).fetchone()
+            " WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued'" + skip
+            + " ORDER BY seq LIMIT 1) RETURNING *",
+            (self._clock(), *passed_over),
+        ).fetchone()  # fmt: skip
         return None if row is None else Job(**row)
+
+    def unclaim(self, job: Job) -> bool:
+        """Back to the queue as it was before `claim` (it was never sent); fenced like finish."""
+        cursor = self._db.execute(
+            "UPDATE jobs SET status = 'queued', attempt = attempt - 1, started_at = NULL"
+            " WHERE id = ? AND status = 'running' AND attempt = ?",
+            (job.id, job.attempt),
+        )
+        return cursor.rowcount == 1
 
     def finish(self, job: Job, outcome: Outcome) -> bool:
         """Record the result of this attempt; False when the job was cancelled or re-claimed

@@ -76,6 +76,7 @@ function render(status) {
   text("window", "over the last " + status.recent.window_s.toFixed(0) + " s" +
     (status.discovery ? " · discovery: " + status.discovery : ""));
   text("load-source", status.load_source);
+  text("worker", status.worker === null ? "–" : status.worker);
   document.getElementById("replicas").replaceChildren(...status.replicas.map(renderReplica));
   document.getElementById("models").replaceChildren(...status.models.map(renderModel));
   document.getElementById("models-table").hidden = status.models.length === 0;

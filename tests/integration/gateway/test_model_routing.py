@@ -309,3 +309,48 @@ async def test_our_replica_and_a_vllm_engine_serve_side_by_side(tmp_path: Path) 
                 status, _, served = await post(client, gateway.url, model)
                 assert (status, served) == (200, where)
             await wait_until(lambda: gateway.state.pool.get(vllm.url).remote == 3)  # type: ignore[union-attr]
+
+
+async def test_jobs_of_a_model_that_is_down_wait_without_holding_up_the_others(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "g.yaml"
+    up, down = FakeEngine("up", models=["a"]), FakeEngine("down", models=["b"])
+
+    def sent(engine: FakeEngine) -> int:
+        return sum(s["path"] == "/v1/completions" for s in engine.seen)
+
+    async with fake_engines(up, down), aiohttp.ClientSession() as client:
+        health = {"engine": "vllm", "interval_s": 0.05, "unhealthy_threshold": 1}
+        config = config_for(
+            [up.url, down.url],
+            health_check=health,
+            jobs={"store": str(tmp_path / "jobs.db"), "poll_interval_s": 0.01},
+        )
+        write_config(path, config)
+        async with running_gateway(path) as gateway:
+            await listed(gateway, "a", "b")
+            down.healthy = False
+            await wait_until(lambda: not gateway.state.pool.available_for("b"))
+            lines = [
+                {"custom_id": f"{i}", "url": "/v1/completions",
+                 "body": {"model": model, "prompt": "hi", "max_tokens": 2}}
+                for i, model in enumerate(["b", "a"] * 10)
+            ]  # fmt: skip
+            data = "\n".join(json.dumps(line) for line in lines).encode()
+            async with client.post(f"{gateway.url}/v1/batches", data=data) as response:
+                assert response.status == 202, await response.text()
+                url = gateway.url + response.headers["Location"]
+            await wait_until(lambda: sent(up) == 10, timeout_s=10)  # every "a" job, now
+            async with client.get(url) as response:
+                counts = (await response.json())["request_counts"]
+            assert counts["completed"] == 10 and sent(down) == 0
+            down.healthy = True
+            await wait_until(lambda: sent(down) == 10, timeout_s=10)
+            for _ in range(200):
+                async with client.get(url) as response:
+                    batch = await response.json()
+                if batch["status"] == "completed":
+                    break
+                await asyncio.sleep(0.02)
+            assert batch["request_counts"]["completed"] == 20, batch

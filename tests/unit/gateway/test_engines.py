@@ -52,10 +52,17 @@ def test_vllm_metrics_become_a_load_report_with_the_model_label_kept() -> None:
 
 
 def test_sglang_sums_over_ranks_and_tgi_has_no_labels_or_kv() -> None:
-    scrape = scrape_report(SGLANG, PRESETS["sglang"])
+    scrape = scrape_report(SGLANG, PRESETS["sglang"])  # two TP ranks of one engine: one batch
     assert scrape is not None and scrape.report == {
-        "queued": 2, "running": 6, "inflight": 8, "kv_usage": 0.25,
+        "queued": 2, "running": 3, "inflight": 5, "kv_usage": 0.25,
     }  # fmt: skip
+    two_engines = VLLM + (
+        'vllm:num_requests_running{engine="1",model_name="meta-llama/Llama-3.1-8B"} 5.0\n'
+        'vllm:kv_cache_usage_perc{engine="1",model_name="meta-llama/Llama-3.1-8B"} 0.6\n'
+    )
+    scrape = scrape_report(two_engines, PRESETS["vllm"])  # data parallel: two batches
+    assert scrape is not None and scrape.report["running"] == 12
+    assert scrape.report["kv_usage"] == 0.6  # the fullest, not a sum
     scrape = scrape_report(TGI, PRESETS["tgi"])
     assert scrape is not None and scrape.report == {"queued": 4, "running": 9, "inflight": 13}
     assert scrape.by_model == {"": 13}
@@ -74,8 +81,12 @@ def test_older_vllm_kv_metric_and_two_models_sum_into_one_report() -> None:
 def test_an_exposition_without_the_engine_metrics_is_no_report() -> None:
     assert scrape_report(TGI, PRESETS["vllm"]) is None
     assert scrape_report("", PRESETS["tgi"]) is None
-    nan = "# TYPE tgi_queue_size gauge\ntgi_queue_size NaN\n"
-    assert scrape_report(nan, PRESETS["tgi"]) is None
+    for bad in ("NaN", "+Inf", "-1", "1e400"):
+        text = f"# TYPE tgi_queue_size gauge\ntgi_queue_size {bad}\n"
+        assert scrape_report(text, PRESETS["tgi"]) is None, bad
+    huge = "other_metric{" + "a" * 100_000 + '="x"} 1\n' + TGI  # skipped unparsed
+    scrape = scrape_report(huge, PRESETS["tgi"])
+    assert scrape is not None and scrape.report["inflight"] == 13
 
 
 def test_a_malformed_exposition_raises_value_error_for_the_poller_to_ignore() -> None:

@@ -25,7 +25,9 @@ def _state(**extra: Any) -> GatewayState:
     pool = ReplicaPool(config.replica_urls)
     admission = Admission(pool)
     metrics = GatewayMetrics(CollectorRegistry(), pool, admission)
-    return GatewayState(None, build_runtime(config), pool, admission, metrics, None)
+    state = GatewayState(None, build_runtime(config), pool, admission, metrics, None)
+    state.models_polled = True  # the replicas' model lists are in (gateway/models.py)
+    return state
 
 
 def _settings(state: GatewayState) -> Any:
@@ -40,8 +42,14 @@ def test_only_replicas_below_the_threshold_are_eligible() -> None:
         for _ in range(n):
             state.pool.acquire(replica)
     assert list(eligible(state, _settings(state))) == [b, c]
+    state.pool.report(c, {"inflight": 5}, ours=0)  # other gateways keep c busy
+    assert list(eligible(state, _settings(state))) == [b]
+    state.pool.report(c, {"inflight": 0}, ours=0)
     state.pool.set_healthy(c, False)
     assert list(eligible(state, _settings(state))) == [b]
+    state.models_polled = False  # before the first round of /v1/models: nowhere yet
+    assert list(eligible(state, _settings(state))) == []
+    state.models_polled = True
     state.draining = True
     assert list(eligible(state, _settings(state))) == []
 

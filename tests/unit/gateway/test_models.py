@@ -37,7 +37,8 @@ def test_the_pool_knows_who_serves_what_and_unknown_lists_serve_anything() -> No
     assert pool.available_for("x") == (a, b, c) and pool.any_open()
     pool.set_models(a, [{"id": "x"}, {"id": "lora", "parent": "x"}])
     pool.set_models(b, [{"id": "y"}])
-    assert pool.available_for("x") == (a, c)  # c's list is unknown: it may serve x
+    assert pool.available_for("x") == (a,)  # a lists it: c, whose list is unknown, waits
+    assert pool.available_for("w") == (c,)  # nobody lists w: c may serve it
     pool.set_models(c, [{"id": "y"}])
     assert not pool.any_open()
     assert pool.available_for("x") == (a,) and pool.available_for("lora") == (a,)
@@ -77,3 +78,10 @@ def test_model_lists_are_read_defensively() -> None:
 def test_bad_models_sections_name_what_to_fix(models: list[dict[str, str]], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config({"replicas": [{"url": "http://a"}], "models": models})
+
+
+def test_deep_json_and_a_bom_are_read_like_the_replica_would() -> None:
+    deep = b'{"model": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert requested("/v1/completions", deep)[0] is None  # RecursionError: not a 500
+    assert requested("/v1/completions", b'\xef\xbb\xbf{"model": "m"}')[0] == "m"
+    assert requested("/v2/models/org%2Fm/infer", b"")[0] == "org/m"  # one segment, decoded

@@ -1,0 +1,157 @@
+"""Outstanding counts shared by the worker processes of one gateway (`workers: N`), exact and
+lock-free on the request path.
+
+One shared-memory segment holds a matrix of int64 counts, one row per worker and one column per
+replica: a worker writes only its own row (an aligned 8-byte store, never torn), and a reader
+sums a column, so no update is ever lost and no lock is taken per request. A replica's column is
+found by its URL in a table of URL hashes in the same segment, filled and reclaimed under a file
+lock (only when a replica first appears in a worker's pool); a column is reused once no worker
+holds its replica (one `held` flag per worker and column) and its counts are all zero. When a
+worker dies, the supervisor clears its row and flags, so its requests (gone with it) stop
+counting.
+
+    [ hashes: columns x u64 ][ held: workers x columns x u8 ][ counts: workers x columns x i64 ]
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+
+DEFAULT_COLUMNS = 4096  # replicas known at once across a gateway's workers
+
+
+def url_hash(url: str) -> int:
+    """64 bits of the URL, never 0 (0 marks a free column)."""
+    value = int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "little")
+    return value or 1
+
+
+def _segment(name: str, create: bool, size: int) -> shared_memory.SharedMemory:
+    """The segment; only its creator (the supervisor, which unlinks it) registers it with the
+    resource tracker. Python 3.11 registers on attach too (3.13's track=False), and a worker's
+    tracker would then unlink the segment when that worker exits."""
+    if create:
+        return shared_memory.SharedMemory(name=name, create=True, size=size)
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args, **kwargs: None
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
+
+
+class ColumnsFull(Exception):
+    """Every column holds a replica some worker still has."""
+
+
+class SharedCounts:
+    def __init__(
+        self, name: str, workers: int, row: int, *, columns: int = DEFAULT_COLUMNS,
+        lock_path: Path, create: bool = False,
+    ) -> None:  # fmt: skip
+        self.workers, self.columns, self.row = workers, columns, row
+        size = columns * 8 + workers * columns + workers * columns * 8
+        self._shm = _segment(name, create, size)
+        buf = self._shm.buf
+        assert buf is not None
+        held_at = columns * 8
+        counts_at = held_at + workers * columns
+        slices = [buf[:held_at], buf[held_at:counts_at], buf[counts_at:size]]
+        self._hashes, self._held, self._counts = (
+            slices[0].cast("Q"), slices[1], slices[2].cast("q"),
+        )  # fmt: skip
+        self._views = [self._hashes, self._counts, *slices]
+        self._lock_path = lock_path
+        if create:
+            lock_path.touch()
+        self._mine: dict[str, int] = {}  # url -> column, for the replicas this worker holds
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def hold(self, url: str) -> int:
+        """The column of `url`, held by this worker until `drop`."""
+        column = self._mine.get(url)
+        if column is not None:
+            return column
+        wanted = url_hash(url)
+        with self._locked():
+            column = self._find(wanted)
+            self._held[self.row * self.columns + column] = 1
+        self._mine[url] = column
+        return column
+
+    def drop(self, url: str) -> None:
+        """This worker no longer has `url` (its count there is zero)."""
+        column = self._mine.pop(url, None)
+        if column is not None:
+            self._counts[self.row * self.columns + column] = 0
+            self._held[self.row * self.columns + column] = 0
+
+    def _find(self, wanted: int) -> int:
+        start = wanted % self.columns
+        reusable = None
+        for step in range(self.columns):
+            column = (start + step) % self.columns
+            current = self._hashes[column]
+            if current == wanted:
+                return column
+            if current == 0:
+                break  # the probe chain ends: it is not in the table
+            if reusable is None and self._unused(column):
+                reusable = column
+        else:
+            column = -1
+        if reusable is not None:  # a column nobody holds: reuse it (its counts are zero)
+            column = reusable
+        elif column < 0:
+            raise ColumnsFull(f"all {self.columns} shared replica columns are in use")
+        self._hashes[column] = wanted
+        return column
+
+    def _unused(self, column: int) -> bool:
+        return not any(
+            self._held[w * self.columns + column] or self._counts[w * self.columns + column]
+            for w in range(self.workers)
+        )
+
+    def set(self, column: int, value: int) -> None:
+        """This worker's count at a column."""
+        self._counts[self.row * self.columns + column] = value
+
+    def total(self, column: int) -> int:
+        """Every worker's count at a column."""
+        counts, columns = self._counts, self.columns
+        return sum(counts[w * columns + column] for w in range(self.workers))
+
+    def clear_row(self, row: int) -> None:
+        """A dead worker's counts and holds (the supervisor's, before it starts a new one)."""
+        start = row * self.columns
+        with self._locked():
+            for column in range(self.columns):
+                self._counts[start + column] = 0
+                self._held[start + column] = 0
+
+    def close(self) -> None:
+        for view in self._views:
+            view.release()
+        self._shm.close()
+
+    def unlink(self) -> None:
+        self._shm.unlink()

@@ -1,0 +1,159 @@
+"""`workers: 2`: two gateway processes on one port, as a user runs them (`infergate gateway`),
+in front of fake replicas: exact least-outstanding across both, one /metrics with the totals of
+both, a reload seen by both, SIGTERM draining both, and a killed worker replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.processes import BIN, free_port, stop, wait_http_ok
+from tests.support.servers import FakeReplica, fake_replicas, gateway_config, write_config
+
+
+@asynccontextmanager
+async def two_workers(
+    tmp_path: Path, replicas: list[FakeReplica], **extra: Any
+) -> AsyncIterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    port = free_port()
+    path = tmp_path / "g.yaml"
+    config = gateway_config(
+        replicas, "least_outstanding_requests", workers=2, listen={"port": port}, **extra
+    )
+    write_config(path, config)
+    proc = subprocess.Popen([str(BIN / "infergate"), "gateway", "-c", str(path)])
+    try:
+        await wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc)
+        await until_both(f"http://127.0.0.1:{port}", lambda s: True)
+        yield f"http://127.0.0.1:{port}", proc, path
+    finally:
+        for replica in replicas:
+            replica.release.set()
+        stop(proc, timeout_s=20)
+
+
+def worker_processes(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The supervisor's live workers (not its resource tracker, nor a dead one not yet reaped)."""
+    out = []
+    for child in psutil.Process(proc.pid).children():
+        try:
+            if "--worker" in child.cmdline():
+                out.append(child)
+        except psutil.Error:  # a zombie: dead, not yet waited for
+            continue
+    return out
+
+
+async def statuses(url: str, n: int = 12) -> list[dict[str, Any]]:
+    """The status page as n fresh connections see it (each may land on either worker)."""
+    out = []
+    for _ in range(n):
+        async with aiohttp.ClientSession() as client, client.get(f"{url}/ui/status.json") as r:
+            out.append(await r.json())
+    return out
+
+
+async def until_both(url: str, ok: Any, timeout_s: float = 10) -> None:
+    """Until both workers have answered with a status for which ok() holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    seen: set[int] = set()
+    while seen != {0, 1}:
+        assert loop.time() < deadline, f"only workers {seen} answered as expected"
+        seen |= {s["worker"] for s in await statuses(url) if ok(s)}
+
+
+async def test_least_outstanding_is_exact_across_two_workers(tmp_path: Path) -> None:
+    async with (
+        fake_replicas(3) as replicas,
+        two_workers(tmp_path, replicas) as (url, _, _),
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as c,
+    ):
+        # One at a time, each on a new connection (so on either worker): where each request
+        # goes depends on what both workers hold, so the spread stays within one throughout
+        # (alone, each worker would balance only its own and drift apart).
+        held, loop = [], asyncio.get_running_loop()
+        for n in range(1, 61):
+            held.append(asyncio.create_task(c.post(f"{url}/hold")))
+            deadline = loop.time() + 10
+            while sum(r.in_flight for r in replicas) < n:
+                assert loop.time() < deadline, [r.in_flight for r in replicas]
+                await asyncio.sleep(0.005)
+            spread = [r.in_flight for r in replicas]
+            assert max(spread) - min(spread) <= 1, (n, spread)
+        seen = await statuses(url)
+        assert {s["worker"] for s in seen} == {0, 1}  # both workers took requests
+        assert all(sum(r["outstanding"] for r in s["replicas"]) == 60 for s in seen)
+        for replica in replicas:
+            replica.release.set()
+        for response in await asyncio.gather(*held):
+            assert response.status == 200
+            response.release()
+        await until_both(url, lambda s: all(r["outstanding"] == 0 for r in s["replicas"]))
+        for _ in range(4):  # every worker's /metrics has the totals of both
+            async with aiohttp.ClientSession() as fresh, fresh.get(f"{url}/metrics") as r:
+                text = await r.text()
+            total = sum(
+                s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if s.name == "gateway_requests_total"
+            )
+            assert total == 60
+
+
+async def test_a_reload_reaches_both_workers(tmp_path: Path) -> None:
+    async with fake_replicas(2) as replicas, two_workers(tmp_path, replicas) as (url, _, path):
+        config = gateway_config(
+            replicas, "round_robin", workers=2, listen={"port": int(url.rsplit(":", 1)[1])}
+        )
+        write_config(path, config)
+        await until_both(url, lambda s: s["strategy"] == "round_robin")
+
+
+async def test_sigterm_drains_both_workers_and_a_killed_worker_is_replaced(
+    tmp_path: Path,
+) -> None:
+    async with (
+        fake_replicas(2) as replicas,
+        two_workers(tmp_path, replicas) as (url, proc, _),
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as c,
+    ):
+        workers = worker_processes(proc)
+        assert len(workers) == 2
+        os.kill(workers[0].pid, signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while (now := {p.pid for p in worker_processes(proc)}) & {workers[0].pid} or len(now) < 2:
+            assert loop.time() < deadline, "the killed worker was not replaced"
+            await asyncio.sleep(0.05)
+        await until_both(url, lambda s: True)
+
+        held = [asyncio.create_task(c.post(f"{url}/hold")) for _ in range(20)]
+        while sum(r.in_flight for r in replicas) < 20:
+            assert loop.time() < deadline + 10
+            await asyncio.sleep(0.02)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)  # both workers now drain: no new connections
+        for replica in replicas:
+            replica.release.set()
+        for response in await asyncio.gather(*held):
+            assert response.status == 200  # every request in flight finished
+            response.release()
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+    assert not [
+        name for name in os.listdir("/dev/shm") if name.startswith(f"infergate-{proc.pid}-")
+    ]

@@ -1,0 +1,102 @@
+"""Counts shared by a gateway's workers: exact totals with every worker writing at once, columns
+found by URL in every worker, reused when nobody holds them, and a dead worker's row cleared."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.pool import ReplicaPool
+from gateway.shared import ColumnsFull, SharedCounts
+
+
+@pytest.fixture
+def segment(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    name, lock = f"ig-test-{uuid.uuid4().hex[:12]}", tmp_path / "counts.lock"
+    owner = SharedCounts(name, 3, 0, columns=64, lock_path=lock, create=True)
+    try:
+        yield name, lock
+    finally:
+        owner.close()
+        owner.unlink()
+
+
+WORKER = """
+import sys
+from pathlib import Path
+from gateway.pool import ReplicaPool
+from gateway.shared import SharedCounts
+name, lock, row, rounds = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+counts = SharedCounts(name, 3, row, columns=64, lock_path=lock)
+pool = ReplicaPool(["http://a", "http://b"], shared=counts)
+a, b = pool.active()
+for i in range(rounds):
+    pool.acquire(a)
+    pool.acquire(b)
+    if i % 2:
+        pool.release(a, outcome="served")
+counts.close()
+"""
+
+
+def test_every_worker_writes_its_row_and_the_column_sums_are_exact(
+    segment: tuple[str, Path],
+) -> None:
+    name, lock = segment
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, name, str(lock), str(row), "2000"])
+        for row in (1, 2)
+    ]
+    assert [w.wait(60) for w in workers] == [0, 0]
+    reader = SharedCounts(name, 3, 0, columns=64, lock_path=lock)
+    pool = ReplicaPool(["http://b", "http://a"], shared=reader)  # another order: same columns
+    b, a = pool.active()
+    assert (a.busy, b.busy) == (2 * 1000, 2 * 2000) and (a.outstanding, b.outstanding) == (0, 0)
+    pool.acquire(a)
+    assert a.busy == 2001
+    reader.clear_row(1)  # worker 1 died: its requests no longer count
+    assert (a.busy, b.busy) == (1001, 2000)
+    reader.close()
+
+
+def test_columns_are_reused_only_when_no_worker_holds_them(segment: tuple[str, Path]) -> None:
+    name, lock = segment
+    one = SharedCounts(name, 3, 1, columns=64, lock_path=lock)
+    two = SharedCounts(name, 3, 2, columns=64, lock_path=lock)
+    columns = {one.hold(f"http://r{i}") for i in range(64)}
+    assert columns == set(range(64))
+    with pytest.raises(ColumnsFull):
+        one.hold("http://one-more")
+    r5, r6, r7 = (one.hold(f"http://r{i}") for i in (5, 6, 7))
+    assert two.hold("http://r5") == r5  # the same replica, the same column
+    one.set(r7, 3)
+    one.drop("http://r5")  # still held by worker two
+    one.drop("http://r6")  # held by nobody now: reusable
+    assert two.hold("http://new") == r6
+    assert two.total(r7) == 3
+    one.close()
+    two.close()
+
+
+def test_a_pool_drops_the_column_of_a_replica_once_it_has_drained(
+    segment: tuple[str, Path],
+) -> None:
+    name, lock = segment
+    counts = SharedCounts(name, 3, 1, columns=64, lock_path=lock)
+    pool = ReplicaPool(["http://a"], shared=counts)
+    (a,) = pool.active()
+    pool.acquire(a)
+    pool.update(["http://b"])  # a drains: still held, still counted
+    assert a.draining and counts.total(a.column) == 1
+    pool.release(a, outcome="served")
+    assert counts.total(a.column) == 0
+    other = SharedCounts(name, 3, 2, columns=64, lock_path=lock)
+    for i in range(63):  # every free column, then a's (nobody holds it now)
+        other.hold(f"http://x{i}")
+    counts.close()
+    other.close()
