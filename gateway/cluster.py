@@ -126,7 +126,7 @@ def gpu_count() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -150,7 +150,7 @@ def start_replica(
     env = dict(os.environ)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
-    preexec = _die_with_parent if sys.platform == "linux" else None
+    preexec = die_with_parent if sys.platform == "linux" else None
     # preexec_fn only sets the parent-death signal; no threads run when replicas start.
     return subprocess.Popen(
         cmd,

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.cluster import die_with_parent
 from gateway.shared import SharedCounts
 
 log = logging.getLogger("gateway")
@@ -104,7 +105,14 @@ class Supervisor:
             "--shared", f"{self._counts.name}:{self._workdir / 'counts.lock'}",
         ]  # fmt: skip
         env = {**os.environ, METRICS_ENV: str(self._workdir / "metrics")}
-        self._procs[index] = subprocess.Popen(cmd, pass_fds=(self._socket.fileno(),), env=env)
+        # A worker gets SIGTERM if the supervisor dies (kill -9 included): none is orphaned
+        # holding the port. preexec_fn only sets that; no threads run in the supervisor.
+        self._procs[index] = subprocess.Popen(
+            cmd,
+            pass_fds=(self._socket.fileno(),),
+            env=env,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+        )
         self._started[index] = time.monotonic()
 
     async def run(self) -> int:

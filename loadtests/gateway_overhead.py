@@ -2,6 +2,7 @@
 rate one gateway process sustains, against a no-op upstream on loopback.
 
     .venv/bin/python loadtests/gateway_overhead.py [--rates 250,500,1000,2000] [--seconds 5]
+        [--workers 1]
 
 Three processes share the machine: a no-op aiohttp upstream, the gateway (`python -m gateway`,
 uvloop) and this load generator. Fixed-rate runs are open loop: request i is due at
@@ -140,10 +141,12 @@ def wrk_rate(url: str, seconds: float, connections: int) -> float:
 
 
 @contextlib.contextmanager
-def processes(workdir: Path) -> Iterator[tuple[str, str]]:
-    """A no-op upstream and a gateway in front of it; yields (direct URL, gateway URL)."""
+def processes(workdir: Path, workers: int) -> Iterator[tuple[str, str]]:
+    """A no-op upstream and a gateway (`workers` processes) in front of it; yields (direct URL,
+    gateway URL)."""
     up_port, gw_port = free_port(), free_port()
     config = {
+        "workers": workers,
         "listen": {"host": "127.0.0.1", "port": gw_port},
         "routing": {"strategy": "least_outstanding_requests"},
         "replicas": [{"url": f"http://127.0.0.1:{up_port}"}],
@@ -177,11 +180,17 @@ def report(name: str, rate: float, samples: list[float], errors: int) -> dict[st
 
 
 async def latency_runs(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp, processes(Path(tmp)) as (direct, gateway):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        processes(Path(tmp), args.workers) as (direct, gateway),
+    ):
         await wait_up(f"{direct}/ping")
         await wait_up(f"{gateway}/healthz")
         await open_loop(f"{gateway}/warmup", 200, 1.0)
-        print(f"fixed-rate latency, {args.seconds:.0f} s per run (open loop):")
+        print(
+            f"fixed-rate latency, workers: {args.workers}, {args.seconds:.0f} s per run "
+            "(open loop):"
+        )
         for rate in args.rates:
             d = report("direct", rate, *await open_loop(f"{direct}/x", rate, args.seconds))
             g = report("gateway", rate, *await open_loop(f"{gateway}/x", rate, args.seconds))
@@ -191,8 +200,14 @@ async def latency_runs(args: argparse.Namespace) -> None:
 
 async def peak_runs(args: argparse.Namespace) -> None:
     """Fresh processes, a warm-up, then the closed-loop rate (wrk when installed)."""
-    print(f"peak rate, {args.seconds:.0f} s closed loop, {args.connections} connections:")
-    with tempfile.TemporaryDirectory() as tmp, processes(Path(tmp)) as (direct, gateway):
+    print(
+        f"peak rate, workers: {args.workers}, {args.seconds:.0f} s closed loop, "
+        f"{args.connections} connections:"
+    )
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        processes(Path(tmp), args.workers) as (direct, gateway),
+    ):
         await wait_up(f"{direct}/ping")
         await wait_up(f"{gateway}/healthz")
         for name, base in (("direct", direct), ("gateway", gateway)):
@@ -217,6 +232,7 @@ def main() -> None:
     parser.add_argument("--rates", default="250,500,1000,1500")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1, help="the gateway's `workers`")
     parser.add_argument("--serve-noop", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_noop:

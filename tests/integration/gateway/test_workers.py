@@ -157,3 +157,12 @@ async def test_sigterm_drains_both_workers_and_a_killed_worker_is_replaced(
     assert not [
         name for name in os.listdir("/dev/shm") if name.startswith(f"infergate-{proc.pid}-")
     ]
+
+
+async def test_workers_do_not_outlive_a_supervisor_killed_with_sigkill(tmp_path: Path) -> None:
+    async with fake_replicas(1) as replicas, two_workers(tmp_path, replicas) as (_, proc, _):
+        workers = worker_processes(proc)
+        assert len(workers) == 2
+        proc.kill()
+        _, alive = await asyncio.to_thread(psutil.wait_procs, workers, 10)
+        assert not alive, "workers left holding the port"

@@ -100,3 +100,18 @@ def test_a_pool_drops_the_column_of_a_replica_once_it_has_drained(
         other.hold(f"http://x{i}")
     counts.close()
     other.close()
+
+
+def test_workers_in_the_config() -> None:
+    from gateway.config import ConfigError, parse_config
+    from gateway.workers import worker_count
+
+    base = {"replicas": [{"url": "http://a"}]}
+    assert parse_config(base).workers == 1
+    assert worker_count(parse_config({**base, "workers": "auto"}).workers) >= 1
+    assert worker_count(parse_config({**base, "workers": 4}).workers) == 4
+    for bad in (0, 65, "many"):
+        with pytest.raises(ConfigError, match="workers"):
+            parse_config({**base, "workers": bad})
+    with pytest.raises(ConfigError, match="jobs run in a gateway of one worker"):
+        parse_config({**base, "workers": 2, "jobs": {"store": "j.db"}})
