@@ -155,6 +155,15 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def queued_everywhere(self) -> int:
+        """Requests waiting for a slot in this gateway: with `workers: N`, in every worker."""
+        shared = self.pool.shared
+        return len(self._waiters) if shared is None else shared.total_queued()
+
+    def _publish_queue(self) -> None:
+        if self.pool.shared is not None:
+            self.pool.shared.set_queued(len(self._waiters))
+
     @property
     def rules(self) -> Rules:
         assert self._rules is not None, "admission is configured before the first request"
@@ -199,6 +208,7 @@ class Admission:
             raise self._overloaded("every replica is at its limit and the gateway queue is full")
         waiter = _Waiter(request, tried, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
+        self._publish_queue()
         self._arm_timer()
         try:
             async with asyncio.timeout(limits.queue_timeout_s):
@@ -221,6 +231,7 @@ class Admission:
                 waiter.future.cancel()
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+            self._publish_queue()
 
     def finish(self, lease: Lease, elapsed_s: float) -> None:
         """A lease's end: counts, failure streak, ejection, latency sample, metrics; then the
@@ -257,6 +268,7 @@ class Admission:
             replica = self.rules.policy_for(waiter.request.model).choose(usable, waiter.request)
             self.pool.acquire(replica, waiter.request.tokens)
             self._waiters.remove(waiter)
+            self._publish_queue()
             waiter.future.set_result(replica)
         self._arm_timer()
 

@@ -107,6 +107,9 @@ async def serve(
     except OSError:
         await runner.cleanup()  # close what setup() opened (the client session, tasks)
         raise
+    if worker is not None and worker.index == 0 and config.jobs is not None:
+        jobs_site = web.UnixSite(runner, worker.jobs_socket)  # the other workers' way in
+        await jobs_site.start()
     log.info("infergate gateway listening on %s", site.name)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -360,15 +360,6 @@ class GatewayConfig(_Model):
     jobs: Jobs | None = None  # off unless configured: it needs a durable store path
 
     @model_validator(mode="after")
-    def _jobs_alone(self) -> GatewayConfig:
-        if self.jobs is not None and self.workers != 1:
-            raise ValueError(
-                "workers: jobs run in a gateway of one worker for now (one scheduler per job "
-                "store); set workers: 1, or run jobs on a separate gateway"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _unique_replicas(self) -> GatewayConfig:
         seen: set[str] = set()
         for i, spec in enumerate(self.replicas or ()):

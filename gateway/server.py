@@ -33,6 +33,7 @@ from gateway.discovery import DnsDiscovery
 from gateway.errors import ConfigError, GatewayError, error_body
 from gateway.feedback import LoadPoller
 from gateway.health import HealthChecker
+from gateway.jobs import forward as jobs_forward
 from gateway.jobs import routes as job_routes
 from gateway.jobs.service import JOBS, JobService
 from gateway.metrics import GatewayMetrics
@@ -262,10 +263,13 @@ def create_app(
     app.cleanup_ctx.append(_background("served-models", lambda a: ModelPoller(state).run()))
     app.cleanup_ctx.append(_background("cache-blocks", lambda a: CacheBlocksPoller(state).run()))
     app.cleanup_ctx.append(_background("dns-discovery", lambda a: DnsDiscovery(state).run()))
-    if config.jobs is not None:
+    forwarded = config.jobs is not None and worker is not None and worker.index > 0
+    if config.jobs is not None and not forwarded:
         jobs = app[JOBS] = JobService(state, config.jobs)
         app.cleanup_ctx.append(jobs.lifetime)
         app.cleanup_ctx.append(_background("jobs", lambda a: jobs.run()))
+    elif forwarded and worker is not None:  # worker 0 owns the store; it answers for us
+        app.cleanup_ctx.append(jobs_forward.lifetime(worker.jobs_socket))
     own = [
         ("/healthz", ("GET", "HEAD"), healthz),
         ("/readyz", ("GET", "HEAD"), readyz),
@@ -286,6 +290,8 @@ def create_app(
         app.router.add_route("*", path, require_key(_models_or_proxied(handler)))
     for path, handlers in job_routes.ROUTES:
         jobs_handler = _only(tuple(handlers), job_routes.by_method(handlers))
+        if forwarded:
+            jobs_handler = _only(tuple(handlers), jobs_forward.forward)
         app.router.add_route("*", path, require_key(jobs_handler))
     # The /admin and /ui trees are the gateway's: an unknown path there is a 404 here, never a
     # request to a replica (which would carry the admin token to it).

@@ -53,6 +53,7 @@ class Worker:
     listen_fd: int
     counts: SharedCounts
     metrics_dir: str
+    jobs_socket: str  # worker 0 serves the jobs endpoints here too; the others pass them on
 
 
 def worker_args(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +61,7 @@ def worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX/COUNT
     parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shared", help=argparse.SUPPRESS)  # NAME:LOCK_PATH
+    parser.add_argument("--jobs-socket", help=argparse.SUPPRESS)
 
 
 def worker_from_args(args: argparse.Namespace) -> Worker | None:
@@ -68,7 +70,7 @@ def worker_from_args(args: argparse.Namespace) -> Worker | None:
     index, count = (int(x) for x in args.worker.split("/"))
     name, lock = args.shared.split(":", 1)
     counts = SharedCounts(name, count, index, lock_path=Path(lock))
-    return Worker(index, count, args.listen_fd, counts, os.environ[METRICS_ENV])
+    return Worker(index, count, args.listen_fd, counts, os.environ[METRICS_ENV], args.jobs_socket)
 
 
 def worker_count(configured: int | str) -> int:
@@ -103,6 +105,7 @@ class Supervisor:
             "--log-level", self._log_level, "--worker", f"{index}/{self._count}",
             "--listen-fd", str(self._socket.fileno()),
             "--shared", f"{self._counts.name}:{self._workdir / 'counts.lock'}",
+            "--jobs-socket", str(self._workdir / "jobs.sock"),
         ]  # fmt: skip
         env = {**os.environ, METRICS_ENV: str(self._workdir / "metrics")}
         # A worker gets SIGTERM if the supervisor dies (kill -9 included): none is orphaned

@@ -54,7 +54,7 @@ def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
     """Replicas with spare capacity for a job now (their load as best known: this gateway's
     requests there, plus others' from a fresh load report); none while real-time requests
     wait, or before the replicas' model lists are in."""
-    if state.admission.queued or state.draining or not state.models_polled:
+    if state.admission.queued_everywhere() or state.draining or not state.models_polled:
         return ()
     limits = state.runtime.config.limits
     if limits.max_outstanding is not None and state.pool.outstanding >= limits.max_outstanding:

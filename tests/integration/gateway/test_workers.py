@@ -5,6 +5,7 @@ both, a reload seen by both, SIGTERM draining both, and a killed worker replaced
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -166,3 +167,48 @@ async def test_workers_do_not_outlive_a_supervisor_killed_with_sigkill(tmp_path:
         proc.kill()
         _, alive = await asyncio.to_thread(psutil.wait_procs, workers, 10)
         assert not alive, "workers left holding the port"
+
+
+async def test_jobs_with_two_workers_one_scheduler_any_worker_answers(tmp_path: Path) -> None:
+    """Worker 0 owns the job store and its scheduler; a batch submitted through either worker
+    runs once per line, and either worker answers for it, cancels included."""
+    jobs = {"store": str(tmp_path / "jobs.db"), "poll_interval_s": 0.01}
+    async with (
+        fake_replicas(2) as replicas,
+        two_workers(tmp_path, replicas, jobs=jobs) as (url, _, _),
+    ):
+        lines = [
+            {"custom_id": str(i), "url": "/v1/completions", "body": {"prompt": f"{i}"}}
+            for i in range(40)
+        ]
+        data = "\n".join(json.dumps(line) for line in lines).encode()
+        batch_urls = []
+        for _ in range(4):  # fresh connections: either worker takes the submit
+            async with aiohttp.ClientSession() as c, c.post(f"{url}/v1/batches", data=data) as r:
+                assert r.status == 202, await r.text()
+                batch_urls.append(url + r.headers["Location"])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        for batch_url in batch_urls:
+            while True:
+                async with aiohttp.ClientSession() as c, c.get(batch_url) as r:
+                    batch = await r.json()
+                if batch["status"] == "completed":
+                    break
+                assert loop.time() < deadline, batch
+                await asyncio.sleep(0.05)
+            counts = batch["request_counts"]
+            assert (counts["total"], counts["completed"], counts["failed"]) == (40, 40, 0)
+            async with aiohttp.ClientSession() as c, c.get(f"{batch_url}/results") as r:
+                assert len((await r.text()).splitlines()) == 40
+        sent = [s for r in replicas for s in r.seen if s["path"] == "/v1/completions"]
+        assert len(sent) == 160  # every line ran exactly once
+        single = {"url": "/hold", "body": {}}
+        async with aiohttp.ClientSession() as c, c.post(f"{url}/v1/jobs", json=single) as r:
+            job_url = url + r.headers["Location"]
+        for _ in range(6):  # a cancel through whichever worker: the job is cancelled
+            async with aiohttp.ClientSession() as c, c.delete(job_url) as r:
+                if r.status == 200:
+                    break
+        async with aiohttp.ClientSession() as c, c.get(job_url) as r:
+            assert (await r.json())["status"] == "cancelled"

@@ -1,0 +1,64 @@
+"""The jobs endpoints in a worker that is not the jobs leader (`workers: N`): the store and its
+scheduler live in worker 0 alone (one scheduler per store), and every other worker passes the
+jobs requests it accepts to worker 0 over a Unix socket, so any worker answers for any job.
+
+The request is authenticated here as everywhere (`auth`) and again by the leader, which owns
+the answer; the body is read with the batch-size cap first, so a forwarder holds no more than
+the leader would accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+
+from gateway.errors import UpstreamError
+from gateway.proxy import read_body
+from gateway.runtime import STATE
+
+LEADER = web.AppKey("jobs_leader", aiohttp.ClientSession)
+PASSED_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-Request-Id")
+PASSED_RESPONSE_HEADERS = ("Content-Type", "Location", "Retry-After", "WWW-Authenticate")
+CONNECT_TRIES, CONNECT_RETRY_S = 50, 0.1  # worker 0 may be (re)starting: up to 5 s
+
+
+def lifetime(socket_path: str) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The client session to the leader's socket, for the app's lifetime."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.UnixConnector(path=socket_path)
+        app[LEADER] = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=300)
+        )
+        yield
+        await app[LEADER].close()
+
+    return ctx
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    jobs = state.runtime.config.jobs
+    limit = max(jobs.max_batch_bytes if jobs else 0, state.runtime.config.limits.max_body_bytes)
+    body = await read_body(request, limit, state.runtime.config.timeouts.client_body_s)
+    headers = {h: request.headers[h] for h in PASSED_REQUEST_HEADERS if h in request.headers}
+    url = f"http://jobs{request.rel_url.raw_path_qs}"
+    for attempt in range(CONNECT_TRIES):
+        try:
+            async with request.app[LEADER].request(
+                request.method, url, data=body or None, headers=headers
+            ) as answer:
+                payload = await answer.read()
+                kept = {
+                    h: answer.headers[h] for h in PASSED_RESPONSE_HEADERS if h in answer.headers
+                }
+                return web.Response(status=answer.status, body=payload, headers=kept)
+        except aiohttp.ClientConnectorError:  # worker 0 starting, or started again
+            if attempt + 1 < CONNECT_TRIES:
+                await asyncio.sleep(CONNECT_RETRY_S)
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"the jobs worker failed: {type(exc).__name__}") from None
+    raise UpstreamError("the jobs worker (worker 0) is not up; try again")
