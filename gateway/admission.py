@@ -254,10 +254,14 @@ class Admission:
         place and the next one is looked at."""
         if not self._waiters or self._rules is None:
             return
+        frees: dict[str | None, Sequence[Replica]] = {}  # this walk's free slots, per model
         for waiter in list(self._waiters):
             if waiter.future.done():  # timed out or cancelled, not yet out of the queue
                 continue
-            free = self._free(waiter.request.model)
+            model = waiter.request.model
+            free = frees.get(model)
+            if free is None:
+                free = frees[model] = self._free(model)
             if not free:
                 if waiter.request.model is None:
                     break
@@ -267,6 +271,7 @@ class Admission:
                 continue
             replica = self.rules.policy_for(waiter.request.model).choose(usable, waiter.request)
             self.pool.acquire(replica, waiter.request.tokens)
+            frees.clear()  # a slot was taken: look again for the next waiter
             self._waiters.remove(waiter)
             self._publish_queue()
             waiter.future.set_result(replica)

@@ -37,7 +37,14 @@ from gateway.config import GatewayConfig, load_config, parse_config
 from gateway.errors import ConfigError
 from gateway.listener import limit_connections
 from gateway.server import WATCHER, create_app
-from gateway.workers import Supervisor, Worker, worker_args, worker_count, worker_from_args
+from gateway.workers import (
+    STARTUP_SIGNALS,
+    Supervisor,
+    Worker,
+    worker_args,
+    worker_count,
+    worker_from_args,
+)
 
 log = logging.getLogger("gateway")
 
@@ -116,9 +123,13 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app[WATCHER].wake)
+    if worker is not None:  # held since it started (gateway/workers.py): handled from here on
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTUP_SIGNALS)
     await stop.wait()
     log.info("stopping: no new connections, waiting for requests in flight")
     await runner.cleanup()
+    if worker is not None:
+        worker.counts.close()
     return 0
 
 

@@ -65,7 +65,7 @@ class PoolCollector(Collector):
         yield GaugeMetricFamily(
             "gateway_queue_depth",
             "Requests waiting at the gateway for a free replica slot.",
-            value=self._admission.queued,
+            value=self._admission.queued_everywhere(),
         )
 
 

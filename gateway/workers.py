@@ -30,11 +30,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.cluster import die_with_parent
 from gateway.shared import SharedCounts
+
+# Held in a starting worker until its handlers are in (serve() unblocks them): a reload or stop
+# that comes while it loads is then acted on, not the default action (which kills it).
+STARTUP_SIGNALS = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
+
+
+def _worker_preexec(supervisor: int) -> Callable[[], None]:
+    def preexec() -> None:  # pragma: no cover - runs in the child before exec
+        die_with_parent()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_SIGNALS)
+        if os.getppid() != supervisor:  # it died before the parent-death signal was set
+            os._exit(1)
+
+    return preexec
+
 
 log = logging.getLogger("gateway")
 
@@ -42,6 +58,8 @@ METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 DRAIN_GRACE_S = 35.0  # a worker's own drain (30 s) and its exit
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 YOUNG_S = 10.0  # a worker that dies younger than this backs off further
+MAX_YOUNG_DEATHS = 5  # in a row: the worker cannot start (a broken config, say): give up
+CONFIG_ERROR = 2  # a worker's exit code for a config it cannot use
 
 
 @dataclass(frozen=True)
@@ -73,10 +91,37 @@ def worker_from_args(args: argparse.Namespace) -> Worker | None:
     return Worker(index, count, args.listen_fd, counts, os.environ[METRICS_ENV], args.jobs_socket)
 
 
+MAX_WORKERS = 64
+
+
 def worker_count(configured: int | str) -> int:
+    """`auto`: the cores this process may run on, at most MAX_WORKERS."""
     if configured == "auto":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        return max(1, min(MAX_WORKERS, cores))
     return int(configured)
+
+
+WORKDIR_PREFIX = "infergate-workers-"
+
+
+def _remove_stale_workdirs() -> None:
+    """What supervisors killed with SIGKILL left (their shared memory the kernel's resource
+    tracker removed already): the directories of pids no longer running."""
+    for path in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = path.name.removeprefix(WORKDIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Supervisor:
@@ -84,7 +129,8 @@ class Supervisor:
         self._config_path, self._count, self._log_level = config_path, count, log_level
         self._socket = socket.create_server((host, port), backlog=1024)
         self._socket.set_inheritable(True)
-        self._workdir = Path(tempfile.mkdtemp(prefix="infergate-workers-"))
+        _remove_stale_workdirs()
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
         (self._workdir / "metrics").mkdir()
         self._counts = SharedCounts(
             f"infergate-{os.getpid()}-{int(time.time())}", count, 0,
@@ -114,7 +160,7 @@ class Supervisor:
             cmd,
             pass_fds=(self._socket.fileno(),),
             env=env,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=_worker_preexec(os.getpid()) if sys.platform == "linux" else None,  # noqa: PLW1509
         )
         self._started[index] = time.monotonic()
 
@@ -135,8 +181,12 @@ class Supervisor:
                 now = time.monotonic()
                 for index, proc in enumerate(self._procs):
                     if proc is not None and proc.poll() is not None and not stop.is_set():
-                        restarts[index] = now + self._died(index, proc)
+                        delay = self._died(index, proc)
                         self._procs[index] = None
+                        if delay is None:  # it cannot start: stop, as one gateway would
+                            await self._stop()
+                            return proc.returncode or 1
+                        restarts[index] = now + delay
                 for index, at in list(restarts.items()):
                     if now >= at and not stop.is_set():
                         del restarts[index]
@@ -147,14 +197,22 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             self._cleanup()
 
-    def _died(self, index: int, proc: subprocess.Popen[bytes]) -> float:
-        """A worker exited on its own: forget its counts; the back-off before its restart."""
+    def _died(self, index: int, proc: subprocess.Popen[bytes]) -> float | None:
+        """A worker exited on its own: forget its counts; the back-off before its restart, or
+        None when it cannot start (a config error at start-up, or dying young again and
+        again)."""
         from prometheus_client import multiprocess
 
         self._counts.clear_row(index)
         multiprocess.mark_process_dead(proc.pid, str(self._workdir / "metrics"))  # type: ignore[no-untyped-call]
         young = time.monotonic() - self._started[index] < YOUNG_S
         self._deaths[index] = self._deaths[index] + 1 if young else 0
+        if young and (proc.returncode == CONFIG_ERROR or self._deaths[index] >= MAX_YOUNG_DEATHS):
+            log.error(
+                "gateway worker %d cannot start (exit %s, %d times in a row); stopping",
+                index, proc.returncode, self._deaths[index],
+            )  # fmt: skip
+            return None
         delay = RESTART_BACKOFF_S[min(self._deaths[index], len(RESTART_BACKOFF_S) - 1)]
         log.error(
             "gateway worker %d (pid %d) exited with %s; starting it again in %.1f s",

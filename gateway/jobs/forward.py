@@ -15,14 +15,21 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from gateway.errors import UpstreamError
+from gateway.errors import GatewayError, UpstreamError
 from gateway.proxy import read_body
 from gateway.runtime import STATE
 
 LEADER = web.AppKey("jobs_leader", aiohttp.ClientSession)
 PASSED_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-Request-Id")
-PASSED_RESPONSE_HEADERS = ("Content-Type", "Location", "Retry-After", "WWW-Authenticate")
-CONNECT_TRIES, CONNECT_RETRY_S = 50, 0.1  # worker 0 may be (re)starting: up to 5 s
+PASSED_RESPONSE_HEADERS = (
+    "Content-Type", "Content-Disposition", "Location", "Retry-After", "WWW-Authenticate",
+)  # fmt: skip
+CONNECT_TRIES, CONNECT_RETRY_S = 100, 0.1  # worker 0 may be (re)starting: up to 10 s
+
+
+class JobsWorkerDown(GatewayError):
+    status = 503
+    error_type = "jobs_unavailable"
 
 
 def lifetime(socket_path: str) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -41,9 +48,11 @@ def lifetime(socket_path: str) -> Callable[[web.Application], AsyncIterator[None
 
 async def forward(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    jobs = state.runtime.config.jobs
-    limit = max(jobs.max_batch_bytes if jobs else 0, state.runtime.config.limits.max_body_bytes)
-    body = await read_body(request, limit, state.runtime.config.timeouts.client_body_s)
+    config = state.runtime.config
+    limit = config.limits.max_body_bytes
+    if request.path == "/v1/batches" and config.jobs is not None:
+        limit = config.jobs.max_batch_bytes  # the leader says what is wrong past it
+    body = await read_body(request, limit + 1, config.timeouts.client_body_s)
     headers = {h: request.headers[h] for h in PASSED_REQUEST_HEADERS if h in request.headers}
     url = f"http://jobs{request.rel_url.raw_path_qs}"
     for attempt in range(CONNECT_TRIES):
@@ -51,14 +60,25 @@ async def forward(request: web.Request) -> web.StreamResponse:
             async with request.app[LEADER].request(
                 request.method, url, data=body or None, headers=headers
             ) as answer:
-                payload = await answer.read()
-                kept = {
-                    h: answer.headers[h] for h in PASSED_RESPONSE_HEADERS if h in answer.headers
-                }
-                return web.Response(status=answer.status, body=payload, headers=kept)
+                return await _relay(request, answer)
         except aiohttp.ClientConnectorError:  # worker 0 starting, or started again
             if attempt + 1 < CONNECT_TRIES:
                 await asyncio.sleep(CONNECT_RETRY_S)
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"the jobs worker failed: {type(exc).__name__}") from None
-    raise UpstreamError("the jobs worker (worker 0) is not up; try again")
+    raise JobsWorkerDown(
+        "the jobs worker (worker 0) is starting; try again", headers={"Retry-After": "2"}
+    )
+
+
+async def _relay(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
+    """The leader's answer, streamed (a batch's results can be large)."""
+    kept = {h: answer.headers[h] for h in PASSED_RESPONSE_HEADERS if h in answer.headers}
+    response = web.StreamResponse(status=answer.status, headers=kept)
+    if answer.content_length is not None:
+        response.content_length = answer.content_length
+    await response.prepare(request)
+    async for chunk in answer.content.iter_chunked(64 * 1024):
+        await response.write(chunk)
+    await response.write_eof()
+    return response

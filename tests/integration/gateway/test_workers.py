@@ -167,6 +167,7 @@ async def test_workers_do_not_outlive_a_supervisor_killed_with_sigkill(tmp_path:
         proc.kill()
         _, alive = await asyncio.to_thread(psutil.wait_procs, workers, 10)
         assert not alive, "workers left holding the port"
+    # What it left in the temp directory goes when the next supervisor starts.
 
 
 async def test_jobs_with_two_workers_one_scheduler_any_worker_answers(tmp_path: Path) -> None:
@@ -212,3 +213,42 @@ async def test_jobs_with_two_workers_one_scheduler_any_worker_answers(tmp_path: 
                     break
         async with aiohttp.ClientSession() as c, c.get(job_url) as r:
             assert (await r.json())["status"] == "cancelled"
+
+
+async def test_a_reload_signal_while_workers_start_is_a_reload_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    async with fake_replicas(1) as replicas:
+        port = free_port()
+        path = tmp_path / "g.yaml"
+        write_config(path, gateway_config(replicas, "random", workers=2, listen={"port": port}))
+        proc = subprocess.Popen([str(BIN / "infergate"), "gateway", "-c", str(path)])
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while len(worker_processes(proc)) < 2:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+            started = {p.pid for p in worker_processes(proc)}
+            proc.send_signal(signal.SIGHUP)  # they are still importing
+            await wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc)
+            await asyncio.sleep(0.5)
+            assert {p.pid for p in worker_processes(proc)} == started
+        finally:
+            stop(proc, timeout_s=20)
+
+
+async def test_a_worker_that_cannot_start_stops_the_gateway(tmp_path: Path) -> None:
+    """As one gateway would exit 2 on a job store it cannot open, so does the supervisor."""
+    async with fake_replicas(1) as replicas:
+        path = tmp_path / "g.yaml"
+        jobs = {"store": "/proc/no-such-dir/jobs.db"}
+        config = gateway_config(
+            replicas, "random", workers=2, listen={"port": free_port()}, jobs=jobs
+        )
+        write_config(path, config)
+        proc = subprocess.Popen([str(BIN / "infergate"), "gateway", "-c", str(path)])
+        try:
+            assert await asyncio.to_thread(proc.wait, 30) == 2
+        finally:
+            stop(proc)
