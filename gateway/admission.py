@@ -312,7 +312,10 @@ class Admission:
         is reached."""
         limits = self.rules.limits
         available = self.pool.available_for(model)
-        if limits.max_outstanding is not None and self.pool.outstanding >= limits.max_outstanding:
+        if (
+            limits.max_outstanding is not None
+            and self.pool.outstanding_everywhere() >= limits.max_outstanding
+        ):
             return ()
         per_replica = limits.max_outstanding_per_replica
         if per_replica is None and not self.pool.replica_limits:

@@ -144,6 +144,10 @@ class ReplicaPool:
     def shared(self) -> SharedCounts | None:
         return self._shared
 
+    def outstanding_everywhere(self) -> int:
+        """Requests in flight in this gateway: with `workers: N`, in every worker."""
+        return self.outstanding if self._shared is None else self._shared.total_outstanding()
+
     def _new(self, url: str) -> Replica:
         replica = Replica(url)
         if self._shared is not None:
@@ -285,6 +289,7 @@ class ReplicaPool:
         self.outstanding += 1
         if replica.shared is not None:
             replica.shared.set(replica.column, replica.outstanding)
+            replica.shared.set_outstanding(self.outstanding)
 
     def progress(self, replica: Replica, tokens: int) -> None:
         """Work done on a request still outstanding (tokens streamed back)."""
@@ -310,6 +315,7 @@ class ReplicaPool:
         self.outstanding -= 1
         if replica.shared is not None:
             replica.shared.set(replica.column, replica.outstanding)
+            replica.shared.set_outstanding(self.outstanding)
         if replica.draining and replica.outstanding == 0:
             self._draining.pop(replica.url, None)
             self._gone(replica)

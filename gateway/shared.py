@@ -11,7 +11,8 @@ worker dies, the supervisor clears its row and flags, so its requests (gone with
 counting.
 
     [ hashes: columns x u64 ][ held: workers x columns x u8 ][ counts: workers x columns x i64 ]
-    [ queued: workers x i64 ]  (requests waiting in each worker's admission queue)
+    [ queued: workers x i64 ][ totals: workers x i64 ]  (each worker's waiting and in-flight
+    requests, for the gateway-wide limits)
 """
 
 from __future__ import annotations
@@ -57,19 +58,21 @@ class SharedCounts:
         lock_path: Path, create: bool = False,
     ) -> None:  # fmt: skip
         self.workers, self.columns, self.row = workers, columns, row
-        size = columns * 8 + workers * columns + workers * columns * 8 + workers * 8
+        size = columns * 8 + workers * columns + workers * columns * 8 + workers * 16
         self._shm = _segment(name, create, size)
         buf = self._shm.buf
         assert buf is not None
         held_at = columns * 8
         counts_at = held_at + workers * columns
         queued_at = counts_at + workers * columns * 8
+        totals_at = queued_at + workers * 8
         slices = [buf[:held_at], buf[held_at:counts_at], buf[counts_at:queued_at],
-                  buf[queued_at:size]]  # fmt: skip
-        self._hashes, self._held, self._counts, self._queued = (
+                  buf[queued_at:totals_at], buf[totals_at:size]]  # fmt: skip
+        self._hashes, self._held, self._counts, self._queued, self._totals = (
             slices[0].cast("Q"), slices[1], slices[2].cast("q"), slices[3].cast("q"),
+            slices[4].cast("q"),
         )  # fmt: skip
-        self._views = [self._hashes, self._counts, self._queued, *slices]
+        self._views = [self._hashes, self._counts, self._queued, self._totals, *slices]
         self._lock_path = lock_path
         if create:
             lock_path.touch()
@@ -150,10 +153,17 @@ class SharedCounts:
     def total_queued(self) -> int:
         return sum(self._queued[w] for w in range(self.workers))
 
+    def set_outstanding(self, value: int) -> None:
+        """This worker's requests in flight, over every replica."""
+        self._totals[self.row] = value
+
+    def total_outstanding(self) -> int:
+        return sum(self._totals[w] for w in range(self.workers))
+
     def clear_row(self, row: int) -> None:
         """A dead worker's counts and holds (the supervisor's, before it starts a new one)."""
         start = row * self.columns
-        self._queued[row] = 0
+        self._queued[row] = self._totals[row] = 0
         with self._locked():
             for column in range(self.columns):
                 self._counts[start + column] = 0

@@ -52,7 +52,7 @@ def status_document(state: GatewayState) -> dict[str, Any]:
         "models": models,
         "discovery": config.discovery.dns if config.discovery else None,
         "draining": state.draining,
-        "outstanding": state.pool.outstanding,
+        "outstanding": state.pool.outstanding_everywhere(),
         "queued": state.admission.queued,
         "recent": recent.summary(),
         "replicas": [{**r.as_json(), "recent": recent.summary(r.url)} for r in replicas],

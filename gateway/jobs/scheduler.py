@@ -57,7 +57,10 @@ def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
     if state.admission.queued_everywhere() or state.draining or not state.models_polled:
         return ()
     limits = state.runtime.config.limits
-    if limits.max_outstanding is not None and state.pool.outstanding >= limits.max_outstanding:
+    if (
+        limits.max_outstanding is not None
+        and state.pool.outstanding_everywhere() >= limits.max_outstanding
+    ):
         return ()
     threshold = settings.max_outstanding_per_replica
     if limits.max_outstanding_per_replica is not None:

@@ -114,3 +114,22 @@ def test_workers_in_the_config() -> None:
         with pytest.raises(ConfigError, match="workers"):
             parse_config({**base, "workers": bad})
     assert parse_config({**base, "workers": 2, "jobs": {"store": "j.db"}}).workers == 2
+
+
+def test_the_gateway_wide_count_sums_every_worker(segment: tuple[str, Path]) -> None:
+    name, lock = segment
+    one = ReplicaPool(["http://a"], shared=SharedCounts(name, 3, 1, columns=64, lock_path=lock))
+    two = ReplicaPool(["http://b"], shared=SharedCounts(name, 3, 2, columns=64, lock_path=lock))
+    for _ in range(3):
+        one.acquire(one.active()[0])
+    two.acquire(two.active()[0])
+    assert one.outstanding_everywhere() == two.outstanding_everywhere() == 4
+    assert one.outstanding == 3
+    two.release(two.active()[0], outcome="served")
+    assert one.outstanding_everywhere() == 3
+    assert one.shared is not None
+    one.shared.clear_row(1)
+    assert two.outstanding_everywhere() == 0
+    for pool in (one, two):
+        assert pool.shared is not None
+        pool.shared.close()
