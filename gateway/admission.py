@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from gateway import outlier
 from gateway.config import Limits, OutlierDetection
-from gateway.errors import NoHealthyReplica, Overloaded
+from gateway.errors import NoHealthyReplica, Overloaded, clipped
 from gateway.policies import NO_INFO, Policy, RequestInfo
 from gateway.pool import Outcome, Replica, ReplicaPool
 
@@ -355,8 +355,9 @@ class Admission:
 def _no_healthy(model: str | None) -> NoHealthyReplica:
     if model is None:
         return NoHealthyReplica("no healthy replica to route to; see /admin/replicas")
-    named = model if len(model) <= 200 else model[:200] + "..."
-    return NoHealthyReplica(f"no healthy replica serves model '{named}'; see /admin/replicas")
+    return NoHealthyReplica(
+        f"no healthy replica serves model '{clipped(model)}'; see /admin/replicas"
+    )
 
 
 def _granted(waiter: _Waiter) -> Replica | None:

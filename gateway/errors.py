@@ -14,6 +14,14 @@ def error_body(error_type: str, message: str) -> dict[str, Any]:
     return {"error": {"type": error_type, "message": message}}
 
 
+MAX_QUOTED_CHARS = 200  # of a client's value quoted back in an error
+
+
+def clipped(value: str) -> str:
+    """A client's value as an error message quotes it: at most MAX_QUOTED_CHARS."""
+    return value if len(value) <= MAX_QUOTED_CHARS else value[:MAX_QUOTED_CHARS] + "..."
+
+
 def key_path(loc: Sequence[int | str]) -> str:
     """A location in a config file or JSON body (a pydantic error's `loc`) as one key path:
     names joined by dots, list positions in brackets; `(top level)` for the document itself."""

@@ -53,6 +53,7 @@ class Replica:
     models: frozenset[str] | None = None
     configured_models: frozenset[str] | None = None  # replicas[].models; never polled then
     model_cards: tuple[dict[str, Any], ...] = ()  # its /v1/models entries, as it sent them
+    models_asked: bool = False  # its /v1/models was asked for (gateway/models.py)
     model_load: dict[str, int] = field(default_factory=dict)  # in flight per engine model label
     # With `workers: N`, the counts every worker has here (gateway/shared.py), at `column`.
     shared: SharedCounts | None = field(default=None, repr=False)
@@ -63,8 +64,6 @@ class Replica:
         """Requests this gateway has outstanding here: this process's, plus its sibling
         workers' (`workers: N`). What routing and slot limits count."""
         return self.outstanding if self.shared is None else self.shared.total(self.column)
-
-    models_asked: bool = False  # its /v1/models was asked for (gateway/models.py)
 
     def serves(self, model: str | None) -> bool:
         return model is None or self.models is None or model in self.models

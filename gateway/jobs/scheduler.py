@@ -187,7 +187,8 @@ class Scheduler:
         except GatewayError as exc:  # a model no replica serves: the answer a client gets
             self._refuse(job, exc)
             return True
-        candidates = [r for r in replicas if r.serves(target.model)]
+        allowed = self._state.pool.available_for(target.model)  # as a real-time request's
+        candidates = [r for r in replicas if r in allowed]
         if not candidates:
             return False
         runtime = self._state.runtime
