@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.config import GatewayConfig, ServedModels
-from gateway.errors import GatewayError, NoHealthyReplica
+from gateway.errors import GatewayError, NoHealthyReplica, clipped
 from gateway.pool import Replica
 from gateway.runtime import STATE, GatewayState
 from gateway.upstream import BodyOverLimit, read_capped
@@ -36,7 +36,6 @@ from gateway.upstream import BodyOverLimit, read_capped
 V2_PREFIX = "/v2/models/"
 PARSE_MAX_BYTES = 8 * 1024 * 1024  # a larger body goes to any replica of the pool unread
 UTF8_BOM = b"\xef\xbb\xbf"
-MAX_NAME_CHARS = 200  # of a client's model name quoted back in an error
 MAX_LIST_BYTES = 1024 * 1024
 MAX_MODELS_PER_REPLICA = 1024  # a /v1/models list longer than this is cut (bounded labels)
 NEW_REPLICA_CHECK_S = 0.1  # how soon a replica that joined is asked for its list
@@ -112,7 +111,7 @@ def check(state: GatewayState, model: str, asked: str) -> None:
     if pool.available_for(model):
         return
     catalog = pool.catalog()
-    named = f"'{_quoted(asked)}'" + (f" (alias of '{model}')" if asked != model else "")
+    named = f"'{clipped(asked)}'" + (f" (alias of '{model}')" if asked != model else "")
     configured = any(m.name == model for m in state.runtime.config.models)
     if model in catalog or configured or pool.any_open():
         raise NoHealthyReplica(f"no healthy replica serves model {named}; see /admin/replicas")
@@ -121,10 +120,6 @@ def check(state: GatewayState, model: str, asked: str) -> None:
     )
     listed = ", ".join(served[:50]) + (", ..." if len(served) > 50 else "") or "none"
     raise ModelNotFound(f"model {named} is not served; available: {listed}")
-
-
-def _quoted(name: str) -> str:
-    return name if len(name) <= MAX_NAME_CHARS else name[:MAX_NAME_CHARS] + "..."
 
 
 def model_list(state: GatewayState) -> dict[str, Any]:
@@ -164,7 +159,7 @@ async def get_model(request: web.Request) -> web.Response:
             return web.json_response(card)
     target = aliases(state.runtime.config).get(name, name)
     check(state, target, name)  # served but out of rotation: the 503 says so
-    raise ModelNotFound(f"model '{_quoted(name)}' is not listed by any replica")
+    raise ModelNotFound(f"model '{clipped(name)}' is not listed by any replica")
 
 
 def cards_of(document: Any) -> list[dict[str, Any]] | None:
@@ -181,10 +176,10 @@ def cards_of(document: Any) -> list[dict[str, Any]] | None:
 
 
 class ModelPoller:
-    """Every `served_models.interval_s`, each active replica's GET /v1/models. A list sets what
-    the replica serves; a 404 (no such endpoint) makes it open to any model; a failure keeps the
-    last list (health checks judge a dead replica). /readyz waits for the first round, so a
-    fresh gateway takes no request before it knows where models are."""
+    """Every `served_models.interval_s`, the GET /v1/models of each replica in rotation. A
+    list sets what the replica serves; a 404 (no such endpoint) makes it open to any model; a
+    failure keeps the last list (health checks judge a dead replica). /readyz waits for the
+    first round, so a fresh gateway takes no request before it knows where models are."""
 
     def __init__(self, state: GatewayState) -> None:
         self._state = state
@@ -201,16 +196,15 @@ class ModelPoller:
             # A replica that joins (reload, discovery) is asked at once, the rest every interval.
             for _ in range(max(1, round(served.interval_s / NEW_REPLICA_CHECK_S))):
                 await asyncio.sleep(min(NEW_REPLICA_CHECK_S, served.interval_s))
-                if self._unasked():
-                    break
+                await self.poll_once(served, only_new=True)
 
-    def _unasked(self) -> bool:
-        return any(
-            r.configured_models is None and not r.models_asked for r in self._state.pool.active()
-        )
-
-    async def poll_once(self, served: ServedModels) -> None:
-        replicas = [r for r in self._state.pool.active() if r.configured_models is None]
+    async def poll_once(self, served: ServedModels, only_new: bool = False) -> None:
+        """The list of every replica in rotation (one out of it takes no request, and keeps
+        its last list until it is back); `only_new`: those not asked yet."""
+        replicas = [
+            r for r in self._state.pool.available()
+            if r.configured_models is None and not (only_new and r.models_asked)
+        ]  # fmt: skip
         await asyncio.gather(*(self._poll(r, served) for r in replicas))
 
     async def _poll(self, replica: Replica, served: ServedModels) -> None:
