@@ -18,11 +18,10 @@ import logging
 import random
 from dataclasses import dataclass, replace
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
-from gateway import models
+from gateway import h1client, models
 from gateway.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
 from gateway.auth import key_name
 from gateway.config import GatewayConfig, Retries, Timeouts
@@ -37,13 +36,7 @@ from gateway.errors import (
 from gateway.policies import NO_INFO
 from gateway.pool import Replica, parse_load_report
 from gateway.runtime import STATE, GatewayState
-from gateway.upstream import (
-    RETRIABLE_STATUSES,
-    BodyOverLimit,
-    client_timeout,
-    read_capped,
-    upstream_url,
-)
+from gateway.upstream import RETRIABLE_STATUSES
 from gateway.work import count_sse_events, describe
 
 log = logging.getLogger(__name__)
@@ -51,6 +44,7 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "X-Infergate-Replica"
 REQUEST_ID_HEADER = "X-Request-Id"
 LOAD_HEADER = "X-Replica-Load"
+LOAD_HEADER_LOWER = LOAD_HEADER.lower().encode()
 BUFFERED_MAX_BYTES = 256 * 1024  # also the most of a 429/503 body held for a retry
 
 # RFC 9110 section 7.6.1, plus the non-standard ones seen in the wild.
@@ -60,8 +54,12 @@ HOP_BY_HOP = frozenset(
         "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
     }
 )  # fmt: skip
+# A whole body is relayed with its length recomputed by the server.
+RESPONSE_DROPPED = HOP_BY_HOP | {"content-length"}
 # Recomputed for the upstream leg: the body is re-sent whole, the client sets Host.
 NOT_FORWARDED = frozenset({"host", "content-length", "expect"})
+# Set from what the gateway saw (the request id is the client's own or a new one).
+FORWARDING = frozenset({"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 
 
 class AttemptFailed(Exception):
@@ -102,24 +100,23 @@ def _dropped(headers: CIMultiDictProxy[str], extra: frozenset[str]) -> frozenset
     return HOP_BY_HOP | extra | named
 
 
-def upstream_request_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
-    dropped = _dropped(request.headers, NOT_FORWARDED)
-    out = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
-    out[REQUEST_ID_HEADER] = request_id
+def upstream_request_headers(request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
+    headers = request.headers
+    dropped = _dropped(headers, NOT_FORWARDED)
+    out = [
+        (k, v)
+        for k, v in headers.items()
+        if (lower := k.lower()) not in dropped and lower not in FORWARDING
+    ]
+    out.append((REQUEST_ID_HEADER, request_id))
     peer = request.remote or "unknown"
-    prior = request.headers.get("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    prior = headers.get("X-Forwarded-For")
+    out.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
     # What this gateway saw, never what the client claims (only X-Forwarded-For is a chain).
-    out["X-Forwarded-Proto"] = request.scheme
-    out.popall("X-Forwarded-Host", None)
+    out.append(("X-Forwarded-Proto", request.scheme))
     if request.host:
-        out["X-Forwarded-Host"] = request.host
+        out.append(("X-Forwarded-Host", request.host))
     return out
-
-
-def client_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    dropped = _dropped(upstream.headers, frozenset())
-    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in dropped)
 
 
 def new_request_id() -> str:
@@ -253,36 +250,37 @@ async def _attempt(
 
 async def _send(
     request: web.Request, replica: Replica, sent: Outgoing, timeouts: Timeouts
-) -> aiohttp.ClientResponse:
+) -> h1client.Response:
     """The replica's response headers, or AttemptFailed naming why there are none."""
-    session = request.app[STATE].client()
-    url = upstream_url(replica.url, sent.path_qs)
-    body = sent.body
-    # sock_read already bounds the wait for headers by idle_s; a timer per request (measurable
-    # at thousands per second) only when first_byte_s is the shorter.
-    first_byte_s = timeouts.first_byte_s if timeouts.first_byte_s < timeouts.idle_s else None
     try:
-        async with asyncio.timeout(first_byte_s):
-            return await session.request(
+        return (
+            await request.app[STATE]
+            .upstream()
+            .request(
+                replica.url,
                 request.method,
-                url,
-                data=body if body else None,
-                headers=upstream_request_headers(request, sent.request_id),
-                timeout=client_timeout(timeouts),
-                allow_redirects=False,
+                sent.path_qs,
+                upstream_request_headers(request, sent.request_id),
+                sent.body,
+                connect_s=timeouts.connect_s,
+                headers_s=min(timeouts.first_byte_s, timeouts.idle_s),
+                idle_s=timeouts.idle_s,
+                total_s=timeouts.total_s,
             )
-    except TimeoutError:
-        error: GatewayError = UpstreamTimeout(f"replica {replica.url} did not answer in time")
-        raise AttemptFailed("timeout", error) from None
-    except aiohttp.ClientConnectorError as exc:
-        error = UpstreamError(f"replica {replica.url} refused the connection: {exc.os_error}")
-        raise AttemptFailed("connect_error", error) from None
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        error = UpstreamError(f"replica {replica.url} closed the connection: {type(exc).__name__}")
-        raise AttemptFailed("reset", error) from None
-    except aiohttp.ClientError as exc:
-        error = UpstreamError(f"replica {replica.url} failed: {type(exc).__name__}")
-        raise AttemptFailed("other", error) from None
+        )
+    except h1client.UpstreamFailure as exc:
+        raise AttemptFailed(exc.reason, _upstream_error(replica, exc)) from None
+
+
+def _upstream_error(replica: Replica, failure: h1client.UpstreamFailure) -> GatewayError:
+    reason, detail = failure.reason, failure.detail
+    if reason == "timeout":
+        return UpstreamTimeout(f"replica {replica.url} did not answer in time ({detail})")
+    if reason == "connect_error":
+        return UpstreamError(f"replica {replica.url} refused the connection: {detail}")
+    if reason == "reset":
+        return UpstreamError(f"replica {replica.url} closed the connection: {detail}")
+    return UpstreamError(f"replica {replica.url} failed: {detail}")
 
 
 def _take_load_report(state: GatewayState, replica: Replica, header: str) -> None:
@@ -296,11 +294,11 @@ async def _relay(
 ) -> web.StreamResponse:
     replica, request_id = lease.replica, sent.request_id
     upstream = await _send(request, replica, sent, timeouts)
-    report = upstream.headers.get(LOAD_HEADER)
-    if report:
-        _take_load_report(request.app[STATE], replica, report)
     response: web.StreamResponse
     try:
+        report = upstream.header(LOAD_HEADER_LOWER)
+        if report:
+            _take_load_report(request.app[STATE], replica, report)
         if upstream.status in RETRIABLE_STATUSES or _is_small_whole_body(request, upstream):
             response = await _buffered_response(upstream, replica, request_id)
             if upstream.status in RETRIABLE_STATUSES:
@@ -316,7 +314,7 @@ async def _relay(
     return response
 
 
-def _is_small_whole_body(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+def _is_small_whole_body(request: web.Request, upstream: h1client.Response) -> bool:
     """A small body of known length is relayed in one write: it is not a stream, and one
     write instead of three (headers, body, end) is most of the proxy's cost per request."""
     length = upstream.content_length
@@ -324,31 +322,33 @@ def _is_small_whole_body(request: web.Request, upstream: aiohttp.ClientResponse)
 
 
 async def _buffered_response(
-    upstream: aiohttp.ClientResponse, replica: Replica, request_id: str
+    upstream: h1client.Response, replica: Replica, request_id: str
 ) -> web.Response:
-    headers = client_response_headers(upstream)
+    headers = upstream.headers(RESPONSE_DROPPED)
     try:
-        body = await read_capped(upstream, BUFFERED_MAX_BYTES)
-    except (aiohttp.ClientError, TimeoutError) as exc:  # nothing was sent: a clean 502
-        error = UpstreamError(f"replica {replica.url} failed mid-body: {type(exc).__name__}")
-        raise AttemptFailed("reset", error) from None
-    except BodyOverLimit as exc:  # only a 429/503 of unknown length gets here
-        message = f"replica {replica.url} answered {upstream.status} with a body of {exc} (dropped)"
+        body = await upstream.read(BUFFERED_MAX_BYTES)
+    except h1client.UpstreamFailure as exc:  # nothing was sent: a clean 502 (or 504)
+        failure = h1client.UpstreamFailure(exc.reason, f"mid-body, {exc.detail}")
+        raise AttemptFailed(exc.reason, _upstream_error(replica, failure)) from None
+    if body is None:  # only a 429/503 of unknown length gets here
+        message = (
+            f"replica {replica.url} answered {upstream.status} with a body of over "
+            f"{BUFFERED_MAX_BYTES} bytes (dropped)"
+        )
         body = json.dumps(error_body("upstream_error", message)).encode()
         headers.popall("Content-Type", None)
         headers.popall("Content-Encoding", None)
         headers["Content-Type"] = "application/json"
-    headers.popall("Content-Length", None)
     headers[REPLICA_HEADER] = replica.url
     headers[REQUEST_ID_HEADER] = request_id
     return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
 
 
 async def _start_response(
-    request: web.Request, upstream: aiohttp.ClientResponse, replica: Replica, request_id: str
+    request: web.Request, upstream: h1client.Response, replica: Replica, request_id: str
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(client_response_headers(upstream))
+    response.headers.extend(upstream.headers(HOP_BY_HOP))
     response.headers[REPLICA_HEADER] = replica.url
     response.headers[REQUEST_ID_HEADER] = request_id
     try:
@@ -359,25 +359,24 @@ async def _start_response(
 
 
 async def _copy_body(
-    upstream: aiohttp.ClientResponse, response: web.StreamResponse, lease: Lease
+    upstream: h1client.Response, response: web.StreamResponse, lease: Lease
 ) -> None:
     """Relay chunk by chunk. For a token stream, its work shrinks by the events relayed (never
     below 1 token until the response ends), and an error event from the replica marks the lease
     failed: the client got a 200, but the replica did not serve it."""
     replica = lease.replica
     sse = response.content_type == "text/event-stream"
-    chunks = upstream.content.iter_any().__aiter__()
     while True:
         try:
-            chunk = await anext(chunks)
-        except StopAsyncIteration:
-            break
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            chunk = await upstream.chunk()
+        except h1client.UpstreamFailure as exc:
             # Bytes already reached the client: no status can be changed now, so cut the
             # stream rather than end it cleanly, and the client sees an incomplete response.
-            reason = f"replica {replica.url} failed mid-response: {type(exc).__name__}"
+            reason = f"replica {replica.url} failed mid-response: {exc}"
             log.warning("%s", reason)
             raise RelayAborted(response, reason) from None
+        if not chunk:
+            break
         if sse:
             done = min(count_sse_events(chunk), lease.remaining - 1)
             if done > 0:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.admission import Admission, Rules
 from gateway.config import GatewayConfig
+from gateway.h1client import UpstreamPool
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Policy, PolicyOptions, make_policy
 from gateway.pool import ReplicaPool
@@ -69,6 +70,7 @@ class GatewayState:
     metrics: GatewayMetrics
     admin_token: str | None
     session: aiohttp.ClientSession | None = field(default=None)
+    upstream_pool: UpstreamPool | None = field(default=None)  # the proxy's own client
     retries_in_flight: int = 0
     draining: bool = False  # set on shutdown: /readyz answers 503 so load balancers move on
     discovered: tuple[str, ...] | None = None  # DNS discovery's last good answer
@@ -108,6 +110,10 @@ class GatewayState:
     def client(self) -> aiohttp.ClientSession:
         assert self.session is not None, "client session is opened by the app's cleanup_ctx"
         return self.session
+
+    def upstream(self) -> UpstreamPool:
+        assert self.upstream_pool is not None, "opened by the app's cleanup_ctx"
+        return self.upstream_pool
 
 
 STATE = web.AppKey("gateway_state", GatewayState)

@@ -32,6 +32,7 @@ from gateway.config import GatewayConfig
 from gateway.discovery import DnsDiscovery
 from gateway.errors import ConfigError, GatewayError, error_body
 from gateway.feedback import LoadPoller
+from gateway.h1client import UpstreamPool
 from gateway.health import HealthChecker
 from gateway.jobs import forward as jobs_forward
 from gateway.jobs import routes as job_routes
@@ -199,7 +200,9 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None),
     )
     app[STATE].session = session
+    app[STATE].upstream_pool = pool = UpstreamPool()
     yield
+    pool.close()
     await session.close()
 
 
