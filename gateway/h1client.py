@@ -16,6 +16,7 @@ import asyncio
 import collections
 import functools
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
@@ -78,7 +79,10 @@ class Response:
         "_conn",
         "_done",
         "_error",
+        "_last",
         "_reusable",
+        "_sink",
+        "_timer",
         "_waiter",
         "content_length",
         "raw_headers",
@@ -94,6 +98,9 @@ class Response:
         self._error: UpstreamFailure | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._reusable = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._sink: Callable[[bytes], bool] | None = None
+        self._last = conn.loop.time()  # when body bytes last came (or the headers did)
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
@@ -126,17 +133,18 @@ class Response:
     async def chunk(self) -> bytes:
         """The next body bytes, b"" at the end; UpstreamFailure when the body cannot end."""
         while True:
-            if self._chunks:
-                data = self._chunks.popleft()
-                self._buffered -= len(data)
-                if self._buffered <= LOW_WATER:
-                    self._conn.resume()
+            chunks = self._chunks
+            if chunks:  # all that is here, in one piece: one write onward, not one per chunk
+                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self._buffered = 0
+                self._conn.resume()
                 return data
             if self._error is not None:
                 raise self._error
             if self._done:
                 return b""
-            await self._wait(self._conn.idle_s, "no body bytes")
+            await self._wait_body()
 
     async def read(self, limit: int) -> bytes | None:
         """The whole body, or None as soon as it passes `limit` bytes (the rest is unread)."""
@@ -151,10 +159,19 @@ class Response:
             parts.append(data)
         return b"".join(parts)
 
+    def pipe(self, sink: Callable[[bytes], bool] | None) -> None:
+        """Hand body bytes to `sink` as they are parsed, in the protocol callback, with no task
+        switch and no copy into the queue: one call per read from the socket. `sink` returns
+        False when it cannot take them now (its client is slow or gone); they are then queued
+        for chunk(), and piping stops until it is asked for again. chunk() still says when the
+        body ends or fails."""
+        self._sink = sink
+
     def release(self) -> None:
         """Done with this response: its connection goes back to the pool when the body was
         read to its end and the replica keeps the connection alive, else it is closed."""
         conn = self._conn
+        self._stop_timer()
         if self._done and self._error is None and self._reusable and not self._chunks:
             conn.park()
         else:
@@ -162,24 +179,62 @@ class Response:
 
     def close(self) -> None:
         """Abandon this response: its connection is closed, whatever was left unread."""
+        self._stop_timer()
         self._conn.close()
 
-    async def _wait(self, timeout_s: float, what: str) -> None:
-        conn = self._conn
-        loop = conn.loop
-        if conn.deadline is not None:
-            timeout_s = min(timeout_s, conn.deadline - loop.time())
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout_s, _expire, waiter)
+    async def _wait_body(self) -> None:
+        """Wait for body bytes. One idle timer per silence, not per chunk: it is set when a
+        wait finds none running and, when it fires, moved to `idle_s` after the last bytes
+        while any came since."""
+        waiter = self._waiter = self._conn.loop.create_future()
+        if self._timer is None:
+            self._timer = self._conn.loop.call_at(self._idle_deadline(), self._idle_check)
         try:
             await waiter
         except TimeoutError:
-            self._error = UpstreamFailure("timeout", f"{what} within {timeout_s:g} s")
-            conn.close()
+            conn = self._conn
+            if conn.deadline is not None and conn.loop.time() >= conn.deadline:
+                detail = "the response did not end within timeouts.total_s"
+            else:
+                detail = f"no body bytes within {conn.idle_s:g} s"
+            self._error = UpstreamFailure("timeout", detail)
+            self._conn.close()
             raise self._error from None
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _idle_deadline(self) -> float:
+        conn = self._conn
+        deadline = self._last + conn.idle_s
+        return deadline if conn.deadline is None else min(deadline, conn.deadline)
+
+    def _idle_check(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        deadline = self._idle_deadline()
+        if self._conn.loop.time() >= deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = self._conn.loop.call_at(deadline, self._idle_check)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _flush(self) -> None:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        assert self._sink is not None
+        if not self._sink(data):
+            self._sink = None
+            chunks.append(data)
+            self._buffered = len(data)
+            self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -229,6 +284,8 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if response._sink is not None and response._chunks:
+                response._flush()
         except httptools.HttpParserUpgrade:
             response._fail(UpstreamFailure("other", "the replica switched protocols (upgrade)"))
             self.close()
@@ -291,6 +348,7 @@ class _Connection(asyncio.Protocol):
         self.until_close = length is None and chunked is None and not no_body
         response._reusable = self.parser.should_keep_alive() and not self.until_close
         self.head_seen = True
+        response._last = self.loop.time()
         if self.is_head:  # llhttp would wait for the body Content-Length announces
             response._reusable = False
             response._done = True
@@ -303,10 +361,12 @@ class _Connection(asyncio.Protocol):
             return
         response._chunks.append(body)
         response._buffered += len(body)
+        response._last = self.loop.time()
         if response._buffered > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
-        response._wake()
+        if response._sink is None:
+            response._wake()
 
     def on_message_complete(self) -> None:
         response = self.response

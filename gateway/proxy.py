@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from aiohttp import web
@@ -46,6 +47,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 LOAD_HEADER = "X-Replica-Load"
 LOAD_HEADER_LOWER = LOAD_HEADER.lower().encode()
 BUFFERED_MAX_BYTES = 256 * 1024  # also the most of a 429/503 body held for a retry
+PIPE_HIGH_WATER = 64 * 1024  # client-side bytes unsent past which piping hands back to the task
 
 # RFC 9110 section 7.6.1, plus the non-standard ones seen in the wild.
 HOP_BY_HOP = frozenset(
@@ -135,7 +137,8 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
     if length is not None and length > limit:
         raise _too_large(limit)
     if length is not None and request.content.total_bytes >= length:
-        return await request.read()  # already here with the headers: no timer needed
+        # Already here with the headers: taken as it is, no timer and no read loop.
+        return request.content.read_nowait(-1)
     try:
         async with asyncio.timeout(timeout_s):
             if length is not None:
@@ -306,7 +309,7 @@ async def _relay(
                 raise AttemptFailed(str(upstream.status), error, response)
         else:
             response = await _start_response(request, upstream, replica, request_id)
-            await _copy_body(upstream, response, lease)
+            await _copy_body(request, upstream, response, lease)
     except BaseException:
         upstream.close()  # never hand a half-read connection back to the pool
         raise
@@ -359,13 +362,18 @@ async def _start_response(
 
 
 async def _copy_body(
-    upstream: h1client.Response, response: web.StreamResponse, lease: Lease
+    request: web.Request, upstream: h1client.Response, response: web.StreamResponse, lease: Lease
 ) -> None:
-    """Relay chunk by chunk. For a token stream, its work shrinks by the events relayed (never
-    below 1 token until the response ends), and an error event from the replica marks the lease
-    failed: the client got a 200, but the replica did not serve it."""
+    """Relay chunk by chunk: the first through aiohttp's writer (it sends the headers), then,
+    for a chunked response, piped socket to socket while the client keeps up (see
+    h1client.Response.pipe), and through the writer again, draining, when it does not. For a
+    token stream, its work shrinks by the events relayed (never below 1 token until the response
+    ends), and an error event from the replica marks the lease failed: the client got a 200,
+    but the replica did not serve it."""
     replica = lease.replica
     sse = response.content_type == "text/event-stream"
+    chunked = response.headers.get("Transfer-Encoding") == "chunked"
+    transport = request.transport
     while True:
         try:
             chunk = await upstream.chunk()
@@ -378,13 +386,34 @@ async def _copy_body(
         if not chunk:
             break
         if sse:
-            done = min(count_sse_events(chunk), lease.remaining - 1)
-            if done > 0:
-                lease.progress(done)
-            if b"event: error" in chunk:
-                lease.broken = True
+            _count_events(lease, chunk)
         await _write(response, chunk)
+        if chunked and transport is not None:
+            # Headers are out: from here on chunks go straight from the replica's socket to
+            # the client's while it keeps up, framed as aiohttp frames them.
+            upstream.pipe(_pipe(lease, transport, sse))
     await _write(response, b"", eof=True)
+
+
+def _count_events(lease: Lease, chunk: bytes) -> None:
+    done = min(count_sse_events(chunk), lease.remaining - 1)
+    if done > 0:
+        lease.progress(done)
+    if b"event: error" in chunk:
+        lease.broken = True
+
+
+def _pipe(lease: Lease, transport: asyncio.Transport, sse: bool) -> Callable[[bytes], bool]:
+
+    def sink(chunk: bytes) -> bool:
+        if transport.is_closing() or transport.get_write_buffer_size() > PIPE_HIGH_WATER:
+            return False  # relayed by the task, which waits for the client to drain
+        if sse:
+            _count_events(lease, chunk)
+        transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        return True
+
+    return sink
 
 
 async def _cut(request: web.Request, response: web.StreamResponse, reason: str) -> None:
