@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint browser
+.PHONY: run test lint browser loadtools
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,5 +28,13 @@ browser:
 		{ DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-test: lint browser
+# The front-end benchmark's smoke test drives hey and wrk (small Debian packages); as root
+# install them when missing.
+loadtools:
+	@{ command -v hey >/dev/null 2>&1 && command -v wrk >/dev/null 2>&1; } || \
+		[ "$$(id -u)" != 0 ] || \
+		{ DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q hey wrk; }
+
+test: lint browser loadtools
 	$(PY) -m pytest -q

@@ -199,6 +199,19 @@ def _script(name: str) -> str | None:
 
 def missing(name: str) -> str | None:
     """Why `name` cannot run here, or None."""
+    kind, _, option = name.partition(":")
+    known = {
+        "haproxy": option == "leastconn",
+        "vllm": bool(option),
+        "sglang": bool(option),
+        "litellm": option == "least-busy",
+        "infergate": option.startswith("workers=") and option[8:].isdigit(),
+    }
+    if not known.get(kind, False):
+        return (
+            f"unknown front end {name} (haproxy:leastconn, vllm:POLICY, sglang:POLICY, "
+            "litellm:least-busy, infergate:workers=N)"
+        )
     need = {
         "haproxy": ("haproxy", "apt-get install haproxy"),
         "vllm": ("vllm-router", "pip install -e '.[peers]'"),
