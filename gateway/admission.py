@@ -26,7 +26,7 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -254,6 +254,11 @@ class Admission:
         place and the next one is looked at."""
         if not self._waiters or self._rules is None:
             return
+        with self._claiming():
+            self._hand_out()
+        self._arm_timer()
+
+    def _hand_out(self) -> None:
         frees: dict[str | None, Sequence[Replica]] = {}  # this walk's free slots, per model
         for waiter in list(self._waiters):
             if waiter.future.done():  # timed out or cancelled, not yet out of the queue
@@ -275,7 +280,6 @@ class Admission:
             self._waiters.remove(waiter)
             self._publish_queue()
             waiter.future.set_result(replica)
-        self._arm_timer()
 
     def _pool_changed(self) -> None:
         """The set of available replicas changed: a retry that has tried every one left stops
@@ -296,13 +300,27 @@ class Admission:
             raise _no_healthy(request.model)
         if tried and self._all_tried(tried, request.model):
             raise NoUntriedReplica
-        free = self._free(request.model)
-        usable = [r for r in free if r not in tried] if tried else free
-        if not usable:
-            return None
-        replica = self.rules.policy_for(request.model).choose(usable, request)
-        self.pool.acquire(replica, request.tokens)
+        with self._claiming():
+            free = self._free(request.model)
+            usable = [r for r in free if r not in tried] if tried else free
+            if not usable:
+                return None
+            replica = self.rules.policy_for(request.model).choose(usable, request)
+            self.pool.acquire(replica, request.tokens)
         return replica
+
+    def _claiming(self) -> AbstractContextManager[None]:
+        """With `workers: N` and a slot limit in force, the check of free slots and the take
+        of one happen under the workers' claim lock (gateway/shared.py), so two workers never
+        both take a replica's last slot, nor the gateway's last under `max_outstanding`."""
+        shared, limits = self.pool.shared, self.rules.limits
+        if shared is None or (
+            limits.max_outstanding is None
+            and limits.max_outstanding_per_replica is None
+            and not self.pool.replica_limits
+        ):
+            return nullcontext()
+        return shared.claiming()
 
     def _all_tried(self, tried: Collection[Replica], model: str | None) -> bool:
         return all(r in tried for r in self.pool.available_for(model))

@@ -10,6 +10,11 @@ holds its replica (one `held` flag per worker and column) and its counts are all
 worker dies, the supervisor clears its row and flags, so its requests (gone with it) stop
 counting.
 
+Slot limits need more than exact sums: two workers that both see a replica's last slot free
+would both take it. Where a limit is in force, a worker checks it and takes the slot under a
+second file lock (`claiming`), held for the few microseconds of one pick; releases need none
+(they only free slots).
+
     [ hashes: columns x u64 ][ held: workers x columns x u8 ][ counts: workers x columns x i64 ]
     [ queued: workers x i64 ][ totals: workers x i64 ]  (each worker's waiting and in-flight
     requests, for the gateway-wide limits)
@@ -74,8 +79,11 @@ class SharedCounts:
         )  # fmt: skip
         self._views = [self._hashes, self._counts, self._queued, self._totals, *slices]
         self._lock_path = lock_path
+        self._claim_path = lock_path.with_name(lock_path.name + ".slots")
+        self._claim_fd: int | None = None  # opened on the first claim, kept open
         if create:
             lock_path.touch()
+            self._claim_path.touch()
         self._mine: dict[str, int] = {}  # url -> column, for the replicas this worker holds
 
     @property
@@ -90,6 +98,19 @@ class SharedCounts:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+    @contextmanager
+    def claiming(self) -> Iterator[None]:
+        """Held by one worker at a time while it checks a slot limit against every worker's
+        counts and takes the slot it found: no two workers take the same last slot. Its own
+        file, so a worker holding it may still find a new replica's column (`hold`)."""
+        if self._claim_fd is None:
+            self._claim_fd = os.open(self._claim_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._claim_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._claim_fd, fcntl.LOCK_UN)
 
     def hold(self, url: str) -> int:
         """The column of `url`, held by this worker until `drop`."""
@@ -170,6 +191,9 @@ class SharedCounts:
                 self._held[start + column] = 0
 
     def close(self) -> None:
+        if self._claim_fd is not None:
+            os.close(self._claim_fd)
+            self._claim_fd = None
         for view in self._views:
             view.release()
         self._shm.close()

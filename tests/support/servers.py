@@ -30,6 +30,7 @@ class FakeReplica:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     healthy: bool = True
     in_flight: int = 0
+    peak: int = 0  # the most requests it held at once (/sleep and /hold)
 
 
 def fake_replica_app(replica: FakeReplica) -> web.Application:
@@ -53,6 +54,7 @@ def fake_replica_app(replica: FakeReplica) -> web.Application:
 
     async def sleep(request: web.Request) -> web.Response:
         replica.in_flight += 1
+        replica.peak = max(replica.peak, replica.in_flight)
         try:
             await asyncio.sleep(float(request.query.get("s", "0.1")))
         finally:
@@ -62,6 +64,7 @@ def fake_replica_app(replica: FakeReplica) -> web.Application:
     async def hold(request: web.Request) -> web.Response:
         """Answers only when the test sets `release`."""
         replica.in_flight += 1
+        replica.peak = max(replica.peak, replica.in_flight)
         try:
             await replica.release.wait()
         finally:

@@ -113,6 +113,31 @@ async def test_least_outstanding_is_exact_across_two_workers(tmp_path: Path) -> 
             assert total == 60
 
 
+async def test_slot_limits_hold_across_two_workers(tmp_path: Path) -> None:
+    # One slot per replica, two replicas, 120 requests at once on fresh connections (so on
+    # both workers): each worker queues its own, and when a slot frees both may look for it
+    # in the same instant; only one may take it, so no replica ever holds two.
+    limits = {"max_outstanding_per_replica": 1, "max_queue": 200, "queue_timeout_s": 30}
+    async with (
+        fake_replicas(2) as replicas,
+        two_workers(tmp_path, replicas, limits=limits) as (url, _, _),
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as c,
+    ):
+
+        async def one() -> int:
+            async with c.post(f"{url}/sleep?s=0.01") as response:
+                await response.read()
+                return response.status
+
+        codes = await asyncio.gather(*(one() for _ in range(120)))
+        assert codes == [200] * 120
+        assert [r.peak for r in replicas] == [1, 1]
+        seen = await statuses(url)
+        assert {s["worker"] for s in seen} == {0, 1}
+        assert all(r["outstanding"] == 0 for s in seen for r in s["replicas"])
+        assert all(s["queued"] == 0 for s in seen)
+
+
 async def test_a_reload_reaches_both_workers(tmp_path: Path) -> None:
     async with fake_replicas(2) as replicas, two_workers(tmp_path, replicas) as (url, _, path):
         config = gateway_config(
