@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import urllib.parse
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -41,8 +42,30 @@ def _absolute_path(value: str) -> str:
 
 def _store_path(value: str) -> str:
     if not value.strip():
-        raise ValueError("expected a file path for the SQLite job store")
+        raise ValueError(
+            "expected a file path for an SQLite job store or a postgresql://user@host:port/db URL"
+        )
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme in POSTGRES_SCHEMES:
+        parts = urllib.parse.urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("the URL's port is not a number") from None
+        if not parts.path.strip("/") and "dbname=" not in parts.query:
+            raise ValueError(f"name the database: {scheme}://user@host:5432/DBNAME")
+    elif sep and scheme.isalpha():
+        raise ValueError(
+            f"'{scheme}://' is not a job store: use postgresql://user@host:port/db or a file path"
+        )
     return value
+
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def is_postgres_url(store: str) -> bool:
+    return store.partition("://")[0] in POSTGRES_SCHEMES and "://" in store
 
 
 HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -292,7 +315,11 @@ class Reload(_Model):
 class Jobs(_Model):
     """Deferred inference (gateway/jobs/): durable jobs and batch files run in idle capacity."""
 
-    store: Annotated[str, AfterValidator(_store_path)]  # SQLite file; read at start-up only
+    # An SQLite file (one gateway) or a postgresql:// URL (several); read at start-up only.
+    store: Annotated[str, AfterValidator(_store_path)]
+    # PostgreSQL: a claim a gateway stops renewing (it died) runs out after this long and the
+    # job is queued again; renewed every lease_s / 3.
+    lease_s: float = Field(30.0, ge=1.0)
     max_outstanding_per_replica: int = Field(1, ge=1)  # spare capacity: dispatch only below it
     max_attempts: int = Field(3, ge=1)  # tries per job on replica errors, the first included
     result_retention_s: float = Field(7 * 24 * 3600.0, gt=0)  # finished jobs and batches

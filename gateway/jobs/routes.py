@@ -19,7 +19,7 @@ from gateway.auth import key_name
 from gateway.errors import BodyTooLarge, Conflict, InvalidRequest, NotFound
 from gateway.jobs.requests import parse_batch, parse_job
 from gateway.jobs.service import JOBS, JobService
-from gateway.jobs.store import JOB_STATUSES, Batch, Job, JobStore
+from gateway.jobs.store import JOB_STATUSES, Batch, Job
 from gateway.proxy import read_body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -32,8 +32,8 @@ def _service(request: web.Request) -> JobService:
     service = request.app.get(JOBS)
     if service is None:
         raise NotFound(
-            "deferred jobs are off: add a 'jobs:' section with a 'store:' path (an SQLite file) "
-            "to the gateway config and restart it"
+            "deferred jobs are off: add a 'jobs:' section with a 'store:' (an SQLite file path "
+            "or a postgresql:// URL) to the gateway config and restart it"
         )
     return service
 
@@ -60,7 +60,7 @@ async def submit_job(request: web.Request) -> web.Response:
         data = json.loads(body)
     except ValueError as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
-    job = await service.store.run(JobStore.add_job, parse_job(data), owner=key_name(request))
+    job = await service.store.add_job(parse_job(data), owner=key_name(request))
     service.scheduler.wake()
     location = f"/v1/jobs/{job.id}"
     return web.json_response(job.as_json(), status=202, headers={"Location": location})
@@ -71,8 +71,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in JOB_STATUSES:
         raise InvalidRequest(f"status: expected one of {', '.join(JOB_STATUSES)}")
-    jobs, more = await service.store.run(
-        JobStore.list_jobs,
+    jobs, more = await service.store.list_jobs(
         status=status,
         batch_id=request.query.get("batch_id"),
         after=request.query.get("after"),
@@ -88,7 +87,7 @@ def _no_job(job_id: str) -> NotFound:
 
 async def _job(request: web.Request) -> Job:
     job_id = request.match_info["id"]
-    job = await _service(request).store.run(JobStore.get_job, job_id, owner=key_name(request))
+    job = await _service(request).store.get_job(job_id, owner=key_name(request))
     if job is None:
         raise _no_job(job_id)
     return job
@@ -101,7 +100,7 @@ async def get_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     service = _service(request)
     job_id = request.match_info["id"]
-    job, cancelled = await service.store.run(JobStore.cancel_job, job_id, owner=key_name(request))
+    job, cancelled = await service.store.cancel_job(job_id, owner=key_name(request))
     if job is None:
         raise _no_job(job_id)
     if not cancelled:
@@ -130,7 +129,7 @@ async def submit_batch(request: web.Request) -> web.Response:
             "split it into smaller batches"
         ) from None
     lines = await asyncio.to_thread(parse_batch, body, settings.max_batch_lines)
-    batch = await service.store.run(JobStore.add_batch, lines, owner=key_name(request))
+    batch = await service.store.add_batch(lines, owner=key_name(request))
     service.scheduler.wake()
     location = f"/v1/batches/{batch.id}"
     return web.json_response(batch.as_json(), status=202, headers={"Location": location})
@@ -139,7 +138,7 @@ async def submit_batch(request: web.Request) -> web.Response:
 async def _batch(request: web.Request) -> Batch:
     batch_id = request.match_info["id"]
     store = _service(request).store
-    batch = await store.run(JobStore.get_batch, batch_id, owner=key_name(request))
+    batch = await store.get_batch(batch_id, owner=key_name(request))
     if batch is None:
         raise NotFound(f"no batch {batch_id!r} (batches are deleted after their retention)")
     return batch
@@ -151,8 +150,7 @@ async def get_batch(request: web.Request) -> web.Response:
 
 async def list_batches(request: web.Request) -> web.Response:
     service = _service(request)
-    batches, more = await service.store.run(
-        JobStore.list_batches,
+    batches, more = await service.store.list_batches(
         after=request.query.get("after"),
         limit=_limit(request),
         owner=key_name(request),
@@ -166,7 +164,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
     if before.status != "in_progress":
         raise Conflict(f"batch {before.id} is already {before.status}")
     owner = key_name(request)
-    batch, cancelled = await service.store.run(JobStore.cancel_batch, before.id, owner=owner)
+    batch, cancelled = await service.store.cancel_batch(before.id, owner=owner)
     service.scheduler.abandon(cancelled)
     assert batch is not None
     return web.json_response(batch.as_json())
@@ -191,9 +189,7 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     after, owner = 0, batch.owner
-    while page := await service.store.run(
-        JobStore.batch_results, batch.id, after, RESULTS_PAGE, owner=owner
-    ):
+    while page := await service.store.batch_results(batch.id, after, RESULTS_PAGE, owner=owner):
         lines = "".join(json.dumps(job.result_json()) + "\n" for job in page)
         await response.write(lines.encode())
         after = page[-1].seq

@@ -26,7 +26,7 @@ from gateway import models
 from gateway.admission import Lease
 from gateway.config import Jobs, Timeouts
 from gateway.errors import GatewayError, NoHealthyReplica, error_body
-from gateway.jobs.store import Job, JobStore, Outcome, ThreadedStore
+from gateway.jobs.store import Job, Outcome, Store, StoreUnavailable
 from gateway.policies import NO_INFO
 from gateway.pool import Replica
 from gateway.runtime import GatewayState
@@ -48,6 +48,7 @@ DEFER_S = 1.0  # a job no replica of its model can take now is passed over this 
 MAX_DEFERRED = 1000  # jobs passed over at once; past that, the oldest waits at the head
 MAX_PASSES = 16  # jobs passed over in a row before the scheduler pauses (DEFER_S / 4)
 MAX_REPLY_BYTES = 16 * 1024 * 1024  # a job's stored result; a larger reply fails the job
+STORE_RETRY_S = 1.0  # the store could not be reached: claims resume after this long
 
 
 def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
@@ -106,7 +107,7 @@ def outcome_of(reply: Reply, job: Job, max_attempts: int) -> Outcome | None:
 
 
 class Scheduler:
-    def __init__(self, state: GatewayState, store: ThreadedStore, settings: Jobs) -> None:
+    def __init__(self, state: GatewayState, store: Store, settings: Jobs) -> None:
         self._state = state
         self._store = store
         self._settings = settings
@@ -138,39 +139,59 @@ class Scheduler:
             if task is not None:
                 task.cancel()
 
+    def held_ids(self) -> set[str]:
+        """The jobs this gateway is dispatching or holds claimed for a slot."""
+        ids = set(self._in_flight)
+        if self._held is not None:
+            ids.add(self._held.id)
+        return ids
+
+    def keep_only(self, asked: set[str], held: set[str]) -> None:
+        """Of the jobs `asked` about, those the store no longer counts as ours (cancelled
+        elsewhere, or taken over after our lease ran out) stop here."""
+        self.abandon(sorted(asked - held))
+
     async def run(self) -> None:
         try:
             while True:
-                replicas = eligible(self._state, self._settings)
-                if not replicas:
-                    await self._sleep(self._settings.poll_interval_s)
-                elif self._held is None:
-                    self._held = await self._store.run(JobStore.claim, self._deferred_ids())
-                    if self._held is None:
-                        await self._sleep(IDLE_WAIT_S if not self._deferred else DEFER_S)
-                else:
-                    # One loop turn first: a real-time request that a release just woke in the
-                    # admission queue takes its slot before a job can.
-                    await asyncio.sleep(0)
-                    replicas = eligible(self._state, self._settings)
-                    job = self._held
-                    if replicas and job is not None and not self._start(job, replicas):
-                        # No replica of its model can take it now: back to the queue, passed
-                        # over for DEFER_S, so other models' jobs go meanwhile.
-                        self._held = None
-                        if await self._store.run(JobStore.unclaim, job):
-                            self._defer(job.id)
-                        self._passed += 1
-                        if self._passed >= MAX_PASSES:  # a queue of such jobs: pace the store
-                            self._passed = 0
-                            await self._sleep(DEFER_S / 4)
-                    elif replicas and job is not None:
-                        self._held, self._passed = None, 0
+                try:
+                    await self._loop()
+                except StoreUnavailable as exc:
+                    log.warning("jobs: scheduler paused: %s", exc)
+                    await self._sleep(STORE_RETRY_S)
         finally:
             tasks = list(self._in_flight.values())
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            replicas = eligible(self._state, self._settings)
+            if not replicas:
+                await self._sleep(self._settings.poll_interval_s)
+            elif self._held is None:
+                self._held = await self._store.claim(self._deferred_ids())
+                if self._held is None:
+                    await self._sleep(IDLE_WAIT_S if not self._deferred else DEFER_S)
+            else:
+                # One loop turn first: a real-time request that a release just woke in the
+                # admission queue takes its slot before a job can.
+                await asyncio.sleep(0)
+                replicas = eligible(self._state, self._settings)
+                job = self._held
+                if replicas and job is not None and not self._start(job, replicas):
+                    # No replica of its model can take it now: back to the queue, passed
+                    # over for DEFER_S, so other models' jobs go meanwhile.
+                    self._held = None
+                    if await self._store.unclaim(job):
+                        self._defer(job.id)
+                    self._passed += 1
+                    if self._passed >= MAX_PASSES:  # a queue of such jobs: pace the store
+                        self._passed = 0
+                        await self._sleep(DEFER_S / 4)
+                elif replicas and job is not None:
+                    self._held, self._passed = None, 0
 
     async def _sleep(self, timeout_s: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -216,7 +237,7 @@ class Scheduler:
 
         async def record() -> None:
             outcome = outcome_of(reply, job, self._settings.max_attempts)
-            if outcome is not None and await self._store.run(JobStore.finish, job, outcome):
+            if outcome is not None and await self._store.finish(job, outcome):
                 self._state.metrics.jobs_finished.labels(outcome.status).inc()
 
         def done(_: asyncio.Task[None]) -> None:
@@ -245,12 +266,15 @@ class Scheduler:
         lease.close()
         outcome = outcome_of(reply, job, self._settings.max_attempts)
         metrics = self._state.metrics
-        if outcome is None:
-            log.info("job %s: %s; queued again", job.id, reply.text[:200])
-            if await self._store.run(JobStore.requeue, job):
-                metrics.job_retries.inc()
-        elif await self._store.run(JobStore.finish, job, outcome):
-            metrics.jobs_finished.labels(outcome.status).inc()
+        try:
+            if outcome is None:
+                log.info("job %s: %s; queued again", job.id, reply.text[:200])
+                if await self._store.requeue(job):
+                    metrics.job_retries.inc()
+            elif await self._store.finish(job, outcome):
+                metrics.jobs_finished.labels(outcome.status).inc()
+        except StoreUnavailable as exc:  # its lease runs out and a gateway runs it again
+            log.warning("job %s: attempt %d not recorded: %s", job.id, job.attempt, exc)
 
     async def _send(
         self, job: Job, replica: Replica, body: bytes, path: str, timeouts: Timeouts

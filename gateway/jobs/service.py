@@ -1,13 +1,17 @@
 """Deferred inference inside the gateway app: the store's lifetime, the scheduler and the
-retention sweep (one background task), and the handle the HTTP routes use (`app[JOBS]`).
+retention sweep (background tasks), and the handle the HTTP routes use (`app[JOBS]`).
 
-On start-up the store is opened and jobs a previous gateway left running are queued again; on
-shutdown dispatches in flight are cancelled and their jobs queued again for the next start.
+An SQLite store is one gateway's (a file lock keeps a second one out): on start-up the jobs a
+previous gateway left running are queued again. A PostgreSQL store is shared: each gateway
+renews the leases of the jobs it runs, and every gateway sweeps for leases that ran out (their
+gateway died) and queues those jobs again. On shutdown, dispatches in flight are cancelled and
+this gateway's running jobs go back to the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import sqlite3
@@ -17,10 +21,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.config import Jobs
+from gateway.config import Jobs, is_postgres_url
 from gateway.errors import ConfigError
 from gateway.jobs.scheduler import Scheduler
-from gateway.jobs.store import JobStore, ThreadedStore
+from gateway.jobs.store import SqliteStore, Store, StoreUnavailable
 from gateway.runtime import GatewayState
 
 log = logging.getLogger(__name__)
@@ -32,11 +36,11 @@ class JobService:
     def __init__(self, state: GatewayState, settings: Jobs) -> None:
         self.state = state
         self.settings = settings
-        self._store: ThreadedStore | None = None
+        self._store: Store | None = None
         self._scheduler: Scheduler | None = None
 
     @property
-    def store(self) -> ThreadedStore:
+    def store(self) -> Store:
         assert self._store is not None, "the store is opened by the app's cleanup_ctx"
         return self._store
 
@@ -46,26 +50,46 @@ class JobService:
         return self._scheduler
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
-        path = Path(self.settings.store)
-        with _exclusive(path):
-            store = await self._open(path)
+        url = self.settings.store
+        with contextlib.ExitStack() as stack:
+            if not is_postgres_url(url):
+                stack.enter_context(_exclusive(Path(url)))
+            store = await self._open(url)
             self._store = store
             self._scheduler = Scheduler(self.state, store, self.settings)
             try:
                 yield
             finally:
-                await store.run(JobStore.recover)  # dispatches in flight were cancelled
+                try:
+                    await store.release()  # dispatches in flight were cancelled
+                except StoreUnavailable as exc:  # their leases run out; another gateway sweeps
+                    log.warning("jobs: running jobs not handed back on shutdown: %s", exc)
                 await store.close()
 
-    async def _open(self, path: Path) -> ThreadedStore:
-        try:
-            store = await ThreadedStore.open(path, retention_s=self.settings.result_retention_s)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"jobs.store: cannot open {path}: {exc}") from None
-        queued, failed = await store.run(JobStore.recover, self.settings.max_attempts)
+    async def _open(self, url: str) -> Store:
+        settings = self.settings
+        store: Store
+        if is_postgres_url(url):
+            import asyncpg  # only with a PostgreSQL store
+
+            from gateway.jobs.postgres import PostgresStore, redacted
+
+            try:
+                store = await PostgresStore.open(
+                    url, retention_s=settings.result_retention_s, lease_s=settings.lease_s
+                )
+            except (OSError, TimeoutError, asyncpg.PostgresError, RuntimeError) as exc:
+                reason = str(exc) or type(exc).__name__
+                raise ConfigError(f"jobs.store: cannot open {redacted(url)}: {reason}") from None
+        else:
+            try:
+                store = await SqliteStore.open(url, retention_s=settings.result_retention_s)
+            except (OSError, sqlite3.Error) as exc:
+                raise ConfigError(f"jobs.store: cannot open {url}: {exc}") from None
+        queued, failed = await store.recover(settings.max_attempts)
         if queued or failed:
             log.warning(
-                "jobs: of the jobs the last gateway left running, %d are queued again and %d "
+                "jobs: of the jobs a stopped gateway left running, %d are queued again and %d "
                 "failed (their last allowed attempt)",
                 queued,
                 failed,
@@ -76,13 +100,43 @@ class JobService:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.scheduler.run(), name="jobs-scheduler")
             group.create_task(self._sweep(), name="jobs-retention")
+            if self.store.shared:
+                group.create_task(self._leases(), name="jobs-leases")
 
     async def _sweep(self) -> None:
         while True:
-            deleted = await self.store.run(JobStore.expire)
-            if deleted:
-                log.info("jobs: %d finished jobs past jobs.result_retention_s deleted", deleted)
+            try:
+                deleted = await self.store.expire()
+            except StoreUnavailable as exc:
+                log.warning("jobs: retention sweep skipped: %s", exc)
+            else:
+                if deleted:
+                    log.info("jobs: %d finished jobs past jobs.result_retention_s deleted", deleted)
             await asyncio.sleep(SWEEP_INTERVAL_S)
+
+    async def _leases(self) -> None:
+        """Shared store: renew this gateway's leases, stop dispatches of jobs it no longer
+        holds (cancelled or taken over elsewhere), and queue again the jobs whose gateway
+        stopped renewing."""
+        settings = self.settings
+        while True:
+            await asyncio.sleep(settings.lease_s / 3)
+            try:
+                asked = self.scheduler.held_ids()
+                self.scheduler.keep_only(asked, await self.store.renew(asked))
+                queued, failed = await self.store.recover(settings.max_attempts)
+            except StoreUnavailable as exc:
+                log.warning("jobs: leases not renewed: %s", exc)
+                continue
+            if queued or failed:
+                log.warning(
+                    "jobs: leases ran out on %d running jobs (their gateway stopped): %d queued "
+                    "again, %d failed (their last allowed attempt)",
+                    queued + failed,
+                    queued,
+                    failed,
+                )
+                self.scheduler.wake()
 
 
 @contextmanager

@@ -6,8 +6,9 @@ Each claim bumps the job's `attempt`; a result is written only by
 was dispatched (retries, a gateway restart), exactly one result is recorded. On start-up,
 jobs left running by a crashed gateway go back to queued.
 
-`JobStore` is synchronous and owns its connection; `ThreadedStore` runs its methods on one
-dedicated thread so the event loop never waits on disk. WAL with synchronous=NORMAL keeps
+`JobStore` is synchronous and owns its connection; `SqliteStore` runs its methods on one
+dedicated thread so the event loop never waits on disk, behind the async `Store` interface that
+the PostgreSQL store (gateway/jobs/postgres.py) also provides. WAL with synchronous=NORMAL keeps
 every commit across a process crash (kill -9); only a power loss may lose the last commits.
 
 Every job and batch has an `owner`: the name of the API key that created it ('' without auth).
@@ -23,13 +24,14 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
+from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
+from gateway.errors import GatewayError
 from gateway.jobs.requests import BatchLine, JobRequest
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -242,7 +244,7 @@ class JobStore:
     def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch:
         """The batch and all its lines in one transaction: it exists whole or not at all."""
         batch_id, now = new_id("batch"), self._clock()
-        rows = [(*_line_row(batch_id, line, now), owner) for line in lines]
+        rows = [(*line_row(batch_id, line, now), owner) for line in lines]
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO batches (id, created_at, total, owner) VALUES (?, ?, ?, ?)",
@@ -468,7 +470,7 @@ class JobStore:
             )
 
 
-def _line_row(batch_id: str, line: BatchLine, now: float) -> tuple[Any, ...]:
+def line_row(batch_id: str, line: BatchLine, now: float) -> tuple[Any, ...]:
     request = line.request
     if request is None:  # a bad line: failed at once, with its reason
         return (new_id("job"), batch_id, line.line, line.custom_id, "POST", "", "{}", "failed",
@@ -477,20 +479,77 @@ def _line_row(batch_id: str, line: BatchLine, now: float) -> tuple[Any, ...]:
             request.body_json(), "queued", now, None, None, None)  # fmt: skip
 
 
+class StoreUnavailable(GatewayError):
+    """The job store cannot be reached now (a shared database down or refusing): 503."""
+
+    status = 503
+    error_type = "job_store_unavailable"
+
+
+class Store(Protocol):
+    """What the gateway asks of a job store, every call awaited: `SqliteStore` (one gateway,
+    a file) and `PostgresStore` (gateway/jobs/postgres.py: several gateways, one database)."""
+
+    shared: bool  # several gateways may use it at once (claims carry a lease)
+
+    async def add_job(self, request: JobRequest, *, owner: str = "") -> Job: ...
+    async def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch: ...
+    async def claim(self, passed_over: Sequence[str] = ()) -> Job | None: ...
+    async def unclaim(self, job: Job) -> bool: ...
+    async def finish(self, job: Job, outcome: Outcome) -> bool: ...
+    async def requeue(self, job: Job) -> bool: ...
+
+    async def recover(self, max_attempts: int | None) -> tuple[int, int]:
+        """Jobs whose gateway stopped while running them: (queued again, failed)."""
+        ...
+
+    async def renew(self, job_ids: Collection[str]) -> set[str]:
+        """Extend this gateway's leases on these running jobs (those it is dispatching); the
+        ids it still holds (not cancelled, not taken over elsewhere)."""
+        ...
+
+    async def release(self) -> int:
+        """This gateway stops: its running jobs (dispatches cancelled) go back to the queue."""
+        ...
+
+    async def cancel_job(self, job_id: str, *, owner: str = "") -> tuple[Job | None, bool]: ...
+    async def cancel_batch(
+        self, batch_id: str, *, owner: str = ""
+    ) -> tuple[Batch | None, list[str]]: ...
+    async def get_job(self, job_id: str, *, owner: str = "") -> Job | None: ...
+    async def list_jobs(
+        self, *, status: str | None, batch_id: str | None, after: str | None, limit: int,
+        owner: str = "",
+    ) -> tuple[list[Job], bool]: ...  # fmt: skip
+    async def get_batch(self, batch_id: str, *, owner: str = "") -> Batch | None: ...
+    async def list_batches(
+        self, *, after: str | None, limit: int, owner: str = ""
+    ) -> tuple[list[Batch], bool]: ...
+    async def batch_results(
+        self, batch_id: str, after_seq: int, limit: int, *, owner: str = ""
+    ) -> list[Job]: ...
+    async def expire(self) -> int: ...
+    async def close(self) -> None: ...
+
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class ThreadedStore:
-    """A JobStore whose every call runs on one dedicated thread (SQLite connections belong to
-    the thread that opened them; one thread also serialises writes without lock waits)."""
+class SqliteStore:
+    """The SQLite JobStore behind the async `Store` calls: every call runs on one dedicated
+    thread (SQLite connections belong to the thread that opened them; one thread also
+    serialises writes without lock waits). One gateway at a time (gateway/jobs/service.py
+    holds a file lock), so a stopped gateway's running jobs are all recoverable at start."""
+
+    shared = False
 
     def __init__(self, executor: ThreadPoolExecutor, store: JobStore) -> None:
         self._executor = executor
         self._store = store
 
     @classmethod
-    async def open(cls, path: str | Path, *, retention_s: float) -> ThreadedStore:
+    async def open(cls, path: str | Path, *, retention_s: float) -> SqliteStore:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store")
         loop = asyncio.get_running_loop()
         try:
@@ -507,6 +566,70 @@ class ThreadedStore:
     ) -> T:
         call = functools.partial(method, self._store, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def add_job(self, request: JobRequest, *, owner: str = "") -> Job:
+        return await self.run(JobStore.add_job, request, owner=owner)
+
+    async def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch:
+        return await self.run(JobStore.add_batch, lines, owner=owner)
+
+    async def claim(self, passed_over: Sequence[str] = ()) -> Job | None:
+        return await self.run(JobStore.claim, passed_over)
+
+    async def unclaim(self, job: Job) -> bool:
+        return await self.run(JobStore.unclaim, job)
+
+    async def finish(self, job: Job, outcome: Outcome) -> bool:
+        return await self.run(JobStore.finish, job, outcome)
+
+    async def requeue(self, job: Job) -> bool:
+        return await self.run(JobStore.requeue, job)
+
+    async def recover(self, max_attempts: int | None) -> tuple[int, int]:
+        return await self.run(JobStore.recover, max_attempts)
+
+    async def renew(self, job_ids: Collection[str]) -> set[str]:
+        return set(job_ids)  # no lease: the file lock is this gateway's claim on all of them
+
+    async def release(self) -> int:
+        queued, _ = await self.run(JobStore.recover)
+        return queued
+
+    async def cancel_job(self, job_id: str, *, owner: str = "") -> tuple[Job | None, bool]:
+        return await self.run(JobStore.cancel_job, job_id, owner=owner)
+
+    async def cancel_batch(
+        self, batch_id: str, *, owner: str = ""
+    ) -> tuple[Batch | None, list[str]]:
+        return await self.run(JobStore.cancel_batch, batch_id, owner=owner)
+
+    async def get_job(self, job_id: str, *, owner: str = "") -> Job | None:
+        return await self.run(JobStore.get_job, job_id, owner=owner)
+
+    async def list_jobs(
+        self, *, status: str | None, batch_id: str | None, after: str | None, limit: int,
+        owner: str = "",
+    ) -> tuple[list[Job], bool]:  # fmt: skip
+        return await self.run(
+            JobStore.list_jobs, status=status, batch_id=batch_id, after=after, limit=limit,
+            owner=owner,
+        )  # fmt: skip
+
+    async def get_batch(self, batch_id: str, *, owner: str = "") -> Batch | None:
+        return await self.run(JobStore.get_batch, batch_id, owner=owner)
+
+    async def list_batches(
+        self, *, after: str | None, limit: int, owner: str = ""
+    ) -> tuple[list[Batch], bool]:
+        return await self.run(JobStore.list_batches, after=after, limit=limit, owner=owner)
+
+    async def batch_results(
+        self, batch_id: str, after_seq: int, limit: int, *, owner: str = ""
+    ) -> list[Job]:
+        return await self.run(JobStore.batch_results, batch_id, after_seq, limit, owner=owner)
+
+    async def expire(self) -> int:
+        return await self.run(JobStore.expire)
 
     async def close(self) -> None:
         await self.run(JobStore.close)

@@ -13,7 +13,6 @@ import pytest
 from gateway.jobs.requests import parse_job
 from gateway.jobs.scheduler import Scheduler
 from gateway.jobs.service import JOBS
-from gateway.jobs.store import JobStore
 from tests.support.servers import fake_replicas, gateway_config, running_gateway, write_config
 
 COMPLETION = {"url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 4}}
@@ -46,10 +45,10 @@ async def test_a_job_cancelled_before_its_dispatch_runs_leaks_no_count(tmp_path:
                     break
                 await asyncio.sleep(0.01)
             service = gw.app[JOBS]
-            await service.store.run(JobStore.add_job, parse_job(COMPLETION))
-            job = await service.store.run(JobStore.claim)
+            await service.store.add_job(parse_job(COMPLETION))
+            job = await service.store.claim()
             assert job is not None
-            await service.store.run(JobStore.cancel_job, job.id)
+            await service.store.cancel_job(job.id)
             scheduler = service.scheduler
             scheduler._start(job, gw.state.pool.available())
             assert replica.outstanding == 2

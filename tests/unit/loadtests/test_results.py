@@ -4,13 +4,14 @@ parser accepts and that names what its table shows, and README's result tables a
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from loadtests import batching_bench, jobs_bench, prefix_bench, readme
+from loadtests import batching_bench, frontends_bench, jobs_bench, prefix_bench, readme
 from loadtests.plan import (
     HAPROXY,
     PROG,
@@ -28,10 +29,28 @@ PREFIX = [f for f in FOLDERS if f.startswith("prefix-")]
 BENCH = [f for f in FOLDERS if (RESULTS / f / "runs.csv").exists() and f not in PREFIX]
 JOBS = [f for f in FOLDERS if f.startswith("jobs-")]
 BATCHING = [f for f in FOLDERS if f.startswith("batching")]
+FRONT_ENDS = [f for f in FOLDERS if f.startswith("front-ends")]
 
 
 def test_every_folder_is_a_bench_a_jobs_a_batching_or_a_prefix_result() -> None:
-    assert sorted(BENCH + JOBS + BATCHING + PREFIX) == FOLDERS and BENCH and JOBS and BATCHING
+    assert sorted(BENCH + JOBS + BATCHING + PREFIX + FRONT_ENDS) == FOLDERS
+    assert BENCH and JOBS and BATCHING and FRONT_ENDS
+
+
+@pytest.mark.parametrize("folder", FRONT_ENDS)
+def test_front_ends_table_names_its_command_and_holds_every_repeat(folder: str) -> None:
+    command = (RESULTS / folder / "command.txt").read_text().strip()
+    assert command.startswith(frontends_bench.PROG + " ")
+    assert f"--out loadtests/results/{folder}" in command
+    table = (RESULTS / folder / "table.md").read_text()
+    assert f"Command: `{command}`" in table
+    repeats = int(re.search(r"--repeats (\d+)", command).group(1))  # type: ignore[union-attr]
+    runs = [json.loads(line) for line in (RESULTS / folder / "runs.jsonl").read_text().splitlines()]
+    seen = {(r["front_end"], r["scenario"], r["repeat"]) for r in runs}
+    names = {r["front_end"] for r in runs}
+    scenarios = {r["scenario"] for r in runs}
+    assert len(seen) == len(runs) == len(names) * len(scenarios) * repeats
+    assert {"direct", "infergate:workers=1", "infergate:workers=2"} <= names
 
 
 @pytest.mark.parametrize("folder", PREFIX)

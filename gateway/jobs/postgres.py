@@ -1,0 +1,511 @@
+"""The job store on PostgreSQL: one database shared by several gateways (`jobs.store:
+postgresql://user@host:port/db`), through an asyncpg connection pool, so the event loop never
+waits on the database.
+
+What SQLite's single-gateway lock gave, claims and leases give here:
+- A claim takes the oldest queued job with `FOR UPDATE SKIP LOCKED`: two gateways claiming at
+  once get different jobs, and neither waits for the other. It bumps `attempt`, names this
+  gateway (`holder`, a fresh id per start) and sets `lease_until`, on the database's clock.
+- Results are fenced as in SQLite: `finish` and `requeue` change a job only while it is
+  running under the same attempt, so only the attempt that holds the claim writes a result.
+- A gateway renews its leases on the jobs it is dispatching every `jobs.lease_s` / 3; the ids
+  that come back are those it still holds, so a job cancelled or taken over elsewhere stops
+  here too.
+- A gateway that dies (kill -9 included) stops renewing; once a lease runs out, any gateway's
+  recovery sweep queues the job again, or fails it when that was its last allowed attempt
+  (`jobs.max_attempts` holds across crashes, as `attempt` lives in the row).
+- A batch is complete when its last line ends. Every change to a batch's lines takes the
+  batch's row lock first, so two gateways ending its last two lines at once see each other's.
+
+The schema is versioned (`infergate_schema`) and migrated at start-up under an advisory lock,
+so gateways starting together apply each step once. Connection parameters the URL leaves out
+(the password, say) come from libpq's environment variables (PGPASSWORD, PGPASSFILE, PGSSLMODE,
+...), so a Kubernetes Secret can hold them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, ParamSpec, TypeVar
+
+import asyncpg
+
+from gateway.jobs.requests import BatchLine, JobRequest
+from gateway.jobs.store import Batch, Job, Outcome, StoreUnavailable, line_row, new_id
+
+log = logging.getLogger(__name__)
+
+NOW = "extract(epoch FROM clock_timestamp())"  # the database's clock, for leases
+MIGRATION_LOCK = 0x6A6F6273  # pg_advisory_xact_lock key: 'jobs'
+
+# Each step runs once, in order, in the transaction that records its number.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE batches (
+        seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+        id text PRIMARY KEY,
+        created_at double precision NOT NULL,
+        total integer NOT NULL,
+        cancelled_at double precision,
+        completed_at double precision,
+        expires_at double precision,
+        owner text NOT NULL DEFAULT ''
+    );
+    CREATE TABLE jobs (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        batch_id text,
+        line integer,
+        custom_id text,
+        method text NOT NULL,
+        url text NOT NULL,
+        body text NOT NULL,
+        status text NOT NULL,
+        attempt integer NOT NULL DEFAULT 0,
+        created_at double precision NOT NULL,
+        started_at double precision,
+        finished_at double precision,
+        expires_at double precision,
+        status_code integer,
+        response text,
+        error_code text,
+        error_message text,
+        owner text NOT NULL DEFAULT '',
+        holder text,
+        lease_until double precision
+    );
+    CREATE INDEX jobs_queued ON jobs (seq) WHERE status = 'queued';
+    CREATE INDEX jobs_leases ON jobs (lease_until) WHERE status = 'running';
+    CREATE INDEX jobs_by_holder ON jobs (holder) WHERE status = 'running';
+    CREATE INDEX jobs_by_batch_status ON jobs (batch_id, status);
+    CREATE INDEX jobs_by_batch_seq ON jobs (batch_id, seq);
+    CREATE INDEX jobs_by_owner ON jobs (owner, seq);
+    CREATE INDEX jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+    CREATE INDEX batches_by_owner ON batches (owner, seq);
+    CREATE INDEX batches_by_expiry ON batches (expires_at) WHERE expires_at IS NOT NULL;
+    """,
+)
+
+JOB_COLUMNS = (
+    "seq, id, batch_id, line, custom_id, method, url, body, status, attempt, created_at,"
+    " started_at, finished_at, expires_at, status_code, response, error_code, error_message,"
+    " owner"
+)
+BATCH_COLUMNS = "id, created_at, total, cancelled_at, completed_at, expires_at, owner"
+ACTIVE = "('queued', 'running')"
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# What a database that is down, restarting or refusing raises: the caller gets a 503.
+UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+               asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+               asyncpg.AdminShutdownError, TimeoutError)  # fmt: skip
+RETRIES = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+def redacted(url: str) -> str:
+    """The URL as a message may show it: no password."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _guarded(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """A store call: a deadlock between gateways (PostgreSQL aborts one side) is tried again;
+    a database that cannot be reached is a StoreUnavailable (503), never a hang or a 500."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        for attempt in range(3):
+            try:
+                return await method(*args, **kwargs)
+            except RETRIES:
+                if attempt == 2:
+                    raise
+            except UNAVAILABLE as exc:
+                raise StoreUnavailable(
+                    f"the job store cannot be reached now ({type(exc).__name__}); try again"
+                ) from exc
+        raise AssertionError("unreachable")
+
+    return call
+
+
+def _job(row: asyncpg.Record) -> Job:
+    return Job(**dict(row))
+
+
+class PostgresStore:
+    shared = True
+
+    def __init__(
+        self, pool: asyncpg.Pool, *, retention_s: float, lease_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
+        self._pool = pool
+        self._retention_s = retention_s
+        self._lease_s = lease_s
+        self._clock = clock
+        self.holder = uuid.uuid4().hex  # this gateway, for as long as it runs
+
+    @classmethod
+    async def open(
+        cls, url: str, *, retention_s: float, lease_s: float, timeout_s: float = 10.0
+    ) -> PostgresStore:
+        """Connect (the pool keeps 1 to 8 connections), create or migrate the schema."""
+        pool = await asyncpg.create_pool(
+            url, min_size=1, max_size=8, timeout=timeout_s, command_timeout=30
+        )
+        try:
+            await migrate(pool)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, retention_s=retention_s, lease_s=lease_s)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._pool.acquire() as db, db.transaction():
+            yield db
+
+    # Submitting
+
+    @_guarded
+    async def add_job(self, request: JobRequest, *, owner: str = "") -> Job:
+        row = await self._pool.fetchrow(
+            "INSERT INTO jobs (id, custom_id, method, url, body, status, created_at, owner)"
+            f" VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7) RETURNING {JOB_COLUMNS}",
+            new_id("job"), request.custom_id, request.method, request.url, request.body_json(),
+            self._clock(), owner,
+        )  # fmt: skip
+        return _job(row)
+
+    @_guarded
+    async def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch:
+        """The batch and all its lines in one transaction: it exists whole or not at all."""
+        batch_id, now = new_id("batch"), self._clock()
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO batches (id, created_at, total, owner) VALUES ($1, $2, $3, $4)",
+                batch_id, now, len(lines), owner,
+            )  # fmt: skip
+            await db.copy_records_to_table(
+                "jobs",
+                records=[(*line_row(batch_id, line, now), owner) for line in lines],
+                columns=LINE_COLUMNS,
+            )
+            await self._complete_if_done(db, batch_id, now)
+        batch = await self.get_batch(batch_id, owner=owner)
+        assert batch is not None
+        return batch
+
+    # Dispatching
+
+    @_guarded
+    async def claim(self, passed_over: Sequence[str] = ()) -> Job | None:
+        """The oldest queued job (not one of `passed_over`, nor one another gateway is
+        claiming this instant), now running under a new attempt and this gateway's lease."""
+        row = await self._pool.fetchrow(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1,"
+            f" holder = $2, lease_until = {NOW} + $3"
+            " WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued'"
+            " AND id <> ALL($4::text[]) ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
+            f" AND status = 'queued' RETURNING {JOB_COLUMNS}",
+            self._clock(), self.holder, self._lease_s, list(passed_over),
+        )  # fmt: skip
+        return None if row is None else _job(row)
+
+    @_guarded
+    async def unclaim(self, job: Job) -> bool:
+        """Back to the queue as it was before `claim` (it was never sent); fenced."""
+        done = await self._pool.execute(
+            "UPDATE jobs SET status = 'queued', attempt = attempt - 1, started_at = NULL,"
+            " holder = NULL, lease_until = NULL"
+            " WHERE id = $1 AND status = 'running' AND attempt = $2",
+            job.id, job.attempt,
+        )  # fmt: skip
+        return _count(done) == 1
+
+    @_guarded
+    async def finish(self, job: Job, outcome: Outcome) -> bool:
+        """Record the result of this attempt; False when the job was cancelled or re-claimed
+        meanwhile (then another attempt, or the cancel, owns its result)."""
+        now = self._clock()
+        async with self._transaction() as db:
+            if job.batch_id is not None:
+                await _lock_batches(db, [job.batch_id])
+            row = await db.fetchrow(
+                "UPDATE jobs SET status = $1, finished_at = $2, status_code = $3, response = $4,"
+                " error_code = $5, error_message = $6, holder = NULL, lease_until = NULL,"
+                " expires_at = CASE WHEN batch_id IS NULL THEN $7::double precision END"
+                " WHERE id = $8 AND status = 'running' AND attempt = $9 RETURNING batch_id",
+                outcome.status, now, outcome.status_code, outcome.response, outcome.error_code,
+                outcome.error_message, now + self._retention_s, job.id, job.attempt,
+            )  # fmt: skip
+            if row is not None and row["batch_id"] is not None:
+                await self._complete_if_done(db, row["batch_id"], now)
+        return row is not None
+
+    @_guarded
+    async def requeue(self, job: Job) -> bool:
+        """Back to the queue for another attempt (the replica failed); fenced like finish."""
+        done = await self._pool.execute(
+            "UPDATE jobs SET status = 'queued', holder = NULL, lease_until = NULL"
+            " WHERE id = $1 AND status = 'running' AND attempt = $2",
+            job.id, job.attempt,
+        )  # fmt: skip
+        return _count(done) == 1
+
+    @_guarded
+    async def recover(self, max_attempts: int | None) -> tuple[int, int]:
+        """Running jobs whose lease ran out (their gateway stopped renewing): (queued again,
+        failed). With `max_attempts`, one whose lost attempt was the last allowed fails."""
+        now = self._clock()
+        async with self._transaction() as db:
+            expired = f"status = 'running' AND lease_until < {NOW}"
+            batches = await db.fetch(f"SELECT DISTINCT batch_id FROM jobs WHERE {expired}")
+            batch_ids = [r["batch_id"] for r in batches if r["batch_id"] is not None]
+            await _lock_batches(db, batch_ids)
+            failed: list[asyncpg.Record] = []
+            if max_attempts is not None:
+                failed = await db.fetch(
+                    "UPDATE jobs SET status = 'failed', finished_at = $1,"
+                    " error_code = 'attempts_exhausted', holder = NULL, lease_until = NULL,"
+                    " error_message = 'the gateway running it stopped during attempt '"
+                    " || attempt || ' of ' || $2::integer || '; not run again',"
+                    " expires_at = CASE WHEN batch_id IS NULL THEN $3::double precision END"
+                    f" WHERE {expired} AND attempt >= $2 RETURNING batch_id",
+                    now, max_attempts, now + self._retention_s,
+                )  # fmt: skip
+            queued = await db.execute(
+                "UPDATE jobs SET status = 'queued', holder = NULL, lease_until = NULL"
+                f" WHERE {expired}"
+            )
+            for batch_id in {r["batch_id"] for r in failed} - {None}:
+                await self._complete_if_done(db, batch_id, now)
+        return _count(queued), len(failed)
+
+    @_guarded
+    async def renew(self, job_ids: Collection[str]) -> set[str]:
+        """Only the jobs named: one whose dispatch this gateway lost track of (its result
+        could not be written while the database was away) runs out and is recovered."""
+        if not job_ids:
+            return set()
+        rows = await self._pool.fetch(
+            f"UPDATE jobs SET lease_until = {NOW} + $2"
+            " WHERE holder = $1 AND id = ANY($3::text[]) AND status = 'running' RETURNING id",
+            self.holder, self._lease_s, list(job_ids),
+        )  # fmt: skip
+        return {row["id"] for row in rows}
+
+    @_guarded
+    async def release(self) -> int:
+        done = await self._pool.execute(
+            "UPDATE jobs SET status = 'queued', holder = NULL, lease_until = NULL"
+            " WHERE holder = $1 AND status = 'running'",
+            self.holder,
+        )
+        return _count(done)
+
+    # Cancelling
+
+    @_guarded
+    async def cancel_job(self, job_id: str, *, owner: str = "") -> tuple[Job | None, bool]:
+        """(the job after, whether this call cancelled it); (None, False) when unknown."""
+        now = self._clock()
+        async with self._transaction() as db:
+            batch_id = await db.fetchval(
+                "SELECT batch_id FROM jobs WHERE id = $1 AND owner = $2", job_id, owner
+            )
+            if batch_id is not None:
+                await _lock_batches(db, [batch_id])
+            row = await db.fetchrow(
+                "UPDATE jobs SET status = 'cancelled', finished_at = $1,"
+                " error_code = 'cancelled', error_message = 'cancelled before it finished',"
+                " holder = NULL, lease_until = NULL,"
+                " expires_at = CASE WHEN batch_id IS NULL THEN $2::double precision END"
+                f" WHERE id = $3 AND owner = $4 AND status IN {ACTIVE} RETURNING batch_id",
+                now, now + self._retention_s, job_id, owner,
+            )  # fmt: skip
+            if row is not None and row["batch_id"] is not None:
+                await self._complete_if_done(db, row["batch_id"], now)
+        return await self.get_job(job_id, owner=owner), row is not None
+
+    @_guarded
+    async def cancel_batch(
+        self, batch_id: str, *, owner: str = ""
+    ) -> tuple[Batch | None, list[str]]:
+        """(the batch after, ids of the jobs it cancelled); a finished batch is unchanged."""
+        now = self._clock()
+        cancelled: list[str] = []
+        async with self._transaction() as db:
+            changed = await db.execute(
+                "UPDATE batches SET cancelled_at = $1 WHERE id = $2 AND owner = $3"
+                " AND completed_at IS NULL AND cancelled_at IS NULL",
+                now, batch_id, owner,
+            )  # fmt: skip
+            if _count(changed):
+                rows = await db.fetch(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = $1,"
+                    " error_code = 'cancelled', error_message = 'the batch was cancelled',"
+                    " holder = NULL, lease_until = NULL"
+                    f" WHERE batch_id = $2 AND status IN {ACTIVE} RETURNING id",
+                    now, batch_id,
+                )  # fmt: skip
+                cancelled = [row["id"] for row in rows]
+                await self._complete_if_done(db, batch_id, now)
+        return await self.get_batch(batch_id, owner=owner), cancelled
+
+    # Reading
+
+    @_guarded
+    async def get_job(self, job_id: str, *, owner: str = "") -> Job | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND owner = $2", job_id, owner
+        )
+        return None if row is None else _job(row)
+
+    @_guarded
+    async def list_jobs(
+        self, *, status: str | None, batch_id: str | None, after: str | None, limit: int,
+        owner: str = "",
+    ) -> tuple[list[Job], bool]:  # fmt: skip
+        """A page of one owner's jobs, oldest first, and whether more follow."""
+        where, args = ["owner = $1"], [owner]
+        for column, value in (("status", status), ("batch_id", batch_id)):
+            if value is not None:
+                args.append(value)
+                where.append(f"{column} = ${len(args)}")
+        if after is not None:
+            args.append(after)
+            where.append(
+                f"seq > COALESCE((SELECT seq FROM jobs WHERE id = ${len(args)} AND owner = $1), -1)"
+            )
+        rows = await self._pool.fetch(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)}"
+            f" ORDER BY seq LIMIT ${len(args) + 1}",
+            *args, limit + 1,
+        )  # fmt: skip
+        return [_job(row) for row in rows[:limit]], len(rows) > limit
+
+    @_guarded
+    async def get_batch(self, batch_id: str, *, owner: str = "") -> Batch | None:
+        async with self._pool.acquire() as db:
+            return await _batch(db, batch_id, owner)
+
+    @_guarded
+    async def list_batches(
+        self, *, after: str | None, limit: int, owner: str = ""
+    ) -> tuple[list[Batch], bool]:
+        async with self._pool.acquire() as db:
+            rows = await db.fetch(
+                "SELECT id FROM batches WHERE owner = $1 AND seq > COALESCE("
+                "(SELECT seq FROM batches WHERE id = $2 AND owner = $1), -1)"
+                " ORDER BY seq LIMIT $3",
+                owner, after, limit + 1,
+            )  # fmt: skip
+            batches = [await _batch(db, row["id"], owner) for row in rows[:limit]]
+        return [b for b in batches if b is not None], len(rows) > limit
+
+    @_guarded
+    async def batch_results(
+        self, batch_id: str, after_seq: int, limit: int, *, owner: str = ""
+    ) -> list[Job]:
+        """Finished lines of a batch in file order, a page at a time (results are streamed)."""
+        rows = await self._pool.fetch(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE batch_id = $1 AND owner = $2 AND seq > $3"
+            f" AND status NOT IN {ACTIVE} ORDER BY seq LIMIT $4",
+            batch_id, owner, after_seq, limit,
+        )  # fmt: skip
+        return [_job(row) for row in rows]
+
+    # Retention
+
+    @_guarded
+    async def expire(self) -> int:
+        """Delete finished jobs and batches past their retention; returns the jobs deleted."""
+        now = self._clock()
+        async with self._transaction() as db:
+            deleted = await db.execute(
+                "DELETE FROM jobs WHERE expires_at <= $1 OR batch_id IN"
+                " (SELECT id FROM batches WHERE expires_at <= $1)",
+                now,
+            )
+            await db.execute("DELETE FROM batches WHERE expires_at <= $1", now)
+        return _count(deleted)
+
+    async def _complete_if_done(self, db: asyncpg.Connection, batch_id: str, now: float) -> None:
+        """The caller holds the batch's row lock (or inserted it in this transaction)."""
+        active = await db.fetchval(
+            f"SELECT 1 FROM jobs WHERE batch_id = $1 AND status IN {ACTIVE} LIMIT 1", batch_id
+        )
+        if active is None:
+            await db.execute(
+                "UPDATE batches SET completed_at = $1, expires_at = $2"
+                " WHERE id = $3 AND completed_at IS NULL",
+                now, now + self._retention_s, batch_id,
+            )  # fmt: skip
+
+
+async def migrate(pool: asyncpg.Pool) -> int:
+    """Create or bring the schema up to date, each step once however many gateways start at
+    the same time; returns the schema version."""
+    async with pool.acquire() as db, db.transaction():
+        await db.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await db.execute("CREATE TABLE IF NOT EXISTS infergate_schema (version integer NOT NULL)")
+        version = await db.fetchval("SELECT max(version) FROM infergate_schema") or 0
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"the job store's schema is version {version}, newer than this gateway's "
+                f"({len(MIGRATIONS)}): upgrade the gateway"
+            )
+        for step in range(version, len(MIGRATIONS)):
+            await db.execute(MIGRATIONS[step])
+            await db.execute("INSERT INTO infergate_schema (version) VALUES ($1)", step + 1)
+            log.info("jobs: store schema migrated to version %d", step + 1)
+    return len(MIGRATIONS)
+
+
+async def _lock_batches(db: asyncpg.Connection, batch_ids: Sequence[str]) -> None:
+    """Row locks on batches, in one order everywhere (no deadlock between two of these)."""
+    if batch_ids:
+        await db.execute(
+            "SELECT 1 FROM batches WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+            sorted(set(batch_ids)),
+        )
+
+
+async def _batch(db: asyncpg.Connection, batch_id: str, owner: str) -> Batch | None:
+    row = await db.fetchrow(
+        f"SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1 AND owner = $2", batch_id, owner
+    )
+    if row is None:
+        return None
+    counts = await db.fetch(
+        "SELECT status, count(*) AS n FROM jobs WHERE batch_id = $1 GROUP BY status", batch_id
+    )
+    return Batch(**dict(row), counts={r["status"]: r["n"] for r in counts})
+
+
+LINE_COLUMNS = ("id", "batch_id", "line", "custom_id", "method", "url", "body", "status",
+                "created_at", "finished_at", "error_code", "error_message", "owner")  # fmt: skip
+
+
+def _count(status: str) -> int:
+    """The row count of a command tag: 'UPDATE 3' -> 3."""
+    return int(status.rsplit(" ", 1)[1])
