@@ -46,7 +46,7 @@ def _store_path(value: str) -> str:
             "expected a file path for an SQLite job store or a postgresql://user@host:port/db URL"
         )
     scheme, sep, _ = value.partition("://")
-    if sep and scheme in POSTGRES_SCHEMES:
+    if is_postgres_url(value):
         parts = urllib.parse.urlsplit(value)
         try:
             parts.port  # noqa: B018 - raises on a port that is not a number

@@ -99,6 +99,7 @@ JOB_COLUMNS = (
 )
 BATCH_COLUMNS = "id, created_at, total, cancelled_at, completed_at, expires_at, owner"
 ACTIVE = "('queued', 'running')"
+TO_QUEUE = "status = 'queued', holder = NULL, lease_until = NULL"  # queued again, unclaimed
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -233,13 +234,7 @@ class PostgresStore:
     @_guarded
     async def unclaim(self, job: Job) -> bool:
         """Back to the queue as it was before `claim` (it was never sent); fenced."""
-        done = await self._pool.execute(
-            "UPDATE jobs SET status = 'queued', attempt = attempt - 1, started_at = NULL,"
-            " holder = NULL, lease_until = NULL"
-            " WHERE id = $1 AND status = 'running' AND attempt = $2",
-            job.id, job.attempt,
-        )  # fmt: skip
-        return _count(done) == 1
+        return await self._to_queue(job, ", attempt = attempt - 1, started_at = NULL")
 
     @_guarded
     async def finish(self, job: Job, outcome: Outcome) -> bool:
@@ -264,9 +259,14 @@ class PostgresStore:
     @_guarded
     async def requeue(self, job: Job) -> bool:
         """Back to the queue for another attempt (the replica failed); fenced like finish."""
+        return await self._to_queue(job)
+
+    async def _to_queue(self, job: Job, also: str = "") -> bool:
+        """`job` back to the queue (and the `also` assignments), only while it still runs
+        under the same attempt."""
         done = await self._pool.execute(
-            "UPDATE jobs SET status = 'queued', holder = NULL, lease_until = NULL"
-            " WHERE id = $1 AND status = 'running' AND attempt = $2",
+            f"UPDATE jobs SET {TO_QUEUE}{also} WHERE id = $1 AND status = 'running'"
+            " AND attempt = $2",
             job.id, job.attempt,
         )  # fmt: skip
         return _count(done) == 1
@@ -292,10 +292,7 @@ class PostgresStore:
                     f" WHERE {expired} AND attempt >= $2 RETURNING batch_id",
                     now, max_attempts, now + self._retention_s,
                 )  # fmt: skip
-            queued = await db.execute(
-                "UPDATE jobs SET status = 'queued', holder = NULL, lease_until = NULL"
-                f" WHERE {expired}"
-            )
+            queued = await db.execute(f"UPDATE jobs SET {TO_QUEUE} WHERE {expired}")
             for batch_id in {r["batch_id"] for r in failed} - {None}:
                 await self._complete_if_done(db, batch_id, now)
         return _count(queued), len(failed)
@@ -316,9 +313,7 @@ class PostgresStore:
     @_guarded
     async def release(self) -> int:
         done = await self._pool.execute(
-            "UPDATE jobs SET status = 'queued', holder = NULL, lease_until = NULL"
-            " WHERE holder = $1 AND status = 'running'",
-            self.holder,
+            f"UPDATE jobs SET {TO_QUEUE} WHERE holder = $1 AND status = 'running'", self.holder
         )
         return _count(done)
 
