@@ -98,3 +98,24 @@ def test_discovery_replaces_the_static_list() -> None:
 )
 def test_discovery_errors_name_the_key_path(data: Any, expected: str) -> None:
     assert _error(data).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("store", "expected"),
+    [
+        ("postgresql://u@h:x/db", "jobs.store: the URL's port is not a number"),
+        ("postgresql://u@h:5432/", "name the database: postgresql://user@host:5432/DBNAME"),
+        ("mysql://h/db", "'mysql://' is not a job store"),
+        ("  ", "a file path for an SQLite job store or a postgresql://"),
+    ],
+)
+def test_a_job_store_that_is_neither_a_file_nor_a_postgresql_url_is_refused(
+    store: str, expected: str
+) -> None:
+    assert expected in _error({"replicas": [{"url": URL}], "jobs": {"store": store}})
+
+
+@pytest.mark.parametrize("store", ["/var/lib/jobs.db", "postgresql://u@127.0.0.1:5432/jobs"])
+def test_a_job_store_is_a_file_or_a_postgresql_url(store: str) -> None:
+    config = parse_config({"replicas": [{"url": URL}], "jobs": {"store": store}})
+    assert config.jobs is not None and config.jobs.store == store and config.jobs.lease_s == 30
