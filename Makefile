@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint browser loadtools
+.PHONY: run test lint browser loadtools postgres
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,5 +36,13 @@ loadtools:
 		{ DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q hey wrk; }
 
-test: lint browser loadtools
+# The shared job store's tests start a real PostgreSQL server (tests/support/postgres.py); as root
+# install Debian's postgresql when missing (its binaries land in /usr/lib/postgresql/*/bin).
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		[ "$$(id -u)" != 0 ] || \
+		{ DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
+
+test: lint browser loadtools postgres
 	$(PY) -m pytest -q

@@ -81,6 +81,9 @@ class JobService:
             except (OSError, TimeoutError, asyncpg.PostgresError, RuntimeError) as exc:
                 reason = str(exc) or type(exc).__name__
                 raise ConfigError(f"jobs.store: cannot open {redacted(url)}: {reason}") from None
+            log.info(
+                "jobs: shared store %s; this gateway claims as %s", redacted(url), store.holder
+            )
         else:
             try:
                 store = await SqliteStore.open(url, retention_s=settings.result_retention_s)

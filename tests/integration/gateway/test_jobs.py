@@ -1,4 +1,5 @@
-"""Deferred jobs and batches as a client sees them, through a real gateway and fake replicas."""
+"""Deferred jobs and batches as a client sees them, through a real gateway and fake replicas,
+on each job store: an SQLite file and a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
+from tests.support.postgres import fresh_database
 from tests.support.processes import BIN
 from tests.support.servers import (
     FakeReplica,
@@ -25,11 +28,19 @@ from tests.support.servers import (
 COMPLETION = {"url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 4}}
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """jobs.store: a file, or a new database on the test run's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.db")
+    return await fresh_database(request.getfixturevalue("postgres_server"))
+
+
 @asynccontextmanager
 async def jobs_gateway(
-    tmp_path: Path, replicas: list[FakeReplica], **extra: Any
+    tmp_path: Path, store: str, replicas: list[FakeReplica], **extra: Any
 ) -> AsyncIterator[tuple[Gateway, aiohttp.ClientSession]]:
-    jobs = {"store": str(tmp_path / "jobs.db"), "poll_interval_s": 0.01, **extra.pop("jobs", {})}
+    jobs = {"store": store, "poll_interval_s": 0.01, **extra.pop("jobs", {})}
     config = gateway_config(replicas, "least_outstanding_requests", jobs=jobs, **extra)
     write_config(tmp_path / "g.yaml", config)
     async with running_gateway(tmp_path / "g.yaml") as gw, aiohttp.ClientSession() as client:
@@ -57,8 +68,11 @@ async def _error(response: aiohttp.ClientResponse) -> tuple[int, str, str]:
     return response.status, error["type"], error["message"]
 
 
-async def test_a_job_runs_on_a_replica_and_its_result_is_kept(tmp_path: Path) -> None:
-    async with fake_replicas(1) as replicas, jobs_gateway(tmp_path, replicas) as (gw, client):
+async def test_a_job_runs_on_a_replica_and_its_result_is_kept(tmp_path: Path, store: str) -> None:
+    async with (
+        fake_replicas(1) as replicas,
+        jobs_gateway(tmp_path, store, replicas) as (gw, client),
+    ):
         async with client.post(f"{gw.url}/v1/jobs", json=COMPLETION) as response:
             assert response.status == 202
             job = await response.json()
@@ -78,12 +92,12 @@ async def test_a_job_runs_on_a_replica_and_its_result_is_kept(tmp_path: Path) ->
 
 
 async def test_jobs_wait_while_the_replica_is_busy_and_real_time_goes_first(
-    tmp_path: Path,
+    tmp_path: Path, store: str
 ) -> None:
     limits = {"max_outstanding_per_replica": 1, "max_queue": 4, "queue_timeout_s": 10}
     async with (
         fake_replicas(1) as (replica,),
-        jobs_gateway(tmp_path, [replica], limits=limits) as (gw, client),
+        jobs_gateway(tmp_path, store, [replica], limits=limits) as (gw, client),
     ):
         first = asyncio.create_task(client.post(f"{gw.url}/hold"))
         await wait_until(lambda: replica.in_flight == 1)
@@ -104,11 +118,11 @@ async def test_jobs_wait_while_the_replica_is_busy_and_real_time_goes_first(
 
 
 async def test_cancel_a_running_job_frees_the_replica_and_a_finished_one_is_409(
-    tmp_path: Path,
+    tmp_path: Path, store: str
 ) -> None:
     async with (
         fake_replicas(1) as (replica,),
-        jobs_gateway(tmp_path, [replica]) as (gw, client),
+        jobs_gateway(tmp_path, store, [replica]) as (gw, client),
     ):
         async with client.post(f"{gw.url}/v1/jobs", json={"url": "/hold", "body": {}}) as r:
             job_url = f"{gw.url}{r.headers['Location']}"
@@ -128,8 +142,11 @@ async def test_cancel_a_running_job_frees_the_replica_and_a_finished_one_is_409(
                 assert (await _error(response))[:2] == (404, "not_found")
 
 
-async def test_listing_jobs_by_status(tmp_path: Path) -> None:
-    async with fake_replicas(1) as replicas, jobs_gateway(tmp_path, replicas) as (gw, client):
+async def test_listing_jobs_by_status(tmp_path: Path, store: str) -> None:
+    async with (
+        fake_replicas(1) as replicas,
+        jobs_gateway(tmp_path, store, replicas) as (gw, client),
+    ):
         ids = []
         for _ in range(3):
             async with client.post(f"{gw.url}/v1/jobs", json=COMPLETION) as response:
@@ -147,12 +164,17 @@ async def test_listing_jobs_by_status(tmp_path: Path) -> None:
             assert (await _error(response))[0] == 400
 
 
-async def test_a_batch_runs_every_line_and_bad_lines_fail_with_a_reason(tmp_path: Path) -> None:
+async def test_a_batch_runs_every_line_and_bad_lines_fail_with_a_reason(
+    tmp_path: Path, store: str
+) -> None:
     lines = [json.dumps({"custom_id": f"c{i}", **COMPLETION}) for i in range(20)]
     lines.insert(5, '{"custom_id": "broken", "url": "/v1/completions"')
     lines.insert(9, json.dumps({"custom_id": "up", "url": "/v1/completions", "body": []}))
     data = "\n".join(lines).encode()
-    async with fake_replicas(2) as replicas, jobs_gateway(tmp_path, replicas) as (gw, client):
+    async with (
+        fake_replicas(2) as replicas,
+        jobs_gateway(tmp_path, store, replicas) as (gw, client),
+    ):
         async with client.post(f"{gw.url}/v1/batches", data=data) as response:
             assert response.status == 202
             batch = await response.json()
@@ -174,13 +196,15 @@ async def test_a_batch_runs_every_line_and_bad_lines_fail_with_a_reason(tmp_path
     assert sum(len(r.seen) for r in replicas) == 20
 
 
-async def test_results_of_a_batch_in_progress_are_409_and_cancel_stops_it(tmp_path: Path) -> None:
+async def test_results_of_a_batch_in_progress_are_409_and_cancel_stops_it(
+    tmp_path: Path, store: str
+) -> None:
     data = "\n".join(
         json.dumps({"custom_id": str(i), "url": "/hold", "body": {}}) for i in range(5)
     ).encode()
     async with (
         fake_replicas(1) as (replica,),
-        jobs_gateway(tmp_path, [replica]) as (gw, client),
+        jobs_gateway(tmp_path, store, [replica]) as (gw, client),
     ):
         async with client.post(f"{gw.url}/v1/batches", data=data) as response:
             batch_url = gw.url + response.headers["Location"]
@@ -201,12 +225,12 @@ async def test_results_of_a_batch_in_progress_are_409_and_cancel_stops_it(tmp_pa
     assert [r["error"]["code"] for r in results] == ["cancelled"] * 5
 
 
-async def test_bad_requests_get_a_4xx_that_says_what_to_fix(tmp_path: Path) -> None:
+async def test_bad_requests_get_a_4xx_that_says_what_to_fix(tmp_path: Path, store: str) -> None:
     line = json.dumps({"custom_id": "x", **COMPLETION}) + "\n"
     jobs = {"max_batch_bytes": 1000, "max_batch_lines": 3}
     async with (
         fake_replicas(1) as replicas,
-        jobs_gateway(tmp_path, replicas, jobs=jobs) as (gw, client),
+        jobs_gateway(tmp_path, store, replicas, jobs=jobs) as (gw, client),
     ):
         cases = [
             ("/v1/batches", {"data": line * 20}, 413, "jobs.max_batch_bytes = 1000"),
@@ -249,10 +273,14 @@ async def test_jobs_are_off_without_a_jobs_section(tmp_path: Path) -> None:
     assert not replicas[0].seen
 
 
-async def test_a_job_whose_replica_keeps_failing_fails_after_max_attempts(tmp_path: Path) -> None:
+async def test_a_job_whose_replica_keeps_failing_fails_after_max_attempts(
+    tmp_path: Path, store: str
+) -> None:
     async with fake_replicas(1) as replicas:
         dead = FakeReplica("dead", url=replicas[0].url)
-    async with jobs_gateway(tmp_path, [dead], jobs={"max_attempts": 2}, outlier_detection=None) as (
+    async with jobs_gateway(
+        tmp_path, store, [dead], jobs={"max_attempts": 2}, outlier_detection=None
+    ) as (
         gw,
         client,
     ):
@@ -267,12 +295,12 @@ async def test_a_job_whose_replica_keeps_failing_fails_after_max_attempts(tmp_pa
     assert "refused" in done["error"]["message"] or "failed" in done["error"]["message"]
 
 
-async def test_cli_submits_waits_and_downloads_results(tmp_path: Path) -> None:
+async def test_cli_submits_waits_and_downloads_results(tmp_path: Path, store: str) -> None:
     batch = tmp_path / "batch.jsonl"
     batch.write_text(
         "\n".join(json.dumps({"custom_id": f"c{i}", **COMPLETION}) for i in range(30)) + "\n"
     )
-    async with fake_replicas(2) as replicas, jobs_gateway(tmp_path, replicas) as (gw, _):
+    async with fake_replicas(2) as replicas, jobs_gateway(tmp_path, store, replicas) as (gw, _):
 
         async def cli(*args: str) -> tuple[int, str, str]:
             proc = await asyncio.create_subprocess_exec(

@@ -1,0 +1,26 @@
+"""Fixtures for tests that need a real PostgreSQL server (tests/support/postgres.py): one server
+for the whole run, started on first use, and a fresh database for each test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.postgres import PostgresServer, fresh_database, start_server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    try:
+        server = start_server()
+    except FileNotFoundError as exc:  # not installed, and not installable here
+        pytest.skip(str(exc))
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: PostgresServer) -> str:
+    """postgresql://… of a new empty database."""
+    return await fresh_database(postgres_server)

@@ -1,0 +1,136 @@
+"""A real PostgreSQL server for tests: Debian's `postgresql` binaries, a cluster made with
+initdb in a temporary folder, listening on a loopback port and a socket in that folder, stopped
+and deleted after. As root (CI), the server runs as the `postgres` user the package creates,
+because PostgreSQL refuses to run as root. Where no PostgreSQL is installed, the tests that need
+it skip and say how to get it (`make test` as root installs it).
+
+Each test gets a database of its own on the one server (`fresh_database`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from tests.support.processes import free_port
+
+SUPERUSER = "infergate"
+# Durability is not what these tests look at (the server itself is never killed): speed wins.
+FAST = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+MISSING = (
+    "PostgreSQL is not installed (no initdb on PATH or under /usr/lib/postgresql/*/bin): "
+    "`make test` as root installs Debian's postgresql, or apt-get install postgresql"
+)
+
+
+def find_binaries() -> Path | None:
+    """The folder holding initdb and pg_ctl: on PATH, or Debian's newest version."""
+    on_path = shutil.which("initdb")
+    if on_path is not None and shutil.which("pg_ctl") is not None:
+        return Path(on_path).resolve().parent
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    return found[-1].parent if found else None
+
+
+@dataclass
+class PostgresServer:
+    bin_dir: Path
+    folder: Path
+    port: int
+    run_as: str | None  # the user the server runs as (root cannot), None: ourselves
+
+    @property
+    def url(self) -> str:
+        return self.url_of("postgres")
+
+    def url_of(self, database: str) -> str:
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+
+    def _command(self, *argv: str) -> list[str]:
+        prefix = ["runuser", "-u", self.run_as, "--"] if self.run_as else []
+        return [*prefix, *argv]
+
+    def _run(self, *argv: str) -> None:
+        done = subprocess.run(
+            self._command(*argv), capture_output=True, text=True, timeout=120, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:2])} failed: {done.stdout}{done.stderr}")
+
+    @property
+    def data(self) -> Path:
+        return self.folder / "data"
+
+    def start(self) -> None:
+        if not self.data.exists():
+            self._run(
+                str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
+                "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
+            )  # fmt: skip
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} {FAST}"
+        self._run(
+            str(self.bin_dir / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(self.data),
+            "-l", str(self.folder / "server.log"), "-o", options,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        """Stop it now (in-flight sessions are cut, as a crash of the server would)."""
+        if (self.data / "postmaster.pid").exists():
+            self._run(
+                str(self.bin_dir / "pg_ctl"), "stop", "-w", "-m", "fast", "-D", str(self.data)
+            )
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_server() -> PostgresServer:
+    """A running server in a new temporary folder; the caller removes it (an exit hook does
+    too, so an interrupted test run leaves no server behind)."""
+    bin_dir = find_binaries()
+    if bin_dir is None:
+        raise FileNotFoundError(MISSING)
+    folder = Path(tempfile.mkdtemp(prefix="infergate-pg-"))
+    run_as = None
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            raise FileNotFoundError(
+                "running as root and no 'postgres' user to run PostgreSQL as (Debian's "
+                "postgresql package creates it)"
+            ) from None
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        run_as = "postgres"
+    server = PostgresServer(bin_dir, folder, free_port(), run_as)
+    atexit.register(server.remove)
+    try:
+        server.start()
+    except BaseException:
+        server.remove()
+        raise
+    return server
+
+
+async def fresh_database(server: PostgresServer) -> str:
+    """A new empty database on `server`; its URL."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    db = await asyncpg.connect(server.url)
+    try:
+        await db.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await db.close()
+    return server.url_of(name)
