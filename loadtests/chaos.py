@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -275,7 +276,7 @@ async def reload_remove(f: Fleet, clients: int = 20, after_s: float = 4) -> Repo
 
 OVERLOAD_LIMITS = {"max_outstanding_per_replica": 8, "max_queue": 16, "queue_timeout_s": 2.0}
 Drill = Callable[[Fleet], Awaitable[Report]]
-DRILLS: dict[str, tuple[Drill, dict[str, object]]] = {
+DRILLS: dict[str, tuple[Drill, dict[str, Any]]] = {
     "crash": (crash, {}),
     "hang": (hang, {}),
     "stream_cut": (stream_cut, {}),

@@ -115,6 +115,11 @@ class Fleet:
     config_path: Path
     gateway: subprocess.Popen[bytes]
     config: dict[str, Any] = field(default_factory=dict)
+    others: list[str] = field(default_factory=list)  # further gateways' URLs (`gateways`)
+
+    @property
+    def gateway_urls(self) -> list[str]:
+        return [self.gateway_url, *self.others]
 
     def write_config(self, config: dict[str, Any]) -> None:
         tmp = self.config_path.with_suffix(".tmp")
@@ -140,27 +145,36 @@ class Fleet:
 
 
 @contextlib.asynccontextmanager
-async def fleet(workdir: Path, replicas: int, **overrides: Any) -> AsyncIterator[Fleet]:
-    base = free_port_block(replicas + 1, start=23000)
+async def fleet(
+    workdir: Path, replicas: int, *, gateways: int = 1, **overrides: Any
+) -> AsyncIterator[Fleet]:
+    """`replicas` simulated-engine replicas behind `gateways` gateway processes, each with the
+    same config but its port (several share a job store only when it is PostgreSQL)."""
+    base = free_port_block(replicas + gateways, start=23000)
     log = (workdir / "fleet.log").open("ab")
     procs = [ReplicaProcess(base + i, log) for i in range(replicas)]
-    gateway: subprocess.Popen[bytes] | None = None
+    started: list[subprocess.Popen[bytes]] = []
     try:
         for replica in procs:
             replica.start()
         await asyncio.gather(*(wait_ready(f"{r.url}/ping") for r in procs))
-        config = gateway_config([r.url for r in procs], base + replicas, **overrides)
-        path = workdir / "gateway.yaml"
-        path.write_text(yaml.safe_dump(config))
+        ports = [base + replicas + i for i in range(gateways)]
+        configs = [gateway_config([r.url for r in procs], port, **overrides) for port in ports]
+        paths = [
+            workdir / ("gateway.yaml" if i == 0 else f"gateway{i}.yaml") for i in range(gateways)
+        ]
         env = {**os.environ, "INFERGATE_ADMIN_TOKEN": ADMIN_TOKEN}
-        cmd = [sys.executable, "-m", "gateway", "-c", str(path), "--log-level", "warning"]
-        gateway = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
-        url = f"http://127.0.0.1:{base + replicas}"
-        await wait_ready(f"{url}/readyz")
-        yield Fleet(procs, url, path, gateway, config)
+        for path, config in zip(paths, configs, strict=True):
+            path.write_text(yaml.safe_dump(config))
+            cmd = [sys.executable, "-m", "gateway", "-c", str(path), "--log-level", "warning"]
+            started.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        await asyncio.gather(*(wait_ready(f"{url}/readyz") for url in urls))
+        yield Fleet(procs, urls[0], paths[0], started[0], configs[0], urls[1:])
     finally:
-        if gateway is not None:
+        for gateway in started:
             gateway.terminate()
+        for gateway in started:
             gateway.wait(30)
         for replica in procs:
             replica.stop()

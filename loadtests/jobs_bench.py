@@ -3,9 +3,16 @@
 Simulated-engine replicas (the 7B/A10G timing profile) behind a gateway process with jobs on.
 The same seeded open-loop real-time stream (Poisson arrivals, heavy-tailed output lengths, half
 streamed) runs twice: alone, then while a batch fills the replicas' idle capacity. Percentiles
-come from raw per-request samples; the report gives both, the change, and how the batch went.
+come from raw per-request samples; the report gives both, the change (pooled over seeds, with a
+block-bootstrap interval), and how the batch went.
 
     python -m loadtests.jobs_bench [--replicas 4] [--rate 6] [--seconds 40] [--lines 400]
+    python -m loadtests.jobs_bench --gateways 2 --seeds 3
+
+With `--gateways N` (N > 1) the gateways share a PostgreSQL job store on a server the bench
+starts on loopback (Debian's postgresql, as the tests use; loadtests/pgserver.py), real-time
+arrivals go to the gateways at random and the batch is submitted at the first. Each seed runs
+on a fresh fleet and a fresh store.
 
 With `--out`, the folder gets table.md and command.txt: the full command, every option spelled
 out, that reproduces it.
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shlex
 import tempfile
@@ -28,8 +36,9 @@ import aiohttp
 
 from loadtests.fleet import Fleet, fleet
 from loadtests.openloop import run as open_loop
+from loadtests.pgserver import fresh_database, start_server
 from loadtests.samples import Sample, write_samples
-from loadtests.stats import percentile
+from loadtests.stats import Block, blocks_of, p99, percentile, relative_change
 from loadtests.workload import Workload, draw
 
 
@@ -74,49 +83,124 @@ def done(state: dict[str, Any]) -> int:
     return int(counts["completed"] + counts["failed"])
 
 
-async def measure(f: Fleet, args: argparse.Namespace, workload: Workload) -> list[str]:
-    await open_loop(f.gateway_url, args.rate, 5, Workload(seed=workload.seed + 1))  # warm-up
-    alone = Phase("real time alone", await open_loop(f.gateway_url, args.rate, args.seconds,
-                                                     workload))  # fmt: skip
+@dataclass(frozen=True)
+class Run:
+    """One seed: both phases and how the batch went."""
+
+    seed: int
+    alone: Phase
+    loaded: Phase
+    batch: str  # the batch line of the report
+
+    def rows(self) -> list[str]:
+        return [
+            f"| {self.seed} {row}" for row in (self.alone.row(None), self.loaded.row(self.alone))
+        ]
+
+
+def blocks(phase: Phase, seconds: float) -> list[Block]:
+    """The phase's successful requests in time blocks of about 5 s (by start time), for the
+    block bootstrap."""
+    ok = [s for s in phase.samples if s.ok]
+    start = min((s.start_unix for s in phase.samples), default=0.0)
+    n = max(2, round(seconds / 5))
+    return blocks_of([s.start_unix for s in ok], [s.latency_s for s in ok], start, seconds, n)
+
+
+async def measure(f: Fleet, args: argparse.Namespace, workload: Workload) -> Run:
+    """Real time alone, then beside a batch submitted at the first gateway; real-time arrivals
+    go to the gateways at random, as a Service spreads them."""
+    hosts = ",".join(f.gateway_urls)
+    await open_loop(hosts, args.rate, 5, Workload(seed=workload.seed + 1))  # warm-up
+    alone = Phase("real time alone", await open_loop(hosts, args.rate, args.seconds, workload))
     async with aiohttp.ClientSession() as client:
         data = batch_file(args.lines, args.job_tokens, workload.seed)
         async with client.post(f"{f.gateway_url}/v1/batches", data=data) as response:
             assert response.status == 202, await response.text()
-            url = f.gateway_url + response.headers["Location"]
+            path = response.headers["Location"]
         started = time.monotonic()
-        loaded = Phase("with the batch", await open_loop(f.gateway_url, args.rate, args.seconds,
+        loaded = Phase("with the batch", await open_loop(hosts, args.rate, args.seconds,
                                                          workload))  # fmt: skip
-        during = done(await batch_state(client, url))
-        while (state := await batch_state(client, url))["status"] == "in_progress":
+        during = done(await batch_state(client, f.gateway_url + path))
+        while (state := await batch_state(client, f.gateway_url + path))["status"] == "in_progress":
             if time.monotonic() - started > args.seconds + args.drain_s:
                 break
             await asyncio.sleep(0.5)
         elapsed = time.monotonic() - started
-    write_samples(args.out / "alone.csv", alone.samples)
-    write_samples(args.out / "with_batch.csv", loaded.samples)
+        views = [await batch_state(client, url + path) for url in f.gateway_urls]
+    suffix = "" if args.seeds == 1 else f"-seed{workload.seed}"
+    write_samples(args.out / f"alone{suffix}.csv", alone.samples)
+    write_samples(args.out / f"with_batch{suffix}.csv", loaded.samples)
     counts = state["request_counts"]
-    return [
-        "| phase | ok | failed | P50 (s) | P99 (s) | P99 change |",
-        "|---|---|---|---|---|---|",
-        alone.row(None),
-        loaded.row(alone),
-        "",
+    agree = "" if len(views) == 1 else (
+        "; every gateway reports the same counts"
+        if all(v["request_counts"] == counts for v in views)
+        else f"; gateways DISAGREE on counts: {[v['request_counts'] for v in views]}"
+    )  # fmt: skip
+    batch = (
         f"batch: {args.lines} lines of {args.job_tokens} tokens; {during} done during the "
         f"{args.seconds:.0f} s real-time phase; status {state['status']} after {elapsed:.1f} s "
         f"({counts['completed']} completed, {counts['failed']} failed; "
-        f"{done(state) / elapsed:.1f} lines/s)",
+        f"{done(state) / elapsed:.1f} lines/s){agree}"
+    )
+    return Run(workload.seed, alone, loaded, batch)
+
+
+def report(args: argparse.Namespace, runs: list[Run], store: str) -> list[str]:
+    change = relative_change(
+        [b for r in runs for b in blocks(r.loaded, args.seconds)],
+        [b for r in runs for b in blocks(r.alone, args.seconds)],
+        p99,
+    )
+    gateways = "1 gateway process" if args.gateways == 1 else (
+        f"{args.gateways} gateway processes (real-time arrivals spread over them at random, "
+        "the batch submitted at the first)"
+    )  # fmt: skip
+    return [
+        f"{args.replicas} simulated-engine replicas (7B/A10G profile) behind {gateways}; "
+        f"job store: {store}; open loop {args.rate:g} req/s for {args.seconds:.0f} s per phase; "
+        f"machine: {os.cpu_count()} cores, everything on it.",
+        "",
+        "### Real-time latency alone and beside the batch",
+        "",
+        "| seed | phase | ok | failed | P50 (s) | P99 (s) | P99 change |",
+        "|---|---|---|---|---|---|---|",
+        *(row for run in runs for row in run.rows()),
+        "",
+        f"P99 change over {len(runs)} seed(s), pooled: {change.estimate:+.1%} "
+        f"(95% block-bootstrap interval {change.low:+.1%} to {change.high:+.1%})",
+        "",
+        *(f"seed {run.seed}: {run.batch}" if len(runs) > 1 else run.batch for run in runs),
     ]
 
 
 async def main_async(args: argparse.Namespace) -> list[str]:
-    jobs = {
-        "store": str(args.out / "jobs.db"),
-        "max_outstanding_per_replica": args.threshold,
-    }
     timeouts = {"connect_s": 1.0, "first_byte_s": 300.0, "idle_s": 300.0}
-    workload = Workload(seed=args.seed, output_sigma=args.output_sigma)
-    async with fleet(args.out, args.replicas, jobs=jobs, timeouts=timeouts) as f:
-        return await measure(f, args, workload)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="jobs-store-") as tmp:
+        server = None
+        if args.gateways > 1:  # several gateways share a store only on PostgreSQL
+            server = start_server()
+        try:
+            for seed in range(args.seed, args.seed + args.seeds):
+                if server is not None:
+                    store = await fresh_database(server)
+                else:
+                    store = str(Path(tmp) / f"jobs-{seed}.db")
+                jobs = {"store": store, "max_outstanding_per_replica": args.threshold}
+                workload = Workload(seed=seed, output_sigma=args.output_sigma)
+                async with fleet(
+                    args.out, args.replicas, gateways=args.gateways, jobs=jobs, timeouts=timeouts
+                ) as f:
+                    runs.append(await measure(f, args, workload))
+            label = "SQLite (a file)" if server is None else (
+                f"PostgreSQL {server.version()} (a server on loopback, started for the run, "
+                "fsync on)"
+            )  # fmt: skip
+        finally:
+            if server is not None:
+                server.remove()
+    return report(args, runs, label)
 
 
 PROG = "python -m loadtests.jobs_bench"
@@ -132,7 +216,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=int, default=2, help="jobs.max_outstanding_per_replica")
     parser.add_argument("--output-sigma", type=float, default=0.5, help="real-time output tail")
     parser.add_argument("--drain-s", type=float, default=60.0, help="wait for the batch after")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--seeds", type=int, default=1, help="runs, each on a fresh fleet")
+    parser.add_argument(
+        "--gateways", type=int, default=1,
+        help="gateway processes; more than 1 share a PostgreSQL store started for the run",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="folder for samples (default: a temp folder)")
     return parser
 
@@ -145,7 +234,8 @@ def command_of(args: argparse.Namespace) -> str:
         *("--seconds", f"{args.seconds:g}", "--lines", str(args.lines)),
         *("--job-tokens", str(args.job_tokens), "--threshold", str(args.threshold)),
         *("--output-sigma", f"{args.output_sigma:g}", "--drain-s", f"{args.drain_s:g}"),
-        *("--seed", str(args.seed), "--out", str(args.out)),
+        *("--seed", str(args.seed), "--seeds", str(args.seeds)),
+        *("--gateways", str(args.gateways), "--out", str(args.out)),
     ]
     return shlex.join(argv)
 

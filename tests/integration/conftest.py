@@ -1,4 +1,4 @@
-"""Fixtures for tests that need a real PostgreSQL server (tests/support/postgres.py): one server
+"""Fixtures for tests that need a real PostgreSQL server (loadtests/pgserver.py): one server
 for the whole run, started on first use, and a fresh database for each test."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.postgres import PostgresServer, fresh_database, start_server
+from loadtests.pgserver import PostgresServer, fresh_database, start_server
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     try:
-        server = start_server()
+        server = start_server(durable=False)
     except FileNotFoundError as exc:  # not installed, and not installable here
         pytest.skip(str(exc))
     yield server

@@ -15,7 +15,7 @@ import pytest
 from gateway.jobs.postgres import MIGRATIONS, PostgresStore
 from gateway.jobs.requests import JobRequest, parse_batch
 from gateway.jobs.store import Job, Outcome, StoreUnavailable
-from tests.support.postgres import PostgresServer, fresh_database, start_server
+from loadtests.pgserver import PostgresServer, fresh_database, start_server
 
 OK = Outcome("succeeded", status_code=200, response='{"text": "hi"}')
 LEASE_S = 0.5  # short, so a "dead" gateway's claims run out within a test
@@ -187,7 +187,7 @@ async def test_a_gateway_stopping_hands_its_running_jobs_back(gateways: Open) ->
 
 async def test_a_database_that_goes_away_is_a_store_unavailable_then_comes_back() -> None:
     try:
-        server = start_server()  # its own server: this test stops it
+        server = start_server(durable=False)  # its own server: this test stops it
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     try:

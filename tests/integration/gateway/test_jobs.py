@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.postgres import fresh_database
+from loadtests.pgserver import fresh_database
 from tests.support.processes import BIN
 from tests.support.servers import (
     FakeReplica,

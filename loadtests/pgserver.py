@@ -1,10 +1,8 @@
-"""A real PostgreSQL server for tests: Debian's `postgresql` binaries, a cluster made with
-initdb in a temporary folder, listening on a loopback port and a socket in that folder, stopped
-and deleted after. As root (CI), the server runs as the `postgres` user the package creates,
-because PostgreSQL refuses to run as root. Where no PostgreSQL is installed, the tests that need
-it skip and say how to get it (`make test` as root installs it).
-
-Each test gets a database of its own on the one server (`fresh_database`).
+"""A throwaway PostgreSQL server for the shared job store's tests and benchmarks: Debian's
+`postgresql` binaries, a cluster made with initdb in a temporary folder, listening on a loopback
+port and a socket in that folder, stopped and deleted after. As root, the server runs as the
+`postgres` user the package creates, because PostgreSQL refuses to run as root. Where no
+PostgreSQL is installed, `start_server` raises FileNotFoundError saying how to get it.
 """
 
 from __future__ import annotations
@@ -21,11 +19,11 @@ from pathlib import Path
 
 import asyncpg
 
-from tests.support.processes import free_port
+from loadtests.runner import free_port_block
 
 SUPERUSER = "infergate"
-# Durability is not what these tests look at (the server itself is never killed): speed wins.
-FAST = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+# For tests, where durability is not looked at (the server itself is never killed): speed wins.
+NO_SYNC = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 MISSING = (
     "PostgreSQL is not installed (no initdb on PATH or under /usr/lib/postgresql/*/bin): "
     "`make test` as root installs Debian's postgresql, or apt-get install postgresql"
@@ -50,6 +48,7 @@ class PostgresServer:
     folder: Path
     port: int
     run_as: str | None  # the user the server runs as (root cannot), None: ourselves
+    durable: bool = True  # False: no fsync (tests)
 
     @property
     def url(self) -> str:
@@ -69,6 +68,14 @@ class PostgresServer:
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv[:2])} failed: {done.stdout}{done.stderr}")
 
+    def version(self) -> str:
+        """`15.18`, say: what `postgres --version` prints last."""
+        out = subprocess.run(
+            [str(self.bin_dir / "postgres"), "--version"], capture_output=True, text=True,
+            timeout=30, check=True,
+        ).stdout  # fmt: skip
+        return out.split(")", 1)[-1].split()[0]
+
     @property
     def data(self) -> Path:
         return self.folder / "data"
@@ -79,7 +86,9 @@ class PostgresServer:
                 str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
                 "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
             )  # fmt: skip
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} {FAST}"
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder}"
+        if not self.durable:
+            options += " " + NO_SYNC
         self._run(
             str(self.bin_dir / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(self.data),
             "-l", str(self.folder / "server.log"), "-o", options,
@@ -97,9 +106,9 @@ class PostgresServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def start_server() -> PostgresServer:
+def start_server(*, durable: bool = True) -> PostgresServer:
     """A running server in a new temporary folder; the caller removes it (an exit hook does
-    too, so an interrupted test run leaves no server behind)."""
+    too, so an interrupted run leaves no server behind)."""
     bin_dir = find_binaries()
     if bin_dir is None:
         raise FileNotFoundError(MISSING)
@@ -115,7 +124,7 @@ def start_server() -> PostgresServer:
             ) from None
         os.chown(folder, user.pw_uid, user.pw_gid)
         run_as = "postgres"
-    server = PostgresServer(bin_dir, folder, free_port(), run_as)
+    server = PostgresServer(bin_dir, folder, free_port_block(1, start=25000), run_as, durable)
     atexit.register(server.remove)
     try:
         server.start()
