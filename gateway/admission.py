@@ -39,7 +39,6 @@ from gateway.pool import Outcome, Replica, ReplicaPool
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
 
-_NO_LIMIT = 1 << 62
 SHARED_POLL_S = 0.002
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", recorded in metrics only
 TOO_MANY_REQUESTS = 429
@@ -335,11 +334,15 @@ class Admission:
             and self.pool.outstanding_everywhere() >= limits.max_outstanding
         ):
             return ()
-        per_replica = limits.max_outstanding_per_replica
-        if per_replica is None and not self.pool.replica_limits:
+        if limits.max_outstanding_per_replica is None and not self.pool.replica_limits:
             return available
-        default = per_replica or _NO_LIMIT
-        return [r for r in available if r.busy < (r.max_concurrency or default)]
+        return [r for r in available if self.slot_free(r)]
+
+    def slot_free(self, replica: Replica) -> bool:
+        """`replica` is under its slot limit: its own max_concurrency, else the gateway's
+        limits.max_outstanding_per_replica."""
+        limit = replica.max_concurrency or self.rules.limits.max_outstanding_per_replica
+        return limit is None or replica.busy < limit
 
     def _arm_timer(self) -> None:
         """While requests wait, an ejection running out is an event too: look again then. With

@@ -42,6 +42,13 @@ class ModelNotFound(ReplicaError):
     type = "model_not_found"
 
 
+class IdempotencyKeyReused(ReplicaError):
+    """An Idempotency-Key sent again with another request (replica/idempotency.py)."""
+
+    status = 422
+    type = "idempotency_key_reused"
+
+
 class PayloadTooLarge(ReplicaError):
     status = 413
     type = "payload_too_large"

@@ -55,6 +55,11 @@ class ReplicaMetrics:
             "replica_rejections_total", "Requests refused by the queue", ["model", "reason"],
             registry=registry,
         )  # fmt: skip
+        self.idempotent_replays = Counter(
+            "replica_idempotent_replays_total",
+            "Answers sent again for a repeated Idempotency-Key, without running the model",
+            registry=registry,
+        )
         self.requests = Counter(
             "replica_requests_total", "HTTP requests by endpoint and status class",
             ["endpoint", "status"], registry=registry,

@@ -5,7 +5,8 @@ Every response carries `X-Replica-Load: queued=<n>,running=<n>,capacity=<n>,back
 inflight=<n>,kv_usage=<0-1>` (totals over the replica's models; `kv_usage` is the fullest
 model's share of KV blocks in use) for the gateway's load feedback. `inflight`
 counts the inference (POST) requests being handled, without the one answered, so a gateway can
-tell its own requests from those other gateways sent. Routes live in `replica/routes/`.
+tell its own requests from those other gateways sent. Routes live in `replica/routes/`; a
+request with an `Idempotency-Key` passes replica/idempotency.py on its way to them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from replica import idempotency
 from replica.batching.clock import Clock
 from replica.config import ReplicaConfig
 from replica.errors import ReplicaError, error_body, kserve_error_body
@@ -142,12 +144,14 @@ def create_app(
     registry: CollectorRegistry | None = None,
     clock: Clock | None = None,
 ) -> web.Application:
+    metrics = ReplicaMetrics(registry or CollectorRegistry())
+    replays = idempotency.middleware(idempotency.AnswerCache(), metrics.idempotent_replays.inc)
     app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, replays]
     )
     app[CONFIG] = config
     app[STATE] = ReplicaState()
-    app[METRICS] = ReplicaMetrics(registry or CollectorRegistry())
+    app[METRICS] = metrics
     app.on_response_prepare.append(_add_load_header)
     app.cleanup_ctx.append(_runtime_ctx(clock))
     for module in (health, openai, chat, kserve, sagemaker, openapi):

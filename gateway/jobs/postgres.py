@@ -90,12 +90,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX batches_by_owner ON batches (owner, seq);
     CREATE INDEX batches_by_expiry ON batches (expires_at) WHERE expires_at IS NOT NULL;
     """,
+    # The replica each attempt went to (a re-run after a gateway died goes back to it).
+    "ALTER TABLE jobs ADD COLUMN replica text",
 )
 
 JOB_COLUMNS = (
     "seq, id, batch_id, line, custom_id, method, url, body, status, attempt, created_at,"
     " started_at, finished_at, expires_at, status_code, response, error_code, error_message,"
-    " owner"
+    " owner, replica"
 )
 BATCH_COLUMNS = "id, created_at, total, cancelled_at, completed_at, expires_at, owner"
 ACTIVE = "('queued', 'running')"
@@ -237,6 +239,16 @@ class PostgresStore:
         return await self._to_queue(job, ", attempt = attempt - 1, started_at = NULL")
 
     @_guarded
+    async def sent(self, job: Job, replica: str) -> bool:
+        """Record the replica this attempt goes to, before it is sent; False (do not send) when
+        the job was cancelled or taken over meanwhile."""
+        done = await self._pool.execute(
+            "UPDATE jobs SET replica = $1 WHERE id = $2 AND status = 'running' AND attempt = $3",
+            replica, job.id, job.attempt,
+        )  # fmt: skip
+        return _count(done) == 1
+
+    @_guarded
     async def finish(self, job: Job, outcome: Outcome) -> bool:
         """Record the result of this attempt; False when the job was cancelled or re-claimed
         meanwhile (then another attempt, or the cancel, owns its result)."""
@@ -258,8 +270,9 @@ class PostgresStore:
 
     @_guarded
     async def requeue(self, job: Job) -> bool:
-        """Back to the queue for another attempt (the replica failed); fenced like finish."""
-        return await self._to_queue(job)
+        """Back to the queue for another attempt (the replica failed: the next may go
+        elsewhere); fenced like finish."""
+        return await self._to_queue(job, ", replica = NULL")
 
     async def _to_queue(self, job: Job, also: str = "") -> bool:
         """`job` back to the queue (and the `also` assignments), only while it still runs

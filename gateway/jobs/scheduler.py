@@ -209,7 +209,8 @@ class Scheduler:
             self._refuse(job, exc)
             return True
         allowed = self._state.pool.available_for(target.model)  # as a real-time request's
-        candidates = [r for r in replicas if r in allowed]
+        again = self._previous(job, allowed)
+        candidates = [again] if again is not None else [r for r in replicas if r in allowed]
         if not candidates:
             return False
         runtime = self._state.runtime
@@ -231,6 +232,16 @@ class Scheduler:
         # The lease is closed when the task ends, even one cancelled before its first step.
         task.add_done_callback(lambda t: self._done(job.id, t, lease))
         return True
+
+    def _previous(self, job: Job, allowed: Sequence[Replica]) -> Replica | None:
+        """A job run again after its gateway died (or restarted) goes back to the replica that
+        had it, when that one is in rotation and under its hard slot limit, even past the jobs
+        threshold: it may have answered already, and then it answers again from its
+        Idempotency-Key cache instead of running the model twice."""
+        if job.replica is None or job.attempt < 2:
+            return None
+        replica = next((r for r in allowed if r.url == job.replica), None)
+        return replica if replica is not None and self._state.admission.slot_free(replica) else None
 
     def _refuse(self, job: Job, error: GatewayError) -> None:
         reply = Reply(error.status, json.dumps(error_body(error.error_type, str(error))), True)
@@ -257,8 +268,14 @@ class Scheduler:
 
     async def _dispatch(self, job: Job, lease: Lease, body: bytes, path: str) -> None:
         try:
+            # Where it goes is recorded first, so a re-run after a crash can go back there.
+            if not await self._store.sent(job, lease.replica.url):
+                return  # cancelled or taken over meanwhile: not ours to run
             timeouts = self._state.runtime.config.timeouts
             reply = await self._send(job, lease.replica, body, path, timeouts)
+        except StoreUnavailable as exc:  # not sent; its lease runs out and it runs again
+            log.warning("job %s: attempt %d not sent: %s", job.id, job.attempt, exc)
+            return
         except Exception as exc:  # never leave a job running until restart
             log.exception("job %s: dispatch failed", job.id)
             reply = Reply(None, f"gateway failed dispatching it: {type(exc).__name__}")
@@ -280,7 +297,10 @@ class Scheduler:
         self, job: Job, replica: Replica, body: bytes, path: str, timeouts: Timeouts
     ) -> Reply:
         url = upstream_url(replica.url, path)
-        headers = {"Content-Type": "application/json", "X-Request-Id": job.id}
+        # The job id as the key of every attempt: a replica that already answered one answers
+        # a re-run from its cache (replica/idempotency.py).
+        headers = {"Content-Type": "application/json", "X-Request-Id": job.id,
+                   "Idempotency-Key": job.id}  # fmt: skip
         try:
             async with self._state.client().request(
                 job.method,

@@ -112,6 +112,9 @@ class Job:
     error_code: str | None
     error_message: str | None
     owner: str = ""
+    # The replica this attempt was sent to; a job run again because its gateway died goes back
+    # there (it may hold the answer: the Idempotency-Key replay, replica/idempotency.py).
+    replica: str | None = None
 
     def result_json(self) -> dict[str, Any]:
         """The OpenAI Batch output line: response when a replica answered, error otherwise."""
@@ -217,6 +220,8 @@ class JobStore:
             columns = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if "owner" not in columns:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+            if table == "jobs" and "replica" not in columns:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN replica TEXT")
         self._db.executescript(OWNER_INDEXES)
 
     @contextmanager
@@ -284,6 +289,15 @@ class JobStore:
         )
         return cursor.rowcount == 1
 
+    def sent(self, job: Job, replica: str) -> bool:
+        """Record the replica this attempt goes to, before it is sent; False (do not send) when
+        the job was cancelled meanwhile. Fenced like finish."""
+        cursor = self._db.execute(
+            "UPDATE jobs SET replica = ? WHERE id = ? AND status = 'running' AND attempt = ?",
+            (replica, job.id, job.attempt),
+        )
+        return cursor.rowcount == 1
+
     def finish(self, job: Job, outcome: Outcome) -> bool:
         """Record the result of this attempt; False when the job was cancelled or re-claimed
         meanwhile (then another attempt, or the cancel, owns its result)."""
@@ -302,9 +316,11 @@ class JobStore:
         return row is not None
 
     def requeue(self, job: Job) -> bool:
-        """Back to the queue for another attempt (the replica failed); fenced like finish."""
+        """Back to the queue for another attempt (the replica failed: the next may go
+        elsewhere); fenced like finish."""
         cursor = self._db.execute(
-            "UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'running' AND attempt = ?",
+            "UPDATE jobs SET status = 'queued', replica = NULL"
+            " WHERE id = ? AND status = 'running' AND attempt = ?",
             (job.id, job.attempt),
         )
         return cursor.rowcount == 1
@@ -496,6 +512,7 @@ class Store(Protocol):
     async def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch: ...
     async def claim(self, passed_over: Sequence[str] = ()) -> Job | None: ...
     async def unclaim(self, job: Job) -> bool: ...
+    async def sent(self, job: Job, replica: str) -> bool: ...
     async def finish(self, job: Job, outcome: Outcome) -> bool: ...
     async def requeue(self, job: Job) -> bool: ...
 
@@ -578,6 +595,9 @@ class SqliteStore:
 
     async def unclaim(self, job: Job) -> bool:
         return await self.run(JobStore.unclaim, job)
+
+    async def sent(self, job: Job, replica: str) -> bool:
+        return await self.run(JobStore.sent, job, replica)
 
     async def finish(self, job: Job, outcome: Outcome) -> bool:
         return await self.run(JobStore.finish, job, outcome)

@@ -218,3 +218,49 @@ async def _outage(server: PostgresServer, store: PostgresStore) -> None:
             await asyncio.sleep(0.1)
     assert claimed is not None and claimed.id == job.id
     assert await store.finish(claimed, OK)
+
+
+async def test_a_database_from_an_older_gateway_is_migrated_in_place(postgres_url: str) -> None:
+    db = await asyncpg.connect(postgres_url)
+    try:
+        async with db.transaction():  # what the first schema version left
+            await db.execute(MIGRATIONS[0])
+            await db.execute("CREATE TABLE infergate_schema (version integer NOT NULL)")
+            await db.execute("INSERT INTO infergate_schema (version) VALUES (1)")
+            await db.execute(
+                "INSERT INTO jobs (id, method, url, body, status, created_at)"
+                " VALUES ('job_old', 'POST', '/v1/completions', '{}', 'queued', 1)"
+            )
+    finally:
+        await db.close()
+    store = await PostgresStore.open(postgres_url, retention_s=1, lease_s=1)
+    try:
+        old = await store.claim()
+        assert old is not None and old.id == "job_old" and old.replica is None
+        assert await store.sent(old, "http://127.0.0.1:9001")
+    finally:
+        await store.close()
+
+
+async def test_where_an_attempt_went_is_kept_for_a_rerun_after_a_crash_only(
+    gateways: Open,
+) -> None:
+    dead, alive = await gateways(), await gateways()
+    for i in range(2):
+        await alive.add_job(_request(str(i)))
+    crashed, failed = await dead.claim(), await alive.claim()
+    assert crashed is not None and failed is not None
+    assert await dead.sent(crashed, "http://r1") and await alive.sent(failed, "http://r2")
+    assert await alive.requeue(failed)  # r2 answered with an error: the next try goes anywhere
+    await asyncio.sleep(LEASE_S + 0.1)
+    assert await alive.recover(max_attempts=3) == (1, 0)
+    again = [await alive.claim(), await alive.claim()]
+    assert [(j.id, j.attempt, j.replica) for j in again if j] == [
+        (crashed.id, 2, "http://r1"),  # back to where it may have finished
+        (failed.id, 2, None),
+    ]
+    assert not await dead.sent(crashed, "http://r1")  # the stale attempt may not be sent
+    job = again[0]
+    assert job is not None
+    await alive.cancel_job(job.id)
+    assert not await alive.sent(job, "http://r1")  # nor a cancelled one

@@ -4,6 +4,7 @@ clock. A real SQLite file in WAL mode; nothing mocked."""
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,21 @@ def test_listing_filters_by_status_and_pages(store: JobStore) -> None:
     assert [j.id for j in page] == ids[1:3] and more
     page, more = store.list_jobs(status="queued", batch_id=None, after=ids[2], limit=2)
     assert [j.id for j in page] == ids[3:5] and not more
+
+
+def test_where_an_attempt_went_is_kept_across_a_restart_and_cleared_by_a_retry(
+    tmp_path: Path, clock: Clock
+) -> None:
+    store = JobStore(tmp_path / "jobs.db", retention_s=RETENTION_S, clock=clock)
+    first, second = store.add_job(_request("a")), store.add_job(_request("b"))
+    for job in (store.claim(), store.claim()):
+        assert job is not None and store.sent(job, f"http://{job.custom_id}")
+    failed = store.get_job(second.id)
+    assert failed is not None and failed.replica == "http://b" and store.requeue(failed)
+    store.close()  # the gateway stops with `first` sent to a
+    store = JobStore(tmp_path / "jobs.db", retention_s=RETENTION_S, clock=clock)
+    assert store.recover(max_attempts=3) == (1, 0)
+    again = [store.claim(), store.claim()]
+    assert [(j.id, j.replica) for j in again if j] == [(first.id, "http://a"), (second.id, None)]
+    assert again[0] is not None
+    assert not store.sent(replace(again[0], attempt=1), "http://a")  # an old attempt is fenced

@@ -1,0 +1,118 @@
+"""Two gateways on one PostgreSQL job store, as clients see them: a batch submitted at one runs
+on both, fills only the replicas' idle capacity between them (each sees the other's jobs in the
+replicas' load reports), reads the same from either, and a cancel at one stops the work the
+other was doing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.servers import (
+    FakeReplica,
+    Gateway,
+    fake_replicas,
+    gateway_config,
+    running_gateway,
+    wait_until,
+    write_config,
+)
+
+PER_REPLICA = 2  # jobs.max_outstanding_per_replica
+
+
+async def _two_gateways(
+    stack: AsyncExitStack, tmp_path: Path, store: str, replicas: list[FakeReplica], **jobs: Any
+) -> list[Gateway]:
+    gateways = []
+    for name in ("a", "b"):
+        config = gateway_config(
+            replicas, "least_outstanding_requests",
+            jobs={"store": store, "poll_interval_s": 0.01, "lease_s": 1.0, **jobs},
+            load_feedback={"poll_interval_s": 0.05},
+        )  # fmt: skip
+        write_config(tmp_path / f"{name}.yaml", config)
+        gateways.append(await stack.enter_async_context(running_gateway(tmp_path / f"{name}.yaml")))
+    return gateways
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+async def _get(client: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with client.get(url) as response:
+        assert response.status == 200, await response.text()
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+async def _succeeded(client: aiohttp.ClientSession, url: str) -> float:
+    """Jobs this gateway ran to success, from its /metrics."""
+    async with client.get(f"{url}/metrics") as response:
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gateway_jobs_finished_total" and sample.labels["status"] == "succeeded"
+    )
+
+
+def _lines(n: int, path: str) -> bytes:
+    return "\n".join(
+        json.dumps({"custom_id": f"c{i}", "url": path, "body": {"n": i}}) for i in range(n)
+    ).encode()
+
+
+async def test_two_gateways_share_a_batch_within_the_replicas_idle_capacity(
+    tmp_path: Path, postgres_url: str, session: aiohttp.ClientSession
+) -> None:
+    async with fake_replicas(2) as replicas, AsyncExitStack() as stack:
+        a, b = await _two_gateways(
+            stack, tmp_path, postgres_url, replicas, max_outstanding_per_replica=PER_REPLICA
+        )
+        async with session.post(f"{a.url}/v1/batches", data=_lines(40, "/sleep?s=0.15")) as r:
+            assert r.status == 202
+            path = r.headers["Location"]
+        for _ in range(500):
+            batch = await _get(session, b.url + path)
+            if batch["status"] == "completed":
+                break
+            await asyncio.sleep(0.05)
+        views = [await _get(session, g.url + path) for g in (a, b)]
+        ran = [await _succeeded(session, g.url) for g in (a, b)]
+    assert batch["status"] == "completed"
+    assert views[0] == views[1] and views[0]["request_counts"]["completed"] == 40
+    assert sum(ran) == 40 and min(ran) > 0  # both gateways ran part of it
+    # Each alone would fill every replica to PER_REPLICA: blind to each other, the two would
+    # reach twice that.
+    assert max(r.peak for r in replicas) < 2 * PER_REPLICA
+
+
+async def test_a_cancel_at_one_gateway_stops_the_job_running_at_the_other(
+    tmp_path: Path, postgres_url: str, session: aiohttp.ClientSession
+) -> None:
+    async with fake_replicas(1) as (replica,), AsyncExitStack() as stack:
+        a, b = await _two_gateways(stack, tmp_path, postgres_url, [replica])
+        async with session.post(f"{a.url}/v1/jobs", json={"url": "/hold", "body": {}}) as r:
+            job = await r.json()
+        await wait_until(lambda: replica.in_flight == 1)
+        async with session.delete(f"{b.url}/v1/jobs/{job['id']}") as response:
+            assert response.status == 200
+            assert (await response.json())["status"] == "cancelled"
+        # The gateway running it learns at its next lease renewal (lease_s / 3) and stops.
+        await wait_until(lambda: replica.in_flight == 0, timeout_s=3)
+        done = [await _get(session, f"{g.url}/v1/jobs/{job['id']}") for g in (a, b)]
+    assert [d["status"] for d in done] == ["cancelled", "cancelled"]
+    assert done[0]["error"]["code"] == "cancelled"
