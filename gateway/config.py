@@ -7,6 +7,7 @@ and what was expected (`replicas[2].url: ...`), so a bad file is fixed from one 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import urllib.parse
 from functools import cached_property
@@ -40,7 +41,27 @@ def _absolute_path(value: str) -> str:
     return value
 
 
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _from_environment(value: str) -> str:
+    """`${NAME}` replaced by the gateway's environment variable NAME (a URL with a password
+    can then live in a Kubernetes Secret, not in the config file)."""
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ValueError(
+                f"${{{name}}} is not set in the gateway's environment (set it, e.g. from a "
+                "Kubernetes Secret with env[].valueFrom.secretKeyRef)"
+            )
+        return os.environ[name]
+
+    return ENV_REFERENCE.sub(lookup, value)
+
+
 def _store_path(value: str) -> str:
+    value = _from_environment(value)
     if not value.strip():
         raise ValueError(
             "expected a file path for an SQLite job store or a postgresql://user@host:port/db URL"
@@ -316,6 +337,7 @@ class Jobs(_Model):
     """Deferred inference (gateway/jobs/): durable jobs and batch files run in idle capacity."""
 
     # An SQLite file (one gateway) or a postgresql:// URL (several); read at start-up only.
+    # `${NAME}` in it is the environment variable NAME.
     store: Annotated[str, AfterValidator(_store_path)]
     # PostgreSQL: a claim a gateway stops renewing (it died) runs out after this long and the
     # job is queued again; renewed every lease_s / 3.

@@ -1,15 +1,18 @@
 """deploy/docker and deploy/prometheus + grafana, checked statically (no Docker daemon here):
-the compose file parses and wires gateway, 2 simulated replicas, Prometheus and Grafana; the
+the compose file parses and wires 2 gateways on a PostgreSQL job store, 2 simulated replicas,
+Prometheus and Grafana; the
 gateway image installs the gateway alone (no torch anywhere in its dependency closure)."""
 
 from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from packaging.requirements import Requirement
 
@@ -28,34 +31,57 @@ def _arg(command: list[str], flag: str) -> str:
     return command[command.index(flag) + 1]
 
 
-def test_compose_runs_gateway_two_simulated_replicas_prometheus_and_grafana() -> None:
-    services = _compose()["services"]
-    assert set(services) == {"gateway", "replica", "prometheus", "grafana"}
+def test_compose_runs_two_gateways_a_job_store_two_simulated_replicas_and_monitoring() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert set(services) == {
+        "gateway", "gateway-2", "postgres", "replica", "prometheus", "grafana",
+    }  # fmt: skip
     replica = services["replica"]
     assert replica["deploy"]["replicas"] == 2
     assert _arg(replica["command"], "--engine") == "simulated"
     assert services["gateway"]["ports"] == ["8080:8080"]
+    assert services["gateway-2"]["ports"] == ["8081:8080"]
     assert services["prometheus"]["ports"] == ["9090:9090"]
     assert services["grafana"]["ports"] == ["3000:3000"]
-    for name in ("gateway", "replica"):
+    for name in ("gateway", "gateway-2", "replica"):
         build = services[name]["build"]
         assert (DOCKER / build["context"] / build["dockerfile"]).is_file()
     for service in services.values():
         for volume in service.get("volumes", []):
             host = volume.split(":")[0]
+            if host in compose.get("volumes", {}):
+                continue  # a named volume, made by compose
             assert (DOCKER / host).exists(), f"{host} is mounted but missing"
 
 
-def test_compose_gateway_discovers_the_replica_service_by_dns() -> None:
+@pytest.mark.parametrize("name", ["gateway", "gateway-2"])
+def test_compose_gateways_discover_the_replicas_and_share_the_postgres_job_store(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     compose = _compose()
-    mount = compose["services"]["gateway"]["volumes"][0].split(":")
+    gateway = compose["services"][name]
+    mount = gateway["volumes"][0].split(":")
     config_dir = DOCKER / mount[0]
     gateway_cmd = (DOCKER / "gateway.Dockerfile").read_text()
     assert f'"{mount[1]}/gateway.yaml"' in gateway_cmd
+    for variable, value in gateway["environment"].items():
+        monkeypatch.setenv(variable, value)
     config = parse_config(yaml.safe_load((config_dir / "gateway.yaml").read_text()))
     assert config.discovery is not None and config.discovery.dns == "replica"
     assert str(config.discovery.port) == _arg(compose["services"]["replica"]["command"], "--port")
     assert config.listen.host == "0.0.0.0"
+
+    assert config.jobs is not None
+    url = urllib.parse.urlsplit(config.jobs.store)
+    postgres = compose["services"]["postgres"]
+    assert url.scheme == "postgresql" and url.hostname == "postgres" and url.port == 5432
+    assert (url.username, url.password, url.path) == (
+        postgres["environment"]["POSTGRES_USER"],
+        postgres["environment"]["POSTGRES_PASSWORD"],
+        "/" + postgres["environment"]["POSTGRES_DB"],
+    )
+    assert gateway["depends_on"]["postgres"] == {"condition": "service_healthy"}
 
 
 def _instructions(dockerfile: str) -> list[str]:
@@ -115,7 +141,8 @@ def test_prometheus_and_grafana_are_wired_to_the_fleet() -> None:
     compose = _compose()["services"]
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
-    assert jobs["infergate-gateway"]["static_configs"][0]["targets"] == ["gateway:8080"]
+    targets = jobs["infergate-gateway"]["static_configs"][0]["targets"]
+    assert targets == ["gateway:8080", "gateway-2:8080"]
     assert jobs["infergate-replica"]["dns_sd_configs"][0]["names"] == ["replica"]
     assert prometheus["rule_files"] == ["/etc/prometheus/alerts.yml"]
     assert (

@@ -5,6 +5,7 @@ Service, replicas ready on /ping, GPUs in the gpu overlay, disruption budgets, t
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,37 @@ def test_strategic_merge_merges_named_lists_and_replaces_others() -> None:
         "containers": [{"name": "a", "args": [2], "x": 1}, {"name": "b"}],
         "keep": 1,
     }
+
+
+def test_the_jobs_overlay_shares_a_postgresql_store_whose_url_is_a_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    resources = build(ROOT / "overlays" / "jobs-postgres")
+    for resource in resources:
+        _validate(resource)
+    res = _by_kind(resources)
+    gateway = res[("Deployment", "infergate-gateway")]["spec"]
+    assert gateway["replicas"] >= 2  # several gateways on one store: what it is for
+    (env,) = [
+        e for e in gateway["template"]["spec"]["containers"][0]["env"]
+        if e["name"] == "INFERGATE_JOBS_STORE"
+    ]  # fmt: skip
+    ref = env["valueFrom"]["secretKeyRef"]
+    url = res[("Secret", ref["name"])]["stringData"][ref["key"]]
+    monkeypatch.setenv("INFERGATE_JOBS_STORE", url)
+    raw = res[("ConfigMap", "infergate-gateway")]["data"]["gateway.yaml"]
+    assert "${INFERGATE_JOBS_STORE}" in raw and "CHANGE-ME" not in raw  # no secret in it
+    config = parse_config(yaml.safe_load(raw))
+    assert config.jobs is not None and config.jobs.store == url
+    assert config.discovery is not None and config.discovery.dns == "infergate-replica"
+
+    # The URL names the example server: its Service, port, user, database and password.
+    parts = urllib.parse.urlsplit(url)
+    service = res[("Service", parts.hostname)]["spec"]
+    assert parts.port == service["ports"][0]["port"]
+    pod = res[("StatefulSet", parts.hostname)]["spec"]["template"]["spec"]["containers"][0]
+    env_of = {e["name"]: e for e in pod["env"]}
+    assert env_of["POSTGRES_USER"]["value"] == parts.username
+    assert env_of["POSTGRES_DB"]["value"] == parts.path.lstrip("/")
+    password = env_of["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert res[("Secret", password["name"])]["stringData"][password["key"]] == parts.password

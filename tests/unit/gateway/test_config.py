@@ -119,3 +119,18 @@ def test_a_job_store_that_is_neither_a_file_nor_a_postgresql_url_is_refused(
 def test_a_job_store_is_a_file_or_a_postgresql_url(store: str) -> None:
     config = parse_config({"replicas": [{"url": URL}], "jobs": {"store": store}})
     assert config.jobs is not None and config.jobs.store == store and config.jobs.lease_s == 30
+
+
+def test_a_job_store_url_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = {"replicas": [{"url": URL}], "jobs": {"store": "${INFERGATE_TEST_STORE}"}}
+    monkeypatch.delenv("INFERGATE_TEST_STORE", raising=False)
+    assert _error(data) == (
+        "jobs.store: ${INFERGATE_TEST_STORE} is not set in the gateway's environment (set it, "
+        "e.g. from a Kubernetes Secret with env[].valueFrom.secretKeyRef) "
+        "(got '${INFERGATE_TEST_STORE}')"  # the reference, never the secret
+    )
+    monkeypatch.setenv("INFERGATE_TEST_STORE", "postgresql://u:secret@db:5432/jobs")
+    config = parse_config(data)
+    assert config.jobs is not None and config.jobs.store == "postgresql://u:secret@db:5432/jobs"
+    monkeypatch.setenv("INFERGATE_TEST_STORE", "mysql://db/jobs")
+    assert "'mysql://' is not a job store" in _error(data)
