@@ -37,6 +37,7 @@ import aiohttp
 from loadtests.fleet import Fleet, fleet
 from loadtests.openloop import run as open_loop
 from loadtests.pgserver import fresh_database, start_server
+from loadtests.runner import exit_on_sigterm
 from loadtests.samples import Sample, write_samples
 from loadtests.stats import Block, blocks_of, p99, percentile, relative_change
 from loadtests.workload import Workload, draw
@@ -242,6 +243,7 @@ def command_of(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    exit_on_sigterm()
     keep = args.out is not None
     with tempfile.TemporaryDirectory(prefix="jobs-bench-") as tmp:
         args.out = args.out or Path(tmp)
