@@ -9,8 +9,8 @@ A block sits between two marker comments and is replaced whole:
     <!-- /results -->                  command, then per strategy each scenario's P99, throughput
                                        per instance and P99 time to first token, and the
                                        simulated central queue's P99
-    <!-- results:FOLDER#SECTION -->    the table of one `### SECTION` of that table.md, verbatim
-    <!-- /results -->
+    <!-- results:FOLDER#SECTION -->    the table of one `### SECTION` of that table.md, verbatim;
+    <!-- /results -->                  FOLDER may be A+B+C: their rows under A's header
 """
 
 from __future__ import annotations
@@ -124,17 +124,22 @@ def load_lines(load: Table | None) -> list[str]:
     return [" ".join(out), ""]
 
 
-def section(folder: Path, title: str) -> str:
-    table = sections((ROOT / folder / "table.md").read_text())[title]
-    return "\n".join(table.lines) + "\n"
+def section(folders: str, title: str) -> str:
+    """The table of one `### title`; of several folders joined by '+', their rows in that order
+    under the first one's header."""
+    tables = [
+        sections((ROOT / RESULTS / name / "table.md").read_text())[title]
+        for name in folders.split("+")
+    ]
+    lines = tables[0].lines[:2] + [line for table in tables for line in table.lines[2:]]
+    return "\n".join(lines) + "\n"
 
 
 def render(readme: str) -> str:
     """README with every generated block rewritten from the result files."""
 
     def block(match: re.Match[str]) -> str:
-        folder = RESULTS / match[2]
-        body = section(folder, match[3].strip()) if match[3] else digest(folder)
+        body = section(match[2], match[3].strip()) if match[3] else digest(RESULTS / match[2])
         return f"{match[1]}{body}{match[5]}"
 
     return BLOCK.sub(block, readme)

@@ -248,8 +248,11 @@ class Scheduler:
 
         async def record() -> None:
             outcome = outcome_of(reply, job, self._settings.max_attempts)
-            if outcome is not None and await self._store.finish(job, outcome):
-                self._state.metrics.jobs_finished.labels(outcome.status).inc()
+            try:
+                if outcome is not None and await self._store.finish(job, outcome):
+                    self._state.metrics.jobs_finished.labels(outcome.status).inc()
+            except StoreUnavailable as exc:  # its lease runs out and a gateway refuses it again
+                log.warning("job %s: refusal not recorded: %s", job.id, exc)
 
         def done(_: asyncio.Task[None]) -> None:
             self._in_flight.pop(job.id, None)

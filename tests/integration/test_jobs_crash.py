@@ -15,7 +15,7 @@ import yaml
 
 from gateway.jobs.store import JobStore
 from tests.support.processes import free_port, stop, wait_http_ok
-from tests.support.servers import fake_replicas
+from tests.support.servers import fake_replicas, get_json, lines_done
 
 LINES = 2000
 
@@ -30,18 +30,6 @@ def _start_gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "gateway", "-c", str(config)], stdout=out, stderr=out
         )
-
-
-async def _batch(client: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with client.get(url) as response:
-        assert response.status == 200, await response.text()
-        body: dict[str, Any] = await response.json()
-        return body
-
-
-def _done(batch: dict[str, Any]) -> int:
-    counts = batch["request_counts"]
-    return int(counts["completed"] + counts["failed"])
 
 
 async def test_kill_9_mid_batch_then_restart_every_line_has_exactly_one_result(
@@ -72,15 +60,15 @@ async def test_kill_9_mid_batch_then_restart_every_line_has_exactly_one_result(
             async with client.post(f"{base}/v1/batches", data=data) as response:
                 assert response.status == 202
                 batch_url = base + response.headers["Location"]
-            while _done(batch := await _batch(client, batch_url)) < LINES // 5:
+            while lines_done(batch := await get_json(client, batch_url)) < LINES // 5:
                 await asyncio.sleep(0.02)
             proc.kill()  # SIGKILL: no clean-up of any kind
             await asyncio.to_thread(proc.wait)
-            done_at_kill = _done(_batch_from_store(tmp_path / "jobs.db"))
+            done_at_kill = lines_done(_batch_from_store(tmp_path / "jobs.db"))
             proc = _start_gateway(config, log)
             await wait_http_ok(f"{base}/healthz", proc)
             for _ in range(1500):
-                batch = await _batch(client, batch_url)
+                batch = await get_json(client, batch_url)
                 if batch["status"] == "completed":
                     break
                 await asyncio.sleep(0.02)

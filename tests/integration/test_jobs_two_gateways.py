@@ -29,7 +29,7 @@ from aiohttp import web
 
 from replica.idempotency import AnswerCache, middleware
 from tests.support.processes import free_port, stop, wait_http_ok
-from tests.support.servers import serve
+from tests.support.servers import get_json, lines_done, serve
 
 LINES = 2000
 PER_REPLICA = 4  # jobs.max_outstanding_per_replica
@@ -116,15 +116,7 @@ def _gateway(
 
 
 async def _get(client: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with client.get(url, headers={"Authorization": f"Bearer {ADMIN}"}) as response:
-        assert response.status == 200, await response.text()
-        body: dict[str, Any] = await response.json()
-        return body
-
-
-def _done(batch: dict[str, Any]) -> int:
-    counts = batch["request_counts"]
-    return int(counts["completed"] + counts["failed"])
+    return await get_json(client, url, {"Authorization": f"Bearer {ADMIN}"})
 
 
 async def test_kill_9_one_of_two_gateways_mid_batch_and_the_other_finishes_it(
@@ -143,13 +135,13 @@ async def test_kill_9_one_of_two_gateways_mid_batch_and_the_other_finishes_it(
             async with client.post(f"{first.url}/v1/batches", data=data) as response:
                 assert response.status == 202, await response.text()
                 path = response.headers["Location"]
-            while _done(await _get(client, second.url + path)) < LINES // 4:
+            while lines_done(await _get(client, second.url + path)) < LINES // 4:
                 await asyncio.sleep(0.02)
             assert first.proc is not None
             first.proc.kill()  # SIGKILL: no clean-up of any kind
             await asyncio.to_thread(first.proc.wait)
             orphans = await _running(postgres_url, _holder(first.log))
-            done_at_kill = _done(await _get(client, second.url + path))
+            done_at_kill = lines_done(await _get(client, second.url + path))
             for _ in range(1500):
                 batch = await _get(client, second.url + path)
                 if batch["status"] == "completed":

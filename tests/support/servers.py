@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -201,3 +202,19 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> N
     while not predicate():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+async def get_json(
+    client: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """GET a JSON object that must come with a 200."""
+    async with client.get(url, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+def lines_done(batch: dict[str, Any]) -> int:
+    """A batch's lines that have ended, from its JSON."""
+    counts = batch["request_counts"]
+    return int(counts["completed"] + counts["failed"])

@@ -1,11 +1,15 @@
-"""Shared test set-up: every test must leave no asyncio task running behind it."""
+"""Shared test set-up: every test must leave no asyncio task running behind it; `store`, the
+jobs.store of a test that runs on each job store."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+
+from loadtests.pgserver import fresh_database
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +25,11 @@ async def no_tasks_left() -> AsyncIterator[None]:
             break
         await asyncio.sleep(0.01)
     assert not left, f"tasks left running: {[t.get_name() for t in left]}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """jobs.store: a file, or a new database on the test run's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.db")
+    return await fresh_database(request.getfixturevalue("postgres_server"))

@@ -43,9 +43,9 @@ def _as(key: str) -> dict[str, str]:
 
 @asynccontextmanager
 async def keyed_gateway(
-    tmp_path: Path, replicas: list[FakeReplica]
+    tmp_path: Path, replicas: list[FakeReplica], store: str | None = None
 ) -> AsyncIterator[tuple[Gateway, aiohttp.ClientSession]]:
-    jobs = {"store": str(tmp_path / "jobs.db"), "poll_interval_s": 0.01}
+    jobs = {"store": store or str(tmp_path / "jobs.db"), "poll_interval_s": 0.01}
     write_config(tmp_path / "g.yaml", gateway_config(replicas, "random", auth=_auth(), jobs=jobs))
     async with running_gateway(tmp_path / "g.yaml") as gw, aiohttp.ClientSession() as client:
         yield gw, client
@@ -119,8 +119,13 @@ def _auth_keys(gw: Gateway) -> list[str]:
     return [key.name for key in auth.api_keys] if auth else []
 
 
-async def test_jobs_and_batches_belong_to_the_key_that_made_them(tmp_path: Path) -> None:
-    async with fake_replicas(1) as (replica,), keyed_gateway(tmp_path, [replica]) as (gw, client):
+async def test_jobs_and_batches_belong_to_the_key_that_made_them(
+    tmp_path: Path, store: str
+) -> None:
+    async with (
+        fake_replicas(1) as (replica,),
+        keyed_gateway(tmp_path, [replica], store) as (gw, client),
+    ):
         base = gw.url
         line = b'{"custom_id": "one", "url": "/v1/completions", "body": {"prompt": "x"}}\n'
         _, batch = await _call(client, "POST", f"{base}/v1/batches", KEY_A, data=line)

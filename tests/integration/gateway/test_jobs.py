@@ -11,29 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
-from loadtests.pgserver import fresh_database
 from tests.support.processes import BIN
 from tests.support.servers import (
     FakeReplica,
     Gateway,
     fake_replicas,
     gateway_config,
+    get_json,
     running_gateway,
     wait_until,
     write_config,
 )
 
 COMPLETION = {"url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 4}}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """jobs.store: a file, or a new database on the test run's PostgreSQL server."""
-    if request.param == "sqlite":
-        return str(tmp_path / "jobs.db")
-    return await fresh_database(request.getfixturevalue("postgres_server"))
 
 
 @asynccontextmanager
@@ -47,16 +38,9 @@ async def jobs_gateway(
         yield gw, client
 
 
-async def _get(client: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with client.get(url) as response:
-        assert response.status == 200, await response.text()
-        body: dict[str, Any] = await response.json()
-        return body
-
-
 async def _until(client: aiohttp.ClientSession, url: str, *statuses: str) -> dict[str, Any]:
     for _ in range(500):
-        body = await _get(client, url)
+        body = await get_json(client, url)
         if body["status"] in statuses:
             return body
         await asyncio.sleep(0.02)
@@ -106,7 +90,7 @@ async def test_jobs_wait_while_the_replica_is_busy_and_real_time_goes_first(
         async with client.post(f"{gw.url}/v1/jobs", json=COMPLETION) as response:
             job = await response.json()
         await asyncio.sleep(0.2)
-        assert (await _get(client, f"{gw.url}/v1/jobs/{job['id']}"))["status"] == "queued"
+        assert (await get_json(client, f"{gw.url}/v1/jobs/{job['id']}"))["status"] == "queued"
         replica.release.set()
         await wait_until(lambda: gw.state.admission.queued == 0 and replica.in_flight == 1)
         await asyncio.sleep(0.1)
@@ -135,7 +119,7 @@ async def test_cancel_a_running_job_frees_the_replica_and_a_finished_one_is_409(
         async with client.delete(job_url) as response:
             status, kind, message = await _error(response)
         assert (status, kind) == (409, "conflict") and "already cancelled" in message
-        done = await _get(client, job_url)
+        done = await get_json(client, job_url)
         assert done["error"]["code"] == "cancelled"
         for method in ("GET", "DELETE"):
             async with client.request(method, f"{gw.url}/v1/jobs/job_nope") as response:
@@ -153,9 +137,9 @@ async def test_listing_jobs_by_status(tmp_path: Path, store: str) -> None:
                 ids.append((await response.json())["id"])
         for job_id in ids:
             await _until(client, f"{gw.url}/v1/jobs/{job_id}", "succeeded")
-        page = await _get(client, f"{gw.url}/v1/jobs?status=succeeded&limit=2")
+        page = await get_json(client, f"{gw.url}/v1/jobs?status=succeeded&limit=2")
         assert [j["id"] for j in page["data"]] == ids[:2] and page["has_more"]
-        page = await _get(client, f"{gw.url}/v1/jobs?status=queued")
+        page = await get_json(client, f"{gw.url}/v1/jobs?status=queued")
         assert page == {"object": "list", "data": [], "has_more": False}
         async with client.get(f"{gw.url}/v1/jobs?status=done") as response:
             status, _, message = await _error(response)
@@ -184,7 +168,7 @@ async def test_a_batch_runs_every_line_and_bad_lines_fail_with_a_reason(
         async with client.get(f"{gw.url}{done['results_url']}") as response:
             assert response.headers["Content-Type"] == "application/jsonl"
             results = [json.loads(line) for line in (await response.text()).splitlines()]
-        listed = await _get(client, f"{gw.url}/v1/batches")
+        listed = await get_json(client, f"{gw.url}/v1/batches")
     assert [b["id"] for b in listed["data"]] == [batch["id"]]
     counts = done["request_counts"]
     assert (counts["total"], counts["completed"], counts["failed"]) == (22, 20, 2)

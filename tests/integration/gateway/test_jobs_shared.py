@@ -21,6 +21,7 @@ from tests.support.servers import (
     Gateway,
     fake_replicas,
     gateway_config,
+    get_json,
     running_gateway,
     wait_until,
     write_config,
@@ -48,13 +49,6 @@ async def _two_gateways(
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as client:
         yield client
-
-
-async def _get(client: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with client.get(url) as response:
-        assert response.status == 200, await response.text()
-        body: dict[str, Any] = await response.json()
-        return body
 
 
 async def _succeeded(client: aiohttp.ClientSession, url: str) -> float:
@@ -86,11 +80,11 @@ async def test_two_gateways_share_a_batch_within_the_replicas_idle_capacity(
             assert r.status == 202
             path = r.headers["Location"]
         for _ in range(500):
-            batch = await _get(session, b.url + path)
+            batch = await get_json(session, b.url + path)
             if batch["status"] == "completed":
                 break
             await asyncio.sleep(0.05)
-        views = [await _get(session, g.url + path) for g in (a, b)]
+        views = [await get_json(session, g.url + path) for g in (a, b)]
         ran = [await _succeeded(session, g.url) for g in (a, b)]
     assert batch["status"] == "completed"
     assert views[0] == views[1] and views[0]["request_counts"]["completed"] == 40
@@ -113,6 +107,6 @@ async def test_a_cancel_at_one_gateway_stops_the_job_running_at_the_other(
             assert (await response.json())["status"] == "cancelled"
         # The gateway running it learns at its next lease renewal (lease_s / 3) and stops.
         await wait_until(lambda: replica.in_flight == 0, timeout_s=3)
-        done = [await _get(session, f"{g.url}/v1/jobs/{job['id']}") for g in (a, b)]
+        done = [await get_json(session, f"{g.url}/v1/jobs/{job['id']}") for g in (a, b)]
     assert [d["status"] for d in done] == ["cancelled", "cancelled"]
     assert done[0]["error"]["code"] == "cancelled"

@@ -127,6 +127,11 @@ def test_jobs_command_parses_and_matches_its_config(folder: str) -> None:
     table = (RESULTS / folder / "table.md").read_text()
     assert f"{args.lines} lines of {args.job_tokens} tokens" in table
     assert f"{args.seconds:.0f} s real-time phase" in table
+    (row,) = readme.sections(table)["Summary"].rows
+    assert [row[0], row[2], row[3]] == [str(args.gateways), str(args.threshold), str(args.seeds)]
+    assert row[1].startswith("PostgreSQL" if args.gateways > 1 else "SQLite")
+    if args.gateways > 1:
+        assert table.count("every gateway reports the same counts") == args.seeds
 
 
 def test_a_plan_survives_its_own_command() -> None:
