@@ -37,12 +37,21 @@ from typing import Any, ParamSpec, TypeVar
 import asyncpg
 
 from gateway.jobs.requests import BatchLine, JobRequest
-from gateway.jobs.store import Batch, Job, Outcome, StoreUnavailable, line_row, new_id
+from gateway.jobs.store import (
+    Batch,
+    Job,
+    Outcome,
+    Sending,
+    StoreUnavailable,
+    line_row,
+    new_id,
+)
 
 log = logging.getLogger(__name__)
 
 NOW = "extract(epoch FROM clock_timestamp())"  # the database's clock, for leases
 MIGRATION_LOCK = 0x6A6F6273  # pg_advisory_xact_lock key: 'jobs'
+REPLICA_LOCK = 0x736C6F74  # with hashtext(url): one replica's job slots, 'slot'
 
 # Each step runs once, in order, in the transaction that records its number.
 MIGRATIONS: tuple[str, ...] = (
@@ -90,8 +99,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX batches_by_owner ON batches (owner, seq);
     CREATE INDEX batches_by_expiry ON batches (expires_at) WHERE expires_at IS NOT NULL;
     """,
-    # The replica each attempt went to (a re-run after a gateway died goes back to it).
-    "ALTER TABLE jobs ADD COLUMN replica text",
+    # The replica each attempt went to (a re-run after a gateway died goes back to it; the
+    # jobs running there, of every gateway, are counted against jobs.max_outstanding_per_replica).
+    """
+    ALTER TABLE jobs ADD COLUMN replica text;
+    CREATE INDEX jobs_running_by_replica ON jobs (replica) WHERE status = 'running';
+    """,
 )
 
 JOB_COLUMNS = (
@@ -239,14 +252,29 @@ class PostgresStore:
         return await self._to_queue(job, ", attempt = attempt - 1, started_at = NULL")
 
     @_guarded
-    async def sent(self, job: Job, replica: str) -> bool:
-        """Record the replica this attempt goes to, before it is sent; False (do not send) when
-        the job was cancelled or taken over meanwhile."""
-        done = await self._pool.execute(
-            "UPDATE jobs SET replica = $1 WHERE id = $2 AND status = 'running' AND attempt = $3",
-            replica, job.id, job.attempt,
-        )  # fmt: skip
-        return _count(done) == 1
+    async def sent(self, job: Job, replica: str, limit: int | None = None) -> Sending:
+        """Record the replica this attempt goes to, before it is sent: "full" when `limit` jobs
+        of any gateway run there already (counted under the replica's advisory lock, so two
+        gateways cannot both take its last slot), "gone" when the job was cancelled or taken
+        over meanwhile."""
+        async with self._transaction() as db:
+            if limit is not None:
+                await db.execute(
+                    "SELECT pg_advisory_xact_lock($1, hashtext($2))", REPLICA_LOCK, replica
+                )
+                running = await db.fetchval(
+                    "SELECT count(*) FROM jobs WHERE replica = $1 AND status = 'running'"
+                    " AND id <> $2",
+                    replica, job.id,
+                )  # fmt: skip
+                if running >= limit:
+                    return "full"
+            done = await db.execute(
+                "UPDATE jobs SET replica = $1 WHERE id = $2 AND status = 'running'"
+                " AND attempt = $3",
+                replica, job.id, job.attempt,
+            )  # fmt: skip
+        return "sent" if _count(done) == 1 else "gone"
 
     @_guarded
     async def finish(self, job: Job, outcome: Outcome) -> bool:

@@ -49,6 +49,7 @@ MAX_DEFERRED = 1000  # jobs passed over at once; past that, the oldest waits at 
 MAX_PASSES = 16  # jobs passed over in a row before the scheduler pauses (DEFER_S / 4)
 MAX_REPLY_BYTES = 16 * 1024 * 1024  # a job's stored result; a larger reply fails the job
 STORE_RETRY_S = 1.0  # the store could not be reached: claims resume after this long
+FULL_S = 0.1  # a replica whose job slots other gateways' jobs filled is passed over this long
 
 
 def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
@@ -63,15 +64,18 @@ def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
         and state.pool.outstanding_everywhere() >= limits.max_outstanding
     ):
         return ()
-    threshold = settings.max_outstanding_per_replica
-    if limits.max_outstanding_per_replica is not None:
-        threshold = min(threshold, limits.max_outstanding_per_replica)
     now, max_age = state.pool.now(), state.runtime.config.load_feedback.max_age_s
-    return [
-        r
-        for r in state.pool.available()
-        if r.load(now, max_age) < min(threshold, r.max_concurrency or threshold)
-    ]
+    return [r for r in state.pool.available() if r.load(now, max_age) < slots(state, settings, r)]
+
+
+def slots(state: GatewayState, settings: Jobs, replica: Replica) -> int:
+    """How many requests `replica` may hold for a job to be sent there: the jobs threshold,
+    within the gateway's and the replica's own slot limits."""
+    threshold = settings.max_outstanding_per_replica
+    per_replica = state.runtime.config.limits.max_outstanding_per_replica
+    if per_replica is not None:
+        threshold = min(threshold, per_replica)
+    return min(threshold, replica.max_concurrency or threshold)
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class Scheduler:
         self._held: Job | None = None  # claimed, waiting for a slot that vanished meanwhile
         self._deferred: dict[str, float] = {}  # job id -> until when claims pass it over
         self._passed = 0  # jobs passed over in a row
+        self._full: dict[str, float] = {}  # replica url -> until when (the store said full)
 
     def _deferred_ids(self) -> list[str]:
         now = time.monotonic()
@@ -165,9 +170,14 @@ class Scheduler:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _eligible(self) -> Sequence[Replica]:
+        """`eligible`, but for replicas the store found full a moment ago."""
+        now = time.monotonic()
+        return [r for r in eligible(self._state, self._settings) if self._full.get(r.url, 0) <= now]
+
     async def _loop(self) -> None:
         while True:
-            replicas = eligible(self._state, self._settings)
+            replicas = self._eligible()
             if not replicas:
                 await self._sleep(self._settings.poll_interval_s)
             elif self._held is None:
@@ -178,7 +188,7 @@ class Scheduler:
                 # One loop turn first: a real-time request that a release just woke in the
                 # admission queue takes its slot before a job can.
                 await asyncio.sleep(0)
-                replicas = eligible(self._state, self._settings)
+                replicas = self._eligible()
                 job = self._held
                 if replicas and job is not None and not self._start(job, replicas):
                     # No replica of its model can take it now: back to the queue, passed
@@ -225,8 +235,11 @@ class Scheduler:
         info = replace(info, model=target.model)
         lease = self._state.admission.take(candidates, info)
         lease.key = job.owner
+        # A re-run goes back past the jobs threshold (see _previous); others take a job slot.
+        limit = None if again is not None else slots(self._state, self._settings, lease.replica)
         task = asyncio.create_task(
-            self._dispatch(job, lease, body, target.path_qs or job.url), name=f"job-{job.id}"
+            self._dispatch(job, lease, body, target.path_qs or job.url, limit),
+            name=f"job-{job.id}",
         )
         self._in_flight[job.id] = task
         # The lease is closed when the task ends, even one cancelled before its first step.
@@ -269,11 +282,18 @@ class Scheduler:
         if not task.cancelled() and task.exception() is not None:
             log.error("job %s: dispatch failed", job_id, exc_info=task.exception())
 
-    async def _dispatch(self, job: Job, lease: Lease, body: bytes, path: str) -> None:
+    async def _dispatch(
+        self, job: Job, lease: Lease, body: bytes, path: str, limit: int | None
+    ) -> None:
         try:
-            # Where it goes is recorded first, so a re-run after a crash can go back there.
-            if not await self._store.sent(job, lease.replica.url):
-                return  # cancelled or taken over meanwhile: not ours to run
+            # Where it goes is recorded first, so a re-run after a crash can go back there;
+            # the store counts every gateway's jobs there, so together they do not overfill.
+            sending = await self._store.sent(job, lease.replica.url, limit)
+            if sending == "full":  # other gateways' jobs, not yet in its load report
+                self._full[lease.replica.url] = time.monotonic() + FULL_S
+                await self._store.unclaim(job)
+            if sending != "sent":
+                return  # or cancelled or taken over meanwhile: not ours to run
             timeouts = self._state.runtime.config.timeouts
             reply = await self._send(job, lease.replica, body, path, timeouts)
         except StoreUnavailable as exc:  # not sent; its lease runs out and it runs again

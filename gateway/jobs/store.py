@@ -35,6 +35,9 @@ from gateway.errors import GatewayError
 from gateway.jobs.requests import BatchLine, JobRequest
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# What recording an attempt's replica found: go ahead; the replica already runs `limit` jobs
+# (of every gateway); the job is no longer this attempt's (cancelled, taken over).
+Sending = Literal["sent", "full", "gone"]
 JOB_STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 
 SCHEMA = """
@@ -289,14 +292,20 @@ class JobStore:
         )
         return cursor.rowcount == 1
 
-    def sent(self, job: Job, replica: str) -> bool:
-        """Record the replica this attempt goes to, before it is sent; False (do not send) when
-        the job was cancelled meanwhile. Fenced like finish."""
-        cursor = self._db.execute(
-            "UPDATE jobs SET replica = ? WHERE id = ? AND status = 'running' AND attempt = ?",
-            (replica, job.id, job.attempt),
-        )
-        return cursor.rowcount == 1
+    def sent(self, job: Job, replica: str, limit: int | None = None) -> Sending:
+        """Record the replica this attempt goes to, before it is sent: "full" when `limit` jobs
+        run there already, "gone" when the job was cancelled meanwhile (fenced like finish)."""
+        with self._transaction() as db:
+            if limit is not None and db.execute(
+                "SELECT count(*) FROM jobs WHERE replica = ? AND status = 'running' AND id <> ?",
+                (replica, job.id),
+            ).fetchone()[0] >= limit:  # fmt: skip
+                return "full"
+            cursor = db.execute(
+                "UPDATE jobs SET replica = ? WHERE id = ? AND status = 'running' AND attempt = ?",
+                (replica, job.id, job.attempt),
+            )
+        return "sent" if cursor.rowcount == 1 else "gone"
 
     def finish(self, job: Job, outcome: Outcome) -> bool:
         """Record the result of this attempt; False when the job was cancelled or re-claimed
@@ -512,7 +521,10 @@ class Store(Protocol):
     async def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch: ...
     async def claim(self, passed_over: Sequence[str] = ()) -> Job | None: ...
     async def unclaim(self, job: Job) -> bool: ...
-    async def sent(self, job: Job, replica: str) -> bool: ...
+    async def sent(self, job: Job, replica: str, limit: int | None = None) -> Sending:
+        """Record where this attempt goes; with `limit`, only while fewer jobs (of every
+        gateway on the store) run there."""
+
     async def finish(self, job: Job, outcome: Outcome) -> bool: ...
     async def requeue(self, job: Job) -> bool: ...
 
@@ -596,8 +608,8 @@ class SqliteStore:
     async def unclaim(self, job: Job) -> bool:
         return await self.run(JobStore.unclaim, job)
 
-    async def sent(self, job: Job, replica: str) -> bool:
-        return await self.run(JobStore.sent, job, replica)
+    async def sent(self, job: Job, replica: str, limit: int | None = None) -> Sending:
+        return await self.run(JobStore.sent, job, replica, limit)
 
     async def finish(self, job: Job, outcome: Outcome) -> bool:
         return await self.run(JobStore.finish, job, outcome)

@@ -237,7 +237,7 @@ async def test_a_database_from_an_older_gateway_is_migrated_in_place(postgres_ur
     try:
         old = await store.claim()
         assert old is not None and old.id == "job_old" and old.replica is None
-        assert await store.sent(old, "http://127.0.0.1:9001")
+        assert await store.sent(old, "http://127.0.0.1:9001", limit=1) == "sent"
     finally:
         await store.close()
 
@@ -250,7 +250,9 @@ async def test_where_an_attempt_went_is_kept_for_a_rerun_after_a_crash_only(
         await alive.add_job(_request(str(i)))
     crashed, failed = await dead.claim(), await alive.claim()
     assert crashed is not None and failed is not None
-    assert await dead.sent(crashed, "http://r1") and await alive.sent(failed, "http://r2")
+    assert [await dead.sent(crashed, "http://r1"), await alive.sent(failed, "http://r2")] == [
+        "sent", "sent",
+    ]  # fmt: skip
     assert await alive.requeue(failed)  # r2 answered with an error: the next try goes anywhere
     await asyncio.sleep(LEASE_S + 0.1)
     assert await alive.recover(max_attempts=3) == (1, 0)
@@ -259,8 +261,27 @@ async def test_where_an_attempt_went_is_kept_for_a_rerun_after_a_crash_only(
         (crashed.id, 2, "http://r1"),  # back to where it may have finished
         (failed.id, 2, None),
     ]
-    assert not await dead.sent(crashed, "http://r1")  # the stale attempt may not be sent
+    assert await dead.sent(crashed, "http://r1") == "gone"  # the stale attempt may not be sent
     job = again[0]
     assert job is not None
     await alive.cancel_job(job.id)
-    assert not await alive.sent(job, "http://r1")  # nor a cancelled one
+    assert await alive.sent(job, "http://r1") == "gone"  # nor a cancelled one
+
+
+async def test_a_replicas_job_slots_are_counted_over_every_gateway(gateways: Open) -> None:
+    a, b = await gateways(), await gateways()
+    for i in range(40):
+        await a.add_job(_request(str(i)))
+    claimed = [job for store in (a, b) for _ in range(20) if (job := await store.claim())]
+    owner = {job.id: (a if i < 20 else b) for i, job in enumerate(claimed)}
+    # Every job at once for the same replica, 3 slots: exactly 3 get them, whichever gateway.
+    sending = await asyncio.gather(
+        *(owner[job.id].sent(job, "http://r", limit=3) for job in claimed)
+    )
+    assert sending.count("sent") == 3 and sending.count("full") == 37
+    sent = [job for job, s in zip(claimed, sending, strict=True) if s == "sent"]
+    assert await owner[sent[0].id].finish(sent[0], OK)  # a slot frees
+    waiting = next(job for job, s in zip(claimed, sending, strict=True) if s == "full")
+    assert await owner[waiting.id].sent(waiting, "http://r", limit=3) == "sent"
+    assert await owner[waiting.id].sent(waiting, "http://other", limit=3) == "sent"  # moved
+    assert await a.sent(claimed[-1], "http://r", limit=None) == "sent"  # a re-run: no cap

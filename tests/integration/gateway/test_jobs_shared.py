@@ -1,7 +1,6 @@
-"""Two gateways on one PostgreSQL job store, as clients see them: a batch submitted at one runs
-on both, fills only the replicas' idle capacity between them (each sees the other's jobs in the
-replicas' load reports), reads the same from either, and a cancel at one stops the work the
-other was doing."""
+"""Two gateways on one PostgreSQL job store, as clients see them: their batches run on both,
+fill only the replicas' job slots between them (the store counts every gateway's jobs at a
+replica), read the same from either, and a cancel at one stops the work the other was doing."""
 
 from __future__ import annotations
 
@@ -69,29 +68,33 @@ def _lines(n: int, path: str) -> bytes:
     ).encode()
 
 
-async def test_two_gateways_share_a_batch_within_the_replicas_idle_capacity(
+async def test_two_gateways_share_their_batches_within_the_replicas_idle_capacity(
     tmp_path: Path, postgres_url: str, session: aiohttp.ClientSession
 ) -> None:
     async with fake_replicas(2) as replicas, AsyncExitStack() as stack:
-        a, b = await _two_gateways(
+        gateways = await _two_gateways(
             stack, tmp_path, postgres_url, replicas, max_outstanding_per_replica=PER_REPLICA
         )
-        async with session.post(f"{a.url}/v1/batches", data=_lines(40, "/sleep?s=0.15")) as r:
-            assert r.status == 202
-            path = r.headers["Location"]
-        for _ in range(500):
-            batch = await get_json(session, b.url + path)
-            if batch["status"] == "completed":
-                break
-            await asyncio.sleep(0.05)
-        views = [await get_json(session, g.url + path) for g in (a, b)]
-        ran = [await _succeeded(session, g.url) for g in (a, b)]
-    assert batch["status"] == "completed"
-    assert views[0] == views[1] and views[0]["request_counts"]["completed"] == 40
-    assert sum(ran) == 40 and min(ran) > 0  # both gateways ran part of it
-    # Each alone would fill every replica to PER_REPLICA: blind to each other, the two would
-    # reach twice that.
-    assert max(r.peak for r in replicas) < 2 * PER_REPLICA
+        paths = []
+        for gateway in gateways:  # one batch at each: both dispatch from the start
+            data = _lines(30, "/sleep?s=0.15")
+            async with session.post(f"{gateway.url}/v1/batches", data=data) as response:
+                assert response.status == 202
+                paths.append(response.headers["Location"])
+        for path in paths:
+            for _ in range(500):
+                if (await get_json(session, gateways[1].url + path))["status"] == "completed":
+                    break
+                await asyncio.sleep(0.05)
+        views = [[await get_json(session, g.url + path) for g in gateways] for path in paths]
+        ran = [await _succeeded(session, g.url) for g in gateways]
+    for a, b in views:  # either gateway reads either batch, the same
+        assert a == b and a["status"] == "completed" and a["request_counts"]["completed"] == 30
+    assert sum(ran) == 60 and min(ran) > 0
+    # Each alone fills every replica to PER_REPLICA; blind to each other, the two would reach
+    # twice that (they start in the same instant, before any load report): the store counts
+    # every gateway's jobs at a replica.
+    assert [r.peak for r in replicas] == [PER_REPLICA, PER_REPLICA]
 
 
 async def test_a_cancel_at_one_gateway_stops_the_job_running_at_the_other(

@@ -200,7 +200,7 @@ def test_where_an_attempt_went_is_kept_across_a_restart_and_cleared_by_a_retry(
     store = JobStore(tmp_path / "jobs.db", retention_s=RETENTION_S, clock=clock)
     first, second = store.add_job(_request("a")), store.add_job(_request("b"))
     for job in (store.claim(), store.claim()):
-        assert job is not None and store.sent(job, f"http://{job.custom_id}")
+        assert job is not None and store.sent(job, f"http://{job.custom_id}") == "sent"
     failed = store.get_job(second.id)
     assert failed is not None and failed.replica == "http://b" and store.requeue(failed)
     store.close()  # the gateway stops with `first` sent to a
@@ -209,4 +209,4 @@ def test_where_an_attempt_went_is_kept_across_a_restart_and_cleared_by_a_retry(
     again = [store.claim(), store.claim()]
     assert [(j.id, j.replica) for j in again if j] == [(first.id, "http://a"), (second.id, None)]
     assert again[0] is not None
-    assert not store.sent(replace(again[0], attempt=1), "http://a")  # an old attempt is fenced
+    assert store.sent(replace(again[0], attempt=1), "http://a") == "gone"  # an old attempt
