@@ -105,8 +105,11 @@ def _dropped(headers: CIMultiDictProxy[str], extra: frozenset[str]) -> frozenset
 def upstream_request_headers(request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
     headers = request.headers
     dropped = _dropped(headers, NOT_FORWARDED)
+    # With API keys, an Idempotency-Key is the client's within its key: two keys' "1" differ
+    # at the replica ('/' is in no key name).
+    owner = key_name(request)
     out = [
-        (k, v)
+        (k, f"{owner}/{v}" if owner and lower == "idempotency-key" else v)
         for k, v in headers.items()
         if (lower := k.lower()) not in dropped and lower not in FORWARDING
     ]

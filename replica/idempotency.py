@@ -45,6 +45,7 @@ class Answer:
     status: int
     body: bytes
     content_type: str
+    charset: str | None
     at: float
 
     @property
@@ -65,7 +66,8 @@ class AnswerCache:
         self._max_bytes = max_bytes
         self._ttl_s = ttl_s
         self._clock = clock
-        self.pending: dict[str, asyncio.Future[None]] = {}
+        # Keys being answered now: when that answer is done, and the request it answers.
+        self.pending: dict[str, tuple[asyncio.Future[None], bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -86,7 +88,10 @@ class AnswerCache:
             return
         if key in self._answers:
             self._drop(key)
-        answer = Answer(fingerprint, response.status, body, response.content_type, self._clock())
+        answer = Answer(
+            fingerprint, response.status, body, response.content_type, response.charset,
+            self._clock(),
+        )  # fmt: skip
         self._answers[key] = answer
         self._bytes += answer.size
         while len(self._answers) > self._max_entries or self._bytes > self._max_bytes:
@@ -114,8 +119,15 @@ def checked_key(value: str) -> str:
 def replay(answer: Answer) -> web.Response:
     return web.Response(
         status=answer.status, body=answer.body, content_type=answer.content_type,
-        headers={REPLAYED: "true"},
+        charset=answer.charset, headers={REPLAYED: "true"},
     )  # fmt: skip
+
+
+def reused(key: str) -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(
+        f"{HEADER} {key!r} was used for another request (method, path or body differ): use a "
+        "new key for a new request"
+    )
 
 
 def middleware(cache: AnswerCache, on_replay: Callable[[], None]) -> Middleware:
@@ -129,17 +141,17 @@ def middleware(cache: AnswerCache, on_replay: Callable[[], None]) -> Middleware:
         key = checked_key(raw)
         mark = fingerprint(request, await request.read())
         while (answer := cache.get(key)) is None and key in cache.pending:
-            await asyncio.shield(cache.pending[key])  # the same request, being answered now
+            running, running_mark = cache.pending[key]
+            if running_mark != mark:
+                raise reused(key)
+            await asyncio.shield(running)  # the same request, being answered now
         if answer is not None:
             if answer.fingerprint != mark:
-                raise IdempotencyKeyReused(
-                    f"{HEADER} {key!r} was used for another request (method, path or body "
-                    "differ): use a new key for a new request"
-                )
+                raise reused(key)
             on_replay()
             return replay(answer)
         done = asyncio.get_running_loop().create_future()
-        cache.pending[key] = done
+        cache.pending[key] = (done, mark)
         try:
             response = await handler(request)
             if type(response) is web.Response and 200 <= response.status < 300:

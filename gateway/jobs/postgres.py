@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -36,6 +36,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
+from gateway.errors import InvalidRequest
 from gateway.jobs.requests import BatchLine, JobRequest
 from gateway.jobs.store import (
     Batch,
@@ -124,16 +125,18 @@ UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
                asyncpg.AdminShutdownError, TimeoutError)  # fmt: skip
 RETRIES = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+# A value the database cannot hold (a NUL character in an id, say): the client's to fix, a 400.
+REFUSED_VALUES = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
 
 
 def redacted(url: str) -> str:
-    """The URL as a message may show it: no password."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """The URL as a message may show it: no password, in the user part or the query, however
+    the password is written (unencoded '/', '#' or '@' included)."""
+    scheme, _, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if at and ":" in credentials:
+        rest = f"{credentials.split(':', 1)[0]}:***@{host}"
+    return f"{scheme}://" + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
 def _guarded(
@@ -150,9 +153,18 @@ def _guarded(
             except RETRIES:
                 if attempt == 2:
                     raise
+            except REFUSED_VALUES:
+                raise InvalidRequest(
+                    "a value holds a character the job store cannot keep (NUL): remove it"
+                ) from None
             except UNAVAILABLE as exc:
                 raise StoreUnavailable(
                     f"the job store cannot be reached now ({type(exc).__name__}); try again"
+                ) from exc
+            except asyncpg.PostgresError as exc:  # read-only after a failover, a timeout, ...
+                log.error("jobs: the store failed a %s", method.__name__, exc_info=exc)
+                raise StoreUnavailable(
+                    f"the job store failed ({type(exc).__name__}); try again"
                 ) from exc
         raise AssertionError("unreachable")
 
@@ -318,7 +330,10 @@ class PostgresStore:
         failed). With `max_attempts`, one whose lost attempt was the last allowed fails."""
         now = self._clock()
         async with self._transaction() as db:
-            expired = f"status = 'running' AND lease_until < {NOW}"
+            # One instant for every statement: a lease that runs out meanwhile waits for the
+            # next sweep, so each job this sweep touches had its batch locked first.
+            at: float = await db.fetchval(f"SELECT ({NOW})::double precision")
+            expired = f"status = 'running' AND lease_until < {at!r}::double precision"
             batches = await db.fetch(f"SELECT DISTINCT batch_id FROM jobs WHERE {expired}")
             batch_ids = [r["batch_id"] for r in batches if r["batch_id"] is not None]
             await _lock_batches(db, batch_ids)

@@ -32,6 +32,12 @@ def _replica_path(value: str) -> str:
     return value
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character (\\u0000)")
+    return value
+
+
 def _not_streamed(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("stream") is True:
         raise ValueError("'stream': true is not supported for deferred jobs (results are stored)")
@@ -41,7 +47,9 @@ def _not_streamed(body: dict[str, Any]) -> dict[str, Any]:
 class JobRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    custom_id: str | None = Field(None, min_length=1, max_length=512)
+    custom_id: Annotated[str, AfterValidator(_no_nul)] | None = Field(
+        None, min_length=1, max_length=512
+    )
     method: Literal["POST"] = "POST"
     url: Annotated[str, AfterValidator(_replica_path)]
     body: Annotated[dict[str, Any], AfterValidator(_not_streamed)]
@@ -119,8 +127,10 @@ def _parse_line(number: int, raw: bytes) -> BatchLine:
     if not isinstance(data, dict):
         return BatchLine(number, None, error=f"expected a JSON object, got {type(data).__name__}")
     custom_id = data.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        return BatchLine(number, None, error="custom_id: required, a string naming this request")
+    if not isinstance(custom_id, str) or not custom_id or "\x00" in custom_id:
+        return BatchLine(
+            number, None, error="custom_id: required, a string naming this request (no NUL)"
+        )
     try:
         return BatchLine(number, custom_id, request=JobRequest.model_validate(data))
     except ValidationError as exc:

@@ -144,17 +144,25 @@ class Scheduler:
             if task is not None:
                 task.cancel()
 
-    def held_ids(self) -> set[str]:
-        """The jobs this gateway is dispatching or holds claimed for a slot."""
-        ids = set(self._in_flight)
+    def holding(self) -> dict[str, asyncio.Task[None] | Job]:
+        """The jobs this gateway is dispatching (their tasks) or holds claimed for a slot."""
+        holding: dict[str, asyncio.Task[None] | Job] = dict(self._in_flight)
         if self._held is not None:
-            ids.add(self._held.id)
-        return ids
+            holding[self._held.id] = self._held
+        return holding
 
-    def keep_only(self, asked: set[str], held: set[str]) -> None:
+    def keep_only(self, asked: dict[str, asyncio.Task[None] | Job], still: set[str]) -> None:
         """Of the jobs `asked` about, those the store no longer counts as ours (cancelled
-        elsewhere, or taken over after our lease ran out) stop here."""
-        self.abandon(sorted(asked - held))
+        elsewhere, or taken over after our lease ran out) stop here: the very dispatch or claim
+        asked about, not a newer one of the same job begun meanwhile."""
+        for job_id, what in asked.items():
+            if job_id in still:
+                continue
+            if isinstance(what, Job):
+                if self._held is what:
+                    self._held = None
+            else:
+                what.cancel()
 
     async def run(self) -> None:
         try:
@@ -246,6 +254,11 @@ class Scheduler:
         task.add_done_callback(lambda t: self._done(job.id, t, lease))
         return True
 
+    def _forget(self, job_id: str, task: asyncio.Task[None]) -> None:
+        """The task ended; a newer attempt of the same job may be in flight under its id."""
+        if self._in_flight.get(job_id) is task:
+            del self._in_flight[job_id]
+
     def _previous(self, job: Job, allowed: Sequence[Replica]) -> Replica | None:
         """A job run again after its gateway died (or restarted) goes back to the replica that
         had it, when that one is in rotation and under its hard slot limit, even past the jobs
@@ -267,8 +280,8 @@ class Scheduler:
             except StoreUnavailable as exc:  # its lease runs out and a gateway refuses it again
                 log.warning("job %s: refusal not recorded: %s", job.id, exc)
 
-        def done(_: asyncio.Task[None]) -> None:
-            self._in_flight.pop(job.id, None)
+        def done(task: asyncio.Task[None]) -> None:
+            self._forget(job.id, task)
             self._wake.set()
 
         task = asyncio.create_task(record(), name=f"job-{job.id}")
@@ -277,7 +290,7 @@ class Scheduler:
 
     def _done(self, job_id: str, task: asyncio.Task[None], lease: Lease) -> None:
         lease.close()
-        self._in_flight.pop(job_id, None)
+        self._forget(job_id, task)
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("job %s: dispatch failed", job_id, exc_info=task.exception())

@@ -78,7 +78,10 @@ class JobService:
                 store = await PostgresStore.open(
                     url, retention_s=settings.result_retention_s, lease_s=settings.lease_s
                 )
-            except (OSError, TimeoutError, asyncpg.PostgresError, RuntimeError) as exc:
+            except (
+                OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                RuntimeError,
+            ) as exc:  # fmt: skip
                 reason = str(exc) or type(exc).__name__
                 raise ConfigError(f"jobs.store: cannot open {redacted(url)}: {reason}") from None
             log.info(
@@ -89,7 +92,11 @@ class JobService:
                 store = await SqliteStore.open(url, retention_s=settings.result_retention_s)
             except (OSError, sqlite3.Error) as exc:
                 raise ConfigError(f"jobs.store: cannot open {url}: {exc}") from None
-        queued, failed = await store.recover(settings.max_attempts)
+        try:
+            queued, failed = await store.recover(settings.max_attempts)
+        except StoreUnavailable as exc:  # it went away right after the connection was made
+            await store.close()
+            raise ConfigError(f"jobs.store: {exc}") from None
         if queued or failed:
             log.warning(
                 "jobs: of the jobs a stopped gateway left running, %d are queued again and %d "
@@ -125,8 +132,8 @@ class JobService:
         while True:
             await asyncio.sleep(settings.lease_s / 3)
             try:
-                asked = self.scheduler.held_ids()
-                self.scheduler.keep_only(asked, await self.store.renew(asked))
+                asked = self.scheduler.holding()
+                self.scheduler.keep_only(asked, await self.store.renew(list(asked)))
                 queued, failed = await self.store.recover(settings.max_attempts)
             except StoreUnavailable as exc:
                 log.warning("jobs: leases not renewed: %s", exc)

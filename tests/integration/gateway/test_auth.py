@@ -184,3 +184,13 @@ async def test_the_jobs_client_sends_its_api_key(
         await wait_until(lambda: gw.state.pool.outstanding == 0)
     assert refused == 2 and "401: this gateway needs an API key" in refusal
     assert done == 0
+
+
+async def test_an_idempotency_key_reaches_the_replica_within_its_api_key(tmp_path: Path) -> None:
+    async with fake_replicas(1) as (replica,), keyed_gateway(tmp_path, [replica]) as (gw, client):
+        for key in (KEY_A, KEY_B):
+            headers = {**_as(key), "Idempotency-Key": "1"}
+            async with client.post(f"{gw.url}/v1/completions", json={}, headers=headers) as r:
+                assert r.status == 200
+    seen = [{k.lower(): v for k, v in s["headers"].items()} for s in replica.seen]
+    assert [s["idempotency-key"] for s in seen] == ["team-a/1", "team-b/1"]

@@ -18,7 +18,7 @@ from gateway.jobs.store import Job, Outcome, StoreUnavailable
 from loadtests.pgserver import PostgresServer, fresh_database, start_server
 
 OK = Outcome("succeeded", status_code=200, response='{"text": "hi"}')
-LEASE_S = 0.5  # short, so a "dead" gateway's claims run out within a test
+LEASE_S = 1.0  # short, so a "dead" gateway's claims run out within a test
 
 Open = Callable[..., Awaitable[PostgresStore]]
 

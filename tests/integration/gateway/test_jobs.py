@@ -306,3 +306,29 @@ async def test_cli_submits_waits_and_downloads_results(tmp_path: Path, store: st
         assert code == 0 and [r["custom_id"] for r in results] == [f"c{i}" for i in range(30)]
         code, _, err = await cli("status", "job_nope")
         assert code == 2 and "404: no job 'job_nope'" in err
+
+
+async def test_a_nul_character_is_refused_with_a_4xx_on_either_store(
+    tmp_path: Path, store: str
+) -> None:
+    lines = [{"custom_id": "a\x00", **COMPLETION}, {"custom_id": "b", **COMPLETION}]
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    async with (
+        fake_replicas(1) as replicas,
+        jobs_gateway(tmp_path, store, replicas) as (gw, client),
+    ):
+        job = {**COMPLETION, "custom_id": "a\x00"}
+        async with client.post(f"{gw.url}/v1/jobs", json=job) as response:
+            refused = await _error(response)
+        async with client.post(f"{gw.url}/v1/batches", data=data) as response:
+            assert response.status == 202  # the bad line fails alone
+            location = response.headers["Location"]
+        done = await _until(client, gw.url + location, "completed")
+        async with client.get(f"{gw.url}{done['results_url']}") as response:
+            results = [json.loads(line) for line in (await response.text()).splitlines()]
+        async with client.get(f"{gw.url}/v1/jobs/job_%00") as response:
+            lookup = await _error(response)
+    assert refused[:2] == (400, "invalid_request") and "NUL" in refused[2]
+    assert "(no NUL)" in results[0]["error"]["message"] and results[1]["error"] is None
+    # Never in any store: SQLite finds no such job, PostgreSQL cannot hold the character.
+    assert lookup[0] == (400 if store.startswith("postgresql") else 404)

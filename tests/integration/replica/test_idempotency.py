@@ -8,7 +8,12 @@ import asyncio
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
+
+from replica.config import parse_config
+from replica.keys import STATE
+from replica.server import create_app
 
 from .conftest import Start
 
@@ -102,3 +107,44 @@ async def test_errors_and_streams_are_not_kept(start_replica: Start) -> None:
                 assert (await response.text()).rstrip().endswith("data: [DONE]")
         counts = await _metrics(session, url)
     assert counts == {"runs": 2.0, "replays": 0.0}
+
+
+async def test_a_waiting_repeat_runs_itself_when_the_first_goes_away_or_differs() -> None:
+    # As `infergate replica` serves: a handler whose client went away is cancelled.
+    app = create_app(parse_config(SIMULATED))
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        await app[STATE].settled.wait()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        first, other, repeat = await _abandon_then_repeat(url)
+    finally:
+        await runner.cleanup()
+    assert first == "timed out"
+    assert other[0] == 422  # at once, while the first ran
+    assert repeat[0] == 200 and repeat[2] is None  # ran itself: the first left no answer
+
+
+async def _abandon_then_repeat(
+    url: str,
+) -> tuple[str, tuple[int, dict[str, Any], str | None], tuple[int, dict[str, Any], str | None]]:
+    body = {**BODY, "max_tokens": 48}
+    async with aiohttp.ClientSession() as session:
+
+        async def abandoned() -> str:
+            try:
+                async with session.post(
+                    f"{url}/v1/completions", json=body, headers={"Idempotency-Key": "k"},
+                    timeout=aiohttp.ClientTimeout(total=0.2),
+                ) as response:  # fmt: skip
+                    return f"answered {response.status}"
+            except TimeoutError:
+                return "timed out"
+
+        first = asyncio.create_task(abandoned())
+        await asyncio.sleep(0.05)  # the first is running now
+        other = await _post(session, url, {**BODY, "prompt": "another"}, "k")
+        repeat = await _post(session, url, body, "k")
+        return await first, other, repeat
