@@ -52,7 +52,7 @@ class CountingReplica:
     def app(self) -> web.Application:
         async def complete(request: web.Request) -> web.StreamResponse:
             body = await request.read()
-            await asyncio.sleep(0.004)  # the work; cancelled if the gateway goes away
+            await asyncio.sleep(0.01)  # the work; cancelled if the gateway goes away
             self.completed[request.headers["X-Request-Id"]] += 1
             return web.json_response({"body": body.decode()})
 
@@ -137,10 +137,15 @@ async def test_kill_9_one_of_two_gateways_mid_batch_and_the_other_finishes_it(
                 path = response.headers["Location"]
             while lines_done(await _get(client, second.url + path)) < LINES // 4:
                 await asyncio.sleep(0.02)
+            holder = _holder(first.log)
+            for _ in range(500):  # a moment when the first is running jobs (it shares slots)
+                if await _running(postgres_url, holder):
+                    break
+                await asyncio.sleep(0.005)
             assert first.proc is not None
             first.proc.kill()  # SIGKILL: no clean-up of any kind
             await asyncio.to_thread(first.proc.wait)
-            orphans = await _running(postgres_url, _holder(first.log))
+            orphans = await _running(postgres_url, holder)
             done_at_kill = lines_done(await _get(client, second.url + path))
             for _ in range(1500):
                 batch = await _get(client, second.url + path)
