@@ -48,12 +48,22 @@ class NoUntriedReplica(Exception):
     """Every available replica was already tried by this request."""
 
 
-def outcome_of(code: int) -> Outcome:
+# What says the replica itself is unwell, whatever was asked of it (Envoy's gateway failures):
+# the gateway's own 502/504 for connect errors, resets and timeouts, and a replica's 502/503/504.
+GATEWAY_FAILURES = frozenset({502, 503, 504})
+
+
+def outcome_of(code: int, count_5xx: bool = False) -> Outcome:
     """What a response says about the replica that gave it. A 429 is a refusal, not service (no
-    latency sample, no reset of a failure streak); a client that left says nothing at all."""
-    if code in (TOO_MANY_REQUESTS, CLIENT_CLOSED):
-        return "not_served"
-    return "failed" if code >= 500 else "served"
+    latency sample, no reset of a failure streak); a client that left says nothing at all. Any
+    other 5xx (a 500 above all) may be the request's own doing, input the replica could not
+    handle, so by default it says nothing either: one client must not be able to get replicas
+    ejected. `count_5xx` (outlier_detection.count_5xx) counts it as a failure."""
+    if code in GATEWAY_FAILURES:
+        return "failed"
+    if code >= 500:
+        return "failed" if count_5xx else "not_served"
+    return "not_served" if code in (TOO_MANY_REQUESTS, CLIENT_CLOSED) else "served"
 
 
 class DrainRate:
@@ -236,10 +246,12 @@ class Admission:
         """A lease's end: counts, failure streak, ejection, latency sample, metrics; then the
         freed slot goes to the queue."""
         rules, replica = self.rules, lease.replica
-        outcome = "failed" if lease.broken else outcome_of(lease.code)
+        settings = rules.outlier_detection
+        count_5xx = settings is not None and settings.count_5xx
+        outcome = "failed" if lease.broken else outcome_of(lease.code, count_5xx)
         self.pool.release(replica, outcome=outcome, tokens=lease.remaining)
         self.drain.tick()
-        ejected = outlier.observe(self.pool, replica, rules.outlier_detection) is not None
+        ejected = outlier.observe(self.pool, replica, settings) is not None
         if outcome == "served":
             self.pool.observe_latency(replica, elapsed_s, lease.tokens, rules.ewma_decay_s)
         if self.metrics is not None:

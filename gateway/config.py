@@ -242,6 +242,10 @@ class Timeouts(_Model):
     idle_s: float = Field(300.0, gt=0)  # longest silence between two upstream chunks
     total_s: float | None = Field(None, gt=0)
     client_body_s: float = Field(30.0, gt=0)  # reading the client's request body
+    # An idle upstream connection older than this is closed, not reused: below the 5 s after
+    # which uvicorn-based engines (vLLM, SGLang) close theirs, so a request never meets one
+    # the replica is closing.
+    upstream_keepalive_s: float = Field(4.0, gt=0)
 
 
 RetryOn = Literal["connect_error", "reset", "timeout", "429", "503"]
@@ -264,6 +268,10 @@ class OutlierDetection(_Model):
     base_ejection_s: float = Field(5.0, gt=0)
     max_ejection_s: float = Field(300.0, gt=0)
     max_ejected_percent: float = Field(50.0, ge=0, le=100)
+    # A 500 (or any 5xx but 502/503/504) can be the request's fault (input the replica could not
+    # handle): by default only what says the replica itself is unwell counts, that is connect
+    # errors, resets, timeouts, 502, 503 and 504 (Envoy's gateway failures). True: every 5xx.
+    count_5xx: bool = False
 
 
 Engine = Literal["infergate", "vllm", "sglang", "tgi", "triton"]

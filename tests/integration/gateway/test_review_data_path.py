@@ -48,8 +48,8 @@ async def test_a_replica_added_by_reload_serves_the_request_queued_for_a_slot(
 
 
 async def test_instant_429s_do_not_hide_a_failing_replica_from_ejection(tmp_path: Path) -> None:
-    """A.4: 5xx, 429, 5xx, ... in a row is a failure streak; the 429s do not reset it."""
-    answers = iter([500, 429] * 10)
+    """A.4: 503, 429, 503, ... in a row is a failure streak; the 429s do not reset it."""
+    answers = iter([503, 429] * 10)
 
     async def flaky(request: web.Request) -> web.Response:
         return web.json_response({"error": {"type": "x", "message": "x"}}, status=next(answers))
@@ -60,7 +60,7 @@ async def test_instant_429s_do_not_hide_a_failing_replica_from_ejection(tmp_path
     async with serve(app) as url:
         config = {
             "replicas": [{"url": url}],
-            "retries": {"max_attempts": 1},
+            "retries": {"max_attempts": 1, "retry_on": ["connect_error"]},
             "outlier_detection": {"consecutive_failures": 3, "max_ejected_percent": 100},
         }
         write_config(path, config)
@@ -69,7 +69,7 @@ async def test_instant_429s_do_not_hide_a_failing_replica_from_ejection(tmp_path
                 async with client.get(f"{gw.url}/x") as response:
                     await response.read()
             replica = gw.state.pool.all()[0]
-            assert replica.ejected_until > 0, "three 500s with 429s between them must eject"
+            assert replica.ejected_until > 0, "three 503s with 429s between them must eject"
             assert replica.latency_ewma_s == 0.0  # a refusal is not a latency sample
 
 

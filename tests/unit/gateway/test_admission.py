@@ -244,17 +244,40 @@ async def test_a_waiter_whose_every_replica_was_tried_stops_waiting() -> None:
 
 def test_outcomes_of_statuses() -> None:
     assert outcome_of(200) == outcome_of(404) == "served"
-    assert outcome_of(500) == outcome_of(502) == outcome_of(503) == "failed"
+    assert outcome_of(502) == outcome_of(503) == outcome_of(504) == "failed"
     assert outcome_of(429) == outcome_of(499) == "not_served"
+
+
+def test_a_500_is_the_replicas_failure_only_when_count_5xx_says_so() -> None:
+    # Issue 30, A.1: a 500 may be caused by the request (input the replica could not handle).
+    for code in (500, 501, 505, 599):
+        assert outcome_of(code) == "not_served"
+        assert outcome_of(code, count_5xx=True) == "failed"
+    assert outcome_of(502, count_5xx=False) == "failed"
+
+
+async def test_500s_never_eject_by_default_and_do_so_with_count_5xx() -> None:
+    for count_5xx, ejected in ((False, False), (True, True)):
+        settings = OutlierDetection(consecutive_failures=3, count_5xx=count_5xx)
+        pool, admission = _setup(urls=URLS[:1], outlier=settings)
+        replica = pool.all()[0]
+        for _ in range(3):
+            lease = await _hold(admission)
+            lease.code = 500
+            lease.close()
+        assert (replica.ejected_until > 0) is ejected
+        assert replica.consecutive_failures == (3 if count_5xx else 0)
+        assert pool.outstanding == 0
 
 
 async def test_429_and_499_neither_reset_the_failure_streak_nor_feed_latency() -> None:
     settings = OutlierDetection(consecutive_failures=3)
     pool, admission = _setup(urls=URLS[:1], outlier=settings)
     replica = pool.all()[0]
-    for code in (500, 500, 429, 499, 500):
+    for code in (502, 504, 429, 499, 500, 503):
         lease = await _hold(admission)
         lease.code = code
         lease.close()
-    assert replica.ejected_until > 0  # three 5xx in a row: the 429 and 499 did not break it
+    # Three gateway failures in a row: the 429, 499 and 500 did not break the streak.
+    assert replica.ejected_until > 0
     assert replica.latency_ewma_s == 0.0  # and none of them was a latency sample
