@@ -34,13 +34,26 @@ def key_name(request: web.BaseRequest) -> str:
     return name
 
 
-def identify(auth: Auth, authorization: str | None) -> str:
-    """The name of the key in an Authorization header value; Unauthorized if there is none."""
+def as_sent(value: str) -> bytes:
+    """A header value's bytes as the client sent them. aiohttp decodes header bytes that are not
+    UTF-8 with `surrogateescape`; encoding them back that way gives those exact bytes, so a
+    token is compared byte for byte (no two spellings of one key) and no byte can raise."""
+    return value.encode("utf-8", "surrogateescape")
+
+
+def bearer_token(authorization: str | None) -> bytes | None:
+    """The token of `Authorization: Bearer <token>` as sent; None for any other value."""
     scheme, _, token = (authorization or "").strip().partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    return as_sent(token) if scheme.lower() == "bearer" and token else None
+
+
+def identify(auth: Auth, authorization: str | None) -> str:
+    """The name of the key in an Authorization header value; Unauthorized if there is none."""
+    token = bearer_token(authorization)
+    if token is None:
         raise Unauthorized(MISSING)
-    digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+    digest = hashlib.sha256(token).digest()
     found = ""
     for key in auth.api_keys:  # every digest is compared: the time does not depend on which
         if hmac.compare_digest(digest, key.digest) and not found:

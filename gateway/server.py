@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from gateway import models, proxy, status
 from gateway.admission import Admission
-from gateway.auth import require_key
+from gateway.auth import as_sent, bearer_token, require_key
 from gateway.config import GatewayConfig
 from gateway.discovery import DnsDiscovery
 from gateway.errors import ConfigError, GatewayError, error_body
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WATCHER = web.AppKey("reload_watcher", ReloadWatcher)
 HEALTH = web.AppKey("health_checker", HealthChecker)
+_BODY_HEADERS = frozenset({"content-type", "content-length"})
 
 
 def error_response(
@@ -69,7 +70,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         kind = exc.reason.lower().replace(" ", "_")
-        return error_response(exc.status, kind, exc.text or exc.reason)
+        # Its own headers (WWW-Authenticate, Allow) stay; the body becomes our JSON.
+        kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+        return error_response(exc.status, kind, exc.text or exc.reason, kept)
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
@@ -97,9 +100,8 @@ def _require_admin(request: web.Request) -> GatewayState:
     state = request.app[STATE]
     if state.admin_token is None:
         raise web.HTTPNotFound(text=f"{request.path} is off: set INFERGATE_ADMIN_TOKEN to enable")
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    expected = state.admin_token.encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None or not hmac.compare_digest(token, as_sent(state.admin_token)):
         raise web.HTTPUnauthorized(
             text="admin endpoints need 'Authorization: Bearer <INFERGATE_ADMIN_TOKEN>'",
             headers={"WWW-Authenticate": "Bearer"},

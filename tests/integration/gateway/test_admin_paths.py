@@ -3,6 +3,7 @@ carry the admin token there), with or without INFERGATE_ADMIN_TOKEN; `/adminx` i
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import aiohttp
@@ -10,6 +11,7 @@ import pytest
 from yarl import URL
 
 from gateway.server import is_admin_path
+from tests.support.raw_http import exchange
 from tests.support.servers import fake_replicas, gateway_config, running_gateway, write_config
 
 TOKEN = "admin-secret"
@@ -58,3 +60,25 @@ def test_admin_paths_are_recognised_after_normalisation() -> None:
         assert is_admin_path(path), path
     for path in ("/adminx", "/ADMIN", "/v1/admin", "/x/admin/..", "/", "/v1/completions"):
         assert not is_admin_path(path), path
+
+
+async def test_an_admin_token_of_any_bytes_is_a_401(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The bytes after "Bearer " are compared as sent: bytes that are not UTF-8 are a wrong
+    # token (401 JSON), never a 500; a token of non-ASCII characters still works.
+    token = "admin-sécret"
+    async with fake_replicas(1) as (replica,):
+        write_config(tmp_path / "g.yaml", gateway_config([replica], "round_robin"))
+        async with running_gateway(tmp_path / "g.yaml", admin_token=token) as gw:
+            answers = []
+            for sent in (b"\x80\xff", b"admin-s\xe9cret", token.encode() + b"\xff", b"\xc3"):
+                for target in (b"GET /admin/replicas", b"POST /admin/reload", b"GET /admin/x"):
+                    head = b"%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s" % (target, sent)
+                    answers.append(await exchange(gw.url, head + b"\r\nContent-Length: 0"))
+            good = b"GET /admin/replicas HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            allowed = await exchange(gw.url, good + token.encode())
+    assert {(a.status, a.json()["error"]["type"]) for a in answers} == {(401, "unauthorized")}
+    assert {a.headers["www-authenticate"] for a in answers} == {"Bearer"}
+    assert allowed.status == 200 and allowed.json()["replicas"][0]["url"] == replica.url
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ import aiohttp
 import pytest
 
 from gateway.jobs import client as jobs_client
+from tests.support.raw_http import exchange
 from tests.support.servers import (
     FakeReplica,
     Gateway,
@@ -194,3 +196,28 @@ async def test_an_idempotency_key_reaches_the_replica_within_its_api_key(tmp_pat
                 assert r.status == 200
     seen = [{k.lower(): v for k, v in s["headers"].items()} for s in replica.seen]
     assert [s["idempotency-key"] for s in seen] == ["team-a/1", "team-b/1"]
+
+
+async def test_a_key_of_any_bytes_is_a_401_and_compared_as_sent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Header bytes that are not UTF-8 are the client's key as sent: compared byte for byte (no
+    # two spellings of one key), never a 5xx. "sk-?" is configured: a lossy decoding of
+    # b"sk-\xff" would let that byte pass for it.
+    async with (
+        fake_replicas(1) as (replica,),
+        keyed_gateway(tmp_path, [replica]) as (gw, _),
+    ):
+        config = gateway_config([replica], "random", auth=_auth({"name": "q", "key": "sk-?"}))
+        write_config(tmp_path / "g.yaml", config)
+        await wait_until(lambda: "q" in _auth_keys(gw))
+        answers = []
+        for key in (b"\x80\xff", b"sk-\xff", b"sk-\xef\xbf\xbd", KEY_A.encode() + b"\xe9", b"\xc3"):
+            for path in (b"/v1/completions", b"/v1/jobs", b"/v1/models"):
+                head = b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s" % (path, key)
+                answers.append(await exchange(gw.url, head + b"\r\nContent-Length: 0"))
+        good = await exchange(gw.url, b"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-?")
+    assert {(a.status, a.json()["error"]["type"]) for a in answers} == {(401, "unauthorized")}
+    assert good.status == 200
+    assert [seen["path"] for seen in replica.seen] == ["/x"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -128,3 +128,13 @@ def test_the_deploy_examples_of_auth_are_valid_config() -> None:
     for text in (configmap["data"]["gateway.yaml"], compose):
         config = parse_config({"replicas": [{"url": URL}], **_uncommented_auth(text)})
         assert config.auth is not None and config.auth.api_keys[0].sha256 == DIGEST
+
+
+def test_a_header_of_any_bytes_is_unauthorized_and_compared_as_sent() -> None:
+    # aiohttp hands bytes that are not UTF-8 over as surrogates (surrogateescape).
+    auth = parse_config(_config({"name": "q", "key": "sk-?"})).auth
+    assert auth is not None
+    for value in ("Bearer \udc80\udcff", "Bearer sk-\udcff", "\udcff x", "Bearer \udcc3", "Bearer"):
+        with pytest.raises(Unauthorized):
+            identify(auth, value)
+    assert identify(auth, "Bearer sk-?") == "q"

@@ -1,0 +1,52 @@
+"""A raw HTTP/1.1 client over one socket, for what aiohttp's client will not send or does not
+show: arbitrary header bytes, and interim responses (`100 Continue`) apart from the final one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from yarl import URL
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_response(reader: asyncio.StreamReader, timeout_s: float = 10) -> RawResponse:
+    """One response (interim or final) with a Content-Length body (the gateway's answers)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines if x)}
+    length = int(headers.get("content-length", "0"))
+    body = await asyncio.wait_for(reader.readexactly(length), timeout_s) if length else b""
+    return RawResponse(int(status_line.split(" ")[1]), headers, body)
+
+
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    parsed = URL(url)
+    assert parsed.host is not None and parsed.port is not None
+    return await asyncio.open_connection(parsed.host, parsed.port)
+
+
+async def exchange(url: str, head: bytes, body: bytes = b"") -> RawResponse:
+    """Send `head` (request line and headers, without the blank line) and `body` on a new
+    connection; the final response."""
+    reader, writer = await connect(url)
+    try:
+        writer.write(head + b"\r\n\r\n" + body)
+        await writer.drain()
+        response = await read_response(reader)
+        while 100 <= response.status < 200:
+            response = await read_response(reader)
+        return response
+    finally:
+        writer.close()
