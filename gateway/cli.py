@@ -15,6 +15,7 @@ import gc
 import importlib.util
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -64,23 +65,47 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 class MalformedRequestFilter(logging.Filter):
-    """aiohttp logs a client's malformed HTTP (bad framing, NUL bytes, over-long headers) with a
-    traceback at ERROR; it is the client's fault and answered 400, so one warning line."""
+    """aiohttp logs a client's malformed HTTP (bare LF, control bytes, an over-long line, bad
+    chunk framing) with a traceback that quotes the request's bytes, and those carry API keys and
+    the admin token. Such a record becomes one line naming the error's class and its reason, the
+    bytes left out; the client's fault, answered 400, so at most a warning."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg = f"{record.getMessage()}: malformed request: {error.message}"
-            record.args, record.exc_info, record.exc_text = (), None, None
+        error = _http_error(record.exc_info[1] if record.exc_info else None)
+        if error is not None:
+            level = min(record.levelno, logging.WARNING)
+            record.args = (record.getMessage(), type(error).__name__, _reason(error))
+            record.msg = "%s: malformed request: %s: %s"
+            record.levelno, record.levelname = level, logging.getLevelName(level)
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
         return True
+
+
+def _http_error(error: BaseException | None) -> HttpProcessingError | None:
+    """The HTTP parser's error behind a logged exception, however deep in its chain."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, HttpProcessingError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _reason(error: HttpProcessingError) -> str:
+    """`Invalid header value char`, not what follows: the parser quotes the bytes after a ':'
+    (or in quotes) on the first line or below it."""
+    reason = re.split(r"[:'\"\n]", error.message or "", maxsplit=1)[0].strip()
+    return reason[:80] or f"status {error.code}"
 
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
+    # On the handlers, so every logger's records pass it (aiohttp.server, .web, .access, ours).
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(MalformedRequestFilter())
 
 
 async def serve(
