@@ -11,7 +11,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
-from replica.api.schemas import parse_json_object
+from replica.api.body import parse_json_object
 from replica.errors import BadRequest
 
 INPUT_NAME = "input"
@@ -70,10 +70,20 @@ def _check_shape(tensor: dict[str, Any], spec: TensorSpec) -> int:
     return rows
 
 
+def _parameters(owner: dict[str, Any], where: str) -> dict[str, Any]:
+    """`owner`'s optional `parameters` object (KServe's per-request, -input and -output flags)."""
+    parameters = owner.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{where}parameters: must be an object")
+    return parameters
+
+
 def _binary_output(body: dict[str, Any]) -> bool:
     outputs = body.get("outputs")
     if outputs is None:
-        return bool((body.get("parameters") or {}).get("binary_data_output", False))
+        return bool(_parameters(body, "").get("binary_data_output", False))
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise BadRequest("outputs: must be a list of objects")
     for output in outputs:
@@ -81,7 +91,10 @@ def _binary_output(body: dict[str, Any]) -> bool:
             raise BadRequest(
                 f"outputs: unknown output {output.get('name')!r}; this model has 'logits'"
             )
-    return any(bool((o.get("parameters") or {}).get("binary_data", False)) for o in outputs)
+    return any(
+        bool(_parameters(o, f"outputs[{i}].").get("binary_data", False))
+        for i, o in enumerate(outputs)
+    )
 
 
 def parse_infer(body: bytes, header_length: int | None, spec: TensorSpec) -> InferInput:
@@ -103,10 +116,13 @@ def parse_infer(body: bytes, header_length: int | None, spec: TensorSpec) -> Inf
         )
     rows = _check_shape(tensor, spec)
     count = rows * spec.input_size
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(tensor, "inputs[0].").get("binary_data_size")
     if size is not None:
-        if size != count * 4 or len(tail) != size:
-            raise BadRequest(f"input '{INPUT_NAME}': binary data must be {count * 4} bytes")
+        if type(size) is not int or size != count * 4 or len(tail) != size:
+            raise BadRequest(
+                f"input '{INPUT_NAME}': binary_data_size must be {count * 4} and the binary "
+                "data that many bytes"
+            )
         data = _floats_from_binary(tail)
     else:
         data = _floats_from_json(tensor.get("data"), count)

@@ -1,5 +1,5 @@
-"""Request schemas for OpenAI's completions and chat completions, and the JSON-body parsing
-shared by all routes.
+"""Request schemas for OpenAI's completions and chat completions (the body itself is parsed
+by replica/api/body.py).
 
 Types are strict (a string is not an int); unknown OpenAI fields are ignored so newer clients
 work. Every error message starts with the offending field.
@@ -7,7 +7,6 @@ work. Every error message starts with the offending field.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -28,16 +27,6 @@ def _utf8(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
-
-
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadRequest(f"body is not valid JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise BadRequest(f"body must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 class StreamOptions(BaseModel):

@@ -14,7 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from replica.api.schemas import parse_chat_completion, parse_completion, parse_json_object
+from replica.api.body import parse_json_object
+from replica.api.schemas import parse_chat_completion, parse_completion
 from replica.generation import Completion, TokenEvent
 from replica.models.tokenizer import encode
 from replica.routes.common import read_body, state

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 
 from replica.api.kserve import HEADER_LENGTH
 from replica.errors import BadRequest
 from replica.keys import STATE
 from replica.state import ReplicaState
+
+# A length in a header: ASCII digits only (str.isdigit also takes superscripts and other
+# scripts' digits, which int() refuses or reads), and few enough for int()'s 4,300-digit limit.
+LENGTH = re.compile(r"[0-9]{1,18}")
 
 
 def state(request: web.Request) -> ReplicaState:
@@ -23,6 +29,6 @@ def binary_header_length(request: web.Request, body_size: int) -> int | None:
     raw = request.headers.get(HEADER_LENGTH)
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) > body_size:
+    if not LENGTH.fullmatch(raw) or int(raw) > body_size:
         raise BadRequest(f"{HEADER_LENGTH}: must be an integer no larger than the body")
     return int(raw)

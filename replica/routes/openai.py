@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from replica.api.schemas import OpenAIRequest, parse_completion, parse_json_object
+from replica.api.body import parse_json_object
+from replica.api.schemas import OpenAIRequest, parse_completion
 from replica.batching import Batcher
 from replica.errors import BadRequest, ReplicaError, error_body
 from replica.generation import Completion, GenRequest, SamplingParams, TokenEvent, TokenSink

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from replica.api.schemas import parse_json_object
+from replica.api.body import parse_json_object
 from replica.routes import chat, kserve, openai
 from replica.routes.common import binary_header_length, read_body, state
 
