@@ -103,21 +103,48 @@ class Replica:
         return self.busy
 
 
+MAX_COUNT = 2**53  # what a float holds exactly: a larger "count" is no replica's
+MAX_REPORT_KEYS = 32  # our replica sends 8; more is no load report (bounded status page)
+SHARES = frozenset({"kv_usage"})  # always a share, even when 0 or 1
+# ASCII only, by regex: str.isdigit() also takes '²' (which int() refuses) and '٣' (which it
+# takes), and int() refuses more than 4,300 digits; a bad value costs its key, never the request.
+_KEY = re.compile(r"[A-Za-z0-9_]{1,64}", re.ASCII)
+_COUNT = re.compile(r"[0-9]{1,16}", re.ASCII)
+_SHARE = re.compile(r"[01]?\.[0-9]{1,6}", re.ASCII)  # 0 and 1 match _COUNT
+
+
 def parse_load_report(text: str) -> dict[str, float]:
-    """`queued=1,running=4,inflight=5,kv_usage=0.25` -> a dict of counts (ints) and shares
-    (floats, 0 to 1); malformed parts are skipped."""
-    report: dict[str, float] = {}
-    for part in text.split(","):
+    """`queued=1,running=4,inflight=5,kv_usage=0.25` (the X-Replica-Load header) -> the load
+    report `load_report` takes from it; malformed parts are skipped."""
+    values: dict[str, object] = {}
+    for part in text.split(",", MAX_REPORT_KEYS):
         key, _, value = part.partition("=")
         value = value.strip()
-        if value.isdigit():
-            report[key.strip()] = int(value)
+        if _COUNT.fullmatch(value):
+            values[key.strip()] = int(value)
         elif _SHARE.fullmatch(value):
-            report[key.strip()] = float(value)
+            values[key.strip()] = float(value)
+    return load_report(values)
+
+
+def load_report(values: Mapping[str, object]) -> dict[str, float]:
+    """What a replica's load report may say (the header, or GET /load's JSON): each value a
+    count (a whole number from 0 below 2**53) or a share (from 0 to 1; `kv_usage` always one);
+    any other key, type or value (bool, NaN, negative, a string, a nested object) is left out."""
+    report: dict[str, float] = {}
+    for key, value in values.items():
+        if len(report) == MAX_REPORT_KEYS:
+            break
+        if not _KEY.fullmatch(key) or isinstance(value, bool):
+            continue
+        if not isinstance(value, int | float) or not 0 <= value < MAX_COUNT:  # NaN fails too
+            continue
+        whole = value == int(value)
+        if value <= 1 and (key in SHARES or not whole):
+            report[key] = float(value)
+        elif whole and key not in SHARES:
+            report[key] = int(value)
     return report
-
-
-_SHARE = re.compile(r"[01]?\.\d{1,6}")  # 0 and 1 are counts (isdigit) already
 
 
 class ReplicaPool:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from gateway.pool import ReplicaPool, parse_load_report
+import math
+
+import pytest
+
+from gateway.pool import MAX_REPORT_KEYS, ReplicaPool, load_report, parse_load_report
 
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
 
@@ -58,3 +62,28 @@ def test_failures_are_counted() -> None:
 def test_load_reports_keep_counts_and_shares_and_skip_the_rest() -> None:
     report = parse_load_report("queued=1,running=4,inflight=5,kv_usage=0.125,x=-1,y=1e9,z=.5,w=2.5")
     assert report == {"queued": 1, "running": 4, "inflight": 5, "kv_usage": 0.125, "z": 0.5}
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["\u00b2", "\u00b9\u00b3", "\u0663", "\uff11", "9" * 5000, "9" * 17, str(2**53), "-1", "+1",
+     "1_000", "1e3", "0x10", "1.5", ".\u0663", "0.\u00b2", "", " "],
+)  # fmt: skip
+def test_a_load_header_value_is_read_by_ascii_digits_only(value: str) -> None:
+    assert parse_load_report(f"inflight={value},queued=2") == {"queued": 2}
+
+
+def test_a_load_header_holds_at_most_32_keys_of_plain_names() -> None:
+    many = ",".join(f"k{i}={i}" for i in range(100))
+    assert len(parse_load_report(many)) == MAX_REPORT_KEYS
+    assert parse_load_report("in\u00b2=1,a b=2,=3,inflight=4") == {"inflight": 4}
+
+
+def test_load_report_values_are_whole_counts_or_shares() -> None:
+    values = {
+        "inflight": 3, "queued": 2.0, "kv_usage": 1, "ratio": 0.5,
+        "bool": True, "nan": math.nan, "inf": math.inf, "negative": -1, "huge": 2**53,
+        "text": "3", "nested": {"a": 1}, "list": [1], "fraction": 2.5, "x\u00b2": 1,
+    }  # fmt: skip
+    assert load_report(values) == {"inflight": 3, "queued": 2, "kv_usage": 1.0, "ratio": 0.5}
+    assert load_report({"kv_usage": 7}) == {}
