@@ -4,24 +4,26 @@ With `source: infergate` that is GET /load (JSON, our replica); replicas also re
 on every response (X-Replica-Load, read by the proxy), but a replica this gateway has not sent
 to lately would go unheard, so the poll keeps every report fresh and `least_loaded` sees
 requests that other gateway instances sent. With `vllm`, `sglang`, `tgi` or `prometheus` it is
-a scrape of GET /metrics read as gateway/engines.py says. A failed poll is ignored (the last
-report ages out after `max_age_s`): health checks and outlier detection deal with broken
-replicas. Bodies are read with a cap.
+a scrape of GET /metrics read as gateway/engines.py says. A failed poll costs only that
+replica's report (the last one ages out after `max_age_s`) and one log line when its polls
+start failing: health checks and outlier detection deal with broken replicas. Bodies are read
+with a cap, and values by pool.load_report's rule (whole counts, a share from 0 to 1).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+from typing import Any
 
 import aiohttp
 
 from gateway.config import LoadFeedback
 from gateway.engines import LoadMetricNames, metric_names, scrape_report
-from gateway.pool import Replica
+from gateway.health import POLL_FAILURES, PollFailures
+from gateway.pool import Replica, load_report
 from gateway.runtime import GatewayState
-from gateway.upstream import BodyOverLimit, read_capped
+from gateway.upstream import read_capped
 
 MAX_REPORT_BYTES = 4 * 1024 * 1024  # an engine's whole /metrics page, histograms included
 
@@ -29,6 +31,7 @@ MAX_REPORT_BYTES = 4 * 1024 * 1024  # an engine's whole /metrics page, histogram
 class LoadPoller:
     def __init__(self, state: GatewayState) -> None:
         self._state = state
+        self._failures = PollFailures("load feedback", "its last report ages out")
 
     async def run(self) -> None:
         while True:
@@ -42,6 +45,7 @@ class LoadPoller:
 
     async def poll_once(self, feedback: LoadFeedback) -> None:
         replicas = self._state.pool.active()
+        self._failures.keep({r.url for r in replicas})
         limit = aiohttp.ClientTimeout(total=max(0.05, min(1.0, feedback.poll_interval_s)))
         names = metric_names(feedback)
         await asyncio.gather(*(self._poll(r, feedback.path, names, limit) for r in replicas))
@@ -53,28 +57,34 @@ class LoadPoller:
         names: LoadMetricNames | None,
         limit: aiohttp.ClientTimeout,
     ) -> None:
-        session = self._state.client()
-        failures = (aiohttp.ClientError, TimeoutError, ValueError, RecursionError, BodyOverLimit)
-        with contextlib.suppress(*failures):
-            async with session.get(replica.url + path, timeout=limit) as response:
-                if response.status != 200:
-                    return
-                body = await read_capped(response, MAX_REPORT_BYTES)
+        try:
+            body = await self._read(replica.url + path, limit)
             # The replica counted our requests in flight as it answered: ours now.
             ours = replica.busy
-            if names is not None:
-                scrape = scrape_report(body.decode("utf-8", errors="replace"), names)
-                if scrape is not None:
-                    replica.model_load = scrape.by_model
-                    self._state.pool.report(replica, scrape.report, ours=ours)
-                return
-            load = json.loads(body)
-            if not isinstance(load, dict):
-                return
-            report = {
-                k: v
-                for k, v in load.items()
-                if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 2**53
-            }
-            if "inflight" in report:
-                self._state.pool.report(replica, report, ours=ours)
+            if body is not None:
+                self._take(replica, body, names, ours)
+        except POLL_FAILURES as error:
+            self._failures.failed(replica.url, error)
+        else:
+            self._failures.ok(replica.url)
+
+    async def _read(self, url: str, limit: aiohttp.ClientTimeout) -> bytes | None:
+        """The body of a 200 (a replica without the endpoint answers 404: no report)."""
+        async with self._state.client().get(url, timeout=limit) as response:
+            if response.status != 200:
+                return None
+            return await read_capped(response, MAX_REPORT_BYTES)
+
+    def _take(
+        self, replica: Replica, body: bytes, names: LoadMetricNames | None, ours: int
+    ) -> None:
+        if names is not None:
+            scrape = scrape_report(body.decode("utf-8", errors="replace"), names)
+            if scrape is not None:
+                replica.model_load = scrape.by_model
+                self._state.pool.report(replica, scrape.report, ours=ours)
+            return
+        load: Any = json.loads(body)
+        report = load_report(load) if isinstance(load, dict) else {}
+        if "inflight" in report:
+            self._state.pool.report(replica, report, ours=ours)

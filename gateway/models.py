@@ -17,7 +17,6 @@ aliases, in OpenAI's list shape (so `client.models.list()` works through the gat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig, ServedModels
 from gateway.errors import GatewayError, NoHealthyReplica, clipped
+from gateway.health import POLL_FAILURES, PollFailures, get_json
 from gateway.pool import Replica
 from gateway.runtime import STATE, GatewayState
-from gateway.upstream import BodyOverLimit, read_capped
 
 V2_PREFIX = "/v2/models/"
 PARSE_MAX_BYTES = 8 * 1024 * 1024  # a larger body goes to any replica of the pool unread
@@ -178,11 +177,13 @@ def cards_of(document: Any) -> list[dict[str, Any]] | None:
 class ModelPoller:
     """Every `served_models.interval_s`, the GET /v1/models of each replica in rotation. A
     list sets what the replica serves; a 404 (no such endpoint) makes it open to any model; a
-    failure keeps the last list (health checks judge a dead replica). /readyz waits for the
+    failure keeps the last list (health checks judge a dead replica) and is logged once per
+    bad streak. /readyz waits for the
     first round, so a fresh gateway takes no request before it knows where models are."""
 
     def __init__(self, state: GatewayState) -> None:
         self._state = state
+        self._failures = PollFailures("served models", "its last list stands")
 
     async def run(self) -> None:
         while True:
@@ -201,8 +202,10 @@ class ModelPoller:
     async def poll_once(self, served: ServedModels, only_new: bool = False) -> None:
         """The list of every replica in rotation (one out of it takes no request, and keeps
         its last list until it is back); `only_new`: those not asked yet."""
+        available = self._state.pool.available()
+        self._failures.keep({r.url for r in self._state.pool.active()})
         replicas = [
-            r for r in self._state.pool.available()
+            r for r in available
             if r.configured_models is None and not (only_new and r.models_asked)
         ]  # fmt: skip
         await asyncio.gather(*(self._poll(r, served) for r in replicas))
@@ -210,17 +213,19 @@ class ModelPoller:
     async def _poll(self, replica: Replica, served: ServedModels) -> None:
         assert served.path is not None
         replica.models_asked = True
-        session = self._state.client()
         limit = aiohttp.ClientTimeout(total=served.timeout_s)
-        failures = (aiohttp.ClientError, TimeoutError, ValueError, RecursionError, BodyOverLimit)
-        with contextlib.suppress(*failures):
-            async with session.get(replica.url + served.path, timeout=limit) as response:
-                if response.status in (404, 405):
-                    self._state.pool.set_models(replica, None)
-                    return
-                if response.status != 200:
-                    return
-                document = json.loads(await read_capped(response, MAX_LIST_BYTES))
-            cards = cards_of(document)
-            if cards is not None:
-                self._state.pool.set_models(replica, cards)
+        url = replica.url + served.path
+        try:
+            status, document = await get_json(
+                self._state.client(), url, max_bytes=MAX_LIST_BYTES, limit=limit
+            )
+        except POLL_FAILURES as error:
+            self._failures.failed(replica.url, error)
+            return
+        self._failures.ok(replica.url)
+        if status in (404, 405):
+            self._state.pool.set_models(replica, None)
+            return
+        cards = cards_of(document)
+        if status == 200 and cards is not None:
+            self._state.pool.set_models(replica, cards)

@@ -3,33 +3,43 @@ replica and hand its block hashes to the policy, which replaces what it knew of 
 
 A report counts only when the replica hashes as the gateway does (the same `hash_scheme`,
 `tokenizer` and `block_size`); otherwise, or when the poll fails, the replica is taken to hold
-nothing (a replica without a prefix cache answers 400 or 404). Reports are read with a cap.
+nothing (a replica without a prefix cache answers 400 or 404). Reports are read with a cap and
+a timeout of one poll interval (at most 2 s); a replica's failed poll costs its own report
+only, and one log line when its polls start failing. A block is 16 lowercase hex digits, as our
+replica writes it; a report with anything else is not used.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
+import re
 from typing import Any
 
 import aiohttp
 
+from gateway.errors import clipped
+from gateway.health import POLL_FAILURES, PollFailures, get_json
 from gateway.policies import PrecisePrefix
 from gateway.pool import Replica
 from gateway.prefix import HASH_SCHEME, TOKENIZER
 from gateway.runtime import GatewayState
-from gateway.upstream import BodyOverLimit, read_capped
 
 log = logging.getLogger("gateway")
 MAX_REPORT_BYTES = 8 * 1024 * 1024  # 16 hex digits + 3 per block: ~440k blocks
+MAX_TIMEOUT_S = 2.0
+_BLOCK = re.compile(r"[0-9a-f]{16}", re.ASCII)  # int(h, 16) alone takes '٣' and any length
+
+
+class BadReport(ValueError):
+    """A /cache/blocks answer that is JSON but not a list of block hashes."""
 
 
 class CacheBlocksPoller:
     def __init__(self, state: GatewayState) -> None:
         self._state = state
         self._warned: set[str] = set()
+        self._failures = PollFailures("precise_prefix", "it is taken to hold nothing")
 
     async def run(self) -> None:
         while True:
@@ -37,39 +47,50 @@ class CacheBlocksPoller:
             polled = [(None, runtime.policy), *runtime.model_policies.items()]
             precise = [(p, model) for model, p in polled if isinstance(p, PrecisePrefix)]
             if precise:
-                block_size = runtime.options.prefix.block_size
-                await asyncio.gather(*(self.poll_once(p, block_size, m) for p, m in precise))
-                await asyncio.sleep(runtime.options.prefix.poll_interval_s)
+                options = runtime.options.prefix
+                limit = aiohttp.ClientTimeout(total=min(MAX_TIMEOUT_S, options.poll_interval_s))
+                await asyncio.gather(
+                    *(self.poll_once(p, options.block_size, m, limit) for p, m in precise)
+                )
+                await asyncio.sleep(options.poll_interval_s)
             else:  # the strategy may be switched on by a reload
                 await asyncio.sleep(runtime.config.reload.poll_interval_s)
 
     async def poll_once(
-        self, policy: PrecisePrefix, block_size: int, model: str | None = None
+        self,
+        policy: PrecisePrefix,
+        block_size: int,
+        model: str | None = None,
+        limit: aiohttp.ClientTimeout | None = None,
     ) -> None:
         """Every replica's blocks of `model` (its default model when None)."""
-        replicas = [r for r in self._state.pool.active() if r.serves(model)]
-        reports = await asyncio.gather(*(self._read(r, block_size, model) for r in replicas))
+        active = self._state.pool.active()
+        replicas = [r for r in active if r.serves(model)]
+        self._failures.keep({r.url for r in active})
+        limit = limit or aiohttp.ClientTimeout(total=MAX_TIMEOUT_S)
+        reports = await asyncio.gather(*(self._read(r, block_size, model, limit) for r in replicas))
         for replica, hashes in zip(replicas, reports, strict=True):
             policy.report(replica.url, hashes)
 
-    async def _read(self, replica: Replica, block_size: int, model: str | None) -> list[int]:
-        session = self._state.client()
-        limit = aiohttp.ClientTimeout(total=2.0)
-        failures = (aiohttp.ClientError, TimeoutError, ValueError, TypeError, BodyOverLimit)
+    async def _read(
+        self, replica: Replica, block_size: int, model: str | None, limit: aiohttp.ClientTimeout
+    ) -> list[int]:
         query = {"model": model} if model is not None else None
-        with contextlib.suppress(*failures):
-            url = f"{replica.url}/cache/blocks"
-            async with session.get(url, params=query, timeout=limit) as response:
-                if response.status != 200:
-                    return []
-                report = json.loads(await read_capped(response, MAX_REPORT_BYTES))
-                if self._comparable(replica, report, block_size):
-                    return [int(h, 16) for h in report["blocks"]]
-        return []
+        url = f"{replica.url}/cache/blocks"
+        try:
+            status, report = await get_json(
+                self._state.client(), url, max_bytes=MAX_REPORT_BYTES, limit=limit, params=query
+            )
+            hashes = blocks(report) if status == 200 else []
+        except POLL_FAILURES as error:
+            self._failures.failed(replica.url, error)
+            return []
+        self._failures.ok(replica.url)
+        return hashes if self._comparable(replica, report, block_size) else []
 
     def _comparable(self, replica: Replica, report: Any, block_size: int) -> bool:
         expected = {"hash_scheme": HASH_SCHEME, "tokenizer": TOKENIZER, "block_size": block_size}
-        if not isinstance(report, dict) or not isinstance(report.get("blocks"), list):
+        if not isinstance(report, dict):
             return False
         differ = {k: report.get(k) for k, v in expected.items() if report.get(k) != v}
         if differ and replica.url not in self._warned:
@@ -77,6 +98,16 @@ class CacheBlocksPoller:
             log.warning(
                 "precise_prefix: %s hashes its cache differently (%s); its reports are ignored",
                 replica.url,
-                ", ".join(f"{k}={v!r}" for k, v in differ.items()),
+                ", ".join(f"{k}={clipped(repr(v))}" for k, v in differ.items()),
             )
         return not differ
+
+
+def blocks(report: Any) -> list[int]:
+    """The block hashes of a /cache/blocks answer; BadReport when it holds something else."""
+    listed = report.get("blocks") if isinstance(report, dict) else None
+    if not isinstance(listed, list):
+        raise BadReport("no list of blocks")
+    if not all(isinstance(h, str) and _BLOCK.fullmatch(h) for h in listed):
+        raise BadReport("a block that is not 16 lowercase hex digits")
+    return [int(h, 16) for h in listed]
