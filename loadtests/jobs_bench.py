@@ -40,7 +40,7 @@ from loadtests.pgserver import fresh_database, start_server
 from loadtests.runner import exit_on_sigterm
 from loadtests.samples import Sample, write_samples
 from loadtests.stats import Block, blocks_of, p99, percentile, relative_change
-from loadtests.workload import Workload, draw
+from loadtests.workload import DEFAULT_MODEL_LIMITS, Workload, draw
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,16 @@ def blocks(phase: Phase, seconds: float) -> list[Block]:
     return blocks_of([s.start_unix for s in ok], [s.latency_s for s in ok], start, seconds, n)
 
 
+def warmup_workload(workload: Workload) -> Workload:
+    """Another seed's requests, fitted as the measured ones are."""
+    return Workload(seed=workload.seed + 1).for_model(DEFAULT_MODEL_LIMITS)
+
+
 async def measure(f: Fleet, args: argparse.Namespace, workload: Workload) -> Run:
     """Real time alone, then beside a batch submitted at the first gateway; real-time arrivals
     go to the gateways at random, as a Service spreads them."""
     hosts = ",".join(f.gateway_urls)
-    await open_loop(hosts, args.rate, 5, Workload(seed=workload.seed + 1))  # warm-up
+    await open_loop(hosts, args.rate, 5, warmup_workload(workload))
     alone = Phase("real time alone", await open_loop(hosts, args.rate, args.seconds, workload))
     async with aiohttp.ClientSession() as client:
         data = batch_file(args.lines, args.job_tokens, workload.seed)
@@ -209,6 +214,8 @@ async def main_async(args: argparse.Namespace) -> list[str]:
                     store = str(Path(tmp) / f"jobs-{seed}.db")
                 jobs = {"store": store, "max_outstanding_per_replica": args.threshold}
                 workload = Workload(seed=seed, output_sigma=args.output_sigma)
+                # The fleet's replicas are the default ones: every request must fit them.
+                workload = workload.for_model(DEFAULT_MODEL_LIMITS)
                 async with fleet(
                     args.out, args.replicas, gateways=args.gateways, jobs=jobs, timeouts=timeouts
                 ) as f:

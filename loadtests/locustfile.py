@@ -1,12 +1,17 @@
 """Locust users for the routing benchmark: OpenAI completions (plain and streamed) and KServe v2.
 
-    locust -f loadtests/locustfile.py --headless -u 20 -r 20 -t 60s --host http://127.0.0.1:8080
+Against `make run` (`infergate up`: the gateway on port 8080, two replicas, default models):
+
+    locust -f loadtests/locustfile.py --headless -u 8 -r 8 -t 10s --host http://127.0.0.1:8080
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8080   # web UI on :8089
 
 Streamed completions report time to first token as its own Locust event ("TTFT"). Besides
 Locust's own (bucketed) statistics, every request is kept as a raw sample and written as CSV to
 $INFERGATE_BENCH_SAMPLES when the run ends: the benchmark computes percentiles from those.
 The workload (seed, output-length distribution, stream share) comes from
-$INFERGATE_BENCH_WORKLOAD (JSON), see loadtests/workload.py.
+$INFERGATE_BENCH_WORKLOAD (JSON) when the benchmark runs it; run by hand it is the default one
+fitted to the model `make run` serves (max_tokens up to 256 within a 512-token context), so every
+request is one that model accepts. See loadtests/workload.py.
 """
 
 from __future__ import annotations
