@@ -379,8 +379,10 @@ class PrecisePrefix(PrefixAware):
 
 
 def stable_hash(text: str) -> int:
-    """64 bits that every process agrees on (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+    """64 bits that every process agrees on (Python's hash() is salted per process). Any text
+    hashes, lone surrogates included: a header's undecodable bytes reach here as surrogates."""
+    data = text.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 POLICIES: dict[str, Callable[[random.Random, PolicyOptions], Policy]] = {

@@ -218,6 +218,15 @@ def test_peak_ewma_costs_a_replica_without_samples_at_the_mean() -> None:
     assert policy.choose(pool.active(), NO_INFO) is new  # a: 0.03, b: 0.03, new: 0.02
 
 
+def test_affinity_takes_keys_that_are_not_valid_unicode() -> None:
+    # Issue 30: a session header's undecodable bytes reach the policy as surrogates.
+    replicas = _replicas(4)
+    policy = Affinity(random.Random(0), OPTIONS)
+    for key in ("\udc80\udcff", "a\ud800b", b"\xff\xfe".decode("utf-8", "surrogateescape")):
+        first = policy.choose(replicas, RequestInfo(key=key))
+        assert policy.choose(replicas, RequestInfo(key=key)) is first
+
+
 def test_affinity_keeps_a_key_on_one_replica_and_spreads_keys() -> None:
     replicas = _replicas(4)
     policy = Affinity(random.Random(0), OPTIONS)
