@@ -8,6 +8,12 @@ the raw header list, the body chunk by chunk as it arrives (with back-pressure: 
 being read while more than HIGH_WATER bytes wait for the client), and every failure named by
 the `retries.retry_on` reason it stands for. Health checks, pollers and the jobs scheduler keep
 aiohttp's client; they are not on the data path.
+
+What a replica sends is held to what a client may send the gateway: a bounded response head
+(MAX_HEAD_BYTES, MAX_HEADERS), a status code from 100 to 599, trailers kept out of the headers,
+and a connection reused only when its response ended exactly where the next one may begin.
+An idle connection is reused only within the caller's `keepalive_s`, and a request that meets
+one the replica closed meanwhile goes once more on a new connection (see UpstreamPool.request).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +32,12 @@ from yarl import URL
 
 HIGH_WATER = 256 * 1024  # body bytes buffered for the consumer before the socket is paused
 LOW_WATER = 64 * 1024
-KEEPALIVE_S = 30.0  # an idle connection older than this is closed, not reused
-SWEEP_S = 10.0
+SWEEP_S = 10.0  # the most an expired idle connection stays open (it is never reused)
+# The response head: all bytes before the body (interim 1xx answers included), and the header
+# count; Envoy's defaults are 60 KiB and 100. Past them the connection is closed, not read on.
+# Trailers and chunk framing are held to the same byte cap between two body bytes.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
 # Methods that carry no body unless they have one: no Content-Length: 0 for them.
 BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
 
@@ -269,8 +280,11 @@ class _Connection(asyncio.Protocol):
         self.until_close = False  # a body with neither length nor chunks ends when the socket does
         self.idle_since = 0.0
         self.idle_s = 300.0
+        self.keepalive_s = 0.0
         self.deadline: float | None = None
-        self.reused = False
+        self.heard = False  # a byte came back since the request went out
+        self.unframed = 0  # bytes read since the request, or since the last body bytes
+        self.header_bytes = 0  # of the header names and values kept for this request
 
     # asyncio.Protocol
 
@@ -282,16 +296,33 @@ class _Connection(asyncio.Protocol):
         if response is None or response._done:
             self.close()  # bytes nobody asked for: the connection cannot be trusted
             return
+        self.heard = True
+        self.unframed += len(data)
         try:
             self.parser.feed_data(data)
             if response._sink is not None and response._chunks:
                 response._flush()
         except httptools.HttpParserUpgrade:
-            response._fail(UpstreamFailure("other", "the replica switched protocols (upgrade)"))
-            self.close()
+            self._abandon(UpstreamFailure("other", "the replica switched protocols (upgrade)"))
         except httptools.HttpParserError as exc:
-            response._fail(UpstreamFailure("other", f"malformed response: {exc}"))
-            self.close()
+            # A callback's own refusal (a cap, a status, a second response) says more.
+            cause = exc.__context__
+            failure = cause if isinstance(cause, UpstreamFailure) else None
+            self._abandon(failure or UpstreamFailure("other", f"malformed response: {exc}"))
+        else:
+            if self.unframed > MAX_HEAD_BYTES:
+                self._abandon(UpstreamFailure("other", self._over_cap()))
+
+    def _abandon(self, failure: UpstreamFailure) -> None:
+        """Fail the response (unless it already ended whole) and close the connection."""
+        if self.response is not None:
+            self.response._fail(failure)
+        self.close()
+
+    def _over_cap(self) -> str:
+        if not self.head_seen:
+            return f"response headers over {MAX_HEAD_BYTES} bytes"
+        return f"over {MAX_HEAD_BYTES} bytes of chunk framing or trailers between body bytes"
 
     def eof_received(self) -> bool | None:
         self._ended()
@@ -315,18 +346,36 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        response = self.response
+        if response is None or response._done:
+            # A second response after the one asked for, in the same read: it would be the
+            # next request's answer on this connection. Parsing stops here; the connection
+            # is closed.
+            raise UpstreamFailure("other", "bytes after the end of the response")
+
     def on_status(self, status: bytes) -> None:
         assert self.response is not None
         self.response.reason = status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.response is not None
-        self.response.raw_headers.append((name, value))
+        response = self.response
+        assert response is not None
+        if self.head_seen:
+            return  # a trailer of a chunked body: not a header, and not relayed (as aiohttp)
+        if len(response.raw_headers) >= MAX_HEADERS:
+            raise UpstreamFailure("other", f"over {MAX_HEADERS} headers in the response")
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEAD_BYTES:  # exact, where a read holds head and body
+            raise UpstreamFailure("other", f"response headers over {MAX_HEAD_BYTES} bytes")
+        response.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599:  # llhttp takes any three digits
+            raise UpstreamFailure("other", f"invalid status code {status:03d}")
         if 100 <= status < 200:  # an interim answer (103 Early Hints): wait for the final one
             response.raw_headers = []
             response.reason = ""
@@ -359,6 +408,7 @@ class _Connection(asyncio.Protocol):
         assert response is not None
         if response._done:
             return
+        self.unframed = 0
         response._chunks.append(body)
         response._buffered += len(body)
         response._last = self.loop.time()
@@ -409,6 +459,7 @@ class UpstreamPool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._open: set[_Connection] = set()
         self.connections_opened = 0
+        self.stale_retries = 0  # requests sent again after meeting a connection closed idle
 
     async def request(
         self,
@@ -422,21 +473,50 @@ class UpstreamPool:
         headers_s: float,
         idle_s: float,
         total_s: float | None,
+        keepalive_s: float,
     ) -> Response:
         """Send one request and return once the response headers are in. `headers` are sent as
-        given (Host and Content-Length are set here); `path_qs` must start with '/'."""
+        given (Host and Content-Length are set here); `path_qs` must start with '/'. An idle
+        connection older than `keepalive_s` is not used."""
         key = origin_of(replica_url)
+        message = _head(method, key, path_qs, headers, body) + body
+        deadline = self.loop.time() + total_s if total_s is not None else None
+        send = functools.partial(
+            self._exchange, method, message, headers_s, idle_s, deadline, keepalive_s
+        )
+        conn = self._take(key, keepalive_s)
+        if conn is not None:
+            try:
+                return await send(conn)
+            except UpstreamFailure as failure:
+                if failure.reason != "reset" or conn.heard:
+                    raise
+                # The replica closed this idle connection as the request went out (its own
+                # keep-alive timeout ran out first): nothing came back, so the request goes
+                # once more, on a new connection, and the caller never sees the failure.
+                self.stale_retries += 1
+        return await send(await self._connect(key, connect_s))
+
+    async def _exchange(
+        self,
+        method: str,
+        message: bytes,
+        headers_s: float,
+        idle_s: float,
+        deadline: float | None,
+        keepalive_s: float,
+        conn: _Connection,
+    ) -> Response:
         loop = self.loop
-        deadline = loop.time() + total_s if total_s is not None else None
-        conn = self._take(key)
-        if conn is None:
-            conn = await self._connect(key, connect_s)
         conn.is_head = method == "HEAD"
         conn.idle_s = idle_s
+        conn.keepalive_s = keepalive_s
         conn.deadline = deadline
+        conn.heard = False
+        conn.unframed = conn.header_bytes = 0
         response = conn.response = Response(conn)
         assert conn.transport is not None
-        conn.transport.write(_head(method, key, path_qs, headers, body) + body)
+        conn.transport.write(message)
         if not conn.head_seen and response._error is None:
             if deadline is not None:
                 headers_s = min(headers_s, deadline - loop.time())
@@ -461,15 +541,15 @@ class UpstreamPool:
             raise error
         return response
 
-    def _take(self, key: Origin) -> _Connection | None:
+    def _take(self, key: Origin, keepalive_s: float) -> _Connection | None:
         idle = self._idle.get(key)
         now = self.loop.time()
         while idle:
             conn = idle.pop()
-            if conn.closed or now - conn.idle_since > KEEPALIVE_S:
+            closing = conn.closed or conn.transport is None or conn.transport.is_closing()
+            if closing or now - conn.idle_since > keepalive_s:
                 conn.close()
                 continue
-            conn.reused = True
             return conn
         return None
 
@@ -494,7 +574,7 @@ class UpstreamPool:
     def park(self, conn: _Connection) -> None:
         self._idle.setdefault(conn.key, []).append(conn)
         if self._sweeper is None:
-            self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
+            self._sweeper = self.loop.call_later(min(SWEEP_S, conn.keepalive_s), self._sweep)
 
     def forget(self, conn: _Connection) -> None:
         self._open.discard(conn)
@@ -503,15 +583,17 @@ class UpstreamPool:
             idle.remove(conn)
 
     def _sweep(self) -> None:
+        """Close idle connections past their keep-alive, so the replica need not."""
         self._sweeper = None
         now = self.loop.time()
         for key, idle in list(self._idle.items()):
-            for conn in [c for c in idle if now - c.idle_since > KEEPALIVE_S]:
+            for conn in [c for c in idle if now - c.idle_since >= c.keepalive_s]:
                 conn.close()
             if not self._idle.get(key):
                 self._idle.pop(key, None)
         if self._idle:
-            self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
+            every = min(c.keepalive_s for idle in self._idle.values() for c in idle)
+            self._sweeper = self.loop.call_later(min(SWEEP_S, every), self._sweep)
 
     def close(self) -> None:
         if self._sweeper is not None:
@@ -522,14 +604,35 @@ class UpstreamPool:
         self._idle.clear()
 
 
+_SEPARATORS = re.compile(r"/|\\|%2f|%5c", re.IGNORECASE)
+_ENCODED_DOT = re.compile(r"%2e", re.IGNORECASE)
+
+
+def dot_segment(path_qs: str) -> bool:
+    """Whether the path (not the query) holds a `.` or `..` segment, spelt in any way a server
+    or ingress in front of a replica may resolve: percent-encoded (%2e), behind an encoded
+    slash or a backslash, or with `;` parameters. Joined under a replica URL's path prefix,
+    it would climb out of it (`/tenant-a/../tenant-b/...`)."""
+    path = path_qs.partition("?")[0]
+    if "." not in path and "%" not in path:
+        return False
+    return any(
+        _ENCODED_DOT.sub(".", segment.partition(";")[0]) in (".", "..")
+        for segment in _SEPARATORS.split(path)
+    )
+
+
 def _head(
     method: str, key: Origin, path_qs: str, headers: list[tuple[str, str]], body: bytes
 ) -> bytes:
     # The target always starts a path, so nothing in it (`//host`, `@host`, `*`) can name
-    # another host; the authority comes from the replica alone.
+    # another host; the authority comes from the replica alone, and no dot segment climbs out
+    # of its path prefix.
     path = path_qs if path_qs.startswith("/") else "/" + path_qs
     if any(c in path for c in " \r\n"):
         raise UpstreamFailure("other", "request target holds a space or line break")
+    if dot_segment(path):
+        raise UpstreamFailure("other", "request path holds a dot segment ('.' or '..')")
     lines = [f"{method} {key.prefix}{path} HTTP/1.1\r\nHost: {key.host_header}\r\n"]
     for name, value in headers:
         if "\r" in value or "\n" in value:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -30,6 +31,7 @@ from gateway.errors import (
     BodyTooLarge,
     ClientTimeout,
     GatewayError,
+    InvalidRequest,
     UpstreamError,
     UpstreamTimeout,
     error_body,
@@ -38,7 +40,7 @@ from gateway.policies import NO_INFO
 from gateway.pool import Replica, parse_load_report
 from gateway.runtime import STATE, GatewayState
 from gateway.upstream import RETRIABLE_STATUSES
-from gateway.work import count_sse_events, describe
+from gateway.work import SseCounter, describe
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ LOAD_HEADER = "X-Replica-Load"
 LOAD_HEADER_LOWER = LOAD_HEADER.lower().encode()
 BUFFERED_MAX_BYTES = 256 * 1024  # also the most of a 429/503 body held for a retry
 PIPE_HIGH_WATER = 64 * 1024  # client-side bytes unsent past which piping hands back to the task
+# The longest Idempotency-Key replicas take (replica/idempotency.py MAX_KEY_CHARS; Stripe's too).
+IDEMPOTENCY_KEY_MAX_CHARS = 255
 
 # RFC 9110 section 7.6.1, plus the non-standard ones seen in the wild.
 HOP_BY_HOP = frozenset(
@@ -105,11 +109,9 @@ def _dropped(headers: CIMultiDictProxy[str], extra: frozenset[str]) -> frozenset
 def upstream_request_headers(request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
     headers = request.headers
     dropped = _dropped(headers, NOT_FORWARDED)
-    # With API keys, an Idempotency-Key is the client's within its key: two keys' "1" differ
-    # at the replica ('/' is in no key name).
     owner = key_name(request)
     out = [
-        (k, f"{owner}/{v}" if owner and lower == "idempotency-key" else v)
+        (k, owned_idempotency_key(owner, v) if owner and lower == "idempotency-key" else v)
         for k, v in headers.items()
         if (lower := k.lower()) not in dropped and lower not in FORWARDING
     ]
@@ -122,6 +124,18 @@ def upstream_request_headers(request: web.BaseRequest, request_id: str) -> list[
     if request.host:
         out.append(("X-Forwarded-Host", request.host))
     return out
+
+
+def owned_idempotency_key(owner: str, value: str) -> str:
+    """With API keys, an Idempotency-Key is the client's within its key: two keys' "1" differ
+    at the replica ('/' is in no key name). A valid value the prefix would push past what
+    replicas take goes as its SHA-256 (the same value, the same key); one too long in itself
+    goes as it is, for the replica to refuse as it would without keys."""
+    key = f"{owner}/{value}"
+    if len(key) <= IDEMPOTENCY_KEY_MAX_CHARS or len(value) > IDEMPOTENCY_KEY_MAX_CHARS:
+        return key
+    digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{owner}/{digest}"
 
 
 def new_request_id() -> str:
@@ -168,6 +182,11 @@ def retry_allowed(state: GatewayState, retries: Retries) -> bool:
 
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every path that is not the gateway's own ends here."""
+    if h1client.dot_segment(request.rel_url.raw_path_qs):  # before admission: it counts nowhere
+        raise InvalidRequest(
+            "the request path holds a '.' or '..' segment (also as %2e, or behind %2f or a "
+            "backslash), which could leave a replica URL's path prefix: send the path without them"
+        )
     state = request.app[STATE]
     config = state.runtime.config
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
@@ -272,6 +291,7 @@ async def _send(
                 headers_s=min(timeouts.first_byte_s, timeouts.idle_s),
                 idle_s=timeouts.idle_s,
                 total_s=timeouts.total_s,
+                keepalive_s=timeouts.upstream_keepalive_s,
             )
         )
     except h1client.UpstreamFailure as exc:
@@ -371,10 +391,10 @@ async def _copy_body(
     for a chunked response, piped socket to socket while the client keeps up (see
     h1client.Response.pipe), and through the writer again, draining, when it does not. For a
     token stream, its work shrinks by the events relayed (never below 1 token until the response
-    ends), and an error event from the replica marks the lease failed: the client got a 200,
-    but the replica did not serve it."""
+    ends), and an error event from the replica (by the stream's framing, never its text: see
+    SseCounter) marks the lease failed: the client got a 200, but the replica did not serve it."""
     replica = lease.replica
-    sse = response.content_type == "text/event-stream"
+    events = SseCounter() if response.content_type == "text/event-stream" else None
     chunked = response.headers.get("Transfer-Encoding") == "chunked"
     transport = request.transport
     while True:
@@ -388,31 +408,33 @@ async def _copy_body(
             raise RelayAborted(response, reason) from None
         if not chunk:
             break
-        if sse:
-            _count_events(lease, chunk)
+        if events is not None:
+            _count_events(lease, events, chunk)
         await _write(response, chunk)
         if chunked and transport is not None:
             # Headers are out: from here on chunks go straight from the replica's socket to
             # the client's while it keeps up, framed as aiohttp frames them.
-            upstream.pipe(_pipe(lease, transport, sse))
+            upstream.pipe(_pipe(lease, transport, events))
     await _write(response, b"", eof=True)
 
 
-def _count_events(lease: Lease, chunk: bytes) -> None:
-    done = min(count_sse_events(chunk), lease.remaining - 1)
+def _count_events(lease: Lease, events: SseCounter, chunk: bytes) -> None:
+    done = min(events.feed(chunk), lease.remaining - 1)
     if done > 0:
         lease.progress(done)
-    if b"event: error" in chunk:
+    if events.failed:
         lease.broken = True
 
 
-def _pipe(lease: Lease, transport: asyncio.Transport, sse: bool) -> Callable[[bytes], bool]:
+def _pipe(
+    lease: Lease, transport: asyncio.Transport, events: SseCounter | None
+) -> Callable[[bytes], bool]:
 
     def sink(chunk: bytes) -> bool:
         if transport.is_closing() or transport.get_write_buffer_size() > PIPE_HIGH_WATER:
             return False  # relayed by the task, which waits for the client to drain
-        if sse:
-            _count_events(lease, chunk)
+        if events is not None:
+            _count_events(lease, events, chunk)
         transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         return True
 

@@ -10,6 +10,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.config import Timeouts
+from gateway.h1client import dot_segment
 
 RETRIABLE_STATUSES = frozenset({429, 503})
 
@@ -36,8 +37,11 @@ def _origin(replica_url: str) -> str:
 def upstream_url(replica_url: str, target: str) -> URL:
     """The replica's scheme, host and port with the request's path and query: the authority
     comes from the replica alone and the target always starts a path, so nothing in it (`//host`,
-    `@host`, `*`) can name another host."""
+    `@host`, `*`) can name another host; ValueError for a path with a dot segment, which could
+    leave the replica URL's path prefix (see dot_segment)."""
     path = target if target.startswith("/") else "/" + target
+    if dot_segment(path):
+        raise ValueError(f"path {path[:200]!r} holds a '.' or '..' segment")
     return URL(_origin(replica_url) + path, encoded=True)
 
 

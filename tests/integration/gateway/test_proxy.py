@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
+from replica.config import parse_config as parse_replica_config
+from replica.keys import STATE as REPLICA_STATE
+from replica.server import create_app as create_replica_app
 from tests.support.servers import (
     fake_replicas,
     gateway_config,
     running_gateway,
+    serve,
     wait_until,
     write_config,
 )
@@ -191,3 +197,141 @@ async def test_absolute_form_target_cannot_choose_the_upstream_host(tmp_path: Pa
             await writer.wait_closed()
     assert raw.startswith(b"HTTP/1.1 200")
     assert replicas[0].seen[0]["raw_path"] == "/steal?x=1"  # went to our replica, path only
+
+
+async def _raw_get(gw_url: str, target: str) -> tuple[int, bytes]:
+    """A request sent byte for byte (a client library would resolve dot segments itself)."""
+    host, port = gw_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def test_dot_segments_are_refused_before_any_replica_is_chosen(tmp_path: Path) -> None:
+    # Joined under http://host/tenant-a, each would reach tenant-b at a normalising ingress.
+    refused = [
+        "/../tenant-b/v1/completions",
+        "/v1/%2e%2E/%2E./tenant-b/v1/completions",
+        "/v1/./completions",
+        "/v1/..%2Ftenant-b/v1/completions",
+        "/v1/..;/tenant-b",
+    ]
+    async with fake_replicas(1) as (replica,):
+        config = {
+            "replicas": [{"url": f"{replica.url}/tenant-a"}],
+            "reload": {"poll_interval_s": 1},
+        }
+        write_config(tmp_path / "g.yaml", config)
+        async with running_gateway(tmp_path / "g.yaml") as gw:
+            answers = [await _raw_get(gw.url, target) for target in refused]
+            fine = await _raw_get(gw.url, "/v2/models/llama-3.1/infer?next=/../x")
+            (counted,) = gw.state.pool.all()
+    for target, (status, body) in zip(refused, answers, strict=True):
+        assert status == 400, target
+        error = json.loads(body)["error"]
+        assert error["type"] == "invalid_request" and "'..' segment" in error["message"]
+    assert fine[0] == 200
+    proxied = [r["raw_path"] for r in replica.seen if "/v1/models" not in r["raw_path"]]
+    assert [p for p in proxied if not p.endswith("/load")] == [
+        "/tenant-a/v2/models/llama-3.1/infer?next=/../x"
+    ]
+    assert (counted.requests_total, counted.errors_total) == (1, 0)
+
+
+def _stream_app(texts: list[str]) -> web.Application:
+    """A replica streaming completions whose text is each of `texts` in turn, in SSE framed
+    every way the spec allows (LF, CRLF, CR; events split across writes); /fail ends a stream
+    with an error event, /fail-data with an error object alone (as vLLM sends it)."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i, text in enumerate(texts):
+            chunk = json.dumps({"choices": [{"index": 0, "text": text}]})
+            end = ("\n", "\r\n", "\r")[i % 3]
+            event = f"data: {chunk}{end}{end}".encode()
+            for part in (event[:7], event[7:-1], event[-1:]):  # split mid-line and mid-end
+                await response.write(part)
+        if request.path == "/fail":
+            await response.write(b'event: error\ndata: {"error": {"type": "engine"}}\n\n')
+        elif request.path == "/fail-data":
+            await response.write(b'data: {"error": {"message": "engine died"}}\n\n')
+        else:
+            await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", stream)
+    return app
+
+
+async def test_a_stream_fails_by_its_framing_never_by_the_text_a_model_writes(
+    tmp_path: Path,
+) -> None:
+    # A model echoing its prompt writes every marker an error could be told by.
+    texts = [
+        "event: error",
+        '\nevent: error\ndata: {"error": "x"}\n\n',
+        'data: {"error": {"message": "no"}}',
+        '{"object": "error"}',
+        "\r\nevent:error\r\n\r\n",
+    ]
+    async with serve(_stream_app(texts)) as url:
+        config = {
+            "replicas": [{"url": url}],
+            "reload": {"poll_interval_s": 1},
+            "outlier_detection": {"consecutive_failures": 2, "max_ejected_percent": 100},
+        }
+        write_config(tmp_path / "g.yaml", config)
+        async with running_gateway(tmp_path / "g.yaml") as gw, aiohttp.ClientSession() as client:
+            (replica,) = gw.state.pool.all()
+            for _ in range(10):
+                async with client.post(f"{gw.url}/v1/completions", json={}) as response:
+                    assert response.status == 200
+                    body = await response.read()
+            assert body.count(b"event: error") == 2  # relayed as it came: inside the text
+            assert replica.consecutive_failures == 0 and not gw.state.pool.is_ejected(replica)
+            for path in ("/fail", "/fail-data"):  # a real error event, in either form
+                async with client.post(f"{gw.url}{path}", json={}) as response:
+                    assert response.status == 200
+                    await response.read()
+            ejected = gw.state.pool.is_ejected(replica)
+    assert ejected
+
+
+async def test_a_long_idempotency_key_stays_valid_behind_an_api_key(tmp_path: Path) -> None:
+    config = {
+        "server": {"port": 0},
+        "engine": {"kind": "simulated"},
+        "models": [{"kind": "tiny-gpt", "name": "m", "max_tokens_limit": 8}],
+    }
+    app = create_replica_app(parse_replica_config(config))
+    keys = [{"name": "team-a", "key": "sk-a"}, {"name": "team-b", "key": "sk-b"}]
+    long_key = "k" * 250  # valid at the replica; "team-a/" + it is not
+    body = {"model": "m", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    answers = []
+    async with serve(app) as url:
+        await app[REPLICA_STATE].settled.wait()
+        config = {"replicas": [{"url": url}], "auth": {"api_keys": keys}}
+        write_config(tmp_path / "g.yaml", config)
+        async with running_gateway(tmp_path / "g.yaml") as gw, aiohttp.ClientSession() as client:
+            for key in ("sk-a", "sk-a", "sk-b"):
+                headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": long_key}
+                async with client.post(
+                    f"{gw.url}/v1/completions", json=body, headers=headers
+                ) as response:
+                    await response.read()
+                    answers.append((response.status, response.headers.get("Idempotent-Replayed")))
+            too_long = {"Authorization": "Bearer sk-a", "Idempotency-Key": "k" * 256}
+            async with client.post(
+                f"{gw.url}/v1/completions", json=body, headers=too_long
+            ) as response:
+                refused = response.status, (await response.json())["error"]["message"]
+    # The same key of the same API key is answered again; another API key's is its own.
+    assert answers == [(200, None), (200, "true"), (200, None)]
+    assert refused[0] == 400 and "Idempotency-Key" in refused[1]

@@ -8,7 +8,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import AffinityConfig
-from gateway.work import count_sse_events, describe
+from gateway.work import SseCounter, describe
 
 AFFINITY = AffinityConfig(header="X-Session-Id", prompt_prefix_chars=8)
 
@@ -56,7 +56,60 @@ def test_nothing_is_parsed_for_a_policy_that_needs_nothing() -> None:
     assert (info.tokens, info.key) == (0, None)
 
 
-def test_sse_events_are_counted_per_chunk() -> None:
+def _feed(chunks: list[bytes]) -> tuple[int, bool]:
+    events = SseCounter()
+    count = sum(events.feed(chunk) for chunk in chunks)
+    return count, events.failed
+
+
+def test_sse_data_lines_are_counted_at_line_starts_only() -> None:
     chunk = b'data: {"a": 1}\n\ndata: {"a": 2}\n\ndata: [DONE]\n\n'
-    assert count_sse_events(chunk) == 3
-    assert count_sse_events(b": keep-alive\n\n") == 0
+    assert _feed([chunk]) == (3, False)
+    assert _feed([b": keep-alive\n\n"]) == (0, False)
+    assert _feed([b'data: {"text": "data: data: data:"}\n\n']) == (1, False)
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
+def test_sse_events_split_anywhere_are_read_whole(end: bytes) -> None:
+    stream = b"event: error" + end + b'data: {"x": 1}' + end + end
+    for cut in range(1, len(stream)):
+        assert _feed([stream[:cut], stream[cut:]]) == (1, True), cut
+    ok = b'data: {"x": 1}' + end + end + b"data: [DONE]" + end + end
+    for cut in range(1, len(ok)):
+        assert _feed([ok[:cut], ok[cut:]]) == (2, False), cut
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b"event: error\ndata: {}\n\n",
+        b"event:error\ndata: x\n\n",
+        b'data: {"error": {"message": "engine died"}}\n\n',
+        b'data: {"object": "error", "message": "old vLLM"}\n\n',
+        b'data: {"error":\ndata: "split over two data lines"}\n\n',
+    ],
+)
+def test_sse_error_events_fail_the_stream(event: bytes) -> None:
+    assert _feed([b"data: {}\n\n", event])[1]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "event: error",
+        '\nevent: error\ndata: {"error": 1}\n\n',
+        'data: {"error": "x"}',
+        '{"object": "error"}',
+    ],
+)
+def test_sse_text_a_model_writes_never_fails_the_stream(text: str) -> None:
+    chunk = json.dumps({"choices": [{"text": text}], "error": None}).encode()
+    assert _feed([b"data: " + chunk + b"\n\n"]) == (1, False)
+
+
+def test_sse_an_unended_line_is_held_only_to_a_bound() -> None:
+    events = SseCounter()
+    for _ in range(100):
+        assert events.feed(b"x" * 64 * 1024) == 0
+    assert len(events._partial) <= 64 * 1024
+    assert events.feed(b"\n\nevent: error\n\n") == 0 and events.failed
