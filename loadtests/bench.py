@@ -36,6 +36,7 @@ from loadtests.plan import (
     CENTRAL_QUEUE,
     HAPROXY,
     Plan,
+    announce,
     build_plan,
     command_of,
     parse_command,
@@ -299,8 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan = build_plan(args, runnable(requested_strategies(args)))
     plan.out.mkdir(parents=True, exist_ok=True)
-    minutes = plan.runs * (plan.warmup_s + plan.duration_s + 4) / 60
-    print(f"{plan.runs} runs, about {minutes:.0f} min; results in {plan.out}", flush=True)
+    print(announce(plan), flush=True)
+    if args.quick:
+        print(
+            "--quick is a smoke run: every stage once, on windows too short to rank strategies",
+            flush=True,
+        )
     print(command_of(plan), flush=True)
     with (plan.out / "run.log").open("wb") as log:
         finished = run_plan(plan, log)

@@ -1,6 +1,11 @@
 """The routing benchmark's command line: its one argument parser, the Plan a command line
-builds, and the full command that builds the same Plan again (what each results folder keeps
-as command.txt, so the folder says exactly how to reproduce it whatever the defaults become)."""
+builds, how long that plan takes (announced before it starts), and the full command that builds
+the same Plan again (what each results folder keeps as command.txt, so the folder says exactly
+how to reproduce it whatever the defaults become).
+
+`--quick` is a smoke run: two scenarios, random against least outstanding requests, one seed,
+8 s windows; every stage runs (capacity, live runs, model, tables, charts) in under two minutes
+on 2 cores. Its windows hold too few requests for a P99, and its tables say so."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtests import sim_gateway
+from loadtests.runner import GENERATOR_TAIL_S
 from loadtests.scenarios import (
     QUICK_SCENARIOS,
     SAGEMAKER_SCENARIOS,
@@ -33,6 +39,15 @@ DEFAULT_STRATEGIES = (
     CENTRAL_QUEUE,
     *HAPROXY,
 )
+QUICK_STRATEGIES = ("random", "least_outstanding_requests")
+QUICK_WARMUP_S, QUICK_DURATION_S = 2.0, 8.0
+QUICK_BUDGET_S = 120.0  # README: `--quick` takes under two minutes on a 2-core machine
+# What the plan costs beyond its load, measured on a 2-core machine (simulated engine): a run
+# starts a front end and the load generator and keeps its samples; a scenario starts and stops
+# its replicas; the report simulates the model and draws tables and charts.
+RUN_OVERHEAD_S = 2.0
+SCENARIO_OVERHEAD_S = 4.0
+REPORT_S = 10.0
 
 
 def known_front_ends() -> tuple[str, ...]:
@@ -61,9 +76,27 @@ class Plan:
         return len(self.scenarios) * (1 + len(self.strategies) * len(self.seeds))
 
 
+def expected_s(plan: Plan) -> float:
+    """Wall time the plan takes: every run's load, and the costs around it."""
+    run_s = plan.warmup_s + plan.duration_s + GENERATOR_TAIL_S + RUN_OVERHEAD_S
+    return plan.runs * run_s + len(plan.scenarios) * SCENARIO_OVERHEAD_S + REPORT_S
+
+
+def announce(plan: Plan) -> str:
+    """What the bench says before it starts: how many runs and how long they take."""
+    seconds = expected_s(plan)
+    took = f"about {seconds:.0f} s" if seconds < 180 else f"about {seconds / 60:.0f} min"
+    return f"{plan.runs} runs, {took}; results in {plan.out}"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="The SageMaker routing comparison.")
-    p.add_argument("--quick", action="store_true", help="2 scenarios, 1 seed, short runs (< 2 min)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 scenarios, random vs least_outstanding_requests, 1 seed, 8 s windows "
+        "(under 2 min; too few requests to rank strategies)",
+    )
     p.add_argument("--engine", choices=["simulated", "torch"], default="simulated")
     p.add_argument("--scenarios", help="users/instances list, e.g. 4/1,20/5")
     p.add_argument("--strategies", help="comma-separated (default: every registered one)")
@@ -96,7 +129,8 @@ def parser() -> argparse.ArgumentParser:
 
 def requested_strategies(args: argparse.Namespace) -> tuple[str, ...]:
     """The front ends a command line names (random first, always: the baseline)."""
-    strategies = tuple(args.strategies.split(",")) if args.strategies else DEFAULT_STRATEGIES
+    default = QUICK_STRATEGIES if args.quick else DEFAULT_STRATEGIES
+    strategies = tuple(args.strategies.split(",")) if args.strategies else default
     unknown = [s for s in strategies if s not in known_front_ends()]
     if unknown:
         raise SystemExit(f"{PROG}: unknown strategies {unknown}; have {list(known_front_ends())}")
@@ -116,8 +150,10 @@ def build_plan(args: argparse.Namespace, strategies: tuple[str, ...] | None = No
         scenarios=scenarios,
         strategies=strategies or requested_strategies(args),
         seeds=seeds,
-        warmup_s=args.warmup if args.warmup is not None else (3.0 if quick else 5.0),
-        duration_s=args.duration if args.duration is not None else (8.0 if quick else 15.0),
+        warmup_s=args.warmup if args.warmup is not None else (QUICK_WARMUP_S if quick else 5.0),
+        duration_s=args.duration
+        if args.duration is not None
+        else (QUICK_DURATION_S if quick else 15.0),
         block_s=args.block,
         engine=args.engine,
         workload=Workload(

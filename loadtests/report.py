@@ -60,6 +60,11 @@ class Summary:
     def offered_share(self) -> float:
         return self.offered_rps / self.load.capacity_rps
 
+    @property
+    def served(self) -> int:
+        """Requests in the window that succeeded: what its latency percentiles are over."""
+        return self.requests - self.errors
+
 
 def sent_in_window(run: RunResult) -> list[Sample]:
     """Requests sent inside the measurement window: what the run offered."""
@@ -176,8 +181,9 @@ def markdown(summaries: Sequence[Summary], header: str) -> str:
         for i, (instances, users) in enumerate(scenarios, 1):
             row = [str(i), str(users), str(instances)]
             row += [_fmt(by_key.get((instances, users, n)), value, fmt) for n in strategies]
+            base = by_key.get((instances, users, BASELINE))
             row += [
-                _pct(getattr(by_key[(instances, users, n)], change))
+                _change(by_key[(instances, users, n)], base, change)
                 for n in others
                 if (instances, users, n) in by_key
             ]
@@ -200,6 +206,15 @@ def markdown(summaries: Sequence[Summary], header: str) -> str:
             f"{s.per_token_p99_s * 1000:.1f} | {s.saturated_runs}/{s.runs} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _change(summary: Summary, base: Summary | None, change: str) -> str:
+    """A change against random, or for a P99 from too few requests on either side, why not."""
+    if change == "p99_change":
+        fewest = min(s.served for s in (summary, base) if s is not None)
+        if not stats.tail_measured(fewest):
+            return f"too few samples ({fewest} requests, a P99 needs {stats.MIN_TAIL_SAMPLES})"
+    return _pct(getattr(summary, change))
 
 
 def _number(value: float, fmt: str) -> str:

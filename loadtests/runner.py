@@ -26,6 +26,7 @@ from loadtests.workload import Workload
 
 REPO = Path(__file__).resolve().parent.parent
 SATURATED_PERCENT = 90.0
+GENERATOR_TAIL_S = 1.0  # the load generator runs this long past the window, so it ends sending
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def _sample_cpu(pids: dict[str, int], stop: threading.Event, out: CpuSample) -> 
 
 def _generator_cmd(spec: RunSpec, url: str, samples: Path) -> list[str]:
     """`url`: one front end, or several joined by commas (the load is split among them)."""
-    run_s = spec.warmup_s + spec.duration_s + 1
+    run_s = spec.warmup_s + spec.duration_s + GENERATOR_TAIL_S
     if spec.open_loop_rate is not None:
         return [
             sys.executable,

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Below this many requests a P99 is the slowest request (or between the two slowest): no tail
+# estimate to compare or rank by, whatever its interval says.
+MIN_TAIL_SAMPLES = 100
+
+
+def tail_measured(samples: int) -> bool:
+    return samples >= MIN_TAIL_SAMPLES
+
 
 def percentile(samples: Sequence[float] | np.ndarray, q: float) -> float:
     """Linear-interpolated percentile of raw samples; NaN when there are none."""

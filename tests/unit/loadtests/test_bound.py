@@ -16,8 +16,8 @@ def _plan(*args: str) -> Plan:
 
 def test_the_bound_is_simulated_over_every_live_seed_with_an_interval() -> None:
     plan = _plan("--seeds", "3", "--output-sigma", "0.5")
-    interval, per_seed = bound.central_queue_bound(plan, 4, 1, None)
-    seeds = [float(v) for v in per_seed.split(", ")]
+    found = bound.central_queue_bound(plan, 4, 1, None)
+    interval, seeds = found.interval, found.per_seed
     assert len(seeds) == 3 and len(set(seeds)) == 3  # three different seeds
     assert interval.low <= interval.estimate <= interval.high
     assert min(seeds) <= interval.estimate <= max(seeds)
@@ -29,12 +29,12 @@ def test_open_loop_bound_runs_at_the_live_share_of_the_models_capacity(
     plan = _plan("--seeds", "2", "--open-loop", "0.7")
     rates: list[float | None] = []
 
-    def fake(plan: Plan, users: int, instances: int, rate: float | None) -> tuple[Interval, str]:
+    def fake(plan: Plan, users: int, instances: int, rate: float | None) -> bound.Bound:
         rates.append(rate)
-        return Interval(5.0, 4.0, 6.0), "5.00, 5.00"
+        return bound.Bound(Interval(5.0, 4.0, 6.0), [5.0, 5.0], 300)
 
     monkeypatch.setattr(bound, "central_queue_bound", fake)
-    live = report.Summary(4, 1, "random", 2, 10, 0, 1, 2, 6.0, 1, 0.1, 60.0, 0, None, None, 1.0)
+    live = report.Summary(4, 1, "random", 2, 200, 0, 1, 2, 6.0, 1, 0.1, 60.0, 0, None, None, 1.0)
     text = bound.against_bound(plan, [live], {(4, 1): 2.0})
     assert rates == [pytest.approx(0.7 * 2.0)]
     assert "| 4 | 1 | 5.00 [4.00, 6.00] | 5.00, 5.00 | random | 6.00 | +20.0% |" in text
