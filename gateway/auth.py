@@ -63,11 +63,17 @@ def identify(auth: Auth, authorization: str | None) -> str:
     return found
 
 
+def authenticate(request: web.Request) -> None:
+    """Names the request's key (`key_name`); Unauthorized without a valid one when auth is on.
+    Also run for `Expect: 100-continue`, before the client sends its body (server.py)."""
+    auth = request.app[STATE].runtime.config.auth
+    if auth is not None:
+        request[KEY_NAME] = identify(auth, request.headers.get("Authorization"))
+
+
 def require_key(handler: Handler) -> Handler:
     async def authenticated(request: web.Request) -> web.StreamResponse:
-        auth = request.app[STATE].runtime.config.auth
-        if auth is not None:
-            request[KEY_NAME] = identify(auth, request.headers.get("Authorization"))
+        authenticate(request)
         return await handler(request)
 
     return authenticated

@@ -17,20 +17,20 @@ import os
 import posixpath
 import re
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway import models, proxy, status
 from gateway.admission import Admission
-from gateway.auth import as_sent, bearer_token, require_key
+from gateway.auth import as_sent, authenticate, bearer_token, require_key
 from gateway.config import GatewayConfig
 from gateway.discovery import DnsDiscovery
-from gateway.errors import ConfigError, GatewayError, error_body
+from gateway.errors import BodyTooLarge, ConfigError, GatewayError, error_body
 from gateway.feedback import LoadPoller
 from gateway.h1client import UpstreamPool
 from gateway.health import HealthChecker
@@ -60,24 +60,82 @@ def error_response(
     return web.json_response(error_body(error_type, message), status=status, headers=headers)
 
 
+def refusal(exc: GatewayError | web.HTTPException) -> web.Response:
+    """The JSON answer to an error a check or handler raised."""
+    if isinstance(exc, GatewayError):
+        return error_response(exc.status, exc.error_type, str(exc), exc.headers)
+    kind = exc.reason.lower().replace(" ", "_")
+    # Its own headers (WWW-Authenticate, Allow) stay; the body becomes our JSON.
+    kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+    return error_response(exc.status, kind, exc.text or exc.reason, kept)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as exc:
-        return error_response(exc.status, exc.error_type, str(exc), exc.headers)
+        return refusal(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        kind = exc.reason.lower().replace(" ", "_")
-        # Its own headers (WWW-Authenticate, Allow) stay; the body becomes our JSON.
-        kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
-        return error_response(exc.status, kind, exc.text or exc.reason, kept)
+        return refusal(exc)
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "the gateway failed; see its log")
+
+
+Check = Callable[[web.Request], object]  # raises a GatewayError or HTTPException to refuse
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def _expecting(*checks: Check) -> ExpectHandler:
+    """A route's answer to `Expect: 100-continue`: a request its headers alone refuse (`checks`:
+    the API key, the admin token, the Content-Length) gets that refusal instead of `100
+    Continue`, and its connection is closed, as the body the client holds back is never read
+    (RFC 9110 10.1.1); an Expect other than 100-continue is a 417. aiohttp runs this before
+    the middleware and the handler, which make the same checks again for requests without it."""
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        if request.version < HttpVersion11:
+            return None  # HTTP/1.0 clients do not wait for a 100 (RFC 9110: ignore Expect)
+        value = request.headers.get(hdrs.EXPECT, "")
+        try:
+            if value.strip().lower() != "100-continue":
+                raise web.HTTPExpectationFailed(
+                    text=f"Expect: {value[:40]!r} is not supported; send 100-continue or none"
+                )
+            for check in checks:
+                check(request)
+        except (GatewayError, web.HTTPException) as exc:
+            response = refusal(exc)
+            response.force_close()
+            return response
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the final response's size starts after the 100
+        return None
+
+    return expect
+
+
+def _body_fits(request: web.Request) -> None:
+    """A declared Content-Length within the limit its handler reads the body with."""
+    config = request.app[STATE].runtime.config
+    limit, name = config.limits.max_body_bytes, "limits.max_body_bytes"
+    if request.path == "/v1/batches" and config.jobs is not None:
+        limit, name = config.jobs.max_batch_bytes, "jobs.max_batch_bytes"
+    if (request.content_length or 0) > limit:
+        raise BodyTooLarge(f"request body over {name} = {limit} bytes")
+
+
+def _proxied_checks(request: web.Request) -> None:
+    if is_admin_path(request.path):  # the catch-all's spellings of /admin (see _proxied)
+        _require_admin(request)
+    else:
+        authenticate(request)
+        _body_fits(request)
 
 
 def _only(methods: tuple[str, ...], handler: Handler) -> Handler:
@@ -283,28 +341,40 @@ def create_app(
         ("/admin/reload", ("POST",), admin_reload),
         ("/openapi.json", ("GET", "HEAD"), openapi),
         ("/ui", ("GET", "HEAD"), status.page),
+        ("/ui/", ("GET", "HEAD"), status.page),  # the page's links are absolute: same page
         ("/ui/status.js", ("GET", "HEAD"), status.page),
         ("/ui/status.json", ("GET", "HEAD"), status.status),
     ]
+    _add_routes(app, own, forwarded)
+    return app
+
+
+def _add_routes(
+    app: web.Application, own: Sequence[tuple[str, tuple[str, ...], Handler]], forwarded: bool
+) -> None:
+    public, admin = _expecting(), _expecting(_require_admin)
+    keyed = _expecting(authenticate, _body_fits)
     for path, methods, handler in own:
-        app.router.add_route("*", path, _only(methods, handler))
+        checks = admin if path.startswith("/admin") else public
+        app.router.add_route("*", path, _only(methods, handler), expect_handler=checks)
     for path, handler in (
         ("/v1/models", models.list_models),
         ("/v1/models/{model:.+}", models.get_model),
     ):
-        app.router.add_route("*", path, require_key(_models_or_proxied(handler)))
+        route = require_key(_models_or_proxied(handler))
+        app.router.add_route("*", path, route, expect_handler=keyed)
     for path, handlers in job_routes.ROUTES:
         jobs_handler = _only(tuple(handlers), job_routes.by_method(handlers))
         if forwarded:
             jobs_handler = _only(tuple(handlers), jobs_forward.forward)
-        app.router.add_route("*", path, require_key(jobs_handler))
+        app.router.add_route("*", path, require_key(jobs_handler), expect_handler=keyed)
     # The /admin and /ui trees are the gateway's: an unknown path there is a 404 here, never a
     # request to a replica (which would carry the admin token to it).
-    app.router.add_route("*", "/admin", admin_unknown)
-    app.router.add_route("*", "/admin/{tail:.*}", admin_unknown)
-    app.router.add_route("*", "/ui/{tail:.*}", status.unknown)
-    app.router.add_route("*", "/{tail:.*}", _proxied(require_key(proxy.handle)))
-    return app
+    app.router.add_route("*", "/admin", admin_unknown, expect_handler=admin)
+    app.router.add_route("*", "/admin/{tail:.*}", admin_unknown, expect_handler=admin)
+    app.router.add_route("*", "/ui/{tail:.*}", status.unknown, expect_handler=public)
+    proxied = _proxied(require_key(proxy.handle))
+    app.router.add_route("*", "/{tail:.*}", proxied, expect_handler=_expecting(_proxied_checks))
 
 
 __all__ = ["ConfigError", "create_app", "error_response"]

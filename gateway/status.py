@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.runtime import STATE, GatewayState
 
 UI_DIR = Path(__file__).with_name("ui")
-ASSETS = {"/ui": "index.html", "/ui/status.js": "status.js"}
+ASSETS = {"/ui": "index.html", "/ui/": "index.html", "/ui/status.js": "status.js"}
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript"}
 HEADERS = {
     "Cache-Control": "no-store",

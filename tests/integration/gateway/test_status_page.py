@@ -134,13 +134,17 @@ async def test_switched_off_the_page_answers_404_and_is_not_proxied(tmp_path: Pa
         write_config(path, config)
         async with running_gateway(path) as gw, aiohttp.ClientSession() as client:
             codes = {}
-            for sub in ("", "/status.js", "/status.json", "/other"):
-                async with client.get(f"{gw.url}/ui{sub}") as response:
+            for sub in ("", "/", "/status.js", "/status.json", "/other"):
+                async with client.get(f"{gw.url}/ui{sub}", allow_redirects=False) as response:
                     codes[sub] = response.status
+                    if sub in ("", "/"):  # the page, at /ui or /ui/ alike
+                        assert response.content_type == "text/html"
             write_config(path, {**config, "ui": {"enabled": False}})
             await wait_until(lambda: not gw.state.runtime.config.ui.enabled)
-            async with client.get(f"{gw.url}/ui") as response:
-                off = response.status, (await response.json())["error"]["message"]
-    assert codes == {"": 200, "/status.js": 200, "/status.json": 200, "/other": 404}
-    assert off == (404, "the status page is off (ui.enabled: false)")
+            offs = set()
+            for sub in ("", "/"):
+                async with client.get(f"{gw.url}/ui{sub}") as response:
+                    offs.add((response.status, (await response.json())["error"]["message"]))
+    assert codes == {"": 200, "/": 200, "/status.js": 200, "/status.json": 200, "/other": 404}
+    assert offs == {(404, "the status page is off (ui.enabled: false)")}
     assert replicas[0].seen == []
