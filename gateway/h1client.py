@@ -614,8 +614,8 @@ def dot_segment(path_qs: str) -> bool:
     slash or a backslash, or with `;` parameters. Joined under a replica URL's path prefix,
     it would climb out of it (`/tenant-a/../tenant-b/...`)."""
     path = path_qs.partition("?")[0]
-    if "." not in path and "%" not in path:
-        return False
+    if "%" not in path and "/." not in path and "\\." not in path:
+        return False  # no segment starts with a dot, nor can any be encoded
     return any(
         _ENCODED_DOT.sub(".", segment.partition(";")[0]) in (".", "..")
         for segment in _SEPARATORS.split(path)

@@ -83,6 +83,14 @@ class SseCounter:
         self.failed = False
 
     def feed(self, chunk: bytes) -> int:
+        if (  # the usual chunk: whole LF-ended events naming no error, after whole ones
+            chunk[-2:] == b"\n\n"
+            and not (self._partial or self._size or self._error_event)
+            and b"\r" not in chunk
+            and b"error" not in chunk
+        ):
+            self._skip_lf = False
+            return chunk.count(b"\ndata:") + chunk.startswith(b"data:")
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = chunk[-1:] == b"\r"
