@@ -3,8 +3,9 @@ replica list, so new addresses get traffic and vanished ones drain (pool.update)
 
 It is the shape of a Kubernetes headless Service: one A (or AAAA) record per ready pod, every
 pod on the same port. When configured, discovery owns the replica list (GatewayState.discovered;
-a config reload keeps it). A failed or empty answer is logged and counted and keeps the last good
-list: a DNS hiccup never empties the pool. After each change the metrics of replicas that left
+a config reload keeps it). A failed or empty answer is counted and keeps the last good list: a
+DNS hiccup never empties the pool; it is logged once when the rounds start failing (and again
+after a good one), not every round. After each change the metrics of replicas that left
 the pool are dropped, so a fleet whose pods come and go does not grow the gateway.
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from gateway.config import Discovery
+from gateway.health import PollFailures
 from gateway.runtime import GatewayState
 
 if TYPE_CHECKING:
@@ -83,6 +85,7 @@ class DnsDiscovery:
     def __init__(self, state: GatewayState, resolve: Resolve = resolve_addresses) -> None:
         self._state = state
         self._resolve = resolve
+        self._failures = PollFailures(log, "discovery", "keeping the last list of replicas")
 
     async def run(self) -> None:
         while True:
@@ -100,8 +103,9 @@ class DnsDiscovery:
             addresses = await self._resolve(spec)
         except DiscoveryError as exc:
             result = "error"
-            log.warning("discovery: %s; keeping the last %d replicas", exc, self._known())
+            self._failures.failed(spec.dns, exc)
         else:
+            self._failures.ok(spec.dns)
             if self._state.runtime.config.discovery == spec:  # not reconfigured meanwhile
                 self._apply(tuple(sorted({replica_url(spec, a) for a in addresses})))
         self._state.metrics.discovery.labels(result).inc()
@@ -115,6 +119,3 @@ class DnsDiscovery:
         self._state.metrics.forget_gone()  # addresses come and go: keep series for the pool only
         added, gone = sorted(set(urls) - before), sorted(before - set(urls))
         log.info("discovery: %d replicas (added %s, draining %s)", len(urls), added, gone)
-
-    def _known(self) -> int:
-        return len(self._state.discovered or ())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -25,13 +26,14 @@ from gateway.pool import Replica, load_report
 from gateway.runtime import GatewayState
 from gateway.upstream import read_capped
 
+log = logging.getLogger(__name__)
 MAX_REPORT_BYTES = 4 * 1024 * 1024  # an engine's whole /metrics page, histograms included
 
 
 class LoadPoller:
     def __init__(self, state: GatewayState) -> None:
         self._state = state
-        self._failures = PollFailures("load feedback", "its last report ages out")
+        self._failures = PollFailures(log, "load feedback", "its last report ages out")
 
     async def run(self) -> None:
         while True:

@@ -4,12 +4,13 @@ A replica turns unhealthy after `unhealthy_threshold` failed probes in a row and
 after `healthy_threshold` good ones; the pool holds the verdict, the checker only its streaks,
 kept for the replicas of the last round only (DNS discovery may replace every address).
 Replicas start healthy and are probed at once, so a fresh gateway serves without waiting.
-A probe is judged by its status alone, as Envoy's are: the body is never read, so a replica
+A probe is judged by its status alone: the body is never read, so a replica
 that answers with an endless one costs a read buffer, and the connection is closed.
 
 The other control pollers (load feedback, served models, cache blocks) read what replicas
-answer through `get_json` and `PollFailures` here: bounded reads, every way a hostile answer
-can fail caught per replica, one log line per replica per bad streak, never a traceback.
+answer through `get_json` and `PollFailures` here (discovery logs through it too): bounded
+reads, every way a hostile answer can fail caught per replica, one log line per replica per
+bad streak, never a traceback.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class PollFailures:
     every second or faster, and a line a round would bury the log), without a traceback (the
     fault is in the replica's answer, not here), and again only after a good poll."""
 
-    def __init__(self, poller: str, consequence: str) -> None:
+    def __init__(self, logger: logging.Logger, poller: str, consequence: str) -> None:
+        self._log = logger
         self._poller = poller
         self._consequence = consequence
         self._failing: set[str] = set()
@@ -78,7 +80,7 @@ class PollFailures:
         if url not in self._failing:
             self._failing.add(url)
             reason = clipped(str(error)) or "no detail"
-            log.warning(
+            self._log.warning(
                 "%s: %s failed (%s: %s); %s",
                 self._poller, url, type(error).__name__, reason, self._consequence,
             )  # fmt: skip

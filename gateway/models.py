@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from gateway.health import POLL_FAILURES, PollFailures, get_json
 from gateway.pool import Replica
 from gateway.runtime import STATE, GatewayState
 
+log = logging.getLogger(__name__)
 V2_PREFIX = "/v2/models/"
 PARSE_MAX_BYTES = 8 * 1024 * 1024  # a larger body goes to any replica of the pool unread
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -183,7 +185,7 @@ class ModelPoller:
 
     def __init__(self, state: GatewayState) -> None:
         self._state = state
-        self._failures = PollFailures("served models", "its last list stands")
+        self._failures = PollFailures(log, "served models", "its last list stands")
 
     async def run(self) -> None:
         while True:

@@ -39,7 +39,7 @@ class CacheBlocksPoller:
     def __init__(self, state: GatewayState) -> None:
         self._state = state
         self._warned: set[str] = set()
-        self._failures = PollFailures("precise_prefix", "it is taken to hold nothing")
+        self._failures = PollFailures(log, "precise_prefix", "it is taken to hold nothing")
 
     async def run(self) -> None:
         while True:
