@@ -16,6 +16,9 @@ What SQLite's single-gateway lock gave, claims and leases give here:
   (`jobs.max_attempts` holds across crashes, as `attempt` lives in the row).
 - A batch is complete when its last line ends. Every change to a batch's lines takes the
   batch's row lock first, so two gateways ending its last two lines at once see each other's.
+- A key's quota (gateway/jobs/quota.py) is checked under the key's advisory lock, in the
+  transaction that inserts the submit, so gateways submitting for one key at once cannot pass
+  it together.
 
 The schema is versioned (`infergate_schema`) and migrated at start-up under an advisory lock,
 so gateways starting together apply each step once. Connection parameters the URL leaves out
@@ -37,8 +40,10 @@ from typing import Any, ParamSpec, TypeVar
 import asyncpg
 
 from gateway.errors import InvalidRequest
+from gateway.jobs.quota import UNLIMITED, Quota, Usage, stored_bytes
 from gateway.jobs.requests import BatchLine, JobRequest
 from gateway.jobs.store import (
+    INPUT_DELETED,
     Batch,
     Job,
     Outcome,
@@ -53,6 +58,7 @@ log = logging.getLogger(__name__)
 NOW = "extract(epoch FROM clock_timestamp())"  # the database's clock, for leases
 MIGRATION_LOCK = 0x6A6F6273  # pg_advisory_xact_lock key: 'jobs'
 REPLICA_LOCK = 0x736C6F74  # with hashtext(url): one replica's job slots, 'slot'
+QUOTA_LOCK = 0x6B657973  # with hashtext(owner): one key's quota, 'keys'
 
 # Each step runs once, in order, in the transaction that records its number.
 MIGRATIONS: tuple[str, ...] = (
@@ -106,12 +112,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN replica text;
     CREATE INDEX jobs_running_by_replica ON jobs (replica) WHERE status = 'running';
     """,
+    # Bytes of each job's body and answer, summed per owner against its quota.
+    """
+    ALTER TABLE jobs ADD COLUMN size bigint NOT NULL DEFAULT 0;
+    UPDATE jobs SET size = octet_length(body) + coalesce(octet_length(response), 0);
+    CREATE INDEX jobs_usage ON jobs (owner, status, size);
+    """,
 )
 
 JOB_COLUMNS = (
     "seq, id, batch_id, line, custom_id, method, url, body, status, attempt, created_at,"
     " started_at, finished_at, expires_at, status_code, response, error_code, error_message,"
-    " owner, replica"
+    " owner, replica, size"
 )
 BATCH_COLUMNS = "id, created_at, total, cancelled_at, completed_at, expires_at, owner"
 ACTIVE = "('queued', 'running')"
@@ -180,18 +192,20 @@ class PostgresStore:
 
     def __init__(
         self, pool: asyncpg.Pool, *, retention_s: float, lease_s: float,
-        clock: Callable[[], float] = time.time,
+        quota: Quota = UNLIMITED, clock: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
         self._pool = pool
         self._retention_s = retention_s
         self._lease_s = lease_s
+        self._quota = quota
         self._clock = clock
         self.holder = uuid.uuid4().hex  # this gateway, for as long as it runs
 
     @classmethod
     async def open(
-        cls, url: str, *, retention_s: float, lease_s: float, timeout_s: float = 10.0
-    ) -> PostgresStore:
+        cls, url: str, *, retention_s: float, lease_s: float, quota: Quota = UNLIMITED,
+        timeout_s: float = 10.0,
+    ) -> PostgresStore:  # fmt: skip
         """Connect (the pool keeps 1 to 8 connections), create or migrate the schema."""
         pool = await asyncpg.create_pool(
             url, min_size=1, max_size=8, timeout=timeout_s, command_timeout=30
@@ -201,7 +215,7 @@ class PostgresStore:
         except BaseException:
             await pool.close()
             raise
-        return cls(pool, retention_s=retention_s, lease_s=lease_s)
+        return cls(pool, retention_s=retention_s, lease_s=lease_s, quota=quota)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -215,32 +229,47 @@ class PostgresStore:
 
     @_guarded
     async def add_job(self, request: JobRequest, *, owner: str = "") -> Job:
-        row = await self._pool.fetchrow(
-            "INSERT INTO jobs (id, custom_id, method, url, body, status, created_at, owner)"
-            f" VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7) RETURNING {JOB_COLUMNS}",
-            new_id("job"), request.custom_id, request.method, request.url, request.body_json(),
-            self._clock(), owner,
-        )  # fmt: skip
+        body = request.body_json()
+        async with self._transaction() as db:
+            await self._admit(db, owner, 1, stored_bytes(body))
+            row = await db.fetchrow(
+                "INSERT INTO jobs (id, custom_id, method, url, body, status, created_at, owner,"
+                f" size) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8) RETURNING {JOB_COLUMNS}",
+                new_id("job"), request.custom_id, request.method, request.url, body,
+                self._clock(), owner, stored_bytes(body),
+            )  # fmt: skip
         return _job(row)
 
     @_guarded
     async def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch:
         """The batch and all its lines in one transaction: it exists whole or not at all."""
         batch_id, now = new_id("batch"), self._clock()
+        rows = [line_row(batch_id, line, now) for line in lines]
         async with self._transaction() as db:
+            await self._admit(db, owner, len(rows), sum(row[-1] for row in rows))
             await db.execute(
                 "INSERT INTO batches (id, created_at, total, owner) VALUES ($1, $2, $3, $4)",
                 batch_id, now, len(lines), owner,
             )  # fmt: skip
             await db.copy_records_to_table(
-                "jobs",
-                records=[(*line_row(batch_id, line, now), owner) for line in lines],
-                columns=LINE_COLUMNS,
+                "jobs", records=[(*row, owner) for row in rows], columns=LINE_COLUMNS
             )
             await self._complete_if_done(db, batch_id, now)
         batch = await self.get_batch(batch_id, owner=owner)
         assert batch is not None
         return batch
+
+    @_guarded
+    async def usage(self, owner: str) -> Usage:
+        async with self._pool.acquire() as db:
+            return await _usage(db, owner)
+
+    async def _admit(self, db: asyncpg.Connection, owner: str, lines: int, size: int) -> None:
+        """QuotaExceeded unless the owner's quota holds this submit; the key's lock is held to
+        the end of the caller's transaction, so concurrent submits are counted one by one."""
+        if not self._quota.unlimited:
+            await db.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", QUOTA_LOCK, owner)
+            self._quota.admit(await _usage(db, owner), lines, size)
 
     # Dispatching
 
@@ -299,10 +328,12 @@ class PostgresStore:
             row = await db.fetchrow(
                 "UPDATE jobs SET status = $1, finished_at = $2, status_code = $3, response = $4,"
                 " error_code = $5, error_message = $6, holder = NULL, lease_until = NULL,"
-                " expires_at = CASE WHEN batch_id IS NULL THEN $7::double precision END"
+                " expires_at = CASE WHEN batch_id IS NULL THEN $7::double precision END,"
+                " size = size + $10"
                 " WHERE id = $8 AND status = 'running' AND attempt = $9 RETURNING batch_id",
                 outcome.status, now, outcome.status_code, outcome.response, outcome.error_code,
                 outcome.error_message, now + self._retention_s, job.id, job.attempt,
+                stored_bytes(outcome.response),
             )  # fmt: skip
             if row is not None and row["batch_id"] is not None:
                 await self._complete_if_done(db, row["batch_id"], now)
@@ -388,7 +419,7 @@ class PostgresStore:
             row = await db.fetchrow(
                 "UPDATE jobs SET status = 'cancelled', finished_at = $1,"
                 " error_code = 'cancelled', error_message = 'cancelled before it finished',"
-                " holder = NULL, lease_until = NULL,"
+                f" holder = NULL, lease_until = NULL, {INPUT_DELETED},"
                 " expires_at = CASE WHEN batch_id IS NULL THEN $2::double precision END"
                 f" WHERE id = $3 AND owner = $4 AND status IN {ACTIVE} RETURNING batch_id",
                 now, now + self._retention_s, job_id, owner,
@@ -414,7 +445,7 @@ class PostgresStore:
                 rows = await db.fetch(
                     "UPDATE jobs SET status = 'cancelled', finished_at = $1,"
                     " error_code = 'cancelled', error_message = 'the batch was cancelled',"
-                    " holder = NULL, lease_until = NULL"
+                    f" holder = NULL, lease_until = NULL, {INPUT_DELETED}"
                     f" WHERE batch_id = $2 AND status IN {ACTIVE} RETURNING id",
                     now, batch_id,
                 )  # fmt: skip
@@ -541,6 +572,15 @@ async def _lock_batches(db: asyncpg.Connection, batch_ids: Sequence[str]) -> Non
         )
 
 
+async def _usage(db: asyncpg.Connection, owner: str) -> Usage:
+    row = await db.fetchrow(
+        "SELECT count(*) FILTER (WHERE status <> 'cancelled') AS lines,"
+        " coalesce(sum(size), 0)::bigint AS bytes FROM jobs WHERE owner = $1",
+        owner,
+    )
+    return Usage(lines=row["lines"], bytes=row["bytes"])
+
+
 async def _batch(db: asyncpg.Connection, batch_id: str, owner: str) -> Batch | None:
     row = await db.fetchrow(
         f"SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1 AND owner = $2", batch_id, owner
@@ -554,7 +594,8 @@ async def _batch(db: asyncpg.Connection, batch_id: str, owner: str) -> Batch | N
 
 
 LINE_COLUMNS = ("id", "batch_id", "line", "custom_id", "method", "url", "body", "status",
-                "created_at", "finished_at", "error_code", "error_message", "owner")  # fmt: skip
+                "created_at", "finished_at", "error_code", "error_message", "size",
+                "owner")  # fmt: skip
 
 
 def _count(status: str) -> int:

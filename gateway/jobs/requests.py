@@ -3,13 +3,20 @@ POST /v1/jobs or as one line of a batch file (the OpenAI Batch API line shape).
 
 Parsing is pure. A bad job body is a 400; a bad batch line becomes a `BadLine` with its
 reason, which the store records as that line's failed result while the other lines proceed.
+
+JSON is read under one depth rule (`load_json`), measured on the text before it is parsed: a
+request body may nest `MAX_BODY_DEPTH` arrays and objects, as our replica accepts
+(replica/api/body.py), so a job holding one may nest one level more. Past it a job is a 400
+and a line fails alone, never a `RecursionError`; a stored answer past it reads as text.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from array import array
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +26,49 @@ from gateway.errors import InvalidRequest, key_path
 # Paths the gateway answers itself: a job aimed at one would never reach a replica.
 GATEWAY_PATHS = ("/v1/jobs", "/v1/batches", "/admin", "/healthz", "/readyz", "/metrics")
 PRINTABLE_ASCII = re.compile(r"[!-~]*")
+MAX_BODY_DEPTH = 64  # a request body's nesting, as a replica sees it
+MAX_DEPTH = MAX_BODY_DEPTH + 1  # a job or batch line: {"body": ...} adds one level
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # brackets in one are text
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 opens, -1 (signed) closes
+
+
+class TooDeep(ValueError):
+    pass
+
+
+def nesting_depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON `text` (0 for a scalar), in C-speed passes;
+    on text that is not JSON it may be off, and the parser refuses that text anyway."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).encode("ascii")
+    return max(accumulate(array("b", brackets.translate(_STEP))), default=0)
+
+
+def load_json(text: str, max_depth: int = MAX_DEPTH) -> Any:
+    """`json.loads` under the depth rule: TooDeep past `max_depth`; JSONDecodeError, or a
+    ValueError for an integer past Python's 4,300 digits, on text that is not JSON."""
+    # Nesting is at most the count of '[' and '{': most texts have too few to need a scan.
+    if text.count("[") + text.count("{") > max_depth and nesting_depth(text) > max_depth:
+        raise TooDeep(
+            f"arrays and objects nest deeper than {max_depth} levels (a request body may nest "
+            f"{MAX_BODY_DEPTH}): flatten it"
+        )
+    try:
+        return json.loads(text)
+    except RecursionError:  # not reached past the check above
+        raise TooDeep(f"arrays and objects nest deeper than {max_depth} levels") from None
+
+
+def text_problem(value: str) -> str | None:
+    """Why a string cannot be stored (both stores refuse these characters), or None."""
+    if "\x00" in value:
+        return "must not contain a NUL character (\\u0000)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode: no lone surrogate (\\ud800-\\udfff)"
+    return None
 
 
 def _replica_path(value: str) -> str:
@@ -32,9 +82,10 @@ def _replica_path(value: str) -> str:
     return value
 
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain a NUL character (\\u0000)")
+def _storable(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -47,7 +98,7 @@ def _not_streamed(body: dict[str, Any]) -> dict[str, Any]:
 class JobRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    custom_id: Annotated[str, AfterValidator(_no_nul)] | None = Field(
+    custom_id: Annotated[str, AfterValidator(_storable)] | None = Field(
         None, min_length=1, max_length=512
     )
     method: Literal["POST"] = "POST"
@@ -80,6 +131,18 @@ def describe(exc: ValidationError) -> str:
         else:
             problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
     return "; ".join(problems)
+
+
+def parse_job_body(body: bytes) -> JobRequest:
+    """The bytes of POST /v1/jobs (UTF-8, or UTF-16/32 as Python's json detects), or
+    InvalidRequest saying what to fix."""
+    try:
+        data = load_json(body.decode(json.detect_encoding(body), "surrogatepass"))
+    except TooDeep as exc:
+        raise InvalidRequest(f"the body: {exc}") from None
+    except ValueError as exc:  # not UTF-8, not JSON, an integer of 5,000 digits
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    return parse_job(data)
 
 
 def parse_job(data: Any) -> JobRequest:
@@ -119,18 +182,24 @@ def parse_batch(data: bytes, max_lines: int) -> list[BatchLine]:
 
 def _parse_line(number: int, raw: bytes) -> BatchLine:
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = load_json(raw.decode("utf-8"))
     except UnicodeDecodeError:
         return BatchLine(number, None, error="the line is not UTF-8 text")
     except json.JSONDecodeError as exc:
         return BatchLine(number, None, error=f"not valid JSON: {exc.msg} at column {exc.colno}")
+    except TooDeep as exc:
+        return BatchLine(number, None, error=str(exc))
+    except ValueError as exc:  # an integer of 5,000 digits
+        return BatchLine(number, None, error=f"not valid JSON: {exc}")
     if not isinstance(data, dict):
         return BatchLine(number, None, error=f"expected a JSON object, got {type(data).__name__}")
     custom_id = data.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id or "\x00" in custom_id:
+    if not isinstance(custom_id, str) or not custom_id:
         return BatchLine(
             number, None, error="custom_id: required, a string naming this request (no NUL)"
         )
+    if (problem := text_problem(custom_id)) is not None:  # not even the result may name it
+        return BatchLine(number, None, error=f"custom_id: {problem}")
     try:
         return BatchLine(number, custom_id, request=JobRequest.model_validate(data))
     except ValidationError as exc:

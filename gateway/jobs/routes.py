@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from gateway.auth import key_name
 from gateway.errors import BodyTooLarge, Conflict, InvalidRequest, NotFound
-from gateway.jobs.requests import parse_batch, parse_job
+from gateway.jobs.requests import parse_batch, parse_job_body
 from gateway.jobs.service import JOBS, JobService
 from gateway.jobs.store import JOB_STATUSES, Batch, Job
 from gateway.proxy import read_body
@@ -26,6 +27,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 1000
 RESULTS_PAGE = 1000
 FORM_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
+# ASCII digits only: str.isdigit also takes '²' and other scripts' digits, which int() refuses.
+PAGE_SIZE = re.compile(r"[0-9]{1,9}")
 
 
 def _service(request: web.Request) -> JobService:
@@ -40,7 +43,7 @@ def _service(request: web.Request) -> JobService:
 
 def _limit(request: web.Request) -> int:
     raw = request.query.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    if not PAGE_SIZE.fullmatch(raw) or not 1 <= int(raw) <= MAX_PAGE:
         raise InvalidRequest(f"limit: expected an integer from 1 to {MAX_PAGE} (got {raw[:20]!r})")
     return int(raw)
 
@@ -56,11 +59,7 @@ async def submit_job(request: web.Request) -> web.Response:
     service = _service(request)
     config = service.state.runtime.config
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
-    job = await service.store.add_job(parse_job(data), owner=key_name(request))
+    job = await service.store.add_job(parse_job_body(body), owner=key_name(request))
     service.scheduler.wake()
     location = f"/v1/jobs/{job.id}"
     return web.json_response(job.as_json(), status=202, headers={"Location": location})

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from gateway.config import Jobs, is_postgres_url
 from gateway.errors import ConfigError
+from gateway.jobs.quota import DEFAULT_QUOTA, Quota
 from gateway.jobs.scheduler import Scheduler
 from gateway.jobs.store import SqliteStore, Store, StoreUnavailable
 from gateway.runtime import GatewayState
@@ -33,9 +34,10 @@ SWEEP_INTERVAL_S = 60.0
 
 
 class JobService:
-    def __init__(self, state: GatewayState, settings: Jobs) -> None:
+    def __init__(self, state: GatewayState, settings: Jobs, quota: Quota | None = None) -> None:
         self.state = state
         self.settings = settings
+        self.quota = quota if quota is not None else DEFAULT_QUOTA  # each key's share
         self._store: Store | None = None
         self._scheduler: Scheduler | None = None
 
@@ -76,8 +78,9 @@ class JobService:
 
             try:
                 store = await PostgresStore.open(
-                    url, retention_s=settings.result_retention_s, lease_s=settings.lease_s
-                )
+                    url, retention_s=settings.result_retention_s, lease_s=settings.lease_s,
+                    quota=self.quota,
+                )  # fmt: skip
             except (
                 OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError,
                 RuntimeError,
@@ -89,7 +92,9 @@ class JobService:
             )
         else:
             try:
-                store = await SqliteStore.open(url, retention_s=settings.result_retention_s)
+                store = await SqliteStore.open(
+                    url, retention_s=settings.result_retention_s, quota=self.quota
+                )
             except (OSError, sqlite3.Error) as exc:
                 raise ConfigError(f"jobs.store: cannot open {url}: {exc}") from None
         try:

@@ -14,13 +14,15 @@ every commit across a process crash (kill -9); only a power loss may lose the la
 Every job and batch has an `owner`: the name of the API key that created it ('' without auth).
 Every read and cancel a client makes is scoped to one owner, so another key's jobs are "not
 found" and never listed. A store file from before owners gets the column when it is opened.
+Each owner keeps at most its `Quota` of lines and bytes (gateway/jobs/quota.py): every job
+row carries its `size`, checked in the transaction that inserts a submit; a cancel empties
+the bodies of the jobs it stops (`size` 0) at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import sqlite3
 import time
 import uuid
@@ -32,13 +34,18 @@ from pathlib import Path
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
 from gateway.errors import GatewayError
-from gateway.jobs.requests import BatchLine, JobRequest
+from gateway.jobs.quota import UNLIMITED, Quota, Usage, stored_bytes
+from gateway.jobs.requests import MAX_BODY_DEPTH, BatchLine, JobRequest, load_json
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # What recording an attempt's replica found: go ahead; the replica already runs `limit` jobs
 # (of every gateway); the job is no longer this attempt's (cancelled, taken over).
 Sending = Literal["sent", "full", "gone"]
 JOB_STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+# A cancel deletes the input of each job it stops: it never runs, and its share of the quota
+# comes back at once (a cancelled line keeps its row for the results file until it expires).
+INPUT_DELETED = "body = '', size = 0"
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -79,6 +86,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_expiry ON jobs (expires_at) WHERE expires_at 
 # After the columns exist (a store from before owners gets them in _migrate).
 OWNER_INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
+CREATE INDEX IF NOT EXISTS jobs_usage ON jobs (owner, status, size);
 CREATE INDEX IF NOT EXISTS batches_by_owner ON batches (owner);
 """
 
@@ -118,6 +126,7 @@ class Job:
     # The replica this attempt was sent to; a job run again because its gateway died goes back
     # there (it may hold the answer: the Idempotency-Key replay, replica/idempotency.py).
     replica: str | None = None
+    size: int = 0  # bytes of body and answer, counted against the owner's quota
 
     def result_json(self) -> dict[str, Any]:
         """The OpenAI Batch output line: response when a replica answered, error otherwise."""
@@ -188,10 +197,12 @@ def _unix(at: float | None) -> int | None:
 
 
 def _json_or_text(text: str | None) -> Any:
+    """A replica's answer as JSON, or as the text it is when that is not JSON a client could
+    send us (nested past MAX_BODY_DEPTH, say): every read of a job works."""
     if text is None:
         return None
     try:
-        return json.loads(text)
+        return load_json(text, MAX_BODY_DEPTH)
     except ValueError:
         return text
 
@@ -202,16 +213,21 @@ def new_id(prefix: str) -> str:
 
 class JobStore:
     def __init__(
-        self, path: str | Path, *, retention_s: float, clock: Callable[[], float] = time.time
-    ) -> None:
+        self, path: str | Path, *, retention_s: float, quota: Quota = UNLIMITED,
+        clock: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
         self._db = sqlite3.connect(str(path), isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        # The WAL grows with the largest burst of writes (a big batch); cut it back after each
+        # checkpoint instead of keeping its peak size on disk.
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
         self._db.executescript(SCHEMA)
         self._migrate()
         self._retention_s = retention_s
+        self._quota = quota
         self._clock = clock
 
     def close(self) -> None:
@@ -225,6 +241,13 @@ class JobStore:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
             if table == "jobs" and "replica" not in columns:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN replica TEXT")
+            if table == "jobs" and "size" not in columns:
+                with self._transaction() as db:
+                    db.execute("ALTER TABLE jobs ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+                    db.execute(
+                        "UPDATE jobs SET size = length(CAST(body AS BLOB))"
+                        " + coalesce(length(CAST(response AS BLOB)), 0)"
+                    )
         self._db.executescript(OWNER_INDEXES)
 
     @contextmanager
@@ -240,34 +263,50 @@ class JobStore:
     # Submitting
 
     def add_job(self, request: JobRequest, *, owner: str = "") -> Job:
-        job_id = new_id("job")
-        self._db.execute(
-            "INSERT INTO jobs (id, custom_id, method, url, body, status, created_at, owner)"
-            " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-            (job_id, request.custom_id, request.method, request.url, request.body_json(),
-             self._clock(), owner),
-        )  # fmt: skip
+        job_id, body = new_id("job"), request.body_json()
+        with self._transaction() as db:
+            self._admit(owner, 1, stored_bytes(body))
+            db.execute(
+                "INSERT INTO jobs (id, custom_id, method, url, body, status, created_at, owner,"
+                " size) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                (job_id, request.custom_id, request.method, request.url, body, self._clock(),
+                 owner, stored_bytes(body)),
+            )  # fmt: skip
         return self._job(job_id)
 
     def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch:
         """The batch and all its lines in one transaction: it exists whole or not at all."""
         batch_id, now = new_id("batch"), self._clock()
-        rows = [(*line_row(batch_id, line, now), owner) for line in lines]
+        rows = [line_row(batch_id, line, now) for line in lines]
         with self._transaction() as db:
+            self._admit(owner, len(rows), sum(row[-1] for row in rows))
             db.execute(
                 "INSERT INTO batches (id, created_at, total, owner) VALUES (?, ?, ?, ?)",
                 (batch_id, now, len(lines), owner),
             )
             db.executemany(
                 "INSERT INTO jobs (id, batch_id, line, custom_id, method, url, body, status,"
-                " created_at, finished_at, error_code, error_message, owner)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
+                " created_at, finished_at, error_code, error_message, size, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*row, owner) for row in rows],
             )
             self._complete_if_done(batch_id, now)
         batch = self.get_batch(batch_id, owner=owner)
         assert batch is not None
         return batch
+
+    def usage(self, owner: str) -> Usage:
+        row = self._db.execute(
+            "SELECT count(*) FILTER (WHERE status <> 'cancelled'), coalesce(sum(size), 0)"
+            " FROM jobs WHERE owner = ?",
+            (owner,),
+        ).fetchone()
+        return Usage(lines=row[0], bytes=row[1])
+
+    def _admit(self, owner: str, lines: int, size: int) -> None:
+        """QuotaExceeded unless the owner's quota holds this submit (in its transaction)."""
+        if not self._quota.unlimited:
+            self._quota.admit(self.usage(owner), lines, size)
 
     # Dispatching
 
@@ -314,11 +353,12 @@ class JobStore:
         with self._transaction() as db:
             row = db.execute(
                 "UPDATE jobs SET status = ?, finished_at = ?, status_code = ?, response = ?,"
-                " error_code = ?, error_message = ?,"
+                " error_code = ?, error_message = ?, size = size + ?,"
                 " expires_at = CASE WHEN batch_id IS NULL THEN ? END"
                 " WHERE id = ? AND status = 'running' AND attempt = ? RETURNING batch_id",
                 (outcome.status, now, outcome.status_code, outcome.response, outcome.error_code,
-                 outcome.error_message, now + self._retention_s, job.id, job.attempt),
+                 outcome.error_message, stored_bytes(outcome.response), now + self._retention_s,
+                 job.id, job.attempt),
             ).fetchone()  # fmt: skip
             if row is not None and row["batch_id"] is not None:
                 self._complete_if_done(row["batch_id"], now)
@@ -366,7 +406,7 @@ class JobStore:
         with self._transaction() as db:
             row = db.execute(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?, error_code = 'cancelled',"
-                " error_message = 'cancelled before it finished',"
+                f" error_message = 'cancelled before it finished', {INPUT_DELETED},"
                 " expires_at = CASE WHEN batch_id IS NULL THEN ? END"
                 " WHERE id = ? AND owner = ? AND status IN ('queued', 'running')"
                 " RETURNING batch_id",
@@ -389,8 +429,8 @@ class JobStore:
             if changed:
                 rows = db.execute(
                     "UPDATE jobs SET status = 'cancelled', finished_at = ?,"
-                    " error_code = 'cancelled', error_message = 'the batch was cancelled'"
-                    " WHERE batch_id = ? AND status IN ('queued', 'running')"
+                    " error_code = 'cancelled', error_message = 'the batch was cancelled',"
+                    f" {INPUT_DELETED} WHERE batch_id = ? AND status IN ('queued', 'running')"
                     " RETURNING id",
                     (now, batch_id),
                 ).fetchall()
@@ -496,12 +536,14 @@ class JobStore:
 
 
 def line_row(batch_id: str, line: BatchLine, now: float) -> tuple[Any, ...]:
+    """The row of one batch line, its `size` last (the stores add the owner after it)."""
     request = line.request
     if request is None:  # a bad line: failed at once, with its reason
         return (new_id("job"), batch_id, line.line, line.custom_id, "POST", "", "{}", "failed",
-                now, now, "invalid_request", f"line {line.line}: {line.error}")  # fmt: skip
+                now, now, "invalid_request", f"line {line.line}: {line.error}", 2)  # fmt: skip
+    body = request.body_json()
     return (new_id("job"), batch_id, line.line, request.custom_id, request.method, request.url,
-            request.body_json(), "queued", now, None, None, None)  # fmt: skip
+            body, "queued", now, None, None, None, stored_bytes(body))  # fmt: skip
 
 
 class StoreUnavailable(GatewayError):
@@ -519,6 +561,10 @@ class Store(Protocol):
 
     async def add_job(self, request: JobRequest, *, owner: str = "") -> Job: ...
     async def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch: ...
+    async def usage(self, owner: str) -> Usage:
+        """What `owner`'s jobs keep in the store (the lines and bytes its quota bounds)."""
+        ...
+
     async def claim(self, passed_over: Sequence[str] = ()) -> Job | None: ...
     async def unclaim(self, job: Job) -> bool: ...
     async def sent(self, job: Job, replica: str, limit: int | None = None) -> Sending:
@@ -578,12 +624,14 @@ class SqliteStore:
         self._store = store
 
     @classmethod
-    async def open(cls, path: str | Path, *, retention_s: float) -> SqliteStore:
+    async def open(
+        cls, path: str | Path, *, retention_s: float, quota: Quota = UNLIMITED
+    ) -> SqliteStore:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store")
         loop = asyncio.get_running_loop()
         try:
             store = await loop.run_in_executor(
-                executor, functools.partial(JobStore, path, retention_s=retention_s)
+                executor, functools.partial(JobStore, path, retention_s=retention_s, quota=quota)
             )
         except BaseException:
             executor.shutdown(wait=False)
@@ -601,6 +649,9 @@ class SqliteStore:
 
     async def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch:
         return await self.run(JobStore.add_batch, lines, owner=owner)
+
+    async def usage(self, owner: str) -> Usage:
+        return await self.run(JobStore.usage, owner)
 
     async def claim(self, passed_over: Sequence[str] = ()) -> Job | None:
         return await self.run(JobStore.claim, passed_over)

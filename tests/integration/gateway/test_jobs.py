@@ -329,6 +329,6 @@ async def test_a_nul_character_is_refused_with_a_4xx_on_either_store(
         async with client.get(f"{gw.url}/v1/jobs/job_%00") as response:
             lookup = await _error(response)
     assert refused[:2] == (400, "invalid_request") and "NUL" in refused[2]
-    assert "(no NUL)" in results[0]["error"]["message"] and results[1]["error"] is None
+    assert "NUL character" in results[0]["error"]["message"] and results[1]["error"] is None
     # Never in any store: SQLite finds no such job, PostgreSQL cannot hold the character.
     assert lookup[0] == (400 if store.startswith("postgresql") else 404)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from gateway.jobs.quota import Usage
 from gateway.jobs.requests import JobRequest, parse_batch
 from gateway.jobs.store import JobStore
 
@@ -62,6 +63,7 @@ def test_a_store_from_before_owners_is_migrated_once(tmp_path: Path) -> None:
         store = _store(path)
         old = store.get_job("job_old")  # what it had belongs to no key, as it did
         assert old is not None and old.owner == ""
+        assert store.usage("") == Usage(lines=1, bytes=2)  # its body's size, counted once
         assert store.get_job("job_old", owner="a") is None
         assert store.get_batch("batch_old") is not None
         claimed = store.claim()  # the scheduler still sees it
@@ -72,4 +74,4 @@ def test_a_store_from_before_owners_is_migrated_once(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
         indexes = {row[1] for row in db.execute("PRAGMA index_list(jobs)")}
-    assert "owner" in columns and "jobs_by_owner" in indexes
+    assert {"owner", "size"} <= columns and {"jobs_by_owner", "jobs_usage"} <= indexes

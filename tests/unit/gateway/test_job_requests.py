@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.jobs.requests import parse_batch, parse_job
+from gateway.jobs.requests import MAX_DEPTH, parse_batch, parse_job, parse_job_body
 
 GOOD = {"url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 4}}
 
@@ -63,3 +63,32 @@ def test_batch_limits_and_empty_files() -> None:
     line = b'{"custom_id": "x", "url": "/a", "body": {}}\n'
     with pytest.raises(InvalidRequest, match=r"3 lines, over jobs.max_batch_lines = 2"):
         parse_batch(line * 3, max_lines=2)
+
+
+def _line(custom_id: str = "c", body: str = "{}") -> bytes:
+    return f'{{"custom_id": "{custom_id}", "url": "/v1/completions", "body": {body}}}'.encode()
+
+
+def test_json_past_the_depth_limit_is_refused_and_brackets_in_strings_are_text() -> None:
+    deep = "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1)  # the line nests one past the limit
+    at_limit = "[" * (MAX_DEPTH - 2) + "]" * (MAX_DEPTH - 2)
+    texts = '{"a": "[[[[\\"' + "{" * 5000 + '"}'
+    assert parse_job_body(_line(body='{"x": ' + at_limit + "}")).custom_id == "c"
+    assert parse_job_body(_line(body=texts)).body["a"].endswith("{" * 5000)
+    for bad in (_line(body='{"x": ' + deep + "}"), b"[" * 100_000, _line(body="[" * 5000)):
+        with pytest.raises(InvalidRequest, match=f"deeper than {MAX_DEPTH} levels"):
+            parse_job_body(bad)
+
+
+def test_lone_surrogates_and_huge_integers_are_refused_and_fail_their_line_alone() -> None:
+    surrogate, huge = _line(custom_id="\\udc80"), _line(body='{"n": ' + "9" * 5000 + "}")
+    with pytest.raises(InvalidRequest, match="custom_id: must be valid Unicode"):
+        parse_job_body(surrogate)
+    with pytest.raises(InvalidRequest, match="not valid JSON"):
+        parse_job_body(huge)
+    deep = _line(body="[" * 5000 + "]" * 5000)
+    lines = parse_batch(b"\n".join([_line("a"), surrogate, huge, deep, _line("b")]), 10)
+    assert [line.error is None for line in lines] == [True, False, False, False, True]
+    assert lines[1].error is not None and lines[1].error.startswith("custom_id: must be valid")
+    assert lines[2].error is not None and lines[2].error.startswith("not valid JSON")
+    assert lines[3].error is not None and "deeper than" in lines[3].error
