@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.config import load_yaml
 from gateway.errors import ConfigError
 
 READY_TIMEOUT_S = 180.0
@@ -79,9 +79,12 @@ def load_cluster(path: Path | None, args: argparse.Namespace) -> ClusterConfig:
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from None
+        data = load_yaml(text) or {}  # its aliases bounded, its errors quoting no secret
+        if not isinstance(data, dict):
+            raise ConfigError(f"(top level): expected a mapping, got {type(data).__name__}")
     if (args.replicas is not None or getattr(args, "model", None)) and data.get("groups"):
         raise ConfigError("--replicas/--model: the cluster file has groups; edit those instead")
     if args.replicas is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import reprlib
 import urllib.parse
 from functools import cached_property
 from pathlib import Path
@@ -87,6 +88,27 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 def is_postgres_url(store: str) -> bool:
     return store.partition("://")[0] in POSTGRES_SCHEMES and "://" in store
+
+
+PASSWORD_PARAMETER = re.compile(r"(?i)(password=)([^&\s]*)")
+
+
+def _url_password(value: str) -> str | None:
+    """The password in a URL's user part, however it is written (unencoded '/', '#' or '@')."""
+    _, sep, rest = value.partition("://")
+    credentials, at, _ = rest.rpartition("@")
+    return credentials.split(":", 1)[1] if sep and at and ":" in credentials else None
+
+
+def redacted(value: str) -> str:
+    """A URL (or libpq `key=value` string) as a message may show it: no password, in the user
+    part or as `password=`; anything else unchanged."""
+    password = _url_password(value)
+    if password is not None:
+        scheme, _, rest = value.partition("://")
+        user, _, _ = rest.partition(":")
+        value = f"{scheme}://{user}:***@{rest.rpartition('@')[2]}"
+    return PASSWORD_PARAMETER.sub(r"\1***", value)
 
 
 HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -355,6 +377,9 @@ class Jobs(_Model):
     result_retention_s: float = Field(7 * 24 * 3600.0, gt=0)  # finished jobs and batches
     max_batch_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_batch_lines: int = Field(50_000, ge=1)
+    # Storage quota per API key (jobs and batch inputs and results it holds); None = no quota.
+    max_bytes_per_key: int | None = Field(256 * 1024 * 1024, ge=1)
+    max_lines_per_key: int | None = Field(200_000, ge=1)
     poll_interval_s: float = Field(0.02, gt=0)  # capacity check while jobs wait for a slot
 
 
@@ -480,6 +505,27 @@ class GatewayConfig(_Model):
         )
 
 
+MAX_QUOTED_CHARS = 80  # of a value a config error quotes
+MAX_PROBLEMS = 10  # listed in one error; the rest are counted
+
+
+class _Quoted(reprlib.Repr):
+    """A value as an error quotes it: a few items of a few levels, each string without its
+    password, so the work and the message stay small whatever the value holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxother = 3, 40
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 4
+
+    def repr_str(self, x: str, level: int) -> str:
+        return repr(_clip(redacted(x)))
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "..."
+
+
 def _describe(error: ErrorDetails) -> str | None:
     kind, loc, msg = error["type"], tuple(error["loc"]), error["msg"]
     if kind == "extra_forbidden":
@@ -495,8 +541,39 @@ def _describe(error: ErrorDetails) -> str | None:
         return msg
     if loc[:1] == ("auth",):  # never echo a key (or its digest) into a log line
         return f"{key_path(loc)}: {msg}"
-    got = repr(error.get("input"))
-    return f"{key_path(loc)}: {msg} (got {got[:60]})"
+    return f"{key_path(loc)}: {msg} (got {_clip(_Quoted().repr(error.get('input')))})"
+
+
+def _secrets(data: Any) -> set[str]:
+    """What no config message may show, wherever a value turns up again: URL passwords (also
+    those `${NAME}` expands to) and the API keys and digests under `auth`."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        value, under_auth = stack.pop()
+        if isinstance(value, str):
+            for text in (value, ENV_REFERENCE.sub(_variable_or_reference, value)):
+                found.update(m.group(2) for m in PASSWORD_PARAMETER.finditer(text))
+                found.add(_url_password(text) or "")
+        elif id(value) not in seen and isinstance(value, dict | list | tuple):
+            seen.add(id(value))
+            pairs = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+            for key, item in pairs:
+                if under_auth and key in ("key", "sha256") and isinstance(item, str):
+                    found.add(item)
+                stack.append((item, under_auth or key == "auth"))
+    return {secret for secret in found if len(secret) >= 4}  # shorter: a quoted value hides it
+
+
+def _variable_or_reference(match: re.Match[str]) -> str:
+    return os.environ.get(match.group(1), match.group(0))
+
+
+def _scrubbed(message: str, secrets: set[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
 
 
 def parse_config(data: Any) -> GatewayConfig:
@@ -508,7 +585,83 @@ def parse_config(data: Any) -> GatewayConfig:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
         problems = [p for p in map(_describe, exc.errors()) if p]
-        raise ConfigError("; ".join(problems)) from None
+        if len(problems) > MAX_PROBLEMS:
+            problems[MAX_PROBLEMS:] = [f"and {len(problems) - MAX_PROBLEMS} more"]
+        raise ConfigError(_scrubbed("; ".join(problems), _secrets(data))) from None
+
+
+MAX_ALIAS_NODES = 10_000  # values that aliases (*name) may add to a file, all uses together
+MAX_DEPTH = 64  # nested lists and mappings; a gateway config needs six
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that measures as it composes what each alias stands for: nine lists of nine
+    aliases, nested eight deep, are 358 bytes and 43 million values that validation and error
+    messages would walk (19 s, 360 MB). Each use of an alias adds its node's expanded size;
+    past MAX_ALIAS_NODES in all, or nested past MAX_DEPTH (the composer recurses), the file
+    is refused at the alias or bracket that crossed the line."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth)
+        self._aliased = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # check_event has parsed the next event into current_event: the alias, or the node's
+        # first event (where a refusal points).
+        if self.check_event(yaml.AliasEvent):
+            self._count_alias(self.current_event)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                self._refuse(f"lists and mappings nested deeper than {MAX_DEPTH}")
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is not None:
+            self._measured[id(node)] = self._measure(node)
+        return node
+
+    def _measure(self, node: yaml.Node) -> tuple[int, int]:
+        if isinstance(node, yaml.SequenceNode):
+            children = [self._measured[id(child)] for child in node.value]
+        elif isinstance(node, yaml.MappingNode):
+            children = [self._measured[id(n)] for pair in node.value for n in pair]
+        else:
+            return 1, 1
+        return 1 + sum(n for n, _ in children), 1 + max((d for _, d in children), default=0)
+
+    def _count_alias(self, event: yaml.AliasEvent) -> None:
+        node = self.anchors.get(event.anchor)
+        if node is None:
+            return  # undefined: the composer says so
+        if id(node) not in self._measured:
+            self._refuse(f"alias *{event.anchor} is used inside its own anchor")
+        values, depth = self._measured[id(node)]
+        self._aliased += values
+        if self._aliased > MAX_ALIAS_NODES:
+            self._refuse(f"aliases expand to more than {MAX_ALIAS_NODES} values")
+        if self._depth + depth > MAX_DEPTH:
+            self._refuse(f"alias *{event.anchor} nests values deeper than {MAX_DEPTH}")
+
+    def _refuse(self, problem: str) -> None:
+        raise yaml.composer.ComposerError(None, None, problem, self.current_event.start_mark)
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML document as plain data, its aliases and nesting bounded (_BoundedLoader)."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__  # str(exc) quotes the file
+        raise ConfigError(f"(yaml) {where}{_clip(problem)}") from None
+    finally:
+        loader.dispose()
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -516,11 +669,4 @@ def load_config(path: str | Path) -> GatewayConfig:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"(yaml) {where}{problem}") from None
-    return parse_config(data)
+    return parse_config(load_yaml(text))

@@ -1,4 +1,5 @@
-"""Hot reload: parse, validate, build a new runtime, swap one reference; all on the event loop.
+"""Hot reload: read, parse and validate the file in a worker thread (a large or hostile file
+never stalls requests), then build a new runtime and swap one reference on the event loop.
 
 Triggers: the config file's mtime changing (polled), SIGHUP, and POST /admin/reload. An invalid
 file is refused, logged with its key path and counted; the old config keeps serving.
@@ -9,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 
-from gateway.config import load_config
+from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
 from gateway.runtime import GatewayState, Runtime, build_runtime
 
@@ -28,15 +30,41 @@ def file_signature(path: os.PathLike[str] | str) -> FileSignature:
 
 
 def reload_config(state: GatewayState, trigger: str) -> Runtime:
-    """Load the config file again and swap it in; raises ConfigError and keeps the old one."""
+    """Load the config file again and swap it in; raises ConfigError and keeps the old one.
+    Parses on the calling thread: the event loop's callers use `reload_config_off_loop`."""
+    path = _config_path(state)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        _refused(state, trigger, exc)
+        raise
+    return _swap(state, config, trigger)
+
+
+async def reload_config_off_loop(state: GatewayState, trigger: str) -> Runtime:
+    """As reload_config, the file read, parsed and validated in a worker thread; what touches
+    the gateway's state (counting, the swap) runs back on the loop."""
+    path = _config_path(state)
+    try:
+        config = await asyncio.to_thread(load_config, path)
+    except ConfigError as exc:
+        _refused(state, trigger, exc)
+        raise
+    return _swap(state, config, trigger)
+
+
+def _config_path(state: GatewayState) -> Path:
     if state.config_path is None:
         raise ConfigError("this gateway was started without a config file; nothing to reload")
-    try:
-        config = load_config(state.config_path)
-    except ConfigError as exc:
-        state.metrics.reloads.labels("error").inc()
-        log.error("config reload (%s) refused, previous config still serving: %s", trigger, exc)
-        raise
+    return state.config_path
+
+
+def _refused(state: GatewayState, trigger: str, exc: ConfigError) -> None:
+    state.metrics.reloads.labels("error").inc()
+    log.error("config reload (%s) refused, previous config still serving: %s", trigger, exc)
+
+
+def _swap(state: GatewayState, config: GatewayConfig, trigger: str) -> Runtime:
     old = state.runtime.config
     for key, before, after in (
         ("listen", old.listen, config.listen),
@@ -88,7 +116,7 @@ class ReloadWatcher:
                 continue
             self._seen = signature
             try:
-                reload_config(self._state, trigger)
+                await reload_config_off_loop(self._state, trigger)
             except ConfigError:
                 if file_signature(path) != signature:
                     self._seen = None  # the file was being written as we read it: look again

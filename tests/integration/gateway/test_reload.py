@@ -4,9 +4,12 @@ an invalid file changes nothing and is reported."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import aiohttp
+import pytest
+import yaml
 
 from tests.support.servers import (
     Gateway,
@@ -132,3 +135,93 @@ def _reloads(gw: Gateway, result: str) -> float:
         "gateway_config_reloads_total", {"result": result}
     )
     return value or 0.0
+
+
+SECRET = "hunter2-Kx9"
+# 358 bytes, 43 million values once expanded: 19 s and 360 MB on the event loop before.
+BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{name}: &{name} [{','.join(['*' + above] * 9)}]\n"
+    for above, name in itertools.pairwise("abcdefgh")
+)
+
+
+async def test_an_alias_bomb_is_refused_at_once_and_the_old_config_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "g.yaml"
+    async with fake_replicas(2) as replicas:
+        config = gateway_config(replicas, "round_robin")
+        write_config(path, config)
+        async with (
+            running_gateway(path, admin_token="t") as gw,
+            aiohttp.ClientSession() as client,
+        ):
+            bomb = BOMB + yaml.safe_dump(config) + "listen: *h\n"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(bomb)
+            tmp.replace(path)
+            await wait_until(lambda: _reloads(gw, "error") >= 1)  # the file watcher's
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with client.post(f"{gw.url}/admin/reload", headers=ADMIN) as response:
+                assert response.status == 422
+                error = (await response.json())["error"]
+            elapsed = loop.time() - started
+            served = await _served_by(client, gw, 4)
+    assert elapsed < 1.0
+    assert error["message"].startswith("(yaml) line ")
+    assert "aliases expand to more than 10000 values" in error["message"]
+    assert "previous config still serving: (yaml) line" in caplog.text
+    assert served[0::2] == [served[0]] * 2 and served[0] != served[1]  # round robin still
+
+
+async def test_a_refused_reload_shows_no_credential(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "g.yaml"
+    async with fake_replicas(1) as replicas:
+        config = gateway_config(replicas, "round_robin", reload={"watch": False})
+        write_config(path, config)
+        async with (
+            running_gateway(path, admin_token="t") as gw,
+            aiohttp.ClientSession() as client,
+        ):
+            bad_urls = [{"url": f"http://admin:{SECRET}@127.0.0.1:9"}]
+            for edit in (
+                {"jobs": {"store": f"mysql://admin:{SECRET}@db/jobs"}},
+                {"jobs": {"store": f"postgresql://u@db:x/jobs?password={SECRET}"}},
+                {"replicas": bad_urls},
+            ):
+                write_config(path, {**config, **edit})
+                async with client.post(f"{gw.url}/admin/reload", headers=ADMIN) as response:
+                    assert response.status == 422
+                    body = await response.text()
+                assert SECRET not in body and ("***" in body), body
+            assert _reloads(gw, "error") == 3
+    assert "refused, previous config still serving" in caplog.text
+    assert SECRET not in caplog.text
+
+
+async def test_a_slow_file_is_parsed_off_the_event_loop(tmp_path: Path) -> None:
+    path = tmp_path / "g.yaml"
+    async with fake_replicas(1) as replicas:
+        config = gateway_config(replicas, "round_robin")
+        write_config(path, config)
+        async with running_gateway(path) as gw, aiohttp.ClientSession() as client:
+            # Valid YAML, refused at validation (unknown key): 15,000 values take seconds to
+            # parse, which used to stall every request for as long.
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(yaml.safe_dump(config) + "padding:\n" + "  - 1\n" * 15_000)
+            tmp.replace(path)
+            loop = asyncio.get_running_loop()
+            gaps: list[float] = []  # between answers: a stalled loop shows as a long one
+            last, deadline = loop.time(), loop.time() + 60
+            while _reloads(gw, "error") == 0:
+                assert last < deadline, "the reload never finished"
+                async with client.get(f"{gw.url}/healthz") as response:
+                    assert response.status == 200
+                gaps.append(loop.time() - last)
+                last = loop.time()
+                await asyncio.sleep(0.02)
+    assert len(gaps) >= 3, gaps
+    assert max(gaps) < 0.5, gaps
