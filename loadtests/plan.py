@@ -3,9 +3,9 @@ builds, how long that plan takes (announced before it starts), and the full comm
 the same Plan again (what each results folder keeps as command.txt, so the folder says exactly
 how to reproduce it whatever the defaults become).
 
-`--quick` is a smoke run: two scenarios, random against least outstanding requests, one seed,
-8 s windows; every stage runs (capacity, live runs, model, tables, charts) in under two minutes
-on 2 cores. Its windows hold too few requests for a P99, and its tables say so."""
+`--quick` is a smoke run: 20 users / 5 instances, random against least outstanding requests,
+one seed, 8 s windows; every stage runs (capacity, live runs, model, tables, charts) in about a
+minute on 2 cores. Its windows hold too few requests for a P99, and its tables say so."""
 
 from __future__ import annotations
 
@@ -42,12 +42,13 @@ DEFAULT_STRATEGIES = (
 QUICK_STRATEGIES = ("random", "least_outstanding_requests")
 QUICK_WARMUP_S, QUICK_DURATION_S = 2.0, 8.0
 QUICK_BUDGET_S = 120.0  # README: `--quick` takes under two minutes on a 2-core machine
-# What the plan costs beyond its load, measured on a 2-core machine (simulated engine): a run
-# starts a front end and the load generator and keeps its samples; a scenario starts and stops
-# its replicas; the report simulates the model and draws tables and charts.
-RUN_OVERHEAD_S = 2.0
-SCENARIO_OVERHEAD_S = 4.0
-REPORT_S = 10.0
+# What the plan costs beyond its load, measured on a 2-core machine shared with other work
+# (simulated engine; 6 runs of 2 scenarios took 126 s): a run starts a front end and the load
+# generator and keeps its samples; a scenario starts and stops its replicas; the bench imports,
+# simulates the model and draws tables and charts.
+RUN_OVERHEAD_S = 6.0
+SCENARIO_OVERHEAD_S = 5.0
+REPORT_S = 12.0
 
 
 def known_front_ends() -> tuple[str, ...]:
@@ -94,8 +95,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 2 scenarios, random vs least_outstanding_requests, 1 seed, 8 s windows "
-        "(under 2 min; too few requests to rank strategies)",
+        help="smoke run: 20/5, random vs least_outstanding_requests, 1 seed, 8 s windows "
+        "(about a minute; too few requests to rank strategies)",
     )
     p.add_argument("--engine", choices=["simulated", "torch"], default="simulated")
     p.add_argument("--scenarios", help="users/instances list, e.g. 4/1,20/5")
