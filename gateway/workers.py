@@ -1,8 +1,12 @@
 """`workers: N`: N gateway processes on one port, sharing exact outstanding counts.
 
-The supervisor (the process `infergate gateway` starts as) binds the listening socket once and
-starts N workers, `python -m gateway` with the socket's descriptor inherited: each accepts on
-it, as nginx's workers do. It creates what they share, and removes it when it stops:
+The supervisor (the process `infergate gateway` starts as) starts N workers, `python -m gateway`,
+each with a socket of its own bound to the port with SO_REUSEPORT (gateway/listener.py), as
+nginx's `reuseport` does: the kernel spreads new connections over the workers evenly, whichever
+is awake first. A worker's socket lives and dies with it: the kernel stops sending connections
+to a worker that exited (those it had not accepted yet are reset), and its replacement gets a
+new one. The supervisor holds the port meanwhile with a socket that is bound but never listens.
+It creates what the workers share, and removes it when it stops:
 - the counts (gateway/shared.py): one row per worker, one column per replica; a worker routes by
   column sums, so least-outstanding is exact across workers;
 - prometheus-client's multiprocess directory, so any worker's /metrics sums every worker's
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.cluster import die_with_parent
+from gateway.listener import reuseport_socket
 from gateway.shared import SharedCounts
 
 # Held in a starting worker until its handlers are in (serve() unblocks them): a reload or stop
@@ -127,8 +132,10 @@ def _alive(pid: int) -> bool:
 class Supervisor:
     def __init__(self, config_path: Path, host: str, port: int, count: int, log_level: str) -> None:
         self._config_path, self._count, self._log_level = config_path, count, log_level
-        self._socket = socket.create_server((host, port), backlog=1024)
-        self._socket.set_inheritable(True)
+        # Holds the port (and picks it, for port 0) while workers come and go; never listens,
+        # so no connection waits on it.
+        self._anchor = reuseport_socket(host, port)
+        self._host, self._port = self._anchor.getsockname()[:2]
         _remove_stale_workdirs()
         self._workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
         (self._workdir / "metrics").mkdir()
@@ -142,14 +149,20 @@ class Supervisor:
 
     @property
     def address(self) -> str:
-        host, port = self._socket.getsockname()[:2]
-        return f"{host}:{port}"
+        return f"{self._host}:{self._port}"
 
     def _start(self, index: int) -> None:
+        listener = reuseport_socket(self._host, self._port)
+        try:
+            self._spawn(index, listener)
+        finally:
+            listener.close()  # the worker's copy is the only one: it closes when the worker exits
+
+    def _spawn(self, index: int, listener: socket.socket) -> None:
         cmd = [
             sys.executable, "-m", "gateway", "-c", str(self._config_path),
             "--log-level", self._log_level, "--worker", f"{index}/{self._count}",
-            "--listen-fd", str(self._socket.fileno()),
+            "--listen-fd", str(listener.fileno()),
             "--shared", f"{self._counts.name}:{self._workdir / 'counts.lock'}",
             "--jobs-socket", str(self._workdir / "jobs.sock"),
         ]  # fmt: skip
@@ -158,7 +171,7 @@ class Supervisor:
         # holding the port. preexec_fn only sets that; no threads run in the supervisor.
         self._procs[index] = subprocess.Popen(
             cmd,
-            pass_fds=(self._socket.fileno(),),
+            pass_fds=(listener.fileno(),),
             env=env,
             preexec_fn=_worker_preexec(os.getpid()) if sys.platform == "linux" else None,  # noqa: PLW1509
         )
@@ -246,7 +259,7 @@ class Supervisor:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        self._socket.close()
+        self._anchor.close()
         self._counts.close()
         self._counts.unlink()
         shutil.rmtree(self._workdir, ignore_errors=True)
