@@ -96,6 +96,10 @@ def test_discovery_replaces_the_static_list() -> None:
         ({"replicas": [{"url": URL}], "discovery": DISCOVERY}, "discovery: give either"),
         ({"discovery": {"dns": "x"}}, "discovery.port: required key is missing"),
         ({"discovery": {**DISCOVERY, "nameserver": "10.0.0.1"}}, "discovery.nameserver: expected"),
+        (
+            {"discovery": {**DISCOVERY, "nameserver": "10.0.0.1:5\u00b2"}},
+            "discovery.nameserver: expected",
+        ),
         ({"discovery": {**DISCOVERY, "interval_s": 0}}, "discovery.interval_s: "),
         ({"replicas": [{"url": URL}], "ui": {"enabled": "maybe"}}, "ui.enabled: "),
     ],
