@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from gateway.errors import GatewayError
 
-DEFAULT_MAX_STORED_BYTES = 1024**3  # 16 batches at the largest jobs.max_batch_bytes
+# The defaults of jobs.max_bytes_per_key and jobs.max_lines_per_key (gateway/config.py).
+DEFAULT_MAX_STORED_BYTES = 256 * 1024 * 1024  # 4 batches at the largest jobs.max_batch_bytes
 DEFAULT_MAX_STORED_LINES = 200_000  # 4 batches at the largest jobs.max_batch_lines
 
 
@@ -67,7 +68,6 @@ class QuotaExceeded(GatewayError):
 
 
 UNLIMITED = Quota(max_bytes=None, max_lines=None)
-DEFAULT_QUOTA = Quota()
 
 
 def stored_bytes(text: str | None) -> int:

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from gateway.config import Jobs, is_postgres_url
 from gateway.errors import ConfigError
-from gateway.jobs.quota import DEFAULT_QUOTA, Quota
+from gateway.jobs.quota import Quota
 from gateway.jobs.scheduler import Scheduler
 from gateway.jobs.store import SqliteStore, Store, StoreUnavailable
 from gateway.runtime import GatewayState
@@ -37,7 +37,8 @@ class JobService:
     def __init__(self, state: GatewayState, settings: Jobs, quota: Quota | None = None) -> None:
         self.state = state
         self.settings = settings
-        self.quota = quota if quota is not None else DEFAULT_QUOTA  # each key's share
+        # Each key's share of the store (gateway/jobs/quota.py).
+        self.quota = quota or Quota(settings.max_bytes_per_key, settings.max_lines_per_key)
         self._store: Store | None = None
         self._scheduler: Scheduler | None = None
 

@@ -14,11 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 
-from gateway.jobs import service
-from gateway.jobs.quota import Quota
 from gateway.jobs.requests import MAX_BODY_DEPTH
 from tests.support.servers import (
     FakeReplica,
@@ -38,9 +35,9 @@ DEEP_ANSWER = "[" * 5000 + "]" * 5000
 
 @asynccontextmanager
 async def jobs_gateway(
-    tmp_path: Path, store: str, replicas: list[FakeReplica]
+    tmp_path: Path, store: str, replicas: list[FakeReplica], **jobs_config: Any
 ) -> AsyncIterator[tuple[Gateway, aiohttp.ClientSession]]:
-    jobs = {"store": store, "poll_interval_s": 0.01}
+    jobs = {"store": store, "poll_interval_s": 0.01, **jobs_config}
     write_config(tmp_path / "g.yaml", gateway_config(replicas, "round_robin", jobs=jobs))
     async with running_gateway(tmp_path / "g.yaml") as gw, aiohttp.ClientSession() as client:
         yield gw, client
@@ -149,22 +146,15 @@ async def test_a_deeply_nested_answer_is_kept_as_text_and_every_read_works(
     assert result["response"]["body"] == DEEP_ANSWER
 
 
-@pytest.fixture
-def small_quota(monkeypatch: pytest.MonkeyPatch) -> Quota:
-    """Until the quota is a `jobs:` config key, a test sets the gateway's default."""
-    quota = Quota(max_bytes=3000, max_lines=8)
-    monkeypatch.setattr(service, "DEFAULT_QUOTA", quota)
-    return quota
-
-
 async def test_a_key_over_its_storage_quota_gets_a_429_and_a_cancel_frees_its_share(
-    tmp_path: Path, store: str, small_quota: Quota
+    tmp_path: Path, store: str
 ) -> None:
+    quota = {"max_bytes_per_key": 3000, "max_lines_per_key": 8}
     hold = b'{"custom_id": "%d", "url": "/hold", "body": {"pad": "' + b"x" * 250 + b'"}}'
     batch_of = [hold % i for i in range(6)]  # 6 bodies of 261 bytes: most of 3000
     async with (
         fake_replicas(1) as (replica,),
-        jobs_gateway(tmp_path, store, [replica]) as (gw, client),
+        jobs_gateway(tmp_path, store, [replica], **quota) as (gw, client),
     ):
         status, first = await _post(client, f"{gw.url}/v1/batches", b"\n".join(batch_of))
         assert status == 202, first
