@@ -31,6 +31,7 @@ from typing import IO
 import yaml
 
 from gateway.cluster import ClusterConfig, replica_urls, replicas_running, wait_ready
+from gateway.yamlfile import load_yaml
 from loadtests import bound, report, sim_gateway
 from loadtests.plan import (
     CENTRAL_QUEUE,
@@ -146,7 +147,7 @@ def slow_profile(factor: float, workdir: Path) -> Path:
     """The built-in profile with every generation time multiplied by `factor`."""
     from replica.engines.profile import BUILTIN_PROFILE
 
-    data = yaml.safe_load(BUILTIN_PROFILE.read_text())
+    data = load_yaml(BUILTIN_PROFILE.read_text(encoding="utf-8"))
     for key in ("prefill_base_s", "prefill_s_per_token", "decode_base_s", "decode_per_seq_s"):
         data["generation"][key] *= factor
     data["name"] = f"{data['name']} x{factor:g} slower"

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gateway import errors as gateway_errors
+from gateway.yamlfile import load_yaml
 from replica.errors import format_validation_error
 
 
@@ -172,13 +173,19 @@ def parse_config(raw: Any) -> ReplicaConfig:
         raise ConfigError(format_validation_error(error, raw)) from None
 
 
-def read_raw(path: Path) -> Any:
+def read_raw(path: Path, what: str = "") -> Any:
+    """A YAML file as plain data, read within bounds (gateway/yamlfile.py: an alias bomb or a
+    deeply nested file is refused at once); `what` (a key path) prefixes every error."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+        raise ConfigError(f"{what}cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}cannot read {path}: not UTF-8 text") from None
+    try:
+        return load_yaml(text)
+    except gateway_errors.ConfigError as error:
+        raise ConfigError(f"{what}{path}: invalid YAML: {error}") from None
 
 
 def load_config(path: Path | str) -> ReplicaConfig:

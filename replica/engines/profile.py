@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from replica.config import ConfigError
+from replica.config import ConfigError, read_raw
 from replica.errors import format_validation_error
 
 BUILTIN_PROFILE = Path(__file__).parent / "profiles" / "a10g-7b.yaml"
@@ -50,21 +50,12 @@ class TimingProfile(_Frozen):
 
 def load_profile(path: Path | None = None) -> TimingProfile:
     path = path or BUILTIN_PROFILE
-    raw = _read_yaml(path)
+    raw = read_raw(path, "engine.profile_path: ")
     try:
         return TimingProfile.model_validate(raw)
     except ValidationError as error:
         reason = format_validation_error(error, raw)
         raise ConfigError(f"engine.profile_path ({path}): {reason}") from None
-
-
-def _read_yaml(path: Path) -> object:
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"engine.profile_path: cannot read {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"engine.profile_path: {path}: invalid YAML: {error}") from None
 
 
 def dump_profile(profile: TimingProfile, path: Path, header: str) -> None:

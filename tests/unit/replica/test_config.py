@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from pathlib import Path
 
 import pytest
 
 from replica.cli import apply_overrides, serve_parser
 from replica.config import ConfigError, load_config, parse_config
+from replica.engines.profile import load_profile
 
 
 def test_empty_config_serves_tiny_gpt_continuous_and_classifier_dynamic() -> None:
@@ -90,3 +93,33 @@ def test_batcher_flag_can_target_one_model() -> None:
 def test_unknown_model_flag_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="--model: 'gpt-5'"):
         apply_overrides({}, serve_parser().parse_args(["--model", "gpt-5"]))
+
+
+def _alias_bomb(last: str) -> str:
+    """Nine lists of nine aliases, nested eight deep: 358 bytes, 43 million values."""
+    lines = ["a: &a [" + ", ".join(["lol"] * 9) + "]"]
+    for above, name in itertools.pairwise("abcdefgh"):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{above}"] * 9) + "]")
+    return "\n".join(lines) + f"\n{last}: *h\n"
+
+
+@pytest.mark.parametrize(
+    ("load", "last"),
+    [(load_config, "models"), (load_config, "server"), (load_profile, "generation")],
+)
+def test_an_alias_bomb_is_refused_at_once(load: object, last: str, tmp_path: Path) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(last))
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"invalid YAML: \(yaml\) line \d+, column \d+: aliases"):
+        load(path)  # type: ignore[operator]
+    assert time.perf_counter() - started < 1.0
+
+
+def test_yaml_nested_deeper_than_any_config_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("models: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested deeper than 64"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="nested deeper than 64"):
+        load_profile(path)
