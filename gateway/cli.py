@@ -15,7 +15,6 @@ import gc
 import importlib.util
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import yaml
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.cluster import (
     ClusterConfig,
@@ -38,6 +36,7 @@ from gateway.cluster import (
 from gateway.config import GatewayConfig, load_config, parse_config
 from gateway.errors import ConfigError
 from gateway.listener import limit_connections
+from gateway.logfilter import filter_malformed_requests
 from gateway.server import WATCHER, create_app
 from gateway.workers import (
     STARTUP_SIGNALS,
@@ -64,48 +63,11 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-class MalformedRequestFilter(logging.Filter):
-    """aiohttp logs a client's malformed HTTP (bare LF, control bytes, an over-long line, bad
-    chunk framing) with a traceback that quotes the request's bytes, and those carry API keys and
-    the admin token. Such a record becomes one line naming the error's class and its reason, the
-    bytes left out; the client's fault, answered 400, so at most a warning."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = _http_error(record.exc_info[1] if record.exc_info else None)
-        if error is not None:
-            level = min(record.levelno, logging.WARNING)
-            record.args = (record.getMessage(), type(error).__name__, _reason(error))
-            record.msg = "%s: malformed request: %s: %s"
-            record.levelno, record.levelname = level, logging.getLevelName(level)
-            record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
-
-
-def _http_error(error: BaseException | None) -> HttpProcessingError | None:
-    """The HTTP parser's error behind a logged exception, however deep in its chain."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, HttpProcessingError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _reason(error: HttpProcessingError) -> str:
-    """`Invalid header value char`, not what follows: the parser quotes the bytes after a ':'
-    (or in quotes) on the first line or below it."""
-    reason = re.split(r"[:'\"\n]", error.message or "", maxsplit=1)[0].strip()
-    return reason[:80] or f"status {error.code}"
-
-
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # On the handlers, so every logger's records pass it (aiohttp.server, .web, .access, ours).
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(MalformedRequestFilter())
+    filter_malformed_requests()
 
 
 async def serve(

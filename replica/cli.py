@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.logfilter import filter_malformed_requests
 from replica.config import ConfigError, ReplicaConfig, parse_config, read_raw
 from replica.keys import STATE
 from replica.server import create_app
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             return calibrate_main(argv[1:])
         args = serve_parser().parse_args(argv)
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+        filter_malformed_requests()  # parser errors quote the request: a client's API key
         return _run(serve(build_config(args)))
     except ConfigError as error:
         print(f"replica: config error: {error}", file=sys.stderr)
