@@ -190,7 +190,7 @@ async def metrics(request: web.Request) -> web.Response:
 def _describe_state(state: GatewayState) -> dict[str, Any]:
     return {
         "strategy": state.runtime.config.routing.strategy,
-        "replicas": [replica.as_json() for replica in state.pool.all()],
+        "replicas": [status.replica_json(replica) for replica in state.pool.all()],
     }
 
 

@@ -18,6 +18,13 @@ second file lock (`claiming`), held for the few microseconds of one pick; releas
     [ hashes: columns x u64 ][ held: workers x columns x u8 ][ counts: workers x columns x i64 ]
     [ queued: workers x i64 ][ totals: workers x i64 ]  (each worker's waiting and in-flight
     requests, for the gateway-wide limits)
+    [ stats: workers x columns x STATS x i64 ]  (each worker's requests, errors and ejections
+    per replica, for what an operator reads: /admin/replicas and the status page)
+
+A worker publishes its stats as it finishes requests (`publish`: what it added since its last
+publish), so they survive its death: the worker started in its place adds to them, as
+prometheus-client's multiprocess counters do. A column taken over by another replica starts
+from zero.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 DEFAULT_COLUMNS = 4096  # replicas known at once across a gateway's workers
+STATS = ("requests_total", "errors_total", "ejections_total")  # per worker and replica
 
 
 def url_hash(url: str) -> int:
@@ -63,7 +72,8 @@ class SharedCounts:
         lock_path: Path, create: bool = False,
     ) -> None:  # fmt: skip
         self.workers, self.columns, self.row = workers, columns, row
-        size = columns * 8 + workers * columns + workers * columns * 8 + workers * 16
+        stats_size = workers * columns * len(STATS) * 8
+        size = columns * 8 + workers * columns + workers * columns * 8 + workers * 16 + stats_size
         self._shm = _segment(name, create, size)
         buf = self._shm.buf
         assert buf is not None
@@ -71,13 +81,17 @@ class SharedCounts:
         counts_at = held_at + workers * columns
         queued_at = counts_at + workers * columns * 8
         totals_at = queued_at + workers * 8
-        slices = [buf[:held_at], buf[held_at:counts_at], buf[counts_at:queued_at],
-                  buf[queued_at:totals_at], buf[totals_at:size]]  # fmt: skip
-        self._hashes, self._held, self._counts, self._queued, self._totals = (
+        stats_at = totals_at + workers * 8
+        bounds = [0, held_at, counts_at, queued_at, totals_at, stats_at, size]
+        slices = [buf[start:end] for start, end in pairwise(bounds)]
+        self._hashes, self._held, self._counts, self._queued, self._totals, self._stats = (
             slices[0].cast("Q"), slices[1], slices[2].cast("q"), slices[3].cast("q"),
-            slices[4].cast("q"),
+            slices[4].cast("q"), slices[5].cast("q"),
         )  # fmt: skip
-        self._views = [self._hashes, self._counts, self._queued, self._totals, *slices]
+        self._views = [
+            self._hashes, self._counts, self._queued, self._totals, self._stats, *slices
+        ]  # fmt: skip
+        self._published: dict[int, tuple[int, ...]] = {}  # column -> this worker's last publish
         self._lock_path = lock_path
         self._claim_path = lock_path.with_name(lock_path.name + ".slots")
         self._claim_fd: int | None = None  # opened on the first claim, kept open
@@ -130,6 +144,7 @@ class SharedCounts:
         if column is not None:
             self._counts[self.row * self.columns + column] = 0
             self._held[self.row * self.columns + column] = 0
+            self._published.pop(column, None)  # if it comes back, its counts start from zero
 
     def _find(self, wanted: int) -> int:
         start = wanted % self.columns
@@ -147,10 +162,20 @@ class SharedCounts:
             column = -1
         if reusable is not None:  # a column nobody holds: reuse it (its counts are zero)
             column = reusable
+            self._clear_stats(column)  # the previous replica's, not this one's
         elif column < 0:
             raise ColumnsFull(f"all {self.columns} shared replica columns are in use")
         self._hashes[column] = wanted
         return column
+
+    def _stat_at(self, row: int, column: int) -> int:
+        return (row * self.columns + column) * len(STATS)
+
+    def _clear_stats(self, column: int) -> None:
+        for row in range(self.workers):
+            at = self._stat_at(row, column)
+            for i in range(len(STATS)):
+                self._stats[at + i] = 0
 
     def _unused(self, column: int) -> bool:
         return not any(
@@ -181,8 +206,28 @@ class SharedCounts:
     def total_outstanding(self) -> int:
         return sum(self._totals[w] for w in range(self.workers))
 
+    def publish(self, column: int, values: tuple[int, ...]) -> None:
+        """This worker's own totals at a column (in STATS order), as its pool counts them."""
+        last = self._published.get(column, (0,) * len(STATS))
+        if values == last:
+            return
+        at = self._stat_at(self.row, column)
+        for i, (now, before) in enumerate(zip(values, last, strict=True)):
+            self._stats[at + i] += now - before
+        self._published[column] = values
+
+    def stats(self, column: int) -> tuple[int, ...]:
+        """Every worker's totals at a column, the dead ones' included, in STATS order."""
+        sums = [0] * len(STATS)
+        for row in range(self.workers):
+            at = self._stat_at(row, column)
+            for i in range(len(STATS)):
+                sums[i] += self._stats[at + i]
+        return tuple(sums)
+
     def clear_row(self, row: int) -> None:
-        """A dead worker's counts and holds (the supervisor's, before it starts a new one)."""
+        """A dead worker's counts and holds (the supervisor's, before it starts a new one);
+        its stats stay, for the gateway's totals."""
         start = row * self.columns
         self._queued[row] = self._totals[row] = 0
         with self._locked():

@@ -13,7 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.metrics import publish_totals
+from gateway.pool import Replica
 from gateway.runtime import STATE, GatewayState
+from gateway.shared import STATS
 
 UI_DIR = Path(__file__).with_name("ui")
 ASSETS = {"/ui": "index.html", "/ui/": "index.html", "/ui/status.js": "status.js"}
@@ -28,6 +31,16 @@ HEADERS = {
 @cache
 def _asset(name: str) -> bytes:
     return (UI_DIR / name).read_bytes()
+
+
+def replica_json(replica: Replica) -> dict[str, Any]:
+    """A replica's state with the whole gateway's totals: with `workers: N`, every worker's
+    (this one's as of now, its siblings' as of their last finished request)."""
+    out = replica.as_json()
+    if replica.shared is not None:
+        publish_totals(replica)
+        out.update(zip(STATS, replica.shared.stats(replica.column), strict=True))
+    return out
 
 
 def status_document(state: GatewayState) -> dict[str, Any]:
@@ -53,9 +66,9 @@ def status_document(state: GatewayState) -> dict[str, Any]:
         "discovery": config.discovery.dns if config.discovery else None,
         "draining": state.draining,
         "outstanding": state.pool.outstanding_everywhere(),
-        "queued": state.admission.queued,
-        "recent": recent.summary(),
-        "replicas": [{**r.as_json(), "recent": recent.summary(r.url)} for r in replicas],
+        "queued": state.admission.queued_everywhere(),
+        "recent": recent.summary(),  # this worker's traffic (`worker`), under `workers: N`
+        "replicas": [{**replica_json(r), "recent": recent.summary(r.url)} for r in replicas],
     }
 
 

@@ -16,11 +16,18 @@ from typing import Any
 
 import aiohttp
 import psutil
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.processes import BIN, free_port, stop, wait_http_ok
 from tests.support.raw_http import connect, read_response
-from tests.support.servers import FakeReplica, fake_replicas, gateway_config, write_config
+from tests.support.servers import (
+    FakeReplica,
+    fake_replicas,
+    gateway_config,
+    get_json,
+    write_config,
+)
 
 
 @asynccontextmanager
@@ -318,3 +325,69 @@ async def test_a_worker_that_cannot_start_stops_the_gateway(tmp_path: Path) -> N
             assert await asyncio.to_thread(proc.wait, 30) == 2
         finally:
             stop(proc)
+
+
+async def clients_of_both(url: str, n: int) -> list[tuple[aiohttp.ClientSession, int]]:
+    """n clients on fresh connections, each with the worker that accepted it, among which both
+    workers (more are made until both are seen; each is 1/2 by chance)."""
+    out = [await on_fresh_connection(url) for _ in range(n)]
+    for _ in range(60):
+        if {w for _, w in out} == {0, 1}:
+            return out
+        out.append(await on_fresh_connection(url))
+    raise AssertionError(f"one worker took 60 fresh connections: {[w for _, w in out]}")
+
+
+async def test_every_number_an_operator_reads_is_the_whole_gateways(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INFERGATE_ADMIN_TOKEN", "tok")
+    admin = {"Authorization": "Bearer tok"}
+    limits = {"max_outstanding_per_replica": 1, "max_queue": 100, "queue_timeout_s": 30}
+    async with (
+        fake_replicas(2) as replicas,
+        two_workers(tmp_path, replicas, limits=limits) as (url, _, _),
+    ):
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True)
+        ) as c:
+            for _ in range(200):  # each on a new connection: the workers share them
+                async with c.get(f"{url}/x") as r:
+                    assert r.status == 200
+        clients = await clients_of_both(url, 12)
+        try:
+            # Two replicas of one slot each: two requests held there, the rest queued in the
+            # worker that took them; each worker reports the whole gateway's queue.
+            held = [asyncio.create_task(client.post(f"{url}/hold")) for client, _ in clients]
+            queued = len(clients) - 2
+            await until_both(url, lambda s: s["queued"] == queued)
+            readers = await clients_of_both(url, 2)  # the others wait on their requests
+            clients += readers
+            for worker, client in {w: c for c, w in readers}.items():  # one of each
+                async with client.get(f"{url}/metrics") as r:
+                    text = await r.text()
+                depth = [s.value for f in text_string_to_metric_families(text)
+                         for s in f.samples if s.name == "gateway_queue_depth"]  # fmt: skip
+                assert depth == [queued], (worker, depth)
+            for replica in replicas:
+                replica.release.set()
+            for response in await asyncio.gather(*held):  # no request was lost
+                assert response.status == 200
+                response.release()
+            # Every worker's /admin/replicas and status page count every worker's requests.
+            answered = set()
+            for client, worker in clients:
+                async with client.get(f"{url}/admin/replicas", headers=admin) as r:
+                    body = await r.json()
+                totals = sum(r["requests_total"] for r in body["replicas"])
+                page = await get_json(client, f"{url}/ui/status.json")
+                shown = sum(r["requests_total"] for r in page["replicas"])
+                assert (worker, totals, shown) == (worker, 200 + len(held), 200 + len(held))
+                answered.add(worker)
+            assert answered == {0, 1}
+        finally:
+            for client, _ in clients:
+                await client.close()
+        await until_both(
+            url, lambda s: s["queued"] == 0 and all(r["outstanding"] == 0 for r in s["replicas"])
+        )

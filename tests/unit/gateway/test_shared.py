@@ -133,3 +133,42 @@ def test_the_gateway_wide_count_sums_every_worker(segment: tuple[str, Path]) -> 
     for pool in (one, two):
         assert pool.shared is not None
         pool.shared.close()
+
+
+def test_stats_sum_every_workers_publishes_and_outlive_a_dead_worker(
+    segment: tuple[str, Path],
+) -> None:
+    name, lock = segment
+    one, two = (SharedCounts(name, 3, row, columns=64, lock_path=lock) for row in (1, 2))
+    try:
+        column = one.hold("http://a")
+        assert two.hold("http://a") == column
+        one.publish(column, (5, 1, 0))
+        two.publish(column, (3, 0, 1))
+        one.publish(column, (7, 2, 0))  # totals so far, not increments
+        assert two.stats(column) == (10, 2, 1)
+        two.clear_row(1)  # worker 1 died: its requests still count ...
+        one.close()
+        one = SharedCounts(name, 3, 1, columns=64, lock_path=lock)  # ... and its successor's add
+        assert one.hold("http://a") == column
+        one.publish(column, (4, 0, 0))
+        assert two.stats(column) == (14, 2, 1)
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_column_taken_over_by_another_replica_starts_its_stats_from_zero(tmp_path: Path) -> None:
+    name = f"ig-test-{uuid.uuid4().hex[:12]}"
+    counts = SharedCounts(name, 1, 0, columns=1, lock_path=tmp_path / "lock", create=True)
+    try:
+        column = counts.hold("http://a")
+        counts.publish(column, (9, 9, 9))
+        counts.drop("http://a")
+        assert counts.hold("http://b") == column  # the only column, nobody holds it
+        assert counts.stats(column) == (0, 0, 0)
+        counts.publish(column, (1, 0, 0))
+        assert counts.stats(column) == (1, 0, 0)
+    finally:
+        counts.close()
+        counts.unlink()
