@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
 from gateway import h1client, models
@@ -170,6 +171,14 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
         raise ClientTimeout(
             f"request body not received within timeouts.client_body_s = {timeout_s} s"
         ) from None
+    except RequestPayloadError as exc:  # bad chunk framing, or a body its encoding cannot undo
+        raise InvalidRequest(f"request body could not be read: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (
+        str(exc).strip().splitlines()[-1].strip()[:200] if str(exc).strip() else type(exc).__name__
+    )
 
 
 def retry_allowed(state: GatewayState, retries: Retries) -> bool:

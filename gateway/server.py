@@ -42,7 +42,7 @@ from gateway.models import ModelPoller
 from gateway.openapi import DOCUMENT
 from gateway.pool import ReplicaPool
 from gateway.prefix_poll import CacheBlocksPoller
-from gateway.reload import ReloadWatcher, reload_config
+from gateway.reload import ReloadWatcher, reload_config_off_loop
 from gateway.runtime import STATE, GatewayState, build_runtime
 from gateway.workers import Worker
 
@@ -200,7 +200,7 @@ async def admin_replicas(request: web.Request) -> web.Response:
 
 async def admin_reload(request: web.Request) -> web.Response:
     state = _require_admin(request)
-    reload_config(state, "admin")
+    await reload_config_off_loop(state, "admin")
     if state.worker is not None:  # the sibling workers reload too: the supervisor tells them
         os.kill(os.getppid(), signal.SIGHUP)
     return web.json_response({"result": "ok", **_describe_state(state)})
@@ -251,7 +251,10 @@ async def _start_draining(app: web.Application) -> None:
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=10)
+    # Idle connections to replicas closed before the replica closes them (as the proxy's own
+    # pool does): the value at start-up, for health checks, pollers and the jobs scheduler.
+    keepalive_s = app[STATE].runtime.config.timeouts.upstream_keepalive_s
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_s, ttl_dns_cache=10)
     session = aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
@@ -314,7 +317,14 @@ def create_app(
         state.worker = (worker.index, worker.count)
     state.swap(state.runtime)
     # The body limit follows the live config (proxy.read_body); aiohttp's own cap stays off.
-    app = web.Application(middlewares=[error_middleware], client_max_size=0)
+    # A body is relayed as the client sent it, Content-Encoding and all (the replica decides
+    # what it takes): aiohttp does not decompress it, so a body that does not decompress is
+    # never the gateway's error.
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=0,
+        handler_args={"auto_decompress": False},
+    )
     app[STATE] = state
     app[WATCHER] = ReloadWatcher(state)
     app[HEALTH] = HealthChecker(state)
