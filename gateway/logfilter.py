@@ -40,11 +40,17 @@ def _http_error(error: BaseException | None) -> HttpProcessingError | None:
     return None
 
 
+# A reason as aiohttp words one ("Invalid header value char", "Got more than 8190 bytes (8195)"):
+# a capitalised word, then words of letters or numbers. Its pure-Python parser makes a bad
+# chunk-size line the message itself, and a key is never letters alone in practice.
+PHRASE = re.compile(r"[A-Z][a-z]+(?: (?:[`A-Za-z]+|\(?[0-9]+\)?)[.,]?)+")
+
+
 def _reason(error: HttpProcessingError) -> str:
     """`Invalid header value char`, not what follows: the parser quotes the bytes after a ':'
-    (or in quotes) on the first line or below it."""
+    (or in quotes) on the first line or below it; a message that is no phrase is left out."""
     reason = re.split(r"[:'\"\n]", error.message or "", maxsplit=1)[0].strip()
-    return reason[:80] or f"status {error.code}"
+    return reason[:80] if PHRASE.fullmatch(reason) else f"status {error.code}"
 
 
 def filter_malformed_requests() -> None:

@@ -54,6 +54,16 @@ class PayloadTooLarge(ReplicaError):
     type = "payload_too_large"
 
 
+class UnsupportedEncoding(ReplicaError):
+    """A body with a Content-Encoding the replica does not decode (it decodes none)."""
+
+    status = 415
+    type = "unsupported_content_encoding"
+
+    def headers(self) -> dict[str, str]:
+        return {"Accept-Encoding": "identity"}  # RFC 9110 12.5.3: what a client may send
+
+
 class QueueFull(ReplicaError):
     status = 429
     type = "queue_full"

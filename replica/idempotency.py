@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from replica.errors import BadRequest, IdempotencyKeyReused
+from replica.request_body import read_body
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
@@ -139,7 +140,7 @@ def middleware(cache: AnswerCache, on_replay: Callable[[], None]) -> Middleware:
         if raw is None or request.method != "POST":
             return await handler(request)
         key = checked_key(raw)
-        mark = fingerprint(request, await request.read())
+        mark = fingerprint(request, await read_body(request))
         while (answer := cache.get(key)) is None and key in cache.pending:
             running, running_mark = cache.pending[key]
             if running_mark != mark:

@@ -25,6 +25,7 @@ from replica.config import ReplicaConfig
 from replica.errors import ReplicaError, error_body, kserve_error_body
 from replica.keys import CONFIG, METRICS, STATE
 from replica.metrics import ReplicaMetrics
+from replica.request_body import encoding_middleware
 from replica.routes import chat, health, kserve, openai, openapi, sagemaker
 from replica.runtime import build_runtime
 from replica.state import ReplicaState
@@ -147,7 +148,10 @@ def create_app(
     metrics = ReplicaMetrics(registry or CollectorRegistry())
     replays = idempotency.middleware(idempotency.AnswerCache(), metrics.idempotent_replays.inc)
     app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, replays]
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[error_middleware, encoding_middleware, replays],
+        # Bodies are read as sent, never decoded (replica/request_body.py): also in test servers.
+        handler_args={"auto_decompress": False},
     )
     app[CONFIG] = config
     app[STATE] = ReplicaState()

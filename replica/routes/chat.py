@@ -18,7 +18,8 @@ from replica.api.body import parse_json_object
 from replica.api.schemas import parse_chat_completion, parse_completion
 from replica.generation import Completion, TokenEvent
 from replica.models.tokenizer import encode
-from replica.routes.common import read_body, state
+from replica.request_body import read_body
+from replica.routes.common import state
 from replica.routes.openai import generate
 
 routes = web.RouteTableDef()

@@ -1,4 +1,5 @@
-"""Small helpers every route module uses: reading the body, the state, JSON responses."""
+"""Small helpers every route module uses: the state, a length read from a header. (Bodies are
+read in replica/request_body.py.)"""
 
 from __future__ import annotations
 
@@ -18,11 +19,6 @@ LENGTH = re.compile(r"[0-9]{1,18}")
 
 def state(request: web.Request) -> ReplicaState:
     return request.app[STATE]
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The whole body; aiohttp raises 413 past `server.max_body_bytes` (mapped by middleware)."""
-    return await request.read()
 
 
 def binary_header_length(request: web.Request, body_size: int) -> int | None:

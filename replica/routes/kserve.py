@@ -6,7 +6,8 @@ from aiohttp import web
 
 from replica.api.kserve import infer_response, model_metadata, parse_infer
 from replica.errors import NotReady
-from replica.routes.common import binary_header_length, read_body, state
+from replica.request_body import read_body
+from replica.routes.common import binary_header_length, state
 from replica.runtime import ClassifierModel
 
 routes = web.RouteTableDef()

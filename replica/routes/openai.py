@@ -29,7 +29,8 @@ from replica.batching import Batcher
 from replica.errors import BadRequest, ReplicaError, error_body
 from replica.generation import Completion, GenRequest, SamplingParams, TokenEvent, TokenSink
 from replica.models.tokenizer import encode
-from replica.routes.common import read_body, state
+from replica.request_body import read_body
+from replica.routes.common import state
 from replica.runtime import GenerativeModel
 
 log = logging.getLogger("replica")

@@ -12,8 +12,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from replica.api.body import parse_json_object
+from replica.request_body import read_body
 from replica.routes import chat, kserve, openai
-from replica.routes.common import binary_header_length, read_body, state
+from replica.routes.common import binary_header_length, state
 
 routes = web.RouteTableDef()
 
