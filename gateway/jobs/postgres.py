@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
@@ -139,16 +138,6 @@ UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
 RETRIES = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 # A value the database cannot hold (a NUL character in an id, say): the client's to fix, a 400.
 REFUSED_VALUES = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
-
-
-def redacted(url: str) -> str:
-    """The URL as a message may show it: no password, in the user part or the query, however
-    the password is written (unencoded '/', '#' or '@' included)."""
-    scheme, _, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if at and ":" in credentials:
-        rest = f"{credentials.split(':', 1)[0]}:***@{host}"
-    return f"{scheme}://" + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
 def _guarded(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.config import Jobs, is_postgres_url
+from gateway.config import Jobs, is_postgres_url, redacted
 from gateway.errors import ConfigError
 from gateway.jobs.quota import Quota
 from gateway.jobs.scheduler import Scheduler
@@ -75,7 +75,7 @@ class JobService:
         if is_postgres_url(url):
             import asyncpg  # only with a PostgreSQL store
 
-            from gateway.jobs.postgres import PostgresStore, redacted
+            from gateway.jobs.postgres import PostgresStore
 
             try:
                 store = await PostgresStore.open(
