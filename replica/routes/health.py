@@ -15,7 +15,7 @@ from replica.keys import METRICS
 from replica.kv import HASH_SCHEME
 from replica.models.tokenizer import DESCRIPTION as TOKENIZER
 from replica.routes.common import state
-from replica.runtime import GenerativeModel
+from replica.runtime import GenerativeModel, ServedModel
 
 routes = web.RouteTableDef()
 _STARTED = int(time.time())
@@ -125,14 +125,21 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.get("/v1/models")
 async def v1_models(request: web.Request) -> web.Response:
     runtime = state(request).require_runtime()
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": _STARTED,
-            "owned_by": "infergate",
-            "kind": "generative" if isinstance(model, GenerativeModel) else "classifier",
-        }
-        for name, model in runtime.models.items()
-    ]
+    data = [_model_entry(name, model) for name, model in runtime.models.items()]
     return web.json_response({"object": "list", "data": data})
+
+
+def _model_entry(name: str, model: ServedModel) -> dict[str, Any]:
+    """OpenAI's model object, plus what a load generator sizes requests by: vLLM's
+    `max_model_len` (the context: prompt and output tokens together) and `max_tokens_limit`."""
+    entry: dict[str, Any] = {
+        "id": name,
+        "object": "model",
+        "created": _STARTED,
+        "owned_by": "infergate",
+        "kind": "generative" if isinstance(model, GenerativeModel) else "classifier",
+    }
+    if isinstance(model, GenerativeModel):
+        entry["max_model_len"] = model.context_len
+        entry["max_tokens_limit"] = model.config.max_tokens_limit
+    return entry

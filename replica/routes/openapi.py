@@ -103,7 +103,7 @@ def document() -> dict[str, Any]:
             "/v2/health/ready": _get("KServe readiness"),
             "/v2/health/live": _get("KServe liveness"),
             "/load": _get("Queued and running work, and capacity"),
-            "/v1/models": _get("OpenAI model list"),
+            "/v1/models": _get("OpenAI model list (generative: max_model_len, max_tokens_limit)"),
             "/cache/blocks": {
                 "get": {
                     "summary": "The prefix cache's block hashes (hash scheme and block size "

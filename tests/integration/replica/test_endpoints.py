@@ -29,6 +29,22 @@ async def test_health_and_load_endpoints(start_replica: Start) -> None:
         assert header == "queued=0,running=0,capacity=48,backlog_tokens=0,inflight=0,kv_usage=0.000"
 
 
+async def test_models_list_each_generative_models_limits(start_replica: Start) -> None:
+    """A load generator reads what a request may ask for: vLLM's `max_model_len` (the context
+    length, prompt and output together) and our `max_tokens_limit` (output tokens)."""
+    url = await start_replica()  # tiny-gpt: context_len 256, max_tokens_limit 128
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/v1/models") as response:
+            assert response.status == 200
+            listed = {entry["id"]: entry for entry in (await response.json())["data"]}
+        over = {"prompt": "x", "max_tokens": listed["tiny-gpt"]["max_tokens_limit"] + 1}
+        async with session.post(f"{url}/v1/completions", json=over) as response:
+            assert response.status == 400  # the limit listed is the one enforced
+    assert listed["tiny-gpt"]["max_model_len"] == 256
+    assert listed["tiny-gpt"]["max_tokens_limit"] == 128
+    assert "max_model_len" not in listed["classifier"]
+
+
 async def test_metrics_cover_queue_batch_compute_ttft_tpot(start_replica: Start) -> None:
     url = await start_replica()
     body = {"prompt": "metrics", "max_tokens": 5}
