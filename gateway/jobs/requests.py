@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import InvalidRequest, key_path
+from gateway.h1client import dot_segment
 
 # Paths the gateway answers itself: a job aimed at one would never reach a replica.
 GATEWAY_PATHS = ("/v1/jobs", "/v1/batches", "/admin", "/healthz", "/readyz", "/metrics")
@@ -76,6 +77,11 @@ def _replica_path(value: str) -> str:
         raise ValueError("expected a replica path starting with '/', e.g. /v1/completions")
     if not PRINTABLE_ASCII.fullmatch(value):
         raise ValueError("expected printable ASCII without spaces; percent-encode the rest")
+    if dot_segment(value):  # as the proxy refuses it: refused here, never sent and retried
+        raise ValueError(
+            "the path holds a '.' or '..' segment (also as %2e, or behind %2f or a backslash), "
+            "which could leave a replica URL's path prefix: send the path without them"
+        )
     path = value.split("?", 1)[0]
     if any(path == own or path.startswith(own + "/") for own in GATEWAY_PATHS):
         raise ValueError(f"{path} is the gateway's own endpoint, not a replica's")

@@ -48,6 +48,9 @@ DEFER_S = 1.0  # a job no replica of its model can take now is passed over this 
 MAX_DEFERRED = 1000  # jobs passed over at once; past that, the oldest waits at the head
 MAX_PASSES = 16  # jobs passed over in a row before the scheduler pauses (DEFER_S / 4)
 MAX_REPLY_BYTES = 16 * 1024 * 1024  # a job's stored result; a larger reply fails the job
+# A replica's answer a job may keep; any other status (000, 099, a final 1xx, 600) is a bad
+# gateway answer, an upstream failure of the attempt, as the proxy makes it a 502.
+FINAL_STATUSES = range(200, 600)
 STORE_RETRY_S = 1.0  # the store could not be reached: claims resume after this long
 FULL_S = 0.1  # a replica whose job slots other gateways' jobs filled is passed over this long
 
@@ -353,4 +356,8 @@ class Scheduler:
             return Reply(None, text, final=True)
         except (aiohttp.ClientError, ValueError) as exc:
             return Reply(None, f"replica {replica.url} failed: {type(exc).__name__}")
+        if response.status not in FINAL_STATUSES:  # aiohttp's client takes any three digits
+            return Reply(
+                None, f"replica {replica.url} answered an invalid status {response.status:03d}"
+            )
         return Reply(response.status, body.decode("utf-8", "replace"))

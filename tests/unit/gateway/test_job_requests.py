@@ -19,6 +19,10 @@ BAD_JOBS = {
     "stream": ({**GOOD, "body": {"stream": True}}, "'stream': true is not supported"),
     "method": ({**GOOD, "method": "GET"}, "method: "),
     "extra key": ({**GOOD, "modle": "x"}, "modle: unknown key"),
+    "dot segment": ({**GOOD, "url": "/v1/../admin/x"}, "url: the path holds a '.' or '..'"),
+    "encoded dot segment": ({**GOOD, "url": "/v1/%2E%2e/x?a=b"}, "'.' or '..' segment"),
+    "dot behind a backslash": ({**GOOD, "url": "/v1\\..\\x"}, "'.' or '..' segment"),
+    "single dot": ({**GOOD, "url": "/./v1/completions"}, "'.' or '..' segment"),
 }
 
 
@@ -26,6 +30,8 @@ def test_a_good_job_parses() -> None:
     job = parse_job(GOOD)
     assert (job.method, job.url, job.custom_id) == ("POST", "/v1/completions", None)
     assert job.body_json() == '{"prompt":"hi","max_tokens":4}'
+    for url in ("/v1/completions?x=/../y", "/v1/.well-known/x", "/v1/a..b"):
+        assert parse_job({**GOOD, "url": url}).url == url  # dots that are no segment of the path
 
 
 @pytest.mark.parametrize("case", BAD_JOBS)
