@@ -26,8 +26,8 @@ from typing import IO, Any
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.config import load_yaml
 from gateway.errors import ConfigError
+from gateway.yamlfile import load_yaml
 
 READY_TIMEOUT_S = 180.0
 # Deferred jobs are on in a local cluster; the store outlives a restart of `infergate up`.

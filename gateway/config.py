@@ -590,12 +590,9 @@ def parse_config(data: Any) -> GatewayConfig:
         raise ConfigError(_scrubbed("; ".join(problems), _secrets(data))) from None
 
 
-load_yaml = yamlfile.load_yaml  # gateway/cluster.py still imports it from here
-
-
 def load_config(path: str | Path) -> GatewayConfig:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
-    return parse_config(load_yaml(text))
+    return parse_config(yamlfile.load_yaml(text))

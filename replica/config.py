@@ -29,6 +29,7 @@ class ServerConfig(_Frozen):
     port: int = Field(default=9000, ge=0, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    client_body_s: float = Field(default=30.0, gt=0)  # the most a request body may take to arrive
 
 
 class EngineConfig(_Frozen):

@@ -54,6 +54,13 @@ class PayloadTooLarge(ReplicaError):
     type = "payload_too_large"
 
 
+class BodyTimeout(ReplicaError):
+    """The client did not send its whole body within server.client_body_s."""
+
+    status = 408
+    type = "client_timeout"
+
+
 class UnsupportedEncoding(ReplicaError):
     """A body with a Content-Encoding the replica does not decode (it decodes none)."""
 

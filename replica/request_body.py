@@ -10,11 +10,13 @@ body sent whole to a SageMaker or KServe route would have reached the model as i
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from replica.errors import BadRequest, UnsupportedEncoding
+from replica.errors import BadRequest, BodyTimeout, UnsupportedEncoding
+from replica.keys import CONFIG
 
 MAX_QUOTED_CHARS = 40  # of a Content-Encoding value an error quotes
 
@@ -44,9 +46,18 @@ async def encoding_middleware(request: web.Request, handler: Handler) -> web.Str
 
 async def read_body(request: web.Request) -> bytes:
     """The whole body; aiohttp raises 413 past `server.max_body_bytes` (mapped by middleware).
-    Framing that breaks mid-body is the client's (a 400); the parser's words quote its bytes."""
+    Framing that breaks mid-body is the client's (a 400); the parser's words quote its bytes.
+    Within `server.client_body_s` (a 408): a slow client holds no handler for ever, nor does a
+    chunked body whose framing breaks once it is being read (aiohttp's C parser then drops the
+    body without telling the reader)."""
+    timeout_s = request.app[CONFIG].server.client_body_s
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise BodyTimeout(
+            f"request body not received within server.client_body_s = {timeout_s:g} s"
+        ) from None
     except web.RequestPayloadError:
         raise BadRequest(
             "the request body's framing is broken (chunked encoding or length): send the body "

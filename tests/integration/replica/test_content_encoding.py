@@ -39,11 +39,13 @@ def post(path: str, body: bytes, *headers: str) -> bytes:
 
 
 @asynccontextmanager
-async def replica_process(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[tuple[int, Path]]:
+async def replica_process(
+    tmp_path: Path, env: dict[str, str], text: str = CONFIG
+) -> AsyncIterator[tuple[int, Path]]:
     """A replica process on a free port; yields (port, its log), stopped with exit 0."""
     port = free_port()
     config = tmp_path / "replica.yaml"
-    config.write_text(CONFIG)
+    config.write_text(text)
     log = tmp_path / "replica.log"
     command = [sys.executable, "-m", "replica", "-c", str(config), "--port", str(port)]
     with log.open("wb") as log_file:
@@ -139,6 +141,31 @@ async def test_chunk_framing_broken_mid_body_is_a_400(tmp_path: Path, tail: byte
         assert answer.status == 400, answer
         message = answer.json()["error"]["message"]
         assert "chunked" in message and API_KEY not in message, message
+        (models,) = await exchange(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        load = models.headers["x-replica-load"]
+        assert "queued=0,running=0," in load and "inflight=0," in load, load
+    assert_clean(log)
+
+
+async def test_chunk_framing_broken_mid_body_ends_at_client_body_s(tmp_path: Path) -> None:
+    """With aiohttp's C parser (the default) the broken body is dropped without a word to the
+    reader: the read would wait for ever; server.client_body_s ends it with a 408."""
+    text = CONFIG + "server: {client_body_s: 0.5}\n"
+    async with replica_process(tmp_path, {}, text) as (port, log):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                + f"Authorization: Bearer {API_KEY}\r\nExpect: 100-continue\r\n\r\n".encode()
+            )
+            interim = await read_response(reader)
+            assert interim.status == 100, interim
+            writer.write(b'5\r\n{"mod\r\nzz\r\n')
+            answer = await asyncio.wait_for(read_response(reader), 10)
+        finally:
+            writer.close()
+        assert answer.status == 408, answer
+        assert "client_body_s" in answer.json()["error"]["message"], answer
         (models,) = await exchange(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
         load = models.headers["x-replica-load"]
         assert "queued=0,running=0," in load and "inflight=0," in load, load
