@@ -25,6 +25,7 @@ from tests.support.servers import serve
 NAME = "soak.infergate.test"
 CHANGES = 1000
 PER_CHANGE = 2  # addresses in each answer, all new
+STALL_S = 10.0  # the most one change may take to be seen
 WARM = 600  # changes before the memory baseline (library caches of 1,024 URLs are full)
 GROWTH_LIMIT_BYTES = 500_000  # ~150 KB here; 1 KB kept per replica would be 800 KB
 
@@ -64,7 +65,6 @@ async def test_a_thousand_discovery_changes_keep_per_replica_state_bounded(
         state, health = app[STATE], app[HEALTH]
         async with serve(app) as url, aiohttp.ClientSession() as client:
             loop = asyncio.get_running_loop()
-            started = loop.time()
             tracemalloc.start()  # from the start, so that what caches evict counts as freed
             try:
                 sizes, streaks = [], []
@@ -73,8 +73,12 @@ async def test_a_thousand_discovery_changes_keep_per_replica_state_bounded(
                         baseline = _held()
                     expected = {f"http://{a}:{port}" for a in _addresses(change)}
                     dns.records[NAME] = _addresses(change)
+                    # Each change is seen within a bound of its own: the whole run's length is
+                    # the machine's (about 60 ms a change on a 2-core machine, most of it the
+                    # test DNS server's dnspython), not what this test is about.
+                    changed = loop.time()
                     while {r.url for r in state.pool.active()} != expected:
-                        assert loop.time() - started < 50, f"discovery stalled at change {change}"
+                        assert loop.time() - changed < STALL_S, f"discovery stalled at {change}"
                         await asyncio.sleep(0.001)
                     async with client.get(f"{url}/v1/echo") as response:
                         assert response.status == 502  # refused: a failure, an ejection, metrics
