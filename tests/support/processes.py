@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 
 BIN = Path(sys.executable).parent
+REPLICA_CONFIG = "engine: {kind: simulated}\nmodels:\n  - kind: tiny-gpt\n"
 
 
 def free_port() -> int:
@@ -47,6 +51,29 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float = 10) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+@asynccontextmanager
+async def replica_process(
+    tmp_path: Path, env: dict[str, str], config_text: str = REPLICA_CONFIG, *args: str
+) -> AsyncIterator[tuple[int, Path]]:
+    """A replica process on a free port, `args` added to its command line and `env` to the
+    environment; yields (port, its log), stopped with exit 0."""
+    port = free_port()
+    config = tmp_path / "replica.yaml"
+    config.write_text(config_text)
+    log = tmp_path / "replica.log"
+    command = [sys.executable, "-m", "replica", "-c", str(config), "--port", str(port), *args]
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    try:
+        await wait_http_ok(f"http://127.0.0.1:{port}/ping", proc, timeout_s=60)
+        yield port, log
+    finally:
+        code = stop(proc)
+    assert code == 0, log.read_text(errors="replace")
 
 
 async def start_replica(*args: str) -> tuple[asyncio.subprocess.Process, str]:

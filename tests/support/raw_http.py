@@ -1,5 +1,6 @@
 """A raw HTTP/1.1 client over one socket, for what aiohttp's client will not send or does not
-show: arbitrary header bytes, and interim responses (`100 Continue`) apart from the final one."""
+show: arbitrary header bytes, and interim responses (`100 Continue`) apart from the final one;
+and the requests aiohttp's HTTP parser refuses, each carrying a secret a log must not show."""
 
 from __future__ import annotations
 
@@ -50,3 +51,37 @@ async def exchange(url: str, head: bytes, body: bytes = b"") -> RawResponse:
         return response
     finally:
         writer.close()
+
+
+async def read_until_close(port: int, raw: str) -> bytes:
+    """Send `raw` as it is on a new connection; all the server answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw.encode("latin-1"))
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), 10)  # the server closes after a 400
+    finally:
+        writer.close()
+
+
+def malformed_requests(api_key: str, path: str = "/v1/models", token: str = "") -> dict[str, str]:
+    """Requests aiohttp's parser answers 400, by case. Two of them carry `token` (default the
+    API key) to `path`: the gateway's admin token to its admin paths."""
+    token = token or api_key
+    return {
+        "bare LF": f"GET /v1/models HTTP/1.1\nHost: x\nAuthorization: Bearer {api_key}\n\n",
+        "control byte in the key's line": (
+            f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api_key}\x01\r\n\r\n"
+        ),
+        "NUL in a later header": (
+            f"GET {path} HTTP/1.1\r\nAuthorization: Bearer {token}\r\nX-Trace: a\x00b\r\n\r\n"
+        ),
+        "control byte in the path": (
+            f"GET {path}\x7f HTTP/1.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ),
+        "bad method": f"G\x01T /v1/models HTTP/1.1\r\nAuthorization: Bearer {api_key}\r\n\r\n",
+        "bad chunk framing": (
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            f"Authorization: Bearer {api_key}\r\n\r\nzz{api_key}\r\n"
+        ),
+    }

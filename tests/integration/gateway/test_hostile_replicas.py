@@ -20,6 +20,7 @@ from aiohttp import web
 
 from gateway.policies import PrecisePrefix
 from gateway.prefix import HASH_SCHEME, TOKENIZER
+from tests.support.raw_upstream import fixed, raw_upstream
 from tests.support.servers import (
     Gateway,
     fake_replicas,
@@ -172,35 +173,14 @@ HOSTILE_LOADS = [
 async def raw_replica(load: bytes) -> AsyncIterator[str]:
     """A replica written on the socket, so its X-Replica-Load can hold any bytes: it answers
     every request (keep-alive, Content-Length bodies) with the same small JSON."""
+    headers = b"Content-Type: application/json\r\nX-Replica-Load: " + load + b"\r\n"
 
-    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        body = b'{"replica": "stand-in"}'
-        try:
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                lengths = [
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                ]
-                await reader.readexactly(lengths[0] if lengths else 0)
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"X-Replica-Load: " + load + b"\r\n"
-                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def answer(head: bytes, number: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(fixed(b'{"replica": "stand-in"}', headers))
+        return True
 
-    server = await asyncio.start_server(connection, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with raw_upstream(answer) as upstream:
+        yield upstream.url
 
 
 @pytest.mark.parametrize("load", HOSTILE_LOADS, ids=range(len(HOSTILE_LOADS)))

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from tests.support.jobs import COMPLETION, jobs_gateway, until_status
 from tests.support.processes import BIN
 from tests.support.servers import (
     FakeReplica,
-    Gateway,
     fake_replicas,
     gateway_config,
     get_json,
@@ -23,28 +21,6 @@ from tests.support.servers import (
     wait_until,
     write_config,
 )
-
-COMPLETION = {"url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 4}}
-
-
-@asynccontextmanager
-async def jobs_gateway(
-    tmp_path: Path, store: str, replicas: list[FakeReplica], **extra: Any
-) -> AsyncIterator[tuple[Gateway, aiohttp.ClientSession]]:
-    jobs = {"store": store, "poll_interval_s": 0.01, **extra.pop("jobs", {})}
-    config = gateway_config(replicas, "least_outstanding_requests", jobs=jobs, **extra)
-    write_config(tmp_path / "g.yaml", config)
-    async with running_gateway(tmp_path / "g.yaml") as gw, aiohttp.ClientSession() as client:
-        yield gw, client
-
-
-async def _until(client: aiohttp.ClientSession, url: str, *statuses: str) -> dict[str, Any]:
-    for _ in range(500):
-        body = await get_json(client, url)
-        if body["status"] in statuses:
-            return body
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{url} stayed {body['status']}")
 
 
 async def _error(response: aiohttp.ClientResponse) -> tuple[int, str, str]:
@@ -62,7 +38,7 @@ async def test_a_job_runs_on_a_replica_and_its_result_is_kept(tmp_path: Path, st
             job = await response.json()
             location = response.headers["Location"]
         assert location == f"/v1/jobs/{job['id']}" and job["status"] in ("queued", "running")
-        done = await _until(client, gw.url + location, "succeeded")
+        done = await until_status(client, gw.url + location, "succeeded")
         async with client.get(f"{gw.url}/metrics") as response:
             metrics = await response.text()
     assert 'gateway_jobs_finished_total{status="succeeded"} 1.0' in metrics
@@ -97,7 +73,7 @@ async def test_jobs_wait_while_the_replica_is_busy_and_real_time_goes_first(
         assert not replica.seen, "the job took the slot a queued real-time request waited for"
         for task in (first, second):
             (await task).release()
-        await _until(client, f"{gw.url}/v1/jobs/{job['id']}", "succeeded")
+        await until_status(client, f"{gw.url}/v1/jobs/{job['id']}", "succeeded")
     assert [seen["path"] for seen in replica.seen] == ["/v1/completions"]
 
 
@@ -110,7 +86,7 @@ async def test_cancel_a_running_job_frees_the_replica_and_a_finished_one_is_409(
     ):
         async with client.post(f"{gw.url}/v1/jobs", json={"url": "/hold", "body": {}}) as r:
             job_url = f"{gw.url}{r.headers['Location']}"
-        await _until(client, job_url, "running")
+        await until_status(client, job_url, "running")
         await wait_until(lambda: replica.in_flight == 1)
         async with client.delete(job_url) as response:
             assert response.status == 200
@@ -136,7 +112,7 @@ async def test_listing_jobs_by_status(tmp_path: Path, store: str) -> None:
             async with client.post(f"{gw.url}/v1/jobs", json=COMPLETION) as response:
                 ids.append((await response.json())["id"])
         for job_id in ids:
-            await _until(client, f"{gw.url}/v1/jobs/{job_id}", "succeeded")
+            await until_status(client, f"{gw.url}/v1/jobs/{job_id}", "succeeded")
         page = await get_json(client, f"{gw.url}/v1/jobs?status=succeeded&limit=2")
         assert [j["id"] for j in page["data"]] == ids[:2] and page["has_more"]
         page = await get_json(client, f"{gw.url}/v1/jobs?status=queued")
@@ -164,7 +140,7 @@ async def test_a_batch_runs_every_line_and_bad_lines_fail_with_a_reason(
             batch = await response.json()
             location = response.headers["Location"]
         assert batch["request_counts"]["total"] == 22
-        done = await _until(client, gw.url + location, "completed")
+        done = await until_status(client, gw.url + location, "completed")
         async with client.get(f"{gw.url}{done['results_url']}") as response:
             assert response.headers["Content-Type"] == "application/jsonl"
             results = [json.loads(line) for line in (await response.text()).splitlines()]
@@ -216,7 +192,7 @@ async def test_bad_requests_get_a_4xx_that_says_what_to_fix(tmp_path: Path, stor
         fake_replicas(1) as replicas,
         jobs_gateway(tmp_path, store, replicas, jobs=jobs) as (gw, client),
     ):
-        cases = [
+        cases: list[tuple[str, dict[str, Any], int, str]] = [
             ("/v1/batches", {"data": line * 20}, 413, "jobs.max_batch_bytes = 1000"),
             ("/v1/batches", {"data": line * 4}, 400, "4 lines, over jobs.max_batch_lines = 3"),
             ("/v1/batches", {"data": "\n"}, 400, "no requests"),
@@ -270,7 +246,7 @@ async def test_a_job_whose_replica_keeps_failing_fails_after_max_attempts(
     ):
         async with client.post(f"{gw.url}/v1/jobs", json=COMPLETION) as response:
             job_url = gw.url + response.headers["Location"]
-        done = await _until(client, job_url, "failed")
+        done = await until_status(client, job_url, "failed")
         async with client.get(f"{gw.url}/metrics") as response:
             metrics = await response.text()
     assert "gateway_job_retries_total 1.0" in metrics
@@ -323,7 +299,7 @@ async def test_a_nul_character_is_refused_with_a_4xx_on_either_store(
         async with client.post(f"{gw.url}/v1/batches", data=data) as response:
             assert response.status == 202  # the bad line fails alone
             location = response.headers["Location"]
-        done = await _until(client, gw.url + location, "completed")
+        done = await until_status(client, gw.url + location, "completed")
         async with client.get(f"{gw.url}{done['results_url']}") as response:
             results = [json.loads(line) for line in (await response.text()).splitlines()]
         async with client.get(f"{gw.url}/v1/jobs/job_%00") as response:

@@ -6,10 +6,7 @@ batch gives its share back at once."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,39 +14,16 @@ import aiohttp
 from aiohttp import web
 
 from gateway.jobs.requests import MAX_BODY_DEPTH
+from tests.support.jobs import jobs_gateway, until_status
 from tests.support.servers import (
     FakeReplica,
-    Gateway,
     fake_replicas,
-    gateway_config,
     get_json,
-    running_gateway,
     serve,
     wait_until,
-    write_config,
 )
 
-COMPLETION = {"url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 4}}
 DEEP_ANSWER = "[" * 5000 + "]" * 5000
-
-
-@asynccontextmanager
-async def jobs_gateway(
-    tmp_path: Path, store: str, replicas: list[FakeReplica], **jobs_config: Any
-) -> AsyncIterator[tuple[Gateway, aiohttp.ClientSession]]:
-    jobs = {"store": store, "poll_interval_s": 0.01, **jobs_config}
-    write_config(tmp_path / "g.yaml", gateway_config(replicas, "round_robin", jobs=jobs))
-    async with running_gateway(tmp_path / "g.yaml") as gw, aiohttp.ClientSession() as client:
-        yield gw, client
-
-
-async def _until(client: aiohttp.ClientSession, url: str, *statuses: str) -> dict[str, Any]:
-    for _ in range(500):
-        body = await get_json(client, url)
-        if body["status"] in statuses:
-            return body
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{url} stayed {body['status']}")
 
 
 async def _post(client: aiohttp.ClientSession, url: str, data: bytes) -> tuple[int, dict[str, Any]]:
@@ -81,7 +55,7 @@ async def test_hostile_job_bodies_are_a_400_and_a_bad_line_fails_alone(
     at_limit = _job("deepest", '{"x": ' + _nested(MAX_BODY_DEPTH - 1) + "}")
     async with (
         fake_replicas(1) as replicas,
-        jobs_gateway(tmp_path, store, replicas) as (gw, client),
+        jobs_gateway(tmp_path, store, replicas, "round_robin") as (gw, client),
     ):
         for what, data, needle in BAD_JOBS:
             status, answer = await _post(client, f"{gw.url}/v1/jobs", data)
@@ -96,10 +70,12 @@ async def test_hostile_job_bodies_are_a_400_and_a_bad_line_fails_alone(
         lines = [_job("first"), *(data for _, data, _ in BAD_JOBS), at_limit, _job("last")]
         status, batch = await _post(client, f"{gw.url}/v1/batches", b"\n".join(lines))
         assert status == 202, batch
-        done = await _until(client, f"{gw.url}/v1/batches/{batch['id']}", "completed")
+        done = await until_status(client, f"{gw.url}/v1/batches/{batch['id']}", "completed")
         async with client.get(f"{gw.url}{done['results_url']}") as response:
             results = [json.loads(line) for line in (await response.text()).splitlines()]
-        assert (await _until(client, f"{gw.url}/v1/jobs/{job['id']}", "succeeded"))["error"] is None
+        assert (await until_status(client, f"{gw.url}/v1/jobs/{job['id']}", "succeeded"))[
+            "error"
+        ] is None
     assert [r["error"] is None for r in results] == [True] + [False] * len(BAD_JOBS) + [True] * 2
     for result, (what, _, needle) in zip(results[1:], BAD_JOBS, strict=False):
         assert needle in result["error"]["message"], (what, result)
@@ -131,12 +107,12 @@ async def test_a_deeply_nested_answer_is_kept_as_text_and_every_read_works(
 ) -> None:
     async with serve(_deep_replica()) as url:
         replica = FakeReplica("deep", url=url)
-        async with jobs_gateway(tmp_path, store, [replica]) as (gw, client):
+        async with jobs_gateway(tmp_path, store, [replica], "round_robin") as (gw, client):
             status, job = await _post(client, f"{gw.url}/v1/jobs", _job())
             assert status == 202
-            done = await _until(client, f"{gw.url}/v1/jobs/{job['id']}", "succeeded")
+            done = await until_status(client, f"{gw.url}/v1/jobs/{job['id']}", "succeeded")
             status, batch = await _post(client, f"{gw.url}/v1/batches", _job())
-            finished = await _until(client, f"{gw.url}/v1/batches/{batch['id']}", "completed")
+            finished = await until_status(client, f"{gw.url}/v1/batches/{batch['id']}", "completed")
             listing = await get_json(client, f"{gw.url}/v1/jobs")
             async with client.get(f"{gw.url}{finished['results_url']}") as response:
                 assert response.status == 200
@@ -154,7 +130,7 @@ async def test_a_key_over_its_storage_quota_gets_a_429_and_a_cancel_frees_its_sh
     batch_of = [hold % i for i in range(6)]  # 6 bodies of 261 bytes: most of 3000
     async with (
         fake_replicas(1) as (replica,),
-        jobs_gateway(tmp_path, store, [replica], **quota) as (gw, client),
+        jobs_gateway(tmp_path, store, [replica], "round_robin", jobs=quota) as (gw, client),
     ):
         status, first = await _post(client, f"{gw.url}/v1/batches", b"\n".join(batch_of))
         assert status == 202, first

@@ -9,33 +9,20 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.support.jobs import COMPLETION, ENDED, jobs_gateway, until_status
 from tests.support.raw_upstream import config_for, fixed, raw_upstream
 from tests.support.servers import (
     fake_replicas,
-    gateway_config,
-    get_json,
     running_gateway,
     wait_until,
     write_config,
 )
 
-COMPLETION = {"url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 4}}
 DOTTED = ("/v1/../admin/replicas", "/v1/%2e%2E/x", "/./v1/completions", "/v1\\..\\x")
-
-
-async def _ended(client: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    ended = ("succeeded", "failed", "completed", "cancelled")
-    for _ in range(500):
-        body = await get_json(client, url)
-        if body["status"] in ended:
-            return body
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{url} stayed {body['status']}")
 
 
 async def test_a_dot_segment_in_a_job_url_is_refused_at_submit(tmp_path: Path) -> None:
@@ -43,10 +30,9 @@ async def test_a_dot_segment_in_a_job_url_is_refused_at_submit(tmp_path: Path) -
     lines += [
         json.dumps({"custom_id": f"d{i}", "url": url, "body": {}}) for i, url in enumerate(DOTTED)
     ]
-    jobs = {"store": str(tmp_path / "jobs.db"), "poll_interval_s": 0.01}
+    store = str(tmp_path / "jobs.db")
     async with fake_replicas(1) as (replica,):
-        write_config(tmp_path / "g.yaml", gateway_config([replica], "random", jobs=jobs))
-        async with running_gateway(tmp_path / "g.yaml") as gw, aiohttp.ClientSession() as client:
+        async with jobs_gateway(tmp_path, store, [replica], "random") as (gw, client):
             for url in DOTTED:
                 async with client.post(
                     f"{gw.url}/v1/jobs", json={**COMPLETION, "url": url}
@@ -58,7 +44,7 @@ async def test_a_dot_segment_in_a_job_url_is_refused_at_submit(tmp_path: Path) -
             async with client.post(f"{gw.url}/v1/batches", data="\n".join(lines)) as response:
                 assert response.status == 202, await response.text()
                 location = response.headers["Location"]
-            batch = await _ended(client, gw.url + location)
+            batch = await until_status(client, gw.url + location, *ENDED)
             async with client.get(gw.url + batch["results_url"]) as response:
                 results = [json.loads(line) for line in (await response.text()).splitlines()]
             await wait_until(lambda: gw.state.pool.outstanding == 0)
@@ -91,7 +77,7 @@ async def test_a_status_outside_200_599_fails_the_attempt_not_the_job_result(
             async with client.post(f"{gw.url}/v1/jobs", json=COMPLETION) as response:
                 assert response.status == 202, await response.text()
                 location = response.headers["Location"]
-            job = await _ended(client, gw.url + location)
+            job = await until_status(client, gw.url + location, *ENDED)
             await wait_until(lambda: gw.state.pool.outstanding == 0)
     assert job["status"] == "failed" and job["attempts"] == 2, job
     assert job["response"] is None, job  # no result code 600 (or 000) stored

@@ -4,7 +4,6 @@ short reason, never with the request's bytes, which carry API keys and the admin
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from tests.support.processes import free_port, stop, wait_http_ok
+from tests.support.raw_http import malformed_requests, read_until_close
 from tests.support.servers import fake_replicas
 
 API_KEY = "sk-LOGSECRET-4f1c9a"
@@ -21,36 +21,11 @@ ADMIN_TOKEN = "ADMINSECRET-77d2e0"
 PAD = "p" * 1500  # past limits.max_header_bytes below: one header line over the limit
 
 MALFORMED = {
-    "bare LF": f"GET /v1/models HTTP/1.1\nHost: x\nAuthorization: Bearer {API_KEY}\n\n",
-    "control byte in the key's line": (
-        f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\x01\r\n\r\n"
-    ),
-    "NUL in a later header": (
-        f"GET /admin/replicas HTTP/1.1\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
-        "X-Trace: a\x00b\r\n\r\n"
-    ),
-    "control byte in the path": (
-        f"GET /admin/replicas\x7f HTTP/1.1\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
-    ),
-    "bad method": f"G\x01T /v1/models HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\n\r\n",
+    **malformed_requests(API_KEY, "/admin/replicas", ADMIN_TOKEN),
     "header line too long": (
         f"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer {API_KEY}{PAD}\r\n\r\n"
     ),
-    "bad chunk framing": (
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-        f"Authorization: Bearer {API_KEY}\r\n\r\nzz{API_KEY}\r\n"
-    ),
 }
-
-
-async def _exchange(port: int, raw: str) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(raw.encode("latin-1"))
-    await writer.drain()
-    try:
-        return await asyncio.wait_for(reader.read(), 10)  # the gateway closes after a 400
-    finally:
-        writer.close()
 
 
 @pytest.mark.parametrize("log_level", ["info", "debug"])
@@ -78,7 +53,7 @@ async def test_malformed_requests_get_400_and_leave_no_secret_in_the_log(
             )
         try:
             await wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc)
-            answers = {case: await _exchange(port, raw) for case, raw in MALFORMED.items()}
+            answers = {case: await read_until_close(port, raw) for case, raw in MALFORMED.items()}
         finally:
             code = stop(proc)
     output = log.read_text(errors="replace")

@@ -8,22 +8,17 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
-import subprocess
-import sys
 import zlib
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.support.processes import free_port, stop, wait_http_ok
+from tests.support.processes import REPLICA_CONFIG, replica_process
 from tests.support.raw_http import RawResponse, read_response
 
 API_KEY = "sk-ENCODINGSECRET-51a7c0"
 COMPLETION = json.dumps({"model": "tiny-gpt", "prompt": "hi", "max_tokens": 2}).encode()
-CONFIG = "engine: {kind: simulated}\nmodels:\n  - kind: tiny-gpt\n"
 
 
 def post(path: str, body: bytes, *headers: str) -> bytes:
@@ -36,28 +31,6 @@ def post(path: str, body: bytes, *headers: str) -> bytes:
         *headers,
     ]
     return "\r\n".join(head).encode() + b"\r\n\r\n" + body
-
-
-@asynccontextmanager
-async def replica_process(
-    tmp_path: Path, env: dict[str, str], text: str = CONFIG
-) -> AsyncIterator[tuple[int, Path]]:
-    """A replica process on a free port; yields (port, its log), stopped with exit 0."""
-    port = free_port()
-    config = tmp_path / "replica.yaml"
-    config.write_text(text)
-    log = tmp_path / "replica.log"
-    command = [sys.executable, "-m", "replica", "-c", str(config), "--port", str(port)]
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(
-            command, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    try:
-        await wait_http_ok(f"http://127.0.0.1:{port}/ping", proc, timeout_s=60)
-        yield port, log
-    finally:
-        code = stop(proc)
-    assert code == 0, log.read_text(errors="replace")
 
 
 async def exchange(port: int, *requests: bytes) -> list[RawResponse]:
@@ -150,7 +123,7 @@ async def test_chunk_framing_broken_mid_body_is_a_400(tmp_path: Path, tail: byte
 async def test_chunk_framing_broken_mid_body_ends_at_client_body_s(tmp_path: Path) -> None:
     """With aiohttp's C parser (the default) the broken body is dropped without a word to the
     reader: the read would wait for ever; server.client_body_s ends it with a 408."""
-    text = CONFIG + "server: {client_body_s: 0.5}\n"
+    text = REPLICA_CONFIG + "server: {client_body_s: 0.5}\n"
     async with replica_process(tmp_path, {}, text) as (port, log):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
