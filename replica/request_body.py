@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from replica.config import ServerConfig
 from replica.errors import BadRequest, BodyTimeout, UnsupportedEncoding
 from replica.keys import CONFIG
 
@@ -50,7 +51,9 @@ async def read_body(request: web.Request) -> bytes:
     Within `server.client_body_s` (a 408): a slow client holds no handler for ever, nor does a
     chunked body whose framing breaks once it is being read (aiohttp's C parser then drops the
     body without telling the reader)."""
-    timeout_s = request.app[CONFIG].server.client_body_s
+    config = request.app.get(CONFIG)  # an app built without one (the idempotency
+    server = config.server if config is not None else ServerConfig()  # middleware alone)
+    timeout_s = server.client_body_s
     try:
         async with asyncio.timeout(timeout_s):
             return await request.read()
