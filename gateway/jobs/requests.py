@@ -4,9 +4,9 @@ POST /v1/jobs or as one line of a batch file (the OpenAI Batch API line shape).
 Parsing is pure. A bad job body is a 400; a bad batch line becomes a `BadLine` with its
 reason, which the store records as that line's failed result while the other lines proceed.
 
-JSON is read under one depth rule (`load_json`), measured on the text before it is parsed: a
-request body may nest `MAX_BODY_DEPTH` arrays and objects, as our replica accepts
-(replica/api/body.py), so a job holding one may nest one level more. Past it a job is a 400
+JSON is read under one depth rule (gateway/boundedjson.py, as our replica reads bodies): a
+request body may nest `MAX_BODY_DEPTH` arrays and objects, so a job holding one may nest one
+level more. Past it a job is a 400
 and a line fails alone, never a `RecursionError`; a stored answer past it reads as text.
 """
 
@@ -14,51 +14,20 @@ from __future__ import annotations
 
 import json
 import re
-from array import array
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.boundedjson import MAX_DEPTH, TooDeep, load_json
 from gateway.errors import InvalidRequest, key_path
 from gateway.h1client import dot_segment
 
 # Paths the gateway answers itself: a job aimed at one would never reach a replica.
 GATEWAY_PATHS = ("/v1/jobs", "/v1/batches", "/admin", "/healthz", "/readyz", "/metrics")
 PRINTABLE_ASCII = re.compile(r"[!-~]*")
-MAX_BODY_DEPTH = 64  # a request body's nesting, as a replica sees it
-MAX_DEPTH = MAX_BODY_DEPTH + 1  # a job or batch line: {"body": ...} adds one level
-
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # brackets in one are text
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 opens, -1 (signed) closes
-
-
-class TooDeep(ValueError):
-    pass
-
-
-def nesting_depth(text: str) -> int:
-    """How deep arrays and objects nest in JSON `text` (0 for a scalar), in C-speed passes;
-    on text that is not JSON it may be off, and the parser refuses that text anyway."""
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).encode("ascii")
-    return max(accumulate(array("b", brackets.translate(_STEP))), default=0)
-
-
-def load_json(text: str, max_depth: int = MAX_DEPTH) -> Any:
-    """`json.loads` under the depth rule: TooDeep past `max_depth`; JSONDecodeError, or a
-    ValueError for an integer past Python's 4,300 digits, on text that is not JSON."""
-    # Nesting is at most the count of '[' and '{': most texts have too few to need a scan.
-    if text.count("[") + text.count("{") > max_depth and nesting_depth(text) > max_depth:
-        raise TooDeep(
-            f"arrays and objects nest deeper than {max_depth} levels (a request body may nest "
-            f"{MAX_BODY_DEPTH}): flatten it"
-        )
-    try:
-        return json.loads(text)
-    except RecursionError:  # not reached past the check above
-        raise TooDeep(f"arrays and objects nest deeper than {max_depth} levels") from None
+MAX_BODY_DEPTH = MAX_DEPTH  # a request body's nesting, as a replica sees it
+MAX_JOB_DEPTH = MAX_BODY_DEPTH + 1  # a job or batch line: {"body": ...} adds one level
 
 
 def text_problem(value: str) -> str | None:
@@ -143,7 +112,7 @@ def parse_job_body(body: bytes) -> JobRequest:
     """The bytes of POST /v1/jobs (UTF-8, or UTF-16/32 as Python's json detects), or
     InvalidRequest saying what to fix."""
     try:
-        data = load_json(body.decode(json.detect_encoding(body), "surrogatepass"))
+        data = load_json(body.decode(json.detect_encoding(body), "surrogatepass"), MAX_JOB_DEPTH)
     except TooDeep as exc:
         raise InvalidRequest(f"the body: {exc}") from None
     except ValueError as exc:  # not UTF-8, not JSON, an integer of 5,000 digits
@@ -188,7 +157,7 @@ def parse_batch(data: bytes, max_lines: int) -> list[BatchLine]:
 
 def _parse_line(number: int, raw: bytes) -> BatchLine:
     try:
-        data = load_json(raw.decode("utf-8"))
+        data = load_json(raw.decode("utf-8"), MAX_JOB_DEPTH)
     except UnicodeDecodeError:
         return BatchLine(number, None, error="the line is not UTF-8 text")
     except json.JSONDecodeError as exc:

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
+from gateway.boundedjson import load_json
 from gateway.errors import GatewayError
 from gateway.jobs.quota import UNLIMITED, Quota, Usage, stored_bytes
-from gateway.jobs.requests import MAX_BODY_DEPTH, BatchLine, JobRequest, load_json
+from gateway.jobs.requests import MAX_BODY_DEPTH, BatchLine, JobRequest
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # What recording an attempt's replica found: go ahead; the replica already runs `limit` jobs

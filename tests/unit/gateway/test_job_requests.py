@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.jobs.requests import MAX_DEPTH, parse_batch, parse_job, parse_job_body
+from gateway.jobs.requests import MAX_JOB_DEPTH, parse_batch, parse_job, parse_job_body
 
 GOOD = {"url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 4}}
 
@@ -76,13 +76,15 @@ def _line(custom_id: str = "c", body: str = "{}") -> bytes:
 
 
 def test_json_past_the_depth_limit_is_refused_and_brackets_in_strings_are_text() -> None:
-    deep = "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1)  # the line nests one past the limit
-    at_limit = "[" * (MAX_DEPTH - 2) + "]" * (MAX_DEPTH - 2)
+    deep = "[" * (MAX_JOB_DEPTH - 1) + "]" * (
+        MAX_JOB_DEPTH - 1
+    )  # the line nests one past the limit
+    at_limit = "[" * (MAX_JOB_DEPTH - 2) + "]" * (MAX_JOB_DEPTH - 2)
     texts = '{"a": "[[[[\\"' + "{" * 5000 + '"}'
     assert parse_job_body(_line(body='{"x": ' + at_limit + "}")).custom_id == "c"
     assert parse_job_body(_line(body=texts)).body["a"].endswith("{" * 5000)
     for bad in (_line(body='{"x": ' + deep + "}"), b"[" * 100_000, _line(body="[" * 5000)):
-        with pytest.raises(InvalidRequest, match=f"deeper than {MAX_DEPTH} levels"):
+        with pytest.raises(InvalidRequest, match=f"deeper than {MAX_JOB_DEPTH} levels"):
             parse_job_body(bad)
 
 

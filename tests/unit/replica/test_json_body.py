@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from replica.api.body import MAX_DEPTH, nesting_depth, parse_json_object
+from gateway.boundedjson import nesting_depth
+from replica.api.body import MAX_DEPTH, parse_json_object
 from replica.errors import BadRequest
 
 
