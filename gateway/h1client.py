@@ -606,6 +606,11 @@ class UpstreamPool:
 
 _SEPARATORS = re.compile(r"/|\\|%2f|%5c", re.IGNORECASE)
 _ENCODED_DOT = re.compile(r"%2e", re.IGNORECASE)
+# What a refusal says of such a path, after its subject (the proxy's and the job store's).
+DOT_SEGMENT_PROBLEM = (
+    "holds a '.' or '..' segment (also as %2e, or behind %2f or a backslash), which could "
+    "leave a replica URL's path prefix: send the path without them"
+)
 
 
 def dot_segment(path_qs: str) -> bool:

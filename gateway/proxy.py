@@ -171,14 +171,11 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
         raise ClientTimeout(
             f"request body not received within timeouts.client_body_s = {timeout_s} s"
         ) from None
-    except RequestPayloadError as exc:  # bad chunk framing, or a body its encoding cannot undo
-        raise InvalidRequest(f"request body could not be read: {_first_line(exc)}") from None
-
-
-def _first_line(exc: Exception) -> str:
-    return (
-        str(exc).strip().splitlines()[-1].strip()[:200] if str(exc).strip() else type(exc).__name__
-    )
+    except RequestPayloadError:  # its words may quote the client's bytes: not repeated
+        raise InvalidRequest(
+            "the request body's framing is broken (chunked encoding or length): "
+            "send it again, whole"
+        ) from None
 
 
 def retry_allowed(state: GatewayState, retries: Retries) -> bool:
@@ -192,10 +189,7 @@ def retry_allowed(state: GatewayState, retries: Retries) -> bool:
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every path that is not the gateway's own ends here."""
     if h1client.dot_segment(request.rel_url.raw_path_qs):  # before admission: it counts nowhere
-        raise InvalidRequest(
-            "the request path holds a '.' or '..' segment (also as %2e, or behind %2f or a "
-            "backslash), which could leave a replica URL's path prefix: send the path without them"
-        )
+        raise InvalidRequest(f"the request path {h1client.DOT_SEGMENT_PROBLEM}")
     state = request.app[STATE]
     config = state.runtime.config
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)

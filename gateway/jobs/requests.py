@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from gateway.boundedjson import MAX_DEPTH, TooDeep, load_json
 from gateway.errors import InvalidRequest, key_path
-from gateway.h1client import dot_segment
+from gateway.h1client import DOT_SEGMENT_PROBLEM, dot_segment
 
 # Paths the gateway answers itself: a job aimed at one would never reach a replica.
 GATEWAY_PATHS = ("/v1/jobs", "/v1/batches", "/admin", "/healthz", "/readyz", "/metrics")
@@ -47,10 +47,7 @@ def _replica_path(value: str) -> str:
     if not PRINTABLE_ASCII.fullmatch(value):
         raise ValueError("expected printable ASCII without spaces; percent-encode the rest")
     if dot_segment(value):  # as the proxy refuses it: refused here, never sent and retried
-        raise ValueError(
-            "the path holds a '.' or '..' segment (also as %2e, or behind %2f or a backslash), "
-            "which could leave a replica URL's path prefix: send the path without them"
-        )
+        raise ValueError(f"the path {DOT_SEGMENT_PROBLEM}")
     path = value.split("?", 1)[0]
     if any(path == own or path.startswith(own + "/") for own in GATEWAY_PATHS):
         raise ValueError(f"{path} is the gateway's own endpoint, not a replica's")
