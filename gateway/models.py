@@ -180,8 +180,8 @@ class ModelPoller:
     """Every `served_models.interval_s`, the GET /v1/models of each replica in rotation. A
     list sets what the replica serves; a 404 (no such endpoint) makes it open to any model; a
     failure keeps the last list (health checks judge a dead replica) and is logged once per
-    bad streak. /readyz waits for the
-    first round, so a fresh gateway takes no request before it knows where models are."""
+    bad streak. /readyz waits for the first round, so a fresh gateway takes no request before
+    it knows where models are."""
 
     def __init__(self, state: GatewayState) -> None:
         self._state = state
@@ -204,10 +204,9 @@ class ModelPoller:
     async def poll_once(self, served: ServedModels, only_new: bool = False) -> None:
         """The list of every replica in rotation (one out of it takes no request, and keeps
         its last list until it is back); `only_new`: those not asked yet."""
-        available = self._state.pool.available()
         self._failures.keep({r.url for r in self._state.pool.active()})
         replicas = [
-            r for r in available
+            r for r in self._state.pool.available()
             if r.configured_models is None and not (only_new and r.models_asked)
         ]  # fmt: skip
         await asyncio.gather(*(self._poll(r, served) for r in replicas))
