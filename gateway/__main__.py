@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from gateway.cli import gateway_parser, run_gateway
+from gateway.app.cli import gateway_parser, run_gateway
 
 if __name__ == "__main__":
     parser = gateway_parser(argparse.ArgumentParser(prog="python -m gateway"))

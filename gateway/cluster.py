@@ -1,6 +1,6 @@
 """A local cluster's replicas: the cluster file, and N replica processes supervised as children
 of this one (one GPU each via CUDA_VISIBLE_DEVICES when GPUs exist). `infergate up`
-(gateway/cli.py) runs the gateway in front of them; the benchmark starts its replicas here too.
+(gateway/app/cli.py) runs the gateway in front of them; the benchmark starts its replicas here too.
 
 Replicas are started as `python -m replica`, never imported (no torch here). When they are
 stopped every one gets SIGTERM and then SIGKILL; children also get SIGTERM from the kernel if

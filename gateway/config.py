@@ -21,7 +21,7 @@ from yarl import URL
 
 from gateway import yamlfile
 from gateway.errors import ConfigError, key_path
-from gateway.policies import PolicyOptions, PrefixOptions, canonical_policy_name
+from gateway.routing.policies import PolicyOptions, PrefixOptions, canonical_policy_name
 
 
 def _replica_url(value: str) -> str:
@@ -140,7 +140,7 @@ class AffinityConfig(_Model):
 
 class PrefixConfig(_Model):
     """Strategies `prefix_aware` and `precise_prefix`: how prompts are hashed and when load wins
-    over a cached prefix (see PrefixAware in gateway/policies.py)."""
+    over a cached prefix (see PrefixAware in gateway/routing/policies.py)."""
 
     block_size: int = Field(16, gt=0, le=1024)  # the replicas' KV block, in tokens
     prefix_length: int = Field(4096, gt=0)  # tokens of a prompt that are hashed
@@ -184,8 +184,8 @@ class LoadMetrics(_Model):
 class LoadFeedback(_Model):
     """Where each replica's load comes from. `infergate`: the X-Replica-Load header of every
     response and GET /load (our replica); `vllm`, `sglang`, `tgi`: the engine's documented
-    Prometheus metrics on GET /metrics (gateway/engines.py); `prometheus`: the metric names in
-    `metrics`. Strategy least_loaded, the jobs idle-capacity rule and the status page use
+    Prometheus metrics on GET /metrics (gateway/control/engines.py); `prometheus`: the metric
+    names in `metrics`. Strategy least_loaded, the jobs idle-capacity rule and the status page use
     reports no older than max_age_s."""
 
     source: LoadSource = "infergate"
@@ -413,7 +413,7 @@ class Auth(_Model):
 
 class GatewayConfig(_Model):
     listen: Listen = Listen()
-    # Gateway processes sharing the port and exact counts (gateway/workers.py); start-up only.
+    # Gateway processes sharing the port and exact counts (gateway/app/workers.py); start-up only.
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     routing: Routing = Routing()
     # Exactly one of the two: a static list, or DNS discovery (which then owns the list).

@@ -1,7 +1,9 @@
 """A simulated gateway for loadtests/simulate.py: the gateway's own routing code on the
-simulated clock. It holds a real `gateway.pool.ReplicaPool` (the one owner of outstanding counts
-and work, load reports and latency samples) and a policy made by `POLICIES[name](rng, options)`,
-as a live gateway does, and estimates a request's work with gateway/work.py from its JSON body.
+simulated clock. It holds a real `gateway.pool.replicas.ReplicaPool` (the one owner of
+outstanding counts and work, load reports and latency samples) and a policy made by
+`POLICIES[name](rng, options)`,
+as a live gateway does, and estimates a request's work with gateway/datapath/classify.py from
+its JSON body.
 So any registered policy is simulated, one added later included, with no change to the model.
 
 The central queue (`central_queue`) is least outstanding requests over the replicas with a free
@@ -16,9 +18,9 @@ from collections.abc import Callable, Sequence
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import AffinityConfig
-from gateway.policies import NO_INFO, POLICIES, PolicyOptions, RequestInfo
-from gateway.pool import Replica, ReplicaPool
-from gateway.work import describe
+from gateway.datapath.classify import describe
+from gateway.pool.replicas import Replica, ReplicaPool
+from gateway.routing.policies import NO_INFO, POLICIES, PolicyOptions, RequestInfo
 
 CENTRAL_QUEUE = "central_queue"
 CENTRAL_QUEUE_POLICY = "least_outstanding_requests"  # what the queue hands a free slot by
@@ -51,7 +53,8 @@ class SimGateway:
         self.slots = slots
 
     def describe(self, body: bytes) -> RequestInfo:
-        """What the policy may know of a request with this JSON body (gateway/work.py)."""
+        """What the policy may know of a request with this JSON body
+        (gateway/datapath/classify.py)."""
         needs = self.policy.needs
         return describe(needs, _NO_HEADERS, body, _AFFINITY) if needs else NO_INFO
 

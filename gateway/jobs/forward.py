@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
+from gateway.app.state import STATE
+from gateway.datapath.proxy import read_body
 from gateway.errors import GatewayError, UpstreamError
-from gateway.proxy import read_body
-from gateway.runtime import STATE
 
 LEADER = web.AppKey("jobs_leader", aiohttp.ClientSession)
 PASSED_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-Request-Id")

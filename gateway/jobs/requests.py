@@ -20,8 +20,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.boundedjson import MAX_DEPTH, TooDeep, load_json
+from gateway.datapath.h1client import DOT_SEGMENT_PROBLEM, dot_segment
 from gateway.errors import InvalidRequest, key_path
-from gateway.h1client import DOT_SEGMENT_PROBLEM, dot_segment
 
 # Paths the gateway answers itself: a job aimed at one would never reach a replica.
 GATEWAY_PATHS = ("/v1/jobs", "/v1/batches", "/admin", "/healthz", "/readyz", "/metrics")

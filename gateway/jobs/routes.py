@@ -16,12 +16,12 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.auth import key_name
+from gateway.datapath.auth import key_name
+from gateway.datapath.proxy import read_body
 from gateway.errors import BodyTooLarge, Conflict, InvalidRequest, NotFound
 from gateway.jobs.requests import parse_batch, parse_job_body
 from gateway.jobs.service import JOBS, JobService
 from gateway.jobs.store import JOB_STATUSES, Batch, Job
-from gateway.proxy import read_body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 1000

@@ -22,22 +22,22 @@ from dataclasses import dataclass, replace
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import models
-from gateway.admission import Lease
+from gateway.app.state import GatewayState
 from gateway.config import Jobs, Timeouts
-from gateway.errors import GatewayError, NoHealthyReplica, error_body
-from gateway.jobs.store import Job, Outcome, Store, StoreUnavailable
-from gateway.policies import NO_INFO
-from gateway.pool import Replica
-from gateway.runtime import GatewayState
-from gateway.upstream import (
+from gateway.datapath import models
+from gateway.datapath.classify import describe
+from gateway.datapath.upstream import (
     RETRIABLE_STATUSES,
     BodyOverLimit,
     client_timeout,
     read_capped,
     upstream_url,
 )
-from gateway.work import describe
+from gateway.errors import GatewayError, NoHealthyReplica, error_body
+from gateway.jobs.store import Job, Outcome, Store, StoreUnavailable
+from gateway.pool.admission import Lease
+from gateway.pool.replicas import Replica
+from gateway.routing.policies import NO_INFO
 
 NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 

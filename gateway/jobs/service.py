@@ -21,12 +21,12 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway.app.state import GatewayState
 from gateway.config import Jobs, is_postgres_url, redacted
 from gateway.errors import ConfigError
 from gateway.jobs.quota import Quota
 from gateway.jobs.scheduler import Scheduler
 from gateway.jobs.store import SqliteStore, Store, StoreUnavailable
-from gateway.runtime import GatewayState
 
 log = logging.getLogger(__name__)
 

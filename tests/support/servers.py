@@ -16,9 +16,9 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from gateway.app.server import create_app
+from gateway.app.state import STATE, GatewayState
 from gateway.config import load_config
-from gateway.runtime import STATE, GatewayState
-from gateway.server import create_app
 
 
 @dataclass

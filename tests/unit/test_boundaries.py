@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRST_PARTY = ("gateway", "replica", "loadtests")
-NO_CYCLE = ("gateway.cli", "gateway.cluster", "loadtests.bench", "loadtests.simulate")
+NO_CYCLE = ("gateway.app.cli", "gateway.cluster", "loadtests.bench", "loadtests.simulate")
 
 
 def module_name(path: Path) -> str:

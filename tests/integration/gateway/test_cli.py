@@ -87,7 +87,7 @@ def test_every_documented_command_answers_help(command: str, usage: str) -> None
 def test_a_command_whose_package_is_not_installed_says_so(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gateway import cli
+    from gateway.app import cli
 
     monkeypatch.setitem(cli.ENTRY_POINTS, "bench", "no_such_package_here.bench")
     assert cli.main(["bench", "--quick"]) == 2
@@ -96,7 +96,8 @@ def test_a_command_whose_package_is_not_installed_says_so(
 
 def test_gateway_never_imports_torch() -> None:
     code = (
-        "import sys, gateway.cli, gateway.server, gateway.proxy, gateway.policies;"
+        "import sys, gateway.app.cli, gateway.app.server, gateway.datapath.proxy;"
+        "import gateway.routing.policies;"
         "assert 'torch' not in sys.modules, 'gateway imported torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

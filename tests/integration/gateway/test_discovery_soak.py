@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gateway.app.server import HEALTH, create_app
+from gateway.app.state import STATE, GatewayState
 from gateway.config import parse_config
-from gateway.runtime import STATE, GatewayState
-from gateway.server import HEALTH, create_app
 from tests.support.dns_server import dns_server
 from tests.support.servers import serve
 

@@ -1,6 +1,7 @@
-"""The proxy's own upstream HTTP/1.1 client (gateway/h1client.py) against replicas that speak
-HTTP/1.1 byte by byte, well or badly: a raw TCP server on loopback scripts each answer, and a
-real gateway sits in front. Tests assert on what the client sees, and counts end at zero."""
+"""The proxy's own upstream HTTP/1.1 client (gateway/datapath/h1client.py) against replicas
+that speak HTTP/1.1 byte by byte, well or badly: a raw TCP server on loopback scripts each
+answer, and a real gateway sits in front. Tests assert on what the client sees, and counts end
+at zero."""
 
 from __future__ import annotations
 

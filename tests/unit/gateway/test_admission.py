@@ -9,17 +9,17 @@ from collections.abc import Collection
 
 import pytest
 
-from gateway.admission import Admission, DrainRate, Lease, NoUntriedReplica, Rules, outcome_of
 from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded
-from gateway.policies import (
+from gateway.pool.admission import Admission, DrainRate, Lease, NoUntriedReplica, Rules, outcome_of
+from gateway.pool.replicas import Replica, ReplicaPool
+from gateway.routing.policies import (
     NO_INFO,
     LeastOutstandingRequests,
     PolicyOptions,
     RequestInfo,
     RoundRobinPolicy,
 )
-from gateway.pool import Replica, ReplicaPool
 
 URLS = ["http://a:1", "http://b:1"]
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.admission import Admission, Lease, NoUntriedReplica, Rules
 from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded
-from gateway.policies import NO_INFO, POLICIES, PolicyOptions
-from gateway.pool import Replica, ReplicaPool
+from gateway.pool.admission import Admission, Lease, NoUntriedReplica, Rules
+from gateway.pool.replicas import Replica, ReplicaPool
+from gateway.routing.policies import NO_INFO, POLICIES, PolicyOptions
 
 URLS = [f"http://r{i}:1" for i in range(4)]
 STRATEGIES = ["least_outstanding_requests", "random", "round_robin", "power_of_two"]

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.auth import identify
 from gateway.config import Auth, parse_config
+from gateway.datapath.auth import identify
 from gateway.errors import ConfigError, Unauthorized
 
 URL = "http://127.0.0.1:9001"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import Discovery
-from gateway.discovery import DiscoveryError, replica_url, resolve_addresses
+from gateway.control.discovery import DiscoveryError, replica_url, resolve_addresses
 from tests.support.dns_server import dns_server
 
 

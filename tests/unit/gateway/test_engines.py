@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import ConfigError, LoadFeedback, parse_config
-from gateway.engines import PRESETS, metric_names, scrape_report
+from gateway.control.engines import PRESETS, metric_names, scrape_report
 
 VLLM = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.admission import Admission
+from gateway.app.state import GatewayState, build_runtime
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.jobs.scheduler import Reply, eligible, outcome_of
 from gateway.jobs.store import Job
-from gateway.metrics import GatewayMetrics
-from gateway.pool import ReplicaPool
-from gateway.runtime import GatewayState, build_runtime
+from gateway.ops.metrics import GatewayMetrics
+from gateway.pool.admission import Admission
+from gateway.pool.replicas import ReplicaPool
 
 URLS = ["http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003"]
 
@@ -26,7 +26,7 @@ def _state(**extra: Any) -> GatewayState:
     admission = Admission(pool)
     metrics = GatewayMetrics(CollectorRegistry(), pool, admission)
     state = GatewayState(None, build_runtime(config), pool, admission, metrics, None)
-    state.models_polled = True  # the replicas' model lists are in (gateway/models.py)
+    state.models_polled = True  # the replicas' model lists are in (gateway/datapath/models.py)
     return state
 
 

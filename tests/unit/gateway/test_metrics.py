@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from gateway.admission import Admission
-from gateway.metrics import GatewayMetrics, status_class
-from gateway.pool import ReplicaPool
+from gateway.ops.metrics import GatewayMetrics, status_class
+from gateway.pool.admission import Admission
+from gateway.pool.replicas import ReplicaPool
 
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
 

@@ -9,8 +9,8 @@ import re
 import pytest
 
 from gateway.config import ConfigError, parse_config
-from gateway.models import cards_of, requested
-from gateway.pool import ReplicaPool
+from gateway.datapath.models import cards_of, requested
+from gateway.pool.replicas import ReplicaPool
 
 
 def test_the_model_comes_from_the_json_body_on_openai_paths_and_from_v2_paths() -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from gateway import outlier
 from gateway.config import OutlierDetection
-from gateway.pool import Replica, ReplicaPool
+from gateway.pool import outlier
+from gateway.pool.replicas import Replica, ReplicaPool
 
 SETTINGS = OutlierDetection(
     consecutive_failures=3, base_ejection_s=5, max_ejection_s=12, max_ejected_percent=50

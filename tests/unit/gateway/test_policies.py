@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from gateway.policies import (
+from gateway.pool.replicas import Replica, ReplicaPool
+from gateway.routing.policies import (
     NO_INFO,
     POLICIES,
     Affinity,
@@ -24,7 +25,6 @@ from gateway.policies import (
     canonical_policy_name,
     make_policy,
 )
-from gateway.pool import Replica, ReplicaPool
 
 OPTIONS = PolicyOptions()
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gateway.pool import MAX_REPORT_KEYS, ReplicaPool, load_report, parse_load_report
+from gateway.pool.replicas import MAX_REPORT_KEYS, ReplicaPool, load_report, parse_load_report
 
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
 

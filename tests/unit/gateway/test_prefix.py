@@ -10,9 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.policies import PolicyOptions, PrecisePrefix, PrefixAware, PrefixOptions, RequestInfo
-from gateway.pool import Replica
-from gateway.prefix import HASH_SCHEME, TOKENIZER, PrefixIndex, block_hashes, prompt_text
+from gateway.pool.replicas import Replica
+from gateway.routing.policies import (
+    PolicyOptions,
+    PrecisePrefix,
+    PrefixAware,
+    PrefixOptions,
+    RequestInfo,
+)
+from gateway.routing.prefix import HASH_SCHEME, TOKENIZER, PrefixIndex, block_hashes, prompt_text
 from replica.kv import HASH_SCHEME as REPLICA_SCHEME
 from replica.kv import chain_hashes
 from replica.models.chat_template import apply_chat_template

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.prefix_poll import BadReport, blocks
+from gateway.control.cache_blocks import BadReport, blocks
 
 
 def test_blocks_are_read_as_64_bit_hashes() -> None:

@@ -3,7 +3,7 @@ an injected clock."""
 
 from __future__ import annotations
 
-from gateway.recent import RecentTraffic
+from gateway.ops.recent import RecentTraffic
 
 
 class Clock:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pool import ReplicaPool
-from gateway.shared import ColumnsFull, SharedCounts
+from gateway.pool.replicas import ReplicaPool
+from gateway.pool.shared import ColumnsFull, SharedCounts
 
 
 @pytest.fixture
@@ -29,8 +29,8 @@ def segment(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 WORKER = """
 import sys
 from pathlib import Path
-from gateway.pool import ReplicaPool
-from gateway.shared import SharedCounts
+from gateway.pool.replicas import ReplicaPool
+from gateway.pool.shared import SharedCounts
 name, lock, row, rounds = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 counts = SharedCounts(name, 3, row, columns=64, lock_path=lock)
 pool = ReplicaPool(["http://a", "http://b"], shared=counts)
@@ -103,8 +103,8 @@ def test_a_pool_drops_the_column_of_a_replica_once_it_has_drained(
 
 
 def test_workers_in_the_config() -> None:
+    from gateway.app.workers import worker_count
     from gateway.config import ConfigError, parse_config
-    from gateway.workers import worker_count
 
     base = {"replicas": [{"url": "http://a"}]}
     assert parse_config(base).workers == 1

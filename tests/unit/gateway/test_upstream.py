@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.h1client import UpstreamFailure, _head, dot_segment, origin_of
-from gateway.upstream import upstream_url
+from gateway.datapath.h1client import UpstreamFailure, _head, dot_segment, origin_of
+from gateway.datapath.upstream import upstream_url
 
 
 @pytest.mark.parametrize(

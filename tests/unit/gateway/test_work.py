@@ -8,7 +8,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import AffinityConfig
-from gateway.work import SseCounter, describe
+from gateway.datapath.classify import SseCounter, describe
 
 AFFINITY = AffinityConfig(header="X-Session-Id", prompt_prefix_chars=8)
 

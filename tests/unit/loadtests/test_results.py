@@ -147,7 +147,7 @@ def test_a_plan_survives_its_own_command() -> None:
 
 
 def test_front_ends_are_read_from_the_policy_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.policies import POLICIES
+    from gateway.routing.policies import POLICIES
 
     monkeypatch.setitem(POLICIES, "brand_new", POLICIES["random"])
     assert "brand_new" in known_front_ends() and set(HAPROXY) <= set(known_front_ends())

@@ -9,8 +9,8 @@ from typing import ClassVar
 
 import pytest
 
-from gateway.policies import POLICIES, Need, PolicyOptions, RequestInfo
-from gateway.pool import Replica
+from gateway.pool.replicas import Replica
+from gateway.routing.policies import POLICIES, Need, PolicyOptions, RequestInfo
 from loadtests.sim_gateway import CENTRAL_QUEUE, front_ends
 from loadtests.simulate import (
     Profile,
@@ -155,7 +155,8 @@ def test_a_policy_registered_later_is_simulated_by_the_gateways_own_code(
         sim.submit(request)
     sim.run_until(600)
     assert {r.replica for r in sim.done} == {2}  # the last URL, every time
-    # gateway/work.py's estimate (40 chars / 4 + max_tokens), and the pool's live counts.
+    # gateway/datapath/classify.py's estimate (40 chars / 4 + max_tokens), and the pool's live
+    # counts.
     assert _LastByUrl.seen == [(17, 0), (17, 1), (17, 2)]
     result = closed_loop("last_by_url", 6, 3, Workload(), warmup_s=5.0, duration_s=30.0)
     assert result.latencies_s

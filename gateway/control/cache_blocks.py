@@ -18,12 +18,12 @@ from typing import Any
 
 import aiohttp
 
+from gateway.app.state import GatewayState
+from gateway.control.health import POLL_FAILURES, PollFailures, get_json
 from gateway.errors import clipped
-from gateway.health import POLL_FAILURES, PollFailures, get_json
-from gateway.policies import PrecisePrefix
-from gateway.pool import Replica
-from gateway.prefix import HASH_SCHEME, TOKENIZER
-from gateway.runtime import GatewayState
+from gateway.pool.replicas import Replica
+from gateway.routing.policies import PrecisePrefix
+from gateway.routing.prefix import HASH_SCHEME, TOKENIZER
 
 log = logging.getLogger("gateway")
 MAX_REPORT_BYTES = 8 * 1024 * 1024  # 16 hex digits + 3 per block: ~440k blocks

@@ -30,14 +30,14 @@ from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gateway import outlier
 from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded, clipped
-from gateway.policies import NO_INFO, Policy, RequestInfo
-from gateway.pool import Outcome, Replica, ReplicaPool
+from gateway.pool import outlier
+from gateway.pool.replicas import Outcome, Replica, ReplicaPool
+from gateway.routing.policies import NO_INFO, Policy, RequestInfo
 
 if TYPE_CHECKING:
-    from gateway.metrics import GatewayMetrics
+    from gateway.ops.metrics import GatewayMetrics
 
 SHARED_POLL_S = 0.002
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", recorded in metrics only
@@ -322,7 +322,7 @@ class Admission:
 
     def _claiming(self) -> AbstractContextManager[None]:
         """With `workers: N` and a slot limit in force, the check of free slots and the take
-        of one happen under the workers' claim lock (gateway/shared.py), so two workers never
+        of one happen under the workers' claim lock (gateway/pool/shared.py), so two workers never
         both take a replica's last slot, nor the gateway's last under `max_outstanding`."""
         shared, limits = self.pool.shared, self.rules.limits
         if shared is None or (

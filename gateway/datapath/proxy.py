@@ -24,10 +24,12 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
-from gateway import h1client, models
-from gateway.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
-from gateway.auth import key_name
+from gateway.app.state import STATE, GatewayState
 from gateway.config import GatewayConfig, Retries, Timeouts
+from gateway.datapath import h1client, models
+from gateway.datapath.auth import key_name
+from gateway.datapath.classify import SseCounter, describe
+from gateway.datapath.upstream import RETRIABLE_STATUSES
 from gateway.errors import (
     BodyTooLarge,
     ClientTimeout,
@@ -37,11 +39,9 @@ from gateway.errors import (
     UpstreamTimeout,
     error_body,
 )
-from gateway.policies import NO_INFO
-from gateway.pool import Replica, parse_load_report
-from gateway.runtime import STATE, GatewayState
-from gateway.upstream import RETRIABLE_STATUSES
-from gateway.work import SseCounter, describe
+from gateway.pool.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
+from gateway.pool.replicas import Replica, parse_load_report
+from gateway.routing.policies import NO_INFO
 
 log = logging.getLogger(__name__)
 

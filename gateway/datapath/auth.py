@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.app.state import STATE
 from gateway.config import Auth
 from gateway.errors import Unauthorized
-from gateway.runtime import STATE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

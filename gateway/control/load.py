@@ -4,7 +4,7 @@ With `source: infergate` that is GET /load (JSON, our replica); replicas also re
 on every response (X-Replica-Load, read by the proxy), but a replica this gateway has not sent
 to lately would go unheard, so the poll keeps every report fresh and `least_loaded` sees
 requests that other gateway instances sent. With `vllm`, `sglang`, `tgi` or `prometheus` it is
-a scrape of GET /metrics read as gateway/engines.py says. A failed poll costs only that
+a scrape of GET /metrics read as gateway/control/engines.py says. A failed poll costs only that
 replica's report (the last one ages out after `max_age_s`) and one log line when its polls
 start failing: health checks and outlier detection deal with broken replicas. Bodies are read
 with a cap, and values by pool.load_report's rule (whole counts, a share from 0 to 1).
@@ -19,12 +19,12 @@ from typing import Any
 
 import aiohttp
 
+from gateway.app.state import GatewayState
 from gateway.config import LoadFeedback
-from gateway.engines import LoadMetricNames, metric_names, scrape_report
-from gateway.health import POLL_FAILURES, PollFailures
-from gateway.pool import Replica, load_report
-from gateway.runtime import GatewayState
-from gateway.upstream import read_capped
+from gateway.control.engines import LoadMetricNames, metric_names, scrape_report
+from gateway.control.health import POLL_FAILURES, PollFailures
+from gateway.datapath.upstream import read_capped
+from gateway.pool.replicas import Replica, load_report
 
 log = logging.getLogger(__name__)
 MAX_REPORT_BYTES = 4 * 1024 * 1024  # an engine's whole /metrics page, histograms included

@@ -16,9 +16,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from gateway.app.state import GatewayState
 from gateway.config import Discovery
-from gateway.health import PollFailures
-from gateway.runtime import GatewayState
+from gateway.control.health import PollFailures
 
 if TYPE_CHECKING:
     import dns.asyncresolver

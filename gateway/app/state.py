@@ -15,12 +15,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from gateway.admission import Admission, Rules
 from gateway.config import GatewayConfig
-from gateway.h1client import UpstreamPool
-from gateway.metrics import GatewayMetrics
-from gateway.policies import Policy, PolicyOptions, make_policy
-from gateway.pool import ReplicaPool
+from gateway.datapath.h1client import UpstreamPool
+from gateway.ops.metrics import GatewayMetrics
+from gateway.pool.admission import Admission, Rules
+from gateway.pool.replicas import ReplicaPool
+from gateway.routing.policies import Policy, PolicyOptions, make_policy
 
 
 @dataclass(frozen=True)

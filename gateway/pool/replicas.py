@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from gateway.shared import SharedCounts
+    from gateway.pool.shared import SharedCounts
 
 # What a finished request says about its replica: served (resets the failure streak, a latency
 # sample), failed (extends the streak), not_served (a refusal or a client that left: neither).
@@ -53,9 +53,9 @@ class Replica:
     models: frozenset[str] | None = None
     configured_models: frozenset[str] | None = None  # replicas[].models; never polled then
     model_cards: tuple[dict[str, Any], ...] = ()  # its /v1/models entries, as it sent them
-    models_asked: bool = False  # its /v1/models was asked for (gateway/models.py)
+    models_asked: bool = False  # its /v1/models was asked for (gateway/datapath/models.py)
     model_load: dict[str, int] = field(default_factory=dict)  # in flight per engine model label
-    # With `workers: N`, the counts every worker has here (gateway/shared.py), at `column`.
+    # With `workers: N`, the counts every worker has here (gateway/pool/shared.py), at `column`.
     shared: SharedCounts | None = field(default=None, repr=False)
     column: int = -1
 

@@ -12,9 +12,9 @@ import logging
 import os
 from pathlib import Path
 
+from gateway.app.state import GatewayState, Runtime, build_runtime
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
-from gateway.runtime import GatewayState, Runtime, build_runtime
 
 log = logging.getLogger(__name__)
 

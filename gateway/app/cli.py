@@ -25,6 +25,16 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
+from gateway.app.listener import limit_connections
+from gateway.app.server import WATCHER, create_app
+from gateway.app.workers import (
+    STARTUP_SIGNALS,
+    Supervisor,
+    Worker,
+    worker_args,
+    worker_count,
+    worker_from_args,
+)
 from gateway.cluster import (
     ClusterConfig,
     banner,
@@ -35,17 +45,7 @@ from gateway.cluster import (
 )
 from gateway.config import GatewayConfig, load_config, parse_config
 from gateway.errors import ConfigError
-from gateway.listener import limit_connections
 from gateway.logfilter import filter_malformed_requests
-from gateway.server import WATCHER, create_app
-from gateway.workers import (
-    STARTUP_SIGNALS,
-    Supervisor,
-    Worker,
-    worker_args,
-    worker_count,
-    worker_from_args,
-)
 
 log = logging.getLogger("gateway")
 
@@ -115,7 +115,7 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app[WATCHER].wake)
-    if worker is not None:  # held since it started (gateway/workers.py): handled from here on
+    if worker is not None:  # held since it started (gateway/app/workers.py): handled from here on
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTUP_SIGNALS)
     await stop.wait()
     log.info("stopping: no new connections, waiting for requests in flight")

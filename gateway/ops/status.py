@@ -1,4 +1,4 @@
-"""The status page at /ui: one HTML page and a small script (gateway/ui/, no build step) that
+"""The status page at /ui: one HTML page and a small script (gateway/ops/ui/, no build step) that
 poll /ui/status.json, built here from the pool, the strategy and the recent-traffic windows.
 
 Read-only and public, like HAProxy's stats page: it shows replica URLs and counts, no config
@@ -13,10 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.metrics import publish_totals
-from gateway.pool import Replica
-from gateway.runtime import STATE, GatewayState
-from gateway.shared import STATS
+from gateway.app.state import STATE, GatewayState
+from gateway.ops.metrics import publish_totals
+from gateway.pool.replicas import Replica
+from gateway.pool.shared import STATS
 
 UI_DIR = Path(__file__).with_name("ui")
 ASSETS = {"/ui": "index.html", "/ui/": "index.html", "/ui/status.js": "status.js"}

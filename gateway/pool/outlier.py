@@ -10,7 +10,7 @@ import logging
 import math
 
 from gateway.config import OutlierDetection
-from gateway.pool import Replica, ReplicaPool
+from gateway.pool.replicas import Replica, ReplicaPool
 
 log = logging.getLogger(__name__)
 

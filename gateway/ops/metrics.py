@@ -23,9 +23,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from gateway.admission import Admission
-from gateway.pool import Replica, ReplicaPool
-from gateway.recent import RecentTraffic
+from gateway.ops.recent import RecentTraffic
+from gateway.pool.admission import Admission
+from gateway.pool.replicas import Replica, ReplicaPool
 
 # Inference requests run from milliseconds (classifiers) to minutes (long generations).
 LATENCY_BUCKETS_S = (

@@ -1,14 +1,14 @@
 """`workers: N`: N gateway processes on one port, sharing exact outstanding counts.
 
 The supervisor (the process `infergate gateway` starts as) starts N workers, `python -m gateway`,
-each with a socket of its own bound to the port with SO_REUSEPORT (gateway/listener.py), as
+each with a socket of its own bound to the port with SO_REUSEPORT (gateway/app/listener.py), as
 nginx's `reuseport` does: the kernel spreads new connections over the workers evenly, whichever
 is awake first. A worker's socket lives and dies with it: the kernel stops sending connections
 to a worker that exited (those it had not accepted yet are reset), and its replacement gets a
 new one. The supervisor holds the port meanwhile with a socket that is bound but never listens.
 It creates what the workers share, and removes it when it stops:
-- the counts (gateway/shared.py): one row per worker, one column per replica; a worker routes by
-  column sums, so least-outstanding is exact across workers;
+- the counts (gateway/pool/shared.py): one row per worker, one column per replica; a worker
+  routes by column sums, so least-outstanding is exact across workers;
 - prometheus-client's multiprocess directory, so any worker's /metrics sums every worker's
   counters and histograms.
 
@@ -38,9 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.app.listener import reuseport_socket
 from gateway.cluster import die_with_parent
-from gateway.listener import reuseport_socket
-from gateway.shared import SharedCounts
+from gateway.pool.shared import SharedCounts
 
 # Held in a starting worker until its handlers are in (serve() unblocks them): a reload or stop
 # that comes while it loads is then acted on, not the default action (which kills it).

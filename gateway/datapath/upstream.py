@@ -10,7 +10,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.config import Timeouts
-from gateway.h1client import dot_segment
+from gateway.datapath.h1client import dot_segment
 
 RETRIABLE_STATUSES = frozenset({429, 503})
 

@@ -4,7 +4,7 @@ Paths the gateway owns (/healthz, /readyz, /metrics, /openapi.json, /admin and /
 and /ui/...) answer here and are never proxied; every other method and path goes to proxy.handle.
 Admin endpoints need `Authorization: Bearer <token>` matching INFERGATE_ADMIN_TOKEN and answer 404
 when no token is configured. Proxied and jobs requests need an API key when `auth` is configured
-(gateway/auth.py); the gateway's own endpoints keep their own rules.
+(gateway/datapath/auth.py); the gateway's own endpoints keep their own rules.
 """
 
 from __future__ import annotations
@@ -25,26 +25,27 @@ import aiohttp
 from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from gateway import models, proxy, status
-from gateway.admission import Admission
-from gateway.auth import as_sent, authenticate, bearer_token, require_key
+from gateway.app.reload import ReloadWatcher, reload_config_off_loop
+from gateway.app.state import STATE, GatewayState, build_runtime
+from gateway.app.workers import Worker
 from gateway.config import GatewayConfig
-from gateway.discovery import DnsDiscovery
+from gateway.control.cache_blocks import CacheBlocksPoller
+from gateway.control.discovery import DnsDiscovery
+from gateway.control.health import HealthChecker
+from gateway.control.load import LoadPoller
+from gateway.datapath import models, proxy
+from gateway.datapath.auth import as_sent, authenticate, bearer_token, require_key
+from gateway.datapath.h1client import UpstreamPool
+from gateway.datapath.models import ModelPoller
 from gateway.errors import BodyTooLarge, ConfigError, GatewayError, error_body
-from gateway.feedback import LoadPoller
-from gateway.h1client import UpstreamPool
-from gateway.health import HealthChecker
 from gateway.jobs import forward as jobs_forward
 from gateway.jobs import routes as job_routes
 from gateway.jobs.service import JOBS, JobService
-from gateway.metrics import GatewayMetrics
-from gateway.models import ModelPoller
-from gateway.openapi import DOCUMENT
-from gateway.pool import ReplicaPool
-from gateway.prefix_poll import CacheBlocksPoller
-from gateway.reload import ReloadWatcher, reload_config_off_loop
-from gateway.runtime import STATE, GatewayState, build_runtime
-from gateway.workers import Worker
+from gateway.ops import status
+from gateway.ops.metrics import GatewayMetrics
+from gateway.ops.openapi import DOCUMENT
+from gateway.pool.admission import Admission
+from gateway.pool.replicas import ReplicaPool
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def create_app(
     registry: CollectorRegistry | None = None,
     worker: Worker | None = None,
 ) -> web.Application:
-    """The gateway app; `worker`: this process is one of `workers: N` (gateway/workers.py)."""
+    """The gateway app; `worker`: this process is one of `workers: N` (gateway/app/workers.py)."""
     shared = worker.counts if worker is not None else None
     pool = ReplicaPool(config.replica_urls, shared=shared)
     admission = Admission(pool)

@@ -23,11 +23,11 @@ from typing import Any
 
 import aiohttp
 
+from gateway.app.state import GatewayState
 from gateway.config import HealthCheck
+from gateway.datapath.upstream import BodyOverLimit, read_capped
 from gateway.errors import clipped
-from gateway.pool import Replica
-from gateway.runtime import GatewayState
-from gateway.upstream import BodyOverLimit, read_capped
+from gateway.pool.replicas import Replica
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from urllib.parse import quote, unquote
 import aiohttp
 from aiohttp import web
 
+from gateway.app.state import STATE, GatewayState
 from gateway.config import GatewayConfig, ServedModels
+from gateway.control.health import POLL_FAILURES, PollFailures, get_json
 from gateway.errors import GatewayError, NoHealthyReplica, clipped
-from gateway.health import POLL_FAILURES, PollFailures, get_json
-from gateway.pool import Replica
-from gateway.runtime import STATE, GatewayState
+from gateway.pool.replicas import Replica
 
 log = logging.getLogger(__name__)
 V2_PREFIX = "/v2/models/"

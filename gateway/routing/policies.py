@@ -6,7 +6,7 @@ takes its random source as an argument so tests are exact. Ties are broken at ra
 list order. New policies are registered by name in POLICIES, the one place the config looks.
 
 A policy that needs to know about the request (its estimated work in tokens, or an affinity
-key) says so in `needs`; the proxy reads the body for it only then (gateway/work.py).
+key) says so in `needs`; the proxy reads the body for it only then (gateway/datapath/classify.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-from gateway.pool import Replica
-from gateway.prefix import PrefixIndex
+from gateway.pool.replicas import Replica
+from gateway.routing.prefix import PrefixIndex
 
 Need = str  # "tokens" | "key" | "prefix"
 
@@ -33,7 +33,7 @@ class RequestInfo:
 
     tokens: int = 0  # estimated work: prompt tokens + max_tokens for completions, else 1
     key: str | None = None  # affinity key (a header's value or a prompt prefix)
-    prefix: tuple[int, ...] = ()  # the prompt's leading KV block hashes (gateway/prefix.py)
+    prefix: tuple[int, ...] = ()  # the prompt's leading KV block hashes (gateway/routing/prefix.py)
     prompt_tokens: int = 0  # the whole prompt, in the replica's tokens (for "prefix")
     model: str | None = None  # the served model it asks for (after aliases); None: any replica
 
@@ -356,8 +356,9 @@ class PrefixAware:
 
 class PrecisePrefix(PrefixAware):
     """PrefixAware on what the replicas hold, not on what the gateway sent: the index is each
-    replica's own `GET /cache/blocks` report, replaced at every poll (gateway/prefix_poll.py),
-    so evictions and restarts show within one poll interval. Ties go to the replica whose
+    replica's own `GET /cache/blocks` report, replaced at every poll
+    (gateway/control/cache_blocks.py), so evictions and restarts show within one poll interval.
+    Ties go to the replica whose
     hash with the prompt's first block is highest (rendezvous hashing), so a new prefix keeps to
     one replica until the replicas report it, and gateways that see the same reports and loads
     make the same choice."""
