@@ -21,7 +21,8 @@ from yarl import URL
 
 from gateway import yamlfile
 from gateway.errors import ConfigError, key_path
-from gateway.routing.policies import PolicyOptions, PrefixOptions, canonical_policy_name
+from gateway.routing.options import PolicyOptions, PrefixOptions
+from gateway.routing.policies import canonical_policy_name
 
 
 def _replica_url(value: str) -> str:

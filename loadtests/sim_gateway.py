@@ -19,8 +19,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import AffinityConfig
 from gateway.datapath.classify import describe
-from gateway.pool.replicas import Replica, ReplicaPool
-from gateway.routing.policies import NO_INFO, POLICIES, PolicyOptions, RequestInfo
+from gateway.pool.replicas import ReplicaPool
+from gateway.routing.options import PolicyOptions
+from gateway.routing.policies import POLICIES
+from gateway.routing.replica import Replica
+from gateway.routing.request import NO_INFO, RequestInfo
 
 CENTRAL_QUEUE = "central_queue"
 CENTRAL_QUEUE_POLICY = "least_outstanding_requests"  # what the queue hands a free slot by

@@ -31,8 +31,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.pool.replicas import Replica
-from gateway.routing.policies import NO_INFO, RequestInfo
+from gateway.routing.replica import Replica
+from gateway.routing.request import NO_INFO, RequestInfo
 from loadtests import stats
 from loadtests.scenarios import (
     INSTANCE_CONCURRENCY,

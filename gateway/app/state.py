@@ -20,7 +20,8 @@ from gateway.datapath.h1client import UpstreamPool
 from gateway.ops.metrics import GatewayMetrics
 from gateway.pool.admission import Admission, Rules
 from gateway.pool.replicas import ReplicaPool
-from gateway.routing.policies import Policy, PolicyOptions, make_policy
+from gateway.routing.options import PolicyOptions
+from gateway.routing.policies import Policy, make_policy
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import aiohttp
 from gateway.app.state import GatewayState
 from gateway.control.health import POLL_FAILURES, PollFailures, get_json
 from gateway.errors import clipped
-from gateway.pool.replicas import Replica
 from gateway.routing.policies import PrecisePrefix
 from gateway.routing.prefix import HASH_SCHEME, TOKENIZER
+from gateway.routing.replica import Replica
 
 log = logging.getLogger("gateway")
 MAX_REPORT_BYTES = 8 * 1024 * 1024  # 16 hex digits + 3 per block: ~440k blocks

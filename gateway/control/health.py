@@ -27,7 +27,7 @@ from gateway.app.state import GatewayState
 from gateway.config import HealthCheck
 from gateway.datapath.upstream import BodyOverLimit, read_capped
 from gateway.errors import clipped
-from gateway.pool.replicas import Replica
+from gateway.routing.replica import Replica
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from gateway.config import LoadFeedback
 from gateway.control.engines import LoadMetricNames, metric_names, scrape_report
 from gateway.control.health import POLL_FAILURES, PollFailures
 from gateway.datapath.upstream import read_capped
-from gateway.pool.replicas import Replica, load_report
+from gateway.pool.replicas import load_report
+from gateway.routing.replica import Replica
 
 log = logging.getLogger(__name__)
 MAX_REPORT_BYTES = 4 * 1024 * 1024  # an engine's whole /metrics page, histograms included

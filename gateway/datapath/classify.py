@@ -18,8 +18,9 @@ from typing import Any
 from multidict import CIMultiDictProxy
 
 from gateway.config import AffinityConfig
-from gateway.routing.policies import NO_INFO, Need, PrefixOptions, RequestInfo
+from gateway.routing.options import PrefixOptions
 from gateway.routing.prefix import block_hashes, prompt_text
+from gateway.routing.request import NO_INFO, Need, RequestInfo
 
 CHARS_PER_TOKEN = 4
 DEFAULT_MAX_TOKENS = 16  # OpenAI completions' default

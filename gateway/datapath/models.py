@@ -31,7 +31,7 @@ from gateway.app.state import STATE, GatewayState
 from gateway.config import GatewayConfig, ServedModels
 from gateway.control.health import POLL_FAILURES, PollFailures, get_json
 from gateway.errors import GatewayError, NoHealthyReplica, clipped
-from gateway.pool.replicas import Replica
+from gateway.routing.replica import Replica
 
 log = logging.getLogger(__name__)
 V2_PREFIX = "/v2/models/"

@@ -40,8 +40,9 @@ from gateway.errors import (
     error_body,
 )
 from gateway.pool.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
-from gateway.pool.replicas import Replica, parse_load_report
-from gateway.routing.policies import NO_INFO
+from gateway.pool.replicas import parse_load_report
+from gateway.routing.replica import Replica
+from gateway.routing.request import NO_INFO
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from gateway.datapath.upstream import (
 from gateway.errors import GatewayError, NoHealthyReplica, error_body
 from gateway.jobs.store import Job, Outcome, Store, StoreUnavailable
 from gateway.pool.admission import Lease
-from gateway.pool.replicas import Replica
-from gateway.routing.policies import NO_INFO
+from gateway.routing.replica import Replica
+from gateway.routing.request import NO_INFO
 
 NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 

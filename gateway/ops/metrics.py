@@ -25,7 +25,8 @@ from prometheus_client.registry import Collector
 
 from gateway.ops.recent import RecentTraffic
 from gateway.pool.admission import Admission
-from gateway.pool.replicas import Replica, ReplicaPool
+from gateway.pool.replicas import ReplicaPool
+from gateway.routing.replica import Replica
 
 # Inference requests run from milliseconds (classifiers) to minutes (long generations).
 LATENCY_BUCKETS_S = (

@@ -15,8 +15,8 @@ from aiohttp import web
 
 from gateway.app.state import STATE, GatewayState
 from gateway.ops.metrics import publish_totals
-from gateway.pool.replicas import Replica
 from gateway.pool.shared import STATS
+from gateway.routing.replica import Replica
 
 UI_DIR = Path(__file__).with_name("ui")
 ASSETS = {"/ui": "index.html", "/ui/": "index.html", "/ui/status.js": "status.js"}

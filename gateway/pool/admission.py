@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING
 from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded, clipped
 from gateway.pool import outlier
-from gateway.pool.replicas import Outcome, Replica, ReplicaPool
-from gateway.routing.policies import NO_INFO, Policy, RequestInfo
+from gateway.pool.replicas import ReplicaPool
+from gateway.routing.policies import Policy
+from gateway.routing.replica import Outcome, Replica
+from gateway.routing.request import NO_INFO, RequestInfo
 
 if TYPE_CHECKING:
     from gateway.ops.metrics import GatewayMetrics

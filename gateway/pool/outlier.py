@@ -10,7 +10,8 @@ import logging
 import math
 
 from gateway.config import OutlierDetection
-from gateway.pool.replicas import Replica, ReplicaPool
+from gateway.pool.replicas import ReplicaPool
+from gateway.routing.replica import Replica
 
 log = logging.getLogger(__name__)
 

@@ -15,55 +15,14 @@ import bisect
 import hashlib
 import math
 import random
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-from gateway.pool.replicas import Replica
+from gateway.routing.options import PolicyOptions
 from gateway.routing.prefix import PrefixIndex
-
-Need = str  # "tokens" | "key" | "prefix"
-
-
-@dataclass(frozen=True)
-class RequestInfo:
-    """What a policy may know of the request it routes."""
-
-    tokens: int = 0  # estimated work: prompt tokens + max_tokens for completions, else 1
-    key: str | None = None  # affinity key (a header's value or a prompt prefix)
-    prefix: tuple[int, ...] = ()  # the prompt's leading KV block hashes (gateway/routing/prefix.py)
-    prompt_tokens: int = 0  # the whole prompt, in the replica's tokens (for "prefix")
-    model: str | None = None  # the served model it asks for (after aliases); None: any replica
-
-
-NO_INFO = RequestInfo()
-
-
-@dataclass(frozen=True)
-class PrefixOptions:
-    """Strategy `prefix_aware`; see PrefixAware."""
-
-    block_size: int = 16  # the replicas' KV block, in tokens
-    prefix_length: int = 4096  # tokens of each prompt that are hashed (SageMaker's knob)
-    balance_factor: float = 1.5  # cache wins only below this x the fleet's mean outstanding
-    concurrency_threshold: int | None = None  # at or above it a replica takes no cache win
-    tokens_per_outstanding: int = 256  # a request there, when its capacity is unknown
-    tokens_per_running: int = 16  # a request there, below its reported capacity
-    tokens_per_queued: int = 2048  # a request that would wait there for a slot
-    max_entries: int = 200_000  # (block, replica) pairs kept; least recently used go first
-    session_header: str | None = "X-Session-Id"
-    poll_interval_s: float = 0.5  # precise_prefix: how often each replica's blocks are read
-
-
-@dataclass(frozen=True)
-class PolicyOptions:
-    feedback_max_age_s: float = 2.0  # a replica's load report counts for this long
-    ewma_decay_s: float = 10.0  # peak_ewma: how fast a faster latency pulls the average down
-    affinity_load_factor: float = 1.25  # affinity: no replica takes more than c x the mean
-    prefix: PrefixOptions = PrefixOptions()
-    clock: Callable[[], float] = field(default=time.monotonic, compare=False)
+from gateway.routing.replica import Replica
+from gateway.routing.request import Need, RequestInfo
 
 
 class Policy(Protocol):

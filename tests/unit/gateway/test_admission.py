@@ -12,14 +12,11 @@ import pytest
 from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded
 from gateway.pool.admission import Admission, DrainRate, Lease, NoUntriedReplica, Rules, outcome_of
-from gateway.pool.replicas import Replica, ReplicaPool
-from gateway.routing.policies import (
-    NO_INFO,
-    LeastOutstandingRequests,
-    PolicyOptions,
-    RequestInfo,
-    RoundRobinPolicy,
-)
+from gateway.pool.replicas import ReplicaPool
+from gateway.routing.options import PolicyOptions
+from gateway.routing.policies import LeastOutstandingRequests, RoundRobinPolicy
+from gateway.routing.replica import Replica
+from gateway.routing.request import NO_INFO, RequestInfo
 
 URLS = ["http://a:1", "http://b:1"]
 

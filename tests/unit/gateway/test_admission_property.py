@@ -14,8 +14,11 @@ from hypothesis import strategies as st
 from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded
 from gateway.pool.admission import Admission, Lease, NoUntriedReplica, Rules
-from gateway.pool.replicas import Replica, ReplicaPool
-from gateway.routing.policies import NO_INFO, POLICIES, PolicyOptions
+from gateway.pool.replicas import ReplicaPool
+from gateway.routing.options import PolicyOptions
+from gateway.routing.policies import POLICIES
+from gateway.routing.replica import Replica
+from gateway.routing.request import NO_INFO
 
 URLS = [f"http://r{i}:1" for i in range(4)]
 STRATEGIES = ["least_outstanding_requests", "random", "round_robin", "power_of_two"]

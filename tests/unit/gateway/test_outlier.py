@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from gateway.config import OutlierDetection
 from gateway.pool import outlier
-from gateway.pool.replicas import Replica, ReplicaPool
+from gateway.pool.replicas import ReplicaPool
+from gateway.routing.replica import Replica
 
 SETTINGS = OutlierDetection(
     consecutive_failures=3, base_ejection_s=5, max_ejection_s=12, max_ejected_percent=50

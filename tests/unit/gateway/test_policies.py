@@ -8,23 +8,23 @@ from collections import Counter
 
 import pytest
 
-from gateway.pool.replicas import Replica, ReplicaPool
+from gateway.pool.replicas import ReplicaPool
+from gateway.routing.options import PolicyOptions
 from gateway.routing.policies import (
-    NO_INFO,
     POLICIES,
     Affinity,
     LeastLoaded,
     LeastOutstandingRequests,
     LeastOutstandingTokens,
     PeakEwma,
-    PolicyOptions,
     PowerOfTwoChoices,
     RandomPolicy,
-    RequestInfo,
     RoundRobinPolicy,
     canonical_policy_name,
     make_policy,
 )
+from gateway.routing.replica import Replica
+from gateway.routing.request import NO_INFO, RequestInfo
 
 OPTIONS = PolicyOptions()
 

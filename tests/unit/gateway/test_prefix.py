@@ -10,15 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.pool.replicas import Replica
-from gateway.routing.policies import (
-    PolicyOptions,
-    PrecisePrefix,
-    PrefixAware,
-    PrefixOptions,
-    RequestInfo,
-)
+from gateway.routing.options import PolicyOptions, PrefixOptions
+from gateway.routing.policies import PrecisePrefix, PrefixAware
 from gateway.routing.prefix import HASH_SCHEME, TOKENIZER, PrefixIndex, block_hashes, prompt_text
+from gateway.routing.replica import Replica
+from gateway.routing.request import RequestInfo
 from replica.kv import HASH_SCHEME as REPLICA_SCHEME
 from replica.kv import chain_hashes
 from replica.models.chat_template import apply_chat_template

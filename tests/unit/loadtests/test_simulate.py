@@ -9,8 +9,10 @@ from typing import ClassVar
 
 import pytest
 
-from gateway.pool.replicas import Replica
-from gateway.routing.policies import POLICIES, Need, PolicyOptions, RequestInfo
+from gateway.routing.options import PolicyOptions
+from gateway.routing.policies import POLICIES
+from gateway.routing.replica import Replica
+from gateway.routing.request import Need, RequestInfo
 from loadtests.sim_gateway import CENTRAL_QUEUE, front_ends
 from loadtests.simulate import (
     Profile,
