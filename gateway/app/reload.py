@@ -12,9 +12,10 @@ import logging
 import os
 from pathlib import Path
 
-from gateway.app.state import GatewayState, Runtime, build_runtime
+from gateway.app.state import AppState
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
+from gateway.pool.live import Runtime, build_runtime
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def file_signature(path: os.PathLike[str] | str) -> FileSignature:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def reload_config(state: GatewayState, trigger: str) -> Runtime:
+def reload_config(state: AppState, trigger: str) -> Runtime:
     """Load the config file again and swap it in; raises ConfigError and keeps the old one.
     Parses on the calling thread: the event loop's callers use `reload_config_off_loop`."""
     path = _config_path(state)
@@ -41,7 +42,7 @@ def reload_config(state: GatewayState, trigger: str) -> Runtime:
     return _swap(state, config, trigger)
 
 
-async def reload_config_off_loop(state: GatewayState, trigger: str) -> Runtime:
+async def reload_config_off_loop(state: AppState, trigger: str) -> Runtime:
     """As reload_config, the file read, parsed and validated in a worker thread; what touches
     the gateway's state (counting, the swap) runs back on the loop."""
     path = _config_path(state)
@@ -53,19 +54,19 @@ async def reload_config_off_loop(state: GatewayState, trigger: str) -> Runtime:
     return _swap(state, config, trigger)
 
 
-def _config_path(state: GatewayState) -> Path:
+def _config_path(state: AppState) -> Path:
     if state.config_path is None:
         raise ConfigError("this gateway was started without a config file; nothing to reload")
     return state.config_path
 
 
-def _refused(state: GatewayState, trigger: str, exc: ConfigError) -> None:
+def _refused(state: AppState, trigger: str, exc: ConfigError) -> None:
     state.metrics.reloads.labels("error").inc()
     log.error("config reload (%s) refused, previous config still serving: %s", trigger, exc)
 
 
-def _swap(state: GatewayState, config: GatewayConfig, trigger: str) -> Runtime:
-    old = state.runtime.config
+def _swap(state: AppState, config: GatewayConfig, trigger: str) -> Runtime:
+    old = state.live.runtime.config
     for key, before, after in (
         ("listen", old.listen, config.listen),
         ("limits.max_header_bytes", old.limits.max_header_bytes, config.limits.max_header_bytes),
@@ -76,21 +77,21 @@ def _swap(state: GatewayState, config: GatewayConfig, trigger: str) -> Runtime:
     ):  # fmt: skip
         if before != after:
             log.warning("config reload (%s): '%s' changes take effect on restart", trigger, key)
-    state.swap(build_runtime(config, state.runtime))
+    state.live.swap(build_runtime(config, state.live.runtime))
     state.metrics.reloads.labels("ok").inc()
     log.info(
         "config reloaded (%s): strategy %s, %d replicas",
         trigger,
         config.routing.strategy,
-        len(state.pool.active()),
+        len(state.live.pool.active()),
     )
-    return state.runtime
+    return state.live.runtime
 
 
 class ReloadWatcher:
     """The one task that reloads: on a changed file signature or when woken (SIGHUP)."""
 
-    def __init__(self, state: GatewayState) -> None:
+    def __init__(self, state: AppState) -> None:
         self._state = state
         self._wake = asyncio.Event()
         path = state.config_path
@@ -104,7 +105,7 @@ class ReloadWatcher:
         if path is None:
             return
         while True:
-            settings = self._state.runtime.config.reload
+            settings = self._state.live.runtime.config.reload
             try:
                 await asyncio.wait_for(self._wake.wait(), settings.poll_interval_s)
                 trigger = "signal"

@@ -26,25 +26,27 @@ from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway.app.reload import ReloadWatcher, reload_config_off_loop
-from gateway.app.state import STATE, GatewayState, build_runtime
+from gateway.app.state import APP, AppState
 from gateway.app.workers import Worker
 from gateway.config import GatewayConfig
 from gateway.control.cache_blocks import CacheBlocksPoller
 from gateway.control.discovery import DnsDiscovery
+from gateway.control.fetch import SESSION
 from gateway.control.health import HealthChecker
 from gateway.control.load import LoadPoller
-from gateway.datapath import models, proxy
+from gateway.control.models import ModelPoller
+from gateway.datapath import proxy
 from gateway.datapath.auth import as_sent, authenticate, bearer_token, require_key
 from gateway.datapath.h1client import UpstreamPool
-from gateway.datapath.models import ModelPoller
+from gateway.datapath.proxy import PROXY, UPSTREAM, Proxy
 from gateway.errors import BodyTooLarge, ConfigError, GatewayError, error_body
 from gateway.jobs import forward as jobs_forward
 from gateway.jobs import routes as job_routes
 from gateway.jobs.service import JOBS, JobService
-from gateway.ops import status
-from gateway.ops.metrics import GatewayMetrics
+from gateway.ops import models, status
+from gateway.ops.metrics import METRICS, GatewayMetrics
 from gateway.ops.openapi import DOCUMENT
-from gateway.pool.admission import Admission
+from gateway.pool.live import LIVE, Live, build_runtime
 from gateway.pool.replicas import ReplicaPool
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ def _expecting(*checks: Check) -> ExpectHandler:
 
 def _body_fits(request: web.Request) -> None:
     """A declared Content-Length within the limit its handler reads the body with."""
-    config = request.app[STATE].runtime.config
+    config = request.app[LIVE].runtime.config
     limit, name = config.limits.max_body_bytes, "limits.max_body_bytes"
     if request.path == "/v1/batches" and config.jobs is not None:
         limit, name = config.jobs.max_batch_bytes, "jobs.max_batch_bytes"
@@ -155,8 +157,8 @@ def _only(methods: tuple[str, ...], handler: Handler) -> Handler:
     return guarded
 
 
-def _require_admin(request: web.Request) -> GatewayState:
-    state = request.app[STATE]
+def _require_admin(request: web.Request) -> AppState:
+    state = request.app[APP]
     if state.admin_token is None:
         raise web.HTTPNotFound(text=f"{request.path} is off: set INFERGATE_ADMIN_TOKEN to enable")
     token = bearer_token(request.headers.get("Authorization"))
@@ -173,25 +175,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    healthy = len(state.pool.available())
-    ready = healthy > 0 and not state.draining and state.models_polled
+    live = request.app[LIVE]
+    healthy = len(live.pool.available())
+    ready = healthy > 0 and not live.draining and live.models_polled
     body = {
-        "ready": ready, "healthy_replicas": healthy, "draining": state.draining,
-        "models_known": state.models_polled,
+        "ready": ready, "healthy_replicas": healthy, "draining": live.draining,
+        "models_known": live.models_polled,
     }  # fmt: skip
     return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[STATE].metrics.exposition)
+    body = generate_latest(request.app[METRICS].exposition)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _describe_state(state: GatewayState) -> dict[str, Any]:
+def _describe_state(state: AppState) -> dict[str, Any]:
+    live = state.live
     return {
-        "strategy": state.runtime.config.routing.strategy,
-        "replicas": [status.replica_json(replica) for replica in state.pool.all()],
+        "strategy": live.runtime.config.routing.strategy,
+        "replicas": [status.replica_json(replica) for replica in live.pool.all()],
     }
 
 
@@ -202,7 +205,7 @@ async def admin_replicas(request: web.Request) -> web.Response:
 async def admin_reload(request: web.Request) -> web.Response:
     state = _require_admin(request)
     await reload_config_off_loop(state, "admin")
-    if state.worker is not None:  # the sibling workers reload too: the supervisor tells them
+    if state.live.worker is not None:  # the sibling workers reload too: the supervisor tells them
         os.kill(os.getppid(), signal.SIGHUP)
     return web.json_response({"result": "ok", **_describe_state(state)})
 
@@ -229,7 +232,7 @@ def _models_or_proxied(handler: Handler) -> Handler:
     guarded = _only(("GET", "HEAD"), handler)
 
     async def route(request: web.Request) -> web.StreamResponse:
-        if models.known(request.app[STATE]):
+        if models.known(request.app[LIVE]):
             return await guarded(request)
         return await proxy.handle(request)
 
@@ -248,13 +251,13 @@ def _proxied(handler: Handler) -> Handler:
 
 
 async def _start_draining(app: web.Application) -> None:
-    app[STATE].draining = True
+    app[LIVE].draining = True
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     # Idle connections to replicas closed before the replica closes them (as the proxy's own
     # pool does): the value at start-up, for health checks, pollers and the jobs scheduler.
-    keepalive_s = app[STATE].runtime.config.timeouts.upstream_keepalive_s
+    keepalive_s = app[LIVE].runtime.config.timeouts.upstream_keepalive_s
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_s, ttl_dns_cache=10)
     session = aiohttp.ClientSession(
         connector=connector,
@@ -263,14 +266,14 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None),
     )
-    app[STATE].session = session
-    app[STATE].upstream_pool = pool = UpstreamPool()
+    app[SESSION] = session
+    app[UPSTREAM] = pool = UpstreamPool()
     yield
     pool.close()
     await session.close()
 
 
-Background = Callable[[web.Application], Coroutine[None, None, None]]
+Background = Callable[[], Coroutine[None, None, None]]
 
 
 def _background(name: str, make: Background) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -279,7 +282,7 @@ def _background(name: str, make: Background) -> Callable[[web.Application], Asyn
     async def keep_running(app: web.Application) -> None:
         while True:
             try:
-                await make(app)
+                await make()
                 return
             except Exception:
                 log.exception("background task %s failed; starting it again", name)
@@ -305,18 +308,16 @@ def create_app(
 ) -> web.Application:
     """The gateway app; `worker`: this process is one of `workers: N` (gateway/app/workers.py)."""
     shared = worker.counts if worker is not None else None
-    pool = ReplicaPool(config.replica_urls, shared=shared)
-    admission = Admission(pool)
+    live = Live.start(build_runtime(config), ReplicaPool(config.replica_urls, shared=shared))
+    if worker is not None:
+        live.worker = (worker.index, worker.count)
     multiprocess_dir = worker.metrics_dir if worker is not None else None
     gateway_metrics = GatewayMetrics(
-        registry or CollectorRegistry(), pool, admission, multiprocess_dir
+        registry or CollectorRegistry(), live.pool, live.admission, multiprocess_dir
     )
-    state = GatewayState(
-        config_path, build_runtime(config), pool, admission, gateway_metrics, admin_token
-    )
-    if worker is not None:
-        state.worker = (worker.index, worker.count)
-    state.swap(state.runtime)
+    gateway_metrics.watch(live)
+    live.swap(live.runtime)
+    state = AppState(config_path, live, gateway_metrics, admin_token)
     # The body limit follows the live config (proxy.read_body); aiohttp's own cap stays off.
     # A body is relayed as the client sent it, Content-Encoding and all (the replica decides
     # what it takes): aiohttp does not decompress it, so a body that does not decompress is
@@ -326,22 +327,33 @@ def create_app(
         client_max_size=0,
         handler_args={"auto_decompress": False},
     )
-    app[STATE] = state
+    app[APP] = state
+    app[LIVE] = live
+    app[METRICS] = gateway_metrics
+    app[PROXY] = Proxy(live, lambda: app[UPSTREAM], gateway_metrics)
     app[WATCHER] = ReloadWatcher(state)
-    app[HEALTH] = HealthChecker(state)
+
+    def session() -> aiohttp.ClientSession:
+        return app[SESSION]  # opened by _client_session
+
+    app[HEALTH] = HealthChecker(live, session)
     app.on_shutdown.append(_start_draining)
     app.cleanup_ctx.append(_client_session)
-    app.cleanup_ctx.append(_background("health-checks", lambda a: a[HEALTH].run()))
-    app.cleanup_ctx.append(_background("config-watch", lambda a: a[WATCHER].run()))
-    app.cleanup_ctx.append(_background("load-feedback", lambda a: LoadPoller(state).run()))
-    app.cleanup_ctx.append(_background("served-models", lambda a: ModelPoller(state).run()))
-    app.cleanup_ctx.append(_background("cache-blocks", lambda a: CacheBlocksPoller(state).run()))
-    app.cleanup_ctx.append(_background("dns-discovery", lambda a: DnsDiscovery(state).run()))
+    app.cleanup_ctx.append(_background("config-watch", app[WATCHER].run))
+    loops: list[tuple[str, Callable[[], Coroutine[None, None, None]]]] = [
+        ("health-checks", app[HEALTH].run),
+        ("load-feedback", LoadPoller(live, session).run),
+        ("served-models", ModelPoller(live, session).run),
+        ("cache-blocks", CacheBlocksPoller(live, session).run),
+        ("dns-discovery", DnsDiscovery(live, on_round=gateway_metrics.discovery_round).run),
+    ]
+    for name, run in loops:
+        app.cleanup_ctx.append(_background(name, run))
     forwarded = config.jobs is not None and worker is not None and worker.index > 0
     if config.jobs is not None and not forwarded:
-        jobs = app[JOBS] = JobService(state, config.jobs)
+        jobs = app[JOBS] = JobService(live, config.jobs, gateway_metrics, session)
         app.cleanup_ctx.append(jobs.lifetime)
-        app.cleanup_ctx.append(_background("jobs", lambda a: jobs.run()))
+        app.cleanup_ctx.append(_background("jobs", jobs.run))
     elif forwarded and worker is not None:  # worker 0 owns the store; it answers for us
         app.cleanup_ctx.append(jobs_forward.lifetime(worker.jobs_socket))
     own = [

@@ -1,120 +1,28 @@
-"""The gateway's state: what lives for the process (pool, metrics, client session) and the
-Runtime that a config reload swaps as one reference (config + policy).
+"""The composition root's own state: where the config came from, the admin token, and the
+objects of the wings it wires together (the gateway in force, its metrics).
 
-A request reads `state.runtime` once at dispatch, so a reload never changes the rules halfway
-through a request; the pool is shared across runtimes, so outstanding counts survive a swap.
+Only gateway/app reads it. Everything below the app gets what it uses: handlers read the
+narrow keys of their wing (LIVE, PROXY, METRICS, SESSION, JOBS), loops and jobs are handed
+their objects when the app makes them.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
-from gateway.config import GatewayConfig
-from gateway.datapath.h1client import UpstreamPool
 from gateway.ops.metrics import GatewayMetrics
-from gateway.pool.admission import Admission, Rules
-from gateway.pool.replicas import ReplicaPool
-from gateway.routing.options import PolicyOptions
-from gateway.routing.policies import Policy, make_policy
+from gateway.pool.live import Live
 
 
-@dataclass(frozen=True)
-class Runtime:
-    config: GatewayConfig
-    policy: Policy
-    options: PolicyOptions
-    model_policies: Mapping[str, Policy] = field(default_factory=dict)  # `models[].strategy`
-
-    def policy_for(self, model: str | None) -> Policy:
-        return self.model_policies.get(model, self.policy) if model is not None else self.policy
-
-
-def build_runtime(config: GatewayConfig, previous: Runtime | None = None) -> Runtime:
-    """A new runtime; an unchanged strategy keeps its policy object (round robin keeps its turn,
-    prefix_aware its index), and so does a model whose strategy and options are unchanged."""
-    routing, options = config.routing, config.policy_options()
-    same = previous is not None and (previous.config.routing, previous.options) == (
-        routing,
-        options,
-    )
-    rng = random.Random(routing.seed)
-    policy = previous.policy if same and previous else make_policy(routing.strategy, rng, options)
-    model_policies: dict[str, Policy] = {}
-    for route in config.models:
-        if route.strategy is None:
-            continue
-        unchanged = previous is not None and previous.options == options
-        kept = previous.model_policies.get(route.name) if unchanged and previous else None
-        if kept is not None and previous and _strategy_of(previous, route.name) == route.strategy:
-            model_policies[route.name] = kept
-        else:
-            model_policies[route.name] = make_policy(route.strategy, rng, options)
-    return Runtime(config, policy, options, model_policies)
-
-
-def _strategy_of(runtime: Runtime, model: str) -> str | None:
-    return next((m.strategy for m in runtime.config.models if m.name == model), None)
-
-
-@dataclass
-class GatewayState:
+@dataclass(eq=False)
+class AppState:
     config_path: Path | None
-    runtime: Runtime
-    pool: ReplicaPool
-    admission: Admission
+    live: Live
     metrics: GatewayMetrics
     admin_token: str | None
-    session: aiohttp.ClientSession | None = field(default=None)
-    upstream_pool: UpstreamPool | None = field(default=None)  # the proxy's own client
-    retries_in_flight: int = 0
-    draining: bool = False  # set on shutdown: /readyz answers 503 so load balancers move on
-    discovered: tuple[str, ...] | None = None  # DNS discovery's last good answer
-    models_polled: bool = False  # the first round of GET /v1/models is done (or polling is off)
-    worker: tuple[int, int] | None = None  # (index, count) under `workers: N`; None: alone
-
-    def __post_init__(self) -> None:
-        self.admission.metrics = self.metrics
-
-    def swap(self, runtime: Runtime) -> None:
-        config = runtime.config
-        self.runtime = runtime
-        self.admission.configure(
-            Rules(
-                runtime.policy,
-                config.limits,
-                config.outlier_detection,
-                config.routing.ewma_decay_s,
-                runtime.model_policies,
-            )
-        )
-        self.pool.update(
-            self.replica_urls(config), config.replica_max_concurrency, config.replica_models
-        )
-        self.metrics.forget_gone()
-        self.metrics.set_strategy(runtime.config.routing.strategy)
-
-    def replica_urls(self, config: GatewayConfig) -> list[str]:
-        """Discovery owns the list when configured; until its first answer the pool stays."""
-        if config.discovery is None:
-            self.discovered = None
-            return config.replica_urls
-        if self.discovered is None:
-            return [replica.url for replica in self.pool.active()]
-        return list(self.discovered)
-
-    def client(self) -> aiohttp.ClientSession:
-        assert self.session is not None, "client session is opened by the app's cleanup_ctx"
-        return self.session
-
-    def upstream(self) -> UpstreamPool:
-        assert self.upstream_pool is not None, "opened by the app's cleanup_ctx"
-        return self.upstream_pool
 
 
-STATE = web.AppKey("gateway_state", GatewayState)
+APP = web.AppKey("app_state", AppState)

@@ -18,9 +18,9 @@ from typing import Any
 
 import aiohttp
 
-from gateway.app.state import GatewayState
-from gateway.control.health import POLL_FAILURES, PollFailures, get_json
+from gateway.control.fetch import POLL_FAILURES, PollFailures, Session, get_json
 from gateway.errors import clipped
+from gateway.pool.live import Live
 from gateway.routing.policies import PrecisePrefix
 from gateway.routing.prefix import HASH_SCHEME, TOKENIZER
 from gateway.routing.replica import Replica
@@ -36,14 +36,15 @@ class BadReport(ValueError):
 
 
 class CacheBlocksPoller:
-    def __init__(self, state: GatewayState) -> None:
-        self._state = state
+    def __init__(self, live: Live, session: Session) -> None:
+        self._live = live
+        self._session = session
         self._warned: set[str] = set()
         self._failures = PollFailures(log, "precise_prefix", "it is taken to hold nothing")
 
     async def run(self) -> None:
         while True:
-            runtime = self._state.runtime
+            runtime = self._live.runtime
             polled = [(None, runtime.policy), *runtime.model_policies.items()]
             precise = [(p, model) for model, p in polled if isinstance(p, PrecisePrefix)]
             if precise:
@@ -64,7 +65,7 @@ class CacheBlocksPoller:
         limit: aiohttp.ClientTimeout | None = None,
     ) -> None:
         """Every replica's blocks of `model` (its default model when None)."""
-        active = self._state.pool.active()
+        active = self._live.pool.active()
         replicas = [r for r in active if r.serves(model)]
         self._failures.keep({r.url for r in active})
         limit = limit or aiohttp.ClientTimeout(total=MAX_TIMEOUT_S)
@@ -79,7 +80,7 @@ class CacheBlocksPoller:
         url = f"{replica.url}/cache/blocks"
         try:
             status, report = await get_json(
-                self._state.client(), url, max_bytes=MAX_REPORT_BYTES, limit=limit, params=query
+                self._session(), url, max_bytes=MAX_REPORT_BYTES, limit=limit, params=query
             )
             hashes = blocks(report) if status == 200 else []
         except POLL_FAILURES as error:

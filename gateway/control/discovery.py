@@ -2,11 +2,11 @@
 replica list, so new addresses get traffic and vanished ones drain (pool.update).
 
 It is the shape of a Kubernetes headless Service: one A (or AAAA) record per ready pod, every
-pod on the same port. When configured, discovery owns the replica list (GatewayState.discovered;
+pod on the same port. When configured, discovery owns the replica list (Live.discovered;
 a config reload keeps it). A failed or empty answer is counted and keeps the last good list: a
 DNS hiccup never empties the pool; it is logged once when the rounds start failing (and again
-after a good one), not every round. After each change the metrics of replicas that left
-the pool are dropped, so a fleet whose pods come and go does not grow the gateway.
+after a good one), not every round. Each round's result goes to `on_round` (the metrics count
+it); the metrics of replicas that leave the pool follow the pool's own signal.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from gateway.app.state import GatewayState
 from gateway.config import Discovery
-from gateway.control.health import PollFailures
+from gateway.control.fetch import PollFailures
+from gateway.pool.live import Live
 
 if TYPE_CHECKING:
     import dns.asyncresolver
@@ -82,17 +82,23 @@ def replica_url(spec: Discovery, address: str) -> str:
 
 
 class DnsDiscovery:
-    def __init__(self, state: GatewayState, resolve: Resolve = resolve_addresses) -> None:
-        self._state = state
+    def __init__(
+        self,
+        live: Live,
+        resolve: Resolve = resolve_addresses,
+        on_round: Callable[[str], None] = lambda result: None,
+    ) -> None:
+        self._live = live
         self._resolve = resolve
+        self._on_round = on_round
         self._failures = PollFailures(log, "discovery", "keeping the last list of replicas")
 
     async def run(self) -> None:
         while True:
-            spec = self._state.runtime.config.discovery
+            spec = self._live.runtime.config.discovery
             if spec is None:
                 # Discovery may be switched on by a reload; look again at the reload cadence.
-                await asyncio.sleep(self._state.runtime.config.reload.poll_interval_s)
+                await asyncio.sleep(self._live.runtime.config.reload.poll_interval_s)
                 continue
             await self.refresh(spec)
             await asyncio.sleep(spec.interval_s)
@@ -106,16 +112,15 @@ class DnsDiscovery:
             self._failures.failed(spec.dns, exc)
         else:
             self._failures.ok(spec.dns)
-            if self._state.runtime.config.discovery == spec:  # not reconfigured meanwhile
+            if self._live.runtime.config.discovery == spec:  # not reconfigured meanwhile
                 self._apply(tuple(sorted({replica_url(spec, a) for a in addresses})))
-        self._state.metrics.discovery.labels(result).inc()
+        self._on_round(result)
 
     def _apply(self, urls: tuple[str, ...]) -> None:
-        before = set(self._state.discovered or ())
-        if urls == self._state.discovered:
+        before = set(self._live.discovered or ())
+        if urls == self._live.discovered:
             return
-        self._state.discovered = urls
-        self._state.pool.update(urls)
-        self._state.metrics.forget_gone()  # addresses come and go: keep series for the pool only
+        self._live.discovered = urls
+        self._live.pool.update(urls)
         added, gone = sorted(set(urls) - before), sorted(before - set(urls))
         log.info("discovery: %d replicas (added %s, draining %s)", len(urls), added, gone)

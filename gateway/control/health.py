@@ -6,36 +6,22 @@ kept for the replicas of the last round only (DNS discovery may replace every ad
 Replicas start healthy and are probed at once, so a fresh gateway serves without waiting.
 A probe is judged by its status alone: the body is never read, so a replica
 that answers with an endless one costs a read buffer, and the connection is closed.
-
-The other control pollers (load feedback, served models, cache blocks) read what replicas
-answer through `get_json` and `PollFailures` here (discovery logs through it too): bounded
-reads, every way a hostile answer can fail caught per replica, one log line per replica per
-bad streak, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import Collection, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import aiohttp
 
-from gateway.app.state import GatewayState
 from gateway.config import HealthCheck
-from gateway.datapath.upstream import BodyOverLimit, read_capped
-from gateway.errors import clipped
+from gateway.control.fetch import Session
+from gateway.pool.live import Live
 from gateway.routing.replica import Replica
 
 log = logging.getLogger(__name__)
-
-# What reading a replica's answer can raise: the connection, the clock, the size cap, and the
-# decoder (ValueError covers malformed JSON, UnicodeDecodeError and over-long integers;
-# RecursionError deep nesting). A poller catches these per replica and nothing else, so a bug
-# of ours still shows.
-POLL_FAILURES = (aiohttp.ClientError, TimeoutError, BodyOverLimit, ValueError, RecursionError)
 
 
 async def probe(session: aiohttp.ClientSession, url: str, check: HealthCheck) -> bool:
@@ -49,53 +35,10 @@ async def probe(session: aiohttp.ClientSession, url: str, check: HealthCheck) ->
         return False
 
 
-async def get_json(
-    session: aiohttp.ClientSession,
-    url: str,
-    *,
-    max_bytes: int,
-    limit: aiohttp.ClientTimeout,
-    params: Mapping[str, str] | None = None,
-) -> tuple[int, Any]:
-    """A replica's status and, for a 200, its JSON body (read up to `max_bytes`); raises one of
-    POLL_FAILURES."""
-    async with session.get(url, params=params, timeout=limit) as response:
-        if response.status != 200:
-            return response.status, None  # an error page is not read (see probe)
-        return 200, json.loads(await read_capped(response, max_bytes))
-
-
-class PollFailures:
-    """A poller's failed replicas: each named once when its polls start failing (a poller runs
-    every second or faster, and a line a round would bury the log), without a traceback (the
-    fault is in the replica's answer, not here), and again only after a good poll."""
-
-    def __init__(self, logger: logging.Logger, poller: str, consequence: str) -> None:
-        self._log = logger
-        self._poller = poller
-        self._consequence = consequence
-        self._failing: set[str] = set()
-
-    def failed(self, url: str, error: BaseException) -> None:
-        if url not in self._failing:
-            self._failing.add(url)
-            reason = clipped(str(error)) or "no detail"
-            self._log.warning(
-                "%s: %s failed (%s: %s); %s",
-                self._poller, url, type(error).__name__, reason, self._consequence,
-            )  # fmt: skip
-
-    def ok(self, url: str) -> None:
-        self._failing.discard(url)
-
-    def keep(self, urls: Collection[str]) -> None:
-        """Forget replicas that left the pool (discovery may replace every address)."""
-        self._failing.intersection_update(urls)
-
-
 class HealthChecker:
-    def __init__(self, state: GatewayState) -> None:
-        self._state = state
+    def __init__(self, live: Live, session: Session) -> None:
+        self._live = live
+        self._session = session
         self._streaks: dict[str, int] = {}  # >0: good probes in a row, <0: failures in a row
 
     @property
@@ -104,19 +47,19 @@ class HealthChecker:
 
     async def run(self) -> None:
         while True:
-            check = self._state.runtime.config.health_check
+            check = self._live.runtime.config.health_check
             if check is None:
                 if self._streaks:
                     self._forget_all()
                 # Checks may be switched on by a reload; look again at the reload cadence.
-                await asyncio.sleep(self._state.runtime.config.reload.poll_interval_s)
+                await asyncio.sleep(self._live.runtime.config.reload.poll_interval_s)
                 continue
             await self.check_once(check)
             await asyncio.sleep(check.interval_s)
 
     async def check_once(self, check: HealthCheck) -> None:
-        replicas = self._state.pool.all()
-        session = self._state.client()
+        replicas = self._live.pool.all()
+        session = self._session()
         results = await asyncio.gather(*(probe(session, r.url, check) for r in replicas))
         probed = {replica.url for replica in replicas}
         for url in [url for url in self._streaks if url not in probed]:
@@ -130,13 +73,13 @@ class HealthChecker:
         self._streaks[replica.url] = streak
         if not replica.healthy and streak >= check.healthy_threshold:
             log.info("replica %s is healthy again", replica.url)
-            self._state.pool.set_healthy(replica, True)
+            self._live.pool.set_healthy(replica, True)
         elif replica.healthy and -streak >= check.unhealthy_threshold:
             log.warning("replica %s failed %d health checks; ejected", replica.url, -streak)
-            self._state.pool.set_healthy(replica, False)
+            self._live.pool.set_healthy(replica, False)
 
     def _forget_all(self) -> None:
         # Checks switched off by a reload: nothing would bring an ejected replica back.
         self._streaks.clear()
-        for replica in self._state.pool.all():
-            self._state.pool.set_healthy(replica, True)
+        for replica in self._live.pool.all():
+            self._live.pool.set_healthy(replica, True)

@@ -19,11 +19,10 @@ from typing import Any
 
 import aiohttp
 
-from gateway.app.state import GatewayState
 from gateway.config import LoadFeedback
 from gateway.control.engines import LoadMetricNames, metric_names, scrape_report
-from gateway.control.health import POLL_FAILURES, PollFailures
-from gateway.datapath.upstream import read_capped
+from gateway.control.fetch import POLL_FAILURES, PollFailures, Session, read_capped
+from gateway.pool.live import Live
 from gateway.pool.replicas import load_report
 from gateway.routing.replica import Replica
 
@@ -32,22 +31,23 @@ MAX_REPORT_BYTES = 4 * 1024 * 1024  # an engine's whole /metrics page, histogram
 
 
 class LoadPoller:
-    def __init__(self, state: GatewayState) -> None:
-        self._state = state
+    def __init__(self, live: Live, session: Session) -> None:
+        self._live = live
+        self._session = session
         self._failures = PollFailures(log, "load feedback", "its last report ages out")
 
     async def run(self) -> None:
         while True:
-            feedback = self._state.runtime.config.load_feedback
+            feedback = self._live.runtime.config.load_feedback
             if feedback.poll_interval_s > 0:
                 await self.poll_once(feedback)
             # Polling may be switched on by a reload; look again at the reload cadence.
             await asyncio.sleep(
-                feedback.poll_interval_s or self._state.runtime.config.reload.poll_interval_s
+                feedback.poll_interval_s or self._live.runtime.config.reload.poll_interval_s
             )
 
     async def poll_once(self, feedback: LoadFeedback) -> None:
-        replicas = self._state.pool.active()
+        replicas = self._live.pool.active()
         self._failures.keep({r.url for r in replicas})
         limit = aiohttp.ClientTimeout(total=max(0.05, min(1.0, feedback.poll_interval_s)))
         names = metric_names(feedback)
@@ -73,7 +73,7 @@ class LoadPoller:
 
     async def _read(self, url: str, limit: aiohttp.ClientTimeout) -> bytes | None:
         """The body of a 200 (a replica without the endpoint answers 404: no report)."""
-        async with self._state.client().get(url, timeout=limit) as response:
+        async with self._session().get(url, timeout=limit) as response:
             if response.status != 200:
                 return None
             return await read_capped(response, MAX_REPORT_BYTES)
@@ -85,9 +85,9 @@ class LoadPoller:
             scrape = scrape_report(body.decode("utf-8", errors="replace"), names)
             if scrape is not None:
                 replica.model_load = scrape.by_model
-                self._state.pool.report(replica, scrape.report, ours=ours)
+                self._live.pool.report(replica, scrape.report, ours=ours)
             return
         load: Any = json.loads(body)
         report = load_report(load) if isinstance(load, dict) else {}
         if "inflight" in report:
-            self._state.pool.report(replica, report, ours=ours)
+            self._live.pool.report(replica, report, ours=ours)

@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.app.state import STATE
 from gateway.config import Auth
 from gateway.errors import Unauthorized
+from gateway.pool.live import LIVE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,7 +66,7 @@ def identify(auth: Auth, authorization: str | None) -> str:
 def authenticate(request: web.Request) -> None:
     """Names the request's key (`key_name`); Unauthorized without a valid one when auth is on.
     Also run for `Expect: 100-continue`, before the client sends its body (server.py)."""
-    auth = request.app[STATE].runtime.config.auth
+    auth = request.app[LIVE].runtime.config.auth
     if auth is not None:
         request[KEY_NAME] = identify(auth, request.headers.get("Authorization"))
 

@@ -18,13 +18,12 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
-from gateway.app.state import STATE, GatewayState
 from gateway.config import GatewayConfig, Retries, Timeouts
 from gateway.datapath import h1client, models
 from gateway.datapath.auth import key_name
@@ -40,6 +39,7 @@ from gateway.errors import (
     error_body,
 )
 from gateway.pool.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
+from gateway.pool.live import Live
 from gateway.pool.replicas import parse_load_report
 from gateway.routing.replica import Replica
 from gateway.routing.request import NO_INFO
@@ -179,31 +179,57 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
         ) from None
 
 
-def retry_allowed(state: GatewayState, retries: Retries) -> bool:
-    """Envoy-style retry budget: retries in flight stay under a share of all requests."""
-    budget = max(
-        retries.min_retry_concurrency, retries.budget_percent / 100 * state.pool.outstanding
-    )
-    return state.retries_in_flight < budget
+class ProxyEvents:
+    """What the proxy reports as it goes (gateway/ops/metrics.py counts it); no-ops here."""
+
+    def unrouted(self, reason: str) -> None:
+        """A request answered by the gateway without reaching a replica (`reason`: its type)."""
+
+    def retried(self, reason: str) -> None:
+        """A request sent again to another replica after `reason` (a retries.retry_on name)."""
+
+    def retry_refused(self) -> None:
+        """A retry not made: the retry budget was spent."""
+
+
+@dataclass(eq=False)
+class Proxy:
+    """What the proxy holds across requests: the gateway in force, its upstream client (opened
+    with the app), where it reports, and the retries in flight (for the retry budget)."""
+
+    live: Live
+    upstream: Callable[[], h1client.UpstreamPool]
+    events: ProxyEvents = field(default_factory=ProxyEvents)
+    retries_in_flight: int = 0
+
+    def retry_allowed(self, retries: Retries) -> bool:
+        """Envoy-style retry budget: retries in flight stay under a share of all requests."""
+        share = retries.budget_percent / 100 * self.live.pool.outstanding
+        return self.retries_in_flight < max(retries.min_retry_concurrency, share)
+
+
+PROXY = web.AppKey("proxy", Proxy)
+UPSTREAM = web.AppKey("upstream_pool", h1client.UpstreamPool)  # opened with the app
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every path that is not the gateway's own ends here."""
     if h1client.dot_segment(request.rel_url.raw_path_qs):  # before admission: it counts nowhere
         raise InvalidRequest(f"the request path {h1client.DOT_SEGMENT_PROBLEM}")
-    state = request.app[STATE]
-    config = state.runtime.config
+    proxy = request.app[PROXY]
+    live = proxy.live
+    config = live.runtime.config
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
     request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
     try:
-        target = models.route(state, request.rel_url.raw_path_qs, body)
+        target = models.route(live, request.rel_url.raw_path_qs, body)
     except GatewayError as exc:  # an unknown model, or none of its replicas in rotation
-        state.metrics.unrouted.labels(exc.error_type).inc()
+        proxy.events.unrouted(exc.error_type)
         raise
     # An alias is rewritten to the served model: in the body, or in a /v2/models/{name} path.
     body, path_qs = target.body, target.path_qs or request.rel_url.raw_path_qs
-    needs = state.runtime.policy_for(target.model).needs
-    prefix = state.runtime.options.prefix
+    needs = live.runtime.policy_for(target.model).needs
+    prefix = live.runtime.options.prefix
     affinity = config.routing.affinity
     info = describe(needs, request.headers, body, affinity, prefix) if needs else NO_INFO
     if target.model is not None:
@@ -211,29 +237,29 @@ async def handle(request: web.Request) -> web.StreamResponse:
     tried: list[Replica] = []
     failure: AttemptFailed | None = None
     for attempt in range(config.retries.max_attempts):
-        if failure is not None and not retry_allowed(state, config.retries):
-            state.metrics.retries_refused.inc()
+        if failure is not None and not proxy.retry_allowed(config.retries):
+            proxy.events.retry_refused()
             break
         try:
-            async with state.admission.lease(info, tried=tried) as lease:
+            async with live.admission.lease(info, tried=tried) as lease:
                 lease.key = key_name(request)
                 tried.append(lease.replica)
                 retry = attempt > 0
                 sent = Outgoing(path_qs, body, request_id)
-                return await _attempt(request, state, lease, sent, retry, config)
+                return await _attempt(request, proxy, lease, sent, retry, config)
         except NoUntriedReplica:
             break
         except GatewayError as exc:  # from admission: nowhere to go now
             if failure is not None:
                 break  # the first failure says more than "nowhere left to retry"
-            state.metrics.unrouted.labels(exc.error_type).inc()
+            proxy.events.unrouted(exc.error_type)
             raise
         except AttemptFailed as failed:
             failure = failed
             if failed.reason not in config.retries.retry_on:
                 break
             if attempt + 1 < config.retries.max_attempts:
-                state.metrics.retries.labels(failed.reason).inc()
+                proxy.events.retried(failed.reason)
     assert failure is not None
     if failure.response is not None:
         return failure.response  # the replica's own 429/503, Retry-After and all
@@ -251,14 +277,14 @@ class Outgoing:
 
 async def _attempt(
     request: web.Request,
-    state: GatewayState,
+    proxy: Proxy,
     lease: Lease,
     sent: Outgoing,
     retry: bool,
     config: GatewayConfig,
 ) -> web.StreamResponse:
     """One try on the leased replica; sets the lease's code to what the client got."""
-    state.retries_in_flight += retry
+    proxy.retries_in_flight += retry
     try:
         response = await _relay(request, lease, sent, config.timeouts)
         lease.code = response.status
@@ -274,7 +300,7 @@ async def _attempt(
         lease.code = CLIENT_CLOSED
         return exc.response
     finally:
-        state.retries_in_flight -= retry
+        proxy.retries_in_flight -= retry
 
 
 async def _send(
@@ -283,7 +309,7 @@ async def _send(
     """The replica's response headers, or AttemptFailed naming why there are none."""
     try:
         return (
-            await request.app[STATE]
+            await request.app[PROXY]
             .upstream()
             .request(
                 replica.url,
@@ -313,10 +339,10 @@ def _upstream_error(replica: Replica, failure: h1client.UpstreamFailure) -> Gate
     return UpstreamError(f"replica {replica.url} failed: {detail}")
 
 
-def _take_load_report(state: GatewayState, replica: Replica, header: str) -> None:
+def _take_load_report(live: Live, replica: Replica, header: str) -> None:
     report = parse_load_report(header)
     if "inflight" in report:  # the replica counts its requests without this one
-        state.pool.report(replica, report, ours=replica.busy - 1)
+        live.pool.report(replica, report, ours=replica.busy - 1)
 
 
 async def _relay(
@@ -328,7 +354,7 @@ async def _relay(
     try:
         report = upstream.header(LOAD_HEADER_LOWER)
         if report:
-            _take_load_report(request.app[STATE], replica, report)
+            _take_load_report(request.app[PROXY].live, replica, report)
         if upstream.status in RETRIABLE_STATUSES or _is_small_whole_body(request, upstream):
             response = await _buffered_response(upstream, replica, request_id)
             if upstream.status in RETRIABLE_STATUSES:

@@ -15,10 +15,6 @@ from gateway.datapath.h1client import dot_segment
 RETRIABLE_STATUSES = frozenset({429, 503})
 
 
-class BodyOverLimit(Exception):
-    """A replica body the gateway must hold whole is larger than it will hold."""
-
-
 @functools.lru_cache(maxsize=16)
 def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     """sock_read bounds every silence from the replica, the wait for the headers included."""
@@ -43,15 +39,3 @@ def upstream_url(replica_url: str, target: str) -> URL:
     if dot_segment(path):
         raise ValueError(f"path {path[:200]!r} holds a '.' or '..' segment")
     return URL(_origin(replica_url) + path, encoded=True)
-
-
-async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body, or BodyOverLimit as soon as it passes `limit` bytes."""
-    if response.content_length is not None and response.content_length > limit:
-        raise BodyOverLimit(f"{response.content_length} bytes")
-    body = bytearray()
-    async for chunk in response.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise BodyOverLimit(f"over {limit} bytes")
-    return bytes(body)

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from gateway.app.state import STATE
 from gateway.datapath.proxy import read_body
 from gateway.errors import GatewayError, UpstreamError
+from gateway.pool.live import LIVE
 
 LEADER = web.AppKey("jobs_leader", aiohttp.ClientSession)
 PASSED_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-Request-Id")
@@ -47,8 +47,7 @@ def lifetime(socket_path: str) -> Callable[[web.Application], AsyncIterator[None
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    config = state.runtime.config
+    config = request.app[LIVE].runtime.config
     limit = config.limits.max_body_bytes
     if request.path == "/v1/batches" and config.jobs is not None:
         limit = config.jobs.max_batch_bytes  # the leader says what is wrong past it

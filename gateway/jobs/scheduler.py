@@ -22,20 +22,16 @@ from dataclasses import dataclass, replace
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.app.state import GatewayState
 from gateway.config import Jobs, Timeouts
+from gateway.control.fetch import BodyOverLimit, Session, read_capped
 from gateway.datapath import models
 from gateway.datapath.classify import describe
-from gateway.datapath.upstream import (
-    RETRIABLE_STATUSES,
-    BodyOverLimit,
-    client_timeout,
-    read_capped,
-    upstream_url,
-)
+from gateway.datapath.upstream import RETRIABLE_STATUSES, client_timeout, upstream_url
 from gateway.errors import GatewayError, NoHealthyReplica, error_body
 from gateway.jobs.store import Job, Outcome, Store, StoreUnavailable
+from gateway.ops.metrics import GatewayMetrics
 from gateway.pool.admission import Lease
+from gateway.pool.live import Live
 from gateway.routing.replica import Replica
 from gateway.routing.request import NO_INFO
 
@@ -55,7 +51,7 @@ STORE_RETRY_S = 1.0  # the store could not be reached: claims resume after this 
 FULL_S = 0.1  # a replica whose job slots other gateways' jobs filled is passed over this long
 
 
-def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
+def eligible(state: Live, settings: Jobs) -> Sequence[Replica]:
     """Replicas with spare capacity for a job now (their load as best known: this gateway's
     requests there, plus others' from a fresh load report); none while real-time requests
     wait, or before the replicas' model lists are in."""
@@ -71,7 +67,7 @@ def eligible(state: GatewayState, settings: Jobs) -> Sequence[Replica]:
     return [r for r in state.pool.available() if r.load(now, max_age) < slots(state, settings, r)]
 
 
-def slots(state: GatewayState, settings: Jobs, replica: Replica) -> int:
+def slots(state: Live, settings: Jobs, replica: Replica) -> int:
     """How many requests `replica` may hold for a job to be sent there: the jobs threshold,
     within the gateway's and the replica's own slot limits."""
     threshold = settings.max_outstanding_per_replica
@@ -114,8 +110,17 @@ def outcome_of(reply: Reply, job: Job, max_attempts: int) -> Outcome | None:
 
 
 class Scheduler:
-    def __init__(self, state: GatewayState, store: Store, settings: Jobs) -> None:
+    def __init__(
+        self,
+        state: Live,
+        store: Store,
+        settings: Jobs,
+        metrics: GatewayMetrics,
+        session: Session,
+    ) -> None:
         self._state = state
+        self._metrics = metrics
+        self._session = session
         self._store = store
         self._settings = settings
         self._wake = asyncio.Event()
@@ -279,7 +284,7 @@ class Scheduler:
             outcome = outcome_of(reply, job, self._settings.max_attempts)
             try:
                 if outcome is not None and await self._store.finish(job, outcome):
-                    self._state.metrics.jobs_finished.labels(outcome.status).inc()
+                    self._metrics.jobs_finished.labels(outcome.status).inc()
             except StoreUnavailable as exc:  # its lease runs out and a gateway refuses it again
                 log.warning("job %s: refusal not recorded: %s", job.id, exc)
 
@@ -321,7 +326,7 @@ class Scheduler:
         lease.code = reply.code
         lease.close()
         outcome = outcome_of(reply, job, self._settings.max_attempts)
-        metrics = self._state.metrics
+        metrics = self._metrics
         try:
             if outcome is None:
                 log.info("job %s: %s; queued again", job.id, reply.text[:200])
@@ -341,7 +346,7 @@ class Scheduler:
         headers = {"Content-Type": "application/json", "X-Request-Id": job.id,
                    "Idempotency-Key": job.id}  # fmt: skip
         try:
-            async with self._state.client().request(
+            async with self._session().request(
                 job.method,
                 url,
                 data=body,

@@ -21,12 +21,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app.state import GatewayState
 from gateway.config import Jobs, is_postgres_url, redacted
+from gateway.control.fetch import Session
 from gateway.errors import ConfigError
 from gateway.jobs.quota import Quota
 from gateway.jobs.scheduler import Scheduler
 from gateway.jobs.store import SqliteStore, Store, StoreUnavailable
+from gateway.ops.metrics import GatewayMetrics
+from gateway.pool.live import Live
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,17 @@ SWEEP_INTERVAL_S = 60.0
 
 
 class JobService:
-    def __init__(self, state: GatewayState, settings: Jobs, quota: Quota | None = None) -> None:
+    def __init__(
+        self,
+        state: Live,
+        settings: Jobs,
+        metrics: GatewayMetrics,
+        session: Session,
+        quota: Quota | None = None,
+    ) -> None:
         self.state = state
+        self._metrics = metrics
+        self._session = session
         self.settings = settings
         # Each key's share of the store (gateway/jobs/quota.py).
         self.quota = quota or Quota(settings.max_bytes_per_key, settings.max_lines_per_key)
@@ -59,7 +70,9 @@ class JobService:
                 stack.enter_context(_exclusive(Path(url)))
             store = await self._open(url)
             self._store = store
-            self._scheduler = Scheduler(self.state, store, self.settings)
+            self._scheduler = Scheduler(
+                self.state, store, self.settings, self._metrics, self._session
+            )
             try:
                 yield
             finally:

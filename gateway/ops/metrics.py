@@ -9,22 +9,29 @@ ejections) to the shared counts at every request's end (`publish_totals`), so /a
 and the status page show the whole gateway's, as /metrics does.
 
 Per-replica series are bounded by the pool: when DNS discovery or a reload replaces replicas,
-the series of those that left (no longer active nor draining) are dropped (`forget_gone`), from
-the discovery loop and whenever a new replica's first request is observed.
+the series of those that left (no longer active nor draining) are dropped (`forget_gone`)
+whenever the pool's replicas change and when a new replica's first request is observed.
+
+The metrics subscribe (`watch`): to admission's `lease_closed`, the pool's `changed`, the
+runtime `swapped` by a reload, and the proxy's events (GatewayMetrics is the ProxyEvents the
+proxy reports to). Nothing below calls this module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from gateway.datapath.proxy import ProxyEvents
 from gateway.ops.recent import RecentTraffic
-from gateway.pool.admission import Admission
+from gateway.pool.admission import Admission, Lease
+from gateway.pool.live import Live, Runtime
 from gateway.pool.replicas import ReplicaPool
 from gateway.routing.replica import Replica
 
@@ -87,7 +94,7 @@ class StrategyCollector(Collector):
         yield info
 
 
-class GatewayMetrics:
+class GatewayMetrics(ProxyEvents):
     """With `multiprocess_dir` (`workers: N`), counters and histograms are written to files
     there by every worker and `exposition` sums them (prometheus-client's multiprocess mode);
     the per-replica gauges come from the shared counts, the same in every worker."""
@@ -123,7 +130,7 @@ class GatewayMetrics:
             "gateway_config_reloads", "Config reload attempts by result.", ["result"],
             registry=registry,
         )  # fmt: skip
-        self.unrouted = Counter(
+        self.unrouted_requests = Counter(
             "gateway_unrouted_requests",
             "Requests answered by the gateway without reaching a replica, by reason.",
             ["reason"],
@@ -179,6 +186,32 @@ class GatewayMetrics:
         self._counters: dict[tuple[str, str, str], Counter] = {}
         self._histograms: dict[str, Histogram] = {}
         self._model_counters: dict[tuple[str, str], Counter] = {}
+
+    def watch(self, live: Live) -> None:
+        """Subscribe to the gateway's signals."""
+        live.admission.lease_closed.append(self.lease_closed)
+        live.pool.changed.append(self.forget_gone)
+        live.swapped.append(self.swapped)
+
+    def lease_closed(self, lease: Lease, elapsed_s: float, ejected: bool) -> None:
+        if ejected:
+            self.ejections.labels(lease.replica.url).inc()
+        self.observe(lease.replica.url, lease.code, elapsed_s, lease.key, lease.model)
+
+    def swapped(self, runtime: Runtime) -> None:
+        self.set_strategy(runtime.config.routing.strategy)
+
+    def unrouted(self, reason: str) -> None:
+        self.unrouted_requests.labels(reason).inc()
+
+    def retried(self, reason: str) -> None:
+        self.retries.labels(reason).inc()
+
+    def retry_refused(self) -> None:
+        self.retries_refused.inc()
+
+    def discovery_round(self, result: str) -> None:
+        self.discovery.labels(result).inc()
 
     def observe(
         self, replica: str, code: int, duration_s: float, key: str = "", model: str = ""
@@ -260,3 +293,6 @@ def _remove_replicas(
     }
     for labels in stale:
         metric.remove(*labels)
+
+
+METRICS = web.AppKey("metrics", GatewayMetrics)

@@ -13,8 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.app.state import STATE, GatewayState
-from gateway.ops.metrics import publish_totals
+from gateway.ops.metrics import METRICS, publish_totals
+from gateway.ops.recent import RecentTraffic
+from gateway.pool.live import LIVE, Live
 from gateway.pool.shared import STATS
 from gateway.routing.replica import Replica
 
@@ -43,40 +44,39 @@ def replica_json(replica: Replica) -> dict[str, Any]:
     return out
 
 
-def status_document(state: GatewayState) -> dict[str, Any]:
-    replicas = state.pool.all()
-    recent = state.metrics.recent
-    config = state.runtime.config
+def status_document(live: Live, recent: RecentTraffic) -> dict[str, Any]:
+    replicas = live.pool.all()
+    config = live.runtime.config
     strategies = {m.name: m.strategy for m in config.models if m.strategy}
     models = [
         {
             "name": name,
             "replicas": len(serving),
-            "available": len(state.pool.available_for(name)),
+            "available": len(live.pool.available_for(name)),
             "strategy": strategies.get(name, config.routing.strategy),
             "aliases": sorted(m.name for m in config.models if m.target == name),
         }
-        for name, serving in sorted(state.pool.catalog().items())
+        for name, serving in sorted(live.pool.catalog().items())
     ]
     return {
         "strategy": config.routing.strategy,
         "load_source": config.load_feedback.source,
-        "worker": state.worker[0] if state.worker is not None else None,  # `workers: N`
+        "worker": live.worker[0] if live.worker is not None else None,  # `workers: N`
         "models": models,
         "discovery": config.discovery.dns if config.discovery else None,
-        "draining": state.draining,
-        "outstanding": state.pool.outstanding_everywhere(),
-        "queued": state.admission.queued_everywhere(),
+        "draining": live.draining,
+        "outstanding": live.pool.outstanding_everywhere(),
+        "queued": live.admission.queued_everywhere(),
         "recent": recent.summary(),  # this worker's traffic (`worker`), under `workers: N`
         "replicas": [{**replica_json(r), "recent": recent.summary(r.url)} for r in replicas],
     }
 
 
-def _enabled(request: web.Request) -> GatewayState:
-    state = request.app[STATE]
-    if not state.runtime.config.ui.enabled:
+def _enabled(request: web.Request) -> Live:
+    live = request.app[LIVE]
+    if not live.runtime.config.ui.enabled:
         raise web.HTTPNotFound(text="the status page is off (ui.enabled: false)")
-    return state
+    return live
 
 
 async def page(request: web.Request) -> web.Response:
@@ -87,7 +87,8 @@ async def page(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(status_document(_enabled(request)), headers=HEADERS)
+    document = status_document(_enabled(request), request.app[METRICS].recent)
+    return web.json_response(document, headers=HEADERS)
 
 
 async def unknown(request: web.Request) -> web.Response:

@@ -3,8 +3,9 @@ lease that brackets every dispatch from acquisition to release.
 
 `async with admission.lease(request, tried=...) as lease:` counts the request on `lease.replica`
 and, on exit, releases it and records the outcome once: the pool's counts and failure streak,
-outlier detection, the latency sample (`peak_ewma`) and the request metrics. The proxy and the
-jobs scheduler both dispatch through a lease, so neither repeats the accounting.
+outlier detection and the latency sample (`peak_ewma`), then tells the `lease_closed`
+subscribers (the request metrics). The proxy and the jobs scheduler both dispatch through a
+lease, so neither repeats the accounting.
 
 With no limits configured the policy chooses over the available replicas. With
 `limits.max_outstanding_per_replica`, a replica's own `max_concurrency`, or
@@ -28,7 +29,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded, clipped
@@ -37,9 +37,6 @@ from gateway.pool.replicas import ReplicaPool
 from gateway.routing.policies import Policy
 from gateway.routing.replica import Outcome, Replica
 from gateway.routing.request import NO_INFO, RequestInfo
-
-if TYPE_CHECKING:
-    from gateway.ops.metrics import GatewayMetrics
 
 SHARED_POLL_S = 0.002
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", recorded in metrics only
@@ -159,8 +156,10 @@ class Admission:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self.drain = DrainRate(clock)
-        self.metrics: GatewayMetrics | None = None
-        pool.on_change = self._pool_changed
+        # A signal: each is called with a lease as it ends, its seconds from dispatch, and
+        # whether it got its replica ejected (the gateway's metrics subscribe).
+        self.lease_closed: list[Callable[[Lease, float, bool], None]] = []
+        pool.changed.append(self._pool_changed)
 
     @property
     def queued(self) -> int:
@@ -256,10 +255,8 @@ class Admission:
         ejected = outlier.observe(self.pool, replica, settings) is not None
         if outcome == "served":
             self.pool.observe_latency(replica, elapsed_s, lease.tokens, rules.ewma_decay_s)
-        if self.metrics is not None:
-            if ejected:
-                self.metrics.ejections.labels(replica.url).inc()
-            self.metrics.observe(replica.url, lease.code, elapsed_s, lease.key, lease.model)
+        for subscriber in self.lease_closed:
+            subscriber(lease, elapsed_s, ejected)
         self.wake()
 
     def wake(self) -> None:

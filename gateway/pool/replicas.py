@@ -87,7 +87,8 @@ class ReplicaPool:
         self._ejected = 0
         self.outstanding = 0  # over every replica, draining ones included
         self.replica_limits = False  # some replica has its own max_concurrency
-        self.on_change: Callable[[], None] = lambda: None  # available replicas changed
+        # A signal: each is called when the available replicas (or what they serve) changed.
+        self.changed: list[Callable[[], None]] = []
 
     @property
     def shared(self) -> SharedCounts | None:
@@ -144,7 +145,11 @@ class ReplicaPool:
         if models != replica.models:
             replica.models = models
             self._available = self._catalog = None
-            self.on_change()
+            self._changed()
+
+    def _changed(self) -> None:
+        for subscriber in self.changed:
+            subscriber()
 
     def catalog(self) -> dict[str, list[Replica]]:
         """Every model an active replica is known to serve, and those replicas (shared: do not
@@ -198,13 +203,13 @@ class ReplicaPool:
         self.replica_limits = any(r.max_concurrency for r in active.values())
         self._ejected = sum(1 for r in active.values() if r.ejected_until)
         self._available = self._catalog = None
-        self.on_change()
+        self._changed()
 
     def set_healthy(self, replica: Replica, healthy: bool) -> None:
         if replica.healthy != healthy:
             replica.healthy = healthy
             self._available = None
-            self.on_change()
+            self._changed()
 
     def eject(self, replica: Replica, duration_s: float) -> None:
         if not replica.ejected_until:
@@ -212,7 +217,7 @@ class ReplicaPool:
         replica.ejections += 1
         replica.ejected_until = self._clock() + duration_s
         self._available = None
-        self.on_change()
+        self._changed()
 
     def ejected_count(self) -> int:
         return self._ejected

@@ -17,8 +17,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.app.server import create_app
-from gateway.app.state import STATE, GatewayState
 from gateway.config import load_config
+from gateway.ops.metrics import METRICS, GatewayMetrics
+from gateway.pool.live import LIVE, Live
 
 
 @dataclass
@@ -161,9 +162,10 @@ def gateway_config(replicas: list[FakeReplica], strategy: str, **extra: Any) -> 
 @dataclass
 class Gateway:
     url: str
-    state: GatewayState
+    state: Live  # the gateway in force: its runtime, pool and admission
     config_path: Path
     app: web.Application
+    metrics: GatewayMetrics
 
 
 @asynccontextmanager
@@ -175,9 +177,9 @@ async def running_gateway(
         config, config_path=config_path, admin_token=admin_token, registry=CollectorRegistry()
     )
     async with serve(app) as url:
-        state = app[STATE]
+        state = app[LIVE]
         await wait_until(lambda: state.models_polled)  # as /readyz waits for it
-        yield Gateway(url, state, config_path, app)
+        yield Gateway(url, state, config_path, app, app[METRICS])
         await _settle(state)
         leftover = {
             r.url: (r.outstanding, r.outstanding_tokens)
@@ -187,7 +189,7 @@ async def running_gateway(
         assert not leftover, f"outstanding counts not back to zero: {leftover}"
 
 
-async def _settle(state: GatewayState, timeout_s: float = 5.0) -> None:
+async def _settle(state: Live, timeout_s: float = 5.0) -> None:
     """Wait (bounded) for handlers of disconnected clients to run their finally blocks."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

@@ -77,7 +77,7 @@ def _active(gw: Gateway) -> set[str]:
 
 
 def _discovery_rounds(gw: Gateway, result: str) -> float:
-    value = gw.state.metrics.registry.get_sample_value(
+    value = gw.metrics.registry.get_sample_value(
         "gateway_discovery_resolutions_total", {"result": result}
     )
     return value or 0.0

@@ -17,8 +17,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.app.server import HEALTH, create_app
-from gateway.app.state import STATE, GatewayState
 from gateway.config import parse_config
+from gateway.ops.metrics import METRICS, GatewayMetrics
+from gateway.pool.live import LIVE
 from tests.support.dns_server import dns_server
 from tests.support.servers import serve
 
@@ -62,7 +63,7 @@ async def test_a_thousand_discovery_changes_keep_per_replica_state_bounded(
             }
         )  # fmt: skip
         app = create_app(config, registry=CollectorRegistry())
-        state, health = app[STATE], app[HEALTH]
+        state, health, metrics = app[LIVE], app[HEALTH], app[METRICS]
         async with serve(app) as url, aiohttp.ClientSession() as client:
             loop = asyncio.get_running_loop()
             tracemalloc.start()  # from the start, so that what caches evict counts as freed
@@ -83,7 +84,7 @@ async def test_a_thousand_discovery_changes_keep_per_replica_state_bounded(
                     async with client.get(f"{url}/v1/echo") as response:
                         assert response.status == 502  # refused: a failure, an ejection, metrics
                     if change % 25 == 0:
-                        sizes.append(_per_replica(state, health.streaks))
+                        sizes.append(_per_replica(metrics, health.streaks))
                         streaks.append(len(health.streaks))
                 grown = _held() - baseline
             finally:
@@ -99,12 +100,12 @@ def _held() -> int:
     return tracemalloc.get_traced_memory()[0]
 
 
-def _per_replica(state: GatewayState, streaks: Mapping[str, int]) -> int:
+def _per_replica(metrics: GatewayMetrics, streaks: Mapping[str, int]) -> int:
     """Replicas the gateway still keeps anything for: metric series, windows, streaks."""
     named = {
         sample.labels["replica"]
-        for family in state.metrics.registry.collect()
+        for family in metrics.registry.collect()
         for sample in family.samples
         if "replica" in sample.labels
     }
-    return len(named | set(state.metrics.recent.replicas()) | set(streaks))
+    return len(named | set(metrics.recent.replicas()) | set(streaks))

@@ -131,9 +131,7 @@ async def test_removed_replica_drains_and_added_one_serves(tmp_path: Path) -> No
 
 
 def _reloads(gw: Gateway, result: str) -> float:
-    value = gw.state.metrics.registry.get_sample_value(
-        "gateway_config_reloads_total", {"result": result}
-    )
+    value = gw.metrics.registry.get_sample_value("gateway_config_reloads_total", {"result": result})
     return value or 0.0
 
 

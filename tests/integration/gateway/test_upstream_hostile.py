@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.datapath.proxy import UPSTREAM
 from tests.support.raw_upstream import config_for, fixed, raw_upstream
 from tests.support.servers import running_gateway, wait_until, write_config
 
@@ -151,7 +152,7 @@ async def test_a_reused_connection_the_replica_has_closed_is_retried_on_a_new_on
                     await response.read()
             (replica,) = gw.state.pool.all()
             failures, ejected = replica.consecutive_failures, gw.state.pool.is_ejected(replica)
-            retried = gw.state.upstream().stale_retries
+            retried = gw.app[UPSTREAM].stale_retries
     assert statuses == [200] * 10
     assert (failures, ejected, retried) == (0, False, 9)
     # Requests 2 to 10 each went out twice: on the reused connection, then on a new one.

@@ -6,31 +6,26 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from gateway.app.state import GatewayState, build_runtime
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.jobs.scheduler import Reply, eligible, outcome_of
 from gateway.jobs.store import Job
-from gateway.ops.metrics import GatewayMetrics
-from gateway.pool.admission import Admission
+from gateway.pool.live import Live, build_runtime
 from gateway.pool.replicas import ReplicaPool
 
 URLS = ["http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003"]
 
 
-def _state(**extra: Any) -> GatewayState:
+def _state(**extra: Any) -> Live:
     config = parse_config({"replicas": [{"url": u} for u in URLS], **extra})
     pool = ReplicaPool(config.replica_urls)
-    admission = Admission(pool)
-    metrics = GatewayMetrics(CollectorRegistry(), pool, admission)
-    state = GatewayState(None, build_runtime(config), pool, admission, metrics, None)
+    state = Live.start(build_runtime(config), pool)
     state.models_polled = True  # the replicas' model lists are in (gateway/datapath/models.py)
     return state
 
 
-def _settings(state: GatewayState) -> Any:
+def _settings(state: Live) -> Any:
     assert state.runtime.config.jobs is not None
     return state.runtime.config.jobs
 

@@ -9,7 +9,8 @@ import re
 import pytest
 
 from gateway.config import ConfigError, parse_config
-from gateway.datapath.models import cards_of, requested
+from gateway.control.models import cards_of
+from gateway.datapath.models import requested
 from gateway.pool.replicas import ReplicaPool
 
 
