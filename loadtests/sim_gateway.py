@@ -70,4 +70,5 @@ class SimGateway:
                 return None
         replica = self.policy.choose(candidates, request)
         self.pool.acquire(replica, request.tokens)
+        self.policy.on_dispatch(replica, request)  # as admission does with a lease
         return replica

@@ -1,5 +1,6 @@
-"""Strategy `precise_prefix`: every `routing.prefix.poll_interval_s`, GET /cache/blocks on each
-replica and hand its block hashes to the policy, which replaces what it knew of that replica.
+"""Cache blocks, for the policies that need them (`precise_prefix`): every
+`routing.prefix.poll_interval_s`, GET /cache/blocks on each replica, handed to the policy
+(`on_report`), which replaces what it knew of that replica.
 
 A report counts only when the replica hashes as the gateway does (the same `hash_scheme`,
 `tokenizer` and `block_size`); otherwise, or when the poll fails, the replica is taken to hold
@@ -21,7 +22,7 @@ import aiohttp
 from gateway.control.fetch import POLL_FAILURES, PollFailures, Session, get_json
 from gateway.errors import clipped
 from gateway.pool.live import Live
-from gateway.routing.policies import PrecisePrefix
+from gateway.routing.policies import Policy
 from gateway.routing.prefix import HASH_SCHEME, TOKENIZER
 from gateway.routing.replica import Replica
 
@@ -46,7 +47,7 @@ class CacheBlocksPoller:
         while True:
             runtime = self._live.runtime
             polled = [(None, runtime.policy), *runtime.model_policies.items()]
-            precise = [(p, model) for model, p in polled if isinstance(p, PrecisePrefix)]
+            precise = [(p, model) for model, p in polled if "cache_blocks" in p.needs]
             if precise:
                 options = runtime.options.prefix
                 limit = aiohttp.ClientTimeout(total=min(MAX_TIMEOUT_S, options.poll_interval_s))
@@ -59,7 +60,7 @@ class CacheBlocksPoller:
 
     async def poll_once(
         self,
-        policy: PrecisePrefix,
+        policy: Policy,
         block_size: int,
         model: str | None = None,
         limit: aiohttp.ClientTimeout | None = None,
@@ -71,7 +72,7 @@ class CacheBlocksPoller:
         limit = limit or aiohttp.ClientTimeout(total=MAX_TIMEOUT_S)
         reports = await asyncio.gather(*(self._read(r, block_size, model, limit) for r in replicas))
         for replica, hashes in zip(replicas, reports, strict=True):
-            policy.report(replica.url, hashes)
+            policy.on_report(replica.url, hashes)
 
     async def _read(
         self, replica: Replica, block_size: int, model: str | None, limit: aiohttp.ClientTimeout

@@ -1,31 +1,85 @@
-"""What a request asks of a replica, for the policies that route by it (see Policy.needs).
+"""Classify a request once: the model it asks for (and the body or path rewritten for an
+alias: gateway/datapath/models.py), and what its policy `needs` to know of it, from one parse
+of its body by one rule (`parse_body`).
 
 Work is estimated in tokens: for an OpenAI completion or chat request, the prompt's tokens
 (characters / 4, the usual rule of thumb for English with BPE tokenizers; a list of token ids
 counts exactly) plus `max_tokens` (OpenAI's default 16 when absent). Any other request, or a
 body that is not such JSON, counts as 1. The affinity key is a configured header's value, or
-else the first `prompt_prefix_chars` characters of the prompt. Bodies are parsed only for a
-policy that needs them, and never past a size cap, so routing never costs a large parse.
+else the first `prompt_prefix_chars` characters of the prompt. A body is parsed only when the
+model routing or the policy needs it, and never past PARSE_MAX_BYTES, so routing never costs
+a large parse. The proxy, the jobs scheduler and the simulator (loadtests/) classify here.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
 from typing import Any
 
 from multidict import CIMultiDictProxy
 
 from gateway.config import AffinityConfig
+from gateway.datapath import models
+from gateway.datapath.models import Payload
+from gateway.pool.live import Live
 from gateway.routing.options import PrefixOptions
 from gateway.routing.prefix import block_hashes, prompt_text
 from gateway.routing.request import NO_INFO, Need, RequestInfo
 
 CHARS_PER_TOKEN = 4
 DEFAULT_MAX_TOKENS = 16  # OpenAI completions' default
-PARSE_MAX_BYTES = 1024 * 1024
-SSE_MAX_LINE = 64 * 1024  # of an event's data, and of a line held across chunks
+PARSE_MAX_BYTES = 8 * 1024 * 1024  # a larger body is routed unread (to any replica of the pool)
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Classified:
+    """A request as the gateway routes and sends it."""
+
+    model: str | None  # the served model it asks for (after aliases); None: any replica
+    asked: str | None  # the name the client sent (an alias, or the served name)
+    body: bytes  # as it goes to the replica (the model rewritten for an alias)
+    path_qs: str  # as it goes to the replica (a /v2/models/{alias}/... path rewritten)
+    info: RequestInfo  # what its policy needs of it
+
+
+def parse_body(body: bytes) -> Payload:
+    """The body as a JSON object, or None: empty, over PARSE_MAX_BYTES, not an object, or not
+    JSON (the replica will say what is wrong with it). A UTF-8 BOM and whitespace may lead."""
+    if not body or len(body) > PARSE_MAX_BYTES:
+        return None
+    if body.lstrip().removeprefix(UTF8_BOM).lstrip()[:1] != b"{":
+        return None
+    try:
+        payload = json.loads(body)  # bytes: a BOM is detected and skipped
+    except (ValueError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def classify(live: Live, path_qs: str, headers: CIMultiDictProxy[str], body: bytes) -> Classified:
+    """The request's model (ModelNotFound 404 or NoHealthyReplica 503 when no replica can take
+    it) and what its policy needs, from at most one parse of the body."""
+    runtime = live.runtime
+    parsed: list[Payload] = []
+
+    def payload() -> Payload:
+        if not parsed:
+            parsed.append(parse_body(body))
+        return parsed[0]
+
+    target = models.route(live, path_qs, body, payload)
+    needs = runtime.policy_for(target.model).needs
+    info = NO_INFO
+    if needs:
+        affinity, prefix = runtime.config.routing.affinity, runtime.options.prefix
+        info = request_info(needs, headers, payload, affinity, prefix)
+    if target.model is not None:
+        info = replace(info, model=target.model)
+    return Classified(target.model, target.asked, target.body, target.path_qs or path_qs, info)
 
 
 def describe(
@@ -35,25 +89,37 @@ def describe(
     affinity: AffinityConfig,
     prefix: PrefixOptions | None = None,
 ) -> RequestInfo:
+    """What a policy that `needs` these may know of a request with this body and headers, with
+    no model routing (the simulator's gateway)."""
     if not needs:
         return NO_INFO
+    return request_info(needs, headers, lambda: parse_body(body), affinity, prefix)
+
+
+def request_info(
+    needs: Collection[Need],
+    headers: CIMultiDictProxy[str],
+    payload: Callable[[], Payload],
+    affinity: AffinityConfig,
+    prefix: PrefixOptions | None = None,
+) -> RequestInfo:
+    """`payload`: the parsed body, asked for only when the needs call for it."""
     if "prefix" in needs:
-        return _prefix_info(headers, body, prefix or PrefixOptions())
+        return _prefix_info(headers, payload(), prefix or PrefixOptions())
     key = headers.get(affinity.header) if "key" in needs and affinity.header else None
-    payload = _json_object(body) if ("tokens" in needs or key is None) else None
-    prompt = _prompt_text(payload) if payload is not None else None
+    body = payload() if ("tokens" in needs or key is None) else None
+    prompt = _prompt_text(body) if body is not None else None
     tokens = 1
-    if "tokens" in needs and payload is not None and prompt is not None:
-        tokens = _prompt_tokens(payload) + _max_tokens(payload)
+    if "tokens" in needs and body is not None and prompt is not None:
+        tokens = _prompt_tokens(body) + _max_tokens(body)
     if key is None and "key" in needs and prompt and affinity.prompt_prefix_chars:
         key = prompt[: affinity.prompt_prefix_chars]
     return RequestInfo(tokens=tokens, key=key)
 
 
 def _prefix_info(
-    headers: CIMultiDictProxy[str], body: bytes, options: PrefixOptions
+    headers: CIMultiDictProxy[str], payload: Payload, options: PrefixOptions
 ) -> RequestInfo:
-    payload = _json_object(body)
     text = prompt_text(payload) if payload is not None else None
     session = headers.get(options.session_header) if options.session_header else None
     if text is None:
@@ -61,88 +127,6 @@ def _prefix_info(
     hashes = block_hashes(text, options.block_size, options.prefix_length)
     length = len(text.encode("utf-8", errors="surrogatepass")) + 1  # BOS
     return RequestInfo(tokens=length, key=session, prefix=hashes, prompt_tokens=length)
-
-
-class SseCounter:
-    """A relayed event stream read by its framing, chunk by chunk as it passes (lines end in
-    LF, CRLF or CR, split anywhere; a blank line ends an event). `feed` returns the `data:`
-    lines in a chunk: one a token in an OpenAI stream, the final `[DONE]` included (the count
-    only lowers an estimate that was an upper bound). `failed` turns true once an event is an
-    error: it has `event: error`, or its data is a JSON object with a top-level "error" (OpenAI,
-    vLLM, TGI) or `"object": "error"` (vLLM's older streams). What a model writes sits inside
-    a data value, so no text it outputs can count as an event or fail the stream."""
-
-    __slots__ = ("_data", "_error_event", "_partial", "_size", "_skip_lf", "_suspect", "failed")
-
-    def __init__(self) -> None:
-        self._partial = b""  # a line not yet ended, carried to the next chunk
-        self._skip_lf = False  # the last chunk ended in CR: an LF opening this one ends that line
-        self._error_event = False
-        self._suspect = False  # a data line names "error": the event's data is parsed at its end
-        self._data: list[bytes] = []
-        self._size = 0
-        self.failed = False
-
-    def feed(self, chunk: bytes) -> int:
-        if (  # the usual chunk: whole LF-ended events naming no error, after whole ones
-            chunk[-2:] == b"\n\n"
-            and not (self._partial or self._size or self._error_event)
-            and b"\r" not in chunk
-            and b"error" not in chunk
-        ):
-            self._skip_lf = False
-            return chunk.count(b"\ndata:") + chunk.startswith(b"data:")
-        if self._skip_lf and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-        self._skip_lf = chunk[-1:] == b"\r"
-        text = self._partial + chunk if self._partial else chunk
-        lines = text.splitlines()
-        self._partial = b""
-        if lines and text[-1:] not in (b"\n", b"\r"):
-            self._partial = lines.pop()[:SSE_MAX_LINE]  # enough to know the field
-        count = 0
-        for line in lines:
-            if not line:
-                self._dispatch()
-            elif line.startswith(b"data:"):
-                count += 1
-                self._add_data(line[5:].removeprefix(b" "))
-            elif line.startswith(b"event:"):
-                self._error_event = line[6:].removeprefix(b" ") == b"error"
-        return count
-
-    def _add_data(self, value: bytes) -> None:
-        self._size += len(value) + 1
-        if self._size <= SSE_MAX_LINE:  # an error object is small; a larger event is none
-            self._data.append(value)
-            self._suspect = self._suspect or b'"error"' in value
-
-    def _dispatch(self) -> None:
-        if self._error_event or (self._suspect and _is_error_object(b"\n".join(self._data))):
-            self.failed = True
-        self._error_event = self._suspect = False
-        self._data.clear()
-        self._size = 0
-
-
-def _is_error_object(data: bytes) -> bool:
-    try:
-        payload = json.loads(data)
-    except (ValueError, RecursionError):
-        return False
-    if not isinstance(payload, dict):
-        return False
-    return payload.get("error") is not None or payload.get("object") == "error"
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    if not body or len(body) > PARSE_MAX_BYTES or body.lstrip()[:1] != b"{":
-        return None
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        return None  # the replica will say what is wrong with it
-    return payload if isinstance(payload, dict) else None
 
 
 def _prompt_text(payload: dict[str, Any]) -> str | None:

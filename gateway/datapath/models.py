@@ -17,6 +17,7 @@ gateway/ops/models.py.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
@@ -26,8 +27,7 @@ from gateway.errors import GatewayError, NoHealthyReplica, clipped
 from gateway.pool.live import Live
 
 V2_PREFIX = "/v2/models/"
-PARSE_MAX_BYTES = 8 * 1024 * 1024  # a larger body goes to any replica of the pool unread
-UTF8_BOM = b"\xef\xbb\xbf"
+Payload = dict[str, Any] | None  # a JSON body parsed (gateway/datapath/classify.py)
 
 
 class ModelNotFound(GatewayError):
@@ -45,27 +45,19 @@ class Target:
     path_qs: str | None = None  # a rewritten /v2/models/{alias}/... path, else unchanged
 
 
-def requested(path: str, body: bytes) -> tuple[str | None, dict[str, Any] | None]:
-    """The model a request (its raw path without the query, its body) names, and its parsed
-    JSON body when that was read for it."""
+def requested(path: str, payload: Callable[[], Payload]) -> str | None:
+    """The model a request (its raw path without the query; its body, parsed when asked)
+    names."""
     if path.startswith(V2_PREFIX):
-        name = unquote(path[len(V2_PREFIX) :].split("/", 1)[0])
-        return (name or None), None
-    if not path.startswith("/v1/") or not body or len(body) > PARSE_MAX_BYTES:
-        return None, None
-    if body.lstrip().removeprefix(UTF8_BOM)[:1] != b"{":
-        return None, None
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        return None, None  # the replica will say what is wrong with it
-    if not isinstance(payload, dict):
-        return None, None
-    model = payload.get("model")
-    return (model if isinstance(model, str) and model else None), payload
+        return unquote(path[len(V2_PREFIX) :].split("/", 1)[0]) or None
+    if not path.startswith("/v1/"):
+        return None
+    body = payload()
+    model = body.get("model") if body is not None else None
+    return model if isinstance(model, str) and model else None
 
 
-def route(live: Live, path_qs: str, body: bytes) -> Target:
+def route(live: Live, path_qs: str, body: bytes, payload: Callable[[], Payload]) -> Target:
     """The served model a request (its raw path and query, and body) goes to, with the body or
     path rewritten for an alias; ModelNotFound (404) or NoHealthyReplica (503) when no replica
     can take it."""
@@ -73,16 +65,18 @@ def route(live: Live, path_qs: str, body: bytes) -> Target:
     if not config.models and not live.pool.catalog():
         return Target(None, None, body)  # nothing known of models: route as before
     path, sep, query = path_qs.partition("?")
-    asked, payload = requested(path, body)
+    asked = requested(path, payload)
     if asked is None:
         return Target(None, None, body)
     target = aliases(config).get(asked, asked)
     check(live, target, asked)
     if target == asked:
         return Target(target, asked, body)
-    if payload is not None:
-        payload["model"] = target
-        return Target(target, asked, json.dumps(payload).encode())
+    if not path.startswith(V2_PREFIX):
+        rewritten = payload()
+        assert rewritten is not None  # the model was read from it
+        rewritten["model"] = target
+        return Target(target, asked, json.dumps(rewritten).encode())
     rest = path[len(V2_PREFIX) :].split("/", 1)
     path = V2_PREFIX + quote(target, safe="") + ("/" + rest[1] if len(rest) > 1 else "")
     return Target(target, asked, body, path + sep + query)

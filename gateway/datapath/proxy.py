@@ -18,16 +18,17 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
 from gateway.config import GatewayConfig, Retries, Timeouts
-from gateway.datapath import h1client, models
+from gateway.datapath import h1client
 from gateway.datapath.auth import key_name
-from gateway.datapath.classify import SseCounter, describe
+from gateway.datapath.classify import classify
+from gateway.datapath.sse import SseCounter
 from gateway.datapath.upstream import RETRIABLE_STATUSES
 from gateway.errors import (
     BodyTooLarge,
@@ -42,7 +43,6 @@ from gateway.pool.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
 from gateway.pool.live import Live
 from gateway.pool.replicas import parse_load_report
 from gateway.routing.replica import Replica
-from gateway.routing.request import NO_INFO
 
 log = logging.getLogger(__name__)
 
@@ -222,18 +222,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
     request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
     try:
-        target = models.route(live, request.rel_url.raw_path_qs, body)
+        # An alias is rewritten to the served model: in the body, or in a /v2/models/{name} path.
+        asked = classify(live, request.rel_url.raw_path_qs, request.headers, body)
     except GatewayError as exc:  # an unknown model, or none of its replicas in rotation
         proxy.events.unrouted(exc.error_type)
         raise
-    # An alias is rewritten to the served model: in the body, or in a /v2/models/{name} path.
-    body, path_qs = target.body, target.path_qs or request.rel_url.raw_path_qs
-    needs = live.runtime.policy_for(target.model).needs
-    prefix = live.runtime.options.prefix
-    affinity = config.routing.affinity
-    info = describe(needs, request.headers, body, affinity, prefix) if needs else NO_INFO
-    if target.model is not None:
-        info = replace(info, model=target.model)
+    body, path_qs, info = asked.body, asked.path_qs, asked.info
     tried: list[Replica] = []
     failure: AttemptFailed | None = None
     for attempt in range(config.retries.max_attempts):

@@ -17,15 +17,14 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import Jobs, Timeouts
 from gateway.control.fetch import BodyOverLimit, Session, read_capped
-from gateway.datapath import models
-from gateway.datapath.classify import describe
+from gateway.datapath.classify import classify
 from gateway.datapath.upstream import RETRIABLE_STATUSES, client_timeout, upstream_url
 from gateway.errors import GatewayError, NoHealthyReplica, error_body
 from gateway.jobs.store import Job, Outcome, Store, StoreUnavailable
@@ -33,7 +32,6 @@ from gateway.ops.metrics import GatewayMetrics
 from gateway.pool.admission import Lease
 from gateway.pool.live import Live
 from gateway.routing.replica import Replica
-from gateway.routing.request import NO_INFO
 
 NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
@@ -227,34 +225,25 @@ class Scheduler:
     def _start(self, job: Job, replicas: Sequence[Replica]) -> bool:
         """Route the job as a real-time request with its body would be, and count it; False
         while no eligible replica serves its model (it stays held)."""
-        try:
-            target = models.route(self._state, job.url, job.body.encode())
+        try:  # classified as a real-time request with its body would be
+            sent = classify(self._state, job.url, NO_HEADERS, job.body.encode())
         except NoHealthyReplica:
             return False  # its model's replicas are out of rotation: wait for them
         except GatewayError as exc:  # a model no replica serves: the answer a client gets
             self._refuse(job, exc)
             return True
-        allowed = self._state.pool.available_for(target.model)  # as a real-time request's
+        allowed = self._state.pool.available_for(sent.model)  # as a real-time request's
         again = self._previous(job, allowed)
         candidates = [again] if again is not None else [r for r in replicas if r in allowed]
         if not candidates:
             return False
-        runtime = self._state.runtime
-        needs = runtime.policy_for(target.model).needs
-        affinity = runtime.config.routing.affinity
-        body = target.body
-        info = (
-            describe(needs, NO_HEADERS, body, affinity, runtime.options.prefix)
-            if needs
-            else NO_INFO
-        )
-        info = replace(info, model=target.model)
+        body, info = sent.body, sent.info
         lease = self._state.admission.take(candidates, info)
         lease.key = job.owner
         # A re-run goes back past the jobs threshold (see _previous); others take a job slot.
         limit = None if again is not None else slots(self._state, self._settings, lease.replica)
         task = asyncio.create_task(
-            self._dispatch(job, lease, body, target.path_qs or job.url, limit),
+            self._dispatch(job, lease, body, sent.path_qs, limit),
             name=f"job-{job.id}",
         )
         self._in_flight[job.id] = task

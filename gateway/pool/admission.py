@@ -194,7 +194,7 @@ class Admission:
     ) -> AsyncIterator[Lease]:
         """A replica with a free slot for this request (waiting in the queue if need be), held
         until the block exits."""
-        lease = Lease(self, await self.acquire(request, tried), request)
+        lease = self._dispatched(await self.acquire(request, tried), request)
         try:
             yield lease
         finally:
@@ -205,6 +205,11 @@ class Admission:
         policy; it never waits. The jobs scheduler dispatches this way."""
         replica = self.rules.policy_for(request.model).choose(candidates, request)
         self.pool.acquire(replica, request.tokens)
+        return self._dispatched(replica, request)
+
+    def _dispatched(self, replica: Replica, request: RequestInfo) -> Lease:
+        """The lease on a replica acquired for `request`; its policy hears where it goes."""
+        self.rules.policy_for(request.model).on_dispatch(replica, request)
         return Lease(self, replica, request)
 
     async def acquire(self, request: RequestInfo, tried: Collection[Replica] = ()) -> Replica:
@@ -293,11 +298,12 @@ class Admission:
 
     def _pool_changed(self) -> None:
         """The set of available replicas changed: a retry that has tried every one left stops
-        waiting, and new ones may have free slots. A policy that keeps per-replica state
-        (`replicas_changed`) drops what it knows of replicas that left."""
+        waiting, and new ones may have free slots. Every policy hears of it
+        (`replicas_changed`: one that keeps per-replica state drops what it knows of those that
+        left)."""
+        urls = [r.url for r in self.pool.active()]
         for policy in self._rules.policies() if self._rules is not None else ():
-            if hasattr(policy, "replicas_changed"):
-                policy.replicas_changed([r.url for r in self.pool.active()])
+            policy.replicas_changed(urls)
         for waiter in list(self._waiters):
             tried, model = waiter.tried, waiter.request.model
             if tried and not waiter.future.done() and self._all_tried(tried, model):

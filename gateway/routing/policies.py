@@ -5,8 +5,11 @@ only reads it. A policy never sees an empty list (the caller raises NoHealthyRep
 takes its random source as an argument so tests are exact. Ties are broken at random, never by
 list order. New policies are registered by name in POLICIES, the one place the config looks.
 
-A policy that needs to know about the request (its estimated work in tokens, or an affinity
-key) says so in `needs`; the proxy reads the body for it only then (gateway/datapath/classify.py).
+A policy subclasses Policy: one method, `choose`, and named hooks (`on_dispatch`,
+`replicas_changed`, `on_report`) that admission and the control loops call on every policy,
+no-ops unless a policy overrides them. A policy that needs to know about the request (its
+estimated work in tokens, an affinity key, its prefix) says so in `needs`; the data path reads
+the body for it only then (gateway/datapath/classify.py).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 from gateway.routing.options import PolicyOptions
 from gateway.routing.prefix import PrefixIndex
@@ -25,10 +28,29 @@ from gateway.routing.replica import Replica
 from gateway.routing.request import Need, RequestInfo
 
 
-class Policy(Protocol):
-    needs: ClassVar[frozenset[Need]]
+class Policy:
+    """A routing policy: `choose` picks one of the candidates for a request. It never gets an
+    empty list (the caller raises NoHealthyReplica first), breaks ties at random and changes no
+    replica state. The hooks tell it what happened after its decision; each is a no-op here,
+    overridden by the policies that learn from it. `needs` names what it reads of the request
+    (tokens, key, prefix: filled in by the data path's classify) and of the replicas
+    (cache_blocks: their reported cache, polled by gateway/control/cache_blocks.py)."""
 
-    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica: ...
+    needs: ClassVar[frozenset[Need]] = frozenset()
+
+    def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
+        raise NotImplementedError
+
+    def on_dispatch(self, replica: Replica, request: RequestInfo) -> None:
+        """A lease on `replica` was granted for `request`, after `choose` (or a queue's hand-out)
+        picked it: the request goes there."""
+
+    def replicas_changed(self, urls: Sequence[str]) -> None:
+        """The pool's active replicas are now `urls`: forget what is kept of others."""
+
+    def on_report(self, url: str, hashes: Sequence[int]) -> None:
+        """What replica `url` holds in its prefix cache now (for a policy that needs
+        cache_blocks)."""
 
 
 def least(
@@ -46,7 +68,7 @@ def least(
     return tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
 
 
-class RandomPolicy:
+class RandomPolicy(Policy):
     """Uniform choice: SageMaker's RANDOM."""
 
     needs: ClassVar[frozenset[Need]] = frozenset()
@@ -58,7 +80,7 @@ class RandomPolicy:
         return replicas[self._rng.randrange(len(replicas))]
 
 
-class RoundRobinPolicy:
+class RoundRobinPolicy(Policy):
     """Each replica in turn; a changed list continues the rotation where it is."""
 
     needs: ClassVar[frozenset[Need]] = frozenset()
@@ -73,7 +95,7 @@ class RoundRobinPolicy:
         return replica
 
 
-class LeastOutstandingRequests:
+class LeastOutstandingRequests(Policy):
     """Exact minimum of this gateway's outstanding requests."""
 
     needs: ClassVar[frozenset[Need]] = frozenset()
@@ -89,7 +111,7 @@ def _outstanding(replica: Replica) -> int:
     return replica.busy
 
 
-class PowerOfTwoChoices:
+class PowerOfTwoChoices(Policy):
     """Least outstanding of two replicas drawn at random (Envoy's and Ray Serve's default):
     nearly as good as the exact minimum, and several gateways do not all herd onto the same
     emptiest replica."""
@@ -109,7 +131,7 @@ class PowerOfTwoChoices:
         return b if b.busy < a.busy else a  # a is already a random pick
 
 
-class LeastLoaded:
+class LeastLoaded(Policy):
     """Minimum of this gateway's outstanding requests plus the requests other gateways have at
     the replica, from its freshest load report (response header or /load poll), so several
     gateway instances in front of the same replicas stay balanced."""
@@ -127,7 +149,7 @@ class LeastLoaded:
         return least(replicas, lambda r: r.load(now, max_age), self._rng)
 
 
-class LeastOutstandingTokens:
+class LeastOutstandingTokens(Policy):
     """Minimum estimated outstanding work: prompt tokens plus max_tokens of every request in
     flight, reduced as streamed tokens are relayed. Fewer requests break ties."""
 
@@ -144,7 +166,7 @@ def _tokens_then_requests(replica: Replica) -> float:
     return replica.outstanding_tokens + replica.busy / 1024
 
 
-class PeakEwma:
+class PeakEwma(Policy):
     """Latency-aware (Finagle/Linkerd): cost = the replica's peak-EWMA latency per unit of work
     x (outstanding + 1). A slow replica's latency rises at once and fades only over
     `ewma_decay_s`, so it gets fewer requests until it speeds up. A replica with no sample yet
@@ -168,7 +190,7 @@ class PeakEwma:
         return replica.latency_ewma_s * math.exp(-(now - replica.latency_at) / self._decay_s)
 
 
-class Affinity:
+class Affinity(Policy):
     """Consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam 2018): a key
     (session header or prompt prefix) goes to the same replica while that replica holds at
     most `affinity_load_factor` x the mean outstanding; past that, to the next one on the ring.
@@ -217,7 +239,7 @@ class Affinity:
         return ring
 
 
-class PrefixAware:
+class PrefixAware(Policy):
     """Cache reuse against load, in one cost in tokens of prefill: for each replica, the prompt
     tokens it would have to prefill (those past the longest run of the prompt's blocks it is
     known to hold) plus what its load costs this request; the cheapest wins, ties at random.
@@ -231,7 +253,8 @@ class PrefixAware:
     The guard against imbalance is relative, so it behaves alike at 2 and at 200 replicas: a
     replica gets credit for its cache only while it has a free slot or holds less than
     `balance_factor` x the fleet's mean load (rounded up, counting this request), and never at
-    `concurrency_threshold` or above. The index learns from the gateway's own choices (bounded,
+    `concurrency_threshold` or above. The index learns from the gateway's own dispatches
+    (`on_dispatch`, once a lease is granted: a choice that is never sent teaches nothing; bounded,
     LRU; replicas that leave are dropped). A request with a session header and no prompt the
     gateway can read goes where its session went last, within the same guard. SageMaker's
     PREFIX_AWARE routing names the same two knobs (`prefix_length`, `concurrency_threshold`)."""
@@ -269,9 +292,7 @@ class PrefixAware:
                 hit = 0
             return load_cost - hit
 
-        chosen = self._least(replicas, cost, request)
-        self.record(chosen, request)
-        return chosen
+        return self._least(replicas, cost, request)
 
     def capacity(self, replica: Replica, now: float) -> int | None:
         """Requests the replica runs at once: its configured limit, else its fresh report."""
@@ -297,7 +318,7 @@ class PrefixAware:
                 matched[url] = tokens  # its last prompt, as far as the gateway could read it
         return matched
 
-    def record(self, replica: Replica, request: RequestInfo) -> None:
+    def on_dispatch(self, replica: Replica, request: RequestInfo) -> None:
         self.index.insert(replica.url, request.prefix)
         if request.key is not None:
             last = self._sessions.get(request.key, ("", 0))[1]
@@ -322,13 +343,15 @@ class PrecisePrefix(PrefixAware):
     one replica until the replicas report it, and gateways that see the same reports and loads
     make the same choice."""
 
-    def record(self, replica: Replica, request: RequestInfo) -> None:
+    needs: ClassVar[frozenset[Need]] = frozenset({"prefix", "cache_blocks"})
+
+    def on_dispatch(self, replica: Replica, request: RequestInfo) -> None:
         if request.key is not None:  # sessions are remembered; blocks come from the replicas
-            super().record(
+            super().on_dispatch(
                 replica, RequestInfo(key=request.key, prompt_tokens=request.prompt_tokens)
             )
 
-    def report(self, url: str, hashes: Sequence[int]) -> None:
+    def on_report(self, url: str, hashes: Sequence[int]) -> None:
         self.index.replace(url, hashes)
 
     def _least(

@@ -163,3 +163,41 @@ def test_the_checker_sees_lazy_relative_and_dynamic_imports() -> None:
     )
     found = set(imports_in(source, ["gateway"]))
     assert {"replica.cli", "loadtests.bench", "gateway.pool"} <= found
+
+
+def policy_probes(source: str, policy_classes: set[str]) -> list[str]:
+    """Calls that find a policy's behaviour by probing it: `isinstance(_, SomePolicy)`, or
+    `hasattr(policy, ...)` / `getattr(policy, ..., default)` on a name holding a policy."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+            continue
+        args = node.args
+        if node.func.id == "isinstance" and len(args) == 2:
+            named = {n.id for n in ast.walk(args[1]) if isinstance(n, ast.Name)}
+            if named & policy_classes:
+                found.append(ast.unparse(node))
+        elif node.func.id in ("hasattr", "getattr") and args:
+            if "polic" in ast.unparse(args[0]).lower():
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_policies_are_called_through_declared_hooks_never_probed() -> None:
+    from gateway.routing import policies
+
+    classes = {
+        name
+        for name, value in vars(policies).items()
+        if isinstance(value, type) and issubclass(value, policies.Policy)
+    }
+    assert {"Policy", "PrefixAware", "PrecisePrefix"} <= classes
+    probes = [
+        f"{path.relative_to(ROOT)}: {probe}"
+        for top in ("gateway", "loadtests")
+        for path in sorted((ROOT / top).rglob("*.py"))
+        for probe in policy_probes(path.read_text(), classes)
+    ]
+    assert probes == []
+    probed = "if isinstance(p, PrecisePrefix): pass\nif hasattr(policy, 'x'): pass\n"
+    assert len(policy_probes(probed, classes)) == 2  # the check sees both kinds

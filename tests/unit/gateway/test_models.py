@@ -10,16 +10,21 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 from gateway.control.models import cards_of
+from gateway.datapath.classify import parse_body
 from gateway.datapath.models import requested
 from gateway.pool.replicas import ReplicaPool
 
 
+def asked(path: str, body: bytes) -> str | None:
+    return requested(path, lambda: parse_body(body))
+
+
 def test_the_model_comes_from_the_json_body_on_openai_paths_and_from_v2_paths() -> None:
     body = json.dumps({"model": "llama", "prompt": "hi"}).encode()
-    assert requested("/v1/completions", body)[0] == "llama"
-    assert requested("/v1/chat/completions", b'  {"model": "m", "messages": []}')[0] == "m"
-    assert requested("/v2/models/resnet/infer", b"")[0] == "resnet"
-    assert requested("/v2/models/a b/infer", b"")[0] == "a b"  # the path as decoded
+    assert asked("/v1/completions", body) == "llama"
+    assert asked("/v1/chat/completions", b'  {"model": "m", "messages": []}') == "m"
+    assert asked("/v2/models/resnet/infer", b"") == "resnet"
+    assert asked("/v2/models/a b/infer", b"") == "a b"  # the path as decoded
     for path, raw in [
         ("/invocations", body),  # SageMaker: no model, any replica
         ("/v1/completions", b"not json"),
@@ -29,7 +34,7 @@ def test_the_model_comes_from_the_json_body_on_openai_paths_and_from_v2_paths() 
         ("/v1/completions", b""),
         ("/v2/models/", b""),
     ]:
-        assert requested(path, raw)[0] is None, (path, raw)
+        assert asked(path, raw) is None, (path, raw)
 
 
 def test_the_pool_knows_who_serves_what_and_unknown_lists_serve_anything() -> None:
@@ -83,6 +88,6 @@ def test_bad_models_sections_name_what_to_fix(models: list[dict[str, str]], mess
 
 def test_deep_json_and_a_bom_are_read_like_the_replica_would() -> None:
     deep = b'{"model": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}"
-    assert requested("/v1/completions", deep)[0] is None  # RecursionError: not a 500
-    assert requested("/v1/completions", b'\xef\xbb\xbf{"model": "m"}')[0] == "m"
-    assert requested("/v2/models/org%2Fm/infer", b"")[0] == "org/m"  # one segment, decoded
+    assert asked("/v1/completions", deep) is None  # RecursionError: not a 500
+    assert asked("/v1/completions", b'\xef\xbb\xbf{"model": "m"}') == "m"
+    assert asked("/v2/models/org%2Fm/infer", b"") == "org/m"  # one segment, decoded

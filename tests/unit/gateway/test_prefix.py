@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.routing.options import PolicyOptions, PrefixOptions
-from gateway.routing.policies import PrecisePrefix, PrefixAware
+from gateway.routing.policies import Policy, PrecisePrefix, PrefixAware
 from gateway.routing.prefix import HASH_SCHEME, TOKENIZER, PrefixIndex, block_hashes, prompt_text
 from gateway.routing.replica import Replica
 from gateway.routing.request import RequestInfo
@@ -103,6 +104,22 @@ def test_index_state_stays_consistent_and_bounded(ops: list[tuple[str, int, int]
     }
 
 
+def dispatch(policy: Policy, fleet: Sequence[Replica], request: RequestInfo) -> Replica:
+    """The policy's choice, dispatched: admission tells it where the request went."""
+    replica = policy.choose(fleet, request)
+    policy.on_dispatch(replica, request)
+    return replica
+
+
+def test_a_choice_that_is_not_dispatched_teaches_nothing() -> None:
+    fleet = _fleet(4)
+    policy = PrefixAware(random.Random(3), PolicyOptions())
+    chosen = policy.choose(fleet, _request(SYSTEM + "q"))
+    assert policy.matched(_request(SYSTEM + "r")) == {}  # a failed lease never taught it
+    policy.on_dispatch(chosen, _request(SYSTEM + "q"))
+    assert set(policy.matched(_request(SYSTEM + "r"))) == {chosen.url}
+
+
 def _fleet(n: int) -> list[Replica]:
     return [Replica(f"http://127.0.0.1:{9000 + i}") for i in range(n)]
 
@@ -115,8 +132,10 @@ def _request(text: str, session: str | None = None) -> RequestInfo:
 def test_a_prefix_goes_to_the_replica_that_has_it_while_load_is_even() -> None:
     fleet = _fleet(4)
     policy = PrefixAware(random.Random(0), PolicyOptions())
-    first = policy.choose(fleet, _request(SYSTEM + "question 0"))
-    picks = Counter(policy.choose(fleet, _request(SYSTEM + f"question {i}")).url for i in range(50))
+    first = dispatch(policy, fleet, _request(SYSTEM + "question 0"))
+    picks = Counter(
+        dispatch(policy, fleet, _request(SYSTEM + f"question {i}")).url for i in range(50)
+    )
     assert picks == {first.url: 50}  # idle fleet: every one reuses the 36 cached blocks
 
 
@@ -124,13 +143,13 @@ def test_a_prefix_goes_to_the_replica_that_has_it_while_load_is_even() -> None:
 def test_a_hot_prefix_moves_when_its_replica_is_loaded_relative_to_the_fleet(n: int) -> None:
     fleet = _fleet(n)
     policy = PrefixAware(random.Random(1), PolicyOptions())
-    home = policy.choose(fleet, _request(SYSTEM + "warm"))
+    home = dispatch(policy, fleet, _request(SYSTEM + "warm"))
     for replica in fleet:
         replica.outstanding = 2
     home.outstanding = 3  # 3 <= ceil(1.5 x mean): the cache still wins
-    assert policy.choose(fleet, _request(SYSTEM + "a")) is home
+    assert dispatch(policy, fleet, _request(SYSTEM + "a")) is home
     home.outstanding = 6  # past 1.5 x the mean for n >= 8; at n = 2 the cost says so
-    moved = policy.choose(fleet, _request(SYSTEM + "b"))
+    moved = dispatch(policy, fleet, _request(SYSTEM + "b"))
     assert moved is not home and moved.outstanding == 2
 
 
@@ -138,9 +157,9 @@ def test_the_concurrency_threshold_makes_load_win() -> None:
     fleet = _fleet(3)
     options = PolicyOptions(prefix=PrefixOptions(concurrency_threshold=2))
     policy = PrefixAware(random.Random(2), options)
-    home = policy.choose(fleet, _request(SYSTEM))
+    home = dispatch(policy, fleet, _request(SYSTEM))
     home.outstanding = 2
-    assert policy.choose(fleet, _request(SYSTEM + "x")) is not home
+    assert dispatch(policy, fleet, _request(SYSTEM + "x")) is not home
 
 
 @pytest.mark.parametrize("n", [2, 5, 50])
@@ -150,7 +169,7 @@ def test_unique_prompts_spread_like_least_outstanding(n: int) -> None:
     rng = random.Random(4)
     for i in range(40 * n):
         text = f"{rng.random():.12f} unique prompt {i} " * 8
-        replica = policy.choose(fleet, _request(text))
+        replica = dispatch(policy, fleet, _request(text))
         replica.outstanding += 1
     counts = [r.outstanding for r in fleet]
     assert max(counts) - min(counts) <= 1, counts
@@ -161,7 +180,7 @@ def test_shared_system_prompts_still_balance_a_loaded_small_fleet() -> None:
     fleet = _fleet(2)
     policy = PrefixAware(random.Random(5), PolicyOptions())
     for i in range(60):
-        replica = policy.choose(fleet, _request(SYSTEM + f"turn {i}"))
+        replica = dispatch(policy, fleet, _request(SYSTEM + f"turn {i}"))
         replica.outstanding += 1
     counts = sorted(r.outstanding for r in fleet)
     assert counts[1] <= 1.5 * (sum(counts) + 1) / 2 + 1, counts
@@ -170,15 +189,15 @@ def test_shared_system_prompts_still_balance_a_loaded_small_fleet() -> None:
 def test_a_session_without_a_readable_prompt_follows_its_last_replica() -> None:
     fleet = _fleet(5)
     policy = PrefixAware(random.Random(6), PolicyOptions())
-    home = policy.choose(fleet, _request(SYSTEM, session="s1"))
+    home = dispatch(policy, fleet, _request(SYSTEM, session="s1"))
     unreadable = RequestInfo(1, "s1", (), 0)
-    assert all(policy.choose(fleet, unreadable) is home for _ in range(20))
+    assert all(dispatch(policy, fleet, unreadable) is home for _ in range(20))
 
 
 def test_replicas_that_leave_are_forgotten() -> None:
     fleet = _fleet(3)
     policy = PrefixAware(random.Random(7), PolicyOptions())
-    home = policy.choose(fleet, _request(SYSTEM, session="s"))
+    home = dispatch(policy, fleet, _request(SYSTEM, session="s"))
     policy.replicas_changed([r.url for r in fleet if r is not home])
     assert home.url not in policy.index.urls()
     assert policy.matched(RequestInfo(1, "s", (), 0)) == {}
@@ -189,10 +208,10 @@ def test_precise_prefix_routes_by_what_the_replicas_report() -> None:
     policy = PrecisePrefix(random.Random(8), PolicyOptions())
     request = _request(SYSTEM + "q")
     holder = fleet[2]
-    policy.report(holder.url, request.prefix[:20])
-    assert all(policy.choose(fleet, request) is holder for _ in range(10))
+    policy.on_report(holder.url, request.prefix[:20])
+    assert all(dispatch(policy, fleet, request) is holder for _ in range(10))
     assert policy.index.matched_blocks(request.prefix) == {holder.url: 20}  # routing adds none
-    policy.report(holder.url, [])  # it restarted: its cache is empty
+    policy.on_report(holder.url, [])  # it restarted: its cache is empty
     assert policy.matched(request) == {}
 
 
@@ -202,13 +221,13 @@ def test_precise_prefix_choices_do_not_depend_on_the_gateway() -> None:
     fleet = _fleet(5)
     one, two = (PrecisePrefix(random.Random(seed), PolicyOptions()) for seed in (1, 2))
     for policy in (one, two):
-        policy.report(fleet[0].url, _request(SYSTEM).prefix)
+        policy.on_report(fleet[0].url, _request(SYSTEM).prefix)
     fleet[3].outstanding = 1
     prompts = [SYSTEM + "a", "unrelated prompt " * 10, "another one " * 30, f"{SYSTEM[:40]} b"]
     for text in prompts:
-        assert one.choose(fleet, _request(text)) is two.choose(fleet, _request(text))
+        assert dispatch(one, fleet, _request(text)) is dispatch(two, fleet, _request(text))
     fresh = "a prefix no replica holds " * 8
-    assert len({one.choose(fleet, _request(fresh + str(i))).url for i in range(10)}) == 1
+    assert len({dispatch(one, fleet, _request(fresh + str(i))).url for i in range(10)}) == 1
 
 
 def test_with_known_capacity_a_prefix_stays_home_while_it_has_a_free_slot() -> None:
@@ -216,11 +235,11 @@ def test_with_known_capacity_a_prefix_stays_home_while_it_has_a_free_slot() -> N
     for replica in fleet:
         replica.max_concurrency = 8  # as if each reported capacity=8
     policy = PrefixAware(random.Random(9), PolicyOptions())
-    home = policy.choose(fleet, _request(SYSTEM + "warm"))
+    home = dispatch(policy, fleet, _request(SYSTEM + "warm"))
     home.outstanding = 6  # far above the idle fleet's mean, but two slots are free
-    assert policy.choose(fleet, _request(SYSTEM + "a")) is home
+    assert dispatch(policy, fleet, _request(SYSTEM + "a")) is home
     home.outstanding = 8  # full: the request would wait, so it goes where a slot is free
-    moved = policy.choose(fleet, _request(SYSTEM + "b"))
+    moved = dispatch(policy, fleet, _request(SYSTEM + "b"))
     assert moved is not home and moved.outstanding == 0
 
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 import pytest
 
 from gateway.routing.options import PolicyOptions
-from gateway.routing.policies import POLICIES
+from gateway.routing.policies import POLICIES, Policy
 from gateway.routing.replica import Replica
 from gateway.routing.request import Need, RequestInfo
 from loadtests.sim_gateway import CENTRAL_QUEUE, front_ends
@@ -128,7 +128,7 @@ def test_counts_go_back_to_zero_in_every_gateway_pool() -> None:
     assert all(r.inflight == 0 and not r.queue and not r.running for r in sim.replicas)
 
 
-class _LastByUrl:
+class _LastByUrl(Policy):
     """A policy the simulator has never heard of: it reads what policies read (the pool's
     Replica objects, the request's work estimate) and records what it was asked."""
 

@@ -1,4 +1,5 @@
-"""The work estimate and affinity key the proxy hands to policies that need them."""
+"""Classification: the model a request asks for and the work estimate, affinity key and prefix
+hashes its policy needs, from one parse of the body."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import json
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config import AffinityConfig
-from gateway.datapath.classify import SseCounter, describe
+from gateway.config import AffinityConfig, parse_config
+from gateway.datapath import classify as classify_module
+from gateway.datapath.classify import classify, describe
+from gateway.datapath.sse import SseCounter
+from gateway.pool.live import Live, build_runtime
+from gateway.pool.replicas import ReplicaPool
+from gateway.routing.request import NO_INFO
 
 AFFINITY = AffinityConfig(header="X-Session-Id", prompt_prefix_chars=8)
 
@@ -113,3 +119,45 @@ def test_sse_an_unended_line_is_held_only_to_a_bound() -> None:
         assert events.feed(b"x" * 64 * 1024) == 0
     assert len(events._partial) <= 64 * 1024
     assert events.feed(b"\n\nevent: error\n\n") == 0 and events.failed
+
+
+def _live(strategy: str) -> Live:
+    config = parse_config(
+        {
+            "routing": {"strategy": strategy},
+            "replicas": [{"url": "http://127.0.0.1:9001", "models": ["tiny"]}],
+            "models": [{"name": "chat", "target": "tiny"}],
+        }
+    )
+    live = Live.start(build_runtime(config), ReplicaPool(config.replica_urls))
+    live.swap(live.runtime)
+    return live
+
+
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "z" * 200}], "max_tokens": 9}
+
+
+@pytest.mark.parametrize("lead", [b"", b"\xef\xbb\xbf", b"\xef\xbb\xbf \n"])
+def test_a_bom_prefixed_chat_body_is_routed_by_model_and_counted_and_hashed(
+    lead: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parses: list[bytes] = []
+    loads = json.loads
+    monkeypatch.setattr(classify_module.json, "loads", lambda s: parses.append(s) or loads(s))
+    body = lead + _body(CHAT)
+    prefix = classify(_live("prefix_aware"), "/v1/chat/completions", _headers(), body)
+    assert (prefix.model, prefix.asked) == ("tiny", "chat")  # the alias, resolved
+    assert loads(prefix.body)["model"] == "tiny"  # and rewritten for the replica
+    assert prefix.info.model == "tiny"
+    assert prefix.info.prompt_tokens > 200 and prefix.info.prefix  # the prompt's block hashes
+    tokens = classify(_live("least_outstanding_tokens"), "/v1/chat/completions", _headers(), body)
+    assert tokens.info.tokens == 200 // 4 + 9 and tokens.info.model == "tiny"
+    assert len(parses) == 2  # one parse per request, for the model and the policy alike
+
+
+def test_a_body_is_not_parsed_when_nothing_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = parse_config({"replicas": [{"url": "http://127.0.0.1:9001"}]})
+    live = Live.start(build_runtime(config), ReplicaPool(config.replica_urls))
+    monkeypatch.setattr(classify_module, "parse_body", lambda body: pytest.fail("parsed"))
+    sent = classify(live, "/v1/completions?x=1", _headers(), _body({"model": "m"}))
+    assert (sent.model, sent.path_qs, sent.info) == (None, "/v1/completions?x=1", NO_INFO)
