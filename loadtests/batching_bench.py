@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtests.plan import recorded_args
+from loadtests.harness.plan import recorded_args
 from replica.batching import Batcher
 from replica.config import (
     BatcherConfig,

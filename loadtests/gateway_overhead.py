@@ -1,7 +1,7 @@
 """What the gateway costs: direct-vs-gateway latency at fixed request rates, and the highest
 rate one gateway process sustains, against a no-op upstream on loopback.
 
-    .venv/bin/python loadtests/gateway_overhead.py [--rates 250,500,1000,2000] [--seconds 5]
+    .venv/bin/python -m loadtests.gateway_overhead [--rates 250,500,1000,2000] [--seconds 5]
         [--workers 1]
 
 Three processes share the machine: a no-op aiohttp upstream, the gateway (`python -m gateway`,
@@ -154,7 +154,7 @@ def processes(workdir: Path, workers: int) -> Iterator[tuple[str, str]]:
     }
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
-    me = [sys.executable, __file__]
+    me = [sys.executable, "-m", "loadtests.gateway_overhead"]
     procs = [
         subprocess.Popen([*me, "--serve-noop", str(up_port)]),
         subprocess.Popen(
@@ -228,7 +228,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.gateway_overhead", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--rates", default="250,500,1000,1500")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=16)

@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from loadtests import stats
-from loadtests.workload import Workload, draw, output_tokens, user_rng
+from loadtests.analysis import stats
+from loadtests.load.workload import Workload, draw, output_tokens, user_rng
 
 
 def test_percentile_interpolates_raw_samples() -> None:

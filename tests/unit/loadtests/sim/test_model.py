@@ -11,8 +11,9 @@ import pytest
 
 from gateway.policies import POLICIES, Need, PolicyOptions, RequestInfo
 from gateway.pool import Replica
-from loadtests.sim_gateway import CENTRAL_QUEUE, front_ends
-from loadtests.simulate import (
+from loadtests.load.workload import Workload
+from loadtests.sim.gateway import CENTRAL_QUEUE, front_ends
+from loadtests.sim.model import (
     Profile,
     Request,
     Simulation,
@@ -20,7 +21,6 @@ from loadtests.simulate import (
     closed_loop,
     open_loop,
 )
-from loadtests.workload import Workload
 
 PROFILE = Profile()
 

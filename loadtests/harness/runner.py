@@ -21,10 +21,10 @@ import httpx
 import psutil
 import yaml
 
-from loadtests.samples import Sample, read_samples
-from loadtests.workload import Workload
+from loadtests.load.samples import Sample, read_samples
+from loadtests.load.workload import Workload
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SATURATED_PERCENT = 90.0
 GENERATOR_TAIL_S = 1.0  # the load generator runs this long past the window, so it ends sending
 
@@ -201,7 +201,7 @@ def _generator_cmd(spec: RunSpec, url: str, samples: Path) -> list[str]:
         return [
             sys.executable,
             "-m",
-            "loadtests.openloop",
+            "loadtests.load.openloop",
             "--host",
             url,
             "--rate",
@@ -216,7 +216,7 @@ def _generator_cmd(spec: RunSpec, url: str, samples: Path) -> list[str]:
         "-m",
         "locust",
         "-f",
-        str(REPO / "loadtests" / "locustfile.py"),
+        str(REPO / "loadtests" / "load" / "locustfile.py"),
         "--headless",
         "-u",
         str(spec.users),

@@ -2,9 +2,10 @@
 loadtests/frontends_bench.py: an upstream that streams server-sent events at a fixed rate, and a
 client that holds C streams open and measures how late each event arrives.
 
-    python -m loadtests.relay_rig upstream --port P --events-per-s T --events N
-    python -m loadtests.relay_rig client --url URL --streams C --warmup-s W --seconds S --out F
-    python -m loadtests.relay_rig rate --url URL --rate R --seconds S --out F
+    python -m loadtests.harness.relay_rig upstream --port P --events-per-s T --events N
+    python -m loadtests.harness.relay_rig client --url URL --streams C --warmup-s W --seconds S \\
+        --out F
+    python -m loadtests.harness.relay_rig rate --url URL --rate R --seconds S --out F
 
 The upstream is a raw asyncio protocol on uvloop, so it costs little per event. It answers
 `GET /health` and any non-streaming request with a fixed completion. A POST whose JSON body has
