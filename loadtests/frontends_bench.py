@@ -58,6 +58,7 @@ from typing import IO, Any
 
 import psutil
 
+from loadtests.analysis.stats import percentile
 from loadtests.harness.runner import (
     exit_on_sigterm,
     free_port_block,
@@ -289,11 +290,6 @@ def cpu_seconds(pid: int) -> float:
 # -- measurements ---------------------------------------------------------------------------
 
 
-def percentile(sorted_samples: list[float], q: float) -> float:
-    rank = max(0, min(len(sorted_samples) - 1, round(q / 100 * len(sorted_samples) + 0.5) - 1))
-    return sorted_samples[rank]
-
-
 def open_loop_latency(url: str, seconds: float, workdir: Path) -> dict[str, Any]:
     """Latency at 1,000 req/s, open loop: loadtests/harness/relay_rig.py's fixed-rate client."""
     out = workdir / "rate.json"
@@ -318,7 +314,7 @@ def hey_latency(url: str, seconds: float) -> dict[str, float]:
         capture_output=True, text=True, check=True, timeout=seconds + 60,
     ).stdout  # fmt: skip
     rows = list(csv.DictReader(io.StringIO(out)))
-    ok = sorted(float(r["response-time"]) * 1e3 for r in rows if r["status-code"] == "200")
+    ok = [float(r["response-time"]) * 1e3 for r in rows if r["status-code"] == "200"]
     return {
         "p50_ms": percentile(ok, 50),
         "p99_ms": percentile(ok, 99),

@@ -30,6 +30,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from loadtests.analysis.stats import percentile
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -52,12 +54,6 @@ def _loop() -> asyncio.AbstractEventLoop:
     import uvloop
 
     return uvloop.new_event_loop()
-
-
-def percentile(sorted_samples: list[float], q: float) -> float:
-    """Nearest-rank percentile of already-sorted raw samples."""
-    rank = max(0, min(len(sorted_samples) - 1, round(q / 100 * len(sorted_samples) + 0.5) - 1))
-    return sorted_samples[rank]
 
 
 async def wait_up(url: str, timeout_s: float = 20) -> None:

@@ -21,6 +21,7 @@ import httpx
 import psutil
 import yaml
 
+from loadtests.analysis.stats import percentile
 from loadtests.load.samples import Sample, read_samples
 from loadtests.load.workload import Workload
 
@@ -272,14 +273,10 @@ def run_load(
         samples,
         first + spec.warmup_s,
         _mean(cpu.machine),
-        _p90(cpu.generator),
-        _p90(cpu.gateway),
+        percentile(cpu.generator, 90),
+        percentile(cpu.gateway, 90),
     )
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-def _p90(values: list[float]) -> float:
-    return sorted(values)[int(0.9 * (len(values) - 1))] if values else 0.0
