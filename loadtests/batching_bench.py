@@ -10,7 +10,8 @@ to first token (TTFT), mean time per output token (TPOT) and inter-token gap (IT
 of every request sent inside the window, each waited for while the load stays on. Tokens/s "at
 equal P99" is the most tokens/s a batcher reaches with its P99 at or under one target (linear
 between the sweep points around it): the P99 the static batcher has when its batches are full
-(clients = batch size). Percentiles are nearest-rank over the raw samples of all seeds.
+(clients = batch size). Percentiles are linear-interpolated over the raw samples of all seeds
+(loadtests/analysis/stats.py).
 HTTP is left out on purpose: on a 2-core CPU the HTTP stack, not the batcher, would be measured.
 
 Engines: `torch` is tiny-gpt on this machine's CPU (or CUDA with --device cuda); `simulated` is
@@ -38,7 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtests.plan import recorded_args
+from loadtests.analysis.stats import percentile
+from loadtests.harness.plan import recorded_args
 from replica.batching import Batcher
 from replica.config import (
     BatcherConfig,
@@ -70,13 +72,6 @@ class Point:
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
-
-
-def percentile(samples: list[float], q: float) -> float:
-    if not samples:
-        return math.nan
-    ordered = sorted(samples)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]  # nearest rank
 
 
 def output_length(rng: random.Random) -> int:

@@ -6,8 +6,8 @@ through least outstanding requests) whose completions per second are what these 
 with every slot full, on this machine, in this invocation. Open-loop arrival rates are shares
 of that measured rate. Then for every seed and strategy it starts a gateway, drives closed-loop
 Locust users (or open-loop Poisson arrivals) for warm-up + measurement time, and stops the
-gateway. Everything is reported from raw samples: see loadtests/report.py, loadtests/bound.py
-and loadtests/stats.py. The command line is loadtests/plan.py.
+gateway. Everything is reported from raw samples: see loadtests/analysis/ (report.py, bound.py,
+stats.py). The command line is loadtests/harness/plan.py.
 
 Each simulated replica stands for one ml.g5.24xlarge instance of the published study: four
 A10G GPUs with one model copy each, so four sequences run at once (`max_num_seqs: 4`, the 7B
@@ -32,8 +32,9 @@ import yaml
 
 from gateway.cluster import ClusterConfig, replica_urls, replicas_running, wait_ready
 from gateway.yamlfile import load_yaml
-from loadtests import bound, report, sim_gateway
-from loadtests.plan import (
+from loadtests.analysis import bound, report
+from loadtests.analysis.report import Scenario
+from loadtests.harness.plan import (
     CENTRAL_QUEUE,
     HAPROXY,
     Plan,
@@ -44,8 +45,7 @@ from loadtests.plan import (
     parser,
     requested_strategies,
 )
-from loadtests.report import Scenario
-from loadtests.runner import (
+from loadtests.harness.runner import (
     RunResult,
     RunSpec,
     exit_on_sigterm,
@@ -55,8 +55,9 @@ from loadtests.runner import (
     haproxy_process,
     run_load,
 )
-from loadtests.samples import read_samples_from
-from loadtests.scenarios import INSTANCE_CONCURRENCY, saturation_users
+from loadtests.load.samples import read_samples_from
+from loadtests.load.scenarios import INSTANCE_CONCURRENCY, saturation_users
+from loadtests.sim.gateway import CENTRAL_QUEUE_POLICY
 
 SATURATION = "saturation"  # the capacity run, as named in samples/ and capacity.csv
 CAPACITY_POLICY = "least_outstanding_requests"
@@ -132,7 +133,7 @@ def front_ends(
                     "max_queue": 100_000,
                     "queue_timeout_s": 600,
                 }
-                lor = sim_gateway.CENTRAL_QUEUE_POLICY
+                lor = CENTRAL_QUEUE_POLICY
                 extra = {"limits": limits}
                 front = gateway_process(urls, lor, seed + g, port, workdir, log, extra)
             else:

@@ -25,9 +25,9 @@ from typing import Any
 
 import aiohttp
 
-from loadtests.fleet import Fleet, Observer, fleet
-from loadtests.sse import StreamCheck
-from loadtests.stats import percentile
+from loadtests.analysis.stats import percentile
+from loadtests.harness.fleet import Fleet, Observer, fleet
+from loadtests.load.sse import StreamCheck
 
 
 @dataclass
@@ -78,7 +78,7 @@ def completion(max_tokens: int, stream: bool = False) -> dict[str, object]:
 
 
 async def one_request(client: aiohttp.ClientSession, url: str, body: dict[str, object]) -> Outcome:
-    """A stream is complete only with `[DONE]` and no error event (loadtests/sse.py)."""
+    """A stream is complete only with `[DONE]` and no error event (loadtests/load/sse.py)."""
     started = time.monotonic()
     check = StreamCheck()
     complete = False

@@ -13,8 +13,8 @@ infergate `least_outstanding_requests` with `workers: 1` and `workers: 2`. One t
 installed is skipped with a notice. `direct` (no front end) is the baseline.
 
 Request relay: the replicas are one nginx (Debian's, one worker process, two ports) returning a
-fixed OpenAI completion; without nginx, the Python upstream of loadtests/relay_rig.py (said in the
-table). `POST /v1/completions`.
+fixed OpenAI completion; without nginx, the Python upstream of loadtests/harness/relay_rig.py
+(said in the table). `POST /v1/completions`.
 - Added latency at 1,000 req/s for `--seconds`, the front end's P50 and P99 minus direct's in
   the same repeat, from raw samples, two ways: open loop (relay_rig.py `rate`, timed from when
   each request was due) and `hey -c 10 -q 100` (hey's per-request CSV, 0.1 ms resolution; its
@@ -22,8 +22,8 @@ table). `POST /v1/completions`.
 - Saturation: `wrk -t1 -c64` (keep-alive) for `--seconds` after a 2 s warm-up; req/s, and req/s
   per front-end CPU core (its processes' CPU time over the run, from psutil).
 
-Streaming relay: the upstream of loadtests/relay_rig.py streams completion chunks (one SSE event
-each) at 40 events/s per stream; the rig's client holds C streams through the front end.
+Streaming relay: the upstream of loadtests/harness/relay_rig.py streams completion chunks (one SSE
+event each) at 40 events/s per stream; the rig's client holds C streams through the front end.
 - Fixed load: 500 streams x 40 events/s = 20,000 events/s; each event's delay from the
   upstream's send to the client's receive (CLOCK_MONOTONIC, same machine), P50/P99 from raw
   samples, minus direct's.
@@ -58,7 +58,8 @@ from typing import IO, Any
 
 import psutil
 
-from loadtests.runner import (
+from loadtests.analysis.stats import percentile
+from loadtests.harness.runner import (
     exit_on_sigterm,
     free_port_block,
     front_end_process,
@@ -115,7 +116,7 @@ http {{
 
 @contextlib.contextmanager
 def nginx_replicas(base: int, workdir: Path, log: IO[bytes]) -> Iterator[list[str]]:
-    from loadtests.relay_rig import FIXED
+    from loadtests.harness.relay_rig import FIXED
 
     path = workdir / "nginx.conf"
     path.write_text(
@@ -140,7 +141,7 @@ def rig_replicas(base: int, log: IO[bytes]) -> Iterator[list[str]]:
             [
                 sys.executable,
                 "-m",
-                "loadtests.relay_rig",
+                "loadtests.harness.relay_rig",
                 "upstream",
                 "--port",
                 str(port),
@@ -289,18 +290,13 @@ def cpu_seconds(pid: int) -> float:
 # -- measurements ---------------------------------------------------------------------------
 
 
-def percentile(sorted_samples: list[float], q: float) -> float:
-    rank = max(0, min(len(sorted_samples) - 1, round(q / 100 * len(sorted_samples) + 0.5) - 1))
-    return sorted_samples[rank]
-
-
 def open_loop_latency(url: str, seconds: float, workdir: Path) -> dict[str, Any]:
-    """Latency at 1,000 req/s, open loop: loadtests/relay_rig.py's fixed-rate client."""
+    """Latency at 1,000 req/s, open loop: loadtests/harness/relay_rig.py's fixed-rate client."""
     out = workdir / "rate.json"
     subprocess.run(
         [
-            sys.executable, "-m", "loadtests.relay_rig", "rate", "--url", url, "--rate", "1000",
-            "--seconds", str(seconds), "--body", BODY, "--out", str(out),
+            sys.executable, "-m", "loadtests.harness.relay_rig", "rate", "--url", url,
+            "--rate", "1000", "--seconds", str(seconds), "--body", BODY, "--out", str(out),
         ],
         check=True, timeout=seconds + 60,
     )  # fmt: skip
@@ -318,7 +314,7 @@ def hey_latency(url: str, seconds: float) -> dict[str, float]:
         capture_output=True, text=True, check=True, timeout=seconds + 60,
     ).stdout  # fmt: skip
     rows = list(csv.DictReader(io.StringIO(out)))
-    ok = sorted(float(r["response-time"]) * 1e3 for r in rows if r["status-code"] == "200")
+    ok = [float(r["response-time"]) * 1e3 for r in rows if r["status-code"] == "200"]
     return {
         "p50_ms": percentile(ok, 50),
         "p99_ms": percentile(ok, 99),
@@ -366,7 +362,7 @@ def stream_run(url: str, streams: int, seconds: float, pid: int, workdir: Path) 
     warmup = 3.0
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "loadtests.relay_rig", "client", "--url", url,
+            sys.executable, "-m", "loadtests.harness.relay_rig", "client", "--url", url,
             "--streams", str(streams), "--warmup-s", str(warmup), "--seconds", str(seconds),
             "--events", str(STREAM_EVENTS), "--out", str(out),
         ]
@@ -499,8 +495,8 @@ def render(out: Path) -> str:
     lines += [
         "",
         "Latency at 1,000 req/s, the front end's minus direct's in the same repeat (the direct "
-        "row gives the replica's own): first open loop (loadtests/relay_rig.py `rate`: request "
-        "i due at i/1000 s, timed from when it was due), then `hey -c 10 -q 100` (0.1 ms "
+        "row gives the replica's own): first open loop (loadtests/harness/relay_rig.py `rate`: "
+        "request i due at i/1000 s, timed from when it was due), then `hey -c 10 -q 100` (0.1 ms "
         "resolution; its 10 workers fire together, so requests come in bursts of 10 every "
         "10 ms). Saturation: `wrk -t1 -c64`, keep-alive.",
         "",
@@ -530,8 +526,8 @@ def render(out: Path) -> str:
     lines += [
         "",
         f"Streams of {STREAM_EVENTS} completion chunks at {STREAM_RATE} events/s each from "
-        "loadtests/relay_rig.py; delay is the upstream's send to the client's receive of each "
-        "event. The direct row gives the rig's own.",
+        "loadtests/harness/relay_rig.py; delay is the upstream's send to the client's receive of "
+        "each event. The direct row gives the rig's own.",
     ]
     if meta.get("skipped"):
         lines += ["", "Not run: " + "; ".join(meta["skipped"]) + "."]

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from loadtests.runner import free_port_block, wait_http
+from loadtests.harness.runner import free_port_block, wait_http
 
 TOKEN = "fuzz"
 

@@ -1,7 +1,7 @@
 """What the gateway costs: direct-vs-gateway latency at fixed request rates, and the highest
 rate one gateway process sustains, against a no-op upstream on loopback.
 
-    .venv/bin/python loadtests/gateway_overhead.py [--rates 250,500,1000,2000] [--seconds 5]
+    .venv/bin/python -m loadtests.gateway_overhead [--rates 250,500,1000,2000] [--seconds 5]
         [--workers 1]
 
 Three processes share the machine: a no-op aiohttp upstream, the gateway (`python -m gateway`,
@@ -30,6 +30,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from loadtests.analysis.stats import percentile
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -52,12 +54,6 @@ def _loop() -> asyncio.AbstractEventLoop:
     import uvloop
 
     return uvloop.new_event_loop()
-
-
-def percentile(sorted_samples: list[float], q: float) -> float:
-    """Nearest-rank percentile of already-sorted raw samples."""
-    rank = max(0, min(len(sorted_samples) - 1, round(q / 100 * len(sorted_samples) + 0.5) - 1))
-    return sorted_samples[rank]
 
 
 async def wait_up(url: str, timeout_s: float = 20) -> None:
@@ -154,7 +150,7 @@ def processes(workdir: Path, workers: int) -> Iterator[tuple[str, str]]:
     }
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
-    me = [sys.executable, __file__]
+    me = [sys.executable, "-m", "loadtests.gateway_overhead"]
     procs = [
         subprocess.Popen([*me, "--serve-noop", str(up_port)]),
         subprocess.Popen(
@@ -228,7 +224,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.gateway_overhead", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--rates", default="250,500,1000,1500")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=16)

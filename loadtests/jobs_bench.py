@@ -10,7 +10,7 @@ block-bootstrap interval), and how the batch went.
     python -m loadtests.jobs_bench --gateways 2 --seeds 3
 
 With `--gateways N` (N > 1) the gateways share a PostgreSQL job store on a server the bench
-starts on loopback (Debian's postgresql, as the tests use; loadtests/pgserver.py), real-time
+starts on loopback (Debian's postgresql, as the tests use; loadtests/harness/pgserver.py), real-time
 arrivals go to the gateways at random and the batch is submitted at the first. Each seed runs
 on a fresh fleet and a fresh store.
 
@@ -34,13 +34,13 @@ from typing import Any
 
 import aiohttp
 
-from loadtests.fleet import Fleet, fleet
-from loadtests.openloop import run as open_loop
-from loadtests.pgserver import fresh_database, start_server
-from loadtests.runner import exit_on_sigterm
-from loadtests.samples import Sample, write_samples
-from loadtests.stats import Block, blocks_of, p99, percentile, relative_change
-from loadtests.workload import DEFAULT_MODEL_LIMITS, Workload, draw
+from loadtests.analysis.stats import Block, blocks_of, p99, percentile, relative_change
+from loadtests.harness.fleet import Fleet, fleet
+from loadtests.harness.pgserver import fresh_database, start_server
+from loadtests.harness.runner import exit_on_sigterm
+from loadtests.load.openloop import run as open_loop
+from loadtests.load.samples import Sample, write_samples
+from loadtests.load.workload import DEFAULT_MODEL_LIMITS, Workload, draw
 
 
 @dataclass(frozen=True)

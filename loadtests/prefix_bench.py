@@ -59,16 +59,16 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cluster import ClusterConfig, replica_urls, replicas_running, wait_ready
-from loadtests import stats
-from loadtests.plan import recorded_args
-from loadtests.runner import (
+from loadtests.analysis import stats
+from loadtests.harness.plan import recorded_args
+from loadtests.harness.runner import (
     exit_on_sigterm,
     free_port_block,
     front_end_process,
     gateway_process,
 )
-from loadtests.sse import StreamCheck
-from loadtests.workload import WORDS
+from loadtests.load.sse import StreamCheck
+from loadtests.load.workload import WORDS
 
 PROG = "python -m loadtests.prefix_bench"
 OURS = ("random", "least_outstanding_requests", "affinity", "prefix_aware", "precise_prefix")

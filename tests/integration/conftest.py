@@ -1,4 +1,4 @@
-"""Fixtures for tests that need a real PostgreSQL server (loadtests/pgserver.py): one server
+"""Fixtures for tests that need a real PostgreSQL server (loadtests/harness/pgserver.py): one server
 for the whole run, started on first use, and a fresh database for each test."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from loadtests.pgserver import PostgresServer, fresh_database, start_server
+from loadtests.harness.pgserver import PostgresServer, fresh_database, start_server
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loadtests import chaos
-from loadtests.fleet import fleet
+from loadtests.harness.fleet import fleet
 
 
 async def test_crash_and_restart_loses_no_request(tmp_path: Path) -> None:

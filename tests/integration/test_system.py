@@ -18,7 +18,7 @@ import tritonclient.http as triton
 import yaml
 from openai import AsyncOpenAI
 
-from loadtests.runner import free_port_block
+from loadtests.harness.runner import free_port_block
 from tests.support.processes import BIN, free_port, stop, wait_http_ok
 
 

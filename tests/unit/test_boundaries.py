@@ -177,10 +177,13 @@ def policy_probes(source: str, policy_classes: set[str]) -> list[str]:
             named = {n.id for n in ast.walk(args[1]) if isinstance(n, ast.Name)}
             if named & policy_classes:
                 found.append(ast.unparse(node))
-        elif node.func.id in ("hasattr", "getattr") and args:
-            if "polic" in ast.unparse(args[0]).lower():
-                found.append(ast.unparse(node))
+        elif node.func.id in ("hasattr", "getattr") and args and _names_a_policy(args[0]):
+            found.append(ast.unparse(node))
     return found
+
+
+def _names_a_policy(node: ast.expr) -> bool:
+    return "polic" in ast.unparse(node).lower()
 
 
 def test_policies_are_called_through_declared_hooks_never_probed() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.pgserver import fresh_database
+from loadtests.harness.pgserver import fresh_database
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ import pytest
 from gateway.jobs.postgres import MIGRATIONS, PostgresStore
 from gateway.jobs.requests import JobRequest, parse_batch
 from gateway.jobs.store import Job, Outcome, StoreUnavailable
-from loadtests.pgserver import PostgresServer, fresh_database, start_server
+from loadtests.harness.pgserver import PostgresServer, fresh_database, start_server
 
 OK = Outcome("succeeded", status_code=200, response='{"text": "hi"}')
 LEASE_S = 1.0  # short, so a "dead" gateway's claims run out within a test

@@ -43,7 +43,7 @@ def replicas() -> Iterator[list[str]]:
 
 
 def free_port_block() -> int:
-    from loadtests.runner import free_port_block as block
+    from loadtests.harness.runner import free_port_block as block
 
     return block(REPLICAS, start=31000)
 

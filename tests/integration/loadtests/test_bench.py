@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.plan import build_plan, parse_command
+from loadtests.harness.plan import build_plan, parse_command
 from tests.support.processes import BIN
 
 STRATEGIES = ("random", "least_outstanding_requests")

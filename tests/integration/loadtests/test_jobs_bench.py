@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loadtests import jobs_bench
-from loadtests.pgserver import MISSING, find_binaries
+from loadtests.harness.pgserver import MISSING, find_binaries
 
 pytestmark = pytest.mark.skipif(find_binaries() is None, reason=MISSING)
 

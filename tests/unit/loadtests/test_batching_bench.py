@@ -1,4 +1,4 @@
-"""The batching benchmark's arithmetic: tokens/s at a P99 target, nearest-rank percentiles."""
+"""The batching benchmark's arithmetic: tokens/s at a P99 target."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 from pytest import approx
 
-from loadtests.batching_bench import at_p99, percentile
+from loadtests.batching_bench import at_p99
 
 
 def test_the_best_point_under_the_target_or_the_line_to_the_next_one_above() -> None:
@@ -29,11 +29,3 @@ def test_a_sweep_that_never_reaches_the_target_or_starts_above_it_says_so() -> N
     assert at_p99([(0.1, 10.0), (0.2, 20.0)], 0.5) == (20.0, ">=")
     value, mark = at_p99([(0.6, 10.0), (0.9, 20.0)], 0.5)
     assert math.isnan(value) and mark == ""
-
-
-def test_percentiles_are_nearest_rank_over_raw_samples() -> None:
-    samples = [float(x) for x in range(1, 101)]
-    assert percentile(samples, 99) == 99.0
-    assert percentile(samples, 50) == 50.0
-    assert percentile([3.0], 99) == 3.0
-    assert math.isnan(percentile([], 99))

@@ -10,11 +10,13 @@ from dataclasses import replace
 
 import pytest
 
-from loadtests import bound, plan, report, simulate, stats
-from loadtests.plan import Plan, build_plan, parser
-from loadtests.scenarios import saturation_users
-from loadtests.stats import Interval
-from loadtests.workload import Workload
+from loadtests.analysis import bound, report, stats
+from loadtests.analysis.stats import Interval
+from loadtests.harness import plan
+from loadtests.harness.plan import Plan, build_plan, parser
+from loadtests.load.scenarios import saturation_users
+from loadtests.load.workload import Workload
+from loadtests.sim import model
 
 
 def _plan(*args: str) -> Plan:
@@ -48,7 +50,7 @@ def test_the_announced_duration_grows_with_the_plan() -> None:
 def test_the_bound_is_simulated_over_the_live_window_and_its_draws() -> None:
     quick = _plan("--quick", "--scenarios", "4/1")
     result = bound.central_queue_bound(quick, 4, 1, None)
-    alone = simulate.closed_loop(
+    alone = model.closed_loop(
         "central_queue", 4, 1, Workload(seed=0), warmup_s=quick.warmup_s,
         duration_s=quick.duration_s,
     )  # fmt: skip
@@ -58,7 +60,7 @@ def test_the_bound_is_simulated_over_the_live_window_and_its_draws() -> None:
 
 def test_the_modelled_capacity_is_the_saturation_runs_window() -> None:
     quick = _plan("--quick", "--scenarios", "4/1")
-    window = simulate.closed_loop(
+    window = model.closed_loop(
         "least_outstanding_requests", saturation_users(1), 1, Workload(seed=0),
         warmup_s=quick.warmup_s, duration_s=quick.duration_s,
     )  # fmt: skip

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from loadtests import batching_bench, frontends_bench, jobs_bench, prefix_bench, readme
-from loadtests.plan import (
+from loadtests.harness.plan import (
     HAPROXY,
     PROG,
     build_plan,

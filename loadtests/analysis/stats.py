@@ -23,7 +23,8 @@ def tail_measured(samples: int) -> bool:
 
 
 def percentile(samples: Sequence[float] | np.ndarray, q: float) -> float:
-    """Linear-interpolated percentile of raw samples; NaN when there are none."""
+    """Linear-interpolated percentile of raw samples (numpy's default), in any order; NaN when
+    there are none. The one definition every benchmark reports."""
     if len(samples) == 0:
         return float("nan")
     return float(np.percentile(np.asarray(samples, dtype=float), q))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import report
-from loadtests.runner import RunResult, RunSpec
-from loadtests.samples import Sample
-from loadtests.workload import Workload
+from loadtests.analysis import report
+from loadtests.harness.runner import RunResult, RunSpec
+from loadtests.load.samples import Sample
+from loadtests.load.workload import Workload
 
 
 def _run(strategy: str, sends: list[tuple[float, float]], duration_s: float = 10.0) -> RunResult:

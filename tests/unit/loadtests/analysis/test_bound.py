@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from loadtests import bound, report
-from loadtests.plan import Plan, build_plan, parser
-from loadtests.stats import Interval
+from loadtests.analysis import bound, report
+from loadtests.analysis.stats import Interval
+from loadtests.harness.plan import Plan, build_plan, parser
 
 
 def _plan(*args: str) -> Plan:

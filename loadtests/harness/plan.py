@@ -15,15 +15,15 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtests import sim_gateway
-from loadtests.runner import GENERATOR_TAIL_S
-from loadtests.scenarios import (
+from loadtests.harness.runner import GENERATOR_TAIL_S
+from loadtests.load.scenarios import (
     QUICK_SCENARIOS,
     SAGEMAKER_SCENARIOS,
     format_scenarios,
     parse_scenarios,
 )
-from loadtests.workload import Workload
+from loadtests.load.workload import Workload
+from loadtests.sim import gateway as sim_gateway
 
 PROG = "infergate bench"
 CENTRAL_QUEUE = sim_gateway.CENTRAL_QUEUE

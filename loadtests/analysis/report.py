@@ -2,7 +2,7 @@
 in the layout of SageMaker's routing comparison, and PNG charts (one line per strategy).
 
 Every summary says what load its runs were offered (requests sent per second in the window)
-against the capacity measured on the same replicas (a saturation run, see bench.py)."""
+against the capacity measured on the same replicas (a saturation run, see loadtests/bench.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loadtests import stats
-from loadtests.runner import RunResult
-from loadtests.samples import Sample
+from loadtests.analysis import stats
+from loadtests.harness.runner import RunResult
+from loadtests.load.samples import Sample
 
 BASELINE = "random"
 Scenario = tuple[int, int]  # (users, instances)

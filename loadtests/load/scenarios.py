@@ -1,6 +1,7 @@
-"""The routing benchmark's shape, shared by the live runner (bench.py) and the discrete-event
-model (simulate.py) so neither imports the other: the SageMaker scenarios (users / instances),
-what one simulated instance runs at once, and the load that saturates it."""
+"""The routing benchmark's shape, shared by the live runner (loadtests/bench.py) and the
+discrete-event model (loadtests/sim/model.py) so neither imports the other: the SageMaker
+scenarios (users / instances), what one simulated instance runs at once, and the load that
+saturates it."""
 
 from __future__ import annotations
 

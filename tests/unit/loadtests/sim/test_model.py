@@ -13,8 +13,9 @@ from gateway.routing.options import PolicyOptions
 from gateway.routing.policies import POLICIES, Policy
 from gateway.routing.replica import Replica
 from gateway.routing.request import Need, RequestInfo
-from loadtests.sim_gateway import CENTRAL_QUEUE, front_ends
-from loadtests.simulate import (
+from loadtests.load.workload import Workload
+from loadtests.sim.gateway import CENTRAL_QUEUE, front_ends
+from loadtests.sim.model import (
     Profile,
     Request,
     Simulation,
@@ -22,7 +23,6 @@ from loadtests.simulate import (
     closed_loop,
     open_loop,
 )
-from loadtests.workload import Workload
 
 PROFILE = Profile()
 

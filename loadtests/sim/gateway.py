@@ -1,13 +1,12 @@
-"""A simulated gateway for loadtests/simulate.py: the gateway's own routing code on the
+"""A simulated gateway for loadtests/sim/model.py: the gateway's own routing code on the
 simulated clock. It holds a real `gateway.pool.replicas.ReplicaPool` (the one owner of
 outstanding counts and work, load reports and latency samples) and a policy made by
-`POLICIES[name](rng, options)`,
-as a live gateway does, and estimates a request's work with gateway/datapath/classify.py from
-its JSON body.
+`POLICIES[name](rng, options)`, as a live gateway does, and estimates a request's work with
+gateway/datapath/classify.py from its JSON body.
 So any registered policy is simulated, one added later included, with no change to the model.
 
 The central queue (`central_queue`) is least outstanding requests over the replicas with a free
-slot, as bench.py runs it live; the FIFO of requests waiting for a slot is the model's.
+slot, as loadtests/bench.py runs it live; the FIFO of requests waiting for a slot is the model's.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 import yaml
 
-from loadtests.runner import REPO, free_port_block
+from loadtests.harness.runner import REPO, free_port_block
 from tests.support.processes import BIN, free_port, stop, wait_http_ok
 
 SECONDS = 5
@@ -52,7 +52,7 @@ async def test_locust_against_the_default_system_has_no_failures(
     url, proc = make_run
     await wait_http_ok(f"{url}/readyz", proc, timeout_s=120)
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERGATE_BENCH_")}
-    cmd = [sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py", "--headless",
+    cmd = [sys.executable, "-m", "locust", "-f", "loadtests/load/locustfile.py", "--headless",
            "-u", "8", "-r", "8", "-t", f"{SECONDS}s", "--host", url,
            "--csv", str(tmp_path / "locust"), "--only-summary", "CompletionUser"]  # fmt: skip
     result = await asyncio.to_thread(

@@ -2,8 +2,8 @@
 
 Against `make run` (`infergate up`: the gateway on port 8080, two replicas, default models):
 
-    locust -f loadtests/locustfile.py --headless -u 8 -r 8 -t 10s --host http://127.0.0.1:8080
-    locust -f loadtests/locustfile.py --host http://127.0.0.1:8080   # web UI on :8089
+    locust -f loadtests/load/locustfile.py --headless -u 8 -r 8 -t 10s --host http://127.0.0.1:8080
+    locust -f loadtests/load/locustfile.py --host http://127.0.0.1:8080   # web UI on :8089
 
 Streamed completions report time to first token as its own Locust event ("TTFT"). Besides
 Locust's own (bucketed) statistics, every request is kept as a raw sample and written as CSV to
@@ -11,7 +11,7 @@ $INFERGATE_BENCH_SAMPLES when the run ends: the benchmark computes percentiles f
 The workload (seed, output-length distribution, stream share) comes from
 $INFERGATE_BENCH_WORKLOAD (JSON) when the benchmark runs it; run by hand it is the default one
 fitted to the model `make run` serves (max_tokens up to 256 within a 512-token context), so every
-request is one that model accepts. See loadtests/workload.py.
+request is one that model accepts. See loadtests/load/workload.py.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 
 from locust import HttpUser, constant, events, task
 
-from loadtests.samples import Sample, write_samples
-from loadtests.sse import StreamCheck
-from loadtests.workload import CompletionRequest, Workload, draw, user_rng
+from loadtests.load.samples import Sample, write_samples
+from loadtests.load.sse import StreamCheck
+from loadtests.load.workload import CompletionRequest, Workload, draw, user_rng
 
 WORKLOAD = Workload.from_env()
 

@@ -21,10 +21,11 @@ import httpx
 import psutil
 import yaml
 
-from loadtests.samples import Sample, read_samples
-from loadtests.workload import Workload
+from loadtests.analysis.stats import percentile
+from loadtests.load.samples import Sample, read_samples
+from loadtests.load.workload import Workload
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SATURATED_PERCENT = 90.0
 GENERATOR_TAIL_S = 1.0  # the load generator runs this long past the window, so it ends sending
 
@@ -201,7 +202,7 @@ def _generator_cmd(spec: RunSpec, url: str, samples: Path) -> list[str]:
         return [
             sys.executable,
             "-m",
-            "loadtests.openloop",
+            "loadtests.load.openloop",
             "--host",
             url,
             "--rate",
@@ -216,7 +217,7 @@ def _generator_cmd(spec: RunSpec, url: str, samples: Path) -> list[str]:
         "-m",
         "locust",
         "-f",
-        str(REPO / "loadtests" / "locustfile.py"),
+        str(REPO / "loadtests" / "load" / "locustfile.py"),
         "--headless",
         "-u",
         str(spec.users),
@@ -272,14 +273,10 @@ def run_load(
         samples,
         first + spec.warmup_s,
         _mean(cpu.machine),
-        _p90(cpu.generator),
-        _p90(cpu.gateway),
+        percentile(cpu.generator, 90),
+        percentile(cpu.gateway, 90),
     )
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-def _p90(values: list[float]) -> float:
-    return sorted(values)[int(0.9 * (len(values) - 1))] if values else 0.0

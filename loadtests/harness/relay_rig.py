@@ -2,9 +2,10 @@
 loadtests/frontends_bench.py: an upstream that streams server-sent events at a fixed rate, and a
 client that holds C streams open and measures how late each event arrives.
 
-    python -m loadtests.relay_rig upstream --port P --events-per-s T --events N
-    python -m loadtests.relay_rig client --url URL --streams C --warmup-s W --seconds S --out F
-    python -m loadtests.relay_rig rate --url URL --rate R --seconds S --out F
+    python -m loadtests.harness.relay_rig upstream --port P --events-per-s T --events N
+    python -m loadtests.harness.relay_rig client --url URL --streams C --warmup-s W --seconds S \\
+        --out F
+    python -m loadtests.harness.relay_rig rate --url URL --rate R --seconds S --out F
 
 The upstream is a raw asyncio protocol on uvloop, so it costs little per event. It answers
 `GET /health` and any non-streaming request with a fixed completion. A POST whose JSON body has
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import httptools
+
+from loadtests.analysis.stats import percentile
 
 FIXED = (
     b'{"id":"cmpl-bench","object":"text_completion","created":0,"model":"m","choices":'
@@ -264,15 +267,15 @@ async def run_client(
     await asyncio.sleep(max(0.0, (window.end_ns - now_ns()) / 1e9))
     # Streams end on their own (they are not renewed past the window); a bounded wait for them.
     await asyncio.wait(finished, timeout=events * 0.1 + 10)
-    delays = sorted(window.delays)
+    delays = window.delays
     return {
         "events": window.events,
         "seconds": seconds,
         "events_per_s": window.events / seconds,
         "streams_done": window.streams_done,
         "errors": window.errors,
-        "delay_p50_ms": _percentile(delays, 50) / 1e6,
-        "delay_p99_ms": _percentile(delays, 99) / 1e6,
+        "delay_p50_ms": percentile(delays, 50) / 1e6,
+        "delay_p99_ms": percentile(delays, 99) / 1e6,
         "samples": len(delays),
     }
 
@@ -349,21 +352,13 @@ async def run_rate(url: str, rate: float, seconds: float, path: str, body: bytes
     deadline = now_ns() + 10_000_000_000
     while len(latencies) + errors[0] < total and now_ns() < deadline:
         await asyncio.sleep(0.01)
-    ordered = sorted(latencies)
     return {
         "requests": total,
         "errors": total - len(latencies),  # failed or never answered
         "connections": opened,
-        "p50_ms": _percentile(ordered, 50) / 1e6,
-        "p99_ms": _percentile(ordered, 99) / 1e6,
+        "p50_ms": percentile(latencies, 50) / 1e6,
+        "p99_ms": percentile(latencies, 99) / 1e6,
     }
-
-
-def _percentile(sorted_samples: list[int], q: float) -> float:
-    if not sorted_samples:
-        return float("nan")
-    rank = max(0, min(len(sorted_samples) - 1, round(q / 100 * len(sorted_samples) + 0.5) - 1))
-    return float(sorted_samples[rank])
 
 
 def main() -> None:

@@ -1,11 +1,11 @@
 """Open-loop load: completion requests arrive as a Poisson process at a fixed mean rate,
 whatever the latency (unlike Locust's closed-loop users, which wait for each answer).
 
-    python -m loadtests.openloop --host http://127.0.0.1:8080 --rate 20 --seconds 60 \\
+    python -m loadtests.load.openloop --host http://127.0.0.1:8080 --rate 20 --seconds 60 \\
         --samples samples.csv
 
 The request stream comes from the same seeded workload as the Locust users; samples are
-written in the same CSV format (loadtests/samples.py).
+written in the same CSV format (loadtests/load/samples.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import time
 
 import aiohttp
 
-from loadtests.samples import Sample, write_samples
-from loadtests.sse import StreamCheck
-from loadtests.workload import CompletionRequest, Workload, draw, user_rng
+from loadtests.load.samples import Sample, write_samples
+from loadtests.load.sse import StreamCheck
+from loadtests.load.workload import CompletionRequest, Workload, draw, user_rng
 
 
 async def one(

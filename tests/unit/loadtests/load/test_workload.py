@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtests.workload import DEFAULT_MODEL_LIMITS, ModelLimits, Workload, draw, user_rng
+from loadtests.load.workload import DEFAULT_MODEL_LIMITS, ModelLimits, Workload, draw, user_rng
 from replica.config import TinyGptModelConfig, TinyGptParams
 from replica.models.tokenizer import encode
 

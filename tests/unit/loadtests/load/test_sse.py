@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 
 from loadtests.chaos import completion, one_request
-from loadtests.openloop import one
-from loadtests.sse import StreamCheck
-from loadtests.workload import CompletionRequest, Workload
+from loadtests.load.openloop import one
+from loadtests.load.sse import StreamCheck
+from loadtests.load.workload import CompletionRequest, Workload
 
 CHUNK = b'data: {"choices": [{"index": 0, "text": "a", "finish_reason": null}]}\n\n'
 ERROR = b'event: error\ndata: {"error": {"type": "internal_error", "message": "broke"}}\n\n'

@@ -18,7 +18,7 @@ from typing import IO, Any
 import aiohttp
 import yaml
 
-from loadtests.runner import free_port_block
+from loadtests.harness.runner import free_port_block
 
 ADMIN_TOKEN = "chaos"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

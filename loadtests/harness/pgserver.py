@@ -19,7 +19,7 @@ from pathlib import Path
 
 import asyncpg
 
-from loadtests.runner import free_port_block
+from loadtests.harness.runner import free_port_block
 
 SUPERUSER = "infergate"
 # For tests, where durability is not looked at (the server itself is never killed): speed wins.

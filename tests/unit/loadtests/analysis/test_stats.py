@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
+from array import array
 
 import numpy as np
 import pytest
 
-from loadtests import stats
-from loadtests.workload import Workload, draw, output_tokens, user_rng
+from loadtests.analysis import stats
+from loadtests.load.workload import Workload, draw, output_tokens, user_rng
 
 
 def test_percentile_interpolates_raw_samples() -> None:
@@ -16,6 +17,15 @@ def test_percentile_interpolates_raw_samples() -> None:
     assert stats.percentile(data, 50) == pytest.approx(50.5)
     assert stats.percentile(data, 99) == pytest.approx(99.01)
     assert np.isnan(stats.percentile([], 99))
+
+
+def test_percentile_reads_samples_in_any_order_and_of_any_numeric_kind() -> None:
+    # Benchmarks pass unsorted lists, numpy arrays and integer nanosecond arrays.
+    shuffled = [3.0, 1.0, 4.0, 2.0]
+    assert stats.percentile(shuffled, 50) == pytest.approx(2.5)
+    assert stats.percentile(np.array(shuffled), 90) == pytest.approx(3.7)
+    assert stats.percentile(array("q", [4_000, 1_000, 3_000, 2_000]), 100) == 4_000.0
+    assert stats.percentile([7], 99) == 7.0
 
 
 def test_blocks_assign_requests_by_end_time() -> None:

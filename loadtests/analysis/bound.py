@@ -1,4 +1,4 @@
-"""The live benchmark beside the model (loadtests/simulate.py), as two sections of table.md:
+"""The live benchmark beside the model (loadtests/sim/model.py), as two sections of table.md:
 
 - each scenario's offered load and capacity: the rate the saturation run measured on the live
   replicas, and the modelled replicas' saturated rate over the same window and requests;
@@ -7,14 +7,14 @@
   interval, and against HAProxy leastconn when it ran.
 
 The model is run over the same requests as the live window: the same warm-up and window length,
-the same seeds, so every user draws the same requests in the same order (loadtests/workload.py),
-and requests are selected the same way: those that ended in the window. A longer simulation
-would measure another population: with heavy-tailed outputs, a long window holds the long
-answers a short live window never sees end, and a start-up transient weighs differently. An
-open-loop bound is simulated at the same share of the model's saturated rate as the live runs
-are offered of the measured one (the same "85%" on both sides; when the two capacities differ,
-the load section shows by how much), so a model that is a little slower than the live replicas
-is never pushed past its own capacity.
+the same seeds, so every user draws the same requests in the same order
+(loadtests/load/workload.py), and requests are selected the same way: those that ended in the
+window. A longer simulation would measure another population: with heavy-tailed outputs, a long
+window holds the long answers a short live window never sees end, and a start-up transient
+weighs differently. An open-loop bound is simulated at the same share of the model's saturated
+rate as the live runs are offered of the measured one (the same "85%" on both sides; when the
+two capacities differ, the load section shows by how much), so a model that is a little slower
+than the live replicas is never pushed past its own capacity.
 
 A comparison needs a P99 on both sides: a scenario where the bound or a live strategy has fewer
 requests than `stats.MIN_TAIL_SAMPLES` says so instead of naming a best strategy.
@@ -26,10 +26,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from loadtests import sim_gateway, simulate, stats
-from loadtests.plan import HAPROXY, Plan
-from loadtests.report import UNMEASURED, Load, Scenario, Summary
-from loadtests.scenarios import SATURATION_USERS_PER_SLOT
+from loadtests.analysis import stats
+from loadtests.analysis.report import UNMEASURED, Load, Scenario, Summary
+from loadtests.harness.plan import HAPROXY, Plan
+from loadtests.load.scenarios import SATURATION_USERS_PER_SLOT
+from loadtests.sim import model
+from loadtests.sim.gateway import CENTRAL_QUEUE
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def modelled_capacity(plan: Plan) -> dict[Scenario, float]:
     the saturation run's own window and requests."""
     workload = replace(plan.workload, seed=plan.seeds[0])
     return {
-        (users, instances): simulate.capacity_rps(
+        (users, instances): model.capacity_rps(
             instances,
             workload,
             slowdowns=(plan.slow,),
@@ -94,7 +96,7 @@ def against_bound(
     lines = [
         "### Against the ideal and HAProxy",
         "",
-        "Simulated central queue: `loadtests/simulate.py`, the same workload and replica model, "
+        "Simulated central queue: `loadtests/sim/model.py`, the same workload and replica model, "
         f"over the live runs' requests: the same {plan.duration_s:g} s window after "
         f"{plan.warmup_s:g} s warm-up, per seed of the live runs (seeds "
         f"{', '.join(map(str, plan.seeds))}), P99 over all of them with a 95% block-bootstrap "
@@ -153,8 +155,8 @@ def _bound_row(found: Bound, live: Sequence[Summary]) -> str:
 def central_queue_bound(plan: Plan, users: int, instances: int, rate: float | None) -> Bound:
     """The simulated central queue over each of the plan's seeds, in the live runs' window."""
     results = [
-        simulate.run(
-            sim_gateway.CENTRAL_QUEUE,
+        model.run(
+            CENTRAL_QUEUE,
             users,
             instances,
             replace(plan.workload, seed=seed),
