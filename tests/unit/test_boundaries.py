@@ -182,6 +182,46 @@ def policy_probes(source: str, policy_classes: set[str]) -> list[str]:
     return found
 
 
+# The load tests' parts, lowest first (a part imports only lower ones; the commands at the top
+# level import any part, never one another): stats is the one percentile and its friends.
+LOADTESTS_LAYERS = {"stats": 0, "load": 1, "sim": 2, "harness": 3, "analysis": 4, "command": 5}
+PACKAGES = {
+    "loadtests",
+    "loadtests.load",
+    "loadtests.sim",
+    "loadtests.harness",
+    "loadtests.analysis",
+}
+
+
+def loadtests_part(module: str) -> str:
+    if module == "loadtests.analysis.stats":
+        return "stats"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else "command"
+
+
+def test_each_loadtests_part_imports_only_lower_parts() -> None:
+    offending = [
+        f"{source} ({loadtests_part(source)}) imports {target} ({loadtests_part(target)})"
+        for source, targets in sorted(graph().items())
+        if source.startswith("loadtests.") and source not in PACKAGES
+        for target in sorted(targets)
+        if target.startswith("loadtests.")
+        and target not in PACKAGES
+        and (
+            LOADTESTS_LAYERS[loadtests_part(target)] > LOADTESTS_LAYERS[loadtests_part(source)]
+            or (loadtests_part(source) == loadtests_part(target) == "command")
+            or (
+                loadtests_part(target) != loadtests_part(source)
+                and LOADTESTS_LAYERS[loadtests_part(target)]
+                == LOADTESTS_LAYERS[loadtests_part(source)]
+            )
+        )
+    ]
+    assert offending == []
+
+
 def _names_a_policy(node: ast.expr) -> bool:
     return "polic" in ast.unparse(node).lower()
 
