@@ -29,16 +29,18 @@ from gateway.app.reload import ReloadWatcher, reload_config_off_loop
 from gateway.app.state import APP, AppState
 from gateway.app.workers import Worker
 from gateway.config import GatewayConfig
-from gateway.control.cache_blocks import CacheBlocksPoller
+from gateway.control.cache_blocks import CacheBlocksProbe
 from gateway.control.discovery import DnsDiscovery
-from gateway.control.fetch import SESSION
+from gateway.control.fetch import SESSION, session_fetch
 from gateway.control.health import HealthChecker
-from gateway.control.load import LoadPoller
-from gateway.control.models import ModelPoller
+from gateway.control.load import LoadProbe
+from gateway.control.models import ModelsProbe
+from gateway.control.probe import ProbeLoop
 from gateway.datapath import proxy
 from gateway.datapath.auth import as_sent, authenticate, bearer_token, require_key
 from gateway.datapath.h1client import UpstreamPool
 from gateway.datapath.proxy import PROXY, UPSTREAM, Proxy
+from gateway.datapath.transport import Upstream
 from gateway.errors import BodyTooLarge, ConfigError, GatewayError, error_body
 from gateway.jobs import forward as jobs_forward
 from gateway.jobs import routes as job_routes
@@ -267,9 +269,12 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None),
     )
     app[SESSION] = session
-    app[UPSTREAM] = pool = UpstreamPool()
+    pool = None if UPSTREAM in app else UpstreamPool()
+    if pool is not None:
+        app[UPSTREAM] = pool
     yield
-    pool.close()
+    if pool is not None:
+        pool.close()
     await session.close()
 
 
@@ -305,8 +310,11 @@ def create_app(
     admin_token: str | None = None,
     registry: CollectorRegistry | None = None,
     worker: Worker | None = None,
+    upstream: Upstream | None = None,
 ) -> web.Application:
-    """The gateway app; `worker`: this process is one of `workers: N` (gateway/app/workers.py)."""
+    """The gateway app; `worker`: this process is one of `workers: N` (gateway/app/workers.py);
+    `upstream`: the proxy's upstream client (by default an h1client.UpstreamPool opened with the
+    app; a test may hand it datapath/mock.MockUpstream)."""
     shared = worker.counts if worker is not None else None
     live = Live.start(build_runtime(config), ReplicaPool(config.replica_urls, shared=shared))
     if worker is not None:
@@ -330,21 +338,24 @@ def create_app(
     app[APP] = state
     app[LIVE] = live
     app[METRICS] = gateway_metrics
+    if upstream is not None:
+        app[UPSTREAM] = upstream
     app[PROXY] = Proxy(live, lambda: app[UPSTREAM], gateway_metrics)
     app[WATCHER] = ReloadWatcher(state)
 
     def session() -> aiohttp.ClientSession:
         return app[SESSION]  # opened by _client_session
 
-    app[HEALTH] = HealthChecker(live, session)
+    app[HEALTH] = health = HealthChecker(live)
     app.on_shutdown.append(_start_draining)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_background("config-watch", app[WATCHER].run))
+    fetch = session_fetch(session)
     loops: list[tuple[str, Callable[[], Coroutine[None, None, None]]]] = [
-        ("health-checks", app[HEALTH].run),
-        ("load-feedback", LoadPoller(live, session).run),
-        ("served-models", ModelPoller(live, session).run),
-        ("cache-blocks", CacheBlocksPoller(live, session).run),
+        ("health-checks", ProbeLoop(health, live, fetch).run),
+        ("load-feedback", ProbeLoop(LoadProbe(live), live, fetch).run),
+        ("served-models", ProbeLoop(ModelsProbe(live), live, fetch).run),
+        ("cache-blocks", ProbeLoop(CacheBlocksProbe(live), live, fetch).run),
         ("dns-discovery", DnsDiscovery(live, on_round=gateway_metrics.discovery_round).run),
     ]
     for name, run in loops:

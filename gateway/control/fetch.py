@@ -1,6 +1,7 @@
 """How the control loops (and the jobs) ask replicas things: one aiohttp client session for
-the gateway's own questions (SESSION, opened by the app), bodies read with a cap, JSON answers
-read through one rule, and one way of logging a replica whose answers keep failing.
+the gateway's own questions (SESSION, opened by the app), bodies read with a cap, the Fetch a
+probe asks through (control/probe.py), and one way of logging a replica whose answers keep
+failing.
 
 Every way a hostile answer can fail (the connection, the clock, the size cap, the decoder) is
 one of POLL_FAILURES, caught per replica; one log line per replica per bad streak, never a
@@ -9,10 +10,8 @@ traceback.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -21,6 +20,10 @@ from gateway.errors import clipped
 
 SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 Session = Callable[[], aiohttp.ClientSession]  # the session, once the app has opened it
+Answer = tuple[int, bytes]  # a replica's status, and the body of a 200 (else b"")
+# GET url?params: the status, and the body of a 200 read up to max_bytes (0: not read, the
+# status alone); any other answer's body is never read (an error page). Raises POLL_FAILURES.
+Fetch = Callable[[str, Mapping[str, str] | None, int], Awaitable[Answer]]
 
 
 class BodyOverLimit(Exception):
@@ -46,20 +49,18 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(body)
 
 
-async def get_json(
-    session: aiohttp.ClientSession,
-    url: str,
-    *,
-    max_bytes: int,
-    limit: aiohttp.ClientTimeout,
-    params: Mapping[str, str] | None = None,
-) -> tuple[int, Any]:
-    """A replica's status and, for a 200, its JSON body (read up to `max_bytes`); raises one of
-    POLL_FAILURES. An error page is not read (see control/health.probe)."""
-    async with session.get(url, params=params, timeout=limit) as response:
-        if response.status != 200:
-            return response.status, None  # an error page is not read (see probe)
-        return 200, json.loads(await read_capped(response, max_bytes))
+def session_fetch(session: Session) -> Fetch:
+    """A Fetch through the gateway's session (control/probe.py sets the clock around it)."""
+
+    async def fetch(url: str, params: Mapping[str, str] | None, max_bytes: int) -> Answer:
+        # An unread body is not drained: leaving the block releases the connection, which
+        # aiohttp keeps only when the whole body had come already (else it closes it).
+        async with session().get(url, params=params) as response:
+            if response.status != 200 or max_bytes == 0:
+                return response.status, b""
+            return 200, await read_capped(response, max_bytes)
+
+    return fetch
 
 
 class PollFailures:

@@ -7,87 +7,68 @@ requests that other gateway instances sent. With `vllm`, `sglang`, `tgi` or `pro
 a scrape of GET /metrics read as gateway/control/engines.py says. A failed poll costs only that
 replica's report (the last one ages out after `max_age_s`) and one log line when its polls
 start failing: health checks and outlier detection deal with broken replicas. Bodies are read
-with a cap, and values by pool.load_report's rule (whole counts, a share from 0 to 1).
+with a cap, and values by pool.load_report's rule (whole counts, a share from 0 to 1); the
+probe's loop and clock are control/probe.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-import aiohttp
-
-from gateway.config import LoadFeedback
 from gateway.control.engines import LoadMetricNames, metric_names, scrape_report
-from gateway.control.fetch import POLL_FAILURES, PollFailures, Session, read_capped
+from gateway.control.probe import Ask, Plan, Probe, poll_timeout
 from gateway.pool.live import Live
 from gateway.pool.replicas import load_report
-from gateway.routing.replica import Replica
 
-log = logging.getLogger(__name__)
 MAX_REPORT_BYTES = 4 * 1024 * 1024  # an engine's whole /metrics page, histograms included
 
 
-class LoadPoller:
-    def __init__(self, live: Live, session: Session) -> None:
+@dataclass(frozen=True)
+class LoadReading:
+    report: dict[str, float]  # as pool.load_report gives it, `inflight` included
+    by_model: dict[str, int] | None = None  # a scrape's requests per model label
+
+
+def read_load(status: int, body: bytes, names: LoadMetricNames | None) -> LoadReading | None:
+    """A replica's load from its answer: our JSON /load (`names` None) or an engine's /metrics;
+    None when it holds no report (a 404, no `inflight`, not this engine's metrics). Malformed
+    JSON or exposition raises ValueError (or RecursionError)."""
+    if status != 200:
+        return None  # a replica without the endpoint
+    if names is not None:
+        scrape = scrape_report(body.decode("utf-8", errors="replace"), names)
+        return None if scrape is None else LoadReading(scrape.report, scrape.by_model)
+    load: Any = json.loads(body)
+    report = load_report(load) if isinstance(load, dict) else {}
+    return LoadReading(report) if "inflight" in report else None
+
+
+class LoadProbe(Probe[LoadReading | None]):
+    name = "load feedback"
+    consequence = "its last report ages out"
+    log = logging.getLogger(__name__)
+
+    def __init__(self, live: Live) -> None:
         self._live = live
-        self._session = session
-        self._failures = PollFailures(log, "load feedback", "its last report ages out")
 
-    async def run(self) -> None:
-        while True:
-            feedback = self._live.runtime.config.load_feedback
-            if feedback.poll_interval_s > 0:
-                await self.poll_once(feedback)
-            # Polling may be switched on by a reload; look again at the reload cadence.
-            await asyncio.sleep(
-                feedback.poll_interval_s or self._live.runtime.config.reload.poll_interval_s
-            )
+    def plan(self) -> Plan[LoadReading | None] | None:
+        feedback = self._live.runtime.config.load_feedback
+        interval = feedback.poll_interval_s
+        if interval == 0:
+            return None
+        asks = [Ask(replica, feedback.path) for replica in self._live.pool.active()]
+        parse = partial(read_load, names=metric_names(feedback))
+        return Plan(asks, parse, interval, poll_timeout(interval), MAX_REPORT_BYTES)
 
-    async def poll_once(self, feedback: LoadFeedback) -> None:
-        replicas = self._live.pool.active()
-        self._failures.keep({r.url for r in replicas})
-        limit = aiohttp.ClientTimeout(total=max(0.05, min(1.0, feedback.poll_interval_s)))
-        names = metric_names(feedback)
-        await asyncio.gather(*(self._poll(r, feedback.path, names, limit) for r in replicas))
-
-    async def _poll(
-        self,
-        replica: Replica,
-        path: str,
-        names: LoadMetricNames | None,
-        limit: aiohttp.ClientTimeout,
-    ) -> None:
-        try:
-            body = await self._read(replica.url + path, limit)
-            # The replica counted our requests in flight as it answered: ours now.
-            ours = replica.busy
-            if body is not None:
-                self._take(replica, body, names, ours)
-        except POLL_FAILURES as error:
-            self._failures.failed(replica.url, error)
-        else:
-            self._failures.ok(replica.url)
-
-    async def _read(self, url: str, limit: aiohttp.ClientTimeout) -> bytes | None:
-        """The body of a 200 (a replica without the endpoint answers 404: no report)."""
-        async with self._session().get(url, timeout=limit) as response:
-            if response.status != 200:
-                return None
-            return await read_capped(response, MAX_REPORT_BYTES)
-
-    def _take(
-        self, replica: Replica, body: bytes, names: LoadMetricNames | None, ours: int
-    ) -> None:
-        if names is not None:
-            scrape = scrape_report(body.decode("utf-8", errors="replace"), names)
-            if scrape is not None:
-                replica.model_load = scrape.by_model
-                self._live.pool.report(replica, scrape.report, ours=ours)
+    def apply(self, ask: Ask, value: LoadReading | None) -> None:
+        # The replica counted our requests in flight as it answered: ours now.
+        if value is None:
             return
-        load: Any = json.loads(body)
-        report = load_report(load) if isinstance(load, dict) else {}
-        if "inflight" in report:
-            self._live.pool.report(replica, report, ours=ours)
+        replica = ask.replica
+        if value.by_model is not None:
+            replica.model_load = value.by_model
+        self._live.pool.report(replica, value.report, ours=replica.busy)

@@ -3,24 +3,21 @@ routing (gateway/datapath/models.py) knows which replicas serve which model.
 
 A list sets what the replica serves; a 404 (no such endpoint) makes it open to any model; a
 failure keeps the last list (health checks judge a dead replica) and is logged once per bad
-streak. /readyz waits for the first round (`Live.models_polled`), so a fresh gateway takes no
-request before it knows where models are.
+streak. A replica that joins (reload, discovery) is asked within NEW_REPLICA_CHECK_S, the rest
+every interval. /readyz waits for the first round (`Live.models_polled`), so a fresh gateway
+takes no request before it knows where models are. The loop is control/probe.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
-from gateway.config import ServedModels
-from gateway.control.fetch import POLL_FAILURES, PollFailures, Session, get_json
+from gateway.control.probe import Ask, Plan, Probe
 from gateway.pool.live import Live
-from gateway.routing.replica import Replica
 
-log = logging.getLogger(__name__)
 MAX_LIST_BYTES = 1024 * 1024
 MAX_MODELS_PER_REPLICA = 1024  # a /v1/models list longer than this is cut (bounded labels)
 NEW_REPLICA_CHECK_S = 0.1  # how soon a replica that joined is asked for its list
@@ -39,55 +36,52 @@ def cards_of(document: Any) -> list[dict[str, Any]] | None:
     return cards
 
 
-class ModelPoller:
-    """Every `served_models.interval_s`, the GET /v1/models of each replica in rotation; a
-    replica that joins (reload, discovery) is asked at once."""
+@dataclass(frozen=True)
+class Served:
+    cards: list[dict[str, Any]] | None  # None: the replica has no list, it may serve anything
 
-    def __init__(self, live: Live, session: Session) -> None:
+
+def read_models(status: int, body: bytes) -> Served | None:
+    """What a replica's answer to GET /v1/models says it serves; None when it says nothing
+    (an error status, JSON that is no model list). Malformed JSON raises ValueError (or
+    RecursionError)."""
+    if status in (404, 405):  # no such endpoint
+        return Served(None)
+    if status != 200:
+        return None
+    cards = cards_of(json.loads(body))
+    return None if cards is None else Served(cards)
+
+
+class ModelsProbe(Probe[Served | None]):
+    """The list of every replica in rotation (one out of it takes no request, and keeps its
+    last list until it is back) whose models the config does not name."""
+
+    name = "served models"
+    consequence = "its last list stands"
+    log = logging.getLogger(__name__)
+
+    def __init__(self, live: Live) -> None:
         self._live = live
-        self._session = session
-        self._failures = PollFailures(log, "served models", "its last list stands")
 
-    async def run(self) -> None:
-        while True:
-            served = self._live.runtime.config.served_models
-            if served.path is None:  # may be switched on by a reload
-                self._live.models_polled = True
-                await asyncio.sleep(self._live.runtime.config.reload.poll_interval_s)
-                continue
-            await self.poll_once(served)
-            self._live.models_polled = True
-            # A replica that joins (reload, discovery) is asked at once, the rest every interval.
-            for _ in range(max(1, round(served.interval_s / NEW_REPLICA_CHECK_S))):
-                await asyncio.sleep(min(NEW_REPLICA_CHECK_S, served.interval_s))
-                await self.poll_once(served, only_new=True)
+    def plan(self) -> Plan[Served | None] | None:
+        served = self._live.runtime.config.served_models
+        if served.path is None:
+            return None
+        path = served.path
+        replicas = [r for r in self._live.pool.available() if r.configured_models is None]
+        asks = [Ask(replica, path) for replica in replicas]
+        return Plan(
+            asks, read_models, served.interval_s, served.timeout_s, MAX_LIST_BYTES,
+            new_replica_s=NEW_REPLICA_CHECK_S,
+        )  # fmt: skip
 
-    async def poll_once(self, served: ServedModels, only_new: bool = False) -> None:
-        """The list of every replica in rotation (one out of it takes no request, and keeps
-        its last list until it is back); `only_new`: those not asked yet."""
-        self._failures.keep({r.url for r in self._live.pool.active()})
-        replicas = [
-            r for r in self._live.pool.available()
-            if r.configured_models is None and not (only_new and r.models_asked)
-        ]  # fmt: skip
-        await asyncio.gather(*(self._poll(r, served) for r in replicas))
+    def apply(self, ask: Ask, value: Served | None) -> None:
+        if value is not None:
+            self._live.pool.set_models(ask.replica, value.cards)
 
-    async def _poll(self, replica: Replica, served: ServedModels) -> None:
-        assert served.path is not None
-        replica.models_asked = True
-        limit = aiohttp.ClientTimeout(total=served.timeout_s)
-        url = replica.url + served.path
-        try:
-            status, document = await get_json(
-                self._session(), url, max_bytes=MAX_LIST_BYTES, limit=limit
-            )
-        except POLL_FAILURES as error:
-            self._failures.failed(replica.url, error)
-            return
-        self._failures.ok(replica.url)
-        if status in (404, 405):
-            self._live.pool.set_models(replica, None)
-            return
-        cards = cards_of(document)
-        if status == 200 and cards is not None:
-            self._live.pool.set_models(replica, cards)
+    def round_done(self) -> None:
+        self._live.models_polled = True
+
+    def off(self) -> None:
+        self._live.models_polled = True
