@@ -13,7 +13,7 @@ What a replica sends is held to what a client may send the gateway: a bounded re
 (MAX_HEAD_BYTES, MAX_HEADERS), a status code from 100 to 599, trailers kept out of the headers,
 and a connection reused only when its response ended exactly where the next one may begin.
 An idle connection is reused only within the caller's `keepalive_s`, and a request that meets
-one the replica closed meanwhile goes once more on a new connection (see UpstreamPool.request).
+one the replica closed meanwhile goes once more on a new connection (see UpstreamPool.send).
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ import collections
 import functools
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httptools
 from multidict import CIMultiDict
 from yarl import URL
+
+from gateway.datapath.transport import UpstreamFailure, UpstreamRequest, UpstreamTimeouts
 
 HIGH_WATER = 256 * 1024  # body bytes buffered for the consumer before the socket is paused
 LOW_WATER = 64 * 1024
@@ -40,16 +42,6 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
 # Methods that carry no body unless they have one: no Content-Length: 0 for them.
 BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
-
-
-class UpstreamFailure(Exception):
-    """The exchange with the replica failed; `reason` is the `retries.retry_on` name
-    (connect_error, reset, timeout, other) and `detail` says what happened."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -235,6 +227,66 @@ class Response:
             self._timer.cancel()
             self._timer = None
 
+    # What the connection tells the response; only these touch the body's buffer and state.
+
+    @property
+    def ended(self) -> bool:
+        """The body ended whole (or the response failed): nothing more belongs to it."""
+        return self._done
+
+    def headers_in(self, reusable: bool, bodyless: bool) -> None:
+        """The final response's head is in: wake the sender. `bodyless`: a HEAD's answer, done
+        at once (llhttp would wait for the body its Content-Length announces)."""
+        self._reusable = reusable and not bodyless
+        self._last = self._conn.loop.time()
+        self._done = bodyless
+        self._wake()
+
+    def feed(self, data: bytes) -> int:
+        """Body bytes from the socket; returns how many are buffered unread."""
+        if self._done:
+            return 0
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._last = self._conn.loop.time()
+        if self._sink is None:
+            self._wake()
+        return self._buffered
+
+    def flush(self) -> None:
+        """After a read from the socket: what it brought goes to the pipe's sink, if one is set."""
+        if self._sink is not None and self._chunks:
+            self._flush()
+
+    def finish(self) -> None:
+        """The body ended (its framing said so, or the socket closed a body without one)."""
+        self._done = True
+        self._wake()
+
+    def fail(self, error: UpstreamFailure) -> None:
+        """The response cannot end whole (unless it already did)."""
+        if self._error is None and not self._done:
+            self._error = error
+        self._wake()
+
+    async def wait_headers(self, timeout_s: float) -> None:
+        """Until the head is in (headers_in) or the response failed; a TimeoutError after
+        `timeout_s`."""
+        if self._error is not None:
+            return
+        loop = self._conn.loop
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    @property
+    def error(self) -> UpstreamFailure | None:
+        return self._error
+
     def _flush(self) -> None:
         chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
@@ -251,11 +303,6 @@ class Response:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def _fail(self, error: UpstreamFailure) -> None:
-        if self._error is None and not self._done:
-            self._error = error
-        self._wake()
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -293,15 +340,14 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         response = self.response
-        if response is None or response._done:
+        if response is None or response.ended:
             self.close()  # bytes nobody asked for: the connection cannot be trusted
             return
         self.heard = True
         self.unframed += len(data)
         try:
             self.parser.feed_data(data)
-            if response._sink is not None and response._chunks:
-                response._flush()
+            response.flush()
         except httptools.HttpParserUpgrade:
             self._abandon(UpstreamFailure("other", "the replica switched protocols (upgrade)"))
         except httptools.HttpParserError as exc:
@@ -316,7 +362,7 @@ class _Connection(asyncio.Protocol):
     def _abandon(self, failure: UpstreamFailure) -> None:
         """Fail the response (unless it already ended whole) and close the connection."""
         if self.response is not None:
-            self.response._fail(failure)
+            self.response.fail(failure)
         self.close()
 
     def _over_cap(self) -> str:
@@ -335,20 +381,19 @@ class _Connection(asyncio.Protocol):
 
     def _ended(self) -> None:
         response = self.response
-        if response is None or response._done:
+        if response is None or response.ended:
             return
         if self.head_seen and self.until_close:
-            response._done = True
-            response._wake()
+            response.finish()
         else:
             when = "before the response headers" if not self.head_seen else "mid-body"
-            response._fail(UpstreamFailure("reset", f"connection closed {when}"))
+            response.fail(UpstreamFailure("reset", f"connection closed {when}"))
 
     # httptools callbacks
 
     def on_message_begin(self) -> None:
         response = self.response
-        if response is None or response._done:
+        if response is None or response.ended:
             # A second response after the one asked for, in the same read: it would be the
             # next request's answer on this connection. Parsing stops here; the connection
             # is closed.
@@ -395,34 +440,24 @@ class _Connection(asyncio.Protocol):
                 response.content_length = None
         no_body = self.is_head or status in (204, 304)
         self.until_close = length is None and chunked is None and not no_body
-        response._reusable = self.parser.should_keep_alive() and not self.until_close
         self.head_seen = True
-        response._last = self.loop.time()
-        if self.is_head:  # llhttp would wait for the body Content-Length announces
-            response._reusable = False
-            response._done = True
-        response._wake()
+        reusable = self.parser.should_keep_alive() and not self.until_close
+        response.headers_in(reusable, bodyless=self.is_head)
 
     def on_body(self, body: bytes) -> None:
         response = self.response
         assert response is not None
-        if response._done:
+        if response.ended:
             return
         self.unframed = 0
-        response._chunks.append(body)
-        response._buffered += len(body)
-        response._last = self.loop.time()
-        if response._buffered > HIGH_WATER and not self.paused and self.transport is not None:
+        if response.feed(body) > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
-        if response._sink is None:
-            response._wake()
 
     def on_message_complete(self) -> None:
         response = self.response
         if response is not None and self.head_seen:
-            response._done = True
-            response._wake()
+            response.finish()
 
     # pool side
 
@@ -461,28 +496,22 @@ class UpstreamPool:
         self.connections_opened = 0
         self.stale_retries = 0  # requests sent again after meeting a connection closed idle
 
-    async def request(
-        self,
-        replica_url: str,
-        method: str,
-        path_qs: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        *,
-        connect_s: float,
-        headers_s: float,
-        idle_s: float,
-        total_s: float | None,
-        keepalive_s: float,
-    ) -> Response:
-        """Send one request and return once the response headers are in. `headers` are sent as
-        given (Host and Content-Length are set here); `path_qs` must start with '/'. An idle
-        connection older than `keepalive_s` is not used."""
-        key = origin_of(replica_url)
-        message = _head(method, key, path_qs, headers, body) + body
+    async def send(self, request: UpstreamRequest, timeouts: UpstreamTimeouts) -> Response:
+        """Send one request and return once the response headers are in (the Upstream
+        contract: gateway/datapath/transport.py)."""
+        key = origin_of(request.replica_url)
+        body, keepalive_s = request.body, timeouts.keepalive_s
+        message = _head(request.method, key, request.path_qs, request.headers, body) + body
+        total_s = timeouts.total_s
         deadline = self.loop.time() + total_s if total_s is not None else None
         send = functools.partial(
-            self._exchange, method, message, headers_s, idle_s, deadline, keepalive_s
+            self._exchange,
+            request.method,
+            message,
+            timeouts.headers_s,
+            timeouts.idle_s,
+            deadline,
+            keepalive_s,
         )
         conn = self._take(key, keepalive_s)
         if conn is not None:
@@ -495,7 +524,7 @@ class UpstreamPool:
                 # keep-alive timeout ran out first): nothing came back, so the request goes
                 # once more, on a new connection, and the caller never sees the failure.
                 self.stale_retries += 1
-        return await send(await self._connect(key, connect_s))
+        return await send(await self._connect(key, timeouts.connect_s))
 
     async def _exchange(
         self,
@@ -517,13 +546,11 @@ class UpstreamPool:
         response = conn.response = Response(conn)
         assert conn.transport is not None
         conn.transport.write(message)
-        if not conn.head_seen and response._error is None:
+        if not conn.head_seen:
             if deadline is not None:
                 headers_s = min(headers_s, deadline - loop.time())
-            waiter = response._waiter = loop.create_future()
-            timer = loop.call_later(headers_s, _expire, waiter)
             try:
-                await waiter
+                await response.wait_headers(headers_s)
             except TimeoutError:
                 conn.close()
                 raise UpstreamFailure(
@@ -532,11 +559,8 @@ class UpstreamPool:
             except BaseException:
                 conn.close()
                 raise
-            finally:
-                timer.cancel()
-                response._waiter = None
         if not conn.head_seen:  # woken by a failure, not by the headers
-            error = response._error or UpstreamFailure("reset", "connection closed")
+            error = response.error or UpstreamFailure("reset", "connection closed")
             conn.close()
             raise error
         return response
@@ -628,7 +652,7 @@ def dot_segment(path_qs: str) -> bool:
 
 
 def _head(
-    method: str, key: Origin, path_qs: str, headers: list[tuple[str, str]], body: bytes
+    method: str, key: Origin, path_qs: str, headers: Sequence[tuple[str, str]], body: bytes
 ) -> bytes:
     # The target always starts a path, so nothing in it (`//host`, `@host`, `*`) can name
     # another host; the authority comes from the replica alone, and no dot segment climbs out

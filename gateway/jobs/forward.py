@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from gateway.datapath.proxy import read_body
+from gateway.datapath.body import read_body
 from gateway.errors import GatewayError, UpstreamError
 from gateway.pool.live import LIVE
 

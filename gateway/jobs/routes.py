@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.datapath.auth import key_name
-from gateway.datapath.proxy import read_body
+from gateway.datapath.body import read_body
 from gateway.errors import BodyTooLarge, Conflict, InvalidRequest, NotFound
 from gateway.jobs.requests import parse_batch, parse_job_body
 from gateway.jobs.service import JOBS, JobService

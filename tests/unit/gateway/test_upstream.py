@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.datapath.h1client import UpstreamFailure, _head, dot_segment, origin_of
+from gateway.datapath.h1client import _head, dot_segment, origin_of
+from gateway.datapath.relay import frame_chunk
+from gateway.datapath.transport import UpstreamFailure
 from gateway.datapath.upstream import upstream_url
 
 
@@ -54,3 +56,8 @@ def test_no_dot_segment_leaves_the_replica_path_prefix(target: str) -> None:
 def test_dots_that_are_not_segments_pass(target: str) -> None:
     assert not dot_segment(target)
     assert upstream_url("http://127.0.0.1:9001/tenant-a", target).raw_path_qs.endswith(target)
+
+
+def test_a_piped_chunk_is_framed_as_http_1_1_chunks_are() -> None:
+    assert frame_chunk(b"hello") == b"5\r\nhello\r\n"
+    assert frame_chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
