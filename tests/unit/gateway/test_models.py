@@ -9,7 +9,6 @@ import re
 import pytest
 
 from gateway.config import ConfigError, parse_config
-from gateway.control.models import cards_of
 from gateway.datapath.classify import parse_body
 from gateway.datapath.models import requested
 from gateway.pool.replicas import ReplicaPool
@@ -61,13 +60,6 @@ def test_the_pool_knows_who_serves_what_and_unknown_lists_serve_anything() -> No
     assert pool.available_for("z") == (c,)
     pool.update(["http://a", "http://c"])  # its list left the config: polled again
     assert c.models is None and pool.available_for("z") == (c,)
-
-
-def test_model_lists_are_read_defensively() -> None:
-    assert cards_of(
-        {"object": "list", "data": [{"id": "m", "permission": [1]}, {"id": 3}, "x"]}
-    ) == [{"id": "m"}]
-    assert cards_of({"data": "nope"}) is None and cards_of([1]) is None
 
 
 @pytest.mark.parametrize(
