@@ -36,7 +36,7 @@ from gateway.pool import outlier
 from gateway.pool.replicas import ReplicaPool
 from gateway.routing.policies import Policy
 from gateway.routing.replica import Outcome, Replica
-from gateway.routing.request import NO_INFO, RequestInfo
+from gateway.routing.request import NO_INFO, Decision, RequestInfo
 
 SHARED_POLL_S = 0.002
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", recorded in metrics only
@@ -114,12 +114,19 @@ class Lease:
     key and `model` the served model for metrics."""
 
     __slots__ = (
-        "_admission", "_closed", "_started", "broken", "code", "key", "model", "remaining",
-        "replica", "tokens",
+        "_admission", "_closed", "_started", "broken", "code", "decision", "key", "model",
+        "remaining", "replica", "tokens",
     )  # fmt: skip
 
-    def __init__(self, admission: Admission, replica: Replica, request: RequestInfo) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        replica: Replica,
+        request: RequestInfo,
+        decision: Decision | None = None,
+    ) -> None:
         self._admission = admission
+        self.decision = decision or Decision(replica, "", "given")
         self._started = time.perf_counter()
         self._closed = False
         self.replica = replica
@@ -156,6 +163,7 @@ class Admission:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self.drain = DrainRate(clock)
+        self.explain = False  # leases' decisions carry the candidates' scores (costs a pass)
         # A signal: each is called with a lease as it ends, its seconds from dispatch, and
         # whether it got its replica ejected (the gateway's metrics subscribe).
         self.lease_closed: list[Callable[[Lease, float, bool], None]] = []
@@ -194,7 +202,8 @@ class Admission:
     ) -> AsyncIterator[Lease]:
         """A replica with a free slot for this request (waiting in the queue if need be), held
         until the block exits."""
-        lease = self._dispatched(await self.acquire(request, tried), request)
+        replica, reason = await self._acquire(request, tried)
+        lease = self._dispatched(replica, request, reason)
         try:
             yield lease
         finally:
@@ -205,19 +214,37 @@ class Admission:
         policy; it never waits. The jobs scheduler dispatches this way."""
         replica = self.rules.policy_for(request.model).choose(candidates, request)
         self.pool.acquire(replica, request.tokens)
-        return self._dispatched(replica, request)
+        return self._dispatched(replica, request, "job", candidates)
 
-    def _dispatched(self, replica: Replica, request: RequestInfo) -> Lease:
-        """The lease on a replica acquired for `request`; its policy hears where it goes."""
-        self.rules.policy_for(request.model).on_dispatch(replica, request)
-        return Lease(self, replica, request)
+    def _dispatched(
+        self,
+        replica: Replica,
+        request: RequestInfo,
+        reason: str,
+        candidates: Sequence[Replica] = (),
+    ) -> Lease:
+        """The lease on a replica acquired for `request`, carrying the decision; with `explain`,
+        the scores of the candidates (the available replicas of its model unless given), read
+        just after the choice (the chosen one already counts this request). Its policy hears
+        where the request goes."""
+        policy = self.rules.policy_for(request.model)
+        scores = None
+        if self.explain:
+            scores = policy.scores(candidates or self.pool.available_for(request.model), request)
+        policy.on_dispatch(replica, request)
+        return Lease(self, replica, request, Decision(replica, policy.name, reason, scores))
 
     async def acquire(self, request: RequestInfo, tried: Collection[Replica] = ()) -> Replica:
         """A replica counted as dispatched to; prefer `lease`, which also releases it."""
+        return (await self._acquire(request, tried))[0]
+
+    async def _acquire(
+        self, request: RequestInfo, tried: Collection[Replica]
+    ) -> tuple[Replica, str]:
         self.wake()  # an ejection may have run out since the last event
         replica = self._take_free(request, tried)
         if replica is not None:
-            return replica
+            return replica, "free slot"
         limits = self.rules.limits
         if self.queued >= limits.max_queue:
             raise self._overloaded("every replica is at its limit and the gateway queue is full")
@@ -227,10 +254,10 @@ class Admission:
         self._arm_timer()
         try:
             async with asyncio.timeout(limits.queue_timeout_s):
-                return await waiter.future
+                return await waiter.future, "queued"
         except TimeoutError:
             if _granted(waiter) is not None:
-                return waiter.future.result()  # the slot came as the time ran out: use it
+                return waiter.future.result(), "queued"  # the slot came as the time ran out
             self._raise_unavailable(tried, request.model)
             raise self._overloaded(
                 f"no replica slot freed within limits.queue_timeout_s = {limits.queue_timeout_s} s"

@@ -27,6 +27,8 @@ from gateway.routing.prefix import PrefixIndex
 from gateway.routing.replica import Replica
 from gateway.routing.request import Need, RequestInfo
 
+Cost = Callable[[Replica], float]
+
 
 class Policy:
     """A routing policy: `choose` picks one of the candidates for a request. It never gets an
@@ -37,6 +39,7 @@ class Policy:
     (cache_blocks: their reported cache, polled by gateway/control/cache_blocks.py)."""
 
     needs: ClassVar[frozenset[Need]] = frozenset()
+    name = ""  # its name in POLICIES, set by make_policy
 
     def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
         raise NotImplementedError
@@ -51,6 +54,17 @@ class Policy:
     def on_report(self, url: str, hashes: Sequence[int]) -> None:
         """What replica `url` holds in its prefix cache now (for a policy that needs
         cache_blocks)."""
+
+    def cost(self, replicas: Sequence[Replica], request: RequestInfo) -> Cost | None:
+        """A least-cost policy's cost of each candidate for this request (lower wins, ties at
+        random); None for a policy that does not choose by cost."""
+        return None
+
+    def scores(self, replicas: Sequence[Replica], request: RequestInfo) -> dict[str, float] | None:
+        """Each candidate's cost, by URL, as this policy sees them now (for explaining a
+        decision); None where the policy has no costs."""
+        cost = self.cost(replicas, request)
+        return None if cost is None else {r.url: float(cost(r)) for r in replicas}
 
 
 def least(
@@ -106,6 +120,9 @@ class LeastOutstandingRequests(Policy):
     def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
         return least(replicas, _outstanding, self._rng)
 
+    def cost(self, replicas: Sequence[Replica], request: RequestInfo) -> Cost:
+        return _outstanding
+
 
 def _outstanding(replica: Replica) -> int:
     return replica.busy
@@ -144,9 +161,11 @@ class LeastLoaded(Policy):
         self._max_age_s = options.feedback_max_age_s
 
     def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
-        now = self._clock()
-        max_age = self._max_age_s
-        return least(replicas, lambda r: r.load(now, max_age), self._rng)
+        return least(replicas, self.cost(replicas, request), self._rng)
+
+    def cost(self, replicas: Sequence[Replica], request: RequestInfo) -> Cost:
+        now, max_age = self._clock(), self._max_age_s
+        return lambda r: r.load(now, max_age)
 
 
 class LeastOutstandingTokens(Policy):
@@ -160,6 +179,9 @@ class LeastOutstandingTokens(Policy):
 
     def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
         return least(replicas, _tokens_then_requests, self._rng)
+
+    def cost(self, replicas: Sequence[Replica], request: RequestInfo) -> Cost:
+        return _tokens_then_requests
 
 
 def _tokens_then_requests(replica: Replica) -> float:
@@ -180,11 +202,14 @@ class PeakEwma(Policy):
         self._decay_s = options.ewma_decay_s
 
     def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
+        return least(replicas, self.cost(replicas, request), self._rng)
+
+    def cost(self, replicas: Sequence[Replica], request: RequestInfo) -> Cost:
         now = self._clock()
         latency = {r.url: self._decayed(r, now) for r in replicas}
         sampled = [v for v in latency.values() if v > 0]
         default = sum(sampled) / len(sampled) if sampled else 1.0
-        return least(replicas, lambda r: (latency[r.url] or default) * (r.busy + 1), self._rng)
+        return lambda r: (latency[r.url] or default) * (r.busy + 1)
 
     def _decayed(self, replica: Replica, now: float) -> float:
         return replica.latency_ewma_s * math.exp(-(now - replica.latency_at) / self._decay_s)
@@ -271,6 +296,9 @@ class PrefixAware(Policy):
         self._sessions: OrderedDict[str, tuple[str, int]] = OrderedDict()  # url, prompt tokens
 
     def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:
+        return self._least(replicas, self.cost(replicas, request), request)
+
+    def cost(self, replicas: Sequence[Replica], request: RequestInfo) -> Cost:
         o = self._options
         now = self._clock()
         matched = self.matched(request)
@@ -292,7 +320,7 @@ class PrefixAware(Policy):
                 hit = 0
             return load_cost - hit
 
-        return self._least(replicas, cost, request)
+        return cost
 
     def capacity(self, replica: Replica, now: float) -> int | None:
         """Requests the replica runs at once: its configured limit, else its fresh report."""
@@ -393,4 +421,7 @@ def canonical_policy_name(name: str) -> str:
 def make_policy(
     name: str, rng: random.Random | None = None, options: PolicyOptions | None = None
 ) -> Policy:
-    return POLICIES[canonical_policy_name(name)](rng or random.Random(), options or PolicyOptions())
+    key = canonical_policy_name(name)
+    policy = POLICIES[key](rng or random.Random(), options or PolicyOptions())
+    policy.name = key
+    return policy

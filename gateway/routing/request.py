@@ -1,10 +1,14 @@
-"""What a policy may know of the request it routes: the request's estimated work, its
-affinity key, its prompt's block hashes and its model, filled in by the data path's classify
-only for what the policy says it `needs`."""
+"""What a policy may know of the request it routes (its estimated work, affinity key, prompt
+block hashes and model, filled in by the data path's classify only for what the policy says it
+`needs`), and the Decision the lease carries: where the request went, by which strategy, why,
+and, where asked for, the candidates' scores."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from gateway.routing.replica import Replica
 
 Need = str  # "tokens" | "key" | "prefix"
 
@@ -21,3 +25,15 @@ class RequestInfo:
 
 
 NO_INFO = RequestInfo()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One routing decision, as the lease that carries it can tell it (a response header, a
+    trace span, a log line)."""
+
+    replica: Replica
+    strategy: str  # the policy's registered name
+    reason: str  # "free slot": taken at once; "queued": handed over from the gateway queue;
+    # "job": a deferred job dispatched into spare capacity
+    scores: Mapping[str, float] | None = None  # each candidate's cost, where the policy has one

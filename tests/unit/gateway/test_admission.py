@@ -14,7 +14,7 @@ from gateway.errors import NoHealthyReplica, Overloaded
 from gateway.pool.admission import Admission, DrainRate, Lease, NoUntriedReplica, Rules, outcome_of
 from gateway.pool.replicas import ReplicaPool
 from gateway.routing.options import PolicyOptions
-from gateway.routing.policies import LeastOutstandingRequests, RoundRobinPolicy
+from gateway.routing.policies import LeastOutstandingRequests, RoundRobinPolicy, make_policy
 from gateway.routing.replica import Replica
 from gateway.routing.request import NO_INFO, RequestInfo
 
@@ -278,3 +278,28 @@ async def test_429_and_499_neither_reset_the_failure_streak_nor_feed_latency() -
     # Three gateway failures in a row: the 429, 499 and 500 did not break the streak.
     assert replica.ejected_until > 0
     assert replica.latency_ewma_s == 0.0  # and none of them was a latency sample
+
+
+async def test_a_lease_carries_its_decision_strategy_reason_and_scores_when_asked() -> None:
+    pool, admission = _setup(max_outstanding_per_replica=1)
+    policy = make_policy("least_outstanding_requests", random.Random(0))
+    admission.configure(Rules(policy, Limits(max_outstanding_per_replica=1, max_queue=8)))
+    async with admission.lease() as first:
+        assert (first.decision.replica, first.decision.strategy) == (first.replica, policy.name)
+        assert (first.decision.reason, first.decision.scores) == ("free slot", None)
+        admission.explain = True
+        async with admission.lease() as second:
+            # Read just after the choice: each replica holds one request now.
+            assert second.decision.scores == {url: 1.0 for url in URLS}
+            waiting = asyncio.create_task(_lease_reason(admission))
+            await _settle()
+        assert await waiting == "queued"  # handed over from the queue when `second` ended
+    job = admission.take(pool.available())
+    assert (job.decision.reason, job.decision.strategy) == ("job", "least_outstanding_requests")
+    job.close()
+    assert pool.outstanding == 0
+
+
+async def _lease_reason(admission: Admission) -> str:
+    async with admission.lease() as lease:
+        return lease.decision.reason

@@ -252,3 +252,14 @@ def test_a_reported_capacity_counts_only_while_the_report_is_fresh() -> None:
     assert policy.capacity(replica, now[0]) == 16
     now[0] = 102.5
     assert policy.capacity(replica, now[0]) is None
+
+
+def test_scores_explain_the_choice_cached_tokens_lower_a_replicas_cost() -> None:
+    fleet = _fleet(3)
+    policy = PrefixAware(random.Random(4), PolicyOptions())
+    home = dispatch(policy, fleet, _request(SYSTEM + "warm"))
+    request = _request(SYSTEM + "next")
+    scores = policy.scores(fleet, request)
+    assert scores is not None and set(scores) == {r.url for r in fleet}
+    assert min(scores, key=lambda url: scores[url]) == home.url == policy.choose(fleet, request).url
+    assert scores[home.url] < 0  # its cached tokens outweigh an idle replica's zero load
