@@ -21,7 +21,7 @@ from yarl import URL
 
 from gateway import yamlfile
 from gateway.errors import ConfigError, key_path
-from gateway.routing.options import PolicyOptions, PrefixOptions
+from gateway.routing.options import AffinityOptions, PolicyOptions, PrefixOptions
 from gateway.routing.policies import canonical_policy_name
 
 
@@ -130,37 +130,12 @@ class Listen(_Model):
     port: int = Field(8080, ge=0, le=65535)
 
 
-class AffinityConfig(_Model):
-    """Strategy `affinity`: which key keeps a conversation on one replica, and how much more
-    than the mean load that replica may take before the key spills to the next one."""
-
-    header: str | None = "X-Session-Id"  # the key, when the request carries this header
-    prompt_prefix_chars: int = Field(256, ge=0)  # else the prompt's first N characters; 0 = off
-    load_factor: float = Field(1.25, ge=1.0)
-
-
-class PrefixConfig(_Model):
-    """Strategies `prefix_aware` and `precise_prefix`: how prompts are hashed and when load wins
-    over a cached prefix (see PrefixAware in gateway/routing/policies.py)."""
-
-    block_size: int = Field(16, gt=0, le=1024)  # the replicas' KV block, in tokens
-    prefix_length: int = Field(4096, gt=0)  # tokens of a prompt that are hashed
-    balance_factor: float = Field(1.5, ge=1.0)  # x the fleet's mean outstanding
-    concurrency_threshold: int | None = Field(None, gt=0)  # at or above: load only
-    tokens_per_outstanding: int = Field(256, ge=0)  # prefill tokens a request there is worth
-    tokens_per_running: int = Field(16, ge=0)  # ... one in a free slot (capacity known)
-    tokens_per_queued: int = Field(2048, ge=0)  # ... one that would wait for a slot
-    max_entries: int = Field(200_000, gt=0)  # (block, replica) pairs the index keeps
-    session_header: str | None = "X-Session-Id"
-    poll_interval_s: float = Field(0.5, gt=0)  # precise_prefix: GET /cache/blocks cadence
-
-
 class Routing(_Model):
     strategy: Annotated[str, AfterValidator(canonical_policy_name)] = "least_outstanding_requests"
     seed: int | None = None  # fixes random tie-breaks and draws, for reproducible benchmarks
-    affinity: AffinityConfig = AffinityConfig()
+    affinity: AffinityOptions = AffinityOptions()
     ewma_decay_s: float = Field(10.0, gt=0)  # strategy peak_ewma
-    prefix: PrefixConfig = PrefixConfig()
+    prefix: PrefixOptions = PrefixOptions()
 
 
 LoadSource = Literal["infergate", "vllm", "sglang", "tgi", "prometheus"]
@@ -501,8 +476,8 @@ class GatewayConfig(_Model):
         return PolicyOptions(
             feedback_max_age_s=self.load_feedback.max_age_s,
             ewma_decay_s=self.routing.ewma_decay_s,
-            affinity_load_factor=self.routing.affinity.load_factor,
-            prefix=PrefixOptions(**self.routing.prefix.model_dump()),
+            affinity=self.routing.affinity,
+            prefix=self.routing.prefix,
         )
 
 

@@ -21,11 +21,10 @@ from typing import Any
 
 from multidict import CIMultiDictProxy
 
-from gateway.config import AffinityConfig
 from gateway.datapath import models
 from gateway.datapath.models import Payload
 from gateway.pool.live import Live
-from gateway.routing.options import PrefixOptions
+from gateway.routing.options import AffinityOptions, PrefixOptions
 from gateway.routing.prefix import block_hashes, prompt_text
 from gateway.routing.request import NO_INFO, Need, RequestInfo
 
@@ -86,7 +85,7 @@ def describe(
     needs: Collection[Need],
     headers: CIMultiDictProxy[str],
     body: bytes,
-    affinity: AffinityConfig,
+    affinity: AffinityOptions,
     prefix: PrefixOptions | None = None,
 ) -> RequestInfo:
     """What a policy that `needs` these may know of a request with this body and headers, with
@@ -100,7 +99,7 @@ def request_info(
     needs: Collection[Need],
     headers: CIMultiDictProxy[str],
     payload: Callable[[], Payload],
-    affinity: AffinityConfig,
+    affinity: AffinityOptions,
     prefix: PrefixOptions | None = None,
 ) -> RequestInfo:
     """`payload`: the parsed body, asked for only when the needs call for it."""

@@ -218,7 +218,7 @@ class PeakEwma(Policy):
 class Affinity(Policy):
     """Consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam 2018): a key
     (session header or prompt prefix) goes to the same replica while that replica holds at
-    most `affinity_load_factor` x the mean outstanding; past that, to the next one on the ring.
+    most `affinity.load_factor` x the mean outstanding; past that, to the next one on the ring.
     Requests without a key go to the least outstanding replica. The hash is stable across
     processes, so every gateway instance maps a key to the same replica."""
 
@@ -227,7 +227,7 @@ class Affinity(Policy):
 
     def __init__(self, rng: random.Random, options: PolicyOptions) -> None:
         self._rng = rng
-        self._factor = options.affinity_load_factor
+        self._factor = options.affinity.load_factor
         self._rings: dict[frozenset[str], tuple[list[int], list[str]]] = {}
 
     def choose(self, replicas: Sequence[Replica], request: RequestInfo) -> Replica:

@@ -50,7 +50,6 @@ class Replica:
     models: frozenset[str] | None = None
     configured_models: frozenset[str] | None = None  # replicas[].models; never polled then
     model_cards: tuple[dict[str, Any], ...] = ()  # its /v1/models entries, as it sent them
-    models_asked: bool = False  # its /v1/models was asked for (gateway/datapath/models.py)
     model_load: dict[str, int] = field(default_factory=dict)  # in flight per engine model label
     # With `workers: N`, the counts every worker has here (gateway/pool/shared.py), at `column`.
     shared: WorkerCounts | None = field(default=None, repr=False)

@@ -16,10 +16,9 @@ from collections.abc import Callable, Sequence
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config import AffinityConfig
 from gateway.datapath.classify import describe
 from gateway.pool.replicas import ReplicaPool
-from gateway.routing.options import PolicyOptions
+from gateway.routing.options import AffinityOptions, PolicyOptions
 from gateway.routing.policies import POLICIES
 from gateway.routing.replica import Replica
 from gateway.routing.request import NO_INFO, RequestInfo
@@ -27,7 +26,7 @@ from gateway.routing.request import NO_INFO, RequestInfo
 CENTRAL_QUEUE = "central_queue"
 CENTRAL_QUEUE_POLICY = "least_outstanding_requests"  # what the queue hands a free slot by
 _NO_HEADERS = CIMultiDictProxy(CIMultiDict[str]())
-_AFFINITY = AffinityConfig()
+_AFFINITY = AffinityOptions()
 
 
 def front_ends() -> tuple[str, ...]:

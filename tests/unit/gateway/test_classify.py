@@ -8,15 +8,16 @@ import json
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config import AffinityConfig, parse_config
+from gateway.config import parse_config
 from gateway.datapath import classify as classify_module
 from gateway.datapath.classify import classify, describe
 from gateway.datapath.sse import SseCounter
 from gateway.pool.live import Live, build_runtime
 from gateway.pool.replicas import ReplicaPool
+from gateway.routing.options import AffinityOptions
 from gateway.routing.request import NO_INFO
 
-AFFINITY = AffinityConfig(header="X-Session-Id", prompt_prefix_chars=8)
+AFFINITY = AffinityOptions(header="X-Session-Id", prompt_prefix_chars=8)
 
 
 def _headers(**items: str) -> CIMultiDictProxy[str]:
@@ -53,7 +54,7 @@ def test_the_affinity_header_wins_over_the_prompt_prefix() -> None:
     body = _body({"prompt": "You are a helpful assistant. Hi"})
     assert describe({"key"}, _headers(X_Session_Id="abc"), body, AFFINITY).key == "abc"
     assert describe({"key"}, _headers(), body, AFFINITY).key == "You are "
-    off = AffinityConfig(header=None, prompt_prefix_chars=0)
+    off = AffinityOptions(header=None, prompt_prefix_chars=0)
     assert describe({"key"}, _headers(X_Session_Id="abc"), body, off).key is None
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from gateway.pool.replicas import ReplicaPool
-from gateway.routing.options import PolicyOptions
+from gateway.routing.options import AffinityOptions, PolicyOptions
 from gateway.routing.policies import (
     POLICIES,
     Affinity,
@@ -245,7 +245,7 @@ def test_affinity_keeps_a_key_on_one_replica_and_spreads_keys() -> None:
 
 def test_affinity_spills_to_the_next_replica_past_the_load_bound() -> None:
     replicas = _replicas(4)
-    policy = Affinity(random.Random(0), PolicyOptions(affinity_load_factor=1.25))
+    policy = Affinity(random.Random(0), PolicyOptions(affinity=AffinityOptions(load_factor=1.25)))
     home = policy.choose(replicas, RequestInfo(key="hot"))
     home.outstanding = 4  # bound = ceil(1.25 x (4 + 1) / 4) = 2: home is over it
     spill = policy.choose(replicas, RequestInfo(key="hot"))
