@@ -1,0 +1,7 @@
+"""Control: the loops that feed the pool what replicas say of themselves.
+
+probe (one shape for every poll: a plan per round, a pure parser, one timeout and failure rule,
+an injectable fetch) · health (active checks) · load (load feedback; engines reads vLLM, SGLang
+and TGI metrics) · models (served models) · cache_blocks (what replicas cache, for the policies
+that need it) · discovery (DNS: the replica list itself) · fetch (the session, capped reads).
+"""

@@ -5,7 +5,7 @@ A request's model is the JSON body's `model` on OpenAI paths (`/v1/...`), or the
 v2 path (`/v2/models/{name}/...`); a request without one (`/invocations`, `/ping`) goes to any
 replica, as before. An alias (`{name: chat, target: tiny-gpt}`) is resolved first and the
 request rewritten to the served name, as LiteLLM's model_name does. Each replica's models come
-from `replicas[].models` or its GET /v1/models (ModelPoller, every `served_models.interval_s`);
+from `replicas[].models` or its GET /v1/models (control/models.py, each `served_models.interval_s`);
 a replica whose list is unknown may serve anything, so while one such replica is available no
 model is refused as unknown. Otherwise an unknown model is a 404 naming what is served, and a
 known one whose replicas are all down a 503 naming the model.

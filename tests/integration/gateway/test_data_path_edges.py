@@ -1,5 +1,6 @@
-"""Regressions from the review of the data path (issue 13), each through a real gateway on
-loopback in front of real fake-replica servers: what a client sees, and counts back at zero."""
+"""Edges of the data path (a reload mid-queue, 429s and ejection, forwarded headers, huge
+429 bodies, odd targets, SSE error events), each through a real gateway on loopback in front
+of fake-replica servers: what a client sees, and counts back at zero."""
 
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ def test_anything_else_is_unauthorized(header: str | None, says: str) -> None:
     assert info.value.headers == {"WWW-Authenticate": "Bearer"}
 
 
-DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[4] / "deploy"
 
 
 def _uncommented_auth(text: str) -> dict[str, Any]:
