@@ -34,7 +34,7 @@ from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded, clipped
 from gateway.pool import outlier
 from gateway.pool.replicas import ReplicaPool
-from gateway.routing.policies import Policy
+from gateway.routing.base import Policy
 from gateway.routing.replica import Outcome, Replica
 from gateway.routing.request import NO_INFO, Decision, RequestInfo
 

@@ -20,8 +20,9 @@ from aiohttp import web
 from gateway.config import GatewayConfig
 from gateway.pool.admission import Admission, Rules
 from gateway.pool.replicas import ReplicaPool
+from gateway.routing.base import Policy
 from gateway.routing.options import PolicyOptions
-from gateway.routing.policies import Policy, make_policy
+from gateway.routing.policies import make_policy
 
 
 @dataclass(frozen=True)

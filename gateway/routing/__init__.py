@@ -2,6 +2,7 @@
 
 replica (the record of one replica, written only by the pool) · request (what a policy may know
 of a request, and the Decision a lease carries) · options (each policy option type, embedded by
-the config) · policies (Policy with its hooks, the registry POLICIES) · prefix (prompt block
-hashes and the prefix index).
+the config) · base (Policy, its hooks, `least`) · policies (the simple ones and the registry
+POLICIES) · prefix_aware (PrefixAware, PrecisePrefix) · prefix (prompt block hashes and the
+prefix index).
 """

@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.routing.policies import PrecisePrefix
 from gateway.routing.prefix import HASH_SCHEME, TOKENIZER
+from gateway.routing.prefix_aware import PrecisePrefix
 from tests.support.raw_upstream import fixed, raw_upstream
 from tests.support.servers import (
     Gateway,

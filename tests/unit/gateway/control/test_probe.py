@@ -21,8 +21,8 @@ from gateway.control.models import NEW_REPLICA_CHECK_S, ModelsProbe
 from gateway.control.probe import Probe, ProbeLoop, poll_timeout
 from gateway.pool.live import Live, build_runtime
 from gateway.pool.replicas import ReplicaPool
-from gateway.routing.policies import PrecisePrefix
 from gateway.routing.prefix import HASH_SCHEME, TOKENIZER
+from gateway.routing.prefix_aware import PrecisePrefix
 
 T = TypeVar("T")
 A, B, C = "http://a", "http://b", "http://c"

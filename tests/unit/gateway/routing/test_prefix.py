@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.routing.base import Policy
 from gateway.routing.options import PolicyOptions, PrefixOptions
-from gateway.routing.policies import Policy, PrecisePrefix, PrefixAware
 from gateway.routing.prefix import HASH_SCHEME, TOKENIZER, PrefixIndex, block_hashes, prompt_text
+from gateway.routing.prefix_aware import PrecisePrefix, PrefixAware
 from gateway.routing.replica import Replica
 from gateway.routing.request import RequestInfo
 from replica.kv import HASH_SCHEME as REPLICA_SCHEME

@@ -9,8 +9,9 @@ from typing import ClassVar
 
 import pytest
 
+from gateway.routing.base import Policy
 from gateway.routing.options import PolicyOptions
-from gateway.routing.policies import POLICIES, Policy
+from gateway.routing.policies import POLICIES
 from gateway.routing.replica import Replica
 from gateway.routing.request import Need, RequestInfo
 from loadtests.load.workload import Workload
