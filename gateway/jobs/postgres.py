@@ -39,18 +39,10 @@ from typing import Any, ParamSpec, TypeVar
 import asyncpg
 
 from gateway.errors import InvalidRequest
+from gateway.jobs.model import INPUT_DELETED, Batch, Job, Outcome, Sending, line_row, new_id
 from gateway.jobs.quota import UNLIMITED, Quota, Usage, stored_bytes
 from gateway.jobs.requests import BatchLine, JobRequest
-from gateway.jobs.store import (
-    INPUT_DELETED,
-    Batch,
-    Job,
-    Outcome,
-    Sending,
-    StoreUnavailable,
-    line_row,
-    new_id,
-)
+from gateway.jobs.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

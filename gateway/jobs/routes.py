@@ -19,9 +19,9 @@ from aiohttp import web
 from gateway.datapath.auth import key_name
 from gateway.datapath.body import read_body
 from gateway.errors import BodyTooLarge, Conflict, InvalidRequest, NotFound
+from gateway.jobs.model import JOB_STATUSES, Batch, Job
 from gateway.jobs.requests import parse_batch, parse_job_body
 from gateway.jobs.service import JOBS, JobService
-from gateway.jobs.store import JOB_STATUSES, Batch, Job
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 1000

@@ -27,7 +27,8 @@ from gateway.control.fetch import BodyOverLimit, Session, read_capped
 from gateway.datapath.classify import classify
 from gateway.datapath.upstream import RETRIABLE_STATUSES, client_timeout, upstream_url
 from gateway.errors import GatewayError, NoHealthyReplica, error_body
-from gateway.jobs.store import Job, Outcome, Store, StoreUnavailable
+from gateway.jobs.model import Job, Outcome
+from gateway.jobs.store import Store, StoreUnavailable
 from gateway.ops.metrics import GatewayMetrics
 from gateway.pool.admission import Lease
 from gateway.pool.live import Live

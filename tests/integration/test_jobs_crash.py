@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from gateway.jobs.store import JobStore
+from gateway.jobs.sqlite import JobStore
 from tests.support.processes import free_port, stop, wait_http_ok
 from tests.support.servers import fake_replicas, get_json, lines_done
 

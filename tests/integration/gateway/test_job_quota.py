@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from gateway.jobs.model import Outcome
 from gateway.jobs.postgres import PostgresStore
 from gateway.jobs.quota import Quota, QuotaExceeded, Usage
 from gateway.jobs.requests import BatchLine, JobRequest
-from gateway.jobs.store import Outcome, SqliteStore, Store
+from gateway.jobs.store import SqliteStore, Store
 
 Open = Callable[[Quota], Awaitable[Store]]
 BODY = {"pad": "x" * 90}  # 100 bytes as stored: {"pad":"xxx…"}

@@ -12,9 +12,10 @@ from contextlib import AsyncExitStack
 import asyncpg
 import pytest
 
+from gateway.jobs.model import Job, Outcome
 from gateway.jobs.postgres import MIGRATIONS, PostgresStore
 from gateway.jobs.requests import JobRequest, parse_batch
-from gateway.jobs.store import Job, Outcome, StoreUnavailable
+from gateway.jobs.store import StoreUnavailable
 from loadtests.harness.pgserver import PostgresServer, fresh_database, start_server
 
 OK = Outcome("succeeded", status_code=200, response='{"text": "hi"}')

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from gateway.jobs.quota import Usage
 from gateway.jobs.requests import JobRequest, parse_batch
-from gateway.jobs.store import JobStore
+from gateway.jobs.sqlite import JobStore
 
-# The schema of a store file from before owners (gateway/jobs/store.py as it was).
+# The schema of a store file from before owners (gateway/jobs/sqlite.py as it was).
 OLD_SCHEMA = """
 CREATE TABLE batches (id TEXT PRIMARY KEY, created_at REAL NOT NULL, total INTEGER NOT NULL,
     cancelled_at REAL, completed_at REAL, expires_at REAL);

@@ -9,8 +9,8 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError
+from gateway.jobs.model import Job
 from gateway.jobs.scheduler import Reply, eligible, outcome_of
-from gateway.jobs.store import Job
 from gateway.pool.live import Live, build_runtime
 from gateway.pool.replicas import ReplicaPool
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.jobs.model import Outcome
 from gateway.jobs.requests import JobRequest, parse_batch
-from gateway.jobs.store import JobStore, Outcome
+from gateway.jobs.sqlite import JobStore
 
 RETENTION_S = 100.0
 OK = Outcome("succeeded", status_code=200, response='{"text": "hi"}')
