@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from gateway.errors import GatewayError
 
-# The defaults of jobs.max_bytes_per_key and jobs.max_lines_per_key (gateway/config.py).
+# The defaults of jobs.max_bytes_per_key and jobs.max_lines_per_key (gateway/config/schema.py).
 DEFAULT_MAX_STORED_BYTES = 256 * 1024 * 1024  # 4 batches at the largest jobs.max_batch_bytes
 DEFAULT_MAX_STORED_LINES = 200_000  # 4 batches at the largest jobs.max_batch_lines
 

@@ -1,5 +1,5 @@
 """The policies' options, each type defined once: the config's `routing:` section embeds
-AffinityOptions and PrefixOptions as they are (gateway/config.py), and PolicyOptions is what
+AffinityOptions and PrefixOptions as they are (gateway/config/schema.py), and PolicyOptions is what
 every policy is handed at construction, assembled from the config (with the clock).
 """
 

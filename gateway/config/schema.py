@@ -1,124 +1,23 @@
-"""Gateway configuration: one YAML file, validated fully into frozen models before any use.
-
-`load_config(path)` is the only way config enters the program. Every error names the key path
-and what was expected (`replicas[2].url: ...`), so a bad file is fixed from one line.
-"""
+"""The config schema: frozen pydantic models, `extra="forbid"`, units in names, the routing
+options embedded as routing/options.py defines them."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import reprlib
-import urllib.parse
 from functools import cached_property
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import ErrorDetails
-from yarl import URL
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from gateway import yamlfile
-from gateway.errors import ConfigError, key_path
+from gateway.config.values import (
+    sha256_hex,
+    valid_absolute_path,
+    valid_replica_url,
+    valid_store_path,
+)
 from gateway.routing.options import AffinityOptions, PolicyOptions, PrefixOptions
 from gateway.routing.policies import canonical_policy_name
-
-
-def _replica_url(value: str) -> str:
-    try:
-        url = URL(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"not a URL: {exc}") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError("expected an absolute http:// or https:// URL with a host")
-    if url.query_string or url.fragment or url.user:
-        raise ValueError("a replica URL takes no query, fragment or credentials")
-    return str(url).rstrip("/")
-
-
-def _absolute_path(value: str) -> str:
-    if not value.startswith("/"):
-        raise ValueError("expected a path starting with '/'")
-    return value
-
-
-ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _from_environment(value: str) -> str:
-    """`${NAME}` replaced by the gateway's environment variable NAME (a URL with a password
-    can then live in a Kubernetes Secret, not in the config file)."""
-
-    def lookup(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in os.environ:
-            raise ValueError(
-                f"${{{name}}} is not set in the gateway's environment (set it, e.g. from a "
-                "Kubernetes Secret with env[].valueFrom.secretKeyRef)"
-            )
-        return os.environ[name]
-
-    return ENV_REFERENCE.sub(lookup, value)
-
-
-def _store_path(value: str) -> str:
-    value = _from_environment(value)
-    if not value.strip():
-        raise ValueError(
-            "expected a file path for an SQLite job store or a postgresql://user@host:port/db URL"
-        )
-    scheme, sep, _ = value.partition("://")
-    if is_postgres_url(value):
-        parts = urllib.parse.urlsplit(value)
-        try:
-            parts.port  # noqa: B018 - raises on a port that is not a number
-        except ValueError:
-            raise ValueError("the URL's port is not a number") from None
-        if not parts.path.strip("/") and "dbname=" not in parts.query:
-            raise ValueError(f"name the database: {scheme}://user@host:5432/DBNAME")
-    elif sep and scheme.isalpha():
-        raise ValueError(
-            f"'{scheme}://' is not a job store: use postgresql://user@host:port/db or a file path"
-        )
-    return value
-
-
-POSTGRES_SCHEMES = ("postgresql", "postgres")
-
-
-def is_postgres_url(store: str) -> bool:
-    return store.partition("://")[0] in POSTGRES_SCHEMES and "://" in store
-
-
-PASSWORD_PARAMETER = re.compile(r"(?i)(password=)([^&\s]*)")
-
-
-def _url_password(value: str) -> str | None:
-    """The password in a URL's user part, however it is written (unencoded '/', '#' or '@')."""
-    _, sep, rest = value.partition("://")
-    credentials, at, _ = rest.rpartition("@")
-    return credentials.split(":", 1)[1] if sep and at and ":" in credentials else None
-
-
-def redacted(value: str) -> str:
-    """A URL (or libpq `key=value` string) as a message may show it: no password, in the user
-    part or as `password=`; anything else unchanged."""
-    password = _url_password(value)
-    if password is not None:
-        scheme, _, rest = value.partition("://")
-        user, _, _ = rest.partition(":")
-        value = f"{scheme}://{user}:***@{rest.rpartition('@')[2]}"
-    return PASSWORD_PARAMETER.sub(r"\1***", value)
-
-
-HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-
-
-def _sha256_hex(value: str) -> str:
-    if not HEX_SHA256.fullmatch(value):
-        raise ValueError("expected the key's SHA-256 as 64 hex digits (sha256sum of the key)")
-    return value.lower()
 
 
 class _Model(BaseModel):
@@ -167,7 +66,8 @@ class LoadFeedback(_Model):
     source: LoadSource = "infergate"
     poll_interval_s: float = Field(0.5, ge=0)  # 0 turns polling off (headers still count)
     max_age_s: float = Field(2.0, gt=0)
-    path: Annotated[str, AfterValidator(_absolute_path)] = "/load"  # /metrics but for infergate
+    # GET /load for our replica, /metrics for the engines (the default follows `source`)
+    path: Annotated[str, AfterValidator(valid_absolute_path)] = "/load"
     metrics: LoadMetrics | None = None  # only with source: prometheus
 
     @model_validator(mode="before")
@@ -200,7 +100,7 @@ class ServedModels(_Model):
     """Which models each replica serves: its GET /v1/models (OpenAI's list), polled; a replica
     with `replicas[].models` in the config is not polled."""
 
-    path: Annotated[str, AfterValidator(_absolute_path)] | None = "/v1/models"  # None: off
+    path: Annotated[str, AfterValidator(valid_absolute_path)] | None = "/v1/models"  # None: off
     interval_s: float = Field(2.0, gt=0)
     timeout_s: float = Field(1.0, gt=0)
 
@@ -226,7 +126,7 @@ class ModelRoute(_Model):
 
 
 class ReplicaSpec(_Model):
-    url: Annotated[str, AfterValidator(_replica_url)]
+    url: Annotated[str, AfterValidator(valid_replica_url)]
     # Requests this replica takes at once; more wait in the gateway queue (limits.max_queue).
     # Overrides limits.max_outstanding_per_replica, e.g. for a replica on a smaller GPU.
     max_concurrency: int | None = Field(None, ge=1)
@@ -283,7 +183,7 @@ class HealthCheck(_Model):
     """`engine` presets the path its servers answer when `path` is not given."""
 
     engine: Engine = "infergate"
-    path: Annotated[str, AfterValidator(_absolute_path)] = "/ping"
+    path: Annotated[str, AfterValidator(valid_absolute_path)] = "/ping"
     interval_s: float = Field(2.0, gt=0)
     timeout_s: float = Field(1.0, gt=0)
     healthy_threshold: int = Field(1, ge=1)
@@ -344,7 +244,7 @@ class Jobs(_Model):
 
     # An SQLite file (one gateway) or a postgresql:// URL (several); read at start-up only.
     # `${NAME}` in it is the environment variable NAME.
-    store: Annotated[str, AfterValidator(_store_path)]
+    store: Annotated[str, AfterValidator(valid_store_path)]
     # PostgreSQL: a claim a gateway stops renewing (it died) runs out after this long and the
     # job is queued again; renewed every lease_s / 3.
     lease_s: float = Field(30.0, ge=1.0)
@@ -364,7 +264,7 @@ class ApiKey(_Model):
     either the SHA-256 of the key (hex) or, for local use, the key itself."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")
-    sha256: Annotated[str, AfterValidator(_sha256_hex)] | None = None
+    sha256: Annotated[str, AfterValidator(sha256_hex)] | None = None
     key: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
@@ -479,96 +379,3 @@ class GatewayConfig(_Model):
             affinity=self.routing.affinity,
             prefix=self.routing.prefix,
         )
-
-
-MAX_QUOTED_CHARS = 80  # of a value a config error quotes
-MAX_PROBLEMS = 10  # listed in one error; the rest are counted
-
-
-class _Quoted(reprlib.Repr):
-    """A value as an error quotes it: a few items of a few levels, each string without its
-    password, so the work and the message stay small whatever the value holds."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel, self.maxother = 3, 40
-        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 4
-
-    def repr_str(self, x: str, level: int) -> str:
-        return repr(_clip(redacted(x)))
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "..."
-
-
-def _describe(error: ErrorDetails) -> str | None:
-    kind, loc, msg = error["type"], tuple(error["loc"]), error["msg"]
-    if kind == "extra_forbidden":
-        return f"{key_path(loc)}: unknown key"
-    if kind == "missing":
-        return f"{key_path(loc)}: required key is missing"
-    if kind == "too_short" and loc == ("replicas",):
-        # pydantic also reports the length when an item failed; only an empty list is news.
-        return None if error.get("input") else "replicas: at least one replica is required"
-    msg = msg.removeprefix("Value error, ").replace("a valid tuple", "a list")
-    msg = msg.replace("Tuple should", "List should")
-    if not loc and ": " in msg:  # model-level validators already carry their path
-        return msg
-    if loc[:1] == ("auth",):  # never echo a key (or its digest) into a log line
-        return f"{key_path(loc)}: {msg}"
-    return f"{key_path(loc)}: {msg} (got {_clip(_Quoted().repr(error.get('input')))})"
-
-
-def _secrets(data: Any) -> set[str]:
-    """What no config message may show, wherever a value turns up again: URL passwords (also
-    those `${NAME}` expands to) and the API keys and digests under `auth`."""
-    found: set[str] = set()
-    seen: set[int] = set()
-    stack: list[tuple[Any, bool]] = [(data, False)]
-    while stack:
-        value, under_auth = stack.pop()
-        if isinstance(value, str):
-            for text in (value, ENV_REFERENCE.sub(_variable_or_reference, value)):
-                found.update(m.group(2) for m in PASSWORD_PARAMETER.finditer(text))
-                found.add(_url_password(text) or "")
-        elif id(value) not in seen and isinstance(value, dict | list | tuple):
-            seen.add(id(value))
-            pairs = value.items() if isinstance(value, dict) else ((None, v) for v in value)
-            for key, item in pairs:
-                if under_auth and key in ("key", "sha256") and isinstance(item, str):
-                    found.add(item)
-                stack.append((item, under_auth or key == "auth"))
-    return {secret for secret in found if len(secret) >= 4}  # shorter: a quoted value hides it
-
-
-def _variable_or_reference(match: re.Match[str]) -> str:
-    return os.environ.get(match.group(1), match.group(0))
-
-
-def _scrubbed(message: str, secrets: set[str]) -> str:
-    for secret in sorted(secrets, key=len, reverse=True):
-        message = message.replace(secret, "***")
-    return message
-
-
-def parse_config(data: Any) -> GatewayConfig:
-    if data is None:
-        raise ConfigError("(top level): the file is empty; expected a mapping with 'replicas'")
-    if not isinstance(data, dict):
-        raise ConfigError(f"(top level): expected a mapping, got {type(data).__name__}")
-    try:
-        return GatewayConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = [p for p in map(_describe, exc.errors()) if p]
-        if len(problems) > MAX_PROBLEMS:
-            problems[MAX_PROBLEMS:] = [f"and {len(problems) - MAX_PROBLEMS} more"]
-        raise ConfigError(_scrubbed("; ".join(problems), _secrets(data))) from None
-
-
-def load_config(path: str | Path) -> GatewayConfig:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    return parse_config(yamlfile.load_yaml(text))
