@@ -11,8 +11,9 @@ answer: PROBE_FAILURES, nothing else, so a bug of ours still shows) goes to `fai
 that replica's answer only; it is logged once per bad streak, without a traceback.
 
 The clock: a probe with a `timeout_s` in its config (health_check, served_models) uses it;
-the others use `poll_timeout(interval_s)`: the interval, at most 1 s and at least 50 ms, so a
-slow replica holds its round up for no more than that.
+the others use `poll_timeout(interval_s)`: the interval, at most 1 s and at least 250 ms (a
+busy machine can take longer than a tiny interval to answer; a replica is not failed for that),
+so a slow replica holds its round up for no more than that.
 
 What the loop knows of a replica (its failure streak, whether it was asked) is forgotten when
 the replica leaves the pool, and the probe is told (`keep`) to forget its own. `fetch` and
@@ -35,7 +36,7 @@ from gateway.routing.replica import Replica
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
 MAX_POLL_TIMEOUT_S = 1.0
-MIN_POLL_TIMEOUT_S = 0.05
+MIN_POLL_TIMEOUT_S = 0.25
 
 
 def poll_timeout(interval_s: float) -> float:
