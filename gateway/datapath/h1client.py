@@ -80,7 +80,6 @@ class Response:
         "_buffered",
         "_chunks",
         "_conn",
-        "_done",
         "_error",
         "_last",
         "_reusable",
@@ -88,6 +87,7 @@ class Response:
         "_timer",
         "_waiter",
         "content_length",
+        "done",
         "raw_headers",
         "reason",
         "status",
@@ -97,7 +97,7 @@ class Response:
         self._conn = conn
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
-        self._done = False
+        self.done = False  # the body ended (read by the connection; set only here)
         self._error: UpstreamFailure | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._reusable = False
@@ -145,7 +145,7 @@ class Response:
                 return data
             if self._error is not None:
                 raise self._error
-            if self._done:
+            if self.done:
                 return b""
             await self._wait_body()
 
@@ -175,7 +175,7 @@ class Response:
         read to its end and the replica keeps the connection alive, else it is closed."""
         conn = self._conn
         self._stop_timer()
-        if self._done and self._error is None and self._reusable and not self._chunks:
+        if self.done and self._error is None and self._reusable and not self._chunks:
             conn.park()
         else:
             conn.close()
@@ -229,22 +229,17 @@ class Response:
 
     # What the connection tells the response; only these touch the body's buffer and state.
 
-    @property
-    def ended(self) -> bool:
-        """The body ended whole (or the response failed): nothing more belongs to it."""
-        return self._done
-
     def headers_in(self, reusable: bool, bodyless: bool) -> None:
         """The final response's head is in: wake the sender. `bodyless`: a HEAD's answer, done
         at once (llhttp would wait for the body its Content-Length announces)."""
         self._reusable = reusable and not bodyless
         self._last = self._conn.loop.time()
-        self._done = bodyless
+        self.done = bodyless
         self._wake()
 
     def feed(self, data: bytes) -> int:
         """Body bytes from the socket; returns how many are buffered unread."""
-        if self._done:
+        if self.done:
             return 0
         self._chunks.append(data)
         self._buffered += len(data)
@@ -260,12 +255,12 @@ class Response:
 
     def finish(self) -> None:
         """The body ended (its framing said so, or the socket closed a body without one)."""
-        self._done = True
+        self.done = True
         self._wake()
 
     def fail(self, error: UpstreamFailure) -> None:
         """The response cannot end whole (unless it already did)."""
-        if self._error is None and not self._done:
+        if self._error is None and not self.done:
             self._error = error
         self._wake()
 
@@ -340,7 +335,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         response = self.response
-        if response is None or response.ended:
+        if response is None or response.done:
             self.close()  # bytes nobody asked for: the connection cannot be trusted
             return
         self.heard = True
@@ -381,7 +376,7 @@ class _Connection(asyncio.Protocol):
 
     def _ended(self) -> None:
         response = self.response
-        if response is None or response.ended:
+        if response is None or response.done:
             return
         if self.head_seen and self.until_close:
             response.finish()
@@ -393,7 +388,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         response = self.response
-        if response is None or response.ended:
+        if response is None or response.done:
             # A second response after the one asked for, in the same read: it would be the
             # next request's answer on this connection. Parsing stops here; the connection
             # is closed.
@@ -447,7 +442,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         response = self.response
         assert response is not None
-        if response.ended:
+        if response.done:
             return
         self.unframed = 0
         if response.feed(body) > HIGH_WATER and not self.paused and self.transport is not None:

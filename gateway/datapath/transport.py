@@ -11,7 +11,6 @@ httpx ships MockTransport beside its transports).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,7 +30,7 @@ class UpstreamFailure(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made for every request, and frozen costs ~0.3 us
 class UpstreamRequest:
     replica_url: str  # scheme://host:port[/prefix] of the replica
     method: str
@@ -49,16 +48,23 @@ class UpstreamTimeouts:
     keepalive_s: float  # an idle connection older than this is not used again
 
 
-@functools.lru_cache(maxsize=16)
+_LAST: list[tuple[Timeouts, UpstreamTimeouts]] = []
+
+
 def upstream_timeouts(timeouts: Timeouts) -> UpstreamTimeouts:
-    """The config's timeouts as the upstream client takes them (one object per config)."""
-    return UpstreamTimeouts(
+    """The config's timeouts as the upstream client takes them, made once per config (by
+    identity: hashing the config's model on every request would cost more than this)."""
+    if _LAST and _LAST[0][0] is timeouts:
+        return _LAST[0][1]
+    made = UpstreamTimeouts(
         connect_s=timeouts.connect_s,
         headers_s=min(timeouts.first_byte_s, timeouts.idle_s),
         idle_s=timeouts.idle_s,
         total_s=timeouts.total_s,
         keepalive_s=timeouts.upstream_keepalive_s,
     )
+    _LAST[:] = [(timeouts, made)]
+    return made
 
 
 class UpstreamResponse(Protocol):

@@ -4,9 +4,9 @@ Per-replica gauges (outstanding, healthy) are read from the pool at scrape time 
 so the pool stays the one owner of that state and a scrape never sees a stale copy. Request
 counts are labelled by status class (`code="2xx"`, as the replica's metrics) and API key name.
 
-With `workers: N`, each worker also publishes its per-replica totals (requests, errors,
-ejections) to the shared counts at every request's end (`publish_totals`), so /admin/replicas
-and the status page show the whole gateway's, as /metrics does.
+With `workers: N`, the pool publishes each worker's per-replica totals (requests, errors,
+ejections) to the shared counts at every request's end (ReplicaPool.publish_totals), so
+/admin/replicas and the status page show the whole gateway's, as /metrics does.
 
 Per-replica series are bounded by the pool: when DNS discovery or a reload replaces replicas,
 the series of those that left (no longer active nor draining) are dropped (`forget_gone`)
@@ -33,7 +33,6 @@ from gateway.ops.recent import RecentTraffic
 from gateway.pool.admission import Admission, Lease
 from gateway.pool.live import Live, Runtime
 from gateway.pool.replicas import ReplicaPool
-from gateway.routing.replica import Replica
 
 # Inference requests run from milliseconds (classifiers) to minutes (long generations).
 LATENCY_BUCKETS_S = (
@@ -237,9 +236,6 @@ class GatewayMetrics(ProxyEvents):
         counter.inc()
         histogram.observe(duration_s)
         self.recent.add(replica, duration_s)
-        state = self._pool.get(replica)
-        if state is not None:
-            publish_totals(state)
 
     def _first_of(self, replica: str) -> Histogram:
         if len(self._histograms) >= len(self._pool.all()):
@@ -267,14 +263,6 @@ class GatewayMetrics(ProxyEvents):
         _remove_replicas(self.requests, ("replica", "code", "key"), keep)
         _remove_replicas(self.duration, ("replica",), keep)
         _remove_replicas(self.ejections, ("replica",), keep)
-
-
-def publish_totals(replica: Replica) -> None:
-    """This worker's totals at the replica, for its siblings to sum (`workers: N`); after
-    every request's end (the pool has counted it by then) and before each read."""
-    if replica.shared is not None:
-        totals = (replica.requests_total, replica.errors_total, replica.ejections)
-        replica.shared.publish(replica.column, totals)
 
 
 def status_class(code: int) -> str:

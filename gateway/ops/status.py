@@ -13,9 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.ops.metrics import METRICS, publish_totals
+from gateway.ops.metrics import METRICS
 from gateway.ops.recent import RecentTraffic
 from gateway.pool.live import LIVE, Live
+from gateway.pool.replicas import publish_totals
 from gateway.pool.shared import STATS
 from gateway.routing.replica import Replica
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded, clipped
 from gateway.pool import outlier
-from gateway.pool.replicas import ReplicaPool
+from gateway.pool.replicas import ReplicaPool, publish_totals
 from gateway.routing.base import Policy
 from gateway.routing.replica import Outcome, Replica
 from gateway.routing.request import NO_INFO, Decision, RequestInfo
@@ -285,6 +285,7 @@ class Admission:
         self.pool.release(replica, outcome=outcome, tokens=lease.remaining)
         self.drain.tick()
         ejected = outlier.observe(self.pool, replica, settings) is not None
+        publish_totals(replica)  # with `workers: N`, for the siblings' sums
         if outcome == "served":
             self.pool.observe_latency(replica, elapsed_s, lease.tokens, rules.ewma_decay_s)
         for subscriber in self.lease_closed:

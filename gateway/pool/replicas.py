@@ -70,6 +70,15 @@ def load_report(values: Mapping[str, object]) -> dict[str, float]:
     return report
 
 
+def publish_totals(replica: Replica) -> None:
+    """This worker's totals at the replica, for its siblings to sum (`workers: N`): after every
+    request's end (admission calls it once the outcome is counted) and before each read of the
+    whole gateway's (the status page, /admin/replicas)."""
+    if replica.shared is not None:
+        totals = (replica.requests_total, replica.errors_total, replica.ejections)
+        replica.shared.publish(replica.column, totals)
+
+
 class ReplicaPool:
     def __init__(
         self,

@@ -27,7 +27,7 @@ class RequestInfo:
 NO_INFO = RequestInfo()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made for every request: not frozen (that costs), never changed
 class Decision:
     """One routing decision, as the lease that carries it can tell it (a response header, a
     trace span, a log line)."""
