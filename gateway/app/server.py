@@ -1,4 +1,6 @@
-"""The gateway's HTTP surface: an app factory, its own endpoints, and the error middleware.
+"""The gateway's HTTP surface: the app factory, what lives with the app, and the routes, composed
+in one place (the checks and the error middleware: checks.py; the gateway's own endpoints:
+handlers.py).
 
 Paths the gateway owns (/healthz, /readyz, /metrics, /openapi.json, /admin and /admin/..., /ui
 and /ui/...) answer here and are never proxied; every other method and path goes to proxy.handle.
@@ -11,21 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-import os
-import posixpath
-import re
-import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-from aiohttp import HttpVersion11, hdrs, web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from gateway.app.reload import ReloadWatcher, reload_config_off_loop
+from gateway.app import handlers
+from gateway.app.checks import (
+    Handler,
+    body_fits,
+    error_middleware,
+    expecting,
+    is_admin_path,
+    only,
+    proxied_checks,
+    require_admin,
+)
+from gateway.app.reload import ReloadWatcher
 from gateway.app.state import APP, AppState
 from gateway.app.workers import Worker
 from gateway.config import GatewayConfig
@@ -37,201 +44,28 @@ from gateway.control.load import LoadProbe
 from gateway.control.models import ModelsProbe
 from gateway.control.probe import ProbeLoop
 from gateway.datapath import proxy
-from gateway.datapath.auth import as_sent, authenticate, bearer_token, require_key
+from gateway.datapath.auth import authenticate, require_key
 from gateway.datapath.h1client import UpstreamPool
 from gateway.datapath.proxy import PROXY, UPSTREAM, Proxy
 from gateway.datapath.transport import Upstream
-from gateway.errors import BodyTooLarge, ConfigError, GatewayError, error_body
+from gateway.errors import ConfigError
 from gateway.jobs import forward as jobs_forward
 from gateway.jobs import routes as job_routes
 from gateway.jobs.service import JOBS, JobService
 from gateway.ops import models, status
 from gateway.ops.metrics import METRICS, GatewayMetrics
-from gateway.ops.openapi import DOCUMENT
 from gateway.pool.live import LIVE, Live, build_runtime
 from gateway.pool.replicas import ReplicaPool
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WATCHER = web.AppKey("reload_watcher", ReloadWatcher)
 HEALTH = web.AppKey("health_checker", HealthChecker)
-_BODY_HEADERS = frozenset({"content-type", "content-length"})
-
-
-def error_response(
-    status: int, error_type: str, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response(error_body(error_type, message), status=status, headers=headers)
-
-
-def refusal(exc: GatewayError | web.HTTPException) -> web.Response:
-    """The JSON answer to an error a check or handler raised."""
-    if isinstance(exc, GatewayError):
-        return error_response(exc.status, exc.error_type, str(exc), exc.headers)
-    kind = exc.reason.lower().replace(" ", "_")
-    # Its own headers (WWW-Authenticate, Allow) stay; the body becomes our JSON.
-    kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
-    return error_response(exc.status, kind, exc.text or exc.reason, kept)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        return refusal(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return refusal(exc)
-    except (asyncio.CancelledError, ConnectionError):
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "the gateway failed; see its log")
-
-
-Check = Callable[[web.Request], object]  # raises a GatewayError or HTTPException to refuse
-ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
-
-
-def _expecting(*checks: Check) -> ExpectHandler:
-    """A route's answer to `Expect: 100-continue`: a request its headers alone refuse (`checks`:
-    the API key, the admin token, the Content-Length) gets that refusal instead of `100
-    Continue`, and its connection is closed, as the body the client holds back is never read
-    (RFC 9110 10.1.1); an Expect other than 100-continue is a 417. aiohttp runs this before
-    the middleware and the handler, which make the same checks again for requests without it."""
-
-    async def expect(request: web.Request) -> web.StreamResponse | None:
-        if request.version < HttpVersion11:
-            return None  # HTTP/1.0 clients do not wait for a 100 (RFC 9110: ignore Expect)
-        value = request.headers.get(hdrs.EXPECT, "")
-        try:
-            if value.strip().lower() != "100-continue":
-                raise web.HTTPExpectationFailed(
-                    text=f"Expect: {value[:40]!r} is not supported; send 100-continue or none"
-                )
-            for check in checks:
-                check(request)
-        except (GatewayError, web.HTTPException) as exc:
-            response = refusal(exc)
-            response.force_close()
-            return response
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the final response's size starts after the 100
-        return None
-
-    return expect
-
-
-def _body_fits(request: web.Request) -> None:
-    """A declared Content-Length within the limit its handler reads the body with."""
-    config = request.app[LIVE].runtime.config
-    limit, name = config.limits.max_body_bytes, "limits.max_body_bytes"
-    if request.path == "/v1/batches" and config.jobs is not None:
-        limit, name = config.jobs.max_batch_bytes, "jobs.max_batch_bytes"
-    if (request.content_length or 0) > limit:
-        raise BodyTooLarge(f"request body over {name} = {limit} bytes")
-
-
-def _proxied_checks(request: web.Request) -> None:
-    if is_admin_path(request.path):  # the catch-all's spellings of /admin (see _proxied)
-        _require_admin(request)
-    else:
-        authenticate(request)
-        _body_fits(request)
-
-
-def _only(methods: tuple[str, ...], handler: Handler) -> Handler:
-    """Gateway-owned paths answer 405 to other methods instead of being proxied."""
-
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        if request.method not in methods:
-            allowed = " or ".join(methods)
-            raise web.HTTPMethodNotAllowed(
-                request.method,
-                methods,
-                text=f"{request.path} answers {allowed}, not {request.method}",
-            )
-        return await handler(request)
-
-    return guarded
-
-
-def _require_admin(request: web.Request) -> AppState:
-    state = request.app[APP]
-    if state.admin_token is None:
-        raise web.HTTPNotFound(text=f"{request.path} is off: set INFERGATE_ADMIN_TOKEN to enable")
-    token = bearer_token(request.headers.get("Authorization"))
-    if token is None or not hmac.compare_digest(token, as_sent(state.admin_token)):
-        raise web.HTTPUnauthorized(
-            text="admin endpoints need 'Authorization: Bearer <INFERGATE_ADMIN_TOKEN>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return state
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    live = request.app[LIVE]
-    healthy = len(live.pool.available())
-    ready = healthy > 0 and not live.draining and live.models_polled
-    body = {
-        "ready": ready, "healthy_replicas": healthy, "draining": live.draining,
-        "models_known": live.models_polled,
-    }  # fmt: skip
-    return web.json_response(body, status=200 if ready else 503)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].exposition)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def _describe_state(state: AppState) -> dict[str, Any]:
-    live = state.live
-    return {
-        "strategy": live.runtime.config.routing.strategy,
-        "replicas": [status.replica_json(replica) for replica in live.pool.all()],
-    }
-
-
-async def admin_replicas(request: web.Request) -> web.Response:
-    return web.json_response(_describe_state(_require_admin(request)))
-
-
-async def admin_reload(request: web.Request) -> web.Response:
-    state = _require_admin(request)
-    await reload_config_off_loop(state, "admin")
-    if state.live.worker is not None:  # the sibling workers reload too: the supervisor tells them
-        os.kill(os.getppid(), signal.SIGHUP)
-    return web.json_response({"result": "ok", **_describe_state(state)})
-
-
-async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(DOCUMENT)
-
-
-async def admin_unknown(request: web.Request) -> web.Response:
-    _require_admin(request)
-    raise web.HTTPNotFound(text=f"no admin endpoint {request.path}")
-
-
-def is_admin_path(path: str) -> bool:
-    """`/admin` or below it, however spelled (`//admin`, `/x/../admin`, `/admin%2F` decoded)."""
-    if "/admin" not in path:
-        return False  # the common case, at the cost of one substring search
-    normal = posixpath.normpath(re.sub("/+", "/", path))
-    return normal == "/admin" or normal.startswith("/admin/")
 
 
 def _models_or_proxied(handler: Handler) -> Handler:
     """The gateway's model list while it knows models; a replica's own answer otherwise."""
-    guarded = _only(("GET", "HEAD"), handler)
+    guarded = only(("GET", "HEAD"), handler)
 
     async def route(request: web.Request) -> web.StreamResponse:
         if models.known(request.app[LIVE]):
@@ -246,7 +80,7 @@ def _proxied(handler: Handler) -> Handler:
 
     async def route(request: web.Request) -> web.StreamResponse:
         if is_admin_path(request.path):
-            return await admin_unknown(request)
+            return await handlers.admin_unknown(request)
         return await handler(request)
 
     return route
@@ -368,12 +202,12 @@ def create_app(
     elif forwarded and worker is not None:  # worker 0 owns the store; it answers for us
         app.cleanup_ctx.append(jobs_forward.lifetime(worker.jobs_socket))
     own = [
-        ("/healthz", ("GET", "HEAD"), healthz),
-        ("/readyz", ("GET", "HEAD"), readyz),
-        ("/metrics", ("GET", "HEAD"), metrics),
-        ("/admin/replicas", ("GET", "HEAD"), admin_replicas),
-        ("/admin/reload", ("POST",), admin_reload),
-        ("/openapi.json", ("GET", "HEAD"), openapi),
+        ("/healthz", ("GET", "HEAD"), handlers.healthz),
+        ("/readyz", ("GET", "HEAD"), handlers.readyz),
+        ("/metrics", ("GET", "HEAD"), handlers.metrics),
+        ("/admin/replicas", ("GET", "HEAD"), handlers.admin_replicas),
+        ("/admin/reload", ("POST",), handlers.admin_reload),
+        ("/openapi.json", ("GET", "HEAD"), handlers.openapi),
         ("/ui", ("GET", "HEAD"), status.page),
         ("/ui/", ("GET", "HEAD"), status.page),  # the page's links are absolute: same page
         ("/ui/status.js", ("GET", "HEAD"), status.page),
@@ -386,29 +220,29 @@ def create_app(
 def _add_routes(
     app: web.Application, own: Sequence[tuple[str, tuple[str, ...], Handler]], forwarded: bool
 ) -> None:
-    public, admin = _expecting(), _expecting(_require_admin)
-    keyed = _expecting(authenticate, _body_fits)
+    public, admin = expecting(), expecting(require_admin)
+    keyed = expecting(authenticate, body_fits)
     for path, methods, handler in own:
         checks = admin if path.startswith("/admin") else public
-        app.router.add_route("*", path, _only(methods, handler), expect_handler=checks)
+        app.router.add_route("*", path, only(methods, handler), expect_handler=checks)
     for path, handler in (
         ("/v1/models", models.list_models),
         ("/v1/models/{model:.+}", models.get_model),
     ):
         route = require_key(_models_or_proxied(handler))
         app.router.add_route("*", path, route, expect_handler=keyed)
-    for path, handlers in job_routes.ROUTES:
-        jobs_handler = _only(tuple(handlers), job_routes.by_method(handlers))
+    for path, by_method in job_routes.ROUTES:
+        jobs_handler = only(tuple(by_method), job_routes.by_method(by_method))
         if forwarded:
-            jobs_handler = _only(tuple(handlers), jobs_forward.forward)
+            jobs_handler = only(tuple(by_method), jobs_forward.forward)
         app.router.add_route("*", path, require_key(jobs_handler), expect_handler=keyed)
     # The /admin and /ui trees are the gateway's: an unknown path there is a 404 here, never a
     # request to a replica (which would carry the admin token to it).
-    app.router.add_route("*", "/admin", admin_unknown, expect_handler=admin)
-    app.router.add_route("*", "/admin/{tail:.*}", admin_unknown, expect_handler=admin)
+    app.router.add_route("*", "/admin", handlers.admin_unknown, expect_handler=admin)
+    app.router.add_route("*", "/admin/{tail:.*}", handlers.admin_unknown, expect_handler=admin)
     app.router.add_route("*", "/ui/{tail:.*}", status.unknown, expect_handler=public)
     proxied = _proxied(require_key(proxy.handle))
-    app.router.add_route("*", "/{tail:.*}", proxied, expect_handler=_expecting(_proxied_checks))
+    app.router.add_route("*", "/{tail:.*}", proxied, expect_handler=expecting(proxied_checks))
 
 
-__all__ = ["ConfigError", "create_app", "error_response"]
+__all__ = ["ConfigError", "create_app"]

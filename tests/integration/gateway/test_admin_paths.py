@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from gateway.app.server import is_admin_path
+from gateway.app.checks import is_admin_path
 from tests.support.raw_http import exchange
 from tests.support.servers import fake_replicas, gateway_config, running_gateway, write_config
 
