@@ -87,9 +87,11 @@ async def test_least_loaded_keeps_two_gateways_fleet_even_where_local_counts_do_
     fed = statistics.fmean(spreads["least_loaded"])
     print(f"mean spread: local counts {local:.2f}, least_loaded {fed:.2f}")
     # 4 requests on 4 replicas: ideal is 1 each (spread 0). Two gateways that each place their
-    # 2 requests blind to the other's collide 5 times in 6: expected spread about 1.7.
+    # 2 requests blind to the other's collide 5 times in 6: expected spread about 1.7. Over the
+    # 4 s sampled (about four requests per user) it varies: 1.3 to 1.9 in most runs, 0.8 once
+    # on a loaded machine; 0.5 is far below any run seen, and still plainly not an even fleet.
     assert fed <= 0.5, spreads["least_loaded"]
-    assert local >= 1.0 and local >= 3 * fed, (local, fed)
+    assert local >= 0.5 and local >= 3 * fed, (local, fed)
 
 
 async def _user(client: aiohttp.ClientSession, url: str, stop_at: float, seed: int) -> int:
