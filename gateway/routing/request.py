@@ -35,5 +35,6 @@ class Decision:
     replica: Replica
     strategy: str  # the policy's registered name
     reason: str  # "free slot": taken at once; "queued": handed over from the gateway queue;
-    # "job": a deferred job dispatched into spare capacity
+    # "job": a deferred job dispatched into spare capacity; "given": a Lease made directly on a
+    # replica, not through admission (strategy "")
     scores: Mapping[str, float] | None = None  # each candidate's cost, where the policy has one
