@@ -5,6 +5,8 @@ The package is in wings, each importing only those below it (tests/unit/test_bou
 - `errors`, `config` (with `yamlfile`, `boundedjson`): error types, the config schema;
 - `routing/`: the replica type, what a request asks, the policies and the prefix index (sync,
   no I/O);
+- `flow/`: tenancy: who sends a request and its class, per-key limits (token buckets shared by
+  the workers), the order of the fair queue (classes, tenants' service);
 - `pool/`: the replicas' state, admission and the lease, outlier rules;
 - `datapath/`: one request from arrival to release, in the order of its files: auth,
   classify, proxy, relay, and the HTTP/1.1 upstream client;

@@ -11,9 +11,12 @@ from gateway.config.schema import (
     ApiKey,
     Auth,
     Discovery,
+    FlowClass,
+    FlowControl,
     GatewayConfig,
     HealthCheck,
     Jobs,
+    KeyLimits,
     Limits,
     Listen,
     LoadFeedback,
@@ -32,8 +35,9 @@ from gateway.config.values import is_postgres_url, redacted
 from gateway.errors import ConfigError
 
 __all__ = [
-    "ApiKey", "Auth", "ConfigError", "Discovery", "GatewayConfig", "HealthCheck", "Jobs",
-    "Limits", "Listen", "LoadFeedback", "LoadMetrics", "ModelRoute", "OutlierDetection",
-    "Reload", "ReplicaSpec", "Retries", "Routing", "ServedModels", "Timeouts", "Ui",
+    "ApiKey", "Auth", "ConfigError", "Discovery", "FlowClass", "FlowControl", "GatewayConfig",
+    "HealthCheck", "Jobs", "KeyLimits", "Limits", "Listen", "LoadFeedback", "LoadMetrics",
+    "ModelRoute", "OutlierDetection", "Reload", "ReplicaSpec", "Retries", "Routing",
+    "ServedModels", "Timeouts", "Ui",
     "is_postgres_url", "load_config", "parse_config", "redacted",
 ]  # fmt: skip

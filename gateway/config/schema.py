@@ -259,13 +259,39 @@ class Jobs(_Model):
     poll_interval_s: float = Field(0.02, gt=0)  # capacity check while jobs wait for a slot
 
 
+NAME_PATTERN = r"^[A-Za-z0-9_.:@-]+$"  # key, tenant and class names: safe in a header and a label
+
+
+class KeyLimits(_Model):
+    """One key's limits (gateway/flow/limits.py): each a token bucket that holds one minute's
+    worth and refills continuously, exact across workers. None: no limit of that kind."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)  # prompt + completion
+    max_parallel: int | None = Field(None, ge=1)  # requests in flight (queued ones included)
+    # Reserved for the completion of a request that names no max_tokens, until its usage
+    # settles the reservation.
+    default_max_tokens: int = Field(256, ge=1)
+
+
 class ApiKey(_Model):
     """One client key: its name (the owner of its jobs, the `key` label of its metrics) and
-    either the SHA-256 of the key (hex) or, for local use, the key itself."""
+    either the SHA-256 of the key (hex) or, for local use, the key itself; under flow control,
+    its tenant, the most important class it may use and its share; its limits."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
     sha256: Annotated[str, AfterValidator(sha256_hex)] | None = None
     key: str | None = Field(None, min_length=1)
+    tenant: str | None = Field(None, min_length=1, max_length=64, pattern=NAME_PATTERN)
+    class_: str | None = Field(None, alias="class")  # None: flow_control.default_class
+    weight: float = Field(1.0, gt=0, le=1e6)  # its tenant's share under fairness
+    limits: KeyLimits | None = None
+
+    @property
+    def tenant_name(self) -> str:
+        return self.tenant or self.name
 
     @model_validator(mode="after")
     def _one_form(self) -> ApiKey:
@@ -279,6 +305,56 @@ class ApiKey(_Model):
             return bytes.fromhex(self.sha256)
         assert self.key is not None
         return hashlib.sha256(self.key.encode()).digest()
+
+
+class FlowClass(_Model):
+    name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
+    # Its queued requests are the first to go when the queue is full (the newest first);
+    # a request of a class that is not sheddable is refused instead, never taken out.
+    sheddable: bool = False
+
+
+Fairness = Literal["fcfs", "round_robin", "tokens"]
+
+
+class FlowControl(_Model):
+    """Requests wait at the gateway for a replica slot (gateway/flow/): strictly by class, most
+    important first; within a class by `fairness` between tenants; within a tenant in order.
+    With it on, the queue's bounds are its own (`max_queued`, `queue_ttl_s`), not
+    `limits.max_queue` and `limits.queue_timeout_s`."""
+
+    classes: tuple[FlowClass, ...] = Field((FlowClass(name="standard"),), min_length=1)
+    default_class: str | None = None  # the class of a request that names none; None: the last
+    # fcfs: arrival order; round_robin: tenants in turn; tokens: the tenant with the fewest
+    # weighted tokens served lately (output tokens count output_token_weight times) first
+    fairness: Fairness = "tokens"
+    output_token_weight: float = Field(2.0, ge=0, le=1000)
+    fairness_half_life_s: float = Field(60.0, gt=0)  # tokens served count half after this
+    queue_ttl_s: float = Field(60.0, gt=0)  # longer in the queue: 429 ttl-expired
+    max_queued: int = Field(5000, ge=0)  # requests waiting at once, every class together
+
+    @model_validator(mode="after")
+    def _known_default(self) -> FlowControl:
+        names = [c.name for c in self.classes]
+        for i, name in enumerate(names):
+            if names.index(name) != i:
+                raise ValueError(
+                    f"classes[{i}].name: {name!r} is also classes[{names.index(name)}]"
+                )
+        if self.default_class is not None and self.default_class not in names:
+            raise ValueError(
+                f"default_class: {self.default_class!r} is not one of the classes "
+                f"({', '.join(names)})"
+            )
+        return self
+
+    @property
+    def default(self) -> str:
+        return self.default_class or self.classes[-1].name
+
+    def rank(self, name: str) -> int:
+        """The class's place, 0 the most important; -1 when there is no such class."""
+        return next((i for i, c in enumerate(self.classes) if c.name == name), -1)
 
 
 class Auth(_Model):
@@ -306,6 +382,7 @@ class GatewayConfig(_Model):
     reload: Reload = Reload()
     ui: Ui = Ui()
     auth: Auth | None = None  # None: anyone who reaches the gateway may use it (local use)
+    flow_control: FlowControl | None = None  # None: one FIFO queue, as limits configure it
 
     @model_validator(mode="after")
     def _one_replica_source(self) -> GatewayConfig:
@@ -357,6 +434,28 @@ class GatewayConfig(_Model):
             if key.digest in digests:
                 raise ValueError(f"{where}: the same key as auth.api_keys[{digests[key.digest]}]")
             names[key.name], digests[key.digest] = i, i
+        return self
+
+    @model_validator(mode="after")
+    def _key_tenancy(self) -> GatewayConfig:
+        weights: dict[str, tuple[float, int]] = {}
+        for i, key in enumerate(self.auth.api_keys if self.auth else ()):
+            where = f"auth.api_keys[{i}]"
+            if key.class_ is not None:
+                if self.flow_control is None:
+                    raise ValueError(f"{where}.class: only with a flow_control section")
+                if self.flow_control.rank(key.class_) < 0:
+                    names = ", ".join(c.name for c in self.flow_control.classes)
+                    raise ValueError(
+                        f"{where}.class: {key.class_!r} is not one of flow_control.classes "
+                        f"({names})"
+                    )
+            seen = weights.setdefault(key.tenant_name, (key.weight, i))
+            if seen[0] != key.weight:
+                raise ValueError(
+                    f"{where}.weight: {key.weight} differs from auth.api_keys[{seen[1]}] of the "
+                    f"same tenant {key.tenant_name!r} ({seen[0]}); a tenant has one weight"
+                )
         return self
 
     @property

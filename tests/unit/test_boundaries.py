@@ -21,13 +21,14 @@ LAYERS: dict[str, int] = {
     "routing": 1,  # the replica type, the request info, policies, prefix index: sync, no I/O
     "launcher": 1,  # cluster: `infergate up`, apart from the gateway it starts
     "config": 2,  # the schema, embedding the routing options
-    "pool": 3,  # replica state, admission and the lease, outlier rules, the gateway in force
-    "datapath": 4,  # one request from arrival to release
-    "control": 4,  # the loops that feed the pool
-    "ops": 5,  # metrics, status page, OpenAPI, model list: they subscribe
-    "jobs": 6,  # deferred jobs and batches
-    "app": 7,  # the composition root: nothing below imports it
-    "entry": 8,  # python -m gateway
+    "flow": 3,  # tenancy: who sends a request, its class, key limits, the fair queue's order
+    "pool": 4,  # replica state, admission and the lease, outlier rules, the gateway in force
+    "datapath": 5,  # one request from arrival to release
+    "control": 5,  # the loops that feed the pool
+    "ops": 6,  # metrics, status page, OpenAPI, model list: they subscribe
+    "jobs": 7,  # deferred jobs and batches
+    "app": 8,  # the composition root: nothing below imports it
+    "entry": 9,  # python -m gateway
 }
 FOUNDATION = {"errors", "yamlfile", "boundedjson", "logfilter"}
 
