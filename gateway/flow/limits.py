@@ -1,0 +1,238 @@
+"""Per-key limits (config `auth.api_keys[].limits`): requests and tokens per minute, requests in
+parallel, checked and taken at admission and settled when the response's usage is known.
+
+Each per-minute limit is a token bucket that holds one minute's worth (its capacity is the
+limit), starts full and refills continuously at limit/60 per second. A request takes 1 from the
+requests bucket and its reserved tokens (prompt + max_tokens) from the tokens bucket, and holds
+one of the key's in-flight slots until it settles: then the tokens it did not use go back, and
+tokens used over the reservation are taken too, even below zero (a debt later requests wait
+out). A refusal is a 429 that says which limit, its value and when to retry; headers carry
+OpenAI's `x-ratelimit-*` values.
+
+The rules are pure functions of one key's state (`KeyState`); where the states live is a
+`Table`, whose `update` runs the check-and-take under its lock: `LocalTable` for one process,
+`SharedBuckets` (buckets_shared.py) for the workers of `workers: N`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol, TypeVar
+
+from gateway.config import KeyLimits
+from gateway.errors import GatewayError
+
+T = TypeVar("T")
+MINUTE_S = 60.0
+Code = Literal["requests", "tokens", "parallel_requests", "request_too_large"]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A bucket's level as of `at_s` (the limiter's clock). A bucket never used is full: its
+    infinite level is clamped to the capacity on the first refill."""
+
+    level: float = math.inf
+    at_s: float = 0.0
+
+    def refilled(self, capacity: int, now_s: float) -> Bucket:
+        """The level at `now_s`; a capacity lowered since (a reload) clamps it, a raised one
+        does not fill it."""
+        gained = max(0.0, now_s - self.at_s) * capacity / MINUTE_S
+        return Bucket(min(float(capacity), self.level + gained), now_s)
+
+
+@dataclass
+class KeyState:
+    requests: Bucket = field(default_factory=Bucket)
+    tokens: Bucket = field(default_factory=Bucket)
+    in_flight: int = 0  # reserved, not yet settled (counted whether max_parallel is set or not)
+
+
+class Table(Protocol):
+    """Where keys' states live. `update` runs `change` on a key's state (a new key's is
+    `KeyState()`) under the table's lock, keeps the state it leaves and returns its result; if
+    `change` raises, the key's state stays as it was."""
+
+    def update(self, key: str, change: Callable[[KeyState], T]) -> T: ...
+
+
+class LocalTable:
+    """The states of one process's keys."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, KeyState] = {}
+        self._lock = threading.Lock()
+
+    def update(self, key: str, change: Callable[[KeyState], T]) -> T:
+        with self._lock:
+            state = replace(self._states.get(key) or KeyState())  # buckets are frozen
+            result = change(state)
+            self._states[key] = state
+            return result
+
+
+class RateLimited(GatewayError):
+    """A key over one of its limits; `code` says which."""
+
+    status = 429
+    error_type = "rate_limit_exceeded"
+
+    def __init__(self, code: Code, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message, headers)
+        self.code = code
+
+
+@dataclass
+class Reservation:
+    """One request's share of its key's limits, from admission until `settle`."""
+
+    key: str
+    tokens: int
+    limits: KeyLimits
+    _headers: dict[str, str] = field(repr=False)
+    _table: Table = field(repr=False)
+    _clock: Callable[[], float] = field(repr=False)
+    settled: bool = False
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's `x-ratelimit-*` headers as they stood right after the reservation."""
+        return dict(self._headers)
+
+    def settle(self, used_tokens: int | None) -> None:
+        """Frees the in-flight slot and gives back the tokens not used (takes those used over
+        the reservation); None keeps the reservation as used. Only the first call counts."""
+        if self.settled:
+            return
+        self.settled = True
+        refund = 0 if used_tokens is None else self.tokens - max(0, used_tokens)
+        capacity = self.limits.tokens_per_minute
+        self._table.update(
+            self.key, lambda state: _give_back(state, capacity, refund, self._clock())
+        )
+
+
+class Limiter:
+    def __init__(self, table: Table, clock: Callable[[], float] = time.monotonic) -> None:
+        self._table, self._clock = table, clock
+
+    def reserve(self, key: str, limits: KeyLimits, tokens: int) -> Reservation:
+        """Checks every limit of `key` and takes them all, or raises RateLimited."""
+        headers = self._table.update(
+            key, lambda state: _take(state, key, limits, tokens, self._clock())
+        )
+        return Reservation(key, tokens, limits, headers, self._table, self._clock)
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """What a request asks of one bucket, refilled to now."""
+
+    kind: Literal["requests", "tokens"]
+    capacity: int
+    bucket: Bucket
+    amount: int
+
+    @property
+    def wait_s(self) -> float:
+        return max(0.0, self.amount - self.bucket.level) * MINUTE_S / self.capacity
+
+    def headers(self, level: float) -> dict[str, str]:
+        return {
+            f"x-ratelimit-limit-{self.kind}": str(self.capacity),
+            f"x-ratelimit-remaining-{self.kind}": str(math.floor(max(0.0, level))),
+            f"x-ratelimit-reset-{self.kind}": go_duration(
+                (self.capacity - level) * MINUTE_S / self.capacity
+            ),
+        }
+
+
+def _take(
+    state: KeyState, key: str, limits: KeyLimits, tokens: int, now_s: float
+) -> dict[str, str]:
+    """Takes what the request asks from `state` and returns its headers, or raises."""
+    rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+    asks = []
+    if rpm is not None:
+        asks.append(_Ask("requests", rpm, state.requests.refilled(rpm, now_s), 1))
+    if tpm is not None:
+        asks.append(_Ask("tokens", tpm, state.tokens.refilled(tpm, now_s), tokens))
+    _check(key, limits, tokens, state.in_flight, asks)
+    headers: dict[str, str] = {}
+    for ask in asks:
+        taken = Bucket(ask.bucket.level - ask.amount, now_s)
+        setattr(state, ask.kind, taken)  # state.requests or state.tokens
+        headers |= ask.headers(taken.level)
+    state.in_flight += 1
+    return headers
+
+
+def _check(key: str, limits: KeyLimits, tokens: int, in_flight: int, asks: list[_Ask]) -> None:
+    now = {name: value for ask in asks for name, value in ask.headers(ask.bucket.level).items()}
+    tpm = limits.tokens_per_minute
+    if tpm is not None and tokens > tpm:
+        raise RateLimited(
+            "request_too_large",
+            f"key '{key}' asked for {tokens} tokens, more than its whole tokens_per_minute limit "
+            f"of {tpm}: lower max_tokens or the prompt",
+            now,
+        )
+    if limits.max_parallel is not None and in_flight >= limits.max_parallel:
+        raise RateLimited(
+            "parallel_requests",
+            f"key '{key}' is over its max_parallel limit of {limits.max_parallel}: "
+            f"{in_flight} requests in flight; retry when one of them finishes",
+            {"Retry-After": "1", **now},
+        )
+    short = [ask for ask in asks if ask.wait_s > 0]
+    if short:
+        worst = max(short, key=lambda ask: ask.wait_s)  # retrying after it passes them all
+        raise RateLimited(
+            worst.kind, _over(key, worst), {"Retry-After": _retry_after(worst.wait_s), **now}
+        )
+
+
+def _over(key: str, ask: _Ask) -> str:
+    asked = f"{ask.amount} {ask.kind if ask.amount != 1 else ask.kind[:-1]} asked"
+    level = ask.bucket.level
+    left = (
+        f"{math.floor(level)} left"
+        if level >= 0
+        else f"none left ({math.ceil(-level)} owed by usage over earlier reservations)"
+    )
+    wait = math.ceil(ask.wait_s * 10 - 1e-9) / 10
+    return (
+        f"key '{key}' is over its {ask.kind}_per_minute limit of {ask.capacity}: {asked}, "
+        f"{left}; retry in {wait:.1f} s"
+    )
+
+
+def _retry_after(wait_s: float) -> str:
+    return str(max(1, math.ceil(wait_s - 1e-9)))
+
+
+def _give_back(state: KeyState, capacity: int | None, refund: int, now_s: float) -> None:
+    state.in_flight -= 1
+    if capacity is not None and refund:
+        level = state.tokens.refilled(capacity, now_s).level + refund
+        state.tokens = Bucket(min(float(capacity), level), now_s)  # a debt stays below zero
+
+
+def go_duration(seconds: float) -> str:
+    """A wait as OpenAI's reset headers write it (Go's duration style, to the millisecond,
+    rounded up): "0s", "20ms", "1.5s", "6m0s", "1h0m0s"."""
+    ms = math.ceil(seconds * 1000 - 1e-6)
+    if ms <= 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    text = f"{rest // 1000}.{rest % 1000:03d}".rstrip("0").rstrip(".") + "s"
+    if hours or minutes:
+        text = f"{minutes}m{text}"
+    return f"{hours}h{text}" if hours else text
