@@ -25,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from gateway.config import Limits, OutlierDetection
+from gateway.config import FlowControl, Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded, clipped
+from gateway.flow.queue import DEFAULT_TICKET, Entry, FlowQueue, Ticket
+from gateway.flow.service import LocalService
 from gateway.pool import outlier
 from gateway.pool.replicas import ReplicaPool, publish_totals
 from gateway.routing.base import Policy
@@ -39,6 +40,7 @@ from gateway.routing.replica import Outcome, Replica
 from gateway.routing.request import NO_INFO, Decision, RequestInfo
 
 SHARED_POLL_S = 0.002
+DROPPED_HEADER = "X-Infergate-Dropped-Reason"  # why the gateway queue let a request go
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", recorded in metrics only
 TOO_MANY_REQUESTS = 429
 
@@ -98,6 +100,16 @@ class Rules:
     outlier_detection: OutlierDetection | None = None
     ewma_decay_s: float = 10.0
     model_policies: Mapping[str, Policy] = field(default_factory=dict)  # models[].strategy
+    flow: FlowControl | None = None  # classes, fairness and the queue's bounds; None: one FIFO
+    max_age_s: float = 2.0  # load_feedback.max_age_s: how long a reported capacity holds
+
+    @property
+    def max_queued(self) -> int:
+        return self.flow.max_queued if self.flow is not None else self.limits.max_queue
+
+    @property
+    def queue_ttl_s(self) -> float:
+        return self.flow.queue_ttl_s if self.flow is not None else self.limits.queue_timeout_s
 
     def policy_for(self, model: str | None) -> Policy:
         return self.model_policies.get(model, self.policy) if model is not None else self.policy
@@ -153,13 +165,19 @@ class _Waiter:
     request: RequestInfo
     tried: Collection[Replica]
     future: asyncio.Future[Replica] = field(repr=False)
+    since: float = 0.0  # loop time it joined the queue
+
+
+Dequeued = Callable[[Ticket, float, str], None]  # ticket, seconds queued, how it left
 
 
 class Admission:
     def __init__(self, pool: ReplicaPool, clock: Callable[[], float] = time.monotonic) -> None:
         self.pool = pool
         self._rules: Rules | None = None
-        self._waiters: deque[_Waiter] = deque()
+        self._clock = clock
+        self.service = LocalService(60.0, clock)  # tenants' service lately (fairness: tokens)
+        self._queue: FlowQueue[_Waiter] = FlowQueue(1, "fcfs", self.service, frozenset())
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self.drain = DrainRate(clock)
@@ -167,20 +185,28 @@ class Admission:
         # A signal: each is called with a lease as it ends, its seconds from dispatch, and
         # whether it got its replica ejected (the gateway's metrics subscribe).
         self.lease_closed: list[Callable[[Lease, float, bool], None]] = []
+        # A signal: each request that waited in the queue, or was refused a place in it, as it
+        # leaves: its ticket, its seconds there, and how: "dispatched", "ttl-expired",
+        # "evicted" (a more important request took its place), "queue-full", "left".
+        self.dequeued: list[Dequeued] = []
         pool.changed.append(self._pool_changed)
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return len(self._queue)
+
+    def waiting(self) -> dict[tuple[int, str], int]:
+        """Requests waiting in this process per (class rank, tenant)."""
+        return self._queue.waiting()
 
     def queued_everywhere(self) -> int:
         """Requests waiting for a slot in this gateway: with `workers: N`, in every worker."""
         shared = self.pool.shared
-        return len(self._waiters) if shared is None else shared.total_queued()
+        return len(self._queue) if shared is None else shared.total_queued()
 
     def _publish_queue(self) -> None:
         if self.pool.shared is not None:
-            self.pool.shared.set_queued(len(self._waiters))
+            self.pool.shared.set_queued(len(self._queue))
 
     @property
     def rules(self) -> Rules:
@@ -188,8 +214,27 @@ class Admission:
         return self._rules
 
     def configure(self, rules: Rules) -> None:
-        """The rules of a new config (policy, limits): a raised limit may let waiters go."""
+        """The rules of a new config (policy, limits, flow control): a raised limit may let
+        waiters go. Queued requests keep their places under the new classes and weights, and
+        tenants their service."""
         self._rules = rules
+        flow = rules.flow
+        if flow is None:
+            self._queue = self._queue.reshaped(
+                1, "fcfs", self.service, frozenset(), lambda t: replace(t, rank=0)
+            )
+        else:
+            self.service.half_life_s = flow.fairness_half_life_s
+            sheddable = frozenset(i for i, c in enumerate(flow.classes) if c.sheddable)
+            last = len(flow.classes) - 1
+
+            def retag(ticket: Ticket) -> Ticket:
+                rank = flow.rank(ticket.class_name)
+                return replace(ticket, rank=rank if rank >= 0 else last)
+
+            self._queue = self._queue.reshaped(
+                len(flow.classes), flow.fairness, self.service, sheddable, retag
+            )
         self.wake()
 
     def retry_after_s(self) -> int:
@@ -198,11 +243,15 @@ class Admission:
 
     @asynccontextmanager
     async def lease(
-        self, request: RequestInfo = NO_INFO, *, tried: Collection[Replica] = ()
+        self,
+        request: RequestInfo = NO_INFO,
+        *,
+        tried: Collection[Replica] = (),
+        ticket: Ticket = DEFAULT_TICKET,
     ) -> AsyncIterator[Lease]:
-        """A replica with a free slot for this request (waiting in the queue if need be), held
-        until the block exits."""
-        replica, reason = await self._acquire(request, tried)
+        """A replica with a free slot for this request (waiting in the queue, in the place its
+        `ticket` gives it, if need be), held until the block exits."""
+        replica, reason = await self._acquire(request, tried, ticket)
         lease = self._dispatched(replica, request, reason)
         try:
             yield lease
@@ -234,46 +283,88 @@ class Admission:
         policy.on_dispatch(replica, request)
         return Lease(self, replica, request, Decision(replica, policy.name, reason, scores))
 
-    async def acquire(self, request: RequestInfo, tried: Collection[Replica] = ()) -> Replica:
+    async def acquire(
+        self,
+        request: RequestInfo,
+        tried: Collection[Replica] = (),
+        ticket: Ticket = DEFAULT_TICKET,
+    ) -> Replica:
         """A replica counted as dispatched to; prefer `lease`, which also releases it."""
-        return (await self._acquire(request, tried))[0]
+        return (await self._acquire(request, tried, ticket))[0]
 
     async def _acquire(
-        self, request: RequestInfo, tried: Collection[Replica]
+        self, request: RequestInfo, tried: Collection[Replica], ticket: Ticket
     ) -> tuple[Replica, str]:
         self.wake()  # an ejection may have run out since the last event
         replica = self._take_free(request, tried)
         if replica is not None:
+            if ticket is not DEFAULT_TICKET:
+                self._queue.charge(ticket)
             return replica, "free slot"
-        limits = self.rules.limits
-        if self.queued >= limits.max_queue:
-            raise self._overloaded("every replica is at its limit and the gateway queue is full")
-        waiter = _Waiter(request, tried, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
+        rules = self.rules
+        waiter = _Waiter(request, tried, asyncio.get_running_loop().create_future(), self._clock())
+        if len(self._queue) >= rules.max_queued:
+            self._make_room(ticket)
+        entry = self._queue.push(waiter, ticket)
         self._publish_queue()
         self._arm_timer()
+        ttl_s = rules.queue_ttl_s
         try:
-            async with asyncio.timeout(limits.queue_timeout_s):
-                return await waiter.future, "queued"
+            async with asyncio.timeout(ttl_s):
+                replica = await waiter.future
+            self._left(entry, "dispatched")
+            return replica, "queued"
         except TimeoutError:
             if _granted(waiter) is not None:
+                self._left(entry, "dispatched")
                 return waiter.future.result(), "queued"  # the slot came as the time ran out
+            self._left(entry, "ttl-expired")
             self._raise_unavailable(tried, request.model)
             raise self._overloaded(
-                f"no replica slot freed within limits.queue_timeout_s = {limits.queue_timeout_s} s"
+                f"no replica slot freed within {self._ttl_name()} = {ttl_s} s", "ttl-expired"
             ) from None
-        except BaseException:
+        except BaseException as exc:
             granted = _granted(waiter)
             if granted is not None:  # the client left as its slot came: pass the slot on
                 self.pool.give_back(granted, request.tokens)
                 self.wake()
+            if not isinstance(exc, Overloaded | NoUntriedReplica):  # those told already
+                self._left(entry, "left")
             raise
         finally:
             if not waiter.future.done():
                 waiter.future.cancel()
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+            self._queue.remove(entry)
             self._publish_queue()
+
+    def _make_room(self, ticket: Ticket) -> None:
+        """The queue is full: the newest request of a less important sheddable class leaves it
+        for this one (429 evicted), or this one is refused (429 queue-full)."""
+        victim = self._queue.victim(ticket)
+        if victim is None or victim.item.future.done():
+            self._tell(ticket, 0.0, "queue-full")
+            raise self._overloaded(
+                "every replica is at its limit and the gateway queue is full", "queue-full"
+            )
+        self._queue.remove(victim)
+        self._left(victim, "evicted")
+        victim.item.future.set_exception(
+            self._overloaded(
+                "the gateway queue is full and a request of a more important class took this "
+                "one's place",
+                "evicted",
+            )
+        )
+
+    def _ttl_name(self) -> str:
+        return "flow_control.queue_ttl_s" if self.rules.flow else "limits.queue_timeout_s"
+
+    def _left(self, entry: Entry[_Waiter], how: str) -> None:
+        self._tell(entry.ticket, self._clock() - entry.item.since, how)
+
+    def _tell(self, ticket: Ticket, waited_s: float, how: str) -> None:
+        for subscriber in self.dequeued:
+            subscriber(ticket, waited_s, how)
 
     def finish(self, lease: Lease, elapsed_s: float) -> None:
         """A lease's end: counts, failure streak, ejection, latency sample, metrics; then the
@@ -293,17 +384,21 @@ class Admission:
         self.wake()
 
     def wake(self) -> None:
-        """Hand free slots to waiters, in queue order; one that may use none of them keeps its
-        place and the next one is looked at."""
-        if not self._waiters or self._rules is None:
+        """Hand free slots to waiters, in the queue's order; one that may use none of them keeps
+        its place and the next one is looked at."""
+        if not self._queue or self._rules is None:
             return
         with self._claiming():
-            self._hand_out()
+            while self._hand_out_one():
+                pass
         self._arm_timer()
 
-    def _hand_out(self) -> None:
-        frees: dict[str | None, Sequence[Replica]] = {}  # this walk's free slots, per model
-        for waiter in list(self._waiters):
+    def _hand_out_one(self) -> bool:
+        """One free slot to the first waiter (in the queue's order) that may use one; False
+        when no waiter may."""
+        frees: dict[str | None, Sequence[Replica]] = {}  # free slots, per model
+        for entry in self._queue.in_order():
+            waiter = entry.item
             if waiter.future.done():  # timed out or cancelled, not yet out of the queue
                 continue
             model = waiter.request.model
@@ -311,18 +406,19 @@ class Admission:
             if free is None:
                 free = frees[model] = self._free(model)
             if not free:
-                if waiter.request.model is None:
-                    break
+                if model is None:
+                    return False
                 continue  # a waiter for another model may find a slot
             usable = [r for r in free if r not in waiter.tried] if waiter.tried else free
             if not usable:
                 continue
-            replica = self.rules.policy_for(waiter.request.model).choose(usable, waiter.request)
+            replica = self.rules.policy_for(model).choose(usable, waiter.request)
             self.pool.acquire(replica, waiter.request.tokens)
-            frees.clear()  # a slot was taken: look again for the next waiter
-            self._waiters.remove(waiter)
+            self._queue.granted(entry)
             self._publish_queue()
             waiter.future.set_result(replica)
+            return True
+        return False
 
     def _pool_changed(self) -> None:
         """The set of available replicas changed: a retry that has tried every one left stops
@@ -332,10 +428,12 @@ class Admission:
         urls = [r.url for r in self.pool.active()]
         for policy in self._rules.policies() if self._rules is not None else ():
             policy.replicas_changed(urls)
-        for waiter in list(self._waiters):
+        for entry in list(self._queue.entries()):
+            waiter = entry.item
             tried, model = waiter.tried, waiter.request.model
             if tried and not waiter.future.done() and self._all_tried(tried, model):
-                self._waiters.remove(waiter)
+                self._queue.remove(entry)
+                self._left(entry, "left")
                 waiter.future.set_exception(NoUntriedReplica())
         self.wake()
 
@@ -357,14 +455,19 @@ class Admission:
         """With `workers: N` and a slot limit in force, the check of free slots and the take
         of one happen under the workers' claim lock (gateway/pool/shared.py), so two workers never
         both take a replica's last slot, nor the gateway's last under `max_outstanding`."""
-        shared, limits = self.pool.shared, self.rules.limits
-        if shared is None or (
-            limits.max_outstanding is None
-            and limits.max_outstanding_per_replica is None
-            and not self.pool.replica_limits
-        ):
+        shared = self.pool.shared
+        if shared is None or not self._slots_limited():
             return nullcontext()
         return shared.claiming()
+
+    def _slots_limited(self) -> bool:
+        limits = self.rules.limits
+        return (
+            self.rules.flow is not None
+            or limits.max_outstanding is not None
+            or limits.max_outstanding_per_replica is not None
+            or bool(self.pool.replica_limits)
+        )
 
     def _all_tried(self, tried: Collection[Replica], model: str | None) -> bool:
         return all(r in tried for r in self.pool.available_for(model))
@@ -372,29 +475,46 @@ class Admission:
     def _free(self, model: str | None = None) -> Sequence[Replica]:
         """Available replicas (of `model`) with a free slot; none while the gateway-wide limit
         is reached."""
-        limits = self.rules.limits
+        rules = self.rules
+        limits = rules.limits
         available = self.pool.available_for(model)
         if (
             limits.max_outstanding is not None
             and self.pool.outstanding_everywhere() >= limits.max_outstanding
         ):
             return ()
-        if limits.max_outstanding_per_replica is None and not self.pool.replica_limits:
+        if (
+            rules.flow is None
+            and limits.max_outstanding_per_replica is None
+            and not self.pool.replica_limits
+        ):
             return available
         return [r for r in available if self.slot_free(r)]
 
     def slot_free(self, replica: Replica) -> bool:
-        """`replica` is under its slot limit: its own max_concurrency, else the gateway's
-        limits.max_outstanding_per_replica."""
-        limit = replica.max_concurrency or self.rules.limits.max_outstanding_per_replica
+        """`replica` is under its slot limit (`slots`); without one it always is."""
+        limit = self.slots(replica)
         return limit is None or replica.busy < limit
+
+    def slots(self, replica: Replica) -> int | None:
+        """How many requests `replica` takes at once: its own max_concurrency; under flow
+        control, the capacity it reported (X-Replica-Load, GET /load) while that report is
+        fresh; else limits.max_outstanding_per_replica. None: no limit."""
+        if replica.max_concurrency is not None:
+            return replica.max_concurrency
+        rules = self.rules
+        if rules.flow is not None and replica.reported is not None:
+            capacity = replica.reported.get("capacity")
+            if capacity and self.pool.now() - replica.reported_at <= rules.max_age_s:
+                return int(capacity)
+        return rules.limits.max_outstanding_per_replica
 
     def _arm_timer(self) -> None:
         """While requests wait, an ejection running out is an event too: look again then. With
         `workers: N` a sibling's release frees a slot this process hears nothing of: look again
         every SHARED_POLL_S while requests wait."""
-        at = self.pool.next_return_at() if self._waiters else math.inf
-        if self._waiters and self.pool.shared is not None:
+        at = self.pool.next_return_at() if self._queue else math.inf
+        if self._queue and self.pool.shared is not None:
             at = min(at, self.pool.now() + SHARED_POLL_S)
         if at >= self._timer_at:
             return
@@ -414,8 +534,9 @@ class Admission:
         if tried and self._all_tried(tried, model):
             raise NoUntriedReplica
 
-    def _overloaded(self, message: str) -> Overloaded:
-        return Overloaded(message, headers={"Retry-After": str(self.retry_after_s())})
+    def _overloaded(self, message: str, reason: str) -> Overloaded:
+        retry = str(self.retry_after_s())
+        return Overloaded(message, headers={"Retry-After": retry, DROPPED_HEADER: reason})
 
 
 def _no_healthy(model: str | None) -> NoHealthyReplica:

@@ -89,6 +89,8 @@ class Live:
                 config.outlier_detection,
                 config.routing.ewma_decay_s,
                 runtime.model_policies,
+                config.flow_control,
+                config.load_feedback.max_age_s,
             )
         )
         self.pool.update(

@@ -1,0 +1,175 @@
+"""Admission under flow control: slots go strictly by class, then by the fairness rule; the
+queue's TTL and its bound shed with a reason; a reload keeps the waiting requests; a replica's
+reported capacity is its slot count while fresh. Pure asyncio, no servers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+
+from gateway.config import FlowControl, Limits
+from gateway.errors import Overloaded
+from gateway.flow.queue import Ticket
+from gateway.pool.admission import DROPPED_HEADER, Admission, Lease, Rules
+from gateway.pool.replicas import ReplicaPool
+from gateway.routing.options import PolicyOptions
+from gateway.routing.policies import LeastOutstandingRequests
+from gateway.routing.request import NO_INFO
+
+CLASSES = [{"name": "interactive"}, {"name": "standard"}, {"name": "batch", "sheddable": True}]
+
+
+def _flow(**fields: Any) -> FlowControl:
+    return FlowControl.model_validate({"classes": CLASSES, **fields})
+
+
+def _setup(flow: FlowControl, **limits: Any) -> tuple[ReplicaPool, Admission]:
+    pool = ReplicaPool(["http://a:1"])
+    admission = Admission(pool)
+    admission.configure(_rules(flow, **limits))
+    return pool, admission
+
+
+def _rules(flow: FlowControl, **limits: Any) -> Rules:
+    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
+    return Rules(policy, Limits(**{"max_outstanding_per_replica": 1, **limits}), flow=flow)
+
+
+def _ticket(flow: FlowControl, tenant: str, name: str, cost: float = 1.0) -> Ticket:
+    return Ticket(tenant, name, flow.rank(name), 1.0, cost)
+
+
+async def _settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def _waiting(
+    admission: Admission, ticket: Ticket, order: list[str], name: str
+) -> asyncio.Task[None]:
+    """A request that waits for its slot, notes its turn and gives the slot back at once."""
+
+    async def wait() -> None:
+        replica = await admission.acquire(NO_INFO, (), ticket)
+        order.append(name)
+        Lease(admission, replica, NO_INFO).close()
+
+    return asyncio.create_task(wait())
+
+
+async def _drain(tasks: list[asyncio.Task[None]], held: Lease) -> None:
+    held.close()
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+
+
+async def test_slots_go_strictly_by_class_then_in_order_within_a_tenant() -> None:
+    flow = _flow(fairness="fcfs")
+    pool, admission = _setup(flow)
+    held = Lease(admission, await admission.acquire(NO_INFO), NO_INFO)
+    order: list[str] = []
+    tasks = [
+        _waiting(admission, _ticket(flow, "t", "batch"), order, "b1"),
+        _waiting(admission, _ticket(flow, "t", "standard"), order, "s1"),
+        _waiting(admission, _ticket(flow, "u", "interactive"), order, "i1"),
+        _waiting(admission, _ticket(flow, "t", "standard"), order, "s2"),
+    ]
+    await _settle()
+    assert admission.waiting() == {(2, "t"): 1, (1, "t"): 2, (0, "u"): 1}
+    await _drain(tasks, held)
+    assert order == ["i1", "s1", "s2", "b1"]
+    assert pool.outstanding == 0 and admission.queued == 0
+
+
+async def test_token_fairness_lets_the_light_tenant_through_first() -> None:
+    flow = _flow(fairness="tokens")
+    pool, admission = _setup(flow)
+    held = Lease(admission, await admission.acquire(NO_INFO), NO_INFO)
+    admission.service.charge("heavy", 1000)
+    order: list[str] = []
+    tasks = [
+        _waiting(admission, _ticket(flow, "heavy", "standard", 100), order, "h1"),
+        _waiting(admission, _ticket(flow, "heavy", "standard", 100), order, "h2"),
+        _waiting(admission, _ticket(flow, "light", "standard", 100), order, "l1"),
+        _waiting(admission, _ticket(flow, "light", "standard", 100), order, "l2"),
+    ]
+    await _settle()
+    await _drain(tasks, held)
+    assert order[:2] == ["l1", "l2"] and pool.outstanding == 0
+
+
+async def test_a_request_queued_past_the_ttl_gets_a_429_that_says_so() -> None:
+    flow = _flow(queue_ttl_s=0.05)
+    pool, admission = _setup(flow)
+    left: list[tuple[str, str]] = []
+    admission.dequeued.append(lambda ticket, waited, how: left.append((ticket.tenant, how)))
+    held = Lease(admission, await admission.acquire(NO_INFO), NO_INFO)
+    with pytest.raises(Overloaded) as refused:
+        await admission.acquire(NO_INFO, (), _ticket(flow, "t", "standard"))
+    assert refused.value.status == 429
+    assert refused.value.headers[DROPPED_HEADER] == "ttl-expired"
+    assert "flow_control.queue_ttl_s = 0.05 s" in str(refused.value)
+    assert left == [("t", "ttl-expired")]
+    held.close()
+    assert pool.outstanding == 0 and admission.queued == 0
+
+
+async def test_a_full_queue_sheds_the_newest_sheddable_request_for_a_more_important_one() -> None:
+    flow = _flow(max_queued=2)
+    pool, admission = _setup(flow)
+    held = Lease(admission, await admission.acquire(NO_INFO), NO_INFO)
+    order: list[str] = []
+    b1 = _waiting(admission, _ticket(flow, "t", "batch"), order, "b1")
+    b2 = _waiting(admission, _ticket(flow, "t", "batch"), order, "b2")
+    await _settle()
+    with pytest.raises(Overloaded) as refused:  # batch itself is the newest of its class
+        await admission.acquire(NO_INFO, (), _ticket(flow, "t", "batch"))
+    assert refused.value.headers[DROPPED_HEADER] == "queue-full"
+    s1 = _waiting(admission, _ticket(flow, "u", "standard"), order, "s1")
+    await _settle()
+    with pytest.raises(Overloaded) as evicted:
+        await b2
+    assert evicted.value.headers[DROPPED_HEADER] == "evicted"
+    s2 = _waiting(admission, _ticket(flow, "u", "standard"), order, "s2")
+    await _settle()
+    assert b1.done() and b1.exception() is not None  # the next newest batch request
+    with pytest.raises(Overloaded) as full:  # standard is not sheddable: the arrival is refused
+        await admission.acquire(NO_INFO, (), _ticket(flow, "u", "standard"))
+    assert full.value.headers[DROPPED_HEADER] == "queue-full"
+    await _drain([s1, s2], held)
+    assert order == ["s1", "s2"] and pool.outstanding == 0 and admission.queued == 0
+
+
+async def test_a_reload_keeps_the_waiting_requests_under_the_new_classes() -> None:
+    flow = _flow(fairness="fcfs")
+    pool, admission = _setup(flow)
+    held = Lease(admission, await admission.acquire(NO_INFO), NO_INFO)
+    order: list[str] = []
+    tasks = [
+        _waiting(admission, _ticket(flow, "t", "interactive"), order, "i1"),
+        _waiting(admission, _ticket(flow, "t", "batch"), order, "b1"),
+    ]
+    await _settle()
+    reordered = FlowControl.model_validate(
+        {"classes": [{"name": "batch"}, {"name": "interactive"}], "fairness": "fcfs"}
+    )
+    admission.configure(_rules(reordered))
+    assert admission.queued == 2
+    await _drain(tasks, held)
+    assert order == ["b1", "i1"] and pool.outstanding == 0
+
+
+async def test_a_fresh_reported_capacity_is_the_replicas_slot_count() -> None:
+    flow = _flow()
+    pool = ReplicaPool(["http://a:1"])
+    admission = Admission(pool)
+    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
+    admission.configure(Rules(policy, Limits(max_outstanding_per_replica=1), flow=flow))
+    (replica,) = pool.active()
+    assert admission.slots(replica) == 1  # nothing reported yet: the configured slots
+    pool.report(replica, {"capacity": 3, "inflight": 0}, ours=0)
+    assert admission.slots(replica) == 3
+    replica.reported_at -= 10  # stale: the configured slots again
+    assert admission.slots(replica) == 1
