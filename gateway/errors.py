@@ -9,9 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def error_body(error_type: str, message: str) -> dict[str, Any]:
-    """The body of every error the gateway answers itself: `{"error": {"type", "message"}}`."""
-    return {"error": {"type": error_type, "message": message}}
+def error_body(error_type: str, message: str, code: str | None = None) -> dict[str, Any]:
+    """The body of every error the gateway answers itself: `{"error": {"type", "message"}}`,
+    with OpenAI's `code` where the error has one (which rate limit)."""
+    if code is None:
+        return {"error": {"type": error_type, "message": message}}
+    return {"error": {"type": error_type, "code": code, "message": message}}
 
 
 MAX_QUOTED_CHARS = 200  # of a client's value quoted back in an error
@@ -36,6 +39,7 @@ class GatewayError(Exception):
 
     status = 500
     error_type = "internal_error"
+    code: str | None = None  # OpenAI's finer `code`, where there is one
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)

@@ -27,15 +27,20 @@ _BODY_HEADERS = frozenset({"content-type", "content-length"})
 
 
 def error_response(
-    status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    error_type: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
 ) -> web.Response:
-    return web.json_response(error_body(error_type, message), status=status, headers=headers)
+    body = error_body(error_type, message, code)
+    return web.json_response(body, status=status, headers=headers)
 
 
 def refusal(exc: GatewayError | web.HTTPException) -> web.Response:
     """The JSON answer to an error a check or handler raised."""
     if isinstance(exc, GatewayError):
-        return error_response(exc.status, exc.error_type, str(exc), exc.headers)
+        return error_response(exc.status, exc.error_type, str(exc), exc.headers, exc.code)
     kind = exc.reason.lower().replace(" ", "_")
     # Its own headers (WWW-Authenticate, Allow) stay; the body becomes our JSON.
     kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}

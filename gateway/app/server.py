@@ -150,7 +150,9 @@ def create_app(
     `upstream`: the proxy's upstream client (by default an h1client.UpstreamPool opened with the
     app; a test may hand it datapath/mock.MockUpstream)."""
     shared = worker.counts if worker is not None else None
-    live = Live.start(build_runtime(config), ReplicaPool(config.replica_urls, shared=shared))
+    limits = worker.limits if worker is not None else None
+    pool = ReplicaPool(config.replica_urls, shared=shared)
+    live = Live.start(build_runtime(config), pool, limits)
     if worker is not None:
         live.worker = (worker.index, worker.count)
     multiprocess_dir = worker.metrics_dir if worker is not None else None

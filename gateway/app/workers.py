@@ -40,6 +40,7 @@ from pathlib import Path
 
 from gateway.app.listener import reuseport_socket
 from gateway.cluster import die_with_parent
+from gateway.flow.buckets_shared import SharedBuckets
 from gateway.pool.shared import SharedCounts
 
 # Held in a starting worker until its handlers are in (serve() unblocks them): a reload or stop
@@ -75,6 +76,7 @@ class Worker:
     count: int
     listen_fd: int
     counts: SharedCounts
+    limits: SharedBuckets  # the keys' limits (gateway/flow/buckets_shared.py)
     metrics_dir: str
     jobs_socket: str  # worker 0 serves the jobs endpoints here too; the others pass them on
 
@@ -84,6 +86,7 @@ def worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX/COUNT
     parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shared", help=argparse.SUPPRESS)  # NAME:LOCK_PATH
+    parser.add_argument("--shared-limits", help=argparse.SUPPRESS)  # NAME:LOCK_PATH
     parser.add_argument("--jobs-socket", help=argparse.SUPPRESS)
 
 
@@ -93,7 +96,10 @@ def worker_from_args(args: argparse.Namespace) -> Worker | None:
     index, count = (int(x) for x in args.worker.split("/"))
     name, lock = args.shared.split(":", 1)
     counts = SharedCounts(name, count, index, lock_path=Path(lock))
-    return Worker(index, count, args.listen_fd, counts, os.environ[METRICS_ENV], args.jobs_socket)
+    name, lock = args.shared_limits.split(":", 1)
+    limits = SharedBuckets(name, count, index, lock_path=Path(lock))
+    metrics_dir = os.environ[METRICS_ENV]
+    return Worker(index, count, args.listen_fd, counts, limits, metrics_dir, args.jobs_socket)
 
 
 MAX_WORKERS = 64
@@ -143,6 +149,10 @@ class Supervisor:
             f"infergate-{os.getpid()}-{int(time.time())}", count, 0,
             lock_path=self._workdir / "counts.lock", create=True,
         )  # fmt: skip
+        self._limits = SharedBuckets(
+            f"infergate-limits-{os.getpid()}-{int(time.time())}", count, 0,
+            lock_path=self._workdir / "limits.lock", create=True,
+        )  # fmt: skip
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self._started = [0.0] * count
         self._deaths = [0] * count
@@ -164,6 +174,7 @@ class Supervisor:
             "--log-level", self._log_level, "--worker", f"{index}/{self._count}",
             "--listen-fd", str(listener.fileno()),
             "--shared", f"{self._counts.name}:{self._workdir / 'counts.lock'}",
+            "--shared-limits", f"{self._limits.name}:{self._workdir / 'limits.lock'}",
             "--jobs-socket", str(self._workdir / "jobs.sock"),
         ]  # fmt: skip
         env = {**os.environ, METRICS_ENV: str(self._workdir / "metrics")}
@@ -217,6 +228,7 @@ class Supervisor:
         from prometheus_client import multiprocess
 
         self._counts.clear_row(index)
+        self._limits.clear_row(index)  # its requests in flight are gone with it
         multiprocess.mark_process_dead(proc.pid, str(self._workdir / "metrics"))  # type: ignore[no-untyped-call]
         young = time.monotonic() - self._started[index] < YOUNG_S
         self._deaths[index] = self._deaths[index] + 1 if young else 0
@@ -262,4 +274,6 @@ class Supervisor:
         self._anchor.close()
         self._counts.close()
         self._counts.unlink()
+        self._limits.close()
+        self._limits.unlink()
         shutil.rmtree(self._workdir, ignore_errors=True)

@@ -17,13 +17,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.config import Auth
+from gateway.config import ApiKey, Auth
 from gateway.errors import Unauthorized
 from gateway.pool.live import LIVE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 KEY_NAME = web.RequestKey("api_key_name", str)  # where require_key leaves the key's name
+API_KEY = web.RequestKey("api_key", ApiKey)  # and the key's config
 MISSING = "this gateway needs an API key: send 'Authorization: Bearer <key>'"
 WRONG = "the API key is not valid for this gateway"
 
@@ -48,27 +49,37 @@ def bearer_token(authorization: str | None) -> bytes | None:
     return as_sent(token) if scheme.lower() == "bearer" and token else None
 
 
-def identify(auth: Auth, authorization: str | None) -> str:
-    """The name of the key in an Authorization header value; Unauthorized if there is none."""
+def identify(auth: Auth, authorization: str | None) -> ApiKey:
+    """The key in an Authorization header value; Unauthorized if there is none."""
     token = bearer_token(authorization)
     if token is None:
         raise Unauthorized(MISSING)
     digest = hashlib.sha256(token).digest()
-    found = ""
+    found: ApiKey | None = None
     for key in auth.api_keys:  # every digest is compared: the time does not depend on which
-        if hmac.compare_digest(digest, key.digest) and not found:
-            found = key.name
-    if not found:
+        if hmac.compare_digest(digest, key.digest) and found is None:
+            found = key
+    if found is None:
         raise Unauthorized(WRONG)
     return found
 
 
+def api_key(request: web.BaseRequest) -> ApiKey | None:
+    """The configured key this request authenticated with (its tenant, class, limits); None
+    when auth is off."""
+    key: ApiKey | None = request.get(API_KEY)
+    return key
+
+
 def authenticate(request: web.Request) -> None:
-    """Names the request's key (`key_name`); Unauthorized without a valid one when auth is on.
-    Also run for `Expect: 100-continue`, before the client sends its body (server.py)."""
+    """Names the request's key (`key_name`, `api_key`); Unauthorized without a valid one when
+    auth is on. Also run for `Expect: 100-continue`, before the client sends its body
+    (server.py)."""
     auth = request.app[LIVE].runtime.config.auth
     if auth is not None:
-        request[KEY_NAME] = identify(auth, request.headers.get("Authorization"))
+        key = identify(auth, request.headers.get("Authorization"))
+        request[API_KEY] = key
+        request[KEY_NAME] = key.name
 
 
 def require_key(handler: Handler) -> Handler:

@@ -43,6 +43,24 @@ class Classified:
     body: bytes  # as it goes to the replica (the model rewritten for an alias)
     path_qs: str  # as it goes to the replica (a /v2/models/{alias}/... path rewritten)
     info: RequestInfo  # what its policy needs of it
+    estimate: Estimate | None = None  # its tokens, where flow control or a limit asked
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A completion or chat request's tokens before it runs: its prompt's (as for routing),
+    and the `max_tokens` it asks for (None when it names none)."""
+
+    prompt_tokens: int = 0
+    max_tokens: int | None = None
+
+    def total(self, default_max_tokens: int) -> int:
+        return self.prompt_tokens + (
+            self.max_tokens if self.max_tokens is not None else default_max_tokens
+        )
+
+
+NOT_GENERATIVE = Estimate()  # any other request: no tokens
 
 
 def parse_body(body: bytes) -> Payload:
@@ -59,9 +77,16 @@ def parse_body(body: bytes) -> Payload:
     return payload if isinstance(payload, dict) else None
 
 
-def classify(live: Live, path_qs: str, headers: CIMultiDictProxy[str], body: bytes) -> Classified:
+def classify(
+    live: Live,
+    path_qs: str,
+    headers: CIMultiDictProxy[str],
+    body: bytes,
+    estimate: bool = False,
+) -> Classified:
     """The request's model (ModelNotFound 404 or NoHealthyReplica 503 when no replica can take
-    it) and what its policy needs, from at most one parse of the body."""
+    it), what its policy needs and, with `estimate`, its tokens, from at most one parse of the
+    body."""
     runtime = live.runtime
     parsed: list[Payload] = []
 
@@ -78,7 +103,18 @@ def classify(live: Live, path_qs: str, headers: CIMultiDictProxy[str], body: byt
         info = request_info(needs, headers, payload, affinity, prefix)
     if target.model is not None:
         info = replace(info, model=target.model)
-    return Classified(target.model, target.asked, target.body, target.path_qs or path_qs, info)
+    tokens = estimate_tokens(payload()) if estimate else None
+    path = target.path_qs or path_qs
+    return Classified(target.model, target.asked, target.body, path, info, tokens)
+
+
+def estimate_tokens(payload: Payload) -> Estimate:
+    """A completion's or chat's tokens before it runs; NOT_GENERATIVE for any other body."""
+    if payload is None or _prompt_text(payload) is None:
+        return NOT_GENERATIVE
+    value = payload.get("max_tokens", payload.get("max_completion_tokens"))
+    asked = value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    return Estimate(_prompt_tokens(payload), asked)
 
 
 def describe(

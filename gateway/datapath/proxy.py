@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.config import GatewayConfig, Retries
-from gateway.datapath.auth import key_name
+from gateway.datapath import tenancy as tenancy_step
+from gateway.datapath.auth import api_key, key_name
 from gateway.datapath.body import read_body
-from gateway.datapath.classify import classify
+from gateway.datapath.classify import Classified, Estimate, classify
 from gateway.datapath.h1client import DOT_SEGMENT_PROBLEM, dot_segment
 from gateway.datapath.headers import REQUEST_ID_HEADER, new_request_id
 from gateway.datapath.relay import (
@@ -27,8 +28,12 @@ from gateway.datapath.relay import (
     cut,
     relay,
 )
+from gateway.datapath.tenancy import Tenancy
 from gateway.datapath.transport import Upstream
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.flow.limits import RateLimited
+from gateway.flow.queue import Ticket
+from gateway.flow.service import Usage
 from gateway.pool.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
 from gateway.pool.live import Live
 from gateway.routing.replica import Replica
@@ -36,6 +41,12 @@ from gateway.routing.replica import Replica
 
 class ProxyEvents:
     """What the proxy reports as it goes (gateway/ops/metrics.py counts it); no-ops here."""
+
+    def settled(self, ticket: Ticket, usage: Usage | None) -> None:
+        """A request ended, with the tokens it used (None: unknown)."""
+
+    def rate_limited(self, tenant: str, code: str) -> None:
+        """A request of `tenant` refused by its key's limits (`code`: which)."""
 
     def unrouted(self, reason: str) -> None:
         """A request answered by the gateway without reaching a replica (`reason`: its type)."""
@@ -76,12 +87,44 @@ async def handle(request: web.Request) -> web.StreamResponse:
     config = live.runtime.config
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
     request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+    estimate = tenancy_step.wants_estimate(config, api_key(request))
     try:
         # An alias is rewritten to the served model: in the body, or in a /v2/models/{name} path.
-        asked = classify(live, request.rel_url.raw_path_qs, request.headers, body)
+        asked = classify(live, request.rel_url.raw_path_qs, request.headers, body, estimate)
     except GatewayError as exc:  # an unknown model, or none of its replicas in rotation
         proxy.events.unrouted(exc.error_type)
         raise
+    tenancy = _enter(request, proxy, asked.estimate)
+    last: list[Lease] = []  # the last attempt's lease: what the request used
+    try:
+        return await _attempts(request, proxy, asked, request_id, tenancy, last)
+    except GatewayError as exc:  # an error of the gateway's own still carries the headers
+        exc.headers = {**tenancy.reply_headers, **exc.headers}
+        raise
+    finally:
+        usage = tenancy_step.settle(live, tenancy, last[-1] if last else None)
+        proxy.events.settled(tenancy.ticket, usage)
+
+
+def _enter(request: web.Request, proxy: Proxy, estimate: Estimate | None) -> Tenancy:
+    key = api_key(request)
+    try:
+        return tenancy_step.enter(proxy.live, key, request.headers, estimate)
+    except RateLimited as exc:
+        proxy.events.rate_limited(key.tenant_name if key is not None else "", exc.code)
+        raise
+
+
+async def _attempts(
+    request: web.Request,
+    proxy: Proxy,
+    asked: Classified,
+    request_id: str,
+    tenancy: Tenancy,
+    last: list[Lease],
+) -> web.StreamResponse:
+    """The request's attempts, each on a replica of its own, while a retry may follow."""
+    live, config = proxy.live, proxy.live.runtime.config
     body, path_qs, info = asked.body, asked.path_qs, asked.info
     tried: list[Replica] = []
     failure: AttemptFailed | None = None
@@ -90,11 +133,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
             proxy.events.retry_refused()
             break
         try:
-            async with live.admission.lease(info, tried=tried) as lease:
+            async with live.admission.lease(info, tried=tried, ticket=tenancy.ticket) as lease:
+                last.append(lease)
                 lease.key = key_name(request)
+                lease.wants_usage = tenancy.reservation is not None
                 tried.append(lease.replica)
                 retry = attempt > 0
-                sent = Outgoing(path_qs, body, request_id)
+                sent = Outgoing(path_qs, body, request_id, tenancy.reply_headers)
                 return await _attempt(request, proxy, lease, sent, retry, config)
         except NoUntriedReplica:
             break

@@ -15,8 +15,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -37,6 +37,7 @@ from gateway.datapath.transport import (
     upstream_timeouts,
 )
 from gateway.datapath.upstream import RETRIABLE_STATUSES
+from gateway.datapath.usage import usage_of_body
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, error_body
 from gateway.pool.admission import Lease
 from gateway.pool.replicas import ReplicaPool, parse_load_report
@@ -91,11 +92,13 @@ class ClientGone(Exception):
 
 @dataclass(frozen=True)
 class Outgoing:
-    """What goes to the replica: the path and query, the body, the request id."""
+    """What goes to the replica: the path and query, the body, the request id; and what the
+    gateway adds to the reply (its key's rate-limit headers, the class it ran in)."""
 
     path_qs: str
     body: bytes
     request_id: str
+    reply_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 async def _send(
@@ -137,7 +140,7 @@ async def relay(
 ) -> web.StreamResponse:
     """The leased replica's answer to `sent`, relayed to the client: AttemptFailed while none
     of it reached the client (a retry may follow), RelayAborted or ClientGone after."""
-    replica, request_id = lease.replica, sent.request_id
+    replica = lease.replica
     upstream = await _send(request, replica, sent, client, timeouts)
     response: web.StreamResponse
     try:
@@ -145,12 +148,12 @@ async def relay(
         if report:
             _take_load_report(pool, replica, report)
         if upstream.status in RETRIABLE_STATUSES or _is_small_whole_body(request, upstream):
-            response = await _buffered_response(upstream, replica, request_id)
+            response = await _buffered_response(upstream, lease, sent)
             if upstream.status in RETRIABLE_STATUSES:
                 error = UpstreamError(f"replica {replica.url} answered {upstream.status}")
                 raise AttemptFailed(str(upstream.status), error, response)
         else:
-            response = await _start_response(request, upstream, replica, request_id)
+            response = await _start_response(request, upstream, replica, sent)
             await _copy_body(request, upstream, response, lease)
     except BaseException:
         upstream.close()  # never hand a half-read connection back to the pool
@@ -167,8 +170,9 @@ def _is_small_whole_body(request: web.Request, upstream: UpstreamResponse) -> bo
 
 
 async def _buffered_response(
-    upstream: UpstreamResponse, replica: Replica, request_id: str
+    upstream: UpstreamResponse, lease: Lease, sent: Outgoing
 ) -> web.Response:
+    replica = lease.replica
     headers = upstream.headers(RESPONSE_DROPPED)
     try:
         body = await upstream.read(BUFFERED_MAX_BYTES)
@@ -184,18 +188,24 @@ async def _buffered_response(
         headers.popall("Content-Type", None)
         headers.popall("Content-Encoding", None)
         headers["Content-Type"] = "application/json"
+    elif lease.wants_usage and 200 <= upstream.status < 300:
+        lease.usage = usage_of_body(body)
     headers[REPLICA_HEADER] = replica.url
-    headers[REQUEST_ID_HEADER] = request_id
+    headers[REQUEST_ID_HEADER] = sent.request_id
+    if sent.reply_headers:
+        headers.update(sent.reply_headers)
     return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
 
 
 async def _start_response(
-    request: web.Request, upstream: UpstreamResponse, replica: Replica, request_id: str
+    request: web.Request, upstream: UpstreamResponse, replica: Replica, sent: Outgoing
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(upstream.headers(HOP_BY_HOP))
     response.headers[REPLICA_HEADER] = replica.url
-    response.headers[REQUEST_ID_HEADER] = request_id
+    response.headers[REQUEST_ID_HEADER] = sent.request_id
+    if sent.reply_headers:
+        response.headers.update(sent.reply_headers)
     try:
         await response.prepare(request)
     except ConnectionResetError:
@@ -213,7 +223,7 @@ async def _copy_body(
     ends), and an error event from the replica (by the stream's framing, never its text: see
     SseCounter) marks the lease failed: the client got a 200, but the replica did not serve it."""
     replica = lease.replica
-    events = SseCounter() if response.content_type == "text/event-stream" else None
+    events = SseCounter(lease.wants_usage) if response.content_type == "text/event-stream" else None
     chunked = response.headers.get("Transfer-Encoding") == "chunked"
     transport = request.transport
     while True:
@@ -238,9 +248,13 @@ async def _copy_body(
 
 
 def _count_events(lease: Lease, events: SseCounter, chunk: bytes) -> None:
-    done = min(events.feed(chunk), lease.remaining - 1)
+    count = events.feed(chunk)
+    lease.streamed += count
+    done = min(count, lease.remaining - 1)
     if done > 0:
         lease.progress(done)
+    if events.usage is not None:
+        lease.usage = events.usage
     if events.failed:
         lease.broken = True
 

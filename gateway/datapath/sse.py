@@ -1,9 +1,13 @@
 """A relayed event stream read by its framing as it passes: the tokens streamed (each shrinks
-the request's counted work) and whether the replica ended it with an error event."""
+the request's counted work), whether the replica ended it with an error event, and, where
+asked, the usage its last chunk reports."""
 
 from __future__ import annotations
 
 import json
+
+from gateway.datapath.usage import usage_in
+from gateway.flow.service import Usage
 
 SSE_MAX_LINE = 64 * 1024  # of an event's data, and of a line held across chunks
 
@@ -17,9 +21,12 @@ class SseCounter:
     vLLM, TGI) or `"object": "error"` (vLLM's older streams). What a model writes sits inside
     a data value, so no text it outputs can count as an event or fail the stream."""
 
-    __slots__ = ("_data", "_error_event", "_partial", "_size", "_skip_lf", "_suspect", "failed")
+    __slots__ = (
+        "_data", "_error_event", "_partial", "_size", "_skip_lf", "_suspect", "_wants_usage",
+        "failed", "usage",
+    )  # fmt: skip
 
-    def __init__(self) -> None:
+    def __init__(self, wants_usage: bool = False) -> None:
         self._partial = b""  # a line not yet ended, carried to the next chunk
         self._skip_lf = False  # the last chunk ended in CR: an LF opening this one ends that line
         self._error_event = False
@@ -27,6 +34,8 @@ class SseCounter:
         self._data: list[bytes] = []
         self._size = 0
         self.failed = False
+        self._wants_usage = wants_usage  # look for a `usage` object in the events
+        self.usage: Usage | None = None  # the last one seen
 
     def feed(self, chunk: bytes) -> int:
         if (  # the usual chunk: whole LF-ended events naming no error, after whole ones
@@ -34,6 +43,7 @@ class SseCounter:
             and not (self._partial or self._size or self._error_event)
             and b"\r" not in chunk
             and b"error" not in chunk
+            and not (self._wants_usage and b'"usage"' in chunk)
         ):
             self._skip_lf = False
             return chunk.count(b"\ndata:") + chunk.startswith(b"data:")
@@ -60,21 +70,39 @@ class SseCounter:
         self._size += len(value) + 1
         if self._size <= SSE_MAX_LINE:  # an error object is small; a larger event is none
             self._data.append(value)
-            self._suspect = self._suspect or b'"error"' in value
+            self._suspect = (
+                self._suspect
+                or b'"error"' in value
+                or (self._wants_usage and b'"usage"' in value and not _null_usage(value))
+            )
 
     def _dispatch(self) -> None:
-        if self._error_event or (self._suspect and _is_error_object(b"\n".join(self._data))):
+        if self._suspect and not self._error_event:
+            payload = _parsed(b"\n".join(self._data))
+            if _is_error_object(payload):
+                self.failed = True
+            elif self._wants_usage:
+                self.usage = usage_in(payload) or self.usage
+        elif self._error_event:
             self.failed = True
         self._error_event = self._suspect = False
         self._data.clear()
         self._size = 0
 
 
-def _is_error_object(data: bytes) -> bool:
+def _null_usage(value: bytes) -> bool:
+    """An event with `"usage": null` (every chunk but the last, in vLLM's streams)."""
+    return b'"usage":null' in value or b'"usage": null' in value
+
+
+def _parsed(data: bytes) -> object:
     try:
-        payload = json.loads(data)
+        return json.loads(data)
     except (ValueError, RecursionError):
-        return False
+        return None
+
+
+def _is_error_object(payload: object) -> bool:
     if not isinstance(payload, dict):
         return False
     return payload.get("error") is not None or payload.get("object") == "error"

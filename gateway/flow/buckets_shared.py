@@ -25,11 +25,11 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import pairwise
-from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.flow.limits import Bucket, KeyState
+from gateway.sharedmem import segment
 
 T = TypeVar("T")
 DEFAULT_SLOTS = 1024  # keys known at once across a gateway's workers
@@ -40,21 +40,6 @@ def key_hash(key: str) -> int:
     """64 bits of the key's name, never 0 (0 marks a free slot)."""
     value = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
     return value or 1
-
-
-def _segment(name: str, create: bool, size: int) -> shared_memory.SharedMemory:
-    """The segment; only its creator (the supervisor, which unlinks it) registers it with the
-    resource tracker. Python 3.11 registers on attach too (3.13's track=False), and a worker's
-    tracker would then unlink the segment when that worker exits. (gateway/pool/shared.py does
-    the same; the flow wing sits below the pool and cannot import it.)"""
-    if create:
-        return shared_memory.SharedMemory(name=name, create=True, size=size)
-    register = resource_tracker.register
-    resource_tracker.register = lambda *args, **kwargs: None
-    try:
-        return shared_memory.SharedMemory(name=name)
-    finally:
-        resource_tracker.register = register
 
 
 class SlotsFull(Exception):
@@ -70,7 +55,7 @@ class SharedBuckets:
         buckets_at = slots * 8
         in_flight_at = buckets_at + slots * FIELDS * 8
         size = in_flight_at + workers * slots * 8
-        self._shm = _segment(name, create, size)
+        self._shm = segment(name, create, size)
         buf = self._shm.buf
         assert buf is not None
         slices = [buf[start:end] for start, end in pairwise([0, buckets_at, in_flight_at, size])]

@@ -84,7 +84,7 @@ class RateLimited(GatewayError):
 
     def __init__(self, code: Code, message: str, headers: dict[str, str]) -> None:
         super().__init__(message, headers)
-        self.code = code
+        self.code: Code = code
 
 
 @dataclass

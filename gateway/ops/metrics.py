@@ -29,6 +29,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.datapath.proxy import ProxyEvents
+from gateway.flow.queue import Ticket
+from gateway.flow.service import Usage
+from gateway.ops.flow_metrics import FlowMetrics
 from gateway.ops.recent import RecentTraffic
 from gateway.pool.admission import Admission, Lease
 from gateway.pool.live import Live, Runtime
@@ -181,6 +184,7 @@ class GatewayMetrics(ProxyEvents):
             self.exposition.register(PoolCollector(pool, admission))
             self.exposition.register(StrategyCollector(self))
         self._pool = pool
+        self.flow = FlowMetrics(registry)  # queue, shedding, tenants' tokens, limit refusals
         self.recent = RecentTraffic()  # rate and latency over the last seconds, for /ui
         self._counters: dict[tuple[str, str, str], Counter] = {}
         self._histograms: dict[str, Histogram] = {}
@@ -191,6 +195,17 @@ class GatewayMetrics(ProxyEvents):
         live.admission.lease_closed.append(self.lease_closed)
         live.pool.changed.append(self.forget_gone)
         live.swapped.append(self.swapped)
+        self.flow.watch(live)
+        queued = self.flow.collector(live.admission, live)
+        self.registry.register(queued)
+        if self.exposition is not self.registry:
+            self.exposition.register(queued)
+
+    def settled(self, ticket: Ticket, usage: Usage | None) -> None:
+        self.flow.settled(ticket, usage)
+
+    def rate_limited(self, tenant: str, code: str) -> None:
+        self.flow.rate_limited(tenant, code)
 
     def lease_closed(self, lease: Lease, elapsed_s: float, ejected: bool) -> None:
         if ejected:

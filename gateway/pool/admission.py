@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from gateway.config import FlowControl, Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded, clipped
 from gateway.flow.queue import DEFAULT_TICKET, Entry, FlowQueue, Ticket
-from gateway.flow.service import LocalService
+from gateway.flow.service import LocalService, Usage
 from gateway.pool import outlier
 from gateway.pool.replicas import ReplicaPool, publish_totals
 from gateway.routing.base import Policy
@@ -127,7 +127,7 @@ class Lease:
 
     __slots__ = (
         "_admission", "_closed", "_started", "broken", "code", "decision", "key", "model",
-        "remaining", "replica", "tokens",
+        "remaining", "replica", "streamed", "tokens", "usage", "wants_usage",
     )  # fmt: skip
 
     def __init__(
@@ -148,6 +148,9 @@ class Lease:
         self.broken = False  # the replica failed after its response began (an SSE error event)
         self.key = ""
         self.model = request.model or ""
+        self.streamed = 0  # stream events relayed (about one a token)
+        self.wants_usage = False  # the relay looks for the response's usage (key limits)
+        self.usage: Usage | None = None  # what the response said it used
 
     def progress(self, tokens: int) -> None:
         """Work done on the request while it is still outstanding (tokens streamed back)."""

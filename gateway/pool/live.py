@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.config import GatewayConfig
+from gateway.flow.limits import Limiter, LocalTable, Table
 from gateway.pool.admission import Admission, Rules
 from gateway.pool.replicas import ReplicaPool
 from gateway.routing.base import Policy
@@ -74,10 +75,13 @@ class Live:
     models_polled: bool = False  # the first round of GET /v1/models is done (or polling is off)
     # A signal: each is called with the runtime a reload (or the start) put in force.
     swapped: list[Callable[[Runtime], None]] = field(default_factory=list)
+    # Keys' limits: in this process, or shared by the workers (gateway/flow/buckets_shared.py).
+    limiter: Limiter = field(default_factory=lambda: Limiter(LocalTable()))
 
     @classmethod
-    def start(cls, runtime: Runtime, pool: ReplicaPool) -> Live:
-        return cls(runtime, pool, Admission(pool))
+    def start(cls, runtime: Runtime, pool: ReplicaPool, limits: Table | None = None) -> Live:
+        """`limits`: where the keys' limits are kept (default: this process)."""
+        return cls(runtime, pool, Admission(pool), limiter=Limiter(limits or LocalTable()))
 
     def swap(self, runtime: Runtime) -> None:
         config = runtime.config

@@ -35,8 +35,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import pairwise
-from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
+
+from gateway.sharedmem import segment
 
 DEFAULT_COLUMNS = 4096  # replicas known at once across a gateway's workers
 STATS = ("requests_total", "errors_total", "ejections_total")  # per worker and replica
@@ -46,20 +47,6 @@ def url_hash(url: str) -> int:
     """64 bits of the URL, never 0 (0 marks a free column)."""
     value = int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "little")
     return value or 1
-
-
-def _segment(name: str, create: bool, size: int) -> shared_memory.SharedMemory:
-    """The segment; only its creator (the supervisor, which unlinks it) registers it with the
-    resource tracker. Python 3.11 registers on attach too (3.13's track=False), and a worker's
-    tracker would then unlink the segment when that worker exits."""
-    if create:
-        return shared_memory.SharedMemory(name=name, create=True, size=size)
-    register = resource_tracker.register
-    resource_tracker.register = lambda *args, **kwargs: None
-    try:
-        return shared_memory.SharedMemory(name=name)
-    finally:
-        resource_tracker.register = register
 
 
 class ColumnsFull(Exception):
@@ -74,7 +61,7 @@ class SharedCounts:
         self.workers, self.columns, self.row = workers, columns, row
         stats_size = workers * columns * len(STATS) * 8
         size = columns * 8 + workers * columns + workers * columns * 8 + workers * 16 + stats_size
-        self._shm = _segment(name, create, size)
+        self._shm = segment(name, create, size)
         buf = self._shm.buf
         assert buf is not None
         held_at = columns * 8

@@ -1,0 +1,97 @@
+"""Tenancy: between classify and admission, a request's place in the fleet. Its ticket (tenant,
+class, weight and expected weighted tokens: gateway/flow/identity.py) orders it in the gateway
+queue; its key's limits are reserved (gateway/flow/limits.py: 429 at once when over) and held
+through every attempt until `settle`, which gives back what the response did not use.
+
+What a request used: the response's `usage` (a whole body, or a stream's usage chunk); for a
+stream without one, its prompt's estimate plus the events relayed (a client that leaves settles
+what reached it); a replica's failure or refusal, nothing; a 2xx that names no usage keeps its
+reservation. The same tokens correct the tenant's service under `fairness: tokens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.config import ApiKey, GatewayConfig
+from gateway.datapath.classify import NOT_GENERATIVE, Estimate
+from gateway.flow.identity import CLASS_HEADER, ticket
+from gateway.flow.limits import Reservation
+from gateway.flow.queue import Ticket
+from gateway.flow.service import Usage
+from gateway.pool.admission import CLIENT_CLOSED, Lease
+from gateway.pool.live import Live
+
+DEFAULT_MAX_TOKENS = 256  # a request without max_tokens, for fairness (a key's limits say theirs)
+
+
+@dataclass(slots=True)
+class Tenancy:
+    ticket: Ticket
+    estimate: Estimate
+    reservation: Reservation | None
+    reply_headers: dict[str, str]  # x-ratelimit-* and X-Infergate-Class, on every reply
+    output_weight: float  # flow_control.output_token_weight, for the service correction
+
+
+def wants_estimate(config: GatewayConfig, key: ApiKey | None) -> bool:
+    """The request's tokens are needed: token fairness orders by them, or a limit counts them."""
+    flow = config.flow_control
+    if flow is not None and flow.fairness == "tokens":
+        return True
+    return key is not None and key.limits is not None and key.limits.tokens_per_minute is not None
+
+
+def enter(
+    live: Live, key: ApiKey | None, headers: Mapping[str, str], estimate: Estimate | None
+) -> Tenancy:
+    """The request's ticket and its key's reservation: InvalidRequest for a tenant or class
+    header that cannot be used, RateLimited (429) over a limit."""
+    config = live.runtime.config
+    flow = config.flow_control
+    estimate = estimate or NOT_GENERATIVE
+    limits = key.limits if key is not None else None
+    default_max = limits.default_max_tokens if limits is not None else DEFAULT_MAX_TOKENS
+    output_weight = flow.output_token_weight if flow is not None else 1.0
+    cost = 1.0
+    if estimate is not NOT_GENERATIVE:
+        completion = estimate.max_tokens if estimate.max_tokens is not None else default_max
+        cost = Usage(estimate.prompt_tokens, completion).weighted(output_weight)
+    place = ticket(flow, key, headers, cost)
+    reply: dict[str, str] = {CLASS_HEADER: place.class_name} if flow is not None else {}
+    reservation = None
+    if key is not None and limits is not None:
+        tokens = estimate.total(default_max) if estimate is not NOT_GENERATIVE else 0
+        reservation = live.limiter.reserve(key.name, limits, tokens)
+        reply.update(reservation.headers())
+    return Tenancy(place, estimate, reservation, reply, output_weight)
+
+
+def used(lease: Lease | None, estimate: Estimate) -> Usage | None:
+    """What the request used, as its last attempt tells; None: unknown (a 2xx naming none)."""
+    if lease is None:
+        return Usage()
+    if lease.usage is not None:
+        return lease.usage
+    if lease.streamed:
+        return Usage(estimate.prompt_tokens, lease.streamed)
+    if lease.code == CLIENT_CLOSED:
+        return Usage(estimate.prompt_tokens)
+    if lease.code >= 400:  # the replica refused it or failed: nothing served
+        return Usage()
+    return None
+
+
+def settle(live: Live, tenancy: Tenancy, lease: Lease | None) -> Usage | None:
+    """The request is over: its reservation settles and its tenant's service is corrected by
+    what it used. Returns that (None: unknown)."""
+    usage = used(lease, tenancy.estimate)
+    if tenancy.reservation is not None:
+        tenancy.reservation.settle(None if usage is None else usage.prompt + usage.completion)
+    flow = live.runtime.config.flow_control
+    dispatched = lease is not None  # its tenant was charged its estimate then
+    if usage is not None and dispatched and flow is not None and flow.fairness == "tokens":
+        correction = usage.weighted(tenancy.output_weight) - tenancy.ticket.cost
+        live.admission.service.charge(tenancy.ticket.tenant, correction)
+    return usage

@@ -1,0 +1,269 @@
+"""Flow control and per-key limits through a real gateway, in front of an inline OpenAI-style
+replica on loopback: slots go by class, a request queued past its TTL is a 429 that says so,
+a key over its limits gets OpenAI's 429 (the official client reads it and its retry succeeds),
+reservations settle from usage (whole bodies and streams), and the tenants' tokens are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from openai import AsyncOpenAI
+
+from gateway.flow.identity import CLASS_HEADER, TENANT_HEADER
+from gateway.pool.admission import DROPPED_HEADER
+from tests.support.processes import BIN, free_port, stop, wait_http_ok
+from tests.support.servers import Gateway, running_gateway, serve, wait_until, write_config
+
+KEY = "sk-tenant-a-0123456789"
+CLASSES = [{"name": "interactive"}, {"name": "standard"}, {"name": "batch", "sheddable": True}]
+
+
+class Replica:
+    """A replica speaking OpenAI completions: its usage is the prompt's words and max_tokens
+    (or `completion_tokens` when asked); `gate` holds requests until set; `order` records the
+    prompts in the order they were served."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.order: list[str] = []
+
+    def app(self) -> web.Application:
+        async def completions(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            await self.gate.wait()
+            self.order.append(body["prompt"])
+            prompt = len(body["prompt"].split())
+            completion = body.get("completion_tokens", body.get("max_tokens", 16))
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+            if not body.get("stream"):
+                choice = {"index": 0, "text": "x" * completion, "finish_reason": "length"}
+                return web.json_response(
+                    {
+                        "id": "c",
+                        "object": "text_completion",
+                        "created": 0,
+                        "model": "m",
+                        "choices": [choice],
+                        "usage": usage,
+                    }
+                )
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for _ in range(completion):
+                chunk = {"choices": [{"index": 0, "text": "x"}], "usage": None}
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if body.get("stream_options", {}).get("include_usage"):
+                await response.write(
+                    f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode()
+                )
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+
+        async def ping(request: web.Request) -> web.Response:
+            return web.json_response({"ok": True})
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        app.router.add_get("/ping", ping)
+        return app
+
+
+@asynccontextmanager
+async def gateway(tmp_path: Path, **extra: Any) -> AsyncIterator[tuple[Gateway, Replica]]:
+    replica = Replica()
+    async with serve(replica.app()) as url:
+        config = {
+            "replicas": [{"url": url, "max_concurrency": 1, "models": ["m"]}],
+            "reload": {"watch": False},
+            **extra,
+        }
+        write_config(tmp_path / "g.yaml", config)
+        async with running_gateway(tmp_path / "g.yaml") as gw:
+            yield gw, replica
+            replica.gate.set()
+
+
+async def _complete(
+    client: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None, **body: Any
+) -> tuple[int, dict[str, str], Any]:
+    payload = {"model": "m", "prompt": "hello", "max_tokens": 4, **body}
+    async with client.post(f"{url}/v1/completions", json=payload, headers=headers or {}) as r:
+        return r.status, dict(r.headers), await r.json()
+
+
+async def test_slots_go_to_the_most_important_class_first_and_the_reply_names_it(
+    tmp_path: Path,
+) -> None:
+    flow = {"classes": CLASSES, "default_class": "standard", "fairness": "fcfs"}
+    async with gateway(tmp_path, flow_control=flow) as (gw, replica), aiohttp.ClientSession() as c:
+        replica.gate.clear()
+        first = asyncio.create_task(_complete(c, gw.url, prompt="first"))
+        await wait_until(lambda: gw.state.pool.outstanding == 1)
+        calls = [
+            asyncio.create_task(_complete(c, gw.url, {CLASS_HEADER: cls}, prompt=cls))
+            for cls in ("batch", "standard", "interactive")
+        ]
+        await wait_until(lambda: gw.state.admission.queued == 3)
+        replica.gate.set()
+        results = await asyncio.gather(first, *calls)
+        assert replica.order == ["first", "interactive", "standard", "batch"]
+        assert [headers[CLASS_HEADER] for _, headers, _ in results] == [
+            "standard", "batch", "standard", "interactive",
+        ]  # fmt: skip
+        status, _, body = await _complete(c, gw.url, {CLASS_HEADER: "gold"})
+        assert status == 400 and "not a class of this gateway" in body["error"]["message"]
+
+
+async def test_a_request_queued_past_its_ttl_is_a_429_that_says_why(tmp_path: Path) -> None:
+    flow = {"classes": CLASSES, "queue_ttl_s": 0.2}
+    async with gateway(tmp_path, flow_control=flow) as (gw, replica), aiohttp.ClientSession() as c:
+        replica.gate.clear()
+        held = asyncio.create_task(_complete(c, gw.url))
+        await wait_until(lambda: gw.state.pool.outstanding == 1)
+        status, headers, body = await _complete(c, gw.url, {TENANT_HEADER: "bob"})
+        assert status == 429 and headers[DROPPED_HEADER] == "ttl-expired"
+        assert int(headers["Retry-After"]) >= 1
+        assert "flow_control.queue_ttl_s" in body["error"]["message"]
+        replica.gate.set()
+        assert (await held)[0] == 200
+        shed = gw.metrics.flow.shed.labels("batch", "ttl-expired")._value.get()
+        assert shed == 1
+
+
+def _keyed(limits: dict[str, int]) -> dict[str, Any]:
+    return {"api_keys": [{"name": "team-a", "key": KEY, "limits": limits}]}
+
+
+async def test_the_openai_client_gets_the_rate_limit_and_its_retry_succeeds(
+    tmp_path: Path,
+) -> None:
+    """tokens_per_minute 600 refills 10 a second: one request of 591 tokens leaves 9; the
+    next asks 20 and is refused for about a second; the client's own retry then passes."""
+    async with gateway(tmp_path, auth=_keyed({"tokens_per_minute": 600})) as (gw, _):
+        base = f"{gw.url}/v1"
+        strict = AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0)
+        patient = AsyncOpenAI(base_url=base, api_key=KEY, max_retries=3)
+        try:
+            raw = await strict.completions.with_raw_response.create(
+                model="m", prompt="hi", max_tokens=590
+            )
+            assert raw.headers["x-ratelimit-limit-tokens"] == "600"
+            assert int(raw.headers["x-ratelimit-remaining-tokens"]) in range(9, 12)
+            with pytest.raises(openai.RateLimitError) as refused:
+                await strict.completions.create(model="m", prompt="hi", max_tokens=19)
+            error = refused.value
+            assert error.status_code == 429
+            assert error.body["type"] == "rate_limit_exceeded"  # type: ignore[index]
+            assert error.body["code"] == "tokens"  # type: ignore[index]
+            assert "tokens_per_minute limit of 600" in error.message
+            assert error.response.headers["x-ratelimit-limit-tokens"] == "600"
+            assert int(error.response.headers["retry-after"]) in (1, 2)
+            done = await patient.completions.create(model="m", prompt="hi", max_tokens=19)
+            assert done.usage is not None and done.usage.completion_tokens == 19
+        finally:
+            await strict.close()
+            await patient.close()
+
+
+async def test_a_reservation_settles_from_the_usage_of_a_body_and_of_a_stream(
+    tmp_path: Path,
+) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with (
+        gateway(tmp_path, auth=_keyed({"tokens_per_minute": 6000})) as (gw, _),
+        aiohttp.ClientSession() as c,
+    ):
+        # 1 + 500 reserved, 1 + 10 used: the 490 not used come back.
+        status, first, _ = await _complete(
+            c, gw.url, headers, prompt="hi", max_tokens=500, completion_tokens=10
+        )
+        assert status == 200 and int(first["x-ratelimit-remaining-tokens"]) in range(5499, 5502)
+        _, second, _ = await _complete(c, gw.url, headers, prompt="hi", max_tokens=1)
+        assert int(second["x-ratelimit-remaining-tokens"]) in range(5987, 5992)
+        # A stream with a usage chunk settles from it; without one, from the events relayed.
+        for options in ({"include_usage": True}, {}):
+            async with c.post(
+                f"{gw.url}/v1/completions",
+                headers=headers,
+                json={
+                    "model": "m",
+                    "prompt": "a b",
+                    "max_tokens": 300,
+                    "completion_tokens": 5,
+                    "stream": True,
+                    "stream_options": options,
+                },
+            ) as r:
+                assert r.status == 200 and "x-ratelimit-limit-tokens" in r.headers
+                await r.read()
+        tokens = gw.metrics.flow.tokens
+        await wait_until(lambda: tokens.labels("team-a", "completion")._value.get() >= 22)
+        # The usage-less stream's prompt is the estimate (3 characters: 1 token), its completion
+        # the events relayed (5 and [DONE]).
+        assert tokens.labels("team-a", "prompt")._value.get() == 1 + 1 + 2 + 1
+        assert tokens.labels("team-a", "completion")._value.get() == 10 + 1 + 5 + 6
+        _, last, _ = await _complete(c, gw.url, headers, prompt="hi", max_tokens=1)
+        assert int(last["x-ratelimit-remaining-tokens"]) in range(5960, 5975)
+
+
+async def test_max_parallel_refuses_the_request_over_it_until_one_ends(tmp_path: Path) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with (
+        gateway(tmp_path, auth=_keyed({"max_parallel": 1})) as (gw, replica),
+        aiohttp.ClientSession() as c,
+    ):
+        replica.gate.clear()
+        held = asyncio.create_task(_complete(c, gw.url, headers))
+        await wait_until(lambda: gw.state.pool.outstanding == 1)
+        status, _, body = await _complete(c, gw.url, headers)
+        assert status == 429 and body["error"]["code"] == "parallel_requests"
+        replica.gate.set()
+        assert (await held)[0] == 200
+        assert (await _complete(c, gw.url, headers))[0] == 200
+        refused = gw.metrics.flow.refused.labels("team-a", "parallel_requests")._value.get()
+        assert refused == 1
+
+
+async def test_a_keys_limits_hold_across_two_workers(tmp_path: Path) -> None:
+    """`workers: 2`: requests_per_minute 20 admits 20 however the connections land (each
+    worker alone would admit 20 of its own); the refills during the test add at most one."""
+    replica = Replica()
+    async with serve(replica.app()) as replica_url:
+        port = free_port()
+        config = {
+            "replicas": [{"url": replica_url, "models": ["m"]}],
+            "workers": 2,
+            "listen": {"port": port},
+            "auth": _keyed({"requests_per_minute": 20}),
+        }
+        write_config(tmp_path / "g.yaml", config)
+        proc = subprocess.Popen([str(BIN / "infergate"), "gateway", "-c", str(tmp_path / "g.yaml")])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_http_ok(f"{url}/readyz", proc)
+            statuses: list[int] = []
+            workers: set[str] = set()
+            for _ in range(40):
+                async with aiohttp.ClientSession() as c:  # a fresh connection: either worker
+                    status, _, _ = await _complete(c, url, {"Authorization": f"Bearer {KEY}"})
+                    statuses.append(status)
+                async with aiohttp.ClientSession() as c, c.get(f"{url}/ui/status.json") as r:
+                    workers.add(str((await r.json()).get("worker")))
+            assert len(workers) == 2, "the connections all landed on one worker"
+            assert set(statuses) == {200, 429}
+            assert 20 <= statuses.count(200) <= 21
+        finally:
+            stop(proc, timeout_s=20)
