@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from gateway.config.values import (
     sha256_hex,
     valid_absolute_path,
+    valid_limits_store,
     valid_replica_url,
     valid_store_path,
 )
@@ -332,6 +333,16 @@ class FlowControl(_Model):
     fairness_half_life_s: float = Field(60.0, gt=0)  # tokens served count half after this
     queue_ttl_s: float = Field(60.0, gt=0)  # longer in the queue: 429 ttl-expired
     max_queued: int = Field(5000, ge=0)  # requests waiting at once, every class together
+    # Engines that report no capacity (vLLM, SGLang, TGI through load_feedback) take another
+    # request while their reported waiting queue is empty and their KV cache use below this.
+    kv_usage_threshold: float = Field(0.9, gt=0, le=1)
+    # Several gateways: the keys' limits are leased from this PostgreSQL database in slices
+    # (gateway/control/limits_store.py); `${NAME}` is the environment variable NAME. Read at
+    # start-up only. None: this gateway's limits are its own.
+    store: Annotated[str, AfterValidator(valid_limits_store)] | None = None
+    store_unavailable: Literal["allow", "deny"] = "allow"  # while the store cannot be reached
+    # A slice: this share of a key's per-minute limit, leased by one gateway at a time.
+    store_slice_percent: float = Field(5.0, gt=0, le=50)
 
     @model_validator(mode="after")
     def _known_default(self) -> FlowControl:

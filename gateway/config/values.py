@@ -70,6 +70,16 @@ def valid_store_path(value: str) -> str:
     return value
 
 
+def valid_limits_store(value: str) -> str:
+    """A postgresql:// URL (`${NAME}` from the environment), as the jobs store takes one."""
+    value = valid_store_path(value)
+    if not is_postgres_url(value):
+        raise ValueError(
+            "expected a postgresql://user@host:port/db URL (the limits are shared there)"
+        )
+    return value
+
+
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
