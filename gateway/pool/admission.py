@@ -500,16 +500,22 @@ class Admission:
         return limit is None or replica.busy < limit
 
     def slots(self, replica: Replica) -> int | None:
-        """How many requests `replica` takes at once: its own max_concurrency; under flow
-        control, the capacity it reported (X-Replica-Load, GET /load) while that report is
-        fresh; else limits.max_outstanding_per_replica. None: no limit."""
+        """How many requests `replica` takes at once from this gateway: its own
+        max_concurrency; under flow control, while its load report is fresh, the capacity it
+        reported (our replica), or for an engine that reports none (vLLM, SGLang, TGI) what
+        `engine_slots` makes of its queue and KV cache; else limits.max_outstanding_per_replica.
+        None: no limit."""
         if replica.max_concurrency is not None:
             return replica.max_concurrency
         rules = self.rules
-        if rules.flow is not None and replica.reported is not None:
-            capacity = replica.reported.get("capacity")
-            if capacity and self.pool.now() - replica.reported_at <= rules.max_age_s:
+        report = replica.reported
+        fresh = self.pool.now() - replica.reported_at <= rules.max_age_s
+        if rules.flow is not None and report is not None and fresh:
+            capacity = report.get("capacity")
+            if capacity:
                 return int(capacity)
+            if "running" in report:
+                return engine_slots(report, replica.remote, rules.flow.kv_usage_threshold)
         return rules.limits.max_outstanding_per_replica
 
     def _arm_timer(self) -> None:
@@ -540,6 +546,19 @@ class Admission:
     def _overloaded(self, message: str, reason: str) -> Overloaded:
         retry = str(self.retry_after_s())
         return Overloaded(message, headers={"Retry-After": retry, DROPPED_HEADER: reason})
+
+
+def engine_slots(report: Mapping[str, float], remote: int, kv_usage_threshold: float) -> int:
+    """Slots for this gateway at an engine that reports its queue but no capacity: while it
+    queues nothing and its KV cache is below the threshold, what it runs for us plus room to
+    grow by half (at least 4) until the next report; once it queues or its cache is full, only
+    what it runs for us, so the queue forms at the gateway, where classes and fairness act."""
+    running = int(report.get("running", 0))
+    ours = max(0, running - remote)  # its running requests that are ours (others' are remote)
+    saturated = report.get("queued", 0) > 0 or report.get("kv_usage", 0.0) >= kv_usage_threshold
+    if saturated:
+        return max(1, ours)
+    return ours + max(4, math.ceil(running / 2))
 
 
 def _no_healthy(model: str | None) -> NoHealthyReplica:

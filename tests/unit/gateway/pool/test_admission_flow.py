@@ -13,7 +13,7 @@ import pytest
 from gateway.config import FlowControl, Limits
 from gateway.errors import Overloaded
 from gateway.flow.queue import Ticket
-from gateway.pool.admission import DROPPED_HEADER, Admission, Lease, Rules
+from gateway.pool.admission import DROPPED_HEADER, Admission, Lease, Rules, engine_slots
 from gateway.pool.replicas import ReplicaPool
 from gateway.routing.options import PolicyOptions
 from gateway.routing.policies import LeastOutstandingRequests
@@ -173,3 +173,32 @@ async def test_a_fresh_reported_capacity_is_the_replicas_slot_count() -> None:
     assert admission.slots(replica) == 3
     replica.reported_at -= 10  # stale: the configured slots again
     assert admission.slots(replica) == 1
+
+
+@pytest.mark.parametrize(
+    ("report", "remote", "slots"),
+    [
+        ({"running": 0, "queued": 0}, 0, 4),  # idle: room to start
+        ({"running": 10, "queued": 0, "kv_usage": 0.5}, 0, 15),  # room to grow by half
+        ({"running": 10, "queued": 0}, 6, 4 + 5),  # six of those are another gateway's
+        ({"running": 10, "queued": 2}, 0, 10),  # it queues: only what it runs
+        ({"running": 10, "queued": 0, "kv_usage": 0.95}, 0, 10),  # its cache is full
+        ({"running": 3, "queued": 5}, 3, 1),  # all others': one, so none waits forever
+    ],
+)
+def test_an_engine_without_a_capacity_takes_more_only_while_it_queues_nothing(
+    report: dict[str, float], remote: int, slots: int
+) -> None:
+    assert engine_slots(report, remote, 0.9) == slots
+
+
+async def test_a_fresh_engine_report_sets_the_slots_and_a_stale_one_falls_back() -> None:
+    pool = ReplicaPool(["http://a:1"])
+    admission = Admission(pool)
+    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
+    admission.configure(Rules(policy, Limits(max_outstanding_per_replica=2), flow=_flow()))
+    (replica,) = pool.active()
+    pool.report(replica, {"running": 8, "queued": 3, "inflight": 11}, ours=11)
+    assert admission.slots(replica) == 8
+    replica.reported_at -= 10
+    assert admission.slots(replica) == 2
