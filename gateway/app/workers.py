@@ -41,6 +41,7 @@ from pathlib import Path
 from gateway.app.listener import reuseport_socket
 from gateway.cluster import die_with_parent
 from gateway.flow.buckets_shared import SharedBuckets
+from gateway.flow.service_shared import SharedService
 from gateway.pool.shared import SharedCounts
 
 # Held in a starting worker until its handlers are in (serve() unblocks them): a reload or stop
@@ -77,6 +78,7 @@ class Worker:
     listen_fd: int
     counts: SharedCounts
     limits: SharedBuckets  # the keys' limits (gateway/flow/buckets_shared.py)
+    service: SharedService  # the tenants' service, for fairness (gateway/flow/service_shared.py)
     metrics_dir: str
     jobs_socket: str  # worker 0 serves the jobs endpoints here too; the others pass them on
 
@@ -87,6 +89,7 @@ def worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shared", help=argparse.SUPPRESS)  # NAME:LOCK_PATH
     parser.add_argument("--shared-limits", help=argparse.SUPPRESS)  # NAME:LOCK_PATH
+    parser.add_argument("--shared-service", help=argparse.SUPPRESS)  # NAME:LOCK_PATH
     parser.add_argument("--jobs-socket", help=argparse.SUPPRESS)
 
 
@@ -98,8 +101,12 @@ def worker_from_args(args: argparse.Namespace) -> Worker | None:
     counts = SharedCounts(name, count, index, lock_path=Path(lock))
     name, lock = args.shared_limits.split(":", 1)
     limits = SharedBuckets(name, count, index, lock_path=Path(lock))
+    name, lock = args.shared_service.split(":", 1)
+    service = SharedService(name, count, index, lock_path=Path(lock), clock=time.monotonic)
     metrics_dir = os.environ[METRICS_ENV]
-    return Worker(index, count, args.listen_fd, counts, limits, metrics_dir, args.jobs_socket)
+    return Worker(
+        index, count, args.listen_fd, counts, limits, service, metrics_dir, args.jobs_socket
+    )
 
 
 MAX_WORKERS = 64
@@ -153,6 +160,10 @@ class Supervisor:
             f"infergate-limits-{os.getpid()}-{int(time.time())}", count, 0,
             lock_path=self._workdir / "limits.lock", create=True,
         )  # fmt: skip
+        self._service = SharedService(
+            f"infergate-service-{os.getpid()}-{int(time.time())}", count, 0,
+            lock_path=self._workdir / "service.lock", clock=time.monotonic, create=True,
+        )  # fmt: skip
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self._started = [0.0] * count
         self._deaths = [0] * count
@@ -175,6 +186,7 @@ class Supervisor:
             "--listen-fd", str(listener.fileno()),
             "--shared", f"{self._counts.name}:{self._workdir / 'counts.lock'}",
             "--shared-limits", f"{self._limits.name}:{self._workdir / 'limits.lock'}",
+            "--shared-service", f"{self._service.name}:{self._workdir / 'service.lock'}",
             "--jobs-socket", str(self._workdir / "jobs.sock"),
         ]  # fmt: skip
         env = {**os.environ, METRICS_ENV: str(self._workdir / "metrics")}
@@ -276,4 +288,6 @@ class Supervisor:
         self._counts.unlink()
         self._limits.close()
         self._limits.unlink()
+        self._service.close()
+        self._service.unlink()
         shutil.rmtree(self._workdir, ignore_errors=True)

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 # A tenant charged nothing for this many half-lives is forgotten (its value is below 2**-30 of
-# what it was): the table holds only tenants seen lately.
+# what it was): the table holds only tenants seen lately, and at most MAX_TENANTS (past it, the
+# least served half go: without auth a header names the tenant, any number of them).
 FORGET_HALF_LIVES = 30
+MAX_TENANTS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +34,10 @@ class Usage:
 
 
 class Service(Protocol):
-    """Where attained service is kept: one process (LocalService) or every worker's."""
+    """Where attained service is kept: one process (LocalService) or every worker's
+    (gateway/flow/service_shared.py)."""
+
+    half_life_s: float
 
     def value(self, tenant: str) -> float: ...
 
@@ -54,7 +59,8 @@ class LocalService:
     def charge(self, tenant: str, amount: float) -> None:
         now = self._clock()
         self._values[tenant] = (max(0.0, self.value(tenant) + amount), now)
-        if len(self._values) > 64 and math.log2(len(self._values)).is_integer():
+        size = len(self._values)
+        if size > MAX_TENANTS or (size > 64 and math.log2(size).is_integer()):
             self._forget(now)
 
     def values(self) -> Mapping[str, float]:
@@ -69,3 +75,6 @@ class LocalService:
         for tenant, (_, at) in list(self._values.items()):
             if now - at > horizon:
                 del self._values[tenant]
+        if len(self._values) > MAX_TENANTS:
+            kept = sorted(self._values, key=self.value, reverse=True)[: MAX_TENANTS // 2]
+            self._values = {tenant: self._values[tenant] for tenant in kept}

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from gateway.config import FlowControl, Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded, clipped
 from gateway.flow.queue import DEFAULT_TICKET, Entry, FlowQueue, Ticket
-from gateway.flow.service import LocalService, Usage
+from gateway.flow.service import LocalService, Service, Usage
 from gateway.pool import outlier
 from gateway.pool.replicas import ReplicaPool, publish_totals
 from gateway.routing.base import Policy
@@ -175,11 +175,17 @@ Dequeued = Callable[[Ticket, float, str], None]  # ticket, seconds queued, how i
 
 
 class Admission:
-    def __init__(self, pool: ReplicaPool, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        clock: Callable[[], float] = time.monotonic,
+        service: Service | None = None,
+    ) -> None:
         self.pool = pool
         self._rules: Rules | None = None
         self._clock = clock
-        self.service = LocalService(60.0, clock)  # tenants' service lately (fairness: tokens)
+        # Tenants' service lately (fairness: tokens): this process's, or every worker's.
+        self.service: Service = service or LocalService(60.0, clock)
         self._queue: FlowQueue[_Waiter] = FlowQueue(1, "fcfs", self.service, frozenset())
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf

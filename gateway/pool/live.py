@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig
 from gateway.flow.limits import Limiter, LocalTable, Table
+from gateway.flow.service import Service
 from gateway.pool.admission import Admission, Rules
 from gateway.pool.replicas import ReplicaPool
 from gateway.routing.base import Policy
@@ -79,9 +80,17 @@ class Live:
     limiter: Limiter = field(default_factory=lambda: Limiter(LocalTable()))
 
     @classmethod
-    def start(cls, runtime: Runtime, pool: ReplicaPool, limits: Table | None = None) -> Live:
-        """`limits`: where the keys' limits are kept (default: this process)."""
-        return cls(runtime, pool, Admission(pool), limiter=Limiter(limits or LocalTable()))
+    def start(
+        cls,
+        runtime: Runtime,
+        pool: ReplicaPool,
+        limits: Table | None = None,
+        service: Service | None = None,
+    ) -> Live:
+        """`limits`, `service`: where the keys' limits and the tenants' service are kept
+        (default: this process; with `workers: N`, shared by the workers)."""
+        admission = Admission(pool, service=service)
+        return cls(runtime, pool, admission, limiter=Limiter(limits or LocalTable()))
 
     def swap(self, runtime: Runtime) -> None:
         config = runtime.config
