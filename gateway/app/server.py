@@ -151,8 +151,9 @@ def create_app(
     app; a test may hand it datapath/mock.MockUpstream)."""
     shared = worker.counts if worker is not None else None
     limits = worker.limits if worker is not None else None
+    service = worker.service if worker is not None else None
     pool = ReplicaPool(config.replica_urls, shared=shared)
-    live = Live.start(build_runtime(config), pool, limits)
+    live = Live.start(build_runtime(config), pool, limits, service)
     if worker is not None:
         live.worker = (worker.index, worker.count)
     multiprocess_dir = worker.metrics_dir if worker is not None else None
