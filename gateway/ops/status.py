@@ -13,8 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.ops.flow_metrics import FlowMetrics
 from gateway.ops.metrics import METRICS
 from gateway.ops.recent import RecentTraffic
+from gateway.ops.tenants import tenants_document
 from gateway.pool.live import LIVE, Live
 from gateway.pool.replicas import publish_totals
 from gateway.pool.shared import STATS
@@ -45,7 +47,7 @@ def replica_json(replica: Replica) -> dict[str, Any]:
     return out
 
 
-def status_document(live: Live, recent: RecentTraffic) -> dict[str, Any]:
+def status_document(live: Live, recent: RecentTraffic, flow: FlowMetrics) -> dict[str, Any]:
     replicas = live.pool.all()
     config = live.runtime.config
     strategies = {m.name: m.strategy for m in config.models if m.strategy}
@@ -70,6 +72,8 @@ def status_document(live: Live, recent: RecentTraffic) -> dict[str, Any]:
         "queued": live.admission.queued_everywhere(),
         "recent": recent.summary(),  # this worker's traffic (`worker`), under `workers: N`
         "replicas": [{**replica_json(r), "recent": recent.summary(r.url)} for r in replicas],
+        "flow_control": config.flow_control is not None,
+        "tenants": tenants_document(live, flow),
     }
 
 
@@ -88,7 +92,8 @@ async def page(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    document = status_document(_enabled(request), request.app[METRICS].recent)
+    metrics = request.app[METRICS]
+    document = status_document(_enabled(request), metrics.recent, metrics.flow)
     return web.json_response(document, headers=HEADERS)
 
 

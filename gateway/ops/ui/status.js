@@ -64,6 +64,35 @@ function renderModel(m) {
   return row;
 }
 
+function limitsText(limits) {
+  const set = limits.filter((l) => l !== null);
+  if (!set.length) return "–";
+  return set.map((l) => Object.entries(l)
+    .filter(([k]) => k !== "default_max_tokens")
+    .map(([k, v]) => k.replace(/_per_minute$/, "/min") + " " + v)
+    .join(", ")).join(" · ");
+}
+
+function counted(value) {
+  return value === null || value === undefined ? "–" : value;
+}
+
+function renderTenant(t) {
+  const row = document.createElement("tr");
+  row.dataset.tenant = t.tenant;
+  cell(row, "tenant", t.tenant);
+  cell(row, "keys", t.keys.length ? t.keys.join(", ") : "–");
+  cell(row, "classes", t.classes.length ? t.classes.join(", ") : "–");
+  cell(row, "weight", t.weight);
+  cell(row, "limits", limitsText(t.limits));
+  cell(row, "queued", t.queued);
+  cell(row, "service", t.service);
+  cell(row, "prompt_tokens", counted(t.prompt_tokens));
+  cell(row, "completion_tokens", counted(t.completion_tokens));
+  cell(row, "rate_limited", counted(t.rate_limited));
+  return row;
+}
+
 function render(status) {
   const text = (id, value) => { document.getElementById(id).textContent = String(value); };
   text("strategy", status.strategy);
@@ -80,6 +109,9 @@ function render(status) {
   document.getElementById("replicas").replaceChildren(...status.replicas.map(renderReplica));
   document.getElementById("models").replaceChildren(...status.models.map(renderModel));
   document.getElementById("models-table").hidden = status.models.length === 0;
+  document.getElementById("tenants").replaceChildren(...status.tenants.map(renderTenant));
+  const keyed = status.tenants.some((t) => t.keys.length);
+  document.getElementById("tenants-table").hidden = !status.flow_control && !keyed;
   document.getElementById("error").hidden = true;
 }
 

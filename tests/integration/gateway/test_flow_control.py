@@ -267,3 +267,44 @@ async def test_a_keys_limits_hold_across_two_workers(tmp_path: Path) -> None:
             assert 20 <= statuses.count(200) <= 21
         finally:
             stop(proc, timeout_s=20)
+
+
+async def test_the_status_page_lists_tenants_with_their_queue_service_and_tokens(
+    tmp_path: Path,
+) -> None:
+    flow = {"classes": CLASSES, "default_class": "standard"}
+    auth = {
+        "api_keys": [
+            {
+                "name": "team-a",
+                "key": KEY,
+                "tenant": "acme",
+                "class": "interactive",
+                "weight": 2,
+                "limits": {"requests_per_minute": 100},
+            },
+            {"name": "team-b", "key": "sk-b-0123456789", "tenant": "acme", "weight": 2},
+        ]
+    }
+    async with (
+        gateway(tmp_path, flow_control=flow, auth=auth) as (gw, replica),
+        aiohttp.ClientSession() as c,
+    ):
+        headers = {"Authorization": f"Bearer {KEY}"}
+        assert (await _complete(c, gw.url, headers, prompt="a b c", max_tokens=5))[0] == 200
+        replica.gate.clear()
+        held = asyncio.create_task(_complete(c, gw.url, headers))
+        await wait_until(lambda: gw.state.pool.outstanding == 1)
+        queued = asyncio.create_task(_complete(c, gw.url, headers))
+        await wait_until(lambda: gw.state.admission.queued == 1)
+        async with c.get(f"{gw.url}/ui/status.json") as r:
+            status = await r.json()
+        replica.gate.set()
+        assert [(await t)[0] for t in (held, queued)] == [200, 200]
+    (acme,) = status["tenants"]
+    assert acme["tenant"] == "acme" and acme["keys"] == ["team-a", "team-b"]
+    assert acme["classes"] == ["interactive", "standard"] and acme["weight"] == 2
+    assert acme["limits"][0] == {"requests_per_minute": 100, "default_max_tokens": 256}
+    assert acme["queued"] == 1 and acme["service"] > 0
+    assert (acme["prompt_tokens"], acme["completion_tokens"]) == (3, 5)
+    assert acme["rate_limited"] == 0
