@@ -333,6 +333,11 @@ class FlowControl(_Model):
     fairness_half_life_s: float = Field(60.0, gt=0)  # tokens served count half after this
     queue_ttl_s: float = Field(60.0, gt=0)  # longer in the queue: 429 ttl-expired
     max_queued: int = Field(5000, ge=0)  # requests waiting at once, every class together
+    # A share of each replica's slots kept for the most important class: the other classes
+    # fill a replica only up to (100 - reserve_percent)% of its slots (one at least), so a
+    # request of the first class finds a slot at once instead of waiting for one to free.
+    # 0: every slot goes to whoever waits (work-conserving).
+    reserve_percent: float = Field(0.0, ge=0, lt=100)
     # Engines that report no capacity (vLLM, SGLang, TGI through load_feedback) take another
     # request while their reported waiting queue is empty and their KV cache use below this.
     kv_usage_threshold: float = Field(0.9, gt=0, le=1)

@@ -305,7 +305,7 @@ class Admission:
         self, request: RequestInfo, tried: Collection[Replica], ticket: Ticket
     ) -> tuple[Replica, str]:
         self.wake()  # an ejection may have run out since the last event
-        replica = self._take_free(request, tried)
+        replica = self._take_free(request, tried, ticket.rank)
         if replica is not None:
             if ticket is not DEFAULT_TICKET:
                 self._queue.charge(ticket)
@@ -405,19 +405,20 @@ class Admission:
     def _hand_out_one(self) -> bool:
         """One free slot to the first waiter (in the queue's order) that may use one; False
         when no waiter may."""
-        frees: dict[str | None, Sequence[Replica]] = {}  # free slots, per model
+        frees: dict[tuple[str | None, bool], Sequence[Replica]] = {}  # per model and reserve
         for entry in self._queue.in_order():
             waiter = entry.item
             if waiter.future.done():  # timed out or cancelled, not yet out of the queue
                 continue
             model = waiter.request.model
-            free = frees.get(model)
+            key = (model, self._reserved_from(entry.ticket.rank))
+            free = frees.get(key)
             if free is None:
-                free = frees[model] = self._free(model)
+                free = frees[key] = self._free(model, entry.ticket.rank)
             if not free:
-                if model is None:
+                if model is None and not key[1]:
                     return False
-                continue  # a waiter for another model may find a slot
+                continue  # a waiter for another model (or a more important class) may
             usable = [r for r in free if r not in waiter.tried] if waiter.tried else free
             if not usable:
                 continue
@@ -446,13 +447,15 @@ class Admission:
                 waiter.future.set_exception(NoUntriedReplica())
         self.wake()
 
-    def _take_free(self, request: RequestInfo, tried: Collection[Replica]) -> Replica | None:
+    def _take_free(
+        self, request: RequestInfo, tried: Collection[Replica], rank: int = 0
+    ) -> Replica | None:
         if not self.pool.available_for(request.model):
             raise _no_healthy(request.model)
         if tried and self._all_tried(tried, request.model):
             raise NoUntriedReplica
         with self._claiming():
-            free = self._free(request.model)
+            free = self._free(request.model, rank)
             usable = [r for r in free if r not in tried] if tried else free
             if not usable:
                 return None
@@ -481,9 +484,9 @@ class Admission:
     def _all_tried(self, tried: Collection[Replica], model: str | None) -> bool:
         return all(r in tried for r in self.pool.available_for(model))
 
-    def _free(self, model: str | None = None) -> Sequence[Replica]:
-        """Available replicas (of `model`) with a free slot; none while the gateway-wide limit
-        is reached."""
+    def _free(self, model: str | None = None, rank: int = 0) -> Sequence[Replica]:
+        """Available replicas (of `model`) with a free slot for a request of class `rank`;
+        none while the gateway-wide limit is reached."""
         rules = self.rules
         limits = rules.limits
         available = self.pool.available_for(model)
@@ -498,12 +501,22 @@ class Admission:
             and not self.pool.replica_limits
         ):
             return available
-        return [r for r in available if self.slot_free(r)]
+        return [r for r in available if self.slot_free(r, rank)]
 
-    def slot_free(self, replica: Replica) -> bool:
-        """`replica` is under its slot limit (`slots`); without one it always is."""
+    def slot_free(self, replica: Replica, rank: int = 0) -> bool:
+        """`replica` is under its slot limit (`slots`) for a request of class `rank`; without
+        one it always is. Under flow control with `reserve_percent`, a class below the first
+        fills a replica only up to that share short of its slots (one slot at least)."""
         limit = self.slots(replica)
+        if limit is not None and self._reserved_from(rank):
+            assert self.rules.flow is not None
+            limit = max(1, math.floor(limit * (1 - self.rules.flow.reserve_percent / 100)))
         return limit is None or replica.busy < limit
+
+    def _reserved_from(self, rank: int) -> bool:
+        """Requests of class `rank` leave the reserve to the most important class."""
+        flow = self.rules.flow
+        return rank > 0 and flow is not None and flow.reserve_percent > 0
 
     def slots(self, replica: Replica) -> int | None:
         """How many requests `replica` takes at once from this gateway: its own

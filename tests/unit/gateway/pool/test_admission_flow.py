@@ -202,3 +202,27 @@ async def test_a_fresh_engine_report_sets_the_slots_and_a_stale_one_falls_back()
     assert admission.slots(replica) == 8
     replica.reported_at -= 10
     assert admission.slots(replica) == 2
+
+
+async def test_a_reserve_keeps_slots_for_the_most_important_class() -> None:
+    flow = _flow(reserve_percent=50)
+    pool, admission = _setup(flow, max_outstanding_per_replica=4)
+    standard = _ticket(flow, "t", "standard")
+    held = [Lease(admission, await admission.acquire(NO_INFO, (), standard), NO_INFO)]
+    held.append(Lease(admission, await admission.acquire(NO_INFO, (), standard), NO_INFO))
+    order: list[str] = []
+    waiting = _waiting(admission, standard, order, "s3")  # half the slots are reserved
+    await _settle()
+    assert admission.queued == 1 and pool.outstanding == 2
+    interactive = _ticket(flow, "u", "interactive")
+    held.append(Lease(admission, await admission.acquire(NO_INFO, (), interactive), NO_INFO))
+    assert pool.outstanding == 3 and admission.queued == 1
+    held.pop(0).close()
+    await _settle()
+    assert admission.queued == 1  # two busy: still at the standard share
+    held.pop(0).close()  # below it again: the standard waiter goes
+    await asyncio.wait_for(waiting, 1)
+    assert order == ["s3"]
+    for lease in held:
+        lease.close()
+    assert pool.outstanding == 0
