@@ -49,6 +49,7 @@ from gateway.datapath.h1client import UpstreamPool
 from gateway.datapath.proxy import PROXY, UPSTREAM, Proxy
 from gateway.datapath.transport import Upstream
 from gateway.errors import ConfigError
+from gateway.flow.limits import Leased
 from gateway.jobs import forward as jobs_forward
 from gateway.jobs import routes as job_routes
 from gateway.jobs.service import JOBS, JobService
@@ -204,6 +205,16 @@ def create_app(
         app.cleanup_ctx.append(_background("jobs", jobs.run))
     elif forwarded and worker is not None:  # worker 0 owns the store; it answers for us
         app.cleanup_ctx.append(jobs_forward.lifetime(worker.jobs_socket))
+    flow = config.flow_control
+    if flow is not None and flow.store is not None:  # keys' limits leased from a shared store
+        from gateway.control.limits_store import LimitsLoop, LimitsStore  # imports asyncpg
+
+        live.limiter.leased = Leased(flow.store_slice_percent)
+        if worker is None or worker.index == 0:  # the workers share worker 0's allowance
+            errors = gateway_metrics.flow.store_errors
+            feed = LimitsLoop(live, LimitsStore(flow.store), on_error=errors.inc)
+            app.cleanup_ctx.append(feed.lifetime)
+            app.cleanup_ctx.append(_background("limits-store", feed.run))
     own = [
         ("/healthz", ("GET", "HEAD"), handlers.healthz),
         ("/readyz", ("GET", "HEAD"), handlers.readyz),

@@ -9,14 +9,15 @@ any other (an `X-Infergate-Tenant` header's) is `other`. Class labels come from 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.config import FlowClass
 from gateway.flow.identity import DEFAULT_TENANT
-from gateway.flow.queue import Ticket
+from gateway.flow.queue import JOBS, Ticket
 from gateway.flow.service import Usage
 from gateway.pool.admission import Admission
 from gateway.pool.live import Live, Runtime
@@ -54,6 +55,12 @@ class FlowMetrics:
             "Requests refused by their key's limits, by tenant and limit (requests, tokens, "
             "parallel_requests, request_too_large).",
             ["tenant", "code"],
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "gateway_limits_store_errors",
+            "Round trips to the limits store (flow_control.store) that failed: refused, timed "
+            "out or an error of the database.",
             registry=registry,
         )
         self.tenants: frozenset[str] = frozenset({DEFAULT_TENANT})
@@ -107,9 +114,13 @@ class QueueCollector(Collector):
         flow = self._live.runtime.config.flow_control
         sums: dict[tuple[str, str], int] = {}
         for (rank, tenant), count in self._admission.waiting().items():
-            name = flow.classes[min(rank, len(flow.classes) - 1)].name if flow else ALL_CLASSES
+            name = ALL_CLASSES if flow is None else _class_name(flow.classes, rank)
             label = (name, self._metrics.label(tenant))
             sums[label] = sums.get(label, 0) + count
         for labels, count in sums.items():
             family.add_metric(list(labels), count)
         yield family
+
+
+def _class_name(classes: Sequence[FlowClass], rank: int) -> str:
+    return classes[rank].name if rank < len(classes) else JOBS

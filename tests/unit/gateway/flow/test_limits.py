@@ -1,6 +1,7 @@
 """Per-key limits on a fake clock: buckets that start full and refill at limit/60 per second,
 each limit refusing with its code, message and Retry-After, reservations settled from usage
-(given back, a debt, kept), the x-ratelimit headers, and limits changed by a reload."""
+(given back, a debt, kept), the x-ratelimit headers, and limits changed by a reload; and the
+leased mode of several gateways, where only grants fill a bucket."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 from gateway.config import KeyLimits
 from gateway.errors import GatewayError
 from gateway.flow.limits import (
+    STORE_UP,
     KeyState,
+    Leased,
     Limiter,
     LocalTable,
     RateLimited,
@@ -236,3 +239,94 @@ def test_a_reload_keeps_the_state_and_clamps_it_to_a_lower_limit() -> None:
     clock.now += 3  # refilled at the new rate: 10 back
     assert state(table, "a").requests.refilled(200, clock.now).level == 58
     assert in_flight(table, "a") == 2
+
+
+def leased_limiter() -> tuple[Limiter, LocalTable, FakeClock]:
+    table, clock = LocalTable(), FakeClock()
+    return Limiter(table, clock, leased=Leased(slice_percent=5)), table, clock
+
+
+def test_a_leased_bucket_holds_only_what_is_granted_and_never_refills_from_the_clock() -> None:
+    limits = KeyLimits(requests_per_minute=60)  # a slice: 3, the floor 1.5
+    lim, table, clock = leased_limiter()
+    assert Leased(5).slice(60) == 3 and Leased(5).slice(10) == 1  # at least 1
+    error = refused(lim, "a", limits, 0)  # nothing leased yet
+    assert error.code == "requests"
+    assert str(error) == (
+        "key 'a' is over its requests_per_minute limit of 60: 1 request asked, 0 left; this "
+        "gateway's share of the limit, leased in slices from the limits store that the "
+        "gateways share, is used up; retry in 1.0 s"
+    )
+    assert error.headers["Retry-After"] == "1"
+    assert lim.grant("a", "requests", 3) == 3
+    for _ in range(3):
+        lim.reserve("a", limits, 0).settle(None)
+    clock.now += 3600  # an hour: nothing back but grants
+    refused(lim, "a", limits, 0)
+    assert lim.allowance("a", "requests").level == 0
+    lim.grant("a", "requests", 1.25)
+    assert lim.reserve("a", limits, 0).headers()["x-ratelimit-remaining-requests"] == "0"
+    assert state(table, "a").requests.level == 0.25
+
+
+def test_refunds_and_debts_work_on_the_allowance() -> None:
+    limits = KeyLimits(tokens_per_minute=1000)  # a slice: 50, the floor 25
+    lim, table, clock = leased_limiter()
+    lim.grant("a", "tokens", 50)
+    lim.reserve("a", limits, 40).settle(10)  # 30 back
+    assert state(table, "a").tokens.level == 40
+    clock.now += 60
+    lim.reserve("a", limits, 30).settle(100)  # 70 over: a debt
+    assert state(table, "a").tokens.level == -60
+    error = refused(lim, "a", limits, 1)
+    assert "none left (60 owed by usage over earlier reservations)" in str(error)
+    assert "retry in 3.7 s" in str(error)  # 61 tokens of the store's 1000 a minute
+    assert lim.grant("a", "tokens", 110) == 110  # the next slice pays the debt
+    assert lim.allowance("a", "tokens").level == 50
+
+
+def test_at_the_floor_a_request_larger_than_the_allowance_passes_and_leaves_a_debt() -> None:
+    """The store loop stops topping up at the floor (half a slice): a request asking more than
+    is held there would otherwise wait for ever."""
+    limits = KeyLimits(tokens_per_minute=1000)
+    lim, table, _ = leased_limiter()
+    lim.grant("a", "tokens", 24)
+    error = refused(lim, "a", limits, 200)
+    assert "200 tokens asked, 24 left" in str(error) and "retry in 0.1 s" in str(error)
+    lim.grant("a", "tokens", 1)
+    lim.reserve("a", limits, 200)  # 25 held: the floor
+    assert state(table, "a").tokens.level == -175
+    refused(lim, "a", limits, 0)
+    assert refused(lim, "a", limits, 1001).code == "request_too_large"
+
+
+def test_a_grant_stops_at_its_cap_and_says_what_it_changed() -> None:
+    lim, _, _ = leased_limiter()
+    assert lim.grant("a", "tokens", 80, cap=50) == 50
+    assert lim.grant("a", "tokens", 0, cap=20) == -30  # brought down to the cap
+    assert lim.grant("a", "tokens", 0, cap=0) == -20  # all of it taken back
+    lim.grant("a", "tokens", -5)
+    assert lim.grant("a", "tokens", 0, cap=0) == 0  # a debt is kept
+    assert lim.allowance("b", "requests").level == 0  # a key never seen holds nothing
+
+
+def test_while_the_store_is_unavailable_the_refusal_says_so() -> None:
+    limits = KeyLimits(requests_per_minute=60, tokens_per_minute=6000)
+    lim, _, clock = leased_limiter()
+    lim.grant("a", "requests", 1)
+    lim.grant("a", "tokens", 300)
+    lim.mark("a", "requests", store_down=True)
+    clock.now += 12
+    lim.mark("a", "requests", store_down=True)  # still since the first
+    assert lim.allowance("a", "requests").at_s == 1000
+    lim.reserve("a", limits, 10)  # what is held still serves
+    error = refused(lim, "a", limits, 10)
+    assert str(error) == (
+        "key 'a' is over its requests_per_minute limit of 60: 1 request asked, 0 left; the "
+        "limits store has been unavailable for 12 s (flow_control.store_unavailable: deny), "
+        "so this gateway gets no more of the limit until it is back; retry in 1.0 s"
+    )
+    lim.mark("a", "requests", store_down=False)
+    assert lim.allowance("a", "requests").at_s == STORE_UP
+    assert "used up" in str(refused(lim, "a", limits, 10))
+    assert lim.allowance("a", "tokens").level == 290  # marks keep the allowance
