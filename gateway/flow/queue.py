@@ -14,7 +14,9 @@ queue (`granted`), which charges the tenant and changes the order.
 
 When the queue is full, `victim` names the request to refuse or take out: the newest of the
 least important class present, the arriving one included, taken out only if its class is
-sheddable (otherwise the arriving request is refused).
+sheddable (otherwise the arriving request is refused). A durable class (deferred jobs, below
+every configured class: JOBS) is never shed and does not count towards the queue's bound: its
+requests go back to the job store, never away.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Ticket:
 
 
 DEFAULT_TICKET = Ticket()
+JOBS = "jobs"  # the class of deferred jobs and batch lines: the last, durable
 
 
 @dataclass(eq=False, slots=True)
@@ -63,12 +66,18 @@ class _Class(Generic[T]):
 
 class FlowQueue(Generic[T]):
     def __init__(
-        self, classes: int, fairness: Fairness, service: Service, sheddable: frozenset[int]
+        self,
+        classes: int,
+        fairness: Fairness,
+        service: Service,
+        sheddable: frozenset[int],
+        durable: frozenset[int] = frozenset(),
     ) -> None:
         self._classes: list[_Class[T]] = [_Class() for _ in range(classes)]
         self.fairness = fairness
         self.service = service
         self.sheddable = sheddable
+        self.durable = durable
         self._seq = itertools.count()
         self._turns = itertools.count(1)
         self._last_turn: dict[str, int] = {}  # round_robin: tenant -> its last turn
@@ -76,6 +85,10 @@ class FlowQueue(Generic[T]):
 
     def __len__(self) -> int:
         return self._size
+
+    def bounded(self) -> int:
+        """Entries that count towards the queue's bound: all but the durable classes'."""
+        return self._size - sum(self._classes[rank].size for rank in self.durable)
 
     def push(self, item: T, ticket: Ticket) -> Entry[T]:
         entry = Entry(item, ticket, next(self._seq))
@@ -139,7 +152,7 @@ class FlowQueue(Generic[T]):
         newest of the least important sheddable class below it), or None: refuse `arriving`."""
         for rank in range(len(self._classes) - 1, arriving.rank, -1):
             cls = self._classes[rank]
-            if cls.size:
+            if cls.size and rank not in self.durable:
                 if rank not in self.sheddable:
                     return None
                 return max((q[-1] for q in cls.tenants.values()), key=lambda e: e.seq)
@@ -165,10 +178,11 @@ class FlowQueue(Generic[T]):
         service: Service,
         sheddable: frozenset[int],
         retag: Callable[[Ticket], Ticket],
+        durable: frozenset[int] = frozenset(),
     ) -> FlowQueue[T]:
         """The same waiting entries under new rules (a reload), in their arrival order, each
         ticket as `retag` makes it (its class's new rank, its tenant's new weight)."""
-        queue: FlowQueue[T] = FlowQueue(classes, fairness, service, sheddable)
+        queue: FlowQueue[T] = FlowQueue(classes, fairness, service, sheddable, durable)
         queue._seq, queue._turns, queue._last_turn = self._seq, self._turns, self._last_turn
         for entry in sorted(self.entries(), key=lambda e: e.seq):
             entry.ticket = retag(entry.ticket)

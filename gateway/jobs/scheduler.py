@@ -1,12 +1,18 @@
-"""The job scheduler: one task that sends queued jobs to replicas, only into idle capacity.
+"""The job scheduler: one task that sends queued jobs to replicas.
 
-A job is dispatched only while no real-time request waits at the gateway (admission queue
-empty) and to a replica whose outstanding count is below `jobs.max_outstanding_per_replica`;
-the routing policy chooses among those. Each dispatch is an admission lease taken when the job
-is started (so real-time routing sees job traffic in the outstanding counts) and closed when its
-task ends, however it ends: done, failed, cancelled, even before its first step. The
-scheduler polls for capacity every `jobs.poll_interval_s` only while jobs wait; a submit or a
-finished job wakes it at once. With jobs off none of this runs: the real-time path is unchanged.
+Without flow control, only into idle capacity: a job is dispatched only while no real-time
+request waits at the gateway (admission queue empty) and to a replica whose outstanding count
+is below `jobs.max_outstanding_per_replica`; the routing policy chooses among those. Under flow
+control (`flow_control:`), jobs wait in the gateway queue itself, in a durable class below
+every configured one (never shed, no TTL), so a free slot goes to a job only when no real-time
+request may use it; `jobs.max_outstanding_per_replica` stays their cap per replica, and at most
+that many per replica in rotation wait in the queue at once (the rest stay in the store).
+
+Each dispatch is an admission lease taken when the job is started (so real-time routing sees
+job traffic in the outstanding counts) and closed when its task ends, however it ends: done,
+failed, cancelled, even before its first step. The scheduler polls for capacity every
+`jobs.poll_interval_s` only while jobs wait; a submit or a finished job wakes it at once.
+With jobs off none of this runs: the real-time path is unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -27,6 +34,7 @@ from gateway.control.fetch import BodyOverLimit, Session, read_capped
 from gateway.datapath.classify import classify
 from gateway.datapath.upstream import RETRIABLE_STATUSES, client_timeout, upstream_url
 from gateway.errors import GatewayError, NoHealthyReplica, error_body
+from gateway.flow.queue import DEFAULT_TICKET
 from gateway.jobs.model import Job, Outcome
 from gateway.jobs.store import Store, StoreUnavailable
 from gateway.ops.metrics import GatewayMetrics
@@ -128,6 +136,8 @@ class Scheduler:
         self._deferred: dict[str, float] = {}  # job id -> until when claims pass it over
         self._passed = 0  # jobs passed over in a row
         self._full: dict[str, float] = {}  # replica url -> until when (the store said full)
+        self._waiting = 0  # flow control: jobs waiting in the gateway queue
+        self._jobs_at: Counter[str] = Counter()  # flow control: jobs in flight per replica
 
     def _deferred_ids(self) -> list[str]:
         now = time.monotonic()
@@ -192,6 +202,9 @@ class Scheduler:
 
     async def _loop(self) -> None:
         while True:
+            if self._state.admission.rules.flow is not None:
+                await self._queue_jobs()
+                continue
             replicas = self._eligible()
             if not replicas:
                 await self._sleep(self._settings.poll_interval_s)
@@ -217,6 +230,88 @@ class Scheduler:
                         await self._sleep(DEFER_S / 4)
                 elif replicas and job is not None:
                     self._held, self._passed = None, 0
+
+    async def _queue_jobs(self) -> None:
+        """Under flow control: claim jobs while fewer than the cap per replica in rotation wait
+        in the gateway queue, each in a task that waits for its slot there."""
+        state, settings = self._state, self._settings
+        room = settings.max_outstanding_per_replica * len(state.pool.available())
+        if state.draining or not state.models_polled or self._waiting >= room:
+            await self._sleep(self._settings.poll_interval_s)
+            return
+        job = await self._store.claim(self._deferred_ids())
+        if job is None:
+            await self._sleep(IDLE_WAIT_S if not self._deferred else DEFER_S)
+            return
+        self._waiting += 1  # until it has its slot (or ends without one)
+        task = asyncio.create_task(self._queued(job), name=f"job-{job.id}")
+        self._in_flight[job.id] = task
+        task.add_done_callback(lambda t: self._queued_done(job.id, t))
+
+    async def _queued(self, job: Job) -> None:
+        """One claimed job: its slot from the gateway queue (or, run again after a crash, the
+        replica that had it), then its dispatch. It counts as waiting until it has a slot."""
+        waiting = [True]
+
+        def got_slot() -> None:
+            if waiting[0]:
+                waiting[0] = False
+                self._waiting -= 1
+
+        try:
+            await self._take_slot(job, got_slot)
+        finally:
+            got_slot()
+
+    async def _take_slot(self, job: Job, got_slot: Callable[[], None]) -> None:
+        state = self._state
+        try:  # classified as a real-time request with its body would be
+            sent = classify(state, job.url, NO_HEADERS, job.body.encode())
+        except NoHealthyReplica:  # its model's replicas are out of rotation: later
+            if await self._store.unclaim(job):
+                self._defer(job.id)
+            return
+        except GatewayError as exc:  # a model no replica serves: the answer a client gets
+            reply = Reply(exc.status, json.dumps(error_body(exc.error_type, str(exc))), True)
+            await self._record(job, reply)
+            return
+        again = self._previous(job, state.pool.available_for(sent.model))
+        if again is not None:
+            got_slot()
+            lease = state.admission.take([again], sent.info)
+            with contextlib.closing(lease):
+                await self._dispatch(job, lease, sent.body, sent.path_qs, None)
+            return
+        admission, cap = state.admission, self._settings.max_outstanding_per_replica
+        ticket = admission.job_ticket(job.owner or "jobs") or DEFAULT_TICKET
+        excluded = self._at_cap(cap)
+        async with admission.lease(sent.info, ticket=ticket, excluded=excluded) as lease:
+            got_slot()
+            lease.key = job.owner
+            self._jobs_at[lease.replica.url] += 1
+            try:
+                await self._dispatch(job, lease, sent.body, sent.path_qs, cap)
+            finally:
+                self._jobs_at[lease.replica.url] -= 1
+                admission.wake()  # a job waiting for this replica's job slot may go now
+
+    def _at_cap(self, cap: int) -> Callable[[Replica], bool]:
+        """Replicas where this gateway has `cap` jobs in flight: no more jobs there."""
+        return lambda replica: self._jobs_at[replica.url] >= cap
+
+    def _queued_done(self, job_id: str, task: asyncio.Task[None]) -> None:
+        self._forget(job_id, task)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job %s: dispatch failed", job_id, exc_info=task.exception())
+
+    async def _record(self, job: Job, reply: Reply) -> None:
+        outcome = outcome_of(reply, job, self._settings.max_attempts)
+        try:
+            if outcome is not None and await self._store.finish(job, outcome):
+                self._metrics.jobs_finished.labels(outcome.status).inc()
+        except StoreUnavailable as exc:  # its lease runs out and a gateway refuses it again
+            log.warning("job %s: refusal not recorded: %s", job.id, exc)
 
     async def _sleep(self, timeout_s: float) -> None:
         with contextlib.suppress(TimeoutError):

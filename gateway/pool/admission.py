@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 
 from gateway.config import FlowControl, Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded, clipped
-from gateway.flow.queue import DEFAULT_TICKET, Entry, FlowQueue, Ticket
+from gateway.flow.queue import DEFAULT_TICKET, JOBS, Entry, FlowQueue, Ticket
 from gateway.flow.service import LocalService, Service, Usage
 from gateway.pool import outlier
 from gateway.pool.replicas import ReplicaPool, publish_totals
@@ -163,12 +163,29 @@ class Lease:
             self._admission.finish(self, time.perf_counter() - self._started)
 
 
+Excluded = Callable[[Replica], bool]  # replicas a request may not use now (a job at its cap)
+
+
 @dataclass(eq=False)
 class _Waiter:
     request: RequestInfo
     tried: Collection[Replica]
     future: asyncio.Future[Replica] = field(repr=False)
     since: float = 0.0  # loop time it joined the queue
+    excluded: Excluded | None = None
+
+    def usable(self, free: Sequence[Replica]) -> Sequence[Replica]:
+        return _usable(free, self.tried, self.excluded)
+
+
+def _usable(
+    free: Sequence[Replica], tried: Collection[Replica], excluded: Excluded | None
+) -> Sequence[Replica]:
+    if tried:
+        free = [r for r in free if r not in tried]
+    if excluded is not None:
+        free = [r for r in free if not excluded(r)]
+    return free
 
 
 Dequeued = Callable[[Ticket, float, str], None]  # ticket, seconds queued, how it left
@@ -235,16 +252,25 @@ class Admission:
         else:
             self.service.half_life_s = flow.fairness_half_life_s
             sheddable = frozenset(i for i, c in enumerate(flow.classes) if c.sheddable)
-            last = len(flow.classes) - 1
+            jobs = len(flow.classes)  # below every configured class
+            last = jobs - 1
 
             def retag(ticket: Ticket) -> Ticket:
-                rank = flow.rank(ticket.class_name)
+                rank = jobs if ticket.class_name == JOBS else flow.rank(ticket.class_name)
                 return replace(ticket, rank=rank if rank >= 0 else last)
 
             self._queue = self._queue.reshaped(
-                len(flow.classes), flow.fairness, self.service, sheddable, retag
+                jobs + 1, flow.fairness, self.service, sheddable, retag, frozenset({jobs})
             )
         self.wake()
+
+    def job_ticket(self, tenant: str, cost: float = 1.0) -> Ticket | None:
+        """A deferred job's place under flow control: the durable class below every other;
+        None without flow control (jobs then go only into idle capacity)."""
+        flow = self.rules.flow
+        if flow is None:
+            return None
+        return Ticket(tenant, JOBS, len(flow.classes), 1.0, cost)
 
     def retry_after_s(self) -> int:
         rate = self.drain.per_second()
@@ -257,10 +283,12 @@ class Admission:
         *,
         tried: Collection[Replica] = (),
         ticket: Ticket = DEFAULT_TICKET,
+        excluded: Excluded | None = None,
     ) -> AsyncIterator[Lease]:
         """A replica with a free slot for this request (waiting in the queue, in the place its
-        `ticket` gives it, if need be), held until the block exits."""
-        replica, reason = await self._acquire(request, tried, ticket)
+        `ticket` gives it, if need be), held until the block exits; never one `excluded`
+        says it may not use when it would take it."""
+        replica, reason = await self._acquire(request, tried, ticket, excluded)
         lease = self._dispatched(replica, request, reason)
         try:
             yield lease
@@ -302,22 +330,28 @@ class Admission:
         return (await self._acquire(request, tried, ticket))[0]
 
     async def _acquire(
-        self, request: RequestInfo, tried: Collection[Replica], ticket: Ticket
+        self,
+        request: RequestInfo,
+        tried: Collection[Replica],
+        ticket: Ticket,
+        excluded: Excluded | None = None,
     ) -> tuple[Replica, str]:
         self.wake()  # an ejection may have run out since the last event
-        replica = self._take_free(request, tried, ticket.rank)
+        replica = self._take_free(request, tried, ticket.rank, excluded)
         if replica is not None:
             if ticket is not DEFAULT_TICKET:
                 self._queue.charge(ticket)
             return replica, "free slot"
         rules = self.rules
-        waiter = _Waiter(request, tried, asyncio.get_running_loop().create_future(), self._clock())
-        if len(self._queue) >= rules.max_queued:
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(request, tried, loop.create_future(), self._clock(), excluded)
+        durable = ticket.rank in self._queue.durable  # a job: it waits as long as it takes
+        if not durable and self._queue.bounded() >= rules.max_queued:
             self._make_room(ticket)
         entry = self._queue.push(waiter, ticket)
         self._publish_queue()
         self._arm_timer()
-        ttl_s = rules.queue_ttl_s
+        ttl_s = None if durable else rules.queue_ttl_s
         try:
             async with asyncio.timeout(ttl_s):
                 replica = await waiter.future
@@ -419,7 +453,7 @@ class Admission:
                 if model is None and not key[1]:
                     return False
                 continue  # a waiter for another model (or a more important class) may
-            usable = [r for r in free if r not in waiter.tried] if waiter.tried else free
+            usable = waiter.usable(free)
             if not usable:
                 continue
             replica = self.rules.policy_for(model).choose(usable, waiter.request)
@@ -448,15 +482,18 @@ class Admission:
         self.wake()
 
     def _take_free(
-        self, request: RequestInfo, tried: Collection[Replica], rank: int = 0
+        self,
+        request: RequestInfo,
+        tried: Collection[Replica],
+        rank: int = 0,
+        excluded: Excluded | None = None,
     ) -> Replica | None:
         if not self.pool.available_for(request.model):
             raise _no_healthy(request.model)
         if tried and self._all_tried(tried, request.model):
             raise NoUntriedReplica
         with self._claiming():
-            free = self._free(request.model, rank)
-            usable = [r for r in free if r not in tried] if tried else free
+            usable = _usable(self._free(request.model, rank), tried, excluded)
             if not usable:
                 return None
             replica = self.rules.policy_for(request.model).choose(usable, request)

@@ -308,3 +308,50 @@ async def test_a_nul_character_is_refused_with_a_4xx_on_either_store(
     assert "NUL character" in results[0]["error"]["message"] and results[1]["error"] is None
     # Never in any store: SQLite finds no such job, PostgreSQL cannot hold the character.
     assert lookup[0] == (400 if store.startswith("postgresql") else 404)
+
+
+async def test_under_flow_control_jobs_wait_in_the_queue_below_every_class_and_are_never_shed(
+    tmp_path: Path, store: str
+) -> None:
+    flow = {
+        "classes": [{"name": "interactive"}, {"name": "batch", "sheddable": True}],
+        "default_class": "batch",
+        "max_queued": 1,
+    }
+    limits = {"max_outstanding_per_replica": 1}
+    async with (
+        fake_replicas(1) as (replica,),
+        jobs_gateway(
+            tmp_path,
+            store,
+            [replica],
+            limits=limits,
+            flow_control=flow,
+            jobs={"max_outstanding_per_replica": 2},
+        ) as (gw, client),
+    ):
+        first = asyncio.create_task(client.post(f"{gw.url}/hold"))
+        await wait_until(lambda: replica.in_flight == 1)
+        jobs = []
+        for _ in range(2):
+            async with client.post(f"{gw.url}/v1/jobs", json=COMPLETION) as response:
+                jobs.append((await response.json())["id"])
+        await wait_until(lambda: gw.state.admission.waiting() == {(2, "jobs"): 2})
+        second = asyncio.create_task(client.post(f"{gw.url}/echo"))  # batch, real time
+        await wait_until(lambda: gw.state.admission.queued == 3)
+        # The queue's bound counts real-time requests only: a third is refused, the jobs stay.
+        async with client.post(f"{gw.url}/echo") as refused:
+            assert refused.status == 429
+            assert refused.headers["X-Infergate-Dropped-Reason"] == "queue-full"
+        assert gw.state.admission.waiting()[(2, "jobs")] == 2
+        replica.release.set()
+        for task in (first, second):
+            (await task).release()
+        for job in jobs:
+            await until_status(client, f"{gw.url}/v1/jobs/{job}", "succeeded")
+    # The real-time request that queued after the jobs went before them.
+    assert [seen["path"] for seen in replica.seen] == [
+        "/echo",
+        "/v1/completions",
+        "/v1/completions",
+    ]
