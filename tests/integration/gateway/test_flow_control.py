@@ -237,6 +237,18 @@ async def test_max_parallel_refuses_the_request_over_it_until_one_ends(tmp_path:
         assert refused == 1
 
 
+async def _both_workers_answer(url: str, timeout_s: float = 10.0) -> dict[int, float]:
+    """Each worker's recent requests per second, once fresh connections have reached both."""
+    seen: dict[int, float] = {}
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while len(seen) < 2:
+        assert asyncio.get_running_loop().time() < deadline, f"only worker(s) {seen} answered"
+        async with aiohttp.ClientSession() as c, c.get(f"{url}/ui/status.json") as r:
+            status = await r.json()
+            seen[status["worker"]] = status["recent"]["requests_per_s"]
+    return seen
+
+
 async def test_a_keys_limits_hold_across_two_workers(tmp_path: Path) -> None:
     """`workers: 2`: requests_per_minute 20 admits 20 however the connections land (each
     worker alone would admit 20 of its own); the refills during the test add at most one."""
@@ -254,15 +266,14 @@ async def test_a_keys_limits_hold_across_two_workers(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             await wait_http_ok(f"{url}/readyz", proc)
+            await _both_workers_answer(url)  # each listens once it is up
             statuses: list[int] = []
-            workers: set[str] = set()
             for _ in range(40):
                 async with aiohttp.ClientSession() as c:  # a fresh connection: either worker
                     status, _, _ = await _complete(c, url, {"Authorization": f"Bearer {KEY}"})
                     statuses.append(status)
-                async with aiohttp.ClientSession() as c, c.get(f"{url}/ui/status.json") as r:
-                    workers.add(str((await r.json()).get("worker")))
-            assert len(workers) == 2, "the connections all landed on one worker"
+            served = await _both_workers_answer(url)
+            assert all(rate > 0 for rate in served.values()), f"one worker served all: {served}"
             assert set(statuses) == {200, 429}
             assert 20 <= statuses.count(200) <= 21
         finally:
