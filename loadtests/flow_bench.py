@@ -79,7 +79,11 @@ class Tenant:
     rate: float | None = None
     users: int = 0
 
+    key: str | None = None  # an API key, sent as a bearer token
+
     def headers(self) -> dict[str, str]:
+        if self.key is not None:
+            return {"Authorization": f"Bearer {self.key}"}
         return {"X-Infergate-Tenant": self.name, "X-Infergate-Class": self.klass}
 
 
@@ -125,12 +129,13 @@ async def closed_loop(
 
 
 async def open_loop(
-    client: aiohttp.ClientSession, url: str, tenant: Tenant, until: float
+    client: aiohttp.ClientSession, urls: list[str], tenant: Tenant, until: float
 ) -> list[Sample]:
+    """Poisson arrivals, each to one of `urls` in turn (gateways behind one Service)."""
     assert tenant.rate is not None
     arrivals = random.Random(f"arrivals:{tenant.name}:{tenant.workload.seed}")
     requests = random.Random(f"{tenant.name}:{tenant.workload.seed}")
-    tasks = []
+    tasks: list[asyncio.Task[Sample]] = []
     due = time.time()
     while True:
         due += arrivals.expovariate(tenant.rate)
@@ -138,6 +143,7 @@ async def open_loop(
             break
         await asyncio.sleep(max(0.0, due - time.time()))
         request = draw(tenant.workload, requests)
+        url = urls[len(tasks) % len(urls)]
         tasks.append(asyncio.create_task(send(client, url, tenant, request)))
     return list(await asyncio.gather(*tasks))
 
@@ -148,6 +154,21 @@ class Window:
 
     samples: list[Sample]
     seconds: float
+    start: float = 0.0  # unix time the window opened
+
+    def tokens_per_minute(self) -> float:
+        """Prompt and completion tokens of the requests served, per minute."""
+        tokens = sum(s.prompt_tokens + s.completion_tokens for s in self.samples if s.ok)
+        return tokens / self.seconds * 60
+
+    def minutes(self) -> list[int]:
+        """Tokens served in each whole minute of the window (by the requests' ends)."""
+        out = [0] * max(1, int(self.seconds // 60))
+        for s in self.samples:
+            minute = int((s.end - self.start) // 60)
+            if s.ok and minute < len(out):
+                out[minute] += s.prompt_tokens + s.completion_tokens
+        return out
 
     def of(self, tenant: str) -> list[Sample]:
         return [s for s in self.samples if s.tenant == tenant]
@@ -170,7 +191,9 @@ class Window:
         return sum(not s.ok for s in self.of(tenant))
 
 
-async def run_tenants(url: str, tenants: list[Tenant], warmup_s: float, seconds: float) -> Window:
+async def run_tenants(
+    urls: list[str], tenants: list[Tenant], warmup_s: float, seconds: float
+) -> Window:
     start = time.time()
     until = start + warmup_s + seconds
     timeout = aiohttp.ClientTimeout(total=600)
@@ -180,12 +203,12 @@ async def run_tenants(url: str, tenants: list[Tenant], warmup_s: float, seconds:
         jobs = []
         for tenant in tenants:
             if tenant.rate is not None:
-                jobs.append(open_loop(client, url, tenant, until))
-            jobs += [closed_loop(client, url, tenant, until, u) for u in range(tenant.users)]
+                jobs.append(open_loop(client, urls, tenant, until))
+            jobs += [closed_loop(client, urls[0], tenant, until, u) for u in range(tenant.users)]
         results = await asyncio.gather(*jobs)
     lo, hi = start + warmup_s, until
     kept = [s for samples in results for s in samples if lo <= s.end <= hi]
-    return Window(kept, seconds)
+    return Window(kept, seconds, lo)
 
 
 @dataclass
@@ -211,7 +234,7 @@ class Bench:
             self.urls, "least_outstanding_requests", self.seed, self.port, self.workdir,
             self.log, extra,
         ) as (url, _pid):  # fmt: skip
-            return asyncio.run(run_tenants(url, tenants, self.args.warmup, self.args.seconds))
+            return asyncio.run(run_tenants([url], tenants, self.args.warmup, self.args.seconds))
 
 
 def hash_seed(tenant: str, seed: int) -> int:
@@ -274,9 +297,9 @@ def noisy(bench: Bench, cap: float) -> list[str]:
 def fairness(bench: Bench) -> list[str]:
     c = Tenant("c", bench.workload("c"), users=4 * bench.slots)
     d = Tenant("d", bench.workload("d"), users=bench.slots)
-    median = bench.args.output_median
-    e = Tenant("e", bench.workload("e", output_median=4 * median), users=2 * bench.slots)
-    f = Tenant("f", bench.workload("f", output_median=median), users=2 * bench.slots)
+    short = max(1, bench.args.output_median // 4)  # E's outputs are the usual ones, F's short
+    e = Tenant("e", bench.workload("e", output_median=4 * short), users=2 * bench.slots)
+    f = Tenant("f", bench.workload("f", output_median=short), users=2 * bench.slots)
     rows = [
         "| tenants | fairness | share of weighted tokens served | its req/s | the other's req/s |",
         "|---|---|---|---|---|",
@@ -296,11 +319,74 @@ def fairness(bench: Bench) -> list[str]:
     return rows
 
 
+KEY = "sk-flow-bench-0123456789"
+
+
+def limits(bench: Bench, capacity_tokens_per_minute: float) -> list[str]:
+    """One key's tokens_per_minute L behind 2 gateways x 2 workers sharing a PostgreSQL store;
+    open-loop clients offering 3L, every request to the gateways in turn."""
+    from loadtests.harness.pgserver import fresh_database, start_server
+
+    args = bench.args
+    limit = round(args.limit_share * capacity_tokens_per_minute)
+    workload = bench.workload("k", stream_share=0.0)  # every answer names its usage
+    rng = random.Random(0)
+    draws = [draw(workload, rng) for _ in range(2000)]
+    mean = sum(len(r.prompt.encode()) + BOS_TOKENS + r.max_tokens for r in draws) / len(draws)
+    tenant = Tenant("k", workload, rate=3 * limit / 60 / mean, key=KEY)
+    server = start_server()
+    try:
+        store = asyncio.run(fresh_database(server))
+        extra = {
+            "workers": 2,
+            "auth": {"api_keys": [{"name": "k", "key": KEY,
+                                   "limits": {"tokens_per_minute": limit}}]},
+            "flow_control": {"store": store, "queue_ttl_s": 600, "max_queued": 100_000},
+            "timeouts": {"idle_s": 600, "first_byte_s": 600},
+        }  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            urls = [
+                stack.enter_context(
+                    gateway_process(bench.urls, "least_outstanding_requests", bench.seed + g,
+                                    bench.port + g, bench.workdir, bench.log, extra)
+                )[0]
+                for g in range(2)
+            ]  # fmt: skip
+            window = asyncio.run(run_tenants(urls, [tenant], 0.0, args.limit_seconds))
+        version = server.version()
+    finally:
+        server.remove()
+    refused = sum(s.status == 429 for s in window.samples)
+    minutes = window.minutes()
+    steady = minutes[1:] or minutes
+    lines = [
+        f"Key `tokens_per_minute` L = {limit} ({args.limit_share:.0%} of the fleet's measured "
+        f"{capacity_tokens_per_minute:.0f} tokens/min); 2 gateway processes x `workers: 2`, "
+        f"`flow_control.store` on PostgreSQL {version} (a server on loopback started for the "
+        f"run); open loop offering 3L ({tenant.rate:.2f} req/s of {mean:.0f} tokens on average), "
+        f"requests to the gateways in turn, {args.limit_seconds:g} s.",
+        "",
+        "| minute | tokens served | served / L |",
+        "|---|---|---|",
+        *(f"| {i + 1} | {n} | {n / limit:.2f} |" for i, n in enumerate(minutes)),
+        f"| after the first (steady) | {sum(steady) / len(steady):.0f} "
+        f"| {sum(steady) / len(steady) / limit:.2f} |",
+        "",
+        f"Requests: {sum(s.ok for s in window.samples)} served, {refused} refused with 429. "
+        "A key starts with a full bucket (one minute's worth), so the first minute may serve "
+        "up to 2L; from the second on the bucket only refills.",
+        "",
+        "LiteLLM proxy (`tpm_limit`, two instances): not measured here; it is not installed "
+        "(an optional `peers` extra would carry it).",
+    ]
+    return lines
+
+
 @contextlib.contextmanager
 def fleet(args: argparse.Namespace, workdir: Path, log: IO[bytes]) -> Iterator[Bench]:
     config_path = workdir / "replica.yaml"
     config_path.write_text(yaml.safe_dump(replica_config()))
-    first = free_port_block(args.replicas + 4)
+    first = free_port_block(args.replicas + 4)  # the replicas, then up to 2 gateways
     cluster = ClusterConfig(
         replicas=args.replicas, engine="simulated", replica_config=config_path,
         first_replica_port=first,
@@ -322,6 +408,7 @@ def replica_config() -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, sections: dict[str, list[str]], cap: Window) -> list[str]:
+    tokens = cap.tokens_per_minute()
     lines = [
         f"{args.replicas} simulated-engine replicas (7B/A10G profile, {INSTANCE_CONCURRENCY} "
         f"sequences each) behind one gateway process; machine: {os.cpu_count()} cores, "
@@ -329,8 +416,9 @@ def report(args: argparse.Namespace, sections: dict[str, list[str]], cap: Window
         f"outputs lognormal, median {args.output_median}, sigma {args.output_sigma:g}; "
         f"seed {args.seed}.",
         "",
-        f"Measured capacity: {cap.rate():.2f} req/s completed with every slot full "
-        f"({2 * args.replicas * INSTANCE_CONCURRENCY} closed-loop users, no flow control).",
+        f"Measured capacity: {cap.rate():.2f} req/s ({tokens:.0f} prompt and completion "
+        f"tokens/min) completed with every slot full ({2 * args.replicas * INSTANCE_CONCURRENCY} "
+        "closed-loop users, no flow control).",
     ]
     for title, rows in sections.items():
         lines += ["", f"### {title}", "", *rows]
@@ -346,6 +434,8 @@ def main_sections(args: argparse.Namespace, workdir: Path, log: IO[bytes]) -> li
             sections["Noisy neighbour"] = noisy(bench, cap.rate())
         if "fairness" in only:
             sections["Fairness"] = fairness(bench)
+        if "limits" in only:
+            sections["Limits across gateways"] = limits(bench, cap.tokens_per_minute())
     return report(args, sections, cap)
 
 
@@ -357,7 +447,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-median", type=int, default=64)
     parser.add_argument("--output-sigma", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", default="noisy,fairness", help="noisy,fairness,limits")
+    parser.add_argument("--only", default="noisy,fairness,limits", help="noisy,fairness,limits")
+    parser.add_argument("--limit-seconds", type=float, default=180.0, help="the limits run")
+    parser.add_argument("--limit-share", type=float, default=0.3, help="L / capacity")
     parser.add_argument("--out", type=Path, help="folder for table.md and command.txt")
     return parser
 
@@ -368,7 +460,8 @@ def command_of(args: argparse.Namespace) -> str:
         *("--replicas", str(args.replicas), "--seconds", f"{args.seconds:g}"),
         *("--warmup", f"{args.warmup:g}", "--output-median", str(args.output_median)),
         *("--output-sigma", f"{args.output_sigma:g}", "--seed", str(args.seed)),
-        *("--only", args.only),
+        *("--only", args.only, "--limit-seconds", f"{args.limit_seconds:g}"),
+        *("--limit-share", f"{args.limit_share:g}"),
     ]
     if args.out is not None:
         argv += ["--out", str(args.out)]

@@ -9,8 +9,9 @@ in one run.
 Front ends, each with two replica URLs behind it: HAProxy `balance leastconn` (Debian's
 haproxy, default threads); `vllm-router` and `sglang-router` with `power_of_two` (the `peers`
 extra; Rust, multi-threaded); LiteLLM's proxy with `least-busy` (when `litellm` is installed);
-infergate `least_outstanding_requests` with `workers: 1` and `workers: 2`. One that is not
-installed is skipped with a notice. `direct` (no front end) is the baseline.
+infergate `least_outstanding_requests` with `workers: 1` and `workers: 2` (and, named
+`infergate:workers=N+flow`, with flow control on: classes and token fairness, no contention, so
+its cost alone). One that is not installed is skipped with a notice. `direct` (no front end) is the baseline.
 
 Request relay: the replicas are one nginx (Debian's, one worker process, two ports) returning a
 fixed OpenAI completion; without nginx, the Python upstream of loadtests/harness/relay_rig.py
@@ -68,6 +69,12 @@ from loadtests.harness.runner import (
 )
 
 PROG = "python -m loadtests.frontends_bench"
+FLOW_SUFFIX = "+flow"  # infergate:workers=N+flow: flow control on (its cost, no contention)
+FLOW_CONTROL = {
+    "classes": [{"name": "interactive"}, {"name": "standard"}],
+    "default_class": "standard",
+    "fairness": "tokens",
+}
 BODY = '{"model":"m","prompt":"Say hi","max_tokens":16}'
 FRONT_ENDS = (
     "haproxy:leastconn",
@@ -206,12 +213,13 @@ def missing(name: str) -> str | None:
         "vllm": bool(option),
         "sglang": bool(option),
         "litellm": option == "least-busy",
-        "infergate": option.startswith("workers=") and option[8:].isdigit(),
+        "infergate": option.startswith("workers=")
+        and option[8:].removesuffix(FLOW_SUFFIX).isdigit(),
     }
     if not known.get(kind, False):
         return (
             f"unknown front end {name} (haproxy:leastconn, vllm:POLICY, sglang:POLICY, "
-            "litellm:least-busy, infergate:workers=N)"
+            "litellm:least-busy, infergate:workers=N, infergate:workers=N+flow)"
         )
     need = {
         "haproxy": ("haproxy", "apt-get install haproxy"),
@@ -267,8 +275,11 @@ def front_end(
         with front_end_process(cmd, port, "/health/liveliness", log) as f:
             yield f
     else:
-        workers = int(name.split("=")[1])
-        extra = {"workers": workers, "limits": {"max_outstanding": 100000}}
+        option = name.split("=")[1]
+        workers = int(option.removesuffix(FLOW_SUFFIX))
+        extra: dict[str, Any] = {"workers": workers, "limits": {"max_outstanding": 100000}}
+        if option.endswith(FLOW_SUFFIX):  # flow control on, with nothing to queue for
+            extra["flow_control"] = FLOW_CONTROL
         with gateway_process(urls, "least_outstanding_requests", 0, port, workdir, log, extra) as f:
             yield f
 
