@@ -11,7 +11,8 @@ haproxy, default threads); `vllm-router` and `sglang-router` with `power_of_two`
 extra; Rust, multi-threaded); LiteLLM's proxy with `least-busy` (when `litellm` is installed);
 infergate `least_outstanding_requests` with `workers: 1` and `workers: 2` (and, named
 `infergate:workers=N+flow`, with flow control on: classes and token fairness, no contention, so
-its cost alone). One that is not installed is skipped with a notice. `direct` (no front end) is the baseline.
+its cost alone). One that is not installed is skipped with a notice. `direct` (no front end)
+is the baseline.
 
 Request relay: the replicas are one nginx (Debian's, one worker process, two ports) returning a
 fixed OpenAI completion; without nginx, the Python upstream of loadtests/harness/relay_rig.py
