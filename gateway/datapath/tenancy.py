@@ -1,12 +1,13 @@
 """Tenancy: between classify and admission, a request's place in the fleet. Its ticket (tenant,
-class, weight and expected weighted tokens: gateway/flow/identity.py) orders it in the gateway
-queue; its key's limits are reserved (gateway/flow/limits.py: 429 at once when over) and held
+class, weight, and its prompt tokens, charged to the tenant when it is dispatched:
+gateway/flow/identity.py) orders it in the gateway queue; its key's limits are reserved (gateway/flow/limits.py: 429 at once when over) and held
 through every attempt until `settle`, which gives back what the response did not use.
 
 What a request used: the response's `usage` (a whole body, or a stream's usage chunk); for a
 stream without one, its prompt's estimate plus the events relayed (a client that leaves settles
 what reached it); a replica's failure or refusal, nothing; a 2xx that names no usage keeps its
-reservation. The same tokens correct the tenant's service under `fairness: tokens`.
+reservation. The same tokens complete the tenant's service under `fairness: tokens` (its
+completion, weighted, and any error in the prompt's estimate).
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ def enter(
     limits = key.limits if key is not None else None
     default_max = limits.default_max_tokens if limits is not None else DEFAULT_MAX_TOKENS
     output_weight = flow.output_token_weight if flow is not None else 1.0
-    cost = 1.0
-    if estimate is not NOT_GENERATIVE:
-        completion = estimate.max_tokens if estimate.max_tokens is not None else default_max
-        cost = Usage(estimate.prompt_tokens, completion).weighted(output_weight)
+    # Charged to its tenant when dispatched: the prompt, prefilled at once; the completion is
+    # charged as it is served, when the request ends (`settle`), so the service a tenant has
+    # attained is what it was served, not what it asked for and is still waiting on.
+    cost = float(max(1, estimate.prompt_tokens))
     place = ticket(flow, key, headers, cost)
     reply: dict[str, str] = {CLASS_HEADER: place.class_name} if flow is not None else {}
     reservation = None

@@ -37,8 +37,8 @@ Fairness = Literal["fcfs", "round_robin", "tokens"]
 @dataclass(frozen=True, slots=True)
 class Ticket:
     """Who a request is from, as the queue orders it: its tenant, its class (by name and by
-    rank, 0 the most important), its tenant's weight, and the weighted tokens it is expected
-    to be served (charged to the tenant when it is dispatched)."""
+    rank, 0 the most important), its tenant's weight, and what its tenant is charged when it
+    is dispatched (the data path charges the prompt's tokens, and the rest when it ends)."""
 
     tenant: str = "default"
     class_name: str = ""

@@ -1,8 +1,9 @@
 """Service attained by each tenant lately: the weighted tokens it was served, decaying with a
 half-life, which `fairness: tokens` orders a class's tenants by (the least served first, per
-unit of weight). A request is charged its estimate when it is dispatched and corrected by its
-usage when it ends, so a tenant cannot get more than its share by asking for little and
-getting much.
+unit of weight). A request's prompt is charged when it is dispatched (it is prefilled at once)
+and its completion when it ends, from its usage, so what a tenant has attained is what it was
+served: asking for little and getting much, or many short requests against few long ones,
+buys no larger share.
 
 A value is kept as (amount, time) and decayed when read; with `workers: N` each worker keeps
 its own (SharedService would sum them); one process's counters live here.
