@@ -94,7 +94,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except GatewayError as exc:  # an unknown model, or none of its replicas in rotation
         proxy.events.unrouted(exc.error_type)
         raise
-    tenancy = _enter(request, proxy, asked.estimate)
+    tenancy = _enter(request, proxy, asked.estimate, len(body))
     last: list[Lease] = []  # the last attempt's lease: what the request used
     try:
         return await _attempts(request, proxy, asked, request_id, tenancy, last)
@@ -106,10 +106,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         proxy.events.settled(tenancy.ticket, usage)
 
 
-def _enter(request: web.Request, proxy: Proxy, estimate: Estimate | None) -> Tenancy:
+def _enter(
+    request: web.Request, proxy: Proxy, estimate: Estimate | None, body_bytes: int
+) -> Tenancy:
     key = api_key(request)
     try:
-        return tenancy_step.enter(proxy.live, key, request.headers, estimate)
+        return tenancy_step.enter(proxy.live, key, request.headers, estimate, body_bytes)
     except RateLimited as exc:
         proxy.events.rate_limited(key.tenant_name if key is not None else "", exc.code)
         raise
@@ -136,7 +138,7 @@ async def _attempts(
             async with live.admission.lease(info, tried=tried, ticket=tenancy.ticket) as lease:
                 last.append(lease)
                 lease.key = key_name(request)
-                lease.wants_usage = tenancy.reservation is not None
+                lease.wants_usage = tenancy.wants_usage
                 tried.append(lease.replica)
                 retry = attempt > 0
                 sent = Outgoing(path_qs, body, request_id, tenancy.reply_headers)

@@ -5,12 +5,10 @@ key's token reservation and corrects its tenant's service (gateway/datapath/tena
 
 from __future__ import annotations
 
-import json
+import re
 from typing import Any
 
 from gateway.flow.service import Usage
-
-USAGE_MAX_BYTES = 256 * 1024  # a body larger than this is not parsed for its usage
 
 
 def usage_in(payload: Any) -> Usage | None:
@@ -26,14 +24,22 @@ def usage_in(payload: Any) -> Usage | None:
     return None
 
 
+_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d{1,15})\b')
+
+
 def usage_of_body(body: bytes) -> Usage | None:
-    """The usage of a whole JSON response body, if it is one and names it."""
-    if len(body) > USAGE_MAX_BYTES or b'"usage"' not in body:
+    """The usage of a whole JSON response body, if it names one: read from its last
+    `"prompt_tokens": N` and `"completion_tokens": N` keys without parsing the body (OpenAI,
+    vLLM, SGLang and TGI put `usage` last, and the text a model writes sits in JSON strings,
+    where those quotes would be escaped). None when it has no usage."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
         return None
-    try:
-        return usage_in(json.loads(body))
-    except (ValueError, RecursionError):
+    counts = {m[1]: int(m[2]) for m in _COUNT.finditer(body, at)}
+    prompt = counts.get(b"prompt_tokens")
+    if prompt is None:
         return None
+    return Usage(prompt, counts.get(b"completion_tokens", 0))
 
 
 def _count(*values: int) -> bool:

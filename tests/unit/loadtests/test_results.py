@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtests import batching_bench, frontends_bench, jobs_bench, prefix_bench, readme
+from loadtests import batching_bench, flow_bench, frontends_bench, jobs_bench, prefix_bench, readme
 from loadtests.harness.plan import (
     HAPROXY,
     PROG,
@@ -30,11 +30,28 @@ BENCH = [f for f in FOLDERS if (RESULTS / f / "runs.csv").exists() and f not in 
 JOBS = [f for f in FOLDERS if f.startswith("jobs-")]
 BATCHING = [f for f in FOLDERS if f.startswith("batching")]
 FRONT_ENDS = [f for f in FOLDERS if f.startswith("front-ends")]
+FLOW = [f for f in FOLDERS if f.startswith("flow-")]
 
 
 def test_every_folder_is_a_bench_a_jobs_a_batching_or_a_prefix_result() -> None:
-    assert sorted(BENCH + JOBS + BATCHING + PREFIX + FRONT_ENDS) == FOLDERS
-    assert BENCH and JOBS and BATCHING and FRONT_ENDS
+    assert sorted(BENCH + JOBS + BATCHING + PREFIX + FRONT_ENDS + FLOW) == FOLDERS
+    assert BENCH and JOBS and BATCHING and FRONT_ENDS and FLOW
+
+
+@pytest.mark.parametrize("folder", FLOW)
+def test_flow_command_parses_and_names_what_its_table_shows(folder: str) -> None:
+    command = (RESULTS / folder / "command.txt").read_text().strip()
+    args = recorded_args(command, flow_bench.PROG, flow_bench.parser())
+    assert flow_bench.command_of(args) == command  # every option spelled out
+    assert args.out == Path("loadtests/results") / folder
+    table = (RESULTS / folder / "table.md").read_text()
+    assert table.splitlines()[0] == f"Command: `{command}`"
+    titles = {
+        "noisy": "Noisy neighbour",
+        "fairness": "Fairness",
+        "limits": "Limits across gateways",
+    }
+    assert set(readme.sections(table)) == {titles[part] for part in args.only.split(",")}
 
 
 @pytest.mark.parametrize("folder", FRONT_ENDS)
