@@ -49,6 +49,7 @@ class Ticket:
 
 DEFAULT_TICKET = Ticket()
 JOBS = "jobs"  # the class of deferred jobs and batch lines: the last, durable
+MAX_TURNS = 10_000  # round_robin: tenants whose last turn is remembered
 
 
 @dataclass(eq=False, slots=True)
@@ -122,8 +123,18 @@ class FlowQueue(Generic[T]):
         """A request of `ticket` was dispatched (from the queue or straight to a free slot)."""
         if self.fairness == "round_robin":
             self._last_turn[ticket.tenant] = next(self._turns)
+            if len(self._last_turn) > MAX_TURNS:  # without auth a header names any tenant
+                self._forget_turns()
         elif self.fairness == "tokens":
             self.service.charge(ticket.tenant, ticket.cost)
+
+    def _forget_turns(self) -> None:
+        """Keep the turns of the tenants waiting now, and of the latest others."""
+        waiting = {t for cls in self._classes for t in cls.tenants}
+        latest = sorted(self._last_turn.items(), key=lambda item: item[1])[-MAX_TURNS // 2 :]
+        self._last_turn = {t: turn for t, turn in self._last_turn.items() if t in waiting} | dict(
+            latest
+        )
 
     def in_order(self) -> Iterator[Entry[T]]:
         """Every waiting entry, in the order slots go to them, computed lazily (taking the first
