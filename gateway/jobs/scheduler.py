@@ -104,6 +104,11 @@ class Reply:
         return self.status_code or 502
 
 
+def _refusal(error: GatewayError) -> Reply:
+    """The answer a client would get for the job's request, kept as its final reply."""
+    return Reply(error.status, json.dumps(error_body(error.error_type, str(error))), True)
+
+
 def outcome_of(reply: Reply, job: Job, max_attempts: int) -> Outcome | None:
     """The job's final outcome, or None when it should go back to the queue for a retry."""
     if reply.retriable and job.attempt < max_attempts:
@@ -272,8 +277,7 @@ class Scheduler:
                 self._defer(job.id)
             return
         except GatewayError as exc:  # a model no replica serves: the answer a client gets
-            reply = Reply(exc.status, json.dumps(error_body(exc.error_type, str(exc))), True)
-            await self._record(job, reply)
+            await self._record(job, _refusal(exc))
             return
         again = self._previous(job, state.pool.available_for(sent.model))
         if again is not None:
@@ -306,6 +310,8 @@ class Scheduler:
             log.error("job %s: dispatch failed", job_id, exc_info=task.exception())
 
     async def _record(self, job: Job, reply: Reply) -> None:
+        """A refused job's outcome (its lease runs out and a gateway refuses it again if the
+        store cannot take it now)."""
         outcome = outcome_of(reply, job, self._settings.max_attempts)
         try:
             if outcome is not None and await self._store.finish(job, outcome):
@@ -363,21 +369,11 @@ class Scheduler:
         return replica if replica is not None and self._state.admission.slot_free(replica) else None
 
     def _refuse(self, job: Job, error: GatewayError) -> None:
-        reply = Reply(error.status, json.dumps(error_body(error.error_type, str(error))), True)
-
-        async def record() -> None:
-            outcome = outcome_of(reply, job, self._settings.max_attempts)
-            try:
-                if outcome is not None and await self._store.finish(job, outcome):
-                    self._metrics.jobs_finished.labels(outcome.status).inc()
-            except StoreUnavailable as exc:  # its lease runs out and a gateway refuses it again
-                log.warning("job %s: refusal not recorded: %s", job.id, exc)
-
         def done(task: asyncio.Task[None]) -> None:
             self._forget(job.id, task)
             self._wake.set()
 
-        task = asyncio.create_task(record(), name=f"job-{job.id}")
+        task = asyncio.create_task(self._record(job, _refusal(error)), name=f"job-{job.id}")
         self._in_flight[job.id] = task
         task.add_done_callback(done)
 

@@ -7,7 +7,6 @@ reservations settle from usage (whole bodies and streams), and the tenants' toke
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,68 +16,16 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 from openai import AsyncOpenAI
 
 from gateway.flow.identity import CLASS_HEADER, TENANT_HEADER
 from gateway.pool.admission import DROPPED_HEADER
+from tests.support.openai_replica import Replica
 from tests.support.processes import BIN, free_port, stop, wait_http_ok
 from tests.support.servers import Gateway, running_gateway, serve, wait_until, write_config
 
 KEY = "sk-tenant-a-0123456789"
 CLASSES = [{"name": "interactive"}, {"name": "standard"}, {"name": "batch", "sheddable": True}]
-
-
-class Replica:
-    """A replica speaking OpenAI completions: its usage is the prompt's words and max_tokens
-    (or `completion_tokens` when asked); `gate` holds requests until set; `order` records the
-    prompts in the order they were served."""
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.order: list[str] = []
-
-    def app(self) -> web.Application:
-        async def completions(request: web.Request) -> web.StreamResponse:
-            body = await request.json()
-            await self.gate.wait()
-            self.order.append(body["prompt"])
-            prompt = len(body["prompt"].split())
-            completion = body.get("completion_tokens", body.get("max_tokens", 16))
-            usage = {"prompt_tokens": prompt, "completion_tokens": completion}
-            if not body.get("stream"):
-                choice = {"index": 0, "text": "x" * completion, "finish_reason": "length"}
-                return web.json_response(
-                    {
-                        "id": "c",
-                        "object": "text_completion",
-                        "created": 0,
-                        "model": "m",
-                        "choices": [choice],
-                        "usage": usage,
-                    }
-                )
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
-            for _ in range(completion):
-                chunk = {"choices": [{"index": 0, "text": "x"}], "usage": None}
-                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            if body.get("stream_options", {}).get("include_usage"):
-                await response.write(
-                    f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode()
-                )
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
-
-        async def ping(request: web.Request) -> web.Response:
-            return web.json_response({"ok": True})
-
-        app = web.Application()
-        app.router.add_post("/v1/completions", completions)
-        app.router.add_get("/ping", ping)
-        return app
 
 
 @asynccontextmanager

@@ -17,42 +17,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from gateway.control.limits_store import Ask, LimitsStore
 from loadtests.harness.pgserver import PostgresServer, fresh_database, start_server
+from tests.support.openai_replica import Replica
 from tests.support.servers import Gateway, running_gateway, serve, wait_until, write_config
 
 KEY = "sk-shared-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 R = 40  # requests_per_minute: a slice of 5 % is 2
-
-
-class Replica:
-    """A replica speaking OpenAI completions (usage: the prompt's words and max_tokens);
-    `served` counts what reached it."""
-
-    def __init__(self) -> None:
-        self.served = 0
-
-    def app(self) -> web.Application:
-        async def completions(request: web.Request) -> web.Response:
-            body = await request.json()
-            self.served += 1
-            usage = {"prompt_tokens": len(body["prompt"].split()), "completion_tokens": 1}
-            choice = {"index": 0, "text": "x", "finish_reason": "length"}
-            return web.json_response(
-                {"id": "c", "object": "text_completion", "created": 0, "model": "m",
-                 "choices": [choice], "usage": usage}
-            )  # fmt: skip
-
-        async def ping(request: web.Request) -> web.Response:
-            return web.json_response({"ok": True})
-
-        app = web.Application()
-        app.router.add_post("/v1/completions", completions)
-        app.router.add_get("/ping", ping)
-        return app
 
 
 @asynccontextmanager
