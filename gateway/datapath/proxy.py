@@ -34,7 +34,8 @@ from gateway.errors import GatewayError, InvalidRequest
 from gateway.flow.limits import RateLimited
 from gateway.flow.queue import Ticket
 from gateway.flow.service import Usage
-from gateway.pool.admission import CLIENT_CLOSED, Lease, NoUntriedReplica
+from gateway.pool.admission import NoUntriedReplica
+from gateway.pool.lease import CLIENT_CLOSED, Lease
 from gateway.pool.live import Live
 from gateway.routing.replica import Replica
 

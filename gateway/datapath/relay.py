@@ -39,7 +39,7 @@ from gateway.datapath.transport import (
 from gateway.datapath.upstream import RETRIABLE_STATUSES
 from gateway.datapath.usage import usage_of_body
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, error_body
-from gateway.pool.admission import Lease
+from gateway.pool.lease import Lease
 from gateway.pool.replicas import ReplicaPool, parse_load_report
 from gateway.routing.replica import Replica
 

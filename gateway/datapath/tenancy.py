@@ -22,7 +22,7 @@ from gateway.flow.identity import CLASS_HEADER, ticket
 from gateway.flow.limits import Reservation
 from gateway.flow.queue import DEFAULT_TICKET, Ticket
 from gateway.flow.service import Usage
-from gateway.pool.admission import CLIENT_CLOSED, Lease
+from gateway.pool.lease import CLIENT_CLOSED, Lease
 from gateway.pool.live import Live
 
 DEFAULT_MAX_TOKENS = 256  # a request without max_tokens, for fairness (a key's limits say theirs)

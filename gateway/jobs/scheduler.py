@@ -38,7 +38,7 @@ from gateway.flow.queue import DEFAULT_TICKET
 from gateway.jobs.model import Job, Outcome
 from gateway.jobs.store import Store, StoreUnavailable
 from gateway.ops.metrics import GatewayMetrics
-from gateway.pool.admission import Lease
+from gateway.pool.lease import Lease
 from gateway.pool.live import Live
 from gateway.routing.replica import Replica
 

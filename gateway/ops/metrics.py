@@ -33,7 +33,8 @@ from gateway.flow.queue import Ticket
 from gateway.flow.service import Usage
 from gateway.ops.flow_metrics import FlowMetrics
 from gateway.ops.recent import RecentTraffic
-from gateway.pool.admission import Admission, Lease
+from gateway.pool.admission import Admission
+from gateway.pool.lease import Lease
 from gateway.pool.live import Live, Runtime
 from gateway.pool.replicas import ReplicaPool
 

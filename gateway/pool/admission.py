@@ -1,5 +1,5 @@
-"""Admission: which replica a request may be dispatched to now, or how long it must wait, and the
-lease that brackets every dispatch from acquisition to release.
+"""Admission: which replica a request may be dispatched to now, or how long it must wait, and
+the lease (gateway/pool/lease.py) that brackets every dispatch from acquisition to release.
 
 `async with admission.lease(request, tried=...) as lease:` counts the request on `lease.replica`
 and, on exit, releases it and records the outcome once: the pool's counts and failure streak,
@@ -7,17 +7,21 @@ outlier detection and the latency sample (`peak_ewma`), then tells the `lease_cl
 subscribers (the request metrics). The proxy and the jobs scheduler both dispatch through a
 lease, so neither repeats the accounting.
 
-With no limits configured the policy chooses over the available replicas. With
-`limits.max_outstanding_per_replica`, a replica's own `max_concurrency`, or
-`limits.max_outstanding`, a request that finds no free slot waits in one FIFO queue at the
-gateway (a central queue) for up to `queue_timeout_s`; when the queue is full it gets a fast 429
-whose Retry-After comes from the rate at which requests are completing now.
+With no slot limit (gateway/pool/slots.py) the policy chooses over the available replicas.
+With one, a request that finds no free slot waits at the gateway. Without flow control that is
+one FIFO queue (`limits.max_queue`, `limits.queue_timeout_s`); with it, the queue's order is
+gateway/flow/queue.py's (strict classes, fairness between tenants, FIFO within a tenant, jobs
+last), bounded by `flow_control.max_queued` and `queue_ttl_s`. A request the queue lets go gets
+a fast 429 whose Retry-After comes from the rate at which requests are completing now, and
+whose X-Infergate-Dropped-Reason says why (queue-full, evicted, ttl-expired).
 
 Slots are handed over, not announced: whenever capacity may have grown (a release, a replica
 added or turned healthy, an ejection running out, limits raised by a reload), `wake` walks the
 queue in order and acquires a replica *for* each waiter that may use a free one, skipping those
-that may not (a retry that already tried it). So no wake-up is ever lost, and the invariant holds
-between events: no request waits while a replica it may use has a free slot.
+that may not (a retry that already tried it, a job at its cap). So no wake-up is ever lost, and
+the invariant holds between events: no request waits while a replica it may use has a free
+slot. The walk and the acquisition stay in this one module because they keep that invariant
+together.
 """
 
 from __future__ import annotations
@@ -25,142 +29,27 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
-from gateway.config import FlowControl, Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded, clipped
 from gateway.flow.queue import DEFAULT_TICKET, JOBS, Entry, FlowQueue, Ticket
-from gateway.flow.service import LocalService, Service, Usage
+from gateway.flow.service import LocalService, Service
 from gateway.pool import outlier
+from gateway.pool.lease import DrainRate, Lease, outcome_of
 from gateway.pool.replicas import ReplicaPool, publish_totals
-from gateway.routing.base import Policy
-from gateway.routing.replica import Outcome, Replica
+from gateway.pool.rules import Rules
+from gateway.pool.slots import reserved_from, slot_limit
+from gateway.routing.replica import Replica
 from gateway.routing.request import NO_INFO, Decision, RequestInfo
 
 SHARED_POLL_S = 0.002
 DROPPED_HEADER = "X-Infergate-Dropped-Reason"  # why the gateway queue let a request go
-CLIENT_CLOSED = 499  # nginx's status for "client closed request", recorded in metrics only
-TOO_MANY_REQUESTS = 429
 
 
 class NoUntriedReplica(Exception):
     """Every available replica was already tried by this request."""
-
-
-# What says the replica itself is unwell, whatever was asked of it (Envoy's gateway failures):
-# the gateway's own 502/504 for connect errors, resets and timeouts, and a replica's 502/503/504.
-GATEWAY_FAILURES = frozenset({502, 503, 504})
-
-
-def outcome_of(code: int, count_5xx: bool = False) -> Outcome:
-    """What a response says about the replica that gave it. A 429 is a refusal, not service (no
-    latency sample, no reset of a failure streak); a client that left says nothing at all. Any
-    other 5xx (a 500 above all) may be the request's own doing, input the replica could not
-    handle, so by default it says nothing either: one client must not be able to get replicas
-    ejected. `count_5xx` (outlier_detection.count_5xx) counts it as a failure."""
-    if code in GATEWAY_FAILURES:
-        return "failed"
-    if code >= 500:
-        return "failed" if count_5xx else "not_served"
-    return "not_served" if code in (TOO_MANY_REQUESTS, CLIENT_CLOSED) else "served"
-
-
-class DrainRate:
-    """Completions per second over the last whole second (cheap enough for every release)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._second = int(clock())
-        self._count = 0
-        self._previous = 0
-
-    def tick(self) -> None:
-        self._roll()
-        self._count += 1
-
-    def per_second(self) -> float:
-        self._roll()
-        return float(max(self._previous, self._count))
-
-    def _roll(self) -> None:
-        second = int(self._clock())
-        if second != self._second:
-            self._previous = self._count if second == self._second + 1 else 0
-            self._second, self._count = second, 0
-
-
-@dataclass(frozen=True)
-class Rules:
-    """What admission reads of the config in force; a reload hands it new ones."""
-
-    policy: Policy
-    limits: Limits
-    outlier_detection: OutlierDetection | None = None
-    ewma_decay_s: float = 10.0
-    model_policies: Mapping[str, Policy] = field(default_factory=dict)  # models[].strategy
-    flow: FlowControl | None = None  # classes, fairness and the queue's bounds; None: one FIFO
-    max_age_s: float = 2.0  # load_feedback.max_age_s: how long a reported capacity holds
-
-    @property
-    def max_queued(self) -> int:
-        return self.flow.max_queued if self.flow is not None else self.limits.max_queue
-
-    @property
-    def queue_ttl_s(self) -> float:
-        return self.flow.queue_ttl_s if self.flow is not None else self.limits.queue_timeout_s
-
-    def policy_for(self, model: str | None) -> Policy:
-        return self.model_policies.get(model, self.policy) if model is not None else self.policy
-
-    def policies(self) -> list[Policy]:
-        return [self.policy, *self.model_policies.values()]
-
-
-class Lease:
-    """One dispatch of one request to one replica, counted until `close` (which is idempotent).
-
-    The holder sets `code` to the status the client got (499 while none), `broken` when the
-    replica failed after its response began, and reports streamed progress; `key` names the API
-    key and `model` the served model for metrics."""
-
-    __slots__ = (
-        "_admission", "_closed", "_started", "broken", "code", "decision", "key", "model",
-        "remaining", "replica", "streamed", "tokens", "usage", "wants_usage",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        admission: Admission,
-        replica: Replica,
-        request: RequestInfo,
-        decision: Decision | None = None,
-    ) -> None:
-        self._admission = admission
-        self.decision = decision or Decision(replica, "", "given")
-        self._started = time.perf_counter()
-        self._closed = False
-        self.replica = replica
-        self.tokens = request.tokens  # the request's estimated work
-        self.remaining = request.tokens  # the part of it still counted against the replica
-        self.code = CLIENT_CLOSED
-        self.broken = False  # the replica failed after its response began (an SSE error event)
-        self.key = ""
-        self.model = request.model or ""
-        self.streamed = 0  # stream events relayed (about one a token)
-        self.wants_usage = False  # the relay looks for the response's usage (key limits)
-        self.usage: Usage | None = None  # what the response said it used
-
-    def progress(self, tokens: int) -> None:
-        """Work done on the request while it is still outstanding (tokens streamed back)."""
-        self.remaining -= tokens
-        self._admission.pool.progress(self.replica, tokens)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._admission.finish(self, time.perf_counter() - self._started)
 
 
 Excluded = Callable[[Replica], bool]  # replicas a request may not use now (a job at its cap)
@@ -541,38 +430,17 @@ class Admission:
         return [r for r in available if self.slot_free(r, rank)]
 
     def slot_free(self, replica: Replica, rank: int = 0) -> bool:
-        """`replica` is under its slot limit (`slots`) for a request of class `rank`; without
-        one it always is. Under flow control with `reserve_percent`, a class below the first
-        fills a replica only up to that share short of its slots (one slot at least)."""
-        limit = self.slots(replica)
-        if limit is not None and self._reserved_from(rank):
-            assert self.rules.flow is not None
-            limit = max(1, math.floor(limit * (1 - self.rules.flow.reserve_percent / 100)))
+        """`replica` is under its slot limit (gateway/pool/slots.py) for a request of class
+        `rank`; without one it always is."""
+        limit = slot_limit(replica, self.rules, self.pool.now(), rank)
         return limit is None or replica.busy < limit
 
-    def _reserved_from(self, rank: int) -> bool:
-        """Requests of class `rank` leave the reserve to the most important class."""
-        flow = self.rules.flow
-        return rank > 0 and flow is not None and flow.reserve_percent > 0
-
     def slots(self, replica: Replica) -> int | None:
-        """How many requests `replica` takes at once from this gateway: its own
-        max_concurrency; under flow control, while its load report is fresh, the capacity it
-        reported (our replica), or for an engine that reports none (vLLM, SGLang, TGI) what
-        `engine_slots` makes of its queue and KV cache; else limits.max_outstanding_per_replica.
-        None: no limit."""
-        if replica.max_concurrency is not None:
-            return replica.max_concurrency
-        rules = self.rules
-        report = replica.reported
-        fresh = self.pool.now() - replica.reported_at <= rules.max_age_s
-        if rules.flow is not None and report is not None and fresh:
-            capacity = report.get("capacity")
-            if capacity:
-                return int(capacity)
-            if "running" in report:
-                return engine_slots(report, replica.remote, rules.flow.kv_usage_threshold)
-        return rules.limits.max_outstanding_per_replica
+        """How many requests `replica` takes at once from this gateway (None: no limit)."""
+        return slot_limit(replica, self.rules, self.pool.now())
+
+    def _reserved_from(self, rank: int) -> bool:
+        return reserved_from(self.rules.flow, rank)
 
     def _arm_timer(self) -> None:
         """While requests wait, an ejection running out is an event too: look again then. With
@@ -602,19 +470,6 @@ class Admission:
     def _overloaded(self, message: str, reason: str) -> Overloaded:
         retry = str(self.retry_after_s())
         return Overloaded(message, headers={"Retry-After": retry, DROPPED_HEADER: reason})
-
-
-def engine_slots(report: Mapping[str, float], remote: int, kv_usage_threshold: float) -> int:
-    """Slots for this gateway at an engine that reports its queue but no capacity: while it
-    queues nothing and its KV cache is below the threshold, what it runs for us plus room to
-    grow by half (at least 4) until the next report; once it queues or its cache is full, only
-    what it runs for us, so the queue forms at the gateway, where classes and fairness act."""
-    running = int(report.get("running", 0))
-    ours = max(0, running - remote)  # its running requests that are ours (others' are remote)
-    saturated = report.get("queued", 0) > 0 or report.get("kv_usage", 0.0) >= kv_usage_threshold
-    if saturated:
-        return max(1, ours)
-    return ours + max(4, math.ceil(running / 2))
 
 
 def _no_healthy(model: str | None) -> NoHealthyReplica:

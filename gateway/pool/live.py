@@ -20,8 +20,9 @@ from aiohttp import web
 from gateway.config import GatewayConfig
 from gateway.flow.limits import Limiter, LocalTable, Table
 from gateway.flow.service import Service
-from gateway.pool.admission import Admission, Rules
+from gateway.pool.admission import Admission
 from gateway.pool.replicas import ReplicaPool
+from gateway.pool.rules import Rules
 from gateway.routing.base import Policy
 from gateway.routing.options import PolicyOptions
 from gateway.routing.policies import make_policy

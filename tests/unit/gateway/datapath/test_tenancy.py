@@ -12,7 +12,7 @@ from gateway.datapath.classify import NOT_GENERATIVE, Estimate
 from gateway.datapath.tenancy import enter, settle, used
 from gateway.flow.limits import RateLimited
 from gateway.flow.service import Usage
-from gateway.pool.admission import CLIENT_CLOSED, Lease
+from gateway.pool.lease import CLIENT_CLOSED, Lease
 from gateway.pool.live import Live, build_runtime
 from gateway.pool.replicas import ReplicaPool
 from gateway.routing.request import NO_INFO

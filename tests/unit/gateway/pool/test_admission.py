@@ -11,8 +11,10 @@ import pytest
 
 from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded
-from gateway.pool.admission import Admission, DrainRate, Lease, NoUntriedReplica, Rules, outcome_of
+from gateway.pool.admission import Admission, NoUntriedReplica
+from gateway.pool.lease import DrainRate, Lease, outcome_of
 from gateway.pool.replicas import ReplicaPool
+from gateway.pool.rules import Rules
 from gateway.routing.options import PolicyOptions
 from gateway.routing.policies import LeastOutstandingRequests, RoundRobinPolicy, make_policy
 from gateway.routing.replica import Replica

@@ -13,8 +13,11 @@ import pytest
 from gateway.config import FlowControl, Limits
 from gateway.errors import Overloaded
 from gateway.flow.queue import Ticket
-from gateway.pool.admission import DROPPED_HEADER, Admission, Lease, Rules, engine_slots
+from gateway.pool.admission import DROPPED_HEADER, Admission
+from gateway.pool.lease import Lease
 from gateway.pool.replicas import ReplicaPool
+from gateway.pool.rules import Rules
+from gateway.pool.slots import engine_slots
 from gateway.routing.options import PolicyOptions
 from gateway.routing.policies import LeastOutstandingRequests
 from gateway.routing.request import NO_INFO

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from gateway.config import Limits, OutlierDetection
 from gateway.errors import NoHealthyReplica, Overloaded
-from gateway.pool.admission import Admission, Lease, NoUntriedReplica, Rules
+from gateway.pool.admission import Admission, NoUntriedReplica
+from gateway.pool.lease import Lease
 from gateway.pool.replicas import ReplicaPool
+from gateway.pool.rules import Rules
 from gateway.routing.options import PolicyOptions
 from gateway.routing.policies import POLICIES
 from gateway.routing.replica import Replica
