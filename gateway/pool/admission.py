@@ -146,7 +146,8 @@ class Admission:
 
             def retag(ticket: Ticket) -> Ticket:
                 rank = jobs if ticket.class_name == JOBS else flow.rank(ticket.class_name)
-                return replace(ticket, rank=rank if rank >= 0 else last)
+                weight = rules.weights.get(ticket.tenant, ticket.weight)
+                return replace(ticket, rank=rank if rank >= 0 else last, weight=weight)
 
             self._queue = self._queue.reshaped(
                 jobs + 1, flow.fairness, self.service, sheddable, retag, frozenset({jobs})

@@ -105,6 +105,9 @@ class Live:
                 runtime.model_policies,
                 config.flow_control,
                 config.load_feedback.max_age_s,
+                {key.tenant_name: key.weight for key in config.auth.api_keys}
+                if config.auth is not None
+                else {},
             )
         )
         self.pool.update(

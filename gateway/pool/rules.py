@@ -21,6 +21,7 @@ class Rules:
     model_policies: Mapping[str, Policy] = field(default_factory=dict)  # models[].strategy
     flow: FlowControl | None = None  # classes, fairness and the queue's bounds; None: one FIFO
     max_age_s: float = 2.0  # load_feedback.max_age_s: how long a reported capacity holds
+    weights: Mapping[str, float] = field(default_factory=dict)  # tenant -> its keys' weight
 
     @property
     def max_queued(self) -> int:

@@ -229,3 +229,22 @@ async def test_a_reserve_keeps_slots_for_the_most_important_class() -> None:
     for lease in held:
         lease.close()
     assert pool.outstanding == 0
+
+
+async def test_a_reload_gives_the_waiting_requests_their_tenants_new_weights() -> None:
+    flow = _flow(fairness="tokens")
+    pool, admission = _setup(flow)
+    held = Lease(admission, await admission.acquire(NO_INFO), NO_INFO)
+    admission.service.charge("a", 100)
+    admission.service.charge("b", 150)
+    order: list[str] = []
+    tasks = [
+        _waiting(admission, _ticket(flow, "a", "standard"), order, "a1"),
+        _waiting(admission, _ticket(flow, "b", "standard"), order, "b1"),
+    ]
+    await _settle()
+    policy = LeastOutstandingRequests(random.Random(0), PolicyOptions())
+    limits = Limits(max_outstanding_per_replica=1)
+    admission.configure(Rules(policy, limits, flow=flow, weights={"b": 3.0}))  # b: 150/3 < 100
+    await _drain(tasks, held)
+    assert order == ["b1", "a1"] and pool.outstanding == 0
