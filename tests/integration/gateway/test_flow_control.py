@@ -7,6 +7,7 @@ reservations settle from usage (whole bodies and streams), and the tenants' toke
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from gateway.flow.identity import CLASS_HEADER, TENANT_HEADER
 from gateway.pool.admission import DROPPED_HEADER
 from tests.support.openai_replica import Replica
 from tests.support.processes import BIN, free_port, stop, wait_http_ok
+from tests.support.raw_http import exchange
 from tests.support.servers import Gateway, running_gateway, serve, wait_until, write_config
 
 KEY = "sk-tenant-a-0123456789"
@@ -266,3 +268,32 @@ async def test_the_status_page_lists_tenants_with_their_queue_service_and_tokens
     assert acme["queued"] == 1 and acme["service"] > 0
     assert (acme["prompt_tokens"], acme["completion_tokens"]) == (3, 5)
     assert acme["rate_limited"] == 0
+
+
+@pytest.mark.parametrize(
+    ("header", "says"),
+    [
+        (b"X-Infergate-Tenant: \xff\xfe bob", "is not a tenant name"),
+        (b"X-Infergate-Tenant: " + b"t" * 5000, "is not a tenant name"),
+        ("X-Infergate-Class: g\u00f6ld".encode(), "is not a class of this gateway"),
+        (b"X-Infergate-Class: " + b"c" * 5000, "is not a class of this gateway"),
+    ],
+)
+async def test_a_hostile_tenant_or_class_header_is_a_400_that_says_what_to_fix(
+    tmp_path: Path, header: bytes, says: str
+) -> None:
+    flow = {"classes": CLASSES}
+    async with gateway(tmp_path, flow_control=flow) as (gw, replica):
+        body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 1}).encode()
+        head = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + header
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+        )
+        answer = await exchange(gw.url, head, body)
+        assert answer.status == 400 and says in answer.json()["error"]["message"]
+        assert len(answer.json()["error"]["message"]) < 400  # the value is quoted clipped
+        assert replica.served == 0
+        async with aiohttp.ClientSession() as c:  # and the gateway serves on
+            assert (await _complete(c, gw.url))[0] == 200
