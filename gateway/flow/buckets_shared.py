@@ -19,7 +19,6 @@ process on a Linux host.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -29,17 +28,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.flow.limits import Bucket, KeyState
-from gateway.sharedmem import segment
+from gateway.sharedmem import claim, name_hash, segment
 
 T = TypeVar("T")
 DEFAULT_SLOTS = 1024  # keys known at once across a gateway's workers
 FIELDS = 4  # per slot: requests level, requests time, tokens level, tokens time
-
-
-def key_hash(key: str) -> int:
-    """64 bits of the key's name, never 0 (0 marks a free slot)."""
-    value = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    return value or 1
 
 
 class SlotsFull(Exception):
@@ -98,21 +91,16 @@ class SharedBuckets:
     def _slot(self, key: str) -> int:
         slot = self._mine.get(key)
         if slot is None:
-            slot = self._mine[key] = self._find(key_hash(key))
+            slot = self._mine[key] = self._find(name_hash(key))
         return slot
 
     def _find(self, wanted: int) -> int:
-        start = wanted % self.slots
-        for step in range(self.slots):
-            slot = (start + step) % self.slots
-            current = self._hashes[slot]
-            if current == wanted:
-                return slot
-            if current == 0:  # the probe chain ends: a new key, whose buckets start full
-                self._write(slot, KeyState())
-                self._hashes[slot] = wanted
-                return slot
-        raise SlotsFull(f"all {self.slots} shared key slots are in use")
+        slot, new = claim(self._hashes, wanted)
+        if slot < 0:
+            raise SlotsFull(f"all {self.slots} shared key slots are in use")
+        if new:  # a new key, whose buckets start full
+            self._write(slot, KeyState())
+        return slot
 
     def _read(self, slot: int) -> KeyState:
         b, at = self._buckets, slot * FIELDS

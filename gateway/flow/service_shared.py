@@ -16,7 +16,6 @@ this worker's own counters instead.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 from collections.abc import Callable
 from itertools import pairwise
@@ -24,14 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.flow.service import LocalService
-from gateway.sharedmem import segment
+from gateway.sharedmem import claim, name_hash, segment
 
 DEFAULT_SLOTS = 4096
-
-
-def tenant_hash(tenant: str) -> int:
-    value = int.from_bytes(hashlib.blake2b(tenant.encode(), digest_size=8).digest(), "little")
-    return value or 1
 
 
 class SharedService:
@@ -97,28 +91,17 @@ class SharedService:
         if slot is None:
             if len(self._mine) >= 2 * self.slots:  # tenants past the table, met lately
                 self._mine = {t: s for t, s in self._mine.items() if s >= 0}
-            slot = self._mine[tenant] = self._find(tenant_hash(tenant))
+            slot = self._mine[tenant] = self._find(name_hash(tenant))
         return slot
 
     def _find(self, wanted: int) -> int:
+        """The tenant's slot; -1 when the table is full (its counters stay local)."""
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            start = wanted % self.slots
-            for step in range(self.slots):
-                slot = (start + step) % self.slots
-                current = self._hashes[slot]
-                if current == wanted:
-                    return slot
-                if current == 0:
-                    self._hashes[slot] = wanted
-                    return slot
-            return -1
+            return claim(self._hashes, wanted)[0]
         finally:
             os.close(fd)
-
-    def clear_row(self, row: int) -> None:
-        """Nothing to clear: a dead worker's service was served; it decays with the rest."""
 
     def close(self) -> None:
         for view in self._views:

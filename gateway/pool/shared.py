@@ -30,23 +30,16 @@ from zero.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 
-from gateway.sharedmem import segment
+from gateway.sharedmem import name_hash, segment
 
 DEFAULT_COLUMNS = 4096  # replicas known at once across a gateway's workers
 STATS = ("requests_total", "errors_total", "ejections_total")  # per worker and replica
-
-
-def url_hash(url: str) -> int:
-    """64 bits of the URL, never 0 (0 marks a free column)."""
-    value = int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "little")
-    return value or 1
 
 
 class ColumnsFull(Exception):
@@ -118,7 +111,7 @@ class SharedCounts:
         column = self._mine.get(url)
         if column is not None:
             return column
-        wanted = url_hash(url)
+        wanted = name_hash(url)
         with self._locked():
             column = self._find(wanted)
             self._held[self.row * self.columns + column] = 1
