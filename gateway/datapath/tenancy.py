@@ -25,8 +25,6 @@ from gateway.flow.service import Usage
 from gateway.pool.lease import CLIENT_CLOSED, Lease
 from gateway.pool.live import Live
 
-DEFAULT_MAX_TOKENS = 256  # a request without max_tokens, for fairness (a key's limits say theirs)
-
 
 @dataclass(slots=True)
 class Tenancy:
@@ -62,7 +60,6 @@ def enter(
     if flow is None and limits is None:
         return NO_TENANCY
     estimate = estimate or NOT_GENERATIVE
-    default_max = limits.default_max_tokens if limits is not None else DEFAULT_MAX_TOKENS
     output_weight = flow.output_token_weight if flow is not None else 1.0
     # Charged to its tenant when dispatched: the prompt, prefilled at once (its estimate, or
     # the body's size in tokens when nothing parsed it); the completion is charged as it is
@@ -74,7 +71,8 @@ def enter(
     reply: dict[str, str] = {CLASS_HEADER: place.class_name} if flow is not None else {}
     reservation = None
     if key is not None and limits is not None:
-        tokens = estimate.total(default_max) if estimate is not NOT_GENERATIVE else 0
+        generative = estimate is not NOT_GENERATIVE
+        tokens = estimate.total(limits.default_max_tokens) if generative else 0
         reservation = live.limiter.reserve(key.name, limits, tokens)
         reply.update(reservation.headers())
     wants_usage = reservation is not None or fair
@@ -101,11 +99,11 @@ def used(lease: Lease | None, estimate: Estimate) -> Usage | None:
 def settle(live: Live, tenancy: Tenancy, lease: Lease | None) -> Usage | None:
     """The request is over: its reservation settles and its tenant's service is corrected by
     what it used. Returns that (None: unknown)."""
+    if tenancy is NO_TENANCY:
+        return None
     usage = used(lease, tenancy.estimate)
     if tenancy.reservation is not None:
         tenancy.reservation.settle(None if usage is None else usage.prompt + usage.completion)
-    if tenancy is NO_TENANCY:
-        return None
     flow = live.runtime.config.flow_control
     dispatched = lease is not None  # its tenant was charged its prompt then
     if usage is not None and dispatched and flow is not None and flow.fairness == "tokens":

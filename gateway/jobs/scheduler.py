@@ -251,7 +251,7 @@ class Scheduler:
         self._waiting += 1  # until it has its slot (or ends without one)
         task = asyncio.create_task(self._queued(job), name=f"job-{job.id}")
         self._in_flight[job.id] = task
-        task.add_done_callback(lambda t: self._queued_done(job.id, t))
+        task.add_done_callback(lambda t: self._done(job.id, t))
 
     async def _queued(self, job: Job) -> None:
         """One claimed job: its slot from the gateway queue (or, run again after a crash, the
@@ -302,12 +302,6 @@ class Scheduler:
     def _at_cap(self, cap: int) -> Callable[[Replica], bool]:
         """Replicas where this gateway has `cap` jobs in flight: no more jobs there."""
         return lambda replica: self._jobs_at[replica.url] >= cap
-
-    def _queued_done(self, job_id: str, task: asyncio.Task[None]) -> None:
-        self._forget(job_id, task)
-        self._wake.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("job %s: dispatch failed", job_id, exc_info=task.exception())
 
     async def _record(self, job: Job, reply: Reply) -> None:
         """A refused job's outcome (its lease runs out and a gateway refuses it again if the
@@ -377,8 +371,11 @@ class Scheduler:
         self._in_flight[job.id] = task
         task.add_done_callback(done)
 
-    def _done(self, job_id: str, task: asyncio.Task[None], lease: Lease) -> None:
-        lease.close()
+    def _done(self, job_id: str, task: asyncio.Task[None], lease: Lease | None = None) -> None:
+        """A job's task ended, however it did: the lease it was started with (if it was not
+        taken inside the task) closes, and the scheduler looks again."""
+        if lease is not None:
+            lease.close()
         self._forget(job_id, task)
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:

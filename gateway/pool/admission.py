@@ -154,13 +154,13 @@ class Admission:
             )
         self.wake()
 
-    def job_ticket(self, tenant: str, cost: float = 1.0) -> Ticket | None:
+    def job_ticket(self, tenant: str) -> Ticket | None:
         """A deferred job's place under flow control: the durable class below every other;
         None without flow control (jobs then go only into idle capacity)."""
         flow = self.rules.flow
         if flow is None:
             return None
-        return Ticket(tenant, JOBS, len(flow.classes), 1.0, cost)
+        return Ticket(tenant, JOBS, len(flow.classes))
 
     def retry_after_s(self) -> int:
         rate = self.drain.per_second()
@@ -400,11 +400,15 @@ class Admission:
         return shared.claiming()
 
     def _slots_limited(self) -> bool:
-        limits = self.rules.limits
+        return self.rules.limits.max_outstanding is not None or self._replica_slots()
+
+    def _replica_slots(self) -> bool:
+        """Replicas may have slot limits: flow control (reported capacities), the configured
+        per-replica limit, or some replica's own max_concurrency."""
+        rules = self.rules
         return (
-            self.rules.flow is not None
-            or limits.max_outstanding is not None
-            or limits.max_outstanding_per_replica is not None
+            rules.flow is not None
+            or rules.limits.max_outstanding_per_replica is not None
             or bool(self.pool.replica_limits)
         )
 
@@ -414,19 +418,14 @@ class Admission:
     def _free(self, model: str | None = None, rank: int = 0) -> Sequence[Replica]:
         """Available replicas (of `model`) with a free slot for a request of class `rank`;
         none while the gateway-wide limit is reached."""
-        rules = self.rules
-        limits = rules.limits
+        limits = self.rules.limits
         available = self.pool.available_for(model)
         if (
             limits.max_outstanding is not None
             and self.pool.outstanding_everywhere() >= limits.max_outstanding
         ):
             return ()
-        if (
-            rules.flow is None
-            and limits.max_outstanding_per_replica is None
-            and not self.pool.replica_limits
-        ):
+        if not self._replica_slots():
             return available
         return [r for r in available if self.slot_free(r, rank)]
 
