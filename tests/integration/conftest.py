@@ -21,6 +21,17 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
+def stoppable_postgres_server() -> Iterator[PostgresServer]:
+    """A server of the test's own, which it may stop and start (an outage), removed after."""
+    try:
+        server = start_server(durable=False)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    yield server
+    server.remove()
+
+
+@pytest.fixture
 async def postgres_url(postgres_server: PostgresServer) -> str:
     """postgresql://… of a new empty database."""
     return await fresh_database(postgres_server)

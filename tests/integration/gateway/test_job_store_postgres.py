@@ -16,7 +16,7 @@ from gateway.jobs.model import Job, Outcome
 from gateway.jobs.postgres import MIGRATIONS, PostgresStore
 from gateway.jobs.requests import JobRequest, parse_batch
 from gateway.jobs.store import StoreUnavailable
-from loadtests.harness.pgserver import PostgresServer, fresh_database, start_server
+from loadtests.harness.pgserver import PostgresServer, fresh_database
 
 OK = Outcome("succeeded", status_code=200, response='{"text": "hi"}')
 LEASE_S = 1.0  # short, so a "dead" gateway's claims run out within a test
@@ -186,20 +186,16 @@ async def test_a_gateway_stopping_hands_its_running_jobs_back(gateways: Open) ->
     assert again is not None and again.attempt == 2
 
 
-async def test_a_database_that_goes_away_is_a_store_unavailable_then_comes_back() -> None:
+async def test_a_database_that_goes_away_is_a_store_unavailable_then_comes_back(
+    stoppable_postgres_server: PostgresServer,
+) -> None:
+    server = stoppable_postgres_server
+    url = await fresh_database(server)
+    store = await PostgresStore.open(url, retention_s=1, lease_s=1, timeout_s=2)
     try:
-        server = start_server(durable=False)  # its own server: this test stops it
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    try:
-        url = await fresh_database(server)
-        store = await PostgresStore.open(url, retention_s=1, lease_s=1, timeout_s=2)
-        try:
-            await _outage(server, store)
-        finally:
-            await store.close()
+        await _outage(server, store)
     finally:
-        server.remove()
+        await store.close()
 
 
 async def _outage(server: PostgresServer, store: PostgresStore) -> None:

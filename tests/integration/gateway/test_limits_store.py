@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from gateway.control.limits_store import Ask, LimitsStore
-from loadtests.harness.pgserver import PostgresServer, fresh_database, start_server
+from loadtests.harness.pgserver import PostgresServer, fresh_database
 from tests.support.openai_replica import Replica
 from tests.support.servers import Gateway, running_gateway, serve, wait_until, write_config
 
@@ -122,23 +122,17 @@ async def test_two_gateways_sharing_a_store_let_the_limit_through_once(
 
 
 async def test_an_outage_is_served_under_allow_refused_under_deny_and_recovered(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, stoppable_postgres_server: PostgresServer
 ) -> None:
-    try:
-        server = start_server(durable=False)  # its own server: this test stops it
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    try:
-        url = await fresh_database(server)
-        flows = [{"store": url, "store_unavailable": mode} for mode in ("allow", "deny")]
-        with caplog.at_level(logging.INFO, "gateway.control.limits_store"):
-            async with gateways(tmp_path, list(flows), rpm=120) as ((allow, deny), _):
-                await _outage(server, allow, deny)
-        assert "store_unavailable is allow" in caplog.text
-        assert "store_unavailable is deny" in caplog.text
-        assert caplog.text.count("reachable again") == 2
-    finally:
-        server.remove()
+    server = stoppable_postgres_server
+    url = await fresh_database(server)
+    flows = [{"store": url, "store_unavailable": mode} for mode in ("allow", "deny")]
+    with caplog.at_level(logging.INFO, "gateway.control.limits_store"):
+        async with gateways(tmp_path, list(flows), rpm=120) as ((allow, deny), _):
+            await _outage(server, allow, deny)
+    assert "store_unavailable is allow" in caplog.text
+    assert "store_unavailable is deny" in caplog.text
+    assert caplog.text.count("reachable again") == 2
 
 
 async def _outage(server: PostgresServer, allow: Gateway, deny: Gateway) -> None:
