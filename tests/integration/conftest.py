@@ -1,5 +1,6 @@
 """Fixtures for tests that need a real PostgreSQL server (loadtests/harness/pgserver.py): one server
-for the whole run, started on first use, and a fresh database for each test."""
+for the whole run, started on first use, and a fresh database for each test; or a server of a
+test's own, for a test that stops it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import pytest
 from loadtests.harness.pgserver import PostgresServer, fresh_database, start_server
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+def _server() -> Iterator[PostgresServer]:
     try:
         server = start_server(durable=False)
     except FileNotFoundError as exc:  # not installed, and not installable here
@@ -20,15 +20,15 @@ def postgres_server() -> Iterator[PostgresServer]:
     server.remove()
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    yield from _server()
+
+
 @pytest.fixture
 def stoppable_postgres_server() -> Iterator[PostgresServer]:
     """A server of the test's own, which it may stop and start (an outage), removed after."""
-    try:
-        server = start_server(durable=False)
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    yield server
-    server.remove()
+    yield from _server()
 
 
 @pytest.fixture
