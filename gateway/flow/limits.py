@@ -268,28 +268,34 @@ def _ask(
     return _Ask(kind, capacity, bucket, amount, enough, True, down_s)
 
 
+def _standing(asks: list[_Ask]) -> dict[str, str]:
+    """The rate-limit headers as the buckets stand, nothing taken (a refusal's)."""
+    return {name: value for ask in asks for name, value in ask.headers(ask.bucket.level).items()}
+
+
 def _check(key: str, limits: KeyLimits, tokens: int, in_flight: int, asks: list[_Ask]) -> None:
-    now = {name: value for ask in asks for name, value in ask.headers(ask.bucket.level).items()}
     tpm = limits.tokens_per_minute
     if tpm is not None and tokens > tpm:
         raise RateLimited(
             "request_too_large",
             f"key '{key}' asked for {tokens} tokens, more than its whole tokens_per_minute limit "
             f"of {tpm}: lower max_tokens or the prompt",
-            now,
+            _standing(asks),
         )
     if limits.max_parallel is not None and in_flight >= limits.max_parallel:
         raise RateLimited(
             "parallel_requests",
             f"key '{key}' is over its max_parallel limit of {limits.max_parallel}: "
             f"{in_flight} requests in flight; retry when one of them finishes",
-            {"Retry-After": "1", **now},
+            {"Retry-After": "1", **_standing(asks)},
         )
     short = [ask for ask in asks if ask.wait_s > 0]
     if short:
         worst = max(short, key=lambda ask: ask.wait_s)  # retrying after it passes them all
         raise RateLimited(
-            worst.kind, _over(key, worst), {"Retry-After": _retry_after(worst.wait_s), **now}
+            worst.kind,
+            _over(key, worst),
+            {"Retry-After": _retry_after(worst.wait_s), **_standing(asks)},
         )
 
 
