@@ -53,6 +53,7 @@ from loadtests.harness.runner import (
     gateway_process,
     haproxy_available,
     haproxy_process,
+    replica_config,
     run_load,
 )
 from loadtests.load.samples import read_samples_from
@@ -79,23 +80,6 @@ class Finished:
             target = self.plan.utilization * capacity if self.plan.utilization else None
             loads[scenario] = report.Load(capacity, target)
         return loads
-
-
-def replica_config(engine: str) -> dict[str, object]:
-    batcher = {
-        "kind": "continuous",
-        "max_num_seqs": INSTANCE_CONCURRENCY,
-        "max_batch_tokens": 8192,
-        "max_queue": 4096,
-        "queue_timeout_ms": 600_000,
-    }
-    model = {
-        "kind": "tiny-gpt",
-        "max_tokens_limit": 1024,
-        "batcher": batcher,
-        "params": {"context_len": 2048},
-    }
-    return {"engine": {"kind": engine}, "models": [model]}
 
 
 def progress(i: int, total: int, spec: RunSpec, started: float) -> None:

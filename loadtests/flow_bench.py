@@ -42,7 +42,12 @@ import yaml
 
 from gateway.cluster import ClusterConfig, replica_urls, replicas_running, wait_ready
 from loadtests.analysis.stats import percentile
-from loadtests.harness.runner import exit_on_sigterm, free_port_block, gateway_process
+from loadtests.harness.runner import (
+    exit_on_sigterm,
+    free_port_block,
+    gateway_process,
+    replica_config,
+)
 from loadtests.load.scenarios import INSTANCE_CONCURRENCY
 from loadtests.load.sse import StreamCheck
 from loadtests.load.workload import BOS_TOKENS, CompletionRequest, Workload, draw
@@ -385,7 +390,7 @@ def limits(bench: Bench, capacity_tokens_per_minute: float) -> list[str]:
 @contextlib.contextmanager
 def fleet(args: argparse.Namespace, workdir: Path, log: IO[bytes]) -> Iterator[Bench]:
     config_path = workdir / "replica.yaml"
-    config_path.write_text(yaml.safe_dump(replica_config()))
+    config_path.write_text(yaml.safe_dump(replica_config("simulated", max_queue=100_000)))
     first = free_port_block(args.replicas + 4)  # the replicas, then up to 2 gateways
     cluster = ClusterConfig(
         replicas=args.replicas, engine="simulated", replica_config=config_path,
@@ -395,16 +400,6 @@ def fleet(args: argparse.Namespace, workdir: Path, log: IO[bytes]) -> Iterator[B
     with replicas_running(cluster, output=log) as procs:
         asyncio.run(wait_ready(urls, procs))
         yield Bench(args, urls, first + args.replicas, workdir, log, args.seed)
-
-
-def replica_config() -> dict[str, Any]:
-    batcher = {
-        "kind": "continuous", "max_num_seqs": INSTANCE_CONCURRENCY, "max_batch_tokens": 8192,
-        "max_queue": 100_000, "queue_timeout_ms": 600_000,
-    }  # fmt: skip
-    model = {"kind": "tiny-gpt", "max_tokens_limit": 1024, "batcher": batcher,
-             "params": {"context_len": 2048}}  # fmt: skip
-    return {"engine": {"kind": "simulated"}, "models": [model]}
 
 
 def report(args: argparse.Namespace, sections: dict[str, list[str]], cap: Window) -> list[str]:

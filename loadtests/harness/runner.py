@@ -23,11 +23,32 @@ import yaml
 
 from loadtests.analysis.stats import percentile
 from loadtests.load.samples import Sample, read_samples
+from loadtests.load.scenarios import INSTANCE_CONCURRENCY
 from loadtests.load.workload import Workload
 
 REPO = Path(__file__).resolve().parents[2]
 SATURATED_PERCENT = 90.0
 GENERATOR_TAIL_S = 1.0  # the load generator runs this long past the window, so it ends sending
+
+
+def replica_config(engine: str, max_queue: int = 4096) -> dict[str, object]:
+    """The benchmarks' replica: tiny-gpt behind continuous batching of INSTANCE_CONCURRENCY
+    sequences (as an A10G holds a 7B model's), a queue of `max_queue`, no queue timeout that a
+    run would meet."""
+    batcher = {
+        "kind": "continuous",
+        "max_num_seqs": INSTANCE_CONCURRENCY,
+        "max_batch_tokens": 8192,
+        "max_queue": max_queue,
+        "queue_timeout_ms": 600_000,
+    }
+    model = {
+        "kind": "tiny-gpt",
+        "max_tokens_limit": 1024,
+        "batcher": batcher,
+        "params": {"context_len": 2048},
+    }
+    return {"engine": {"kind": engine}, "models": [model]}
 
 
 @dataclass(frozen=True)
