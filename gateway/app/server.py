@@ -40,6 +40,7 @@ from gateway.control.cache_blocks import CacheBlocksProbe
 from gateway.control.discovery import DnsDiscovery
 from gateway.control.fetch import SESSION, session_fetch
 from gateway.control.health import HealthChecker
+from gateway.control.kv_events import KvEventsFeed
 from gateway.control.load import LoadProbe
 from gateway.control.models import ModelsProbe
 from gateway.control.probe import ProbeLoop
@@ -189,11 +190,14 @@ def create_app(
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_background("config-watch", app[WATCHER].run))
     fetch = session_fetch(session)
+    kv_feed = KvEventsFeed(live, gateway_metrics.kv)
+    gateway_metrics.exposition.register(gateway_metrics.kv.collector(kv_feed))
     loops: list[tuple[str, Callable[[], Coroutine[None, None, None]]]] = [
         ("health-checks", ProbeLoop(health, live, fetch).run),
         ("load-feedback", ProbeLoop(LoadProbe(live), live, fetch).run),
         ("served-models", ProbeLoop(ModelsProbe(live), live, fetch).run),
         ("cache-blocks", ProbeLoop(CacheBlocksProbe(live), live, fetch).run),
+        ("kv-events", kv_feed.run),
         ("dns-discovery", DnsDiscovery(live, on_round=gateway_metrics.discovery_round).run),
     ]
     for name, run in loops:

@@ -16,6 +16,7 @@ from gateway.config.values import (
     valid_limits_store,
     valid_replica_url,
     valid_store_path,
+    valid_zmq_endpoint,
 )
 from gateway.routing.options import AffinityOptions, PolicyOptions, PrefixOptions
 from gateway.routing.policies import canonical_policy_name
@@ -126,6 +127,14 @@ class ModelRoute(_Model):
         return self
 
 
+class ReplicaEvents(_Model):
+    """Where this replica publishes its KV cache events, when not at the fleet's
+    `routing.prefix.events` port on its URL's host (data-parallel ranks: the ports after)."""
+
+    endpoint: Annotated[str, AfterValidator(valid_zmq_endpoint)]
+    replay_endpoint: Annotated[str, AfterValidator(valid_zmq_endpoint)] | None = None
+
+
 class ReplicaSpec(_Model):
     url: Annotated[str, AfterValidator(valid_replica_url)]
     # Requests this replica takes at once; more wait in the gateway queue (limits.max_queue).
@@ -133,6 +142,7 @@ class ReplicaSpec(_Model):
     max_concurrency: int | None = Field(None, ge=1)
     # The models it serves; when given, its GET /v1/models is not polled.
     models: tuple[Annotated[str, Field(min_length=1)], ...] | None = Field(None, min_length=1)
+    kv_events: ReplicaEvents | None = None  # precise_prefix on events: its own endpoints
 
 
 class Timeouts(_Model):
@@ -482,6 +492,10 @@ class GatewayConfig(_Model):
     @property
     def replica_max_concurrency(self) -> dict[str, int | None]:
         return {spec.url: spec.max_concurrency for spec in self.replicas or ()}
+
+    @property
+    def replica_events(self) -> dict[str, ReplicaEvents | None]:
+        return {spec.url: spec.kv_events for spec in self.replicas or ()}
 
     @property
     def replica_models(self) -> dict[str, tuple[str, ...] | None]:

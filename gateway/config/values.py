@@ -23,6 +23,20 @@ def valid_replica_url(value: str) -> str:
     return str(url).rstrip("/")
 
 
+TCP_ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
+
+
+def valid_zmq_endpoint(value: str) -> str:
+    """An endpoint the gateway connects a ZeroMQ socket to: tcp://host:port (a literal IPv6
+    address in brackets), or ipc://path."""
+    match = TCP_ENDPOINT.fullmatch(value)
+    if match is not None and 1 <= int(match.group(2)) <= 65535:
+        return value
+    if value.startswith("ipc://") and len(value) > len("ipc://"):
+        return value
+    raise ValueError("expected tcp://host:port (port 1-65535) or ipc://path")
+
+
 def valid_absolute_path(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError("expected a path starting with '/'")

@@ -1,6 +1,6 @@
 """Cache blocks, for the policies that need them (`precise_prefix`): every
 `routing.prefix.poll_interval_s`, GET /cache/blocks on each replica, handed to the policy
-(`on_report`), which replaces what it knew of that replica.
+(`on_cache`), which replaces what it knew of that replica.
 
 A report counts only when the replica hashes as the gateway does (the same `hash_scheme`,
 `tokenizer` and `block_size`); otherwise, or when the poll fails, the replica is taken to hold
@@ -77,8 +77,8 @@ class CacheBlocksProbe(Probe[CacheReport | None]):
         runtime = self._live.runtime
         polled = [(None, runtime.policy), *runtime.model_policies.items()]
         models = [model for model, policy in polled if "cache_blocks" in policy.needs]
-        if not models:  # the strategy may be switched on by a reload
-            return None
+        if not models or runtime.options.prefix.events is not None:  # a reload may change it
+            return None  # (with events, the feed in gateway/control/kv_events.py tells them)
         active = self._live.pool.active()
         asks = [Ask(r, PATH, model) for model in models for r in active if r.serves(model)]
         interval = runtime.options.prefix.poll_interval_s
@@ -95,7 +95,8 @@ class CacheBlocksProbe(Probe[CacheReport | None]):
         self._warned.intersection_update(replica.url for replica in present)
 
     def _report(self, ask: Ask, hashes: list[int]) -> None:
-        self._live.runtime.policy_for(ask.model).on_report(ask.replica.url, hashes)
+        policy = self._live.runtime.policy_for(ask.model)
+        policy.on_cache(ask.replica.url, dict.fromkeys(hashes, 1.0), replace=True)
 
     def _comparable(self, replica: Replica, report: CacheReport) -> bool:
         block_size = self._live.runtime.options.prefix.block_size

@@ -32,6 +32,7 @@ from gateway.datapath.proxy import ProxyEvents
 from gateway.flow.queue import Ticket
 from gateway.flow.service import Usage
 from gateway.ops.flow_metrics import FlowMetrics
+from gateway.ops.kv_metrics import KvEventsMetrics
 from gateway.ops.recent import RecentTraffic
 from gateway.pool.admission import Admission
 from gateway.pool.lease import Lease
@@ -186,6 +187,7 @@ class GatewayMetrics(ProxyEvents):
             self.exposition.register(StrategyCollector(self))
         self._pool = pool
         self.flow = FlowMetrics(registry)  # queue, shedding, tenants' tokens, limit refusals
+        self.kv = KvEventsMetrics(registry)  # the KV cache event feed
         self.recent = RecentTraffic()  # rate and latency over the last seconds, for /ui
         self._counters: dict[tuple[str, str, str], Counter] = {}
         self._histograms: dict[str, Histogram] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import ClassVar
 
 from gateway.routing.replica import Replica
@@ -43,9 +43,17 @@ class Policy:
     def replicas_changed(self, urls: Sequence[str]) -> None:
         """The pool's active replicas are now `urls`: forget what is kept of others."""
 
-    def on_report(self, url: str, hashes: Sequence[int]) -> None:
-        """What replica `url` holds in its prefix cache now (for a policy that needs
-        cache_blocks)."""
+    def on_cache(
+        self,
+        url: str,
+        held: Mapping[int, float],
+        dropped: Collection[int] = (),
+        *,
+        replace: bool = False,
+    ) -> None:
+        """What replica `url` holds in its prefix cache (for a policy that needs cache_blocks):
+        it holds the blocks `held` (each with its weight: 1 on the GPU, less in a slower tier)
+        and no longer holds `dropped`; with `replace`, `held` is all it holds."""
 
     def cost(self, replicas: Sequence[Replica], request: RequestInfo) -> Cost | None:
         """A least-cost policy's cost of each candidate for this request (lower wins, ties at

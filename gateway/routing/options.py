@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +26,23 @@ class AffinityOptions(_Options):
     load_factor: float = Field(1.25, ge=1.0)  # no replica takes more than this x the mean
 
 
+class KvEventsOptions(_Options):
+    """`precise_prefix` on the engines' own KV cache events (gateway/control/kv_events.py), as
+    vLLM and SGLang publish them with `--kv-events-config`: the gateway subscribes to each
+    replica at the replica URL's host, on `port` (+ the data-parallel rank, as the engines
+    offset it), and asks `replay_port` for what it missed. A replica's own `kv_events` entry
+    overrides both."""
+
+    engine: Literal["vllm", "sglang"] = "vllm"  # how to read positional (older) events
+    port: int = Field(5557, ge=1, le=65535)
+    replay_port: int | None = Field(None, ge=1, le=65535)  # None: nothing missed is recovered
+    topic: str = Field("", max_length=256)  # the engines' `topic`: a prefix filter
+    data_parallel_size: int = Field(1, ge=1, le=64)  # publishers per replica, ports in a row
+    cpu_weight: float = Field(0.5, ge=0, le=1)  # a block held off the GPU, against one on it
+    replay_timeout_s: float = Field(2.0, gt=0)
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+
 class PrefixOptions(_Options):
     """Strategies `prefix_aware` and `precise_prefix`: how prompts are hashed and when load wins
     over a cached prefix (see PrefixAware in gateway/routing/policies.py)."""
@@ -39,6 +57,7 @@ class PrefixOptions(_Options):
     max_entries: int = Field(200_000, gt=0)  # (block, replica) pairs kept; LRU go first
     session_header: str | None = "X-Session-Id"
     poll_interval_s: float = Field(0.5, gt=0)  # precise_prefix: GET /cache/blocks cadence
+    events: KvEventsOptions | None = None  # precise_prefix: engines' KV events instead of polls
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 BOS = 256
@@ -56,53 +56,75 @@ def prompt_text(payload: dict[str, Any]) -> str | None:
 def block_hashes(text: str, block_size: int, max_tokens: int) -> tuple[int, ...]:
     """The chained hashes of the full blocks among the first `max_tokens` tokens of `text`."""
     data = text.encode("utf-8", errors="surrogatepass")[: max(0, max_tokens - 1)]
-    ids = (BOS, *data)
+    return tuple(chain((BOS, *data), block_size))
+
+
+def chain(ids: Sequence[int], block_size: int, parent: int = 0) -> list[int]:
+    """The chained hash of each full block of token `ids`, the first one chained to `parent`
+    (a trailing partial block has none)."""
     hashes = []
-    parent = 0
+    pack = struct.Struct(f"<Q{block_size}I").pack
     for start in range(0, len(ids) - block_size + 1, block_size):
-        block = struct.pack(f"<Q{block_size}I", parent, *ids[start : start + block_size])
+        block = pack(parent, *ids[start : start + block_size])
         parent = int.from_bytes(hashlib.blake2b(block, digest_size=8).digest(), "little")
         hashes.append(parent)
-    return tuple(hashes)
+    return hashes
 
 
 class PrefixIndex:
     """Which replica holds which blocks, as far as the gateway knows: at most `max_entries`
     (block, replica) pairs, least recently used evicted first; lookups walk a prompt's chain
-    once (O(blocks + replicas))."""
+    once (O(blocks + replicas)). A pair has a weight: 1 for a block the replica can use at once;
+    less for one it holds in a slower tier (host memory), which saves less prefill."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._lru: OrderedDict[tuple[int, str], None] = OrderedDict()
+        self._lru: OrderedDict[tuple[int, str], float] = OrderedDict()  # -> weight
         self._holders: dict[int, set[str]] = {}
         self._by_url: dict[str, set[int]] = {}
+        self._weighted = False  # a weight other than 1 was ever held: matching reads weights
 
     def __len__(self) -> int:
         return len(self._lru)
 
     def insert(self, url: str, hashes: Iterable[int]) -> None:
-        for h in hashes:
+        self.hold(url, dict.fromkeys(hashes, 1.0))
+
+    def hold(self, url: str, weights: Mapping[int, float]) -> None:
+        """`url` holds these blocks now, with these weights (the most recent last in LRU)."""
+        lru = self._lru
+        for h, weight in weights.items():
             key = (h, url)
-            if key in self._lru:
-                self._lru.move_to_end(key)
-                continue
-            self._lru[key] = None
-            self._holders.setdefault(h, set()).add(url)
-            self._by_url.setdefault(url, set()).add(h)
-        while len(self._lru) > self.max_entries:
-            self._drop(*self._lru.popitem(last=False)[0])
+            if key in lru:
+                lru.move_to_end(key)
+            else:
+                self._holders.setdefault(h, set()).add(url)
+                self._by_url.setdefault(url, set()).add(h)
+            lru[key] = weight
+            self._weighted = self._weighted or weight != 1.0
+        while len(lru) > self.max_entries:
+            self._drop(*lru.popitem(last=False)[0])
+
+    def release(self, url: str, hashes: Iterable[int]) -> None:
+        """`url` no longer holds these blocks."""
+        for h in hashes:
+            if self._lru.pop((h, url), None) is not None:
+                self._drop(h, url)
 
     def replace(self, url: str, hashes: Iterable[int]) -> None:
         """What `url` holds is exactly `hashes` now (a report from the replica itself)."""
         self.forget(url)
         self.insert(url, hashes)
 
-    def matched_blocks(self, hashes: Sequence[int]) -> dict[str, int]:
-        """For each replica that holds the first block: how many leading blocks it holds."""
+    def matched_blocks(self, hashes: Sequence[int]) -> dict[str, float]:
+        """For each replica that holds the first block: how many leading blocks it holds (each
+        counted at its weight)."""
         if not hashes:
             return {}
         alive = set(self._holders.get(hashes[0], ()))
-        depth: dict[str, int] = {}
+        if self._weighted:
+            return self._weighted_run(hashes, alive)
+        depth: dict[str, float] = {}
         for i, h in enumerate(hashes[1:], start=1):
             if not alive:
                 break
@@ -111,6 +133,17 @@ class PrefixIndex:
                 depth[url] = i
             alive = still
         depth.update(dict.fromkeys(alive, len(hashes)))
+        return depth
+
+    def _weighted_run(self, hashes: Sequence[int], alive: set[str]) -> dict[str, float]:
+        lru = self._lru
+        depth = dict.fromkeys(alive, 0.0)
+        for h in hashes:
+            if not alive:
+                break
+            alive = alive & self._holders.get(h, set())
+            for url in alive:
+                depth[url] += lru[(h, url)]
         return depth
 
     def forget(self, url: str) -> None:

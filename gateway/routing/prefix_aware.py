@@ -1,13 +1,13 @@
 """Prefix-aware routing: cache reuse against load, in one cost in tokens of prefill.
 PrefixAware learns from the gateway's own dispatches; PrecisePrefix reads what the replicas
-report they hold (gateway/control/cache_blocks.py)."""
+say they hold (gateway/control/kv_events.py, gateway/control/cache_blocks.py)."""
 
 from __future__ import annotations
 
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import ClassVar
 
 from gateway.routing.base import Cost, Policy, least, stable_hash
@@ -89,7 +89,7 @@ class PrefixAware(Policy):
     ) -> Replica:
         return least(replicas, cost, self._rng)
 
-    def matched(self, request: RequestInfo) -> dict[str, int]:
+    def matched(self, request: RequestInfo) -> dict[str, float]:
         """Prompt tokens each replica is thought to hold already."""
         blocks = self.index.matched_blocks(request.prefix)
         matched = {url: n * self._options.block_size for url, n in blocks.items()}
@@ -116,9 +116,11 @@ class PrefixAware(Policy):
 
 
 class PrecisePrefix(PrefixAware):
-    """PrefixAware on what the replicas hold, not on what the gateway sent: the index is each
-    replica's own `GET /cache/blocks` report, replaced at every poll
-    (gateway/control/cache_blocks.py), so evictions and restarts show within one poll interval.
+    """PrefixAware on what the replicas hold, not on what the gateway sent: the index is what
+    each replica says it holds, from its KV cache events as they happen
+    (gateway/control/kv_events.py) or from its `GET /cache/blocks` report, replaced at every
+    poll (gateway/control/cache_blocks.py), so evictions and restarts show within one poll
+    interval.
     Ties go to the replica whose
     hash with the prompt's first block is highest (rendezvous hashing), so a new prefix keeps to
     one replica until the replicas report it, and gateways that see the same reports and loads
@@ -132,8 +134,18 @@ class PrecisePrefix(PrefixAware):
                 replica, RequestInfo(key=request.key, prompt_tokens=request.prompt_tokens)
             )
 
-    def on_report(self, url: str, hashes: Sequence[int]) -> None:
-        self.index.replace(url, hashes)
+    def on_cache(
+        self,
+        url: str,
+        held: Mapping[int, float],
+        dropped: Collection[int] = (),
+        *,
+        replace: bool = False,
+    ) -> None:
+        if replace:
+            self.index.forget(url)
+        self.index.release(url, dropped)
+        self.index.hold(url, held)
 
     def _least(
         self, replicas: Sequence[Replica], cost: Callable[[Replica], float], request: RequestInfo

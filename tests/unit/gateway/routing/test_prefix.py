@@ -209,10 +209,10 @@ def test_precise_prefix_routes_by_what_the_replicas_report() -> None:
     policy = PrecisePrefix(random.Random(8), PolicyOptions())
     request = _request(SYSTEM + "q")
     holder = fleet[2]
-    policy.on_report(holder.url, request.prefix[:20])
+    policy.on_cache(holder.url, dict.fromkeys(request.prefix[:20], 1.0), replace=True)
     assert all(dispatch(policy, fleet, request) is holder for _ in range(10))
     assert policy.index.matched_blocks(request.prefix) == {holder.url: 20}  # routing adds none
-    policy.on_report(holder.url, [])  # it restarted: its cache is empty
+    policy.on_cache(holder.url, {}, replace=True)  # it restarted: its cache is empty
     assert policy.matched(request) == {}
 
 
@@ -222,7 +222,7 @@ def test_precise_prefix_choices_do_not_depend_on_the_gateway() -> None:
     fleet = _fleet(5)
     one, two = (PrecisePrefix(random.Random(seed), PolicyOptions()) for seed in (1, 2))
     for policy in (one, two):
-        policy.on_report(fleet[0].url, _request(SYSTEM).prefix)
+        policy.on_cache(fleet[0].url, dict.fromkeys(_request(SYSTEM).prefix, 1.0), replace=True)
     fleet[3].outstanding = 1
     prompts = [SYSTEM + "a", "unrelated prompt " * 10, "another one " * 30, f"{SYSTEM[:40]} b"]
     for text in prompts:
