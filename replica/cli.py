@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -42,6 +43,11 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batcher", action="append", default=[], metavar="[MODEL=]KIND",
         help="batcher kind for every model, or for one: none, static, dynamic, continuous",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-events-config", metavar="JSON",
+        help="kv_events keys as vLLM's flag takes them, e.g. "
+        '\'{"enable_kv_cache_events": true, "endpoint": "tcp://*:5557"}\'',
     )  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -84,6 +90,18 @@ def _set_batcher(models: list[Any], spec: str) -> None:
         raise ConfigError(f"--batcher: no served model named '{target}'")
 
 
+def _kv_events(config: dict[str, Any], flag: str) -> dict[str, Any]:
+    """The config's `kv_events` keys, with those of `--kv-events-config` over them."""
+    try:
+        keys = json.loads(flag)
+    except ValueError as error:
+        raise ConfigError(f"--kv-events-config: invalid JSON: {error}") from None
+    if not isinstance(keys, dict):
+        raise ConfigError(f"--kv-events-config: expected a JSON object, got {flag!r}")
+    section = config.get("kv_events")
+    return {**(section if isinstance(section, dict) else {}), **keys}
+
+
 def apply_overrides(raw: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Fold command-line flags into the raw config mapping (validated afterwards)."""
     config: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
@@ -105,6 +123,9 @@ def apply_overrides(raw: Any, args: argparse.Namespace) -> dict[str, Any]:
     models = _select_models(models, args.model)
     for spec in getattr(args, "batcher", []):
         _set_batcher(models, spec)
+    kv_events = getattr(args, "kv_events_config", None)
+    if kv_events is not None:
+        config["kv_events"] = _kv_events(config, kv_events)
     return {**config, "server": server, "engine": engine, "models": models}
 
 

@@ -92,6 +92,37 @@ BatcherConfig = Annotated[
 ]
 
 
+class KvEventsConfig(_Frozen):
+    """vLLM's `--kv-events-config` fields and defaults (replica/kv_events.py), plus `form`."""
+
+    enable_kv_cache_events: bool = False
+    publisher: Literal["null", "zmq"] | None = None  # None: "zmq" when enabled, as vLLM
+    endpoint: str = "tcp://*:5557"
+    replay_endpoint: str | None = None
+    buffer_steps: int = Field(default=10_000, gt=0)
+    hwm: int = Field(default=100_000, ge=0)
+    max_queue_size: int = Field(default=100_000, gt=0)
+    topic: str = ""
+    # "map": events as vLLM sends them now (tagged maps); "array": the older positional arrays.
+    form: Literal["map", "array"] = "map"
+
+    @property
+    def enabled(self) -> bool:
+        return self.enable_kv_cache_events and self.publisher != "null"
+
+    @model_validator(mode="after")
+    def _known_transports(self) -> KvEventsConfig:
+        for name, value in (("endpoint", self.endpoint), ("replay_endpoint", self.replay_endpoint)):
+            if value is not None and not value.startswith(_TRANSPORTS):
+                raise ValueError(
+                    f"{name} '{value}' must start with one of {', '.join(_TRANSPORTS)}"
+                )
+        return self
+
+
+_TRANSPORTS = ("tcp://", "ipc://", "inproc://")
+
+
 class TinyGptParams(_Frozen):
     layers: int = Field(default=2, gt=0)
     width: int = Field(default=128, gt=0)
@@ -148,10 +179,30 @@ def _default_models() -> tuple[ModelConfig, ...]:
     return (TinyGptModelConfig(kind="tiny-gpt"), ClassifierModelConfig(kind="classifier"))
 
 
+def keeps_prefix_cache(model: ModelConfig) -> bool:
+    batcher = model.batcher
+    return isinstance(batcher, ContinuousBatcherConfig) and batcher.prefix_cache.enabled
+
+
 class ReplicaConfig(_Frozen):
     server: ServerConfig = ServerConfig()
     engine: EngineConfig = EngineConfig()
     models: tuple[ModelConfig, ...] = Field(default_factory=_default_models, min_length=1)
+    kv_events: KvEventsConfig = KvEventsConfig()
+
+    @model_validator(mode="after")
+    def _one_cache_to_publish(self) -> ReplicaConfig:
+        """As a vLLM process, the replica publishes the events of one model's prefix cache."""
+        if not self.kv_events.enabled:
+            return self
+        caching = [m.name for m in self.models if keeps_prefix_cache(m)]
+        if len(caching) != 1:
+            raise ValueError(
+                "kv_events: publishes exactly one model's prefix cache (a tiny-gpt model with "
+                f"batcher.kind continuous and prefix_cache.enabled); found {len(caching)}"
+                + (f": {', '.join(caching)}" if caching else "")
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> ReplicaConfig:

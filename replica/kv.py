@@ -16,6 +16,10 @@ hash and its own token ids, so the same prefix always yields the same chain:
 A new sequence reuses the longest chain of cached blocks that matches its tokens and computes
 only the rest. Blocks no sequence references stay cached until their space is needed, then go
 least recently used first. `GET /cache/blocks` publishes the cached hashes (`HASH_SCHEME`).
+
+Given a `sink`, the manager also reports what its cache did, as vLLM's KV cache events do
+(`replica/kv_events.py` puts them on the wire): `BlocksStored` when `commit` registers blocks,
+`BlocksRemoved` when a cached block is evicted for reuse.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import hashlib
 import math
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 HASH_SCHEME = "blake2b-64 chained: h = blake2b(parent_hash u64 LE || token ids u32 LE, 8 bytes)"
@@ -45,6 +49,55 @@ def _u32le(token_ids: Sequence[int]) -> bytes:
     if ids.itemsize != 4 or array("I", [1]).tobytes()[0] != 1:  # pragma: no cover - exotic ABI
         return b"".join(t.to_bytes(4, "little") for t in token_ids)
     return ids.tobytes()
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksStored:
+    """Blocks newly registered in the cache: one run of a chain, `parent` the hash before it
+    (None at the chain's start), `token_ids` those blocks' tokens."""
+
+    hashes: tuple[int, ...]
+    parent: int | None
+    token_ids: tuple[int, ...]
+    block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksRemoved:
+    hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheCleared:
+    """Nothing is cached (a cache just created)."""
+
+
+CacheEvent = BlocksStored | BlocksRemoved | CacheCleared
+EventSink = Callable[[CacheEvent], object]
+
+
+def stored_runs(
+    chain: Sequence[int], token_ids: Sequence[int], stored: Sequence[int], block_size: int
+) -> list[BlocksStored]:
+    """One `BlocksStored` per run of consecutive newly registered blocks (indices `stored`
+    into `chain`). A block whose hash another block already held was reported then, so it is
+    left out, and the run after it names it as parent: every parent was reported stored
+    before (it may have been evicted since)."""
+    runs: list[list[int]] = []
+    for index in stored:
+        if runs and runs[-1][-1] == index - 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return [
+        BlocksStored(
+            tuple(chain[run[0] : run[-1] + 1]),
+            chain[run[0] - 1] if run[0] else None,
+            tuple(token_ids[run[0] * block_size : (run[-1] + 1) * block_size]),
+            block_size,
+        )
+        for run in runs
+    ]
 
 
 @dataclass
@@ -82,7 +135,14 @@ class BlockManager:
     Not thread-safe: the batcher's event-loop task is its only caller.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, *, prefix_cache: bool) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        prefix_cache: bool,
+        sink: EventSink | None = None,
+    ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
@@ -93,6 +153,7 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
         self._cached: dict[int, int] = {}  # hash -> block id
         self._seqs: dict[int, SeqBlocks] = {}
+        self._sink = sink
         self.queried_tokens = 0
         self.hit_tokens = 0
         self.preemptions = 0
@@ -165,15 +226,21 @@ class BlockManager:
         full = computed // self.block_size
         if full <= len(seq.hashes):
             return
+        first = len(seq.hashes)
         parent = seq.hashes[-1] if seq.hashes else 0
-        start = len(seq.hashes) * self.block_size
+        start = first * self.block_size
         new = chain_hashes(token_ids[start : full * self.block_size], self.block_size, parent)
-        for index, h in enumerate(new, start=len(seq.hashes)):
+        stored: list[int] = []
+        for index, h in enumerate(new, start=first):
             block = self._blocks[seq.table[index]]
             if block.hash is None and h not in self._cached:
                 block.hash = h
                 self._cached[h] = block.id
+                stored.append(index)
         seq.hashes.extend(new)
+        if self._sink is not None and stored:
+            for event in stored_runs(seq.hashes, token_ids, stored, self.block_size):
+                self._sink(event)
 
     def free(self, seq_id: int, *, preempted: bool = False) -> None:
         """Drop a finished, cancelled or preempted sequence's references (newest block first,
@@ -207,6 +274,8 @@ class BlockManager:
             evicted = self._blocks[block_id]
             if evicted.hash is not None:
                 del self._cached[evicted.hash]
+                if self._sink is not None:
+                    self._sink(BlocksRemoved((evicted.hash,)))
                 evicted.hash = None
         self._blocks[block_id].refs = 1
         return block_id

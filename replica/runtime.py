@@ -25,6 +25,7 @@ from replica.batching import (
     StaticBatcher,
 )
 from replica.batching.clock import Clock
+from replica.batching.continuous import KvEvents
 from replica.batching.observer import BatchObserver
 from replica.config import (
     BatcherConfig,
@@ -36,10 +37,12 @@ from replica.config import (
     ReplicaConfig,
     StaticBatcherConfig,
     TinyGptModelConfig,
+    keeps_prefix_cache,
 )
 from replica.engines.base import ClassifierEngine, GenerationEngine, KvLayout, generate_batch
 from replica.engines.profile import GenerationProfile
 from replica.generation import Completion, GenRequest
+from replica.kv_events import KvEventPublisher, open_publisher
 from replica.metrics import ModelMetrics, ReplicaMetrics
 
 T = TypeVar("T")
@@ -52,6 +55,7 @@ class GenerativeModel:
     config: TinyGptModelConfig
     batcher: Batcher[GenRequest, Completion]
     metrics: ModelMetrics
+    kv_events: KvEventPublisher | None = None  # publishes its prefix cache's events
 
     @property
     def context_len(self) -> int:
@@ -87,6 +91,9 @@ class Runtime:
 
     async def close(self) -> None:
         await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
+        for model in self.models.values():
+            if isinstance(model, GenerativeModel) and model.kv_events is not None:
+                await asyncio.to_thread(model.kv_events.close)
         self.executor.shutdown(wait=True)
 
 
@@ -126,6 +133,7 @@ def generation_batcher(
     observer: BatchObserver,
     clock: Clock | None = None,
     max_num_seqs_cap: int | None = None,
+    kv_events: KvEvents | None = None,
 ) -> Batcher[GenRequest, Completion]:
     if not isinstance(config, ContinuousBatcherConfig):
         forward = partial(generate_batch, engine)
@@ -140,6 +148,7 @@ def generation_batcher(
         knobs=QueueKnobs(config.max_queue, config.queue_timeout_ms / 1000),
         observer=observer,
         clock=clock,
+        kv_events=kv_events,
     )
 
 
@@ -220,6 +229,21 @@ def build_runtime(
 ) -> Runtime:
     """Load every model (slow: call it off the event loop) and put a batcher in front of each."""
     _configure_torch(config.engine)
+    publisher = open_publisher(config.kv_events)  # config: then exactly one model keeps a cache
+    try:
+        return _build(config, metrics, clock, publisher)
+    except BaseException:
+        if publisher is not None:
+            publisher.close()
+        raise
+
+
+def _build(
+    config: ReplicaConfig,
+    metrics: ReplicaMetrics,
+    clock: Clock | None,
+    publisher: KvEventPublisher | None,
+) -> Runtime:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
     models: dict[str, ServedModel] = {}
     for model in config.models:
@@ -228,11 +252,13 @@ def build_runtime(
         if isinstance(model, TinyGptModelConfig):
             gen = _generation_engine(config.engine, model)
             cap = getattr(getattr(gen, "profile", None), "max_num_seqs", None)
+            events = publisher if keeps_prefix_cache(model) else None
             batcher = generation_batcher(
                 model.batcher, _with_faults(config.engine, gen), executor=executor,
                 observer=observer, clock=clock, max_num_seqs_cap=cap,
+                kv_events=None if events is None else events.publish,
             )  # fmt: skip
-            served = GenerativeModel(model.name, model, batcher, observer)
+            served = GenerativeModel(model.name, model, batcher, observer, events)
         else:
             cls = _classifier_engine(config.engine, model)
             spec = TensorSpec(cls.input_size, cls.num_classes, model.params.max_rows_per_request)

@@ -10,6 +10,9 @@ its whole prompt fit (after the longest cached prefix, which it does not compute
 a decoding sequence needs a block and none is free, the newest running sequence is preempted:
 its blocks are freed and it goes back to the front of the line, to be recomputed (prompt and
 the tokens it already streamed) when memory allows. The client only sees it take longer.
+
+Given `kv_events` (replica/kv_events.py), the batcher hands it what the prefix cache did: one
+batch per step that stored or evicted blocks, and `AllBlocksCleared` once, at the start.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -27,7 +31,9 @@ from replica.batching.queue import Pending, RequestQueue
 from replica.engines.base import GenerationEngine, StepPlan, Work
 from replica.errors import BadRequest
 from replica.generation import Completion, GenRequest, SequenceTracker
-from replica.kv import BlockManager
+from replica.kv import BlockManager, CacheCleared, CacheEvent
+
+KvEvents = Callable[[Sequence[CacheEvent]], object]
 
 
 @dataclass(eq=False)
@@ -54,6 +60,7 @@ class ContinuousBatcher:
         knobs: QueueKnobs = DEFAULT_KNOBS,
         clock: Clock | None = None,
         observer: BatchObserver | None = None,
+        kv_events: KvEvents | None = None,
     ) -> None:
         if max_batch_tokens < max_num_seqs:
             raise ValueError("max_batch_tokens must be at least max_num_seqs (one decode each)")
@@ -61,9 +68,16 @@ class ContinuousBatcher:
         self._executor = executor
         self.capacity = max_num_seqs
         self._max_batch_tokens = max_batch_tokens
+        self._kv_events = kv_events
+        self._events: list[CacheEvent] = []  # since the last step
         self.blocks = BlockManager(
-            engine.kv.num_blocks, engine.kv.block_size, prefix_cache=prefix_cache
+            engine.kv.num_blocks,
+            engine.kv.block_size,
+            prefix_cache=prefix_cache,
+            sink=None if kv_events is None else self._events.append,
         )
+        if kv_events is not None:
+            kv_events((CacheCleared(),))
         self._observer = observer or NullObserver()
         self._queue: RequestQueue[GenRequest, Completion] = RequestQueue(
             max_queue=knobs.max_queue,
@@ -118,6 +132,9 @@ class ContinuousBatcher:
                 await self._step(plan)
             elif plan.release:
                 self._engine.step(plan)  # nothing to compute: only frees state
+            if self._events and self._kv_events is not None:
+                self._kv_events(tuple(self._events))
+                self._events.clear()
 
     # -- scheduling -------------------------------------------------------------------------
 

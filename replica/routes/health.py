@@ -94,7 +94,8 @@ async def load(request: web.Request) -> web.Response:
 @routes.get("/cache/blocks")
 async def cache_blocks(request: web.Request) -> web.Response:
     """The hashes of the KV blocks a model holds in its prefix cache (see replica/kv.py), so a
-    router can compute a prompt's exact cached prefix here. At most one entry per KV block."""
+    router can compute a prompt's exact cached prefix here. At most one entry per KV block
+    (`blocks`: hex; the same hashes go out as ints in KV cache events)."""
     model = state(request).generative(request.query.get("model"))
     batcher = model.batcher
     if not isinstance(batcher, ContinuousBatcher):
@@ -103,6 +104,7 @@ async def cache_blocks(request: web.Request) -> web.Response:
             "only the continuous batcher keeps one"
         )
     blocks = batcher.blocks
+    events = model.kv_events
     return web.json_response(
         {
             "model": model.name,
@@ -112,6 +114,10 @@ async def cache_blocks(request: web.Request) -> web.Response:
             "hash_scheme": HASH_SCHEME,
             "tokenizer": TOKENIZER,
             "blocks": [f"{h:016x}" for h in blocks.cached_hashes()],
+            # Where this model's KV cache events are published (replica/kv_events.py); null
+            # when they are off or the PUB socket connects out rather than binds.
+            "kv_events": events.endpoint_bound if events else None,
+            "kv_events_replay": events.replay_bound if events else None,
         }
     )
 
