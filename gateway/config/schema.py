@@ -20,6 +20,7 @@ from gateway.config.values import (
 )
 from gateway.routing.options import AffinityOptions, PolicyOptions, PrefixOptions
 from gateway.routing.policies import canonical_policy_name
+from gateway.routing.tokens import load_tokenizer
 
 
 class _Model(BaseModel):
@@ -507,4 +508,5 @@ class GatewayConfig(_Model):
             ewma_decay_s=self.routing.ewma_decay_s,
             affinity=self.routing.affinity,
             prefix=self.routing.prefix,
+            tokenizer=load_tokenizer(self.routing.prefix.tokenizer),
         )

@@ -25,8 +25,9 @@ from gateway.datapath import models
 from gateway.datapath.models import Payload
 from gateway.pool.live import Live
 from gateway.routing.options import AffinityOptions, PrefixOptions
-from gateway.routing.prefix import block_hashes, prompt_text
+from gateway.routing.prefix import chain
 from gateway.routing.request import NO_INFO, Need, RequestInfo
+from gateway.routing.tokens import BYTES, PromptTokenizer
 
 CHARS_PER_TOKEN = 4
 DEFAULT_MAX_TOKENS = 16  # OpenAI completions' default
@@ -100,7 +101,7 @@ def classify(
     info = NO_INFO
     if needs:
         affinity, prefix = runtime.config.routing.affinity, runtime.options.prefix
-        info = request_info(needs, headers, payload, affinity, prefix)
+        info = request_info(needs, headers, payload, affinity, prefix, runtime.options.tokenizer)
     if target.model is not None:
         info = replace(info, model=target.model)
     tokens = estimate_tokens(payload()) if estimate else None
@@ -137,10 +138,11 @@ def request_info(
     payload: Callable[[], Payload],
     affinity: AffinityOptions,
     prefix: PrefixOptions | None = None,
+    tokenizer: PromptTokenizer = BYTES,
 ) -> RequestInfo:
     """`payload`: the parsed body, asked for only when the needs call for it."""
     if "prefix" in needs:
-        return _prefix_info(headers, payload(), prefix or PrefixOptions())
+        return _prefix_info(headers, payload(), prefix or PrefixOptions(), tokenizer)
     key = headers.get(affinity.header) if "key" in needs and affinity.header else None
     body = payload() if ("tokens" in needs or key is None) else None
     prompt = _prompt_text(body) if body is not None else None
@@ -153,15 +155,17 @@ def request_info(
 
 
 def _prefix_info(
-    headers: CIMultiDictProxy[str], payload: Payload, options: PrefixOptions
+    headers: CIMultiDictProxy[str],
+    payload: Payload,
+    options: PrefixOptions,
+    tokenizer: PromptTokenizer,
 ) -> RequestInfo:
-    text = prompt_text(payload) if payload is not None else None
     session = headers.get(options.session_header) if options.session_header else None
-    if text is None:
+    ids = tokenizer.ids(payload) if payload is not None else None
+    if not ids:
         return RequestInfo(tokens=1, key=session)
-    hashes = block_hashes(text, options.block_size, options.prefix_length)
-    length = len(text.encode("utf-8", errors="surrogatepass")) + 1  # BOS
-    return RequestInfo(tokens=length, key=session, prefix=hashes, prompt_tokens=length)
+    hashes = tuple(chain(ids[: options.prefix_length], options.block_size))
+    return RequestInfo(tokens=len(ids), key=session, prefix=hashes, prompt_tokens=len(ids))
 
 
 def _prompt_text(payload: dict[str, Any]) -> str | None:

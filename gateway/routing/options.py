@@ -8,9 +8,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from gateway.routing.tokens import BYTES, PromptTokenizer, TokenizerError, load_tokenizer
+
+
+def _loadable(spec: str) -> str:
+    try:
+        load_tokenizer(spec)
+    except TokenizerError as exc:
+        raise ValueError(str(exc)) from None
+    return spec
 
 
 class _Options(BaseModel):
@@ -57,6 +67,9 @@ class PrefixOptions(_Options):
     max_entries: int = Field(200_000, gt=0)  # (block, replica) pairs kept; LRU go first
     session_header: str | None = "X-Session-Id"
     poll_interval_s: float = Field(0.5, gt=0)  # precise_prefix: GET /cache/blocks cadence
+    # How prompts become token ids: `bytes` (our replicas'), or the path of the engine's
+    # tokenizer.json (or its directory: chat template from tokenizer_config.json beside it).
+    tokenizer: Annotated[str, AfterValidator(_loadable)] = "bytes"
     events: KvEventsOptions | None = None  # precise_prefix: engines' KV events instead of polls
 
 
@@ -67,3 +80,4 @@ class PolicyOptions:
     affinity: AffinityOptions = field(default_factory=AffinityOptions)
     prefix: PrefixOptions = field(default_factory=PrefixOptions)
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
+    tokenizer: PromptTokenizer = field(default=BYTES, compare=False)  # prefix.tokenizer, loaded
