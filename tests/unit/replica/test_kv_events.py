@@ -426,5 +426,6 @@ def test_kv_events_config_errors_name_the_section() -> None:
             {"kv_events": {"enable_kv_cache_events": True}, "models": [{"kind": "tiny-gpt"}, two]}
         )
     # None to publish is no error: a launcher turns events on for every replica it starts.
-    assert parse_config({"kv_events": {"enable_kv_cache_events": True}, "models": [two | {
-        "batcher": {"kind": "continuous", "prefix_cache": {"enabled": False}}}]}).kv_events.enabled  # fmt: skip
+    uncached = two | {"batcher": {"kind": "continuous", "prefix_cache": {"enabled": False}}}
+    config = parse_config({"kv_events": {"enable_kv_cache_events": True}, "models": [uncached]})
+    assert config.kv_events.enabled
