@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -57,6 +58,9 @@ class ClusterConfig(BaseModel):
     groups: tuple[ReplicaGroup, ...] = ()
     host: str = "127.0.0.1"
     first_replica_port: int = Field(9001, ge=1, le=65535)
+    # Replica i publishes its KV cache events on this port + 2i (replay: + 2i + 1), bound to
+    # `host`; the gateway follows them when the strategy is precise_prefix. None: off.
+    kv_events_port: int | None = Field(5557, ge=1, le=65000)
     # The gateway's own YAML minus `replicas` (listen, routing, timeouts, health_check, ...).
     gateway: dict[str, Any] = Field(default_factory=dict)
 
@@ -114,7 +118,20 @@ def gateway_yaml(cluster: ClusterConfig, args: argparse.Namespace) -> dict[str, 
     if args.port is not None:
         config["listen"] = {**config.get("listen", {}), "port": args.port}
     config["replicas"] = [{"url": url} for url in replica_urls(cluster)]
+    if cluster.kv_events_port is not None:
+        for index, replica in enumerate(config["replicas"]):
+            endpoint, replay = kv_endpoints(cluster, index)
+            replica["kv_events"] = {"endpoint": endpoint, "replay_endpoint": replay}
+        routing = config["routing"] = dict(config.get("routing") or {})
+        prefix = routing["prefix"] = dict(routing.get("prefix") or {})
+        prefix.setdefault("events", {})
     return config
+
+
+def kv_endpoints(cluster: ClusterConfig, index: int) -> tuple[str, str]:
+    """Where replica `index` publishes its KV cache events, and replays them."""
+    port = (cluster.kv_events_port or 0) + 2 * index
+    return f"tcp://{cluster.host}:{port}", f"tcp://{cluster.host}:{port + 1}"
 
 
 def gpu_count() -> int:
@@ -149,6 +166,11 @@ def start_replica(
         cmd += ["-c", str(group.replica_config)]
     for model in group.models:
         cmd += ["--model", model]
+    if cluster.kv_events_port is not None:
+        endpoint, replay = kv_endpoints(cluster, index)
+        events = {"enable_kv_cache_events": True, "publisher": "zmq", "bind": True}
+        events |= {"endpoint": endpoint, "replay_endpoint": replay}
+        cmd += ["--kv-events-config", json.dumps(events)]
     cmd += extra_args
     env = dict(os.environ)
     if gpus:

@@ -182,6 +182,7 @@ def run_plan(plan: Plan, log: IO[bytes]) -> Finished:
             engine=plan.engine,
             replica_config=config_path,
             first_replica_port=first_port,
+            kv_events_port=None,
         )
         urls, port = replica_urls(cluster), first_port + instances
         with replicas_running(cluster, output=log, extra_args=extra) as procs:

@@ -394,7 +394,7 @@ def fleet(args: argparse.Namespace, workdir: Path, log: IO[bytes]) -> Iterator[B
     first = free_port_block(args.replicas + 4)  # the replicas, then up to 2 gateways
     cluster = ClusterConfig(
         replicas=args.replicas, engine="simulated", replica_config=config_path,
-        first_replica_port=first,
+        first_replica_port=first, kv_events_port=None,
     )  # fmt: skip
     urls = replica_urls(cluster)
     with replicas_running(cluster, output=log) as procs:

@@ -395,7 +395,7 @@ def one_run(
     port = free_port_block(args.replicas + 2)
     cluster = ClusterConfig(
         replicas=args.replicas, engine="simulated", replica_config=replica_yaml(workdir),
-        first_replica_port=port + 2,
+        first_replica_port=port + 2, kv_events_port=None,
     )  # fmt: skip
     urls = replica_urls(cluster)
     window = window_of(args)

@@ -105,6 +105,9 @@ class KvEventsConfig(_Frozen):
     topic: str = ""
     # "map": events as vLLM sends them now (tagged maps); "array": the older positional arrays.
     form: Literal["map", "array"] = "map"
+    # Ours too: True binds the PUB at `endpoint` as given (tcp://127.0.0.1:5557: loopback only,
+    # where vLLM's rule would connect); None: vLLM's rule (bind on `*`, `::`, ipc, inproc).
+    bind: bool | None = None
 
     @property
     def enabled(self) -> bool:

@@ -18,7 +18,8 @@ The wire (vLLM's `ZmqEventPublisher`):
   `buffer_steps` batches, payloads as published), then the end marker `[b"", ff * 8, b""]`.
 - Sockets bind as vLLM's do ("bind stable, connect volatile"): the PUB binds when its endpoint
   has `*` or `::` or is ipc/inproc, and connects otherwise; ours also binds a tcp port 0 (a
-  free port, reported in `endpoint_bound`). The replay ROUTER always binds.
+  free port, reported in `endpoint_bound`), and any endpoint with `bind: true` (a loopback
+  address, say: events carry prompts' token ids). The replay ROUTER always binds.
 
 `publish` never blocks the event loop: it puts the batch on a bounded queue (`max_queue_size`)
 without waiting. When the queue is full the batch is DROPPED, counted in `dropped`, with one
@@ -189,7 +190,7 @@ class KvEventPublisher:
         endpoint = self._config.endpoint
         pub = _socket(zmq.PUB, endpoint, sockets)
         pub.setsockopt(zmq.SNDHWM, self._config.hwm)
-        if binds(endpoint):
+        if self._config.bind or (self._config.bind is None and binds(endpoint)):
             pub.bind(endpoint)
             self.endpoint_bound = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         else:

@@ -12,7 +12,9 @@ replica's own `kv_events` endpoints. Each batch carries a sequence number, +1 pe
   without a replay endpoint, what was missed stays unknown (after a gap, what the follower held
   of that rank is dropped: a missed eviction would otherwise be believed forever);
 - a number lower than expected is an engine restart: what it held of that rank is dropped,
-  and what the new engine published before is replayed.
+  and what the new engine published before is replayed;
+- a dropped connection (the engine stopped, or the network) drops what it held of that rank
+  at once (an idle restarted engine may not publish for a long time); the next batch replays.
 Undecodable messages and malformed events are counted and dropped, never applied.
 
 Blocks are keyed by the gateway's own chained hash of their token ids (gateway/routing/prefix
@@ -46,6 +48,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 from yarl import URL
+from zmq.utils.monitor import parse_monitor_message
 
 from gateway.config.schema import ReplicaEvents
 from gateway.control import kv_wire
@@ -64,7 +67,7 @@ GPU, OTHER = 0, 1  # tiers: the engine's own memory, and anything slower
 
 class FeedEvents:
     """What the feed reports (the gateway's metrics implement it; here, nothing).
-    `what`: batches, gaps, replays, replays_failed, restarts, resyncs, decode_errors,
+    `what`: batches, gaps, replays, replays_failed, restarts, disconnects, resyncs, decode_errors,
     rejected_events, orphan_blocks, foreign_blocks, dropped_blocks."""
 
     def counted(self, replica: str, what: str, n: int = 1) -> None:
@@ -176,6 +179,8 @@ class Follower:
             sub.setsockopt(zmq.RECONNECT_IVL, 100)
             sub.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
             sub.setsockopt(zmq.SUBSCRIBE, options.topic.encode())
+            monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            watching = asyncio.create_task(self._watch(monitor))
             sub.connect(self.target.endpoint)
             handled = 0
             while True:
@@ -185,7 +190,22 @@ class Follower:
                 if handled % YIELD_EVERY == 0:
                     await asyncio.sleep(0)
         finally:
+            if "watching" in locals():
+                watching.cancel()
+                sub.disable_monitor()
+                monitor.close(linger=0)
             sub.close(linger=0)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """The publisher's connection dropped: the engine stopped (or the network did). What
+        it held is dropped now, not when a restarted engine first publishes (which may be
+        never, if it is idle); the next batch from it replays its history."""
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.feed.events.counted(self.target.url, "disconnects")
+                self.clear()
+                self.expected = None
 
     async def receive(self, frames: list[bytes]) -> None:
         try:

@@ -21,9 +21,10 @@ class KvEventsMetrics(FeedEvents):
         self.events = Counter(
             "gateway_kv_events",
             "KV cache event feed, by replica and what happened: batches applied, gaps, replays "
-            "(and replays_failed), restarts, resyncs (what was held dropped after lost events), "
-            "decode_errors, rejected_events, and blocks not indexed: orphan_blocks (parent "
-            "unknown), foreign_blocks (another block size), dropped_blocks (over max_entries).",
+            "(and replays_failed), restarts, disconnects, resyncs (what was held dropped after "
+            "lost events), decode_errors, rejected_events, and blocks not indexed: "
+            "orphan_blocks (parent unknown), foreign_blocks (another block size), dropped_blocks "
+            "(over max_entries).",
             ["replica", "event"],
             registry=registry,
         )

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtests.harness.runner import free_port_block
 from replica.config import parse_config
 from replica.engines.profile import load_profile
 from replica.keys import STATE
@@ -25,7 +27,7 @@ from tests.support.servers import running_gateway, serve, write_config
 SYSTEMS = [f"System prompt {k}: " + "follow the house style closely. " * 16 for k in range(12)]
 
 
-def replica_config(workdir: Path) -> dict[str, Any]:
+def replica_config(workdir: Path, events_port: int | None = None) -> dict[str, Any]:
     fast = load_profile().model_dump()  # the 7B profile's shape, 20x faster: a quick test
     fast["generation"] |= {
         "prefill_base_s": 0.0005, "prefill_s_per_token": 0.00002,
@@ -33,7 +35,16 @@ def replica_config(workdir: Path) -> dict[str, Any]:
     }  # fmt: skip
     profile = workdir / "fast.yaml"
     profile.write_text(yaml.safe_dump(fast))
+    kv_events = {}
+    if events_port is not None:  # as vLLM's --kv-events-config, bound to loopback
+        kv_events = {
+            "enable_kv_cache_events": True,
+            "endpoint": f"tcp://127.0.0.1:{events_port}",
+            "replay_endpoint": f"tcp://127.0.0.1:{events_port + 1}",
+            "bind": True,
+        }
     return {
+        "kv_events": kv_events,
         "server": {"port": 0},
         "engine": {"kind": "simulated", "profile_path": str(profile)},
         "models": [
@@ -48,8 +59,10 @@ def replica_config(workdir: Path) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def replica(workdir: Path, port: int = 0) -> AsyncIterator[str]:
-    app = create_app(parse_config(replica_config(workdir)))
+async def replica(
+    workdir: Path, port: int = 0, events_port: int | None = None
+) -> AsyncIterator[str]:
+    app = create_app(parse_config(replica_config(workdir, events_port)))
     async with serve(app, port=port) as url:
         await app[STATE].settled.wait()
         yield url
@@ -145,10 +158,22 @@ async def complete(client: aiohttp.ClientSession, url: str) -> tuple[str | None,
         ]
 
 
-def precise_config(urls: list[str], path: Path, **extra: Any) -> Path:
+def precise_config(
+    urls: list[str], path: Path, events_ports: list[int] | None = None, **extra: Any
+) -> Path:
+    """precise_prefix polling GET /cache/blocks, or following KV cache events at these ports."""
+    prefix: dict[str, Any] = {"poll_interval_s": 0.05}
+    replicas: list[dict[str, Any]] = [{"url": u} for u in urls]
+    if events_ports is not None:
+        prefix["events"] = {}
+        for spec, port in zip(replicas, events_ports, strict=True):
+            spec["kv_events"] = {
+                "endpoint": f"tcp://127.0.0.1:{port}",
+                "replay_endpoint": f"tcp://127.0.0.1:{port + 1}",
+            }
     config = {
-        "routing": {"strategy": "precise_prefix", "prefix": {"poll_interval_s": 0.05}},
-        "replicas": [{"url": u} for u in urls],
+        "routing": {"strategy": "precise_prefix", "prefix": prefix},
+        "replicas": replicas,
         **extra,
     }
     write_config(path, config)
@@ -159,17 +184,23 @@ async def polled() -> None:
     await asyncio.sleep(0.25)  # five poll intervals: every replica's report is in
 
 
+@pytest.mark.parametrize("source", ["polling", "events"])
 async def test_precise_prefix_follows_a_replica_that_restarts_with_an_empty_cache(
-    tmp_path: Path,
+    tmp_path: Path, source: str
 ) -> None:
+    ports = [None, None]
+    if source == "events":  # each replica's events on two ports of its own
+        first = free_port_block(4, start=36000)
+        ports = [first, first + 2]
     async with (
-        replica(tmp_path) as x,
+        replica(tmp_path, events_port=ports[0]) as x,
         AsyncExitStack() as y_lifetime,
         AsyncExitStack() as y_again,
         aiohttp.ClientSession() as client,
     ):
-        y = await y_lifetime.enter_async_context(replica(tmp_path))
-        async with running_gateway(precise_config([x, y], tmp_path / "g.yaml")) as gateway:
+        y = await y_lifetime.enter_async_context(replica(tmp_path, events_port=ports[1]))
+        events = [p for p in ports if p is not None] or None
+        async with running_gateway(precise_config([x, y], tmp_path / "g.yaml", events)) as gateway:
             assert (await complete(client, y))[1] == 0  # y is warmed directly, not through us
             await polled()
             for _ in range(3):
@@ -177,7 +208,8 @@ async def test_precise_prefix_follows_a_replica_that_restarts_with_an_empty_cach
                 assert (served, cached > 500) == (y, True)
             await y_lifetime.aclose()  # y stops, and comes back on its port with an empty cache
             port = int(y.rsplit(":", 1)[1])
-            assert await y_again.enter_async_context(replica(tmp_path, port=port)) == y
+            y_back = replica(tmp_path, port=port, events_port=ports[1])
+            assert await y_again.enter_async_context(y_back) == y
             await complete(client, x)  # now x holds the prefix, y does not
             await polled()
             for _ in range(3):

@@ -31,6 +31,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path
             {"replicas": 1, "models": ["classifier"]},
         ],
         "first_replica_port": free_port_block(2, start=31000),
+        "kv_events_port": free_port_block(4, start=33000),
         "gateway": {"jobs": {"store": str(tmp_path / "jobs.db")}},
     }
     path = tmp_path / "cluster.yaml"

@@ -34,8 +34,9 @@ BODY = {"model": "tiny-gpt", "prompt": "two gateways", "temperature": 0}
 @pytest.fixture(scope="module")
 def replicas() -> Iterator[list[str]]:
     cluster = ClusterConfig(
-        replicas=REPLICAS, engine="simulated", first_replica_port=free_port_block()
-    )
+        replicas=REPLICAS, engine="simulated", first_replica_port=free_port_block(),
+        kv_events_port=None,
+    )  # fmt: skip
     urls = replica_urls(cluster)
     with replicas_running(cluster, output=subprocess.DEVNULL) as procs:
         asyncio.run(wait_ready(urls, procs))

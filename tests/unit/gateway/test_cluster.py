@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from gateway.cluster import ClusterConfig, gateway_yaml, load_cluster, replica_urls
+from gateway.config import parse_config
 from gateway.errors import ConfigError
 
 
@@ -38,6 +39,11 @@ def test_groups_give_each_replica_its_models_and_the_next_port(tmp_path: Path) -
     assert replica_urls(cluster)[-1] == "http://127.0.0.1:9003"
     config = gateway_yaml(cluster, argparse.Namespace(strategy=None, port=None))
     assert [r["url"] for r in config["replicas"]] == replica_urls(cluster)
+    # Each replica's KV cache events, two ports apiece, for precise_prefix to follow.
+    assert config["replicas"][2]["kv_events"] == {
+        "endpoint": "tcp://127.0.0.1:5561", "replay_endpoint": "tcp://127.0.0.1:5562",
+    }  # fmt: skip
+    assert parse_config(config).routing.prefix.events is not None
     with pytest.raises(ConfigError, match="the cluster file has groups"):
         load_cluster(path, args(replicas=4))
 
