@@ -13,6 +13,7 @@ a large parse. The proxy, the jobs scheduler and the simulator (loadtests/) clas
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Callable, Collection
@@ -47,6 +48,9 @@ class Classified:
     estimate: Estimate | None = None  # its tokens, where flow control or a limit asked
 
 
+OFFLOAD_MIN_BYTES = 4096  # a longer body through a slow tokenizer is tokenized in a thread
+
+
 @dataclass(frozen=True, slots=True)
 class Estimate:
     """A completion or chat request's tokens before it runs: its prompt's (as for routing),
@@ -78,12 +82,54 @@ def parse_body(body: bytes) -> Payload:
     return payload if isinstance(payload, dict) else None
 
 
+async def classify_off_loop(
+    live: Live, path_qs: str, headers: CIMultiDictProxy[str], body: bytes, estimate: bool = False
+) -> Classified:
+    """`classify`, with a slow tokenizer's work (a Hugging Face tokenizer: milliseconds on a
+    long prompt) in a thread when the body is long, so the event loop keeps relaying others'
+    streams meanwhile (the encoding runs in Rust without the GIL)."""
+    tokenizer = live.runtime.options.tokenizer
+    if not tokenizer.offload or len(body) < OFFLOAD_MIN_BYTES:
+        return classify(live, path_qs, headers, body, estimate)
+    later = _Later()
+    asked = classify(live, path_qs, headers, body, estimate, later)
+    if later.payload is None:  # its policy reads no prompt
+        return asked
+    ids = await asyncio.to_thread(tokenizer.ids, later.payload)
+    info = _prefix_info(headers, later.payload, live.runtime.options.prefix, _Given(ids))
+    return replace(asked, info=replace(info, model=asked.info.model))
+
+
+class _Later:
+    """Stands in for a slow tokenizer in `classify`: keeps the payload for a thread."""
+
+    name = "later"
+    offload = False
+    payload: dict[str, Any] | None = None
+
+    def ids(self, payload: dict[str, Any]) -> list[int] | None:
+        self.payload = payload
+        return None
+
+
+class _Given:
+    name = "given"
+    offload = False
+
+    def __init__(self, ids: list[int] | None) -> None:
+        self._ids = ids
+
+    def ids(self, payload: dict[str, Any]) -> list[int] | None:
+        return self._ids
+
+
 def classify(
     live: Live,
     path_qs: str,
     headers: CIMultiDictProxy[str],
     body: bytes,
     estimate: bool = False,
+    tokenizer: PromptTokenizer | None = None,
 ) -> Classified:
     """The request's model (ModelNotFound 404 or NoHealthyReplica 503 when no replica can take
     it), what its policy needs and, with `estimate`, its tokens, from at most one parse of the
@@ -101,7 +147,8 @@ def classify(
     info = NO_INFO
     if needs:
         affinity, prefix = runtime.config.routing.affinity, runtime.options.prefix
-        info = request_info(needs, headers, payload, affinity, prefix, runtime.options.tokenizer)
+        tokenizer = tokenizer or runtime.options.tokenizer
+        info = request_info(needs, headers, payload, affinity, prefix, tokenizer)
     if target.model is not None:
         info = replace(info, model=target.model)
     tokens = estimate_tokens(payload()) if estimate else None

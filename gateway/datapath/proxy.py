@@ -17,7 +17,7 @@ from gateway.config import GatewayConfig, Retries
 from gateway.datapath import tenancy as tenancy_step
 from gateway.datapath.auth import api_key, key_name
 from gateway.datapath.body import read_body
-from gateway.datapath.classify import Classified, Estimate, classify
+from gateway.datapath.classify import Classified, Estimate, classify_off_loop
 from gateway.datapath.h1client import DOT_SEGMENT_PROBLEM, dot_segment
 from gateway.datapath.headers import REQUEST_ID_HEADER, new_request_id
 from gateway.datapath.relay import (
@@ -91,7 +91,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     estimate = tenancy_step.wants_estimate(config, api_key(request))
     try:
         # An alias is rewritten to the served model: in the body, or in a /v2/models/{name} path.
-        asked = classify(live, request.rel_url.raw_path_qs, request.headers, body, estimate)
+        path_qs, headers = request.rel_url.raw_path_qs, request.headers
+        asked = await classify_off_loop(live, path_qs, headers, body, estimate)
     except GatewayError as exc:  # an unknown model, or none of its replicas in rotation
         proxy.events.unrouted(exc.error_type)
         raise

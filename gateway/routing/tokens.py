@@ -48,6 +48,11 @@ class PromptTokenizer(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def offload(self) -> bool:
+        """It costs enough on a long prompt (milliseconds) to be run off the event loop."""
+        ...
+
     def ids(self, payload: dict[str, Any]) -> list[int] | None:
         """The prompt's token ids; None: no prompt this tokenizer can read."""
         ...
@@ -57,6 +62,7 @@ class BytesTokenizer:
     """Our replicas' tokenizer."""
 
     name = "bytes"
+    offload = False
 
     def ids(self, payload: dict[str, Any]) -> list[int] | None:
         given = given_ids(first_prompt(payload.get("prompt")))
@@ -77,6 +83,7 @@ class HfTokenizer:
     template: Template | None  # None: the model has none, and chats are not read
     content_as_parts: bool = False  # the template loops over a message's content
     special_tokens: dict[str, Any] = field(default_factory=dict)  # bos_token... as text
+    offload: bool = True  # encoding runs in Rust without the GIL: a thread takes it
 
     @classmethod
     def load(cls, path: str | Path) -> HfTokenizer:

@@ -83,14 +83,17 @@ async def settled(engine: FakeVllm, gateway: Gateway) -> None:
     )
 
 
-def chat(question: str) -> list[Any]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-
-
-@pytest.mark.parametrize("hashes", ["bytes", "int"])
+@pytest.mark.parametrize(("hashes", "length"), [("bytes", 1), ("int", 1), ("bytes", 12)])
 async def test_a_conversation_goes_to_the_engine_that_cached_its_prefix(
-    tmp_path: Path, hashes: str
+    tmp_path: Path, hashes: str, length: int
 ) -> None:
+    # 12 x SYSTEM is a body past OFFLOAD_MIN_BYTES: tokenized in a thread, off the event loop.
+    def chat(question: str) -> list[Any]:
+        return [
+            {"role": "system", "content": SYSTEM * length},
+            {"role": "user", "content": question},
+        ]
+
     async with vllm_fleet(tmp_path, hashes=hashes) as (gateway, engines, client):
         for holder in (engines[1], engines[0]):  # warmed directly, not through the gateway
             await holder.prompt(chat_ids(holder.tokenizer, chat("Where is my parcel?")))
