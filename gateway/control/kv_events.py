@@ -7,14 +7,15 @@ One follower per replica and data-parallel rank SUBscribes (connects) to the rep
 publisher: `routing.prefix.events.port` (+ the rank) on the replica URL's host, or the
 replica's own `kv_events` endpoints. Each batch carries a sequence number, +1 per batch, from
 0 when the engine starts. A follower keeps the number it expects next:
-- the first batch after connecting, or one past a gap, asks the replay endpoint (a DEALER to
-  the engine's ROUTER) for what came before it, from 0 or from the gap, and applies that first;
-  without a replay endpoint, what was missed stays unknown (after a gap, what the follower held
-  of that rank is dropped: a missed eviction would otherwise be believed forever);
+- on connecting, it asks the replay endpoint (a DEALER to the engine's ROUTER) for every batch
+  the engine keeps, from 0, and applies them (live batches sent meanwhile are not applied
+  twice); a batch past a gap asks for the missing ones; without a replay endpoint, what was
+  missed stays unknown (after a gap, what the follower held of that rank is dropped: a missed
+  eviction would otherwise be believed forever);
 - a number lower than expected is an engine restart: what it held of that rank is dropped,
   and what the new engine published before is replayed;
 - a dropped connection (the engine stopped, or the network) drops what it held of that rank
-  at once (an idle restarted engine may not publish for a long time); the next batch replays.
+  at once (an idle restarted engine may not publish for a long time); reconnecting replays.
 Undecodable messages and malformed events are counted and dropped, never applied.
 
 Blocks are keyed by the gateway's own chained hash of their token ids (gateway/routing/prefix
@@ -166,6 +167,7 @@ class Follower:
         self.target = target
         self.rank = _Rank()
         self.expected: int | None = None  # the next sequence number; None: not connected yet
+        self.replayed_to: int | None = None  # a replay on connecting applied the seqs below
         self.lag_s = math.nan  # now - the last batch's timestamp
 
     async def run(self) -> None:
@@ -179,33 +181,43 @@ class Follower:
             sub.setsockopt(zmq.RECONNECT_IVL, 100)
             sub.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
             sub.setsockopt(zmq.SUBSCRIBE, options.topic.encode())
-            monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            watching = asyncio.create_task(self._watch(monitor))
+            monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            poller = zmq.asyncio.Poller()
+            poller.register(monitor, zmq.POLLIN)
+            poller.register(sub, zmq.POLLIN)
             sub.connect(self.target.endpoint)
             handled = 0
-            while True:
-                frames = await sub.recv_multipart()
-                await self.receive(frames)
+            while True:  # one task: connection news and batches are applied in order
+                ready = dict(await poller.poll())
+                if monitor in ready:
+                    event = parse_monitor_message(await monitor.recv_multipart())
+                    await self._connection(event["event"])
+                elif sub in ready:
+                    await self.receive(await sub.recv_multipart())
                 handled += 1
                 if handled % YIELD_EVERY == 0:
                     await asyncio.sleep(0)
         finally:
-            if "watching" in locals():
-                watching.cancel()
+            if "monitor" in locals():
                 sub.disable_monitor()
                 monitor.close(linger=0)
             sub.close(linger=0)
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """The publisher's connection dropped: the engine stopped (or the network did). What
-        it held is dropped now, not when a restarted engine first publishes (which may be
-        never, if it is idle); the next batch from it replays its history."""
-        while True:
-            event = parse_monitor_message(await monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self.feed.events.counted(self.target.url, "disconnects")
-                self.clear()
-                self.expected = None
+    async def _connection(self, event: int) -> None:
+        """Connected: what the engine keeps is replayed now, not at its next batch (an idle
+        engine may not publish for a long time). Disconnected: the engine stopped, or the
+        network did; what it held is dropped now (a restarted engine starts empty)."""
+        url, count = self.target.url, self.feed.events.counted
+        if event == zmq.EVENT_DISCONNECTED:
+            count(url, "disconnects")
+            self.clear()
+            self.expected, self.replayed_to = None, None
+        elif event == zmq.EVENT_CONNECTED and self.expected is None:
+            replayed = await self._replay(0, 2**64)
+            for _, payload in replayed or ():
+                self.apply(payload)
+            if replayed:
+                self.expected = self.replayed_to = replayed[-1][0] + 1
 
     async def receive(self, frames: list[bytes]) -> None:
         try:
@@ -213,7 +225,11 @@ class Follower:
         except kv_wire.WireError:
             self.feed.events.counted(self.target.url, "decode_errors")
             return
-        expected = self.expected
+        expected, replayed_to = self.expected, self.replayed_to
+        self.replayed_to = None
+        if replayed_to is not None and seq < replayed_to:
+            self.replayed_to = replayed_to
+            return  # sent live while it was being replayed: applied already
         if expected is None or seq != expected:
             await self._catch_up(expected, seq)
         self.expected = seq + 1
@@ -393,8 +409,8 @@ class KvEventsFeed:
         self.context = zmq.asyncio.Context()
         self.followers: dict[tuple[str, int], tuple[Follower, asyncio.Task[None]]] = {}
         self._replicas: dict[str, _Replica] = {}
-        self._fed: list[Policy] = []  # the policies told so far
-        self._active: set[str] = set()
+        self._fed = self._policies(live.runtime)  # the policies told so far
+        self._active = {replica.url for replica in live.pool.active()}
         self._warned: set[tuple[str, str]] = set()
         live.swapped.append(self._swapped)
         live.pool.changed.append(self._pool_changed)

@@ -39,7 +39,12 @@ def ids(text: str) -> list[int]:
 
 @asynccontextmanager
 async def fleet(
-    tmp_path: Path, n: int = 2, *, events: dict[str, Any] | None = None, **publisher: Any
+    tmp_path: Path,
+    n: int = 2,
+    *,
+    events: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    **publisher: Any,
 ) -> AsyncIterator[tuple[Gateway, list[FakeReplica], list[FakePublisher]]]:
     async with fake_replicas(n) as replicas, AsyncExitStack() as stack:
         pubs = [await stack.enter_async_context(FakePublisher(**publisher)) for _ in replicas]
@@ -56,6 +61,7 @@ async def fleet(
                 for r, p in zip(replicas, pubs, strict=True)
             ],
             "reload": {"poll_interval_s": 0.1},
+            **(extra or {}),
         }
         write_config(tmp_path / "gateway.yaml", config)
         gateway = await stack.enter_async_context(running_gateway(tmp_path / "gateway.yaml"))
@@ -192,7 +198,7 @@ async def test_a_gap_is_filled_from_the_replay_and_a_late_start_replays_from_zer
         await wait_held(gateway, replicas[0], blocks_of("zero " * 8) + blocks_of("two " * 8))
         assert 1 in pub.replay_requests
         assert await metric(gateway, "gateway_kv_events_total", event="gaps") == 1
-    # A gateway that starts after the engine published replays from 0.
+    # A gateway that starts after the engine published replays from 0 as it connects.
     async with FakePublisher() as pub, fake_replicas(1) as replicas:
         for text in ("early " * 8, "later " * 8):
             pub.stored(ids(text))
@@ -212,6 +218,9 @@ async def test_a_gap_is_filled_from_the_replay_and_a_late_start_replays_from_zer
         write_config(tmp_path / "late.yaml", config)
         async with running_gateway(tmp_path / "late.yaml") as gateway:
             await pub.wait_subscribed()
+            # Replayed on connecting, before the (idle) engine publishes anything new.
+            before = sum(blocks_of(t * 8) for t in ("early ", "later "))
+            await wait_held(gateway, replicas[0], before)
             pub.stored(ids("live " * 8))
             await pub.flush()
             every = sum(blocks_of(t * 8) for t in ("early ", "later ", "live "))
@@ -268,4 +277,19 @@ async def test_a_policy_a_reload_makes_new_starts_with_what_the_events_said(
             write_config(path, config)
             await wait_until(lambda s=strategy: gateway.state.runtime.policy.name == s)
         # No event since: the new policy was handed what the feed holds.
+        assert set(await routed(gateway, SYSTEM + "Q")) == {replicas[1].name}
+
+
+async def test_a_replica_back_in_rotation_is_known_to_hold_what_it_held(tmp_path: Path) -> None:
+    check = {"path": "/ping", "interval_s": 0.05, "timeout_s": 1, "unhealthy_threshold": 1}
+    async with fleet(tmp_path, extra={"health_check": check}) as (gateway, replicas, pubs):
+        pubs[1].stored(ids(SYSTEM))
+        await pubs[1].flush()
+        await wait_held(gateway, replicas[1], blocks_of(SYSTEM))
+        pool = gateway.state.pool
+        replicas[1].healthy = False  # out of rotation for a while ...
+        await wait_until(lambda: [r.url for r in pool.available()] == [replicas[0].url])
+        assert set(await routed(gateway, SYSTEM + "Q", 2)) == {replicas[0].name}
+        replicas[1].healthy = True  # ... and back: what it held is still known, no new event
+        await wait_until(lambda: len(pool.available()) == 2)
         assert set(await routed(gateway, SYSTEM + "Q")) == {replicas[1].name}
