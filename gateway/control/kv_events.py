@@ -46,6 +46,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import msgpack  # type: ignore[import-untyped]
 import zmq
 import zmq.asyncio
 from yarl import URL
@@ -64,6 +65,10 @@ log = logging.getLogger(__name__)
 RECONCILE_S = 1.0  # how often the followers are matched to the pool and the config
 YIELD_EVERY = 32  # messages a follower handles before it lets the event loop run others
 GPU, OTHER = 0, 1  # tiers: the engine's own memory, and anything slower
+# vLLM's kv_cache_spec_kind of the groups whose blocks hold a prefix's whole attention.
+MAIN_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
+RCVHWM = 1000  # batches waiting in a follower's socket (each at most max_message_bytes)
+YIELD_EVERY_BLOCKS = 1024  # blocks applied before a follower lets the event loop run others
 
 
 class FeedEvents:
@@ -83,6 +88,8 @@ class Target:
     rank: int
     endpoint: str
     replay: str | None
+    topic: str = ""
+    max_message_bytes: int = 4 * 1024 * 1024
 
 
 def targets(
@@ -101,7 +108,12 @@ def targets(
                 endpoint = f"tcp://{host}:{options.port}"
                 replay = f"tcp://{host}:{options.replay_port}" if options.replay_port else None
             found[(url, rank)] = Target(
-                url, rank, offset(endpoint, rank), offset(replay, rank) if replay else None
+                url,
+                rank,
+                offset(endpoint, rank),
+                offset(replay, rank) if replay else None,
+                options.topic,
+                options.max_message_bytes,
             )
     return found
 
@@ -125,9 +137,14 @@ def seed_of(lora_name: str | None) -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
-def salted(parent: int, extra: object) -> int:
-    """A block's key moved off the plain chain by its extra keys (images, a cache salt)."""
-    data = parent.to_bytes(8, "little") + repr(extra).encode("utf-8", "surrogatepass")
+def salted(parent: int, extra: object) -> int | None:
+    """A block's key moved off the plain chain by its extra keys (images, a cache salt); None
+    when they cannot be encoded (then the block cannot be keyed)."""
+    try:
+        encoded = msgpack.packb(extra, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return None
+    data = parent.to_bytes(8, "little") + encoded
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b"extra").digest(), "little")
 
 
@@ -138,6 +155,7 @@ class _Rank:
 
     own: dict[kv_wire.Hash, int] = field(default_factory=dict)
     copies: dict[kv_wire.Hash, list[int]] = field(default_factory=dict)  # [gpu, other]
+    group: int | None = None  # the main attention group's index, once a store names it
 
 
 class _Replica:
@@ -175,12 +193,14 @@ class Follower:
         sub = self.feed.context.socket(zmq.SUB)
         try:
             sub.setsockopt(zmq.LINGER, 0)
-            sub.setsockopt(zmq.RCVHWM, 10_000)
-            sub.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes)
+            sub.setsockopt(zmq.RCVHWM, RCVHWM)
+            sub.setsockopt(zmq.HEARTBEAT_IVL, 5000)  # a peer that vanished without a reset
+            sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)  # ... counts as disconnected
+            sub.setsockopt(zmq.MAXMSGSIZE, self.target.max_message_bytes)
             sub.setsockopt(zmq.IPV6, 1)
             sub.setsockopt(zmq.RECONNECT_IVL, 100)
             sub.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-            sub.setsockopt(zmq.SUBSCRIBE, options.topic.encode())
+            sub.setsockopt(zmq.SUBSCRIBE, self.target.topic.encode())
             monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             poller = zmq.asyncio.Poller()
             poller.register(monitor, zmq.POLLIN)
@@ -191,7 +211,7 @@ class Follower:
                 ready = dict(await poller.poll())
                 if monitor in ready:
                     event = parse_monitor_message(await monitor.recv_multipart())
-                    await self._connection(event["event"])
+                    await self._connection(event["event"], sub)
                 elif sub in ready:
                     await self.receive(await sub.recv_multipart())
                 handled += 1
@@ -203,19 +223,22 @@ class Follower:
                 monitor.close(linger=0)
             sub.close(linger=0)
 
-    async def _connection(self, event: int) -> None:
+    async def _connection(self, event: int, sub: zmq.asyncio.Socket) -> None:
         """Connected: what the engine keeps is replayed now, not at its next batch (an idle
         engine may not publish for a long time). Disconnected: the engine stopped, or the
         network did; what it held is dropped now (a restarted engine starts empty)."""
         url, count = self.target.url, self.feed.events.counted
         if event == zmq.EVENT_DISCONNECTED:
             count(url, "disconnects")
+            while sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # the gone engine's batches still
+                await sub.recv_multipart()  # queued: moot now
             self.clear()
             self.expected, self.replayed_to = None, None
         elif event == zmq.EVENT_CONNECTED and self.expected is None:
             replayed = await self._replay(0, 2**64)
             for _, payload in replayed or ():
-                self.apply(payload)
+                await self.apply(payload)
+                await asyncio.sleep(0)  # a long history lets the event loop run others
             if replayed:
                 self.expected = self.replayed_to = replayed[-1][0] + 1
 
@@ -233,7 +256,7 @@ class Follower:
         if expected is None or seq != expected:
             await self._catch_up(expected, seq)
         self.expected = seq + 1
-        self.apply(payload)
+        await self.apply(payload)
 
     async def _catch_up(self, expected: int | None, seq: int) -> None:
         """Batch `seq` arrived where `expected` was next: replay what came before it."""
@@ -250,12 +273,13 @@ class Follower:
         if start >= seq:
             return
         replayed = await self._replay(start, seq) or []
-        complete = bool(replayed) and replayed[0][0] == start
+        complete = [seq for seq, _ in replayed] == list(range(start, seq))
         if not complete and expected is not None and seq > expected:
             count(url, "resyncs")  # events lost: an eviction missed would be believed forever
             self.clear()
         for _, payload in replayed:
-            self.apply(payload)
+            await self.apply(payload)
+            await asyncio.sleep(0)
 
     async def _replay(self, start: int, until: int) -> list[tuple[int, bytes]] | None:
         """The batches from `start` up to `until` (excluded) the engine still keeps, in order;
@@ -268,7 +292,7 @@ class Follower:
         got: list[tuple[int, bytes]] = []
         try:
             dealer.setsockopt(zmq.LINGER, 0)
-            dealer.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes)
+            dealer.setsockopt(zmq.MAXMSGSIZE, self.target.max_message_bytes)
             dealer.setsockopt(zmq.IPV6, 1)
             dealer.connect(self.target.replay)
             async with asyncio.timeout(options.replay_timeout_s):
@@ -300,28 +324,39 @@ class Follower:
         count(url, "replays")
         return got
 
-    def apply(self, payload: bytes) -> None:
+    async def apply(self, payload: bytes) -> None:
         url, count = self.target.url, self.feed.events.counted
         try:
             batch = kv_wire.decode(payload, self.feed.options.engine)
         except kv_wire.WireError as exc:
             count(url, "decode_errors")
-            self.feed.warn_once(url, f"an undecodable batch ({clipped(str(exc))})")
+            self.feed.warn_once(url, "undecodable", f"an undecodable batch ({clipped(str(exc))})")
             return
         count(url, "batches")
         if batch.rejected:
             count(url, "rejected_events", len(batch.rejected))
-            self.feed.warn_once(url, f"a malformed event ({clipped(batch.rejected[0])})")
+            self.feed.warn_once(
+                url, "malformed", f"a malformed event ({clipped(batch.rejected[0])})"
+            )
         if math.isfinite(batch.ts):
             self.lag_s = time.time() - batch.ts
         touched: set[int] = set()
+        work = 0
         for event in batch.events:
-            if isinstance(event, kv_wire.Stored):
-                self._stored(event, touched)
-            elif isinstance(event, kv_wire.Removed):
-                self._removed(event, touched)
-            else:
-                touched |= self._clear()
+            try:
+                if isinstance(event, kv_wire.Stored):
+                    self._stored(event, touched)
+                elif isinstance(event, kv_wire.Removed):
+                    self._removed(event, touched)
+                else:
+                    touched |= self._clear()
+            except Exception as exc:  # a case this code did not foresee: that event only
+                count(url, "apply_errors")
+                self.feed.warn_once(url, "apply", f"an event it failed on ({exc!r})")
+            work += 1 + len(getattr(event, "block_hashes", ()))
+            if work >= YIELD_EVERY_BLOCKS:  # a big batch lets the event loop run others
+                work = 0
+                await asyncio.sleep(0)
         self.feed.changed(url, touched)
 
     def clear(self) -> None:
@@ -342,20 +377,19 @@ class Follower:
         url, count = self.target.url, self.feed.events.counted
         blocks = len(event.block_hashes)
         block_size = self.feed.block_size
-        main = event.kind == "full_attention" or (
-            event.kind is None and event.group_idx in (None, 0)
-        )
-        if not main:  # another attention group (sliding window ...): the main one decides
+        if not self._main_group(event.kind, event.group_idx):
+            count(url, "other_group_blocks", blocks)  # sliding window ...: the main one decides
             return
         if event.block_size != block_size:
             count(url, "foreign_blocks", blocks)
             self.feed.warn_once(
-                url, f"blocks of {event.block_size} tokens (the gateway's are {block_size})"
+                url, "block size", f"blocks of {event.block_size} tokens (ours: {block_size})"
             )
             return
         rank = self.rank
         if event.parent is None:
-            parent: int | None = seed_of(event.lora_name)
+            adapter = event.lora_name or (f"#{event.lora_id}" if event.lora_id else None)
+            parent: int | None = seed_of(adapter)
         else:
             parent = rank.own.get(event.parent)
         if parent is None:  # its parent's store was missed: it cannot be chained
@@ -368,7 +402,11 @@ class Follower:
             ids = event.token_ids[i * block_size : (i + 1) * block_size]
             key = chain(ids, block_size, parent)[0]
             if i < len(extra) and extra[i] is not None:
-                key = salted(key, extra[i])
+                moved = salted(key, extra[i])
+                if moved is None:
+                    count(url, "orphan_blocks", blocks - i)
+                    return
+                key = moved
             parent = key
             copies = rank.copies.get(engine_hash)
             if copies is None:
@@ -384,8 +422,17 @@ class Follower:
             replica.add(key, tier, 1)
             touched.add(key)
 
+    def _main_group(self, kind: str | None, group: int | None) -> bool:
+        """A store of the main (full) attention group; the first one names its group index."""
+        main = group in (None, 0) if kind is None else kind in MAIN_KINDS
+        if main and group is not None and self.rank.group is None:
+            self.rank.group = group
+        return main and (group is None or self.rank.group in (None, group))
+
     def _removed(self, event: kv_wire.Removed, touched: set[int]) -> None:
         rank, replica = self.rank, self.feed.replica(self.target.url)
+        if event.group_idx is not None and rank.group not in (None, event.group_idx):
+            return  # evicted from another group (the same hash is stored in every group)
         tier = GPU if event.medium == kv_wire.TIER_GPU else OTHER
         for engine_hash in event.block_hashes:
             copies = rank.copies.get(engine_hash)
@@ -493,9 +540,10 @@ class KvEventsFeed:
         for policy in self._policies(self.live.runtime):
             policy.on_cache(url, held, dropped)
 
-    def warn_once(self, url: str, what: str) -> None:
-        if (url, what) not in self._warned:
-            self._warned.add((url, what))
+    def warn_once(self, url: str, category: str, what: str) -> None:
+        """One log line per replica and kind of trouble (`what`: this time's details)."""
+        if (url, category) not in self._warned:
+            self._warned.add((url, category))
             log.warning("kv events: %s published %s; counted and skipped", url, what)
 
     def _snapshot(self, policies: Iterable[Policy], urls: Iterable[str]) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from gateway.routing.tokens import BYTES, PromptTokenizer, TokenizerError, load_tokenizer
 
@@ -50,7 +50,19 @@ class KvEventsOptions(_Options):
     data_parallel_size: int = Field(1, ge=1, le=64)  # publishers per replica, ports in a row
     cpu_weight: float = Field(0.5, ge=0, le=1)  # a block held off the GPU, against one on it
     replay_timeout_s: float = Field(2.0, gt=0)
-    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _ports_fit(self) -> KvEventsOptions:
+        ranks = self.data_parallel_size
+        if self.port + ranks - 1 > 65535:
+            raise ValueError(f"port {self.port} + {ranks} data-parallel ranks pass 65535")
+        if self.replay_port is not None:
+            if self.replay_port + ranks - 1 > 65535:
+                raise ValueError(f"replay_port {self.replay_port} + {ranks} ranks pass 65535")
+            if abs(self.replay_port - self.port) < ranks:
+                raise ValueError("replay_port must not be one of the ports events are published on")
+        return self
 
 
 class PrefixOptions(_Options):

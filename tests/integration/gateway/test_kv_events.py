@@ -293,3 +293,66 @@ async def test_a_replica_back_in_rotation_is_known_to_hold_what_it_held(tmp_path
         replicas[1].healthy = True  # ... and back: what it held is still known, no new event
         await wait_until(lambda: len(pool.available()) == 2)
         assert set(await routed(gateway, SYSTEM + "Q")) == {replicas[1].name}
+
+
+async def test_an_engine_gone_with_batches_in_flight_is_known_to_hold_nothing(
+    tmp_path: Path,
+) -> None:
+    async with fake_replicas(1) as replicas, AsyncExitStack() as stack:
+        pub = await FakePublisher().start()
+        stack.push_async_callback(pub.close)
+        config = {
+            "routing": {"strategy": "precise_prefix", "prefix": {"events": {}}},
+            "replicas": [{"url": replicas[0].url, "kv_events": {"endpoint": pub.endpoint}}],
+        }
+        write_config(tmp_path / "g.yaml", config)
+        gateway = await stack.enter_async_context(running_gateway(tmp_path / "g.yaml"))
+        await pub.wait_subscribed()
+        pub.stored(ids(SYSTEM))
+        await pub.flush()
+        await wait_held(gateway, replicas[0], blocks_of(SYSTEM))
+        for i in range(10):  # sent, then the engine stops at once: they arrive with its exit
+            pub.stored(ids(f"batch {i} " * 8))
+            await pub.flush()
+        await pub.close()
+        await wait_held(gateway, replicas[0], 0)
+
+
+async def test_only_the_main_attention_group_counts(tmp_path: Path) -> None:
+    async with fleet(tmp_path, n=1) as (gateway, replicas, pubs):
+        pub = pubs[0]
+        pub.stored(ids(SYSTEM), kind="mla_attention", group_idx=0)  # DeepSeek-class: main
+        pub.stored(ids("other " * 8), kind="sliding_window", group_idx=1)
+        first = pub.stored(ids("third " * 8), kind="full_attention", group_idx=0)
+        await pub.flush()
+        main = blocks_of(SYSTEM) + blocks_of("third " * 8)
+        await wait_held(gateway, replicas[0], main)
+        # The same hashes evicted from the sliding-window group: still held in the main one.
+        removal = {"type": "BlockRemoved", "block_hashes": first, "medium": "GPU", "group_idx": 1}
+        await pub.publish_batch([removal])
+        pub.stored(ids("marker " * 8))
+        await pub.flush()
+        await wait_held(gateway, replicas[0], main + blocks_of("marker " * 8))
+        assert await metric(gateway, "gateway_kv_events_total", event="other_group_blocks") > 0
+
+
+async def test_extra_keys_move_a_block_off_the_plain_chain_however_deep(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as (gateway, replicas, pubs):
+        pub = pubs[0]
+        deep: Any = "an image"
+        for _ in range(900):  # as deep as msgpack lets a publisher nest it
+            deep = [deep]
+        tokens = ids(SYSTEM)[: 2 * BLOCK]
+        stored = {
+            "type": "BlockStored", "block_hashes": [11, 12], "parent_block_hash": None,
+            "token_ids": tokens, "block_size": BLOCK, "lora_id": None, "medium": "GPU",
+            "lora_name": None, "extra_keys": [deep, None],
+        }  # fmt: skip
+        await pub.publish_batch([stored])
+        await wait_held(gateway, replicas[0], 2)
+        # Its tokens are SYSTEM's, but under an image: a plain SYSTEM prompt does not match it.
+        pubs[1].stored(ids(SYSTEM)[:BLOCK])
+        await pubs[1].flush()
+        await wait_held(gateway, replicas[1], 1)
+        assert set(await routed(gateway, SYSTEM + "Q", 3)) == {replicas[1].name}
+        assert await metric(gateway, "gateway_kv_events_total", event="apply_errors") == 0
