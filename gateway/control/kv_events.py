@@ -230,8 +230,8 @@ class Follower:
         url, count = self.target.url, self.feed.events.counted
         if event == zmq.EVENT_DISCONNECTED:
             count(url, "disconnects")
-            while sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # the gone engine's batches still
-                await sub.recv_multipart()  # queued: moot now
+            while int(sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # the gone engine's batches
+                await sub.recv_multipart()  # still queued: moot now
             self.clear()
             self.expected, self.replayed_to = None, None
         elif event == zmq.EVENT_CONNECTED and self.expected is None:
