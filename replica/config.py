@@ -108,6 +108,10 @@ class KvEventsConfig(_Frozen):
     # Ours too: True binds the PUB at `endpoint` as given (tcp://127.0.0.1:5557: loopback only,
     # where vLLM's rule would connect); None: vLLM's rule (bind on `*`, `::`, ipc, inproc).
     bind: bool | None = None
+    # Ours too: the block hashes sent. "own": the replica's u64 chain (replica/kv.py); "vllm":
+    # 32-byte sha256 keyed by a random root per process, as vLLM's default hashes are: no
+    # router can reproduce them (routers key blocks by their token ids).
+    hashes: Literal["own", "vllm"] = "own"
 
     @property
     def enabled(self) -> bool:

@@ -12,7 +12,8 @@ The wire (vLLM's `ZmqEventPublisher`):
   "token_ids", "block_size", "lora_id", "medium", "lora_name", "group_idx",
   "kv_cache_spec_kind"}`, `{"type": "BlockRemoved", "block_hashes", "medium"}`,
   `{"type": "AllBlocksCleared"}`. Form "array" (older vLLM): the same fields positionally, the
-  tag first. Block hashes are the replica's own chained u64 hashes (replica/kv.py).
+  tag first. Block hashes are the replica's own chained u64 hashes (replica/kv.py), or with
+  `hashes: vllm` 32 bytes each, as vLLM's default sha256 hashes are: see VllmHashes.
 - Replay: a ROUTER at `replay_endpoint`. A DEALER sends `[b"", start_seq]` (8 bytes big-endian)
   and gets `[b"", seq, payload]` for each kept batch with `seq >= start_seq` (the last
   `buffer_steps` batches, payloads as published), then the end marker `[b"", ff * 8, b""]`.
@@ -31,14 +32,16 @@ of the sockets; `close` stops it and closes them with linger 0.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
+import os
 import queue
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import msgpack  # type: ignore[import-untyped]
@@ -56,15 +59,35 @@ END_SEQ = b"\xff" * 8
 Form = Literal["map", "array"]
 
 _Queued = tuple[int, float, tuple[CacheEvent, ...]]  # seq, ts, events
+EngineHash = Callable[[int], int | bytes]  # the replica's own block hash -> the one sent
 
 
-def encode_event(event: CacheEvent, form: Form) -> Any:
+def own_hash(block: int) -> int:
+    return block
+
+
+class VllmHashes:
+    """Block hashes as vLLM sends them by default: 32 bytes of sha256 from a random root drawn
+    per process, so no router can reproduce them and a restart changes every one. Each is the
+    sha256 of the root and the block's own chained hash (a function of its whole prefix), so a
+    prefix keeps one hash for the life of the process, and parents and removals translate
+    without a map to keep."""
+
+    def __init__(self, root: bytes | None = None) -> None:
+        self._root = os.urandom(32) if root is None else root
+
+    def __call__(self, block: int) -> bytes:
+        return hashlib.sha256(self._root + block.to_bytes(8, "little")).digest()
+
+
+def encode_event(event: CacheEvent, form: Form, engine_hash: EngineHash = own_hash) -> Any:
     as_map = form == "map"
     match event:
         case BlocksStored():
+            parent = None if event.parent is None else engine_hash(event.parent)
             fields: dict[str, Any] = {
-                "block_hashes": event.hashes,
-                "parent_block_hash": event.parent,
+                "block_hashes": [engine_hash(h) for h in event.hashes],
+                "parent_block_hash": parent,
                 "token_ids": event.token_ids,
                 "block_size": event.block_size,
                 "lora_id": None,
@@ -78,14 +101,18 @@ def encode_event(event: CacheEvent, form: Form) -> Any:
                 del fields["extra_keys"]
             tag = "BlockStored"
         case BlocksRemoved():
-            fields, tag = {"block_hashes": event.hashes, "medium": MEDIUM}, "BlockRemoved"
+            hashes = [engine_hash(h) for h in event.hashes]
+            fields, tag = {"block_hashes": hashes, "medium": MEDIUM}, "BlockRemoved"
         case CacheCleared():
             fields, tag = {}, "AllBlocksCleared"
     return {"type": tag, **fields} if as_map else [tag, *fields.values()]
 
 
-def encode_batch(ts: float, events: Sequence[CacheEvent], form: Form) -> bytes:
-    payload: bytes = msgpack.packb([ts, [encode_event(e, form) for e in events], DP_RANK])
+def encode_batch(
+    ts: float, events: Sequence[CacheEvent], form: Form, engine_hash: EngineHash = own_hash
+) -> bytes:
+    encoded = [encode_event(e, form, engine_hash) for e in events]
+    payload: bytes = msgpack.packb([ts, encoded, DP_RANK])
     return payload
 
 
@@ -98,6 +125,7 @@ def binds(endpoint: str) -> bool:
 class KvEventPublisher:
     def __init__(self, config: KvEventsConfig) -> None:
         self._config = config
+        self._hash: EngineHash = VllmHashes() if config.hashes == "vllm" else own_hash
         self._topic = config.topic.encode()
         self._queue: queue.Queue[_Queued] = queue.Queue(config.max_queue_size)
         self._seq = itertools.count()
@@ -233,7 +261,7 @@ class KvEventPublisher:
                 seq, ts, events = self._queue.get_nowait()
             except queue.Empty:
                 return
-            payload = encode_batch(ts, events, self._config.form)
+            payload = encode_batch(ts, events, self._config.form, self._hash)
             seq_bytes = seq.to_bytes(8, "big")
             pub.send_multipart([self._topic, seq_bytes, payload])  # PUB drops at HWM
             kept.append((seq, payload))

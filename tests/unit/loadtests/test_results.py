@@ -79,13 +79,14 @@ def test_prefix_command_parses_and_names_what_its_table_shows(folder: str) -> No
     table = (RESULTS / folder / "table.md").read_text()
     assert f"Command: `{command}`" in table.splitlines()[0]
     titles = readme.sections(table)
-    levels = [(w, load) for w in args.workloads for load in args.loads]
-    assert set(titles) == {prefix_bench.section_title(w, load, args) for w, load in levels}
-    for workload, load in levels:
-        shown = {row[0] for row in titles[prefix_bench.section_title(workload, load, args)].rows}
-        assert shown == set(args.front_ends), (workload, load)
+    levels = prefix_bench.levels(args)
+    assert set(titles) == {prefix_bench.section_title(*level, args) for level in levels}
+    for level in levels:
+        shown = {row[0] for row in titles[prefix_bench.section_title(*level, args)].rows}
+        assert shown == set(args.front_ends), level
+    for workload, load in {(w, load) for w, load, _ in levels}:
         runs = list((RESULTS / folder / "samples").glob(f"{workload}-{load}-*-seed*.csv.gz"))
-        assert len(runs) == len(args.front_ends) * args.seeds
+        assert len(runs) == len(args.front_ends) * len(args.instances) * args.seeds
 
 
 @pytest.mark.parametrize("folder", BATCHING)

@@ -296,6 +296,26 @@ def test_array_form_sends_the_older_positional_events(
     assert msgpack.unpackb(second)[1] == [["AllBlocksCleared"]] and dp_rank == 0
 
 
+def test_vllm_hashes_are_32_bytes_from_a_root_of_their_own_and_name_a_block_alike_everywhere(
+    client: Client, publishers: list[KvEventPublisher]
+) -> None:
+    one, two = (started(publishers, config(hashes="vllm", replay_endpoint=LOCAL)) for _ in "12")
+    for publisher in (one, two):
+        publisher.publish(
+            [stored([11, 12], None, [1, 2, 3, 4], 2), stored([13], 12, [5, 6], 2),
+             BlocksRemoved((12,))]
+        )  # fmt: skip
+    [(_, first)] = client.replay(one.replay_bound, 0)
+    [(_, second)] = client.replay(two.replay_bound, 0)
+    head, tail, removed = msgpack.unpackb(first)[1]
+    hashes = head["block_hashes"]
+    assert [type(h) for h in hashes] == [bytes, bytes] and {len(h) for h in hashes} == {32}
+    assert (head["parent_block_hash"], head["token_ids"]) == (None, [1, 2, 3, 4])
+    assert tail["parent_block_hash"] == hashes[1] != tail["block_hashes"][0]
+    assert removed["block_hashes"] == [hashes[1]]
+    assert msgpack.unpackb(second)[1][0]["block_hashes"] != hashes  # another root
+
+
 def test_replay_sends_kept_batches_from_the_asked_seq_then_the_end_marker(
     client: Client, publishers: list[KvEventPublisher]
 ) -> None:
