@@ -22,6 +22,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +102,9 @@ def main() -> None:
                 system += " " + words(rng, max(1, (target - len(ids)) // 2))
                 payload["messages"][0]["content"] = system
                 ids = hf.ids(payload) or []
-            tok = timed(lambda payload=payload: hf.ids(payload), args.repeats)
-            byt = timed(lambda payload=payload: BYTES.ids(payload), args.repeats)
-            head = ids[:4096]
-            hashing = timed(lambda head=head: chain(head, 16), args.repeats)
+            tok = timed(partial(hf.ids, payload), args.repeats)
+            byt = timed(partial(BYTES.ids, payload), args.repeats)
+            hashing = timed(partial(chain, ids[:4096], 16), args.repeats)
             cells = [
                 f"{np.percentile(s, 50):.3f} | {np.percentile(s, 99):.3f}"
                 for s in (tok, byt, hashing)
