@@ -340,9 +340,12 @@ WRK_POST = (
 )
 
 
-def wrk_rate(url: str, seconds: float, script: Path, pid: int) -> dict[str, float]:
+def wrk_rate(
+    url: str, seconds: float, script: Path, pid: int, warmup_s: float = 2.0
+) -> dict[str, float]:
     cmd = ["wrk", "-t1", "-c64", "-s", str(script)]
-    subprocess.run([*cmd, "-d2s", f"{url}/v1/completions"], capture_output=True, check=True)
+    warm = f"-d{max(1, round(min(2.0, warmup_s)))}s"
+    subprocess.run([*cmd, warm, f"{url}/v1/completions"], capture_output=True, check=True)
     before, started = cpu_seconds(pid), time.monotonic()
     out = subprocess.run(
         [*cmd, f"-d{round(seconds)}s", f"{url}/v1/completions"],
@@ -368,10 +371,11 @@ def _wrk_field(out: str, pattern: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def stream_run(url: str, streams: int, seconds: float, pid: int, workdir: Path) -> dict[str, Any]:
+def stream_run(
+    url: str, streams: int, seconds: float, pid: int, workdir: Path, warmup: float = 3.0
+) -> dict[str, Any]:
     out = workdir / "stream.json"
     out.unlink(missing_ok=True)
-    warmup = 3.0
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "loadtests.harness.relay_rig", "client", "--url", url,
@@ -397,6 +401,7 @@ class Rig:
     seconds: float
     port: int
     nginx: bool
+    warmup_s: float = 3.0  # streams' warm-up; wrk's is 2 s, or this when shorter
 
 
 def measure(rig: Rig, name: str, repeat: int) -> list[dict[str, Any]]:
@@ -415,7 +420,8 @@ def measure(rig: Rig, name: str, repeat: int) -> list[dict[str, Any]]:
             {**base, "scenario": "latency", **open_loop_latency(url, rig.seconds, rig.workdir)}
         )
         rows.append({**base, "scenario": "hey", **hey_latency(url, rig.seconds)})
-        rows.append({**base, "scenario": "saturation", **wrk_rate(url, rig.seconds, script, pid)})
+        rate = wrk_rate(url, rig.seconds, script, pid, rig.warmup_s)
+        rows.append({**base, "scenario": "saturation", **rate})
     with (
         rig_replicas(rig.port + 2, rig.log) as urls,
         front_end(name, urls, rig.port + 20, rig.workdir, rig.log) as (url, pid),
@@ -424,7 +430,7 @@ def measure(rig: Rig, name: str, repeat: int) -> list[dict[str, Any]]:
             ("stream_fixed", FIXED_STREAMS),
             ("stream_saturation", SATURATION_STREAMS),
         ):
-            result = stream_run(url, streams, rig.seconds, pid, rig.workdir)
+            result = stream_run(url, streams, rig.seconds, pid, rig.workdir, rig.warmup_s)
             rows.append({**base, "scenario": scenario, "streams": streams, **result})
     for row in rows:
         print(f"  {json.dumps(row)}", flush=True)
@@ -561,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--front-ends", default=",".join(FRONT_ENDS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="before each stream run")
     parser.add_argument("--out", type=Path, default=Path("loadtests/results/front-ends"))
     parser.add_argument("--render", type=Path, help="rebuild table.md of a result folder")
     args = parser.parse_args(argv)
@@ -600,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.out / "runs.jsonl"
     runs.write_text("")
     with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "processes.log").open("wb") as log:
-        rig = Rig(Path(tmp), log, args.seconds, free_port_block(40), nginx)
+        rig = Rig(Path(tmp), log, args.seconds, free_port_block(40), nginx, args.warmup_s)
         for repeat in range(args.repeats):
             order = names[repeat % len(names) :] + names[: repeat % len(names)]
             for name in order:

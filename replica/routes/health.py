@@ -95,7 +95,8 @@ async def load(request: web.Request) -> web.Response:
 async def cache_blocks(request: web.Request) -> web.Response:
     """The hashes of the KV blocks a model holds in its prefix cache (see replica/kv.py), so a
     router can compute a prompt's exact cached prefix here. At most one entry per KV block
-    (`blocks`: hex; the same hashes go out as ints in KV cache events)."""
+    (`blocks`: hex; the same hashes go out as ints in KV cache events, unless they are sent
+    as vLLM's with `kv_events.hashes: vllm`)."""
     model = state(request).generative(request.query.get("model"))
     batcher = model.batcher
     if not isinstance(batcher, ContinuousBatcher):
