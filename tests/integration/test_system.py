@@ -17,6 +17,7 @@ import pytest
 import tritonclient.http as triton
 import yaml
 from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.harness.runner import free_port_block
 from tests.support.processes import BIN, free_port, stop, wait_http_ok
@@ -32,7 +33,11 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path
         ],
         "first_replica_port": free_port_block(2, start=31000),
         "kv_events_port": free_port_block(4, start=33000),
-        "gateway": {"jobs": {"store": str(tmp_path / "jobs.db")}},
+        # precise_prefix on the replicas' KV cache events, as `infergate up` turns them on
+        "gateway": {
+            "jobs": {"store": str(tmp_path / "jobs.db")},
+            "routing": {"strategy": "precise_prefix"},
+        },
     }
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -92,6 +97,17 @@ async def test_up_serves_openai_and_triton_clients_and_stops_clean(
     results = await _run_batch(url, "\n".join(lines).encode())
     assert [r["custom_id"] for r in results] == ["0", "1", "2"]
     assert all(r["response"]["body"]["usage"]["completion_tokens"] == 4 for r in results)
+
+    # The tiny-gpt replica published what its prefix cache stored, and the gateway follows it.
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as r:
+        metrics = await r.text()
+    held = [
+        s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+        if s.name == "gateway_kv_events_blocks"
+    ]
+    assert max(held, default=0) > 0, metrics[-2000:]
 
     async with aiohttp.ClientSession() as session, session.get(f"{url}/ui/status.json") as r:
         replicas = (await r.json())["replicas"]
