@@ -177,7 +177,7 @@ async def _run(events: list[tuple[object, ...]], strategy: str, seed: int) -> No
 
 
 @settings(
-    max_examples=2000,
+    max_examples=1000,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
