@@ -96,7 +96,9 @@ async def test_two_gateways_share_their_batches_within_the_replicas_idle_capacit
             await asyncio.sleep(0.05)
     for a, b in views:  # either gateway reads either batch, the same
         assert a == b and a["status"] == "completed" and a["request_counts"]["completed"] == 30
-    assert sum(ran) == 60 and min(ran) > 0
+    # Every job ran once. Which gateway ran it is a race for the replicas' idle slots (on a
+    # loaded machine one gateway may win every slot), so no share is asserted.
+    assert sum(ran) == 60
     # Each alone fills every replica to PER_REPLICA; blind to each other, the two would reach
     # twice that (they start in the same instant, before any load report): the store counts
     # every gateway's jobs at a replica.
