@@ -402,6 +402,7 @@ class Rig:
     port: int
     nginx: bool
     warmup_s: float = 3.0  # streams' warm-up; wrk's is 2 s, or this when shorter
+    streams: tuple[int, int] = (FIXED_STREAMS, SATURATION_STREAMS)
 
 
 def measure(rig: Rig, name: str, repeat: int) -> list[dict[str, Any]]:
@@ -427,8 +428,8 @@ def measure(rig: Rig, name: str, repeat: int) -> list[dict[str, Any]]:
         front_end(name, urls, rig.port + 20, rig.workdir, rig.log) as (url, pid),
     ):
         for scenario, streams in (
-            ("stream_fixed", FIXED_STREAMS),
-            ("stream_saturation", SATURATION_STREAMS),
+            ("stream_fixed", rig.streams[0]),
+            ("stream_saturation", rig.streams[1]),
         ):
             result = stream_run(url, streams, rig.seconds, pid, rig.workdir, rig.warmup_s)
             rows.append({**base, "scenario": scenario, "streams": streams, **result})
@@ -470,6 +471,7 @@ def render(out: Path) -> str:
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line]
     meta = json.loads((out / "meta.json").read_text())
     names = [DIRECT, *[n for n in meta["front_ends"] if n != DIRECT]]
+    fixed, saturation = meta.get("streams", (FIXED_STREAMS, SATURATION_STREAMS))
 
     def rows_of(name: str, scenario: str) -> list[dict[str, Any]]:
         return [r for r in runs if r["front_end"] == name and r["scenario"] == scenario]
@@ -520,8 +522,8 @@ def render(out: Path) -> str:
         "",
         "### Streaming relay",
         "",
-        f"| front end | added delay p50 (ms) at {FIXED_STREAMS * STREAM_RATE:,} events/s | added "
-        f"delay p99 (ms) | events/s with {SATURATION_STREAMS * STREAM_RATE:,} offered | "
+        f"| front end | added delay p50 (ms) at {fixed * STREAM_RATE:,} events/s | added "
+        f"delay p99 (ms) | events/s with {saturation * STREAM_RATE:,} offered | "
         "front-end cores used | events/s per front-end core |",
         "|---|---|---|---|---|---|",
     ]
@@ -568,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup-s", type=float, default=3.0, help="before each stream run")
+    parser.add_argument(
+        "--streams", default=f"{FIXED_STREAMS},{SATURATION_STREAMS}",
+        help="streams held at fixed load and at saturation",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("loadtests/results/front-ends"))
     parser.add_argument("--render", type=Path, help="rebuild table.md of a result folder")
     args = parser.parse_args(argv)
@@ -599,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         "replica": "nginx " + _nginx_version() + ", 1 worker process" if nginx else "relay_rig",
         "repeats": args.repeats,
         "seconds": args.seconds,
+        "streams": [int(n) for n in args.streams.split(",")],
         "front_ends": names,
         "skipped": skipped,
     }
@@ -607,7 +614,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.out / "runs.jsonl"
     runs.write_text("")
     with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "processes.log").open("wb") as log:
-        rig = Rig(Path(tmp), log, args.seconds, free_port_block(40), nginx, args.warmup_s)
+        fixed, saturation = (int(n) for n in args.streams.split(","))
+        rig = Rig(
+            Path(tmp), log, args.seconds, free_port_block(40), nginx, args.warmup_s,
+            (fixed, saturation),
+        )  # fmt: skip
         for repeat in range(args.repeats):
             order = names[repeat % len(names) :] + names[: repeat % len(names)]
             for name in order:

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(
 def test_smallest_frontends_bench_measures_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "loadtests.frontends_bench", "--repeats", "1", "--seconds", "1",
-           "--warmup-s", "1", "--front-ends", "infergate:workers=1,no-such-router:x",
+           "--warmup-s", "1", "--streams", "100,400",
+           "--front-ends", "infergate:workers=1,no-such-router:x",
            "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
