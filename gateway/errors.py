@@ -64,10 +64,15 @@ class UpstreamTimeout(UpstreamError):
 
 
 class ConfigError(GatewayError):
-    """A configuration file that cannot be used; the message names the key path."""
+    """A configuration file that cannot be used; the message names the key path (`problems`:
+    each problem on its own, where there were several)."""
 
     status = 422
     error_type = "invalid_config"
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class BodyTooLarge(GatewayError):

@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("up", help="run a local cluster: replicas + gateway")
     commands.add_parser("bench", help="the routing benchmark (see: infergate bench -h)")
     commands.add_parser("jobs", help="deferred jobs and batches (see: infergate jobs -h)")
+    commands.add_parser("config", help="the config file's JSON Schema, and checks of files")
     command, rest = argv[:1], argv[1:]
     if command and command[0] in ENTRY_POINTS:
         return run_entry_point(command[0], rest)
@@ -261,5 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         return jobs_main(rest)
     if command == ["up"]:
         return run_up(rest)
+    if command == ["config"]:
+        from gateway.app.config_cli import main as config_main
+
+        return config_main(rest)
     args = parser.parse_args(argv)
     return run_gateway(args)

@@ -98,10 +98,12 @@ def parse_config(data: Any) -> GatewayConfig:
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        problems = [p for p in map(_describe, exc.errors()) if p]
+        secrets = _secrets(data)
+        problems = [_scrubbed(p, secrets) for p in map(_describe, exc.errors()) if p]
+        shown = problems[:MAX_PROBLEMS]
         if len(problems) > MAX_PROBLEMS:
-            problems[MAX_PROBLEMS:] = [f"and {len(problems) - MAX_PROBLEMS} more"]
-        raise ConfigError(_scrubbed("; ".join(problems), _secrets(data))) from None
+            shown.append(f"and {len(problems) - MAX_PROBLEMS} more")
+        raise ConfigError("; ".join(shown), problems) from None
 
 
 def load_config(path: str | Path) -> GatewayConfig:
