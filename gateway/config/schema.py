@@ -38,6 +38,9 @@ class Routing(_Model):
     affinity: AffinityOptions = AffinityOptions()
     ewma_decay_s: float = Field(10.0, gt=0)  # strategy peak_ewma
     prefix: PrefixOptions = PrefixOptions()
+    # Each response says why it went where it went (X-Infergate-Decision); costs one more pass
+    # over the candidates' costs per request.
+    explain: bool = False
 
 
 LoadSource = Literal["infergate", "vllm", "sglang", "tgi", "prometheus"]

@@ -11,8 +11,10 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from gateway.datapath.auth import key_name
+from gateway.routing.request import Decision
 
 REPLICA_HEADER = "X-Infergate-Replica"
+DECISION_HEADER = "X-Infergate-Decision"  # with routing.explain: why it went there
 REQUEST_ID_HEADER = "X-Request-Id"
 # The longest Idempotency-Key replicas take (replica/idempotency.py MAX_KEY_CHARS; Stripe's too).
 IDEMPOTENCY_KEY_MAX_CHARS = 255
@@ -72,3 +74,21 @@ def owned_idempotency_key(owner: str, value: str) -> str:
 def new_request_id() -> str:
     """128 random bits as hex, like a uuid4 without its cost (an id, not a secret)."""
     return f"{random.getrandbits(128):032x}"
+
+
+def explained(decision: Decision) -> str:
+    """X-Infergate-Decision: the strategy, why (a free slot, handed over from the queue ...)
+    and, where the policy chooses by cost, the chosen replica's cost and the runner-up's (lower
+    wins; read just after the choice, so the chosen one counts this request), e.g.
+    `strategy=precise_prefix; reason="free slot"; cost=-1184; runner_up=http://b:8000;
+    runner_up_cost=16`."""
+    parts = [f"strategy={decision.strategy or 'none'}", f'reason="{decision.reason}"']
+    scores = decision.scores
+    chosen = decision.replica.url
+    if scores and chosen in scores:
+        parts.append(f"cost={scores[chosen]:g}")
+        others = [(cost, url) for url, cost in scores.items() if url != chosen]
+        if others:
+            cost, url = min(others)
+            parts += [f"runner_up={url}", f"runner_up_cost={cost:g}"]
+    return "; ".join(parts)

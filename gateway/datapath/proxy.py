@@ -19,7 +19,12 @@ from gateway.datapath.auth import api_key, key_name
 from gateway.datapath.body import read_body
 from gateway.datapath.classify import Classified, Estimate, classify_off_loop
 from gateway.datapath.h1client import DOT_SEGMENT_PROBLEM, dot_segment
-from gateway.datapath.headers import REQUEST_ID_HEADER, new_request_id
+from gateway.datapath.headers import (
+    DECISION_HEADER,
+    REQUEST_ID_HEADER,
+    explained,
+    new_request_id,
+)
 from gateway.datapath.relay import (
     AttemptFailed,
     ClientGone,
@@ -143,7 +148,10 @@ async def _attempts(
                 lease.wants_usage = tenancy.wants_usage
                 tried.append(lease.replica)
                 retry = attempt > 0
-                sent = Outgoing(path_qs, body, request_id, tenancy.reply_headers)
+                replies = tenancy.reply_headers
+                if live.admission.explain:
+                    replies = {**replies, DECISION_HEADER: explained(lease.decision)}
+                sent = Outgoing(path_qs, body, request_id, replies)
                 return await _attempt(request, proxy, lease, sent, retry, config)
         except NoUntriedReplica:
             break

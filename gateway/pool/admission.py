@@ -97,6 +97,7 @@ class Admission:
         self._timer_at = math.inf
         self.drain = DrainRate(clock)
         self.explain = False  # leases' decisions carry the candidates' scores (costs a pass)
+        self._scored: tuple[Replica, dict[str, float] | None] | None = None  # at the last choice
         # A signal: each is called with a lease as it ends, its seconds from dispatch, and
         # whether it got its replica ejected (the gateway's metrics subscribe).
         self.lease_closed: list[Callable[[Lease, float, bool], None]] = []
@@ -200,13 +201,19 @@ class Admission:
         candidates: Sequence[Replica] = (),
     ) -> Lease:
         """The lease on a replica acquired for `request`, carrying the decision; with `explain`,
-        the scores of the candidates (the available replicas of its model unless given), read
-        just after the choice (the chosen one already counts this request). Its policy hears
-        where the request goes."""
+        the scores of the candidates: those a free slot was chosen among, as they were at the
+        choice; else (handed over from the queue, a job) the available replicas of its model
+        unless given, read just after (the chosen one already counts this request). Its policy
+        hears where the request goes."""
         policy = self.rules.policy_for(request.model)
         scores = None
         if self.explain:
-            scores = policy.scores(candidates or self.pool.available_for(request.model), request)
+            scored, self._scored = self._scored, None
+            if scored is not None and scored[0] is replica:
+                scores = scored[1]
+            else:
+                candidates = candidates or self.pool.available_for(request.model)
+                scores = policy.scores(candidates, request)
         policy.on_dispatch(replica, request)
         return Lease(self, replica, request, Decision(replica, policy.name, reason, scores))
 
@@ -386,7 +393,10 @@ class Admission:
             usable = _usable(self._free(request.model, rank), tried, excluded)
             if not usable:
                 return None
-            replica = self.rules.policy_for(request.model).choose(usable, request)
+            policy = self.rules.policy_for(request.model)
+            replica = policy.choose(usable, request)
+            if self.explain:  # the costs it chose by, before this request counts anywhere
+                self._scored = (replica, policy.scores(usable, request))
             self.pool.acquire(replica, request.tokens)
         return replica
 

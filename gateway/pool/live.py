@@ -110,6 +110,7 @@ class Live:
                 else {},
             )
         )
+        self.admission.explain = config.routing.explain
         self.pool.update(
             self.replica_urls(config), config.replica_max_concurrency, config.replica_models
         )

@@ -291,8 +291,9 @@ async def test_a_lease_carries_its_decision_strategy_reason_and_scores_when_aske
         assert (first.decision.reason, first.decision.scores) == ("free slot", None)
         admission.explain = True
         async with admission.lease() as second:
-            # Read just after the choice: each replica holds one request now.
-            assert second.decision.scores == {url: 1.0 for url in URLS}
+            # As at the choice: among the replicas with a free slot, before this request.
+            assert second.decision.scores == {second.replica.url: 0.0}
+            assert second.replica is not first.replica
             waiting = asyncio.create_task(_lease_reason(admission))
             await _settle()
         assert await waiting == "queued"  # handed over from the queue when `second` ended
