@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -19,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.logfilter import filter_malformed_requests
-from replica.config import ConfigError, ReplicaConfig, parse_config, read_raw
+from replica.config import ConfigError, ReplicaConfig, load_config, parse_config, read_raw
 from replica.keys import STATE
 from replica.server import create_app
 
@@ -182,11 +183,42 @@ def calibrate_main(argv: list[str]) -> int:
     return 0
 
 
+def check_main(argv: list[str]) -> int:
+    """`replica check FILE...`: validate replica files without loading a model (exit 2 when
+    one fails); `replica schema`: the replica file's JSON Schema, for editors."""
+    failed = False
+    for path in argv:
+        try:
+            load_config(path)
+        except ConfigError as error:
+            failed = True
+            print(f"{path}: {error}")
+        else:
+            print(f"{path}: ok")
+    return 2 if failed or not argv else 0
+
+
+def schema_main() -> int:
+    document = ReplicaConfig.model_json_schema(by_alias=True)
+    document = {"$schema": "https://json-schema.org/draft/2020-12/schema", **document}
+    document["title"] = "infergate replica configuration"
+    try:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["calibrate"]:
             return calibrate_main(argv[1:])
+        if argv[:1] == ["check"]:
+            return check_main(argv[1:])
+        if argv[:1] == ["schema"]:
+            return schema_main()
         args = serve_parser().parse_args(argv)
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
         filter_malformed_requests()  # parser errors quote the request: a client's API key

@@ -1,6 +1,7 @@
 """`infergate config schema` and `infergate config check`, run as a user runs them: the schema
 accepts a real gateway file and rejects a misspelt key (as an editor's YAML extension would),
-and `check` prints every problem of a broken file by its key path, with no secret, exit 2."""
+and `check` prints every problem of a broken file by its key path, with no secret, exit 2; the
+same for replica files with `--replica`."""
 
 from __future__ import annotations
 
@@ -70,3 +71,17 @@ def test_check_passes_a_good_file_and_names_every_problem_of_a_bad_one(tmp_path:
     assert "s3cret-pass" not in result.stdout + result.stderr
     assert infergate("check", good).returncode == 0
     assert infergate("check", str(tmp_path / "missing.yaml")).returncode == 2
+
+
+def test_replica_files_are_checked_and_described_the_same_way(tmp_path: Path) -> None:
+    good = write(tmp_path / "replica.yaml", {"engine": {"kind": "simulated"}})
+    bad = write(tmp_path / "bad.yaml", {"server": {"port": -5}, "engine": {"kind": "tpu"}})
+    result = infergate("check", "--replica", good, bad)
+    assert result.returncode == 2
+    ok, problem = result.stdout.splitlines()
+    assert ok == f"{good}: ok"
+    assert problem.startswith(f"{bad}: ") and "server.port" in problem and "engine.kind" in problem
+    schema = json.loads(infergate("schema", "--replica").stdout)
+    validator = jsonschema.Draft202012Validator(schema)
+    assert list(validator.iter_errors({"engine": {"kind": "simulated"}})) == []
+    assert list(validator.iter_errors({"engine": {"kind": "tpu"}})) != []
