@@ -148,13 +148,20 @@ def salted(parent: int, extra: object) -> int | None:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b"extra").digest(), "little")
 
 
+@dataclass(slots=True)
+class _Block:
+    """A block one publisher holds: our key for it and how many stores per tier (an engine may
+    store a block twice, one copy per tier, or twice in one through a connector)."""
+
+    key: int
+    copies: list[int] = field(default_factory=lambda: [0, 0])  # [gpu, other]
+
+
 @dataclass
 class _Rank:
-    """What one publisher holds, by engine hash: our key and how many stores per tier (an
-    engine may store a block twice, one copy per tier, or twice in one through a connector)."""
+    """What one publisher holds, by engine hash."""
 
-    own: dict[kv_wire.Hash, int] = field(default_factory=dict)
-    copies: dict[kv_wire.Hash, list[int]] = field(default_factory=dict)  # [gpu, other]
+    blocks: dict[kv_wire.Hash, _Block] = field(default_factory=dict)
     group: int | None = None  # the main attention group's index, once a store names it
 
 
@@ -189,7 +196,6 @@ class Follower:
         self.lag_s = math.nan  # now - the last batch's timestamp
 
     async def run(self) -> None:
-        options = self.feed.options
         sub = self.feed.context.socket(zmq.SUB)
         try:
             sub.setsockopt(zmq.LINGER, 0)
@@ -364,12 +370,11 @@ class Follower:
 
     def _clear(self) -> set[int]:
         replica = self.feed.replica(self.target.url)
-        for engine_hash, copies in self.rank.copies.items():
-            key = self.rank.own[engine_hash]
+        for block in self.rank.blocks.values():
             for tier in (GPU, OTHER):
-                if copies[tier]:
-                    replica.add(key, tier, -copies[tier])
-        touched = set(self.rank.own.values())
+                if block.copies[tier]:
+                    replica.add(block.key, tier, -block.copies[tier])
+        touched = {block.key for block in self.rank.blocks.values()}
         self.rank = _Rank()
         return touched
 
@@ -391,7 +396,8 @@ class Follower:
             adapter = event.lora_name or (f"#{event.lora_id}" if event.lora_id else None)
             parent: int | None = seed_of(adapter)
         else:
-            parent = rank.own.get(event.parent)
+            stored = rank.blocks.get(event.parent)
+            parent = stored.key if stored is not None else None
         if parent is None:  # its parent's store was missed: it cannot be chained
             count(url, "orphan_blocks", blocks)
             return
@@ -407,20 +413,16 @@ class Follower:
                     count(url, "orphan_blocks", blocks - i)
                     return
                 key = moved
-            parent = key
-            copies = rank.copies.get(engine_hash)
-            if copies is None:
-                if len(rank.own) >= self.feed.max_blocks:
+            block = rank.blocks.get(engine_hash)
+            if block is None:
+                if len(rank.blocks) >= self.feed.max_blocks:
                     count(url, "dropped_blocks", blocks - i)
                     return
-                copies = rank.copies[engine_hash] = [0, 0]
-                rank.own[engine_hash] = key
-            else:
-                key = rank.own[engine_hash]  # the first store's key names it
-                parent = key
-            copies[tier] += 1
-            replica.add(key, tier, 1)
-            touched.add(key)
+                block = rank.blocks[engine_hash] = _Block(key)
+            parent = block.key  # the first store's key names it
+            block.copies[tier] += 1
+            replica.add(block.key, tier, 1)
+            touched.add(block.key)
 
     def _main_group(self, kind: str | None, group: int | None) -> bool:
         """A store of the main (full) attention group; the first one names its group index."""
@@ -435,15 +437,14 @@ class Follower:
             return  # evicted from another group (the same hash is stored in every group)
         tier = GPU if event.medium == kv_wire.TIER_GPU else OTHER
         for engine_hash in event.block_hashes:
-            copies = rank.copies.get(engine_hash)
-            if copies is None or copies[tier] == 0:
+            block = rank.blocks.get(engine_hash)
+            if block is None or block.copies[tier] == 0:
                 continue  # stored before we listened, or in another tier
-            key = rank.own[engine_hash]
-            copies[tier] -= 1
-            replica.add(key, tier, -1)
-            touched.add(key)
-            if copies[GPU] == 0 and copies[OTHER] == 0:
-                del rank.copies[engine_hash], rank.own[engine_hash]
+            block.copies[tier] -= 1
+            replica.add(block.key, tier, -1)
+            touched.add(block.key)
+            if block.copies[GPU] == 0 and block.copies[OTHER] == 0:
+                del rank.blocks[engine_hash]
 
 
 class KvEventsFeed:
@@ -453,7 +454,7 @@ class KvEventsFeed:
     def __init__(self, live: Live, events: FeedEvents | None = None) -> None:
         self.live = live
         self.events = events or FeedEvents()
-        self.context = zmq.asyncio.Context()
+        self._context: zmq.asyncio.Context | None = None  # made for the first follower
         self.followers: dict[tuple[str, int], tuple[Follower, asyncio.Task[None]]] = {}
         self._replicas: dict[str, _Replica] = {}
         self._fed = self._policies(live.runtime)  # the policies told so far
@@ -461,6 +462,13 @@ class KvEventsFeed:
         self._warned: set[tuple[str, str]] = set()
         live.swapped.append(self._swapped)
         live.pool.changed.append(self._pool_changed)
+
+    @property
+    def context(self) -> zmq.asyncio.Context:
+        """The ZeroMQ context of the followers' sockets; none in a gateway that follows none."""
+        if self._context is None:
+            self._context = zmq.asyncio.Context()
+        return self._context
 
     @property
     def options(self) -> KvEventsOptions:
@@ -498,7 +506,8 @@ class KvEventsFeed:
             tasks = [task for _, task in self.followers.values()]
             await asyncio.gather(*tasks, return_exceptions=True)
             self.followers.clear()
-            self.context.destroy(linger=0)
+            if self._context is not None:
+                self._context.destroy(linger=0)
 
     def reconcile(self) -> None:
         """Follow exactly the publishers the config and the pool name now."""
