@@ -95,8 +95,9 @@ async def classify_off_loop(
     asked = classify(live, path_qs, headers, body, estimate, later)
     if later.payload is None:  # its policy reads no prompt
         return asked
+    options = live.runtime.options.prefix  # as classify read them, before a reload can come
     ids = await asyncio.to_thread(tokenizer.ids, later.payload)
-    info = _prefix_info(headers, later.payload, live.runtime.options.prefix, _Given(ids))
+    info = _prefix_of_ids(headers, ids, options)
     return replace(asked, info=replace(info, model=asked.info.model))
 
 
@@ -110,17 +111,6 @@ class _Later:
     def ids(self, payload: dict[str, Any]) -> list[int] | None:
         self.payload = payload
         return None
-
-
-class _Given:
-    name = "given"
-    offload = False
-
-    def __init__(self, ids: list[int] | None) -> None:
-        self._ids = ids
-
-    def ids(self, payload: dict[str, Any]) -> list[int] | None:
-        return self._ids
 
 
 def classify(
@@ -207,8 +197,13 @@ def _prefix_info(
     options: PrefixOptions,
     tokenizer: PromptTokenizer,
 ) -> RequestInfo:
+    return _prefix_of_ids(headers, tokenizer.ids(payload) if payload is not None else None, options)
+
+
+def _prefix_of_ids(
+    headers: CIMultiDictProxy[str], ids: list[int] | None, options: PrefixOptions
+) -> RequestInfo:
     session = headers.get(options.session_header) if options.session_header else None
-    ids = tokenizer.ids(payload) if payload is not None else None
     if not ids:
         return RequestInfo(tokens=1, key=session)
     hashes = tuple(chain(ids[: options.prefix_length], options.block_size))
