@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -43,6 +43,8 @@ from gateway.pool.rules import Rules
 from gateway.pool.slots import reserved_from, slot_limit
 from gateway.routing.replica import Replica
 from gateway.routing.request import NO_INFO, Decision, RequestInfo
+
+Scores = Mapping[str, float] | None  # each candidate's cost, by URL (explain)
 
 SHARED_POLL_S = 0.002
 DROPPED_HEADER = "X-Infergate-Dropped-Reason"  # why the gateway queue let a request go
@@ -97,7 +99,6 @@ class Admission:
         self._timer_at = math.inf
         self.drain = DrainRate(clock)
         self.explain = False  # leases' decisions carry the candidates' scores (costs a pass)
-        self._scored: tuple[Replica, dict[str, float] | None] | None = None  # at the last choice
         # A signal: each is called with a lease as it ends, its seconds from dispatch, and
         # whether it got its replica ejected (the gateway's metrics subscribe).
         self.lease_closed: list[Callable[[Lease, float, bool], None]] = []
@@ -179,8 +180,8 @@ class Admission:
         """A replica with a free slot for this request (waiting in the queue, in the place its
         `ticket` gives it, if need be), held until the block exits; never one `excluded`
         says it may not use when it would take it."""
-        replica, reason = await self._acquire(request, tried, ticket, excluded)
-        lease = self._dispatched(replica, request, reason)
+        replica, reason, scores = await self._acquire(request, tried, ticket, excluded)
+        lease = self._dispatched(replica, request, reason, scores)
         try:
             yield lease
         finally:
@@ -191,29 +192,25 @@ class Admission:
         policy; it never waits. The jobs scheduler dispatches this way."""
         replica = self.rules.policy_for(request.model).choose(candidates, request)
         self.pool.acquire(replica, request.tokens)
-        return self._dispatched(replica, request, "job", candidates)
+        return self._dispatched(replica, request, "job", candidates=candidates)
 
     def _dispatched(
         self,
         replica: Replica,
         request: RequestInfo,
         reason: str,
+        scores: Scores = None,
         candidates: Sequence[Replica] = (),
     ) -> Lease:
         """The lease on a replica acquired for `request`, carrying the decision; with `explain`,
-        the scores of the candidates: those a free slot was chosen among, as they were at the
-        choice; else (handed over from the queue, a job) the available replicas of its model
-        unless given, read just after (the chosen one already counts this request). Its policy
-        hears where the request goes."""
+        the candidates' scores: those a free slot was chosen by (`scores`, as they were at the
+        choice); else (handed over from the queue, a job) those of the available replicas of
+        its model unless given, read just after (the chosen one already counts this request).
+        Its policy hears where the request goes."""
         policy = self.rules.policy_for(request.model)
-        scores = None
-        if self.explain:
-            scored, self._scored = self._scored, None
-            if scored is not None and scored[0] is replica:
-                scores = scored[1]
-            else:
-                candidates = candidates or self.pool.available_for(request.model)
-                scores = policy.scores(candidates, request)
+        if self.explain and scores is None:
+            candidates = candidates or self.pool.available_for(request.model)
+            scores = policy.scores(candidates, request)
         policy.on_dispatch(replica, request)
         return Lease(self, replica, request, Decision(replica, policy.name, reason, scores))
 
@@ -232,13 +229,15 @@ class Admission:
         tried: Collection[Replica],
         ticket: Ticket,
         excluded: Excluded | None = None,
-    ) -> tuple[Replica, str]:
+    ) -> tuple[Replica, str, Scores]:
+        """The replica, why (a free slot, or queued) and, with `explain`, the costs of the
+        replicas a free slot was chosen among, as they were at the choice."""
         self.wake()  # an ejection may have run out since the last event
-        replica = self._take_free(request, tried, ticket.rank, excluded)
-        if replica is not None:
+        free = self._take_free(request, tried, ticket.rank, excluded)
+        if free is not None:
             if ticket is not DEFAULT_TICKET:
                 self._queue.charge(ticket)
-            return replica, "free slot"
+            return free[0], "free slot", free[1]
         rules = self.rules
         loop = asyncio.get_running_loop()
         waiter = _Waiter(request, tried, loop.create_future(), self._clock(), excluded)
@@ -253,11 +252,11 @@ class Admission:
             async with asyncio.timeout(ttl_s):
                 replica = await waiter.future
             self._left(entry, "dispatched")
-            return replica, "queued"
+            return replica, "queued", None
         except TimeoutError:
             if _granted(waiter) is not None:
                 self._left(entry, "dispatched")
-                return waiter.future.result(), "queued"  # the slot came as the time ran out
+                return waiter.future.result(), "queued", None  # the slot came as time ran out
             self._left(entry, "ttl-expired")
             self._raise_unavailable(tried, request.model)
             raise self._overloaded(
@@ -384,7 +383,7 @@ class Admission:
         tried: Collection[Replica],
         rank: int = 0,
         excluded: Excluded | None = None,
-    ) -> Replica | None:
+    ) -> tuple[Replica, Scores] | None:
         if not self.pool.available_for(request.model):
             raise _no_healthy(request.model)
         if tried and self._all_tried(tried, request.model):
@@ -395,10 +394,10 @@ class Admission:
                 return None
             policy = self.rules.policy_for(request.model)
             replica = policy.choose(usable, request)
-            if self.explain:  # the costs it chose by, before this request counts anywhere
-                self._scored = (replica, policy.scores(usable, request))
+            # The costs it chose by, before this request counts anywhere.
+            scores = policy.scores(usable, request) if self.explain else None
             self.pool.acquire(replica, request.tokens)
-        return replica
+        return replica, scores
 
     def _claiming(self) -> AbstractContextManager[None]:
         """With `workers: N` and a slot limit in force, the check of free slots and the take
