@@ -15,6 +15,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app.server import create_app
 from gateway.config import load_config
@@ -220,3 +221,15 @@ def lines_done(batch: dict[str, Any]) -> int:
     """A batch's lines that have ended, from its JSON."""
     counts = batch["request_counts"]
     return int(counts["completed"] + counts["failed"])
+
+
+async def metric_sum(client: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` with these labels on `url`/metrics."""
+    async with client.get(f"{url}/metrics") as response:
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )

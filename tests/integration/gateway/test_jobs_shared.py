@@ -13,7 +13,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.servers import (
     FakeReplica,
@@ -21,6 +20,7 @@ from tests.support.servers import (
     fake_replicas,
     gateway_config,
     get_json,
+    metric_sum,
     running_gateway,
     wait_until,
     write_config,
@@ -52,14 +52,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 async def _succeeded(client: aiohttp.ClientSession, url: str) -> float:
     """Jobs this gateway ran to success, from its /metrics."""
-    async with client.get(f"{url}/metrics") as response:
-        text = await response.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "gateway_jobs_finished_total" and sample.labels["status"] == "succeeded"
-    )
+    return await metric_sum(client, url, "gateway_jobs_finished_total", status="succeeded")
 
 
 def _lines(n: int, path: str) -> bytes:

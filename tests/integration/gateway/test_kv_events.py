@@ -16,12 +16,12 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.servers import (
     FakeReplica,
     Gateway,
     fake_replicas,
+    metric_sum,
     running_gateway,
     wait_until,
     write_config,
@@ -71,14 +71,8 @@ async def fleet(
 
 
 async def metric(gateway: Gateway, name: str, **labels: str) -> float:
-    async with aiohttp.ClientSession() as client, client.get(f"{gateway.url}/metrics") as r:
-        text = await r.text()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
+    async with aiohttp.ClientSession() as client:
+        return await metric_sum(client, gateway.url, name, **labels)
 
 
 async def held(gateway: Gateway, replica: FakeReplica) -> float:

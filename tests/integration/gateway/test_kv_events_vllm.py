@@ -16,9 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 from openai import AsyncOpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.servers import Gateway, running_gateway, write_config
+from tests.support.servers import Gateway, metric_sum, running_gateway, write_config
 from tests.support.tokenizer_files import chat_ids, completion_ids, write_tokenizer
 from tests.support.vllm_engine import FakeVllm, fake_vllm_engines
 
@@ -67,13 +66,8 @@ async def settled(engine: FakeVllm, gateway: Gateway) -> None:
     """Until the gateway says (its /metrics) it knows of as many blocks as the engine holds."""
     async with aiohttp.ClientSession() as client:
         for _ in range(250):
-            async with client.get(f"{gateway.url}/metrics") as response:
-                text = await response.text()
-            held = sum(
-                s.value
-                for family in text_string_to_metric_families(text)
-                for s in family.samples
-                if s.name == "gateway_kv_events_blocks" and s.labels["replica"] == engine.url
+            held = await metric_sum(
+                client, gateway.url, "gateway_kv_events_blocks", replica=engine.url
             )
             if held == len(engine.cache):
                 return
