@@ -88,7 +88,18 @@ class PrefixIndex:
         return len(self._lru)
 
     def insert(self, url: str, hashes: Iterable[int]) -> None:
-        self.hold(url, dict.fromkeys(hashes, 1.0))
+        """`url` was sent these blocks (weight 1; the most recent last in LRU). The gateway's
+        hot path for prefix_aware: one pass, no per-block weight."""
+        lru = self._lru
+        for h in hashes:
+            key = (h, url)
+            if key in lru:
+                lru.move_to_end(key)
+                continue
+            lru[key] = 1.0
+            self._holders.setdefault(h, set()).add(url)
+            self._by_url.setdefault(url, set()).add(h)
+        self._trim()
 
     def hold(self, url: str, weights: Mapping[int, float]) -> None:
         """`url` holds these blocks now, with these weights (the most recent last in LRU)."""
@@ -102,6 +113,10 @@ class PrefixIndex:
                 self._by_url.setdefault(url, set()).add(h)
             lru[key] = weight
             self._weighted = self._weighted or weight != 1.0
+        self._trim()
+
+    def _trim(self) -> None:
+        lru = self._lru
         while len(lru) > self.max_entries:
             self._drop(*lru.popitem(last=False)[0])
 
