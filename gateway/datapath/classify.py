@@ -28,7 +28,7 @@ from gateway.pool.live import Live
 from gateway.routing.options import AffinityOptions, PrefixOptions
 from gateway.routing.prefix import chain
 from gateway.routing.request import NO_INFO, Need, RequestInfo
-from gateway.routing.tokens import BYTES, PromptTokenizer
+from gateway.routing.tokens import BYTES, Head, PromptTokenizer
 
 CHARS_PER_TOKEN = 4
 DEFAULT_MAX_TOKENS = 16  # OpenAI completions' default
@@ -96,8 +96,8 @@ async def classify_off_loop(
     if later.payload is None:  # its policy reads no prompt
         return asked
     options = live.runtime.options.prefix  # as classify read them, before a reload can come
-    ids = await asyncio.to_thread(tokenizer.ids, later.payload)
-    info = _prefix_of_ids(headers, ids, options)
+    head = await asyncio.to_thread(tokenizer.head, later.payload, options.prefix_length)
+    info = _prefix_of_ids(headers, head, options)
     return replace(asked, info=replace(info, model=asked.info.model))
 
 
@@ -109,6 +109,10 @@ class _Later:
     payload: dict[str, Any] | None = None
 
     def ids(self, payload: dict[str, Any]) -> list[int] | None:
+        self.payload = payload
+        return None
+
+    def head(self, payload: dict[str, Any], n: int) -> Head | None:
         self.payload = payload
         return None
 
@@ -197,17 +201,20 @@ def _prefix_info(
     options: PrefixOptions,
     tokenizer: PromptTokenizer,
 ) -> RequestInfo:
-    return _prefix_of_ids(headers, tokenizer.ids(payload) if payload is not None else None, options)
+    head = tokenizer.head(payload, options.prefix_length) if payload is not None else None
+    return _prefix_of_ids(headers, head, options)
 
 
 def _prefix_of_ids(
-    headers: CIMultiDictProxy[str], ids: list[int] | None, options: PrefixOptions
+    headers: CIMultiDictProxy[str], head: Head | None, options: PrefixOptions
 ) -> RequestInfo:
+    """`head`: the prompt's first `prefix_length` token ids and how many it has in all."""
     session = headers.get(options.session_header) if options.session_header else None
-    if not ids:
+    if head is None or not head[1]:
         return RequestInfo(tokens=1, key=session)
-    hashes = tuple(chain(ids[: options.prefix_length], options.block_size))
-    return RequestInfo(tokens=len(ids), key=session, prefix=hashes, prompt_tokens=len(ids))
+    first, length = head
+    hashes = tuple(chain(first[: options.prefix_length], options.block_size))
+    return RequestInfo(tokens=length, key=session, prefix=hashes, prompt_tokens=length)
 
 
 def _prompt_text(payload: dict[str, Any]) -> str | None:

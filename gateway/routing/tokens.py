@@ -57,6 +57,18 @@ class PromptTokenizer(Protocol):
         """The prompt's token ids; None: no prompt this tokenizer can read."""
         ...
 
+    def head(self, payload: dict[str, Any], n: int) -> Head | None:
+        """The prompt's first `n` token ids and how many it has in all (what routing reads:
+        a long prompt's tail is never hashed); None as for `ids`."""
+        ...
+
+
+Head = tuple[list[int], int]  # a prompt's first token ids, and its length in tokens
+
+
+def head_of(ids: list[int] | None, n: int) -> Head | None:
+    return None if ids is None else (ids[:n], len(ids))
+
 
 class BytesTokenizer:
     """Our replicas' tokenizer."""
@@ -72,6 +84,16 @@ class BytesTokenizer:
         if text is None:
             return None
         return [BOS, *text.encode("utf-8", errors="surrogatepass")]
+
+    def head(self, payload: dict[str, Any], n: int) -> Head | None:
+        given = given_ids(first_prompt(payload.get("prompt")))
+        if given is not None:
+            return head_of(given, n)
+        text = prompt_text(payload)
+        if text is None:
+            return None
+        data = text.encode("utf-8", errors="surrogatepass")  # a long one is not listed whole
+        return [BOS, *data[: max(0, n - 1)]][:n], len(data) + 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +131,9 @@ class HfTokenizer:
         if text is None:
             return None
         return self._encode(text, _flag(payload, "add_special_tokens", default=False))
+
+    def head(self, payload: dict[str, Any], n: int) -> Head | None:
+        return head_of(self.ids(payload), n)
 
     def _render(self, messages: list[Any], payload: dict[str, Any]) -> str | None:
         # Tools: vLLM renders its own schema dump of them, which the gateway cannot reproduce.

@@ -331,3 +331,26 @@ def test_load_tokenizer_reads_unchanged_files_once(model: Path) -> None:
     assert second is not first
     assert second.ids({"messages": CHAT}) == completion_ids(model, "changed")
     assert load_tokenizer(str(model)) is second
+
+
+# What routing reads: the first ids and the length
+
+
+@given(st.text(max_size=120), st.integers(0, 40))
+@settings(max_examples=200)
+def test_the_bytes_head_is_the_first_ids_and_the_whole_length(text: str, n: int) -> None:
+    tokenizer = BytesTokenizer()
+    for payload in ({"prompt": text}, {"messages": [{"role": "user", "content": text}]}):
+        ids = tokenizer.ids(payload)
+        assert ids is not None and tokenizer.head(payload, n) == (ids[:n], len(ids))
+    assert tokenizer.head({"prompt": [5, 6, 7]}, 2) == ([5, 6], 3)
+    assert tokenizer.head({"input": text}, n) is None
+
+
+def test_the_hf_head_is_the_first_ids_and_the_whole_length(model: Path) -> None:
+    tokenizer = HfTokenizer.load(model)
+    for payload in ({"prompt": "Tell me a story about a robot."}, {"messages": CHAT}):
+        ids = tokenizer.ids(payload)
+        assert ids is not None and len(ids) > 8
+        assert tokenizer.head(payload, 8) == (ids[:8], len(ids))
+    assert tokenizer.head({"messages": []}, 8) is None
