@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.datapath.body import read_body
 from gateway.errors import GatewayError, UpstreamError
+from gateway.jobs.files import MULTIPART_SLACK
 from gateway.pool.live import LIVE
 
 LEADER = web.AppKey("jobs_leader", aiohttp.ClientSession)
@@ -49,8 +50,9 @@ def lifetime(socket_path: str) -> Callable[[web.Application], AsyncIterator[None
 async def forward(request: web.Request) -> web.StreamResponse:
     config = request.app[LIVE].runtime.config
     limit = config.limits.max_body_bytes
-    if request.path == "/v1/batches" and config.jobs is not None:
-        limit = config.jobs.max_batch_bytes  # the leader says what is wrong past it
+    if request.path in ("/v1/batches", "/v1/files") and config.jobs is not None:
+        # The leader says what is wrong past it (an upload's form adds its boundaries).
+        limit = config.jobs.max_batch_bytes + MULTIPART_SLACK
     body = await read_body(request, limit + 1, config.timeouts.client_body_s)
     headers = {h: request.headers[h] for h in PASSED_REQUEST_HEADERS if h in request.headers}
     url = f"http://jobs{request.rel_url.raw_path_qs}"

@@ -84,8 +84,31 @@ class Job:
         }
 
 
+# The OpenAI Batch API's endpoints a batch may name (every line's url must be it).
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                   "/v1/responses", "/v1/moderations")  # fmt: skip
+FileKind = Literal["upload", "output", "error"]
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What POST /v1/batches names in OpenAI's form (a batch from a JSONL body has none)."""
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    window_s: float
+    metadata: str | None  # JSON text of the client's metadata map
+
+
 @dataclass(frozen=True)
 class Batch:
+    """A batch's row and its lines' counts by status. Its status, in OpenAI's words:
+    in_progress while lines remain; cancelling once cancelled (cancelled_at) until its running
+    lines end; expired when its completion window closed before every line ran (expired_at);
+    completed otherwise. Lines are checked when the batch is created (a bad file is a 400), so
+    `validating` and `failed` never show; finalizing is the instant the last line ends."""
+
     id: str
     created_at: float
     total: int
@@ -94,31 +117,115 @@ class Batch:
     expires_at: float | None
     counts: dict[str, int]
     owner: str = ""
+    input_file_id: str | None = None
+    endpoint: str | None = None
+    completion_window: str | None = None
+    deadline: float | None = None  # created_at + the completion window: lines not run expire
+    metadata: str | None = None
+    expired_at: float | None = None
 
     @property
     def status(self) -> str:
         if self.cancelled_at is not None:
             return "cancelled" if self.completed_at is not None else "cancelling"
-        return "completed" if self.completed_at is not None else "in_progress"
+        if self.completed_at is None:
+            return "in_progress"
+        return "expired" if self.expired_at is not None else "completed"
+
+    @property
+    def succeeded(self) -> int:
+        return self.counts.get("succeeded", 0)
+
+    @property
+    def failed(self) -> int:
+        """Lines that ended without success: failed, cancelled or expired."""
+        return self.counts.get("failed", 0) + self.counts.get("cancelled", 0)
+
+    def file_id(self, kind: FileKind) -> str | None:
+        """The id of its output or error file once it ended with lines of that kind."""
+        lines = self.succeeded if kind == "output" else self.failed
+        if self.completed_at is None or lines == 0:
+            return None
+        return output_file_id(self.id, kind)
 
     def as_json(self) -> dict[str, Any]:
-        counts = self.counts
+        counts, ended = self.counts, self.completed_at
+        cancelled, expired = self.cancelled_at is not None, self.expired_at is not None
         return {
             "id": self.id,
             "object": "batch",
+            "endpoint": self.endpoint,
+            "errors": None,
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
             "status": self.status,
+            "output_file_id": self.file_id("output"),
+            "error_file_id": self.file_id("error"),
             "created_at": unix_seconds(self.created_at),
-            "completed_at": unix_seconds(self.completed_at),
-            "cancelled_at": unix_seconds(self.cancelled_at),
-            "expires_at": unix_seconds(self.expires_at),
+            "in_progress_at": unix_seconds(self.created_at),
+            "expires_at": unix_seconds(self.deadline),
+            "finalizing_at": unix_seconds(ended),
+            "completed_at": unix_seconds(ended if not (cancelled or expired) else None),
+            "failed_at": None,
+            "expired_at": unix_seconds(self.expired_at),
+            "cancelling_at": unix_seconds(self.cancelled_at),
+            "cancelled_at": unix_seconds(ended if cancelled else None),
             "request_counts": {
                 "total": self.total,
-                "completed": counts.get("succeeded", 0),
-                "failed": counts.get("failed", 0) + counts.get("cancelled", 0),
+                "completed": self.succeeded,
+                "failed": self.failed,
                 "queued": counts.get("queued", 0),
                 "running": counts.get("running", 0),
             },
+            "metadata": None if self.metadata is None else load_json(self.metadata, 2),
             "results_url": f"/v1/batches/{self.id}/results",
+            "results_expire_at": unix_seconds(self.expires_at),
+        }
+
+
+OUTPUT_PREFIX = {"output": "file-output-", "error": "file-errors-"}
+
+
+def output_file_id(batch_id: str, kind: FileKind) -> str:
+    return OUTPUT_PREFIX[kind] + batch_id.removeprefix("batch_")
+
+
+def output_file_of(file_id: str) -> tuple[str, FileKind] | None:
+    """(batch id, kind) of an output or error file's id; None for an uploaded file's."""
+    for kind in ("output", "error"):
+        prefix = OUTPUT_PREFIX[kind]
+        if file_id.startswith(prefix):
+            return "batch_" + file_id.removeprefix(prefix), kind
+    return None
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file of the Files API: an upload (its bytes in the store), or a batch's output or
+    error file, whose lines are read from the batch's jobs (`bytes` None until first counted)."""
+
+    seq: int
+    id: str
+    owner: str
+    purpose: str
+    filename: str
+    bytes: int | None
+    created_at: float
+    expires_at: float | None
+    kind: FileKind
+    batch_id: str | None = None
+
+    def as_json(self, size: int | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": self.bytes if size is None else size,
+            "created_at": unix_seconds(self.created_at),
+            "expires_at": unix_seconds(self.expires_at),
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "status_details": None,
         }
 
 
@@ -137,8 +244,45 @@ def json_or_text(text: str | None) -> Any:
         return text
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+def new_id(prefix: str, separator: str = "_") -> str:
+    return f"{prefix}{separator}{uuid.uuid4().hex}"
+
+
+# How a batch's unfinished lines end: (error_code, error_message) of each.
+CANCELLED = ("cancelled", "the batch was cancelled")
+EXPIRED = ("batch_expired", "this request could not be run before the batch's completion window "
+           "closed")  # fmt: skip
+# The lines of a batch's output file and of its error file (SQL, after a WHERE).
+RESULTS_OF: dict[FileKind | None, str] = {
+    None: "",
+    "upload": "",
+    "output": " AND status = 'succeeded'",
+    "error": " AND status <> 'succeeded'",
+}
+
+
+def spec_row(spec: BatchSpec | None, now: float) -> tuple[Any, ...]:
+    """A batch row's input_file_id, endpoint, completion_window, deadline and metadata."""
+    if spec is None:
+        return (None, None, None, None, None)
+    return (spec.input_file_id, spec.endpoint, spec.completion_window, now + spec.window_s,
+            spec.metadata)  # fmt: skip
+
+
+def output_files(
+    counts: dict[str, int], batch_id: str, owner: str, now: float, expires_at: float
+) -> list[tuple[Any, ...]]:
+    """The file rows a batch that just ended gets: its output file when a line succeeded, its
+    error file when one did not (their lines are read from the jobs, their size when asked)."""
+    rows = []
+    succeeded = counts.get("succeeded", 0)
+    for kind, lines in (("output", succeeded), ("error", sum(counts.values()) - succeeded)):
+        if lines:
+            file_id = output_file_id(batch_id, kind)  # type: ignore[arg-type]
+            filename = f"{batch_id}_{kind}.jsonl"
+            rows.append((file_id, owner, "batch_output", filename, now, expires_at, kind,
+                         batch_id))  # fmt: skip
+    return rows
 
 
 def line_row(batch_id: str, line: BatchLine, now: float) -> tuple[Any, ...]:

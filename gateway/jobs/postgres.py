@@ -39,7 +39,23 @@ from typing import Any, ParamSpec, TypeVar
 import asyncpg
 
 from gateway.errors import InvalidRequest
-from gateway.jobs.model import INPUT_DELETED, Batch, Job, Outcome, Sending, line_row, new_id
+from gateway.jobs.model import (
+    CANCELLED,
+    EXPIRED,
+    INPUT_DELETED,
+    RESULTS_OF,
+    Batch,
+    BatchSpec,
+    FileKind,
+    Job,
+    Outcome,
+    Sending,
+    StoredFile,
+    line_row,
+    new_id,
+    output_files,
+    spec_row,
+)
 from gateway.jobs.quota import UNLIMITED, Quota, Usage, stored_bytes
 from gateway.jobs.requests import BatchLine, JobRequest
 from gateway.jobs.store import StoreUnavailable
@@ -109,6 +125,30 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE jobs SET size = octet_length(body) + coalesce(octet_length(response), 0);
     CREATE INDEX jobs_usage ON jobs (owner, status, size);
     """,
+    # The OpenAI Files and Batches API: uploaded files, and what a batch created from one names.
+    """
+    ALTER TABLE batches ADD COLUMN input_file_id text, ADD COLUMN endpoint text,
+        ADD COLUMN completion_window text, ADD COLUMN deadline double precision,
+        ADD COLUMN metadata text, ADD COLUMN expired_at double precision;
+    CREATE INDEX batches_by_deadline ON batches (deadline)
+        WHERE deadline IS NOT NULL AND completed_at IS NULL;
+    CREATE TABLE files (
+        seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+        id text PRIMARY KEY,
+        owner text NOT NULL,
+        purpose text NOT NULL,
+        filename text NOT NULL,
+        bytes bigint,
+        created_at double precision NOT NULL,
+        expires_at double precision,
+        kind text NOT NULL,
+        batch_id text,
+        content bytea
+    );
+    CREATE INDEX files_by_owner ON files (owner, seq);
+    CREATE INDEX files_by_batch ON files (batch_id) WHERE batch_id IS NOT NULL;
+    CREATE INDEX files_by_expiry ON files (expires_at) WHERE expires_at IS NOT NULL;
+    """,
 )
 
 JOB_COLUMNS = (
@@ -116,7 +156,11 @@ JOB_COLUMNS = (
     " started_at, finished_at, expires_at, status_code, response, error_code, error_message,"
     " owner, replica, size"
 )
-BATCH_COLUMNS = "id, created_at, total, cancelled_at, completed_at, expires_at, owner"
+BATCH_COLUMNS = (
+    "id, created_at, total, cancelled_at, completed_at, expires_at, owner, input_file_id,"
+    " endpoint, completion_window, deadline, metadata, expired_at"
+)
+FILE_COLUMNS = "seq, id, owner, purpose, filename, bytes, created_at, expires_at, kind, batch_id"
 ACTIVE = "('queued', 'running')"
 TO_QUEUE = "status = 'queued', holder = NULL, lease_until = NULL"  # queued again, unclaimed
 
@@ -222,15 +266,19 @@ class PostgresStore:
         return _job(row)
 
     @_guarded
-    async def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch:
+    async def add_batch(
+        self, lines: Sequence[BatchLine], *, owner: str = "", spec: BatchSpec | None = None
+    ) -> Batch:
         """The batch and all its lines in one transaction: it exists whole or not at all."""
         batch_id, now = new_id("batch"), self._clock()
         rows = [line_row(batch_id, line, now) for line in lines]
         async with self._transaction() as db:
             await self._admit(db, owner, len(rows), sum(row[-1] for row in rows))
             await db.execute(
-                "INSERT INTO batches (id, created_at, total, owner) VALUES ($1, $2, $3, $4)",
-                batch_id, now, len(lines), owner,
+                "INSERT INTO batches (id, created_at, total, owner, input_file_id, endpoint,"
+                " completion_window, deadline, metadata)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                batch_id, now, len(lines), owner, *spec_row(spec, now),
             )  # fmt: skip
             await db.copy_records_to_table(
                 "jobs", records=[(*row, owner) for row in rows], columns=LINE_COLUMNS
@@ -419,20 +467,45 @@ class PostgresStore:
         async with self._transaction() as db:
             changed = await db.execute(
                 "UPDATE batches SET cancelled_at = $1 WHERE id = $2 AND owner = $3"
-                " AND completed_at IS NULL AND cancelled_at IS NULL",
+                " AND completed_at IS NULL AND cancelled_at IS NULL AND expired_at IS NULL",
                 now, batch_id, owner,
             )  # fmt: skip
             if _count(changed):
-                rows = await db.fetch(
-                    "UPDATE jobs SET status = 'cancelled', finished_at = $1,"
-                    " error_code = 'cancelled', error_message = 'the batch was cancelled',"
-                    f" holder = NULL, lease_until = NULL, {INPUT_DELETED}"
-                    f" WHERE batch_id = $2 AND status IN {ACTIVE} RETURNING id",
-                    now, batch_id,
-                )  # fmt: skip
-                cancelled = [row["id"] for row in rows]
-                await self._complete_if_done(db, batch_id, now)
+                cancelled = await self._end_lines(db, batch_id, now, *CANCELLED)
         return await self.get_batch(batch_id, owner=owner), cancelled
+
+    @_guarded
+    async def expire_batches(self) -> list[str]:
+        """Batches whose completion window closed: every line not yet ended ends expired
+        (running ones too: their dispatches stop, here and, at their next renewal, at the
+        gateway running them). The ids of the jobs it ended."""
+        now = self._clock()
+        ended: list[str] = []
+        async with self._transaction() as db:
+            rows = await db.fetch(
+                "SELECT id FROM batches WHERE deadline <= $1 AND completed_at IS NULL"
+                " AND cancelled_at IS NULL AND expired_at IS NULL"
+                " ORDER BY id FOR UPDATE SKIP LOCKED",
+                now,
+            )
+            for row in rows:
+                await db.execute("UPDATE batches SET expired_at = $1 WHERE id = $2", now, row["id"])
+                ended += await self._end_lines(db, row["id"], now, *EXPIRED)
+        return ended
+
+    async def _end_lines(
+        self, db: asyncpg.Connection, batch_id: str, now: float, code: str, message: str
+    ) -> list[str]:
+        """End a batch's queued and running lines with `code` (their inputs deleted); the
+        caller holds the batch's row lock."""
+        rows = await db.fetch(
+            "UPDATE jobs SET status = 'cancelled', finished_at = $1, error_code = $2,"
+            f" error_message = $3, holder = NULL, lease_until = NULL, {INPUT_DELETED}"
+            f" WHERE batch_id = $4 AND status IN {ACTIVE} RETURNING id",
+            now, code, message, batch_id,
+        )  # fmt: skip
+        await self._complete_if_done(db, batch_id, now)
+        return [row["id"] for row in rows]
 
     # Reading
 
@@ -487,15 +560,85 @@ class PostgresStore:
 
     @_guarded
     async def batch_results(
-        self, batch_id: str, after_seq: int, limit: int, *, owner: str = ""
-    ) -> list[Job]:
-        """Finished lines of a batch in file order, a page at a time (results are streamed)."""
+        self, batch_id: str, after_seq: int, limit: int, *, owner: str = "",
+        kind: FileKind | None = None,
+    ) -> list[Job]:  # fmt: skip
+        """Finished lines of a batch in file order, a page at a time (results are streamed):
+        all of them, or those of its output file (succeeded) or error file (the rest)."""
         rows = await self._pool.fetch(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE batch_id = $1 AND owner = $2 AND seq > $3"
-            f" AND status NOT IN {ACTIVE} ORDER BY seq LIMIT $4",
+            f" AND status NOT IN {ACTIVE}{RESULTS_OF[kind]} ORDER BY seq LIMIT $4",
             batch_id, owner, after_seq, limit,
         )  # fmt: skip
         return [_job(row) for row in rows]
+
+    # Files
+
+    @_guarded
+    async def add_file(
+        self, content: bytes, filename: str, *, owner: str = "", expires_s: float | None = None
+    ) -> StoredFile:
+        now = self._clock()
+        async with self._transaction() as db:
+            await self._admit(db, owner, 0, len(content))
+            row = await db.fetchrow(
+                "INSERT INTO files (id, owner, purpose, filename, bytes, created_at, expires_at,"
+                " kind, content) VALUES ($1, $2, 'batch', $3, $4, $5, $6, 'upload', $7)"
+                f" RETURNING {FILE_COLUMNS}",
+                new_id("file", "-"), owner, filename, len(content), now,
+                now + (expires_s or self._retention_s), content,
+            )  # fmt: skip
+        return StoredFile(**dict(row))
+
+    @_guarded
+    async def get_file(self, file_id: str, *, owner: str = "") -> StoredFile | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE id = $1 AND owner = $2", file_id, owner
+        )
+        return None if row is None else StoredFile(**dict(row))
+
+    @_guarded
+    async def file_content(self, file_id: str, *, owner: str = "") -> bytes | None:
+        content = await self._pool.fetchval(
+            "SELECT content FROM files WHERE id = $1 AND owner = $2 AND kind = 'upload'",
+            file_id, owner,
+        )  # fmt: skip
+        return None if content is None else bytes(content)
+
+    @_guarded
+    async def list_files(
+        self, *, purpose: str | None, after: str | None, limit: int, newest_first: bool,
+        owner: str = "",
+    ) -> tuple[list[StoredFile], bool]:  # fmt: skip
+        """A page of one owner's files (OpenAI lists the newest first), and whether more follow."""
+        where, args = ["owner = $1"], [owner]
+        if purpose is not None:
+            args.append(purpose)
+            where.append(f"purpose = ${len(args)}")
+        order, beyond, start = ("DESC", "<", "9e18") if newest_first else ("ASC", ">", "-1")
+        if after is not None:
+            args.append(after)
+            where.append(
+                f"seq {beyond} COALESCE((SELECT seq FROM files WHERE id = ${len(args)}"
+                f" AND owner = $1), {start})"
+            )
+        rows = await self._pool.fetch(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE {' AND '.join(where)}"
+            f" ORDER BY seq {order} LIMIT ${len(args) + 1}",
+            *args, limit + 1,
+        )  # fmt: skip
+        return [StoredFile(**dict(row)) for row in rows[:limit]], len(rows) > limit
+
+    @_guarded
+    async def counted(self, file_id: str, size: int) -> None:
+        await self._pool.execute("UPDATE files SET bytes = $1 WHERE id = $2", size, file_id)
+
+    @_guarded
+    async def delete_file(self, file_id: str, *, owner: str = "") -> bool:
+        done = await self._pool.execute(
+            "DELETE FROM files WHERE id = $1 AND owner = $2", file_id, owner
+        )
+        return _count(done) == 1
 
     # Retention
 
@@ -509,6 +652,11 @@ class PostgresStore:
                 " (SELECT id FROM batches WHERE expires_at <= $1)",
                 now,
             )
+            await db.execute(
+                "DELETE FROM files WHERE expires_at <= $1 OR batch_id IN"
+                " (SELECT id FROM batches WHERE expires_at <= $1)",
+                now,
+            )
             await db.execute("DELETE FROM batches WHERE expires_at <= $1", now)
         return _count(deleted)
 
@@ -518,11 +666,25 @@ class PostgresStore:
             f"SELECT 1 FROM jobs WHERE batch_id = $1 AND status IN {ACTIVE} LIMIT 1", batch_id
         )
         if active is None:
-            await db.execute(
+            owner = await db.fetchval(
                 "UPDATE batches SET completed_at = $1, expires_at = $2"
-                " WHERE id = $3 AND completed_at IS NULL",
+                " WHERE id = $3 AND completed_at IS NULL RETURNING owner",
                 now, now + self._retention_s, batch_id,
             )  # fmt: skip
+            if owner is not None:
+                counts = await db.fetch(
+                    "SELECT status, count(*) AS n FROM jobs WHERE batch_id = $1 GROUP BY status",
+                    batch_id,
+                )
+                files = output_files(
+                    {r["status"]: r["n"] for r in counts}, batch_id, owner, now,
+                    now + self._retention_s,
+                )  # fmt: skip
+                await db.executemany(
+                    "INSERT INTO files (id, owner, purpose, filename, created_at, expires_at,"
+                    " kind, batch_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    files,
+                )
 
 
 async def migrate(pool: asyncpg.Pool) -> int:
@@ -559,7 +721,11 @@ async def _usage(db: asyncpg.Connection, owner: str) -> Usage:
         " coalesce(sum(size), 0)::bigint AS bytes FROM jobs WHERE owner = $1",
         owner,
     )
-    return Usage(lines=row["lines"], bytes=row["bytes"])
+    uploaded = await db.fetchval(
+        "SELECT coalesce(sum(bytes), 0)::bigint FROM files WHERE owner = $1 AND kind = 'upload'",
+        owner,
+    )
+    return Usage(lines=row["lines"], bytes=row["bytes"] + uploaded)
 
 
 async def _batch(db: asyncpg.Connection, batch_id: str, owner: str) -> Batch | None:

@@ -21,10 +21,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from gateway.boundedjson import MAX_DEPTH, TooDeep, load_json
 from gateway.datapath.h1client import DOT_SEGMENT_PROBLEM, dot_segment
-from gateway.errors import InvalidRequest, key_path
+from gateway.errors import InvalidRequest, clipped, key_path
 
 # Paths the gateway answers itself: a job aimed at one would never reach a replica.
-GATEWAY_PATHS = ("/v1/jobs", "/v1/batches", "/admin", "/healthz", "/readyz", "/metrics")
+GATEWAY_PATHS = (
+    "/v1/jobs",
+    "/v1/batches",
+    "/v1/files",
+    "/admin",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+)
 PRINTABLE_ASCII = re.compile(r"[!-~]*")
 MAX_BODY_DEPTH = MAX_DEPTH  # a request body's nesting, as a replica sees it
 MAX_JOB_DEPTH = MAX_BODY_DEPTH + 1  # a job or batch line: {"body": ...} adds one level
@@ -176,3 +184,99 @@ def _parse_line(number: int, raw: bytes) -> BatchLine:
         return BatchLine(number, custom_id, request=JobRequest.model_validate(data))
     except ValidationError as exc:
         return BatchLine(number, custom_id, error=describe(exc))
+
+
+# The OpenAI Files and Batches API (gateway/jobs/files.py): a batch names an uploaded file.
+
+MAX_FILE_PROBLEMS = 5  # of a refused file's bad lines, named in the 400
+MAX_WINDOW_S = 7 * 24 * 3600.0
+WINDOW = re.compile(r"([1-9][0-9]{0,6})([smh])")
+WINDOW_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+def completion_window_s(value: str) -> float:
+    """Seconds of a completion window: OpenAI's "24h", or any `<n>s|m|h` up to 7 days."""
+    match = WINDOW.fullmatch(value)
+    if match is None or int(match[1]) * WINDOW_UNITS[match[2]] > MAX_WINDOW_S:
+        raise ValueError('expected "24h" (or a duration like "90m", "30s": 1s to 168h)')
+    return int(match[1]) * WINDOW_UNITS[match[2]]
+
+
+def _window(value: str) -> str:
+    completion_window_s(value)
+    return value
+
+
+def _metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_METADATA_PAIRS:
+        raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
+    for key, item in value.items():
+        if len(key) > MAX_METADATA_KEY or len(item) > MAX_METADATA_VALUE:
+            raise ValueError(
+                f"keys up to {MAX_METADATA_KEY} characters, values up to {MAX_METADATA_VALUE}"
+            )
+        if (problem := text_problem(key) or text_problem(item)) is not None:
+            raise ValueError(problem)
+    return value
+
+
+class BatchCreate(BaseModel):
+    """The body of POST /v1/batches in OpenAI's form."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_file_id: str = Field(min_length=1, max_length=200)
+    endpoint: str
+    completion_window: Annotated[str, AfterValidator(_window)]
+    metadata: Annotated[dict[str, str] | None, AfterValidator(_metadata)] = None
+
+
+def parse_batch_create(data: Any) -> BatchCreate:
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            'expected a JSON object like {"input_file_id": "file-...", "endpoint": '
+            '"/v1/chat/completions", "completion_window": "24h"}'
+        )
+    try:
+        return BatchCreate.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = key_path(error["loc"])
+            if error["type"] == "extra_forbidden":
+                problems.append(
+                    f"{where}: unknown key (expected input_file_id, endpoint, "
+                    "completion_window, metadata)"
+                )
+            elif error["type"] == "missing":
+                problems.append(f"{where}: required key is missing")
+            else:
+                problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+        raise InvalidRequest("; ".join(problems)) from None
+
+
+def parse_batch_file(data: bytes, max_lines: int, endpoint: str | None = None) -> list[BatchLine]:
+    """A batch input file, strictly: every line a request (unique custom_id, and each url
+    `endpoint` when one is given), or InvalidRequest naming the first bad lines. OpenAI
+    refuses such a file whole, where a JSONL body's bad lines fail alone (`parse_batch`)."""
+    lines = parse_batch(data, max_lines)
+    problems = []
+    for line in lines:
+        if line.error is not None:
+            problems.append(f"line {line.line}: {line.error}")
+        elif endpoint is not None and line.request is not None and line.request.url != endpoint:
+            problems.append(
+                f"line {line.line}: url {clipped(line.request.url)!r} is not the batch's "
+                f"endpoint {endpoint}; every line of a batch goes to its endpoint"
+            )
+    if problems:
+        shown = "; ".join(problems[:MAX_FILE_PROBLEMS])
+        more = len(problems) - MAX_FILE_PROBLEMS
+        raise InvalidRequest(
+            f"the batch file has {len(problems)} bad lines: {shown}"
+            + (f"; and {more} more" if more > 0 else "")
+        )
+    return lines

@@ -1,5 +1,6 @@
-"""HTTP endpoints for deferred inference: /v1/jobs (one request) and /v1/batches (a JSONL
-file, OpenAI Batch style). Handlers validate and orchestrate; the store owns the state.
+"""HTTP endpoints for deferred inference: /v1/jobs (one request), /v1/batches (OpenAI's Batch
+API over a file uploaded to /v1/files, gateway/jobs/files.py, or a JSONL file sent as the
+body) and /v1/files. Handlers validate and orchestrate; the store owns the state.
 
 With no `jobs:` section in the config every endpoint answers 404 saying how to turn jobs on.
 Jobs and batches belong to the API key that submitted them (`auth.key_name`, '' without auth):
@@ -16,12 +17,24 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.boundedjson import load_json
 from gateway.datapath.auth import key_name
 from gateway.datapath.body import read_body
-from gateway.errors import BodyTooLarge, Conflict, InvalidRequest, NotFound
-from gateway.jobs.model import JOB_STATUSES, Batch, Job
-from gateway.jobs.requests import parse_batch, parse_job_body
-from gateway.jobs.service import JOBS, JobService
+from gateway.errors import BodyTooLarge, Conflict, InvalidRequest, NotFound, clipped
+from gateway.jobs import files
+from gateway.jobs.files import no_file, service_of
+from gateway.jobs.model import BATCH_ENDPOINTS, JOB_STATUSES, Batch, BatchSpec, Job
+from gateway.jobs.requests import (
+    MAX_JOB_DEPTH,
+    BatchCreate,
+    BatchLine,
+    completion_window_s,
+    parse_batch,
+    parse_batch_create,
+    parse_batch_file,
+    parse_job_body,
+)
+from gateway.jobs.service import JobService
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 1000
@@ -29,16 +42,6 @@ RESULTS_PAGE = 1000
 FORM_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
 # ASCII digits only: str.isdigit also takes '²' and other scripts' digits, which int() refuses.
 PAGE_SIZE = re.compile(r"[0-9]{1,9}")
-
-
-def _service(request: web.Request) -> JobService:
-    service = request.app.get(JOBS)
-    if service is None:
-        raise NotFound(
-            "deferred jobs are off: add a 'jobs:' section with a 'store:' (an SQLite file path "
-            "or a postgresql:// URL) to the gateway config and restart it"
-        )
-    return service
 
 
 def _limit(request: web.Request) -> int:
@@ -56,7 +59,7 @@ def _page(items: list[dict[str, Any]], has_more: bool) -> web.Response:
 
 
 async def submit_job(request: web.Request) -> web.Response:
-    service = _service(request)
+    service = service_of(request)
     config = service.state.runtime.config
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
     job = await service.store.add_job(parse_job_body(body), owner=key_name(request))
@@ -66,7 +69,7 @@ async def submit_job(request: web.Request) -> web.Response:
 
 
 async def list_jobs(request: web.Request) -> web.Response:
-    service = _service(request)
+    service = service_of(request)
     status = request.query.get("status")
     if status is not None and status not in JOB_STATUSES:
         raise InvalidRequest(f"status: expected one of {', '.join(JOB_STATUSES)}")
@@ -86,7 +89,7 @@ def _no_job(job_id: str) -> NotFound:
 
 async def _job(request: web.Request) -> Job:
     job_id = request.match_info["id"]
-    job = await _service(request).store.get_job(job_id, owner=key_name(request))
+    job = await service_of(request).store.get_job(job_id, owner=key_name(request))
     if job is None:
         raise _no_job(job_id)
     return job
@@ -97,7 +100,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    service = _service(request)
+    service = service_of(request)
     job_id = request.match_info["id"]
     job, cancelled = await service.store.cancel_job(job_id, owner=key_name(request))
     if job is None:
@@ -112,12 +115,15 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 async def submit_batch(request: web.Request) -> web.Response:
-    service = _service(request)
+    """POST /v1/batches: OpenAI's form (JSON naming an uploaded file), or a JSONL body."""
+    service = service_of(request)
     settings = service.settings
     if request.content_type in FORM_TYPES:  # curl -d and -F: a form, not the file's bytes
         raise InvalidRequest(
             "send the JSONL file itself as the body, e.g. curl --data-binary @batch.jsonl "
-            "-H 'Content-Type: application/jsonl' (a form loses the file's line breaks)"
+            "-H 'Content-Type: application/jsonl' (a form loses the file's line breaks), or "
+            'upload it to /v1/files and name it: {"input_file_id": ..., "endpoint": ..., '
+            '"completion_window": "24h"}'
         )
     timeout_s = service.state.runtime.config.timeouts.client_body_s
     try:
@@ -127,16 +133,71 @@ async def submit_batch(request: web.Request) -> web.Response:
             f"batch file over jobs.max_batch_bytes = {settings.max_batch_bytes} bytes; "
             "split it into smaller batches"
         ) from None
+    if request.content_type == "application/json":
+        data = _json_object(body)
+        if isinstance(data, dict) and "custom_id" not in data:
+            return await _create_from_file(service, request, parse_batch_create(data))
+        # Otherwise a JSONL body sent as application/json, as before the Files API.
     lines = await asyncio.to_thread(parse_batch, body, settings.max_batch_lines)
+    return await _accepted(service, request, lines)
+
+
+async def _accepted(
+    service: JobService, request: web.Request, lines: list[BatchLine]
+) -> web.Response:
     batch = await service.store.add_batch(lines, owner=key_name(request))
     service.scheduler.wake()
     location = f"/v1/batches/{batch.id}"
     return web.json_response(batch.as_json(), status=202, headers={"Location": location})
 
 
+def _json_object(body: bytes) -> Any:
+    """The body as JSON when it is one JSON value (a JSONL body of several lines is not)."""
+    try:
+        return load_json(body.decode("utf-8"), MAX_JOB_DEPTH)
+    except ValueError:  # not UTF-8, not JSON, several lines, too deep: read as JSONL
+        return None
+
+
+async def _create_from_file(
+    service: JobService, request: web.Request, asked: BatchCreate
+) -> web.Response:
+    """OpenAI's batches.create: the named upload's lines become the batch's jobs, all sent
+    to `endpoint`; the lines not run within `completion_window` end expired."""
+    if asked.endpoint not in BATCH_ENDPOINTS:
+        raise InvalidRequest(
+            f"endpoint: expected one of {', '.join(BATCH_ENDPOINTS)} "
+            f"(got {clipped(asked.endpoint)!r})"
+        )
+    owner = key_name(request)
+    stored = await service.store.get_file(asked.input_file_id, owner=owner)
+    if stored is None:
+        raise no_file(asked.input_file_id)
+    if stored.kind != "upload":
+        raise InvalidRequest(
+            f"input_file_id: {stored.id} is a batch's output file; name a file uploaded with "
+            "purpose 'batch'"
+        )
+    content = await service.store.file_content(stored.id, owner=owner)
+    if content is None:
+        raise no_file(stored.id)
+    max_lines = service.settings.max_batch_lines
+    lines = await asyncio.to_thread(parse_batch_file, content, max_lines, asked.endpoint)
+    spec = BatchSpec(
+        input_file_id=stored.id,
+        endpoint=asked.endpoint,
+        completion_window=asked.completion_window,
+        window_s=completion_window_s(asked.completion_window),
+        metadata=None if asked.metadata is None else json.dumps(asked.metadata),
+    )
+    batch = await service.store.add_batch(lines, owner=owner, spec=spec)
+    service.scheduler.wake()
+    return web.json_response(batch.as_json(), headers={"Location": f"/v1/batches/{batch.id}"})
+
+
 async def _batch(request: web.Request) -> Batch:
     batch_id = request.match_info["id"]
-    store = _service(request).store
+    store = service_of(request).store
     batch = await store.get_batch(batch_id, owner=key_name(request))
     if batch is None:
         raise NotFound(f"no batch {batch_id!r} (batches are deleted after their retention)")
@@ -148,20 +209,26 @@ async def get_batch(request: web.Request) -> web.Response:
 
 
 async def list_batches(request: web.Request) -> web.Response:
-    service = _service(request)
+    service = service_of(request)
     batches, more = await service.store.list_batches(
         after=request.query.get("after"),
         limit=_limit(request),
         owner=key_name(request),
     )
-    return _page([batch.as_json() for batch in batches], more)
+    data = [batch.as_json() for batch in batches]
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return web.json_response(
+        {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": more}
+    )
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
-    service = _service(request)
+    service = service_of(request)
     before = await _batch(request)
-    if before.status != "in_progress":
+    if before.status not in ("in_progress", "cancelling"):
         raise Conflict(f"batch {before.id} is already {before.status}")
+    if before.status == "cancelling":  # asked again: the same answer, as OpenAI gives
+        return web.json_response(before.as_json())
     owner = key_name(request)
     batch, cancelled = await service.store.cancel_batch(before.id, owner=owner)
     service.scheduler.abandon(cancelled)
@@ -171,7 +238,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
 
 async def batch_results(request: web.Request) -> web.StreamResponse:
     """The JSONL result file, one line per input line in file order, streamed page by page."""
-    service = _service(request)
+    service = service_of(request)
     batch = await _batch(request)
     if batch.status == "in_progress":
         counts = batch.as_json()["request_counts"]
@@ -203,6 +270,9 @@ ROUTES: list[tuple[str, dict[str, Handler]]] = [
     ("/v1/batches/{id}", {"GET": get_batch}),
     ("/v1/batches/{id}/results", {"GET": batch_results}),
     ("/v1/batches/{id}/cancel", {"POST": cancel_batch}),
+    ("/v1/files", {"GET": files.listing, "POST": files.upload}),
+    ("/v1/files/{id}", {"GET": files.retrieve, "DELETE": files.delete}),
+    ("/v1/files/{id}/content", {"GET": files.content}),
 ]
 
 

@@ -33,6 +33,7 @@ from gateway.pool.live import Live
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 60.0
+DEADLINE_INTERVAL_S = 1.0  # how late a batch's lines may expire after its completion window
 
 
 class JobService:
@@ -129,6 +130,7 @@ class JobService:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.scheduler.run(), name="jobs-scheduler")
             group.create_task(self._sweep(), name="jobs-retention")
+            group.create_task(self._deadlines(), name="jobs-batch-deadlines")
             if self.store.shared:
                 group.create_task(self._leases(), name="jobs-leases")
 
@@ -142,6 +144,21 @@ class JobService:
                 if deleted:
                     log.info("jobs: %d finished jobs past jobs.result_retention_s deleted", deleted)
             await asyncio.sleep(SWEEP_INTERVAL_S)
+
+    async def _deadlines(self) -> None:
+        """Every second: the lines of batches whose completion window closed end expired, and
+        this gateway's dispatches of them stop (others' at their next lease renewal)."""
+        while True:
+            await asyncio.sleep(DEADLINE_INTERVAL_S)
+            try:
+                ended = await self.store.expire_batches()
+            except StoreUnavailable as exc:
+                log.warning("jobs: batch deadlines not checked: %s", exc)
+                continue
+            if ended:
+                self.scheduler.abandon(ended)
+                log.info("jobs: %d lines of batches past their completion window expired",
+                         len(ended))  # fmt: skip
 
     async def _leases(self) -> None:
         """Shared store: renew this gateway's leases, stop dispatches of jobs it no longer

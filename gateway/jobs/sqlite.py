@@ -28,13 +28,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gateway.jobs.model import (
+    CANCELLED,
+    EXPIRED,
     INPUT_DELETED,
+    RESULTS_OF,
     Batch,
+    BatchSpec,
+    FileKind,
     Job,
     Outcome,
     Sending,
+    StoredFile,
     line_row,
     new_id,
+    output_files,
+    spec_row,
 )
 from gateway.jobs.quota import UNLIMITED, Quota, Usage, stored_bytes
 from gateway.jobs.requests import BatchLine, JobRequest
@@ -76,12 +84,33 @@ CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs (batch_id);
 CREATE INDEX IF NOT EXISTS jobs_by_batch_status ON jobs (batch_id, status);
 CREATE INDEX IF NOT EXISTS jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    bytes INTEGER,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    kind TEXT NOT NULL,
+    batch_id TEXT,
+    content BLOB
+);
+CREATE INDEX IF NOT EXISTS files_by_owner ON files (owner, seq);
+CREATE INDEX IF NOT EXISTS files_by_batch ON files (batch_id) WHERE batch_id IS NOT NULL;
 """
+# Columns of a batch created in OpenAI's form (POST /v1/batches naming an uploaded file).
+BATCH_SPEC_COLUMNS = {"input_file_id": "TEXT", "endpoint": "TEXT", "completion_window": "TEXT",
+                      "deadline": "REAL", "metadata": "TEXT", "expired_at": "REAL"}  # fmt: skip
+FILE_COLUMNS = "seq, id, owner, purpose, filename, bytes, created_at, expires_at, kind, batch_id"
 # After the columns exist (a store from before owners gets them in _migrate).
 OWNER_INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
 CREATE INDEX IF NOT EXISTS jobs_usage ON jobs (owner, status, size);
 CREATE INDEX IF NOT EXISTS batches_by_owner ON batches (owner);
+CREATE INDEX IF NOT EXISTS batches_by_deadline ON batches (deadline)
+    WHERE deadline IS NOT NULL AND completed_at IS NULL;
 """
 
 
@@ -113,6 +142,9 @@ class JobStore:
             columns = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if "owner" not in columns:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+            for column, kind in BATCH_SPEC_COLUMNS.items() if table == "batches" else ():
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE batches ADD COLUMN {column} {kind}")
             if table == "jobs" and "replica" not in columns:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN replica TEXT")
             if table == "jobs" and "size" not in columns:
@@ -148,15 +180,18 @@ class JobStore:
             )  # fmt: skip
         return self._job(job_id)
 
-    def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch:
+    def add_batch(
+        self, lines: Sequence[BatchLine], *, owner: str = "", spec: BatchSpec | None = None
+    ) -> Batch:
         """The batch and all its lines in one transaction: it exists whole or not at all."""
         batch_id, now = new_id("batch"), self._clock()
         rows = [line_row(batch_id, line, now) for line in lines]
         with self._transaction() as db:
             self._admit(owner, len(rows), sum(row[-1] for row in rows))
             db.execute(
-                "INSERT INTO batches (id, created_at, total, owner) VALUES (?, ?, ?, ?)",
-                (batch_id, now, len(lines), owner),
+                "INSERT INTO batches (id, created_at, total, owner, input_file_id, endpoint,"
+                " completion_window, deadline, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (batch_id, now, len(lines), owner, *spec_row(spec, now)),
             )
             db.executemany(
                 "INSERT INTO jobs (id, batch_id, line, custom_id, method, url, body, status,"
@@ -175,7 +210,11 @@ class JobStore:
             " FROM jobs WHERE owner = ?",
             (owner,),
         ).fetchone()
-        return Usage(lines=row[0], bytes=row[1])
+        uploaded = self._db.execute(
+            "SELECT coalesce(sum(bytes), 0) FROM files WHERE owner = ? AND kind = 'upload'",
+            (owner,),
+        ).fetchone()[0]
+        return Usage(lines=row[0], bytes=row[1] + uploaded)
 
     def _admit(self, owner: str, lines: int, size: int) -> None:
         """QuotaExceeded unless the owner's quota holds this submit (in its transaction)."""
@@ -295,22 +334,38 @@ class JobStore:
         now = self._clock()
         with self._transaction() as db:
             changed = db.execute(
-                "UPDATE batches SET cancelled_at = ?"
-                " WHERE id = ? AND owner = ? AND completed_at IS NULL AND cancelled_at IS NULL",
+                "UPDATE batches SET cancelled_at = ? WHERE id = ? AND owner = ?"
+                " AND completed_at IS NULL AND cancelled_at IS NULL AND expired_at IS NULL",
                 (now, batch_id, owner),
             ).rowcount
-            cancelled: list[str] = []
-            if changed:
-                rows = db.execute(
-                    "UPDATE jobs SET status = 'cancelled', finished_at = ?,"
-                    " error_code = 'cancelled', error_message = 'the batch was cancelled',"
-                    f" {INPUT_DELETED} WHERE batch_id = ? AND status IN ('queued', 'running')"
-                    " RETURNING id",
-                    (now, batch_id),
-                ).fetchall()
-                cancelled = [row["id"] for row in rows]
-                self._complete_if_done(batch_id, now)
+            cancelled = self._end_lines(batch_id, now, *CANCELLED) if changed else []
         return self.get_batch(batch_id, owner=owner), cancelled
+
+    def expire_batches(self) -> list[str]:
+        """Batches whose completion window closed: every line not yet ended ends expired
+        (running ones too: their dispatches stop). The ids of the jobs it ended."""
+        now = self._clock()
+        ended: list[str] = []
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE batches SET expired_at = ? WHERE deadline <= ? AND completed_at IS NULL"
+                " AND cancelled_at IS NULL AND expired_at IS NULL RETURNING id",
+                (now, now),
+            ).fetchall()
+            for row in rows:
+                ended += self._end_lines(row["id"], now, *EXPIRED)
+        return ended
+
+    def _end_lines(self, batch_id: str, now: float, code: str, message: str) -> list[str]:
+        """End a batch's queued and running lines with `code` (their inputs deleted)."""
+        rows = self._db.execute(
+            "UPDATE jobs SET status = 'cancelled', finished_at = ?, error_code = ?,"
+            f" error_message = ?, {INPUT_DELETED}"
+            " WHERE batch_id = ? AND status IN ('queued', 'running') RETURNING id",
+            (now, code, message, batch_id),
+        ).fetchall()
+        self._complete_if_done(batch_id, now)
+        return [row["id"] for row in rows]
 
     # Reading
 
@@ -372,15 +427,86 @@ class JobStore:
         return [b for b in batches if b is not None], len(rows) > limit
 
     def batch_results(
-        self, batch_id: str, after_seq: int, limit: int, *, owner: str = ""
-    ) -> list[Job]:
-        """Finished lines of a batch in file order, a page at a time (results are streamed)."""
+        self, batch_id: str, after_seq: int, limit: int, *, owner: str = "",
+        kind: FileKind | None = None,
+    ) -> list[Job]:  # fmt: skip
+        """Finished lines of a batch in file order, a page at a time (results are streamed):
+        all of them, or those of its output file (succeeded) or error file (the rest)."""
         rows = self._db.execute(
             "SELECT * FROM jobs WHERE batch_id = ? AND owner = ? AND seq > ? AND status NOT IN"
-            " ('queued', 'running') ORDER BY seq LIMIT ?",
+            f" ('queued', 'running'){RESULTS_OF[kind]} ORDER BY seq LIMIT ?",
             (batch_id, owner, after_seq, limit),
         ).fetchall()
         return [Job(**row) for row in rows]
+
+    # Files
+
+    def add_file(
+        self, content: bytes, filename: str, *, owner: str = "", expires_s: float | None = None
+    ) -> StoredFile:
+        file_id, now = new_id("file", "-"), self._clock()
+        with self._transaction() as db:
+            self._admit(owner, 0, len(content))
+            db.execute(
+                "INSERT INTO files (id, owner, purpose, filename, bytes, created_at, expires_at,"
+                " kind, content) VALUES (?, ?, 'batch', ?, ?, ?, ?, 'upload', ?)",
+                (
+                    file_id,
+                    owner,
+                    filename,
+                    len(content),
+                    now,
+                    now + (expires_s or self._retention_s),
+                    content,
+                ),
+            )
+        found = self.get_file(file_id, owner=owner)
+        assert found is not None
+        return found
+
+    def get_file(self, file_id: str, *, owner: str = "") -> StoredFile | None:
+        row = self._db.execute(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE id = ? AND owner = ?", (file_id, owner)
+        ).fetchone()
+        return None if row is None else StoredFile(**row)
+
+    def file_content(self, file_id: str, *, owner: str = "") -> bytes | None:
+        row = self._db.execute(
+            "SELECT content FROM files WHERE id = ? AND owner = ? AND kind = 'upload'",
+            (file_id, owner),
+        ).fetchone()
+        return None if row is None else bytes(row["content"])
+
+    def list_files(
+        self, *, purpose: str | None, after: str | None, limit: int, newest_first: bool,
+        owner: str = "",
+    ) -> tuple[list[StoredFile], bool]:  # fmt: skip
+        """A page of one owner's files (OpenAI lists the newest first), and whether more follow."""
+        where, args = ["owner = ?"], [owner]
+        if purpose is not None:
+            where.append("purpose = ?")
+            args.append(purpose)
+        order, beyond = ("DESC", "<") if newest_first else ("ASC", ">")
+        if after is not None:
+            where.append(
+                f"seq {beyond} COALESCE((SELECT seq FROM files WHERE id = ? AND owner = ?),"
+                f" {'9e18' if newest_first else '-1'})"
+            )
+            args += [after, owner]
+        rows = self._db.execute(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE {' AND '.join(where)}"
+            f" ORDER BY seq {order} LIMIT ?",
+            (*args, limit + 1),
+        ).fetchall()
+        return [StoredFile(**row) for row in rows[:limit]], len(rows) > limit
+
+    def counted(self, file_id: str, size: int) -> None:
+        """Record an output file's size once its lines were counted."""
+        self._db.execute("UPDATE files SET bytes = ? WHERE id = ?", (size, file_id))
+
+    def delete_file(self, file_id: str, *, owner: str = "") -> bool:
+        cursor = self._db.execute("DELETE FROM files WHERE id = ? AND owner = ?", (file_id, owner))
+        return cursor.rowcount == 1
 
     # Retention
 
@@ -393,6 +519,11 @@ class JobStore:
                 " (SELECT id FROM batches WHERE expires_at <= ?)",
                 (now, now),
             ).rowcount
+            db.execute(
+                "DELETE FROM files WHERE expires_at <= ? OR batch_id IN"
+                " (SELECT id FROM batches WHERE expires_at <= ?)",
+                (now, now),
+            )
             db.execute("DELETE FROM batches WHERE expires_at <= ?", (now,))
         return deleted
 
@@ -402,8 +533,21 @@ class JobStore:
             (batch_id,),
         ).fetchone()
         if active is None:
-            self._db.execute(
+            row = self._db.execute(
                 "UPDATE batches SET completed_at = ?, expires_at = ?"
-                " WHERE id = ? AND completed_at IS NULL",
+                " WHERE id = ? AND completed_at IS NULL RETURNING owner",
                 (now, now + self._retention_s, batch_id),
-            )
+            ).fetchone()
+            if row is not None:
+                self._db.executemany(
+                    "INSERT INTO files (id, owner, purpose, filename, created_at, expires_at,"
+                    " kind, batch_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    output_files(self._lines_of(batch_id), batch_id, row["owner"], now,
+                                 now + self._retention_s),
+                )  # fmt: skip
+
+    def _lines_of(self, batch_id: str) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT status, count(*) FROM jobs WHERE batch_id = ? GROUP BY status", (batch_id,)
+        ).fetchall()
+        return {status: n for status, n in rows}

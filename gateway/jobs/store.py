@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from gateway.errors import GatewayError
-from gateway.jobs.model import Batch, Job, Outcome, Sending
+from gateway.jobs.model import Batch, BatchSpec, FileKind, Job, Outcome, Sending, StoredFile
 from gateway.jobs.quota import UNLIMITED, Quota, Usage
 from gateway.jobs.requests import BatchLine, JobRequest
 from gateway.jobs.sqlite import JobStore
@@ -32,7 +32,9 @@ class Store(Protocol):
     shared: bool  # several gateways may use it at once (claims carry a lease)
 
     async def add_job(self, request: JobRequest, *, owner: str = "") -> Job: ...
-    async def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch: ...
+    async def add_batch(
+        self, lines: Sequence[BatchLine], *, owner: str = "", spec: BatchSpec | None = None
+    ) -> Batch: ...
     async def usage(self, owner: str) -> Usage:
         """What `owner`'s jobs keep in the store (the lines and bytes its quota bounds)."""
         ...
@@ -73,8 +75,24 @@ class Store(Protocol):
         self, *, after: str | None, limit: int, owner: str = ""
     ) -> tuple[list[Batch], bool]: ...
     async def batch_results(
-        self, batch_id: str, after_seq: int, limit: int, *, owner: str = ""
-    ) -> list[Job]: ...
+        self, batch_id: str, after_seq: int, limit: int, *, owner: str = "",
+        kind: FileKind | None = None,
+    ) -> list[Job]: ...  # fmt: skip
+    async def expire_batches(self) -> list[str]:
+        """End the lines of batches whose completion window closed; the job ids it ended."""
+        ...
+
+    async def add_file(
+        self, content: bytes, filename: str, *, owner: str = "", expires_s: float | None = None
+    ) -> StoredFile: ...
+    async def get_file(self, file_id: str, *, owner: str = "") -> StoredFile | None: ...
+    async def file_content(self, file_id: str, *, owner: str = "") -> bytes | None: ...
+    async def list_files(
+        self, *, purpose: str | None, after: str | None, limit: int, newest_first: bool,
+        owner: str = "",
+    ) -> tuple[list[StoredFile], bool]: ...  # fmt: skip
+    async def counted(self, file_id: str, size: int) -> None: ...
+    async def delete_file(self, file_id: str, *, owner: str = "") -> bool: ...
     async def expire(self) -> int: ...
     async def close(self) -> None: ...
 
@@ -119,8 +137,10 @@ class SqliteStore:
     async def add_job(self, request: JobRequest, *, owner: str = "") -> Job:
         return await self.run(JobStore.add_job, request, owner=owner)
 
-    async def add_batch(self, lines: Sequence[BatchLine], *, owner: str = "") -> Batch:
-        return await self.run(JobStore.add_batch, lines, owner=owner)
+    async def add_batch(
+        self, lines: Sequence[BatchLine], *, owner: str = "", spec: BatchSpec | None = None
+    ) -> Batch:
+        return await self.run(JobStore.add_batch, lines, owner=owner, spec=spec)
 
     async def usage(self, owner: str) -> Usage:
         return await self.run(JobStore.usage, owner)
@@ -179,9 +199,43 @@ class SqliteStore:
         return await self.run(JobStore.list_batches, after=after, limit=limit, owner=owner)
 
     async def batch_results(
-        self, batch_id: str, after_seq: int, limit: int, *, owner: str = ""
-    ) -> list[Job]:
-        return await self.run(JobStore.batch_results, batch_id, after_seq, limit, owner=owner)
+        self, batch_id: str, after_seq: int, limit: int, *, owner: str = "",
+        kind: FileKind | None = None,
+    ) -> list[Job]:  # fmt: skip
+        return await self.run(
+            JobStore.batch_results, batch_id, after_seq, limit, owner=owner, kind=kind
+        )
+
+    async def expire_batches(self) -> list[str]:
+        return await self.run(JobStore.expire_batches)
+
+    async def add_file(
+        self, content: bytes, filename: str, *, owner: str = "", expires_s: float | None = None
+    ) -> StoredFile:
+        return await self.run(
+            JobStore.add_file, content, filename, owner=owner, expires_s=expires_s
+        )
+
+    async def get_file(self, file_id: str, *, owner: str = "") -> StoredFile | None:
+        return await self.run(JobStore.get_file, file_id, owner=owner)
+
+    async def file_content(self, file_id: str, *, owner: str = "") -> bytes | None:
+        return await self.run(JobStore.file_content, file_id, owner=owner)
+
+    async def list_files(
+        self, *, purpose: str | None, after: str | None, limit: int, newest_first: bool,
+        owner: str = "",
+    ) -> tuple[list[StoredFile], bool]:  # fmt: skip
+        return await self.run(
+            JobStore.list_files, purpose=purpose, after=after, limit=limit,
+            newest_first=newest_first, owner=owner,
+        )  # fmt: skip
+
+    async def counted(self, file_id: str, size: int) -> None:
+        await self.run(JobStore.counted, file_id, size)
+
+    async def delete_file(self, file_id: str, *, owner: str = "") -> bool:
+        return await self.run(JobStore.delete_file, file_id, owner=owner)
 
     async def expire(self) -> int:
         return await self.run(JobStore.expire)

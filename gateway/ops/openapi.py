@@ -130,7 +130,13 @@ _BATCH = {
     "properties": {
         "id": {"type": "string"},
         "object": {"const": "batch"},
-        "status": {"enum": ["in_progress", "completed", "cancelled"]},
+        "status": {"enum": ["in_progress", "cancelling", "cancelled", "completed", "expired"]},
+        "endpoint": {"type": ["string", "null"]},
+        "input_file_id": {"type": ["string", "null"]},
+        "completion_window": {"type": ["string", "null"]},
+        "output_file_id": {"type": ["string", "null"]},
+        "error_file_id": {"type": ["string", "null"]},
+        "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
         "request_counts": {
             "type": "object",
             "properties": {
@@ -143,6 +149,41 @@ _BATCH = {
         "completed_at": {"type": ["integer", "null"]},
         "cancelled_at": {"type": ["integer", "null"]},
         "expires_at": {"type": ["integer", "null"]},
+    },
+}
+# gateway/jobs/model.py's BATCH_ENDPOINTS (jobs/ is above ops/: it cannot be imported here;
+# tests/unit/gateway/test_openapi_batches.py checks they agree).
+BATCH_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+                   "/v1/moderations"]  # fmt: skip
+_BATCH_CREATE = {
+    "type": "object",
+    "required": ["input_file_id", "endpoint", "completion_window"],
+    "properties": {
+        "input_file_id": {"type": "string", "description": "a file uploaded with purpose batch"},
+        "endpoint": {"enum": BATCH_ENDPOINTS},
+        "completion_window": {
+            "type": "string",
+            "pattern": "^[1-9][0-9]{0,6}[smh]$",
+            "description": '"24h" (or a duration from 1s to 168h)',
+        },
+        "metadata": {
+            "type": ["object", "null"],
+            "maxProperties": 16,
+            "additionalProperties": {"type": "string", "maxLength": 512},
+        },
+    },
+    "additionalProperties": False,
+}
+_FILE = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "file"},
+        "bytes": {"type": "integer"},
+        "created_at": {"type": "integer"},
+        "expires_at": {"type": ["integer", "null"]},
+        "filename": {"type": "string"},
+        "purpose": {"enum": ["batch", "batch_output"]},
     },
 }
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
@@ -209,15 +250,18 @@ _JOB_PATHS: dict[str, Any] = {
     },
     "/v1/batches": {
         "post": {
-            "summary": "Submit a JSONL batch file, one OpenAI Batch request per line",
+            "summary": "Create a batch from an uploaded file (OpenAI's batches.create), or "
+            "submit a JSONL batch file as the body, one OpenAI Batch request per line",
             "requestBody": {
                 "required": True,
                 "content": {
+                    "application/json": {"schema": _BATCH_CREATE},
                     "application/jsonl": {"schema": {"type": "string"}},
                     "text/plain": {"schema": {"type": "string"}},
                 },
             },
             "responses": {
+                "200": _json("created from the file; Location: /v1/batches/{id}", _ref("Batch")),
                 "202": _json("accepted; Location: /v1/batches/{id}", _ref("Batch")),
                 "400": _error("empty, or over jobs.max_batch_lines"),
                 "413": _error("over jobs.max_batch_bytes"),
@@ -262,6 +306,78 @@ _JOB_PATHS: dict[str, Any] = {
             "responses": {
                 "200": _json("cancelled", _ref("Batch")),
                 "409": _error("the batch already finished"),
+                **_OFF,
+            },
+        }
+    },
+    "/v1/files": {
+        "post": {
+            "summary": "Upload a batch input file (OpenAI's files.create, purpose batch)",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["file", "purpose"],
+                            "properties": {
+                                "file": {"type": "string", "format": "binary"},
+                                "purpose": {"const": "batch"},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json("stored", _ref("File")),
+                "400": _error("not a JSONL file of requests, or a bad form"),
+                "413": _error("over jobs.max_batch_bytes"),
+                **_OFF,
+            },
+        },
+        "get": {
+            "summary": "List files, newest first",
+            "parameters": [
+                {"name": "purpose", "in": "query", "schema": {"enum": ["batch", "batch_output"]}},
+                {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+                },
+                {"name": "after", "in": "query", "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": _json("a page", _list_of("File")),
+                "400": _error("bad query"),
+                **_OFF,
+            },
+        },
+    },
+    "/v1/files/{id}": {
+        "get": {
+            "summary": "A file's metadata",
+            "parameters": _ID,
+            "responses": {"200": _json("the file", _ref("File")), **_OFF},
+        },
+        "delete": {
+            "summary": "Delete a file",
+            "parameters": _ID,
+            "responses": {"200": _json("deleted", {"type": "object"}), **_OFF},
+        },
+    },
+    "/v1/files/{id}/content": {
+        "get": {
+            "summary": "A file's bytes: an upload as sent, a batch's output or error file as JSONL",
+            "parameters": _ID,
+            "responses": {
+                "200": {
+                    "description": "the file",
+                    "content": {
+                        "application/octet-stream": {"schema": {"type": "string"}},
+                        "application/jsonl": {"schema": {"type": "string"}},
+                    },
+                },
                 **_OFF,
             },
         }
@@ -416,6 +532,7 @@ DOCUMENT: dict[str, Any] = {
             "Job": _JOB,
             "JobRequest": _JOB_REQUEST,
             "Batch": _BATCH,
+            "File": _FILE,
         },
         "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "description": "the admin token"},

@@ -113,6 +113,8 @@ CHAT = {
 }
 INFER = {"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
 JOB = {"custom_id": "fuzz", "url": "/v1/completions", "body": COMPLETION}
+BATCH_CREATE = {"input_file_id": "file-none", "endpoint": "/v1/completions",
+                "completion_window": "24h", "metadata": {"k": "v"}}  # fmt: skip
 
 # The replica's own API: reached directly, and through the gateway's proxy.
 RELAYED: list[tuple[str, str, dict[str, Any] | None, Where, bool]] = [
@@ -161,12 +163,17 @@ JOBS: list[tuple[str, str, dict[str, Any] | None, Where, bool]] = [
     ("GET", "/v1/batches/{batch}", None, (), False),
     ("GET", "/v1/batches/{batch}/results", None, (), False),
     ("POST", "/v1/batches/{batch}/cancel", None, (), False),
+    ("POST", "/v1/batches", BATCH_CREATE, ("completion_window",), False),  # OpenAI's form
+    ("GET", "/v1/files", None, (), False),
+    ("GET", "/v1/files/{file}", None, (), False),
+    ("GET", "/v1/files/{file}/content", None, (), False),
+    ("DELETE", "/v1/files/{file}", None, (), False),
 ]
 
 
 def endpoints(job: str, batch: str) -> list[Endpoint]:
     """Every endpoint of both processes; `job`, `batch`: ids of a job and a batch that exist."""
-    params = {"{model}": "classifier", "{job}": job, "{batch}": batch}
+    params = {"{model}": "classifier", "{job}": job, "{batch}": batch, "{file}": "file-none"}
 
     def param(path: str) -> str:
         return next((value for name, value in params.items() if name in path), "")
