@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from yarl import URL
 
 from gateway import errors as gateway_errors
 from gateway.yamlfile import load_yaml
@@ -191,11 +192,57 @@ def keeps_prefix_cache(model: ModelConfig) -> bool:
     return isinstance(batcher, ContinuousBatcherConfig) and batcher.prefix_cache.enabled
 
 
+OTEL_EXTRA = "pip install 'infergate[otel]'"
+
+
+def otel_missing() -> bool:
+    """The `otel` extra is not installed (found without importing the SDK or the exporter)."""
+    import importlib.util
+
+    names = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+    try:
+        return any(importlib.util.find_spec(name) is None for name in names)
+    except ImportError:
+        return True
+
+
+def otlp_endpoint(value: str) -> str:
+    """An OTLP/HTTP traces URL; one with no path gets the collector's /v1/traces."""
+    try:
+        url = URL(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(
+            "expected an http:// or https:// URL, e.g. http://127.0.0.1:4318/v1/traces"
+        )
+    if url.query_string or url.fragment:
+        raise ValueError("an OTLP endpoint takes no query or fragment")
+    return str(url.with_path("/v1/traces")) if url.path in ("", "/") else str(url)
+
+
+class TracingConfig(_Frozen):
+    """OpenTelemetry traces (replica/tracing.py; needs the `otel` extra), as the gateway's
+    `tracing:` (gateway/config/schema.py): a span for each inference request, its parent the
+    caller's `traceparent`, and its sequences' queue, batch, prefill and decode."""
+
+    otlp_endpoint: Annotated[str, AfterValidator(otlp_endpoint)]
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)  # when the caller decided none
+    service_name: str = Field(default="infergate-replica", min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _extra_installed(self) -> TracingConfig:
+        if otel_missing():
+            raise ValueError(f"needs the OpenTelemetry packages: {OTEL_EXTRA}")
+        return self
+
+
 class ReplicaConfig(_Frozen):
     server: ServerConfig = ServerConfig()
     engine: EngineConfig = EngineConfig()
     models: tuple[ModelConfig, ...] = Field(default_factory=_default_models, min_length=1)
     kv_events: KvEventsConfig = KvEventsConfig()
+    tracing: TracingConfig | None = None  # None: no traces, no OpenTelemetry module loaded
 
     @model_validator(mode="after")
     def _one_cache_to_publish(self) -> ReplicaConfig:

@@ -4,6 +4,8 @@ A `GenRequest` enters a batcher; engines turn it into token ids step by step; a
 `SequenceTracker` turns ids into text, applies `stop` strings and `max_tokens`, and emits
 `TokenEvent`s to the request's sink: a plain callable, possibly called on the forward-pass
 thread (the completions route hands each event to the event loop, replica/routes/openai.py).
+A request's `on_finish`, when it has one (a traced request), gets its `Completion` as its last
+token is pushed, on the same thread.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Literal
 
 FinishReason = Literal["stop", "length"]
 TokenSink = Callable[["TokenEvent"], None]
+FinishHook = Callable[["Completion"], None]
 
 _ids = itertools.count(1)
 
@@ -45,6 +48,7 @@ class GenRequest:
     stop: tuple[str, ...] = ()
     sink: TokenSink = _drop
     id: int = field(default_factory=next_sequence_id)
+    on_finish: FinishHook | None = None
 
     @property
     def token_budget(self) -> int:
@@ -67,6 +71,8 @@ class Completion:
     first_token_at_s: float
     finished_at_s: float
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (OpenAI's cached_tokens)
+    started_at_s: float = 0.0  # when a batch took it (it left the queue)
+    batch_size: int = 1  # sequences in its batch (continuous: running when it joined)
 
     @property
     def tpot_s(self) -> float | None:
@@ -106,6 +112,8 @@ class SequenceTracker:
         self.token_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
         self.cached_tokens = 0  # prompt tokens the batcher found in the prefix cache
+        self.batch_size = 1  # set by the batcher
+        self._started_at = now()  # trackers are made as a batch takes their request
         self._first_at = 0.0
         self._last_at = 0.0
 
@@ -129,6 +137,8 @@ class SequenceTracker:
         self._text.append(emit)
         event = TokenEvent(token_id, emit, self.finish_reason)
         self.request.sink(event)
+        if self.finish_reason is not None and self.request.on_finish is not None:
+            self.request.on_finish(self.completion())
         return event
 
     def completion(self) -> Completion:
@@ -142,4 +152,6 @@ class SequenceTracker:
             first_token_at_s=self._first_at,
             finished_at_s=self._last_at,
             cached_tokens=self.cached_tokens,
+            started_at_s=self._started_at,
+            batch_size=self.batch_size,
         )

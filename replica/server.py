@@ -6,7 +6,8 @@ inflight=<n>,kv_usage=<0-1>` (totals over the replica's models; `kv_usage` is th
 model's share of KV blocks in use) for the gateway's load feedback. `inflight`
 counts the inference (POST) requests being handled, without the one answered, so a gateway can
 tell its own requests from those other gateways sent. Routes live in `replica/routes/`; a
-request with an `Idempotency-Key` passes replica/idempotency.py on its way to them.
+request with an `Idempotency-Key` passes replica/idempotency.py on its way to them. With
+`tracing:`, replica/tracing.py's middleware comes first (and only then).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
 from replica import idempotency
@@ -147,9 +149,17 @@ def create_app(
 ) -> web.Application:
     metrics = ReplicaMetrics(registry or CollectorRegistry())
     replays = idempotency.middleware(idempotency.AnswerCache(), metrics.idempotent_replays.inc)
+    middlewares: list[Middleware] = [error_middleware, encoding_middleware, replays]
+    lifetimes = [_runtime_ctx(clock)]
+    if config.tracing is not None:  # the opentelemetry modules are imported here, and only here
+        from replica.tracing import ReplicaTracer
+
+        tracer = ReplicaTracer(config.tracing)
+        middlewares.insert(0, tracer.middleware)
+        lifetimes.insert(0, tracer.lifetime)  # its spans are sent after the rest has stopped
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[error_middleware, encoding_middleware, replays],
+        middlewares=middlewares,
         # Bodies are read as sent, never decoded (replica/request_body.py): also in test servers.
         handler_args={"auto_decompress": False},
     )
@@ -157,7 +167,7 @@ def create_app(
     app[STATE] = ReplicaState()
     app[METRICS] = metrics
     app.on_response_prepare.append(_add_load_header)
-    app.cleanup_ctx.append(_runtime_ctx(clock))
+    app.cleanup_ctx.extend(lifetimes)
     for module in (health, openai, chat, kserve, sagemaker, openapi):
         app.router.add_routes(module.routes)
     return app

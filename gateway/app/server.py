@@ -36,6 +36,7 @@ from gateway.app.reload import ReloadWatcher
 from gateway.app.state import APP, AppState
 from gateway.app.workers import Worker
 from gateway.config import GatewayConfig
+from gateway.config.schema import OTEL_EXTRA, Tracing
 from gateway.control.cache_blocks import CacheBlocksProbe
 from gateway.control.discovery import DnsDiscovery
 from gateway.control.fetch import SESSION, session_fetch
@@ -86,6 +87,33 @@ def _proxied(handler: Handler) -> Handler:
         return await handler(request)
 
     return route
+
+
+def _add_tracing(app: web.Application, config: Tracing | None) -> None:
+    """The proxy's tracer for the app's lifetime (`tracing:`, read at start-up only): opened in
+    this process (each of `workers: N` has its own), shut down, and its spans sent, last."""
+    if config is not None:
+        app.cleanup_ctx.append(_tracing(config))
+
+
+def _tracing(config: Tracing) -> Callable[[web.Application], AsyncIterator[None]]:
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        try:  # the opentelemetry modules are imported here, and only here
+            from gateway.ops.tracing import GatewayTracer, open_provider
+        except ImportError as exc:
+            message = f"tracing: needs the OpenTelemetry packages: {OTEL_EXTRA} ({exc})"
+            raise ConfigError(message) from None
+        provider = open_provider(config.otlp_endpoint, config.sample_ratio, config.service_name)
+        tracer = GatewayTracer(provider)
+        app[PROXY].tracer = tracer
+        try:
+            yield
+        finally:
+            app[PROXY].tracer = None
+            await tracer.close()
+
+    return ctx
 
 
 async def _start_draining(app: web.Application) -> None:
@@ -187,6 +215,7 @@ def create_app(
 
     app[HEALTH] = health = HealthChecker(live)
     app.on_shutdown.append(_start_draining)
+    _add_tracing(app, config.tracing)  # first: its spans are sent after the rest has stopped
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_background("config-watch", app[WATCHER].run))
     fetch = session_fetch(session)

@@ -9,6 +9,7 @@ from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from yarl import URL
 
 from gateway.config.values import (
     sha256_hex,
@@ -387,6 +388,54 @@ class FlowControl(_Model):
         return next((i for i, c in enumerate(self.classes) if c.name == name), -1)
 
 
+OTEL_EXTRA = "pip install 'infergate[otel]'"
+
+
+def otel_missing() -> bool:
+    """The `otel` extra is not installed (found without importing the SDK or the exporter)."""
+    import importlib.util
+
+    names = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+    try:
+        return any(importlib.util.find_spec(name) is None for name in names)
+    except ImportError:
+        return True
+
+
+def otlp_endpoint(value: str) -> str:
+    """An OTLP/HTTP traces URL; one with no path gets the collector's /v1/traces."""
+    try:
+        url = URL(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(
+            "expected an http:// or https:// URL, e.g. http://127.0.0.1:4318/v1/traces"
+        )
+    if url.query_string or url.fragment:
+        raise ValueError("an OTLP endpoint takes no query or fragment")
+    return str(url.with_path("/v1/traces")) if url.path in ("", "/") else str(url)
+
+
+class Tracing(_Model):
+    """OpenTelemetry traces (gateway/ops/tracing.py; needs the `otel` extra), exported over
+    OTLP/HTTP (protobuf) in batches: a span for each proxied request, its routing decision and
+    queue wait, and each attempt on a replica, which gets the attempt's `traceparent`. A client's
+    `traceparent` is the parent, its sampled flag honoured; else `sample_ratio` of the traces are
+    kept. Read at start-up only: a reload does not change it. The batch processor's own knobs
+    are the SDK's environment variables (OTEL_BSP_SCHEDULE_DELAY, ...)."""
+
+    otlp_endpoint: Annotated[str, AfterValidator(otlp_endpoint)]
+    sample_ratio: float = Field(1.0, ge=0, le=1)  # traces kept when the client decided none
+    service_name: str = Field("infergate-gateway", min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _extra_installed(self) -> Tracing:
+        if otel_missing():
+            raise ValueError(f"needs the OpenTelemetry packages: {OTEL_EXTRA}")
+        return self
+
+
 class Auth(_Model):
     """When present, every proxied and jobs request needs `Authorization: Bearer <key>`."""
 
@@ -413,6 +462,7 @@ class GatewayConfig(_Model):
     ui: Ui = Ui()
     auth: Auth | None = None  # None: anyone who reaches the gateway may use it (local use)
     flow_control: FlowControl | None = None  # None: one FIFO queue, as limits configure it
+    tracing: Tracing | None = None  # None: no traces, no OpenTelemetry module loaded
 
     @model_validator(mode="after")
     def _one_replica_source(self) -> GatewayConfig:

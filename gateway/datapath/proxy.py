@@ -3,11 +3,14 @@
 needs), then makes attempts: each is one admission lease, which decides where (and whether) it
 goes and records its outcome when it ends, and one exchange relayed to the client
 (datapath/relay.py). A failed attempt is retried on another replica while no response byte
-has reached the client, within `retries` and the retry budget.
+has reached the client, within `retries` and the retry budget. With a tracer (`tracing:`), the
+request, each routing decision and each attempt are told to it (datapath/trace.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +37,7 @@ from gateway.datapath.relay import (
     relay,
 )
 from gateway.datapath.tenancy import Tenancy
+from gateway.datapath.trace import RequestTrace, Tracer
 from gateway.datapath.transport import Upstream
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.flow.limits import RateLimited
@@ -67,12 +71,14 @@ class ProxyEvents:
 @dataclass(eq=False)
 class Proxy:
     """What the proxy holds across requests: the gateway in force, its upstream client (opened
-    with the app), where it reports, and the retries in flight (for the retry budget)."""
+    with the app), where it reports, the retries in flight (for the retry budget), and the
+    tracer (set while the app runs, with `tracing:`)."""
 
     live: Live
     upstream: Callable[[], Upstream]
     events: ProxyEvents = field(default_factory=ProxyEvents)
     retries_in_flight: int = 0
+    tracer: Tracer | None = None
 
     def retry_allowed(self, retries: Retries) -> bool:
         """Envoy-style retry budget: retries in flight stay under a share of all requests."""
@@ -89,6 +95,28 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if dot_segment(request.rel_url.raw_path_qs):  # before admission: it counts nowhere
         raise InvalidRequest(f"the request path {DOT_SEGMENT_PROBLEM}")
     proxy = request.app[PROXY]
+    last: list[Lease] = []  # the last attempt's lease: what the request used
+    if proxy.tracer is None:
+        return await _handle(request, proxy, last, None)
+    trace = proxy.tracer.request(request)
+    status = 500
+    try:
+        response = await _handle(request, proxy, last, trace)
+        status = last[-1].code if last else response.status
+        return response
+    except GatewayError as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
+    finally:
+        trace.end(status, last[-1].usage if last else None)
+
+
+async def _handle(
+    request: web.Request, proxy: Proxy, last: list[Lease], trace: RequestTrace | None
+) -> web.StreamResponse:
     live = proxy.live
     config = live.runtime.config
     body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
@@ -101,10 +129,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except GatewayError as exc:  # an unknown model, or none of its replicas in rotation
         proxy.events.unrouted(exc.error_type)
         raise
+    if trace is not None:
+        trace.classified(asked.asked, request_id)
     tenancy = _enter(request, proxy, asked.estimate, len(body))
-    last: list[Lease] = []  # the last attempt's lease: what the request used
     try:
-        return await _attempts(request, proxy, asked, request_id, tenancy, last)
+        return await _attempts(request, proxy, asked, request_id, tenancy, last, trace)
     except GatewayError as exc:  # an error of the gateway's own still carries the headers
         exc.headers = {**tenancy.reply_headers, **exc.headers}
         raise
@@ -131,27 +160,35 @@ async def _attempts(
     request_id: str,
     tenancy: Tenancy,
     last: list[Lease],
+    trace: RequestTrace | None = None,
 ) -> web.StreamResponse:
     """The request's attempts, each on a replica of its own, while a retry may follow."""
     live, config = proxy.live, proxy.live.runtime.config
     body, path_qs, info = asked.body, asked.path_qs, asked.info
     tried: list[Replica] = []
     failure: AttemptFailed | None = None
+    sampled = trace is not None and trace.sampled  # its decisions' scores and usage are told
     for attempt in range(config.retries.max_attempts):
         if failure is not None and not proxy.retry_allowed(config.retries):
             proxy.events.retry_refused()
             break
+        since_ns = time.time_ns() if trace is not None else 0
         try:
-            async with live.admission.lease(info, tried=tried, ticket=tenancy.ticket) as lease:
+            async with live.admission.lease(
+                info, tried=tried, ticket=tenancy.ticket, explain=sampled
+            ) as lease:
                 last.append(lease)
                 lease.key = key_name(request)
-                lease.wants_usage = tenancy.wants_usage
+                lease.wants_usage = tenancy.wants_usage or sampled
                 tried.append(lease.replica)
                 retry = attempt > 0
                 replies = tenancy.reply_headers
                 if live.admission.explain:
                     replies = {**replies, DECISION_HEADER: explained(lease.decision)}
-                sent = Outgoing(path_qs, body, request_id, replies)
+                tried_here = None
+                if trace is not None:
+                    tried_here = trace.attempt(attempt + 1, lease.decision, since_ns)
+                sent = Outgoing(path_qs, body, request_id, replies, tried_here)
                 return await _attempt(request, proxy, lease, sent, retry, config)
         except NoUntriedReplica:
             break
@@ -180,8 +217,10 @@ async def _attempt(
     retry: bool,
     config: GatewayConfig,
 ) -> web.StreamResponse:
-    """One try on the leased replica; sets the lease's code to what the client got."""
+    """One try on the leased replica; sets the lease's code to what the client got (and tells
+    the attempt's trace, if any, how it went)."""
     proxy.retries_in_flight += retry
+    trace = sent.trace
     try:
         client, pool = proxy.upstream(), proxy.live.pool
         response = await relay(request, lease, sent, client, config.timeouts, pool)
@@ -189,9 +228,13 @@ async def _attempt(
         return response
     except AttemptFailed as failed:
         lease.code = failed.status
+        if trace is not None:
+            trace.failed(failed.reason, str(failed))
         raise
     except RelayAborted as exc:
         lease.code = 502
+        if trace is not None:
+            trace.failed("aborted", str(exc))
         await cut(request, exc.response, str(exc))
         return exc.response
     except ClientGone as exc:
@@ -199,3 +242,7 @@ async def _attempt(
         return exc.response
     finally:
         proxy.retries_in_flight -= retry
+        if trace is not None:
+            if lease.broken:
+                trace.failed("stream_error", "the replica's stream ended with an error event")
+            trace.end(lease.code)

@@ -29,6 +29,7 @@ from gateway.datapath.headers import (
     upstream_request_headers,
 )
 from gateway.datapath.sse import SseCounter
+from gateway.datapath.trace import AttemptTrace, with_trace
 from gateway.datapath.transport import (
     Upstream,
     UpstreamFailure,
@@ -92,13 +93,15 @@ class ClientGone(Exception):
 
 @dataclass(frozen=True)
 class Outgoing:
-    """What goes to the replica: the path and query, the body, the request id; and what the
-    gateway adds to the reply (its key's rate-limit headers, the class it ran in)."""
+    """What goes to the replica: the path and query, the body, the request id; what the
+    gateway adds to the reply (its key's rate-limit headers, the class it ran in); and, when
+    traced, the attempt's trace (its context goes to the replica)."""
 
     path_qs: str
     body: bytes
     request_id: str
     reply_headers: Mapping[str, str] = field(default_factory=dict)
+    trace: AttemptTrace | None = None
 
 
 async def _send(
@@ -106,6 +109,8 @@ async def _send(
 ) -> UpstreamResponse:
     """The replica's response headers, or AttemptFailed naming why there are none."""
     headers = upstream_request_headers(request, sent.request_id)
+    if sent.trace is not None:
+        headers = with_trace(headers, sent.trace.headers())
     asked = UpstreamRequest(replica.url, request.method, sent.path_qs, headers, sent.body)
     try:
         return await upstream.send(asked, upstream_timeouts(timeouts))
@@ -154,7 +159,7 @@ async def relay(
                 raise AttemptFailed(str(upstream.status), error, response)
         else:
             response = await _start_response(request, upstream, replica, sent)
-            await _copy_body(request, upstream, response, lease)
+            await _copy_body(request, upstream, response, lease, sent.trace)
     except BaseException:
         upstream.close()  # never hand a half-read connection back to the pool
         raise
@@ -214,16 +219,22 @@ async def _start_response(
 
 
 async def _copy_body(
-    request: web.Request, upstream: UpstreamResponse, response: web.StreamResponse, lease: Lease
+    request: web.Request,
+    upstream: UpstreamResponse,
+    response: web.StreamResponse,
+    lease: Lease,
+    trace: AttemptTrace | None = None,
 ) -> None:
     """Relay chunk by chunk: the first through aiohttp's writer (it sends the headers), then,
     for a chunked response, piped socket to socket while the client keeps up (see
     UpstreamResponse.pipe), and through the writer again, draining, when it does not. For a
     token stream, its work shrinks by the events relayed (never below 1 token until the response
     ends), and an error event from the replica (by the stream's framing, never its text: see
-    SseCounter) marks the lease failed: the client got a 200, but the replica did not serve it."""
+    SseCounter) marks the lease failed: the client got a 200, but the replica did not serve it.
+    A traced stream's first chunk is its time to first token."""
     replica = lease.replica
     events = SseCounter(lease.wants_usage) if response.content_type == "text/event-stream" else None
+    first_chunk = trace.first_chunk if trace is not None and events is not None else None
     chunked = response.headers.get("Transfer-Encoding") == "chunked"
     transport = request.transport
     while True:
@@ -240,6 +251,9 @@ async def _copy_body(
         if events is not None:
             _count_events(lease, events, chunk)
         await _write(response, chunk)
+        if first_chunk is not None:
+            first_chunk()
+            first_chunk = None
         if chunked and transport is not None:
             # Headers are out: from here on chunks go straight from the replica's socket to
             # the client's while it keeps up, framed as aiohttp frames them.

@@ -176,12 +176,15 @@ class Admission:
         tried: Collection[Replica] = (),
         ticket: Ticket = DEFAULT_TICKET,
         excluded: Excluded | None = None,
+        explain: bool = False,
     ) -> AsyncIterator[Lease]:
         """A replica with a free slot for this request (waiting in the queue, in the place its
         `ticket` gives it, if need be), held until the block exits; never one `excluded`
-        says it may not use when it would take it."""
-        replica, reason, scores = await self._acquire(request, tried, ticket, excluded)
-        lease = self._dispatched(replica, request, reason, scores)
+        says it may not use when it would take it. `explain`: the decision carries the
+        candidates' scores even without routing.explain (a traced request)."""
+        explain = explain or self.explain
+        replica, reason, scores = await self._acquire(request, tried, ticket, excluded, explain)
+        lease = self._dispatched(replica, request, reason, scores, explain=explain)
         try:
             yield lease
         finally:
@@ -201,6 +204,8 @@ class Admission:
         reason: str,
         scores: Scores = None,
         candidates: Sequence[Replica] = (),
+        *,
+        explain: bool = False,
     ) -> Lease:
         """The lease on a replica acquired for `request`, carrying the decision; with `explain`,
         the candidates' scores: those a free slot was chosen by (`scores`, as they were at the
@@ -208,7 +213,7 @@ class Admission:
         its model unless given, read just after (the chosen one already counts this request).
         Its policy hears where the request goes."""
         policy = self.rules.policy_for(request.model)
-        if self.explain and scores is None:
+        if (explain or self.explain) and scores is None:
             candidates = candidates or self.pool.available_for(request.model)
             scores = policy.scores(candidates, request)
         policy.on_dispatch(replica, request)
@@ -229,11 +234,12 @@ class Admission:
         tried: Collection[Replica],
         ticket: Ticket,
         excluded: Excluded | None = None,
+        explain: bool = False,
     ) -> tuple[Replica, str, Scores]:
         """The replica, why (a free slot, or queued) and, with `explain`, the costs of the
         replicas a free slot was chosen among, as they were at the choice."""
         self.wake()  # an ejection may have run out since the last event
-        free = self._take_free(request, tried, ticket.rank, excluded)
+        free = self._take_free(request, tried, ticket.rank, excluded, explain)
         if free is not None:
             if ticket is not DEFAULT_TICKET:
                 self._queue.charge(ticket)
@@ -383,6 +389,7 @@ class Admission:
         tried: Collection[Replica],
         rank: int = 0,
         excluded: Excluded | None = None,
+        explain: bool = False,
     ) -> tuple[Replica, Scores] | None:
         if not self.pool.available_for(request.model):
             raise _no_healthy(request.model)
@@ -395,7 +402,7 @@ class Admission:
             policy = self.rules.policy_for(request.model)
             replica = policy.choose(usable, request)
             # The costs it chose by, before this request counts anywhere.
-            scores = policy.scores(usable, request) if self.explain else None
+            scores = policy.scores(usable, request) if explain or self.explain else None
             self.pool.acquire(replica, request.tokens)
         return replica, scores
 

@@ -206,6 +206,7 @@ class ContinuousBatcher:
             seq.tracker.cached_tokens = cached
         seq.computed = cached
         self._running[seq.id] = seq
+        seq.tracker.batch_size = len(self._running)  # the step it joins, itself included
         return seq
 
     def _work(self, seq: _Seq, tokens: int) -> Work:

@@ -93,6 +93,8 @@ def generate_batch(engine: GenerationEngine, requests: Sequence[GenRequest]) -> 
     engine's KV memory fails (the runtime sizes it for `batch_size` full-context sequences)."""
     blocks = BlockManager(engine.kv.num_blocks, engine.kv.block_size, prefix_cache=False)
     trackers = {r.id: SequenceTracker(r) for r in requests}
+    for tracker in trackers.values():
+        tracker.batch_size = len(requests)
     try:
         work = []
         for r in requests:

@@ -27,10 +27,17 @@ from replica.api.body import parse_json_object
 from replica.api.schemas import OpenAIRequest, parse_completion
 from replica.batching import Batcher
 from replica.errors import BadRequest, ReplicaError, error_body
-from replica.generation import Completion, GenRequest, SamplingParams, TokenEvent, TokenSink
+from replica.generation import (
+    Completion,
+    FinishHook,
+    GenRequest,
+    SamplingParams,
+    TokenEvent,
+    TokenSink,
+)
 from replica.models.tokenizer import encode
 from replica.request_body import read_body
-from replica.routes.common import state
+from replica.routes.common import TRACE, state
 from replica.runtime import GenerativeModel
 
 log = logging.getLogger("replica")
@@ -52,7 +59,11 @@ class Format(Protocol):
 
 
 def build_request(
-    model: GenerativeModel, req: OpenAIRequest, prompt: str, sink: TokenSink
+    model: GenerativeModel,
+    req: OpenAIRequest,
+    prompt: str,
+    sink: TokenSink,
+    on_finish: FinishHook | None = None,
 ) -> GenRequest:
     ids = encode(prompt)
     field, max_tokens = req.budget
@@ -66,7 +77,7 @@ def build_request(
         )
     seed = req.seed if req.seed is not None else random.getrandbits(31)
     sampling = SamplingParams(req.temperature, req.top_p, seed)
-    return GenRequest(ids, max_tokens, context, sampling, req.stops, sink)
+    return GenRequest(ids, max_tokens, context, sampling, req.stops, sink, on_finish=on_finish)
 
 
 async def submit_all(
@@ -190,9 +201,11 @@ async def generate(
 ) -> web.StreamResponse:
     """Run every prompt of a parsed completion or chat request; answer in `fmt`."""
     model = state(request).generative(req.model)
+    trace = request.get(TRACE)
+    finish = None if trace is None else trace.generation(model.name, model.config.batcher.kind)
     if req.stream:
-        return await _stream(request, model, req, fmt, arrival)
-    gens = [build_request(model, req, p, _ignore) for p in req.prompts]
+        return await _stream(request, model, req, fmt, arrival, finish)
+    gens = [build_request(model, req, p, _ignore, finish) for p in req.prompts]
     results = await submit_all(model.batcher, gens)
     for c in results:
         model.metrics.on_generation(c.first_token_at_s - arrival, c.tpot_s)
@@ -208,13 +221,14 @@ async def _stream(
     req: OpenAIRequest,
     fmt: Format,
     arrival: float,
+    finish: FinishHook | None = None,
 ) -> web.StreamResponse:
     """Chunks as tokens come, the usage chunk if asked, then `[DONE]`. A failure after the
     headers went out ends the stream with an error event and no `[DONE]`: the answer is
     incomplete, and no client may take it for a whole one."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     merged = _Merged(keep_completions=include_usage)
-    gens = [build_request(model, req, p, merged.sink(i)) for i, p in enumerate(req.prompts)]
+    gens = [build_request(model, req, p, merged.sink(i), finish) for i, p in enumerate(req.prompts)]
     cid = f"{fmt.id_prefix}{uuid.uuid4().hex}"
     envelope = partial(_envelope, fmt.chunk_object, cid, int(time.time()), model.name)
     out = _SseResponse(request)
