@@ -288,6 +288,54 @@ async def test_jobs_with_two_workers_one_scheduler_any_worker_answers(tmp_path: 
             assert (await r.json())["status"] == "cancelled"
 
 
+async def test_the_files_and_batches_api_through_either_worker(tmp_path: Path) -> None:
+    """An upload, a batch made from it and its output file, each through a fresh connection
+    (either worker): the worker that is not the jobs leader passes the multipart form whole."""
+    jobs = {"store": str(tmp_path / "jobs.db"), "poll_interval_s": 0.01}
+    lines = [
+        {"custom_id": str(i), "method": "POST", "url": "/v1/completions", "body": {"n": i}}
+        for i in range(10)
+    ]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    async with (
+        fake_replicas(1) as replicas,
+        two_workers(tmp_path, replicas, jobs=jobs) as (url, _, _),
+    ):
+        files = []
+        for _ in range(4):
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            form.add_field("file", data, filename="b.jsonl")
+            async with aiohttp.ClientSession() as c, c.post(f"{url}/v1/files", data=form) as r:
+                assert r.status == 200, await r.text()
+                files.append((await r.json())["id"])
+        create = {"input_file_id": files[-1], "endpoint": "/v1/completions",
+                  "completion_window": "24h"}  # fmt: skip
+        async with aiohttp.ClientSession() as c, c.post(f"{url}/v1/batches", json=create) as r:
+            assert r.status == 200, await r.text()
+            batch_url = url + r.headers["Location"]
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            async with aiohttp.ClientSession() as c, c.get(batch_url) as r:
+                batch = await r.json()
+            if batch["status"] == "completed":
+                break
+            assert asyncio.get_running_loop().time() < deadline, batch
+            await asyncio.sleep(0.05)
+        output = []
+        for _ in range(4):
+            content = f"{url}/v1/files/{batch['output_file_id']}/content"
+            async with aiohttp.ClientSession() as c, c.get(content) as r:
+                output.append(
+                    [json.loads(line)["custom_id"] for line in (await r.text()).splitlines()]
+                )
+        async with aiohttp.ClientSession() as c, c.get(f"{url}/v1/files?purpose=batch") as r:
+            listed = [f["id"] for f in (await r.json())["data"]]
+    assert output == [[str(i) for i in range(10)]] * 4
+    assert listed == files[::-1]
+    assert len([s for s in replicas[0].seen if s["path"] == "/v1/completions"]) == 10
+
+
 async def test_a_reload_signal_while_workers_start_is_a_reload_not_a_crash(
     tmp_path: Path,
 ) -> None:
