@@ -21,6 +21,7 @@ and what it holds sent, as the app stops.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -46,7 +47,8 @@ def open_provider(endpoint: str, sample_ratio: float, service_name: str) -> Trac
     """A provider exporting to `endpoint` in batches; parent-based sampling, else the ratio."""
     provider = TracerProvider(
         sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
-        resource=Resource.create({"service.name": service_name}),
+        # The pid tells the processes of one service apart (`workers: N`, several replicas).
+        resource=Resource.create({"service.name": service_name, "process.pid": os.getpid()}),
         shutdown_on_exit=False,  # the app's lifetime shuts it down (close_provider)
     )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))

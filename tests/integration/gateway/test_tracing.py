@@ -91,9 +91,12 @@ async def gateway_process(tmp_path: Path, config: dict[str, Any]) -> AsyncIterat
 
 
 @asynccontextmanager
-async def traced_fleet(tmp_path: Path) -> AsyncIterator[tuple[str, str, str, list[Any], Receiver]]:
-    """A receiver, a refusing replica, a simulated replica and a gateway in front of both, the
-    last two tracing: (gateway URL, refusing URL, replica URL, what the refuser saw, receiver)."""
+async def traced_fleet(
+    tmp_path: Path, workers: int = 1
+) -> AsyncIterator[tuple[str, str, str, list[Any], Receiver]]:
+    """A receiver, a refusing replica, a simulated replica and a gateway (`workers` processes)
+    in front of both, the last two tracing: (gateway URL, refusing URL, replica URL, what the
+    refuser saw, receiver)."""
     seen: list[dict[str, str]] = []
     async with otlp_receiver() as receiver, serve(refusing_app(seen)) as refusing:
         tracing = {"otlp_endpoint": receiver.url}
@@ -101,6 +104,7 @@ async def traced_fleet(tmp_path: Path) -> AsyncIterator[tuple[str, str, str, lis
         async with replica_process(tmp_path, FAST_EXPORT, replica_yaml) as (port, _):
             replica = f"http://127.0.0.1:{port}"
             config = {
+                "workers": workers,
                 "routing": {"strategy": "least_outstanding_requests"},
                 "replicas": [
                     {"url": refusing, "models": ["tiny-gpt"]},
@@ -247,7 +251,8 @@ def check_replica_spans(
 async def test_a_client_that_samples_nothing_gets_no_spans_and_a_stream_its_first_chunk(
     tmp_path: Path,
 ) -> None:
-    async with traced_fleet(tmp_path) as (url, _, _, seen, receiver):
+    # Two workers: each opens its tracer as it starts, and sends its spans as it stops.
+    async with traced_fleet(tmp_path, workers=2) as (url, _, _, seen, receiver):
         async with aiohttp.ClientSession() as client:
             unsampled, dropped_id, _ = traceparent(sampled=False)
             await complete(client, url, unsampled)
