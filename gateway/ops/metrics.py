@@ -14,7 +14,8 @@ whenever the pool's replicas change and when a new replica's first request is ob
 
 The metrics subscribe (`watch`): to admission's `lease_closed`, the pool's `changed`, the
 runtime `swapped` by a reload, and the proxy's events (GatewayMetrics is the ProxyEvents the
-proxy reports to). Nothing below calls this module.
+proxy reports to). Nothing below calls this module. A lease's end also feeds the status page's
+charts (gateway/ops/history.py) and recent decisions (gateway/ops/decisions.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from prometheus_client.registry import Collector
 from gateway.datapath.proxy import ProxyEvents
 from gateway.flow.queue import Ticket
 from gateway.flow.service import Usage
+from gateway.ops.decisions import RecentDecisions
 from gateway.ops.flow_metrics import FlowMetrics
+from gateway.ops.history import History, read_gauges
 from gateway.ops.kv_metrics import KvEventsMetrics
 from gateway.ops.recent import RecentTraffic
 from gateway.pool.admission import Admission
@@ -189,6 +192,8 @@ class GatewayMetrics(ProxyEvents):
         self.flow = FlowMetrics(registry)  # queue, shedding, tenants' tokens, limit refusals
         self.kv = KvEventsMetrics(registry)  # the KV cache event feed
         self.recent = RecentTraffic()  # rate and latency over the last seconds, for /ui
+        self.history = History(lambda: read_gauges(pool, admission))  # /ui's charts
+        self.decisions = RecentDecisions()  # /ui's last routing decisions
         self._counters: dict[tuple[str, str, str], Counter] = {}
         self._histograms: dict[str, Histogram] = {}
         self._model_counters: dict[tuple[str, str], Counter] = {}
@@ -214,6 +219,8 @@ class GatewayMetrics(ProxyEvents):
         if ejected:
             self.ejections.labels(lease.replica.url).inc()
         self.observe(lease.replica.url, lease.code, elapsed_s, lease.key, lease.model)
+        self.decisions.add(lease, elapsed_s)
+        self.history.finished(elapsed_s)
 
     def swapped(self, runtime: Runtime) -> None:
         self.set_strategy(runtime.config.routing.strategy)

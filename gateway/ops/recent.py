@@ -43,13 +43,13 @@ class RecentWindow:
             span = now - self._samples[0][0]  # the ring is full: it covers less than the window
         return {
             "requests_per_s": len(durations) / span if span > 0 else 0.0,
-            "p50_s": _quantile(durations, 0.50),
-            "p99_s": _quantile(durations, 0.99),
+            "p50_s": quantile(durations, 0.50),
+            "p99_s": quantile(durations, 0.99),
             "window_s": round(span, 3),
         }
 
 
-def _quantile(ordered: list[float], q: float) -> float | None:
+def quantile(ordered: list[float], q: float) -> float | None:
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

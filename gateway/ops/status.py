@@ -1,5 +1,7 @@
 """The status page at /ui: one HTML page and a small script (gateway/ops/ui/, no build step) that
-poll /ui/status.json, built here from the pool, the strategy and the recent-traffic windows.
+poll /ui/status.json, built here from the pool, the strategy, the recent-traffic windows, the
+charts' history (gateway/ops/history.py: each read takes a point when one is due, so an open
+page keeps an idle gateway's charts going) and the last routing decisions.
 
 Read-only and public, like HAProxy's stats page: it shows replica URLs and counts, no config
 secrets and no admin action. `ui: {enabled: false}` turns it off (404), live on reload.
@@ -13,9 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.ops.flow_metrics import FlowMetrics
-from gateway.ops.metrics import METRICS
-from gateway.ops.recent import RecentTraffic
+from gateway.ops.metrics import METRICS, GatewayMetrics
 from gateway.ops.tenants import tenants_document
 from gateway.pool.live import LIVE, Live
 from gateway.pool.replicas import publish_totals
@@ -47,7 +47,8 @@ def replica_json(replica: Replica) -> dict[str, Any]:
     return out
 
 
-def status_document(live: Live, recent: RecentTraffic, flow: FlowMetrics) -> dict[str, Any]:
+def status_document(live: Live, metrics: GatewayMetrics) -> dict[str, Any]:
+    recent = metrics.recent
     replicas = live.pool.all()
     config = live.runtime.config
     strategies = {m.name: m.strategy for m in config.models if m.strategy}
@@ -73,7 +74,9 @@ def status_document(live: Live, recent: RecentTraffic, flow: FlowMetrics) -> dic
         "recent": recent.summary(),  # this worker's traffic (`worker`), under `workers: N`
         "replicas": [{**replica_json(r), "recent": recent.summary(r.url)} for r in replicas],
         "flow_control": config.flow_control is not None,
-        "tenants": tenants_document(live, flow),
+        "tenants": tenants_document(live, metrics.flow),
+        "history": metrics.history.as_json(),  # this worker's, but for outstanding (history.py)
+        "decisions": metrics.decisions.as_json(),  # this worker's, newest first
     }
 
 
@@ -92,8 +95,9 @@ async def page(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    document = status_document(_enabled(request), metrics.recent, metrics.flow)
+    live, metrics = _enabled(request), request.app[METRICS]
+    metrics.history.tick()
+    document = status_document(live, metrics)
     return web.json_response(document, headers=HEADERS)
 
 
