@@ -15,7 +15,7 @@ from replica.config import ClassifierParams, TinyGptParams
 from replica.engines.base import KvLayout, StepPlan, Work
 from replica.models.classifier import build_classifier
 from replica.models.sampling import choose, make_generator
-from replica.models.tiny_gpt import Chunk, KVPool, build_tiny_gpt
+from replica.models.tiny_gpt import KVPool, build_tiny_gpt
 from replica.models.tokenizer import PRINTABLE, VOCAB_SIZE
 
 
@@ -26,9 +26,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 class TorchGenerationEngine:
-    """Runs a plan as at most two forward passes: the decode rows together (one token each),
-    then the prefill chunks together (padded to the longest). `computed_positions` counts the
-    token positions the model computed, so tests can see a cached prefix was not."""
+    """Runs a plan as one forward pass: decode rows and prefill chunks together, each row at its
+    own positions. Greedy rows take one batched argmax; a sampled row samples with its own
+    generator. `computed_positions` counts the token positions the model computed, so tests can
+    see a cached prefix was not."""
 
     def __init__(
         self, params: TinyGptParams, device: torch.device, kv: KvLayout | None = None
@@ -37,7 +38,7 @@ class TorchGenerationEngine:
         self.device = device
         self.kv = kv or KvLayout.holding(32 * params.context_len)
         self.pool = KVPool(self.model, self.kv.num_blocks, self.kv.block_size)
-        self._bias = torch.zeros(VOCAB_SIZE, device=device)
+        self._bias = torch.zeros(VOCAB_SIZE, device=device, dtype=self.model.head.weight.dtype)
         if params.ascii_only:
             self._bias.fill_(-math.inf)
             self._bias[list(PRINTABLE)] = 0.0
@@ -49,29 +50,26 @@ class TorchGenerationEngine:
     def step(self, plan: StepPlan) -> dict[int, int]:
         for seq_id in plan.release:
             self._generators.pop(seq_id, None)
-        out: dict[int, int] = {}
-        decode = [w for w in plan.work if w.is_decode]
-        prefill = [w for w in plan.work if not w.is_decode]
+        if not plan.work:
+            return {}
         with torch.inference_mode():
-            for group in (decode, prefill):
-                if group:
-                    out.update(self._forward(group))
+            logits = self.model.forward_chunks(plan.work, self.pool) + self._bias
+            greedy = logits.argmax(-1).tolist()
+        self.computed_positions += plan.tokens
+        out: dict[int, int] = {}
+        for row, w in enumerate(plan.work):
+            if not w.sample:
+                continue
+            sampled = w.request.sampling.temperature > 0
+            out[w.id] = self._sample(w, logits[row]) if sampled else greedy[row]
         return out
 
-    def _forward(self, work: list[Work]) -> dict[int, int]:
-        chunks = [Chunk(w.tokens, w.start, w.blocks) for w in work]
-        logits = self.model.forward_chunks(chunks, self.pool)
-        self.computed_positions += sum(len(w.tokens) for w in work)
-        return {w.id: self._choose(w, logits[row]) for row, w in enumerate(work) if w.sample}
-
-    def _choose(self, w: Work, logits: torch.Tensor) -> int:
+    def _sample(self, w: Work, logits: torch.Tensor) -> int:
         sampling = w.request.sampling
         if w.id not in self._generators:
-            seeded = sampling.temperature > 0
-            self._generators[w.id] = make_generator(sampling.seed, self.device) if seeded else None
-        return choose(
-            logits + self._bias, sampling.temperature, sampling.top_p, self._generators[w.id]
-        )
+            self._generators[w.id] = make_generator(sampling.seed, self.device)
+        with torch.inference_mode():
+            return choose(logits, sampling.temperature, sampling.top_p, self._generators[w.id])
 
 
 class TorchClassifierEngine:
