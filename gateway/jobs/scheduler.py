@@ -143,6 +143,9 @@ class Scheduler:
         self._full: dict[str, float] = {}  # replica url -> until when (the store said full)
         self._waiting = 0  # flow control: jobs waiting in the gateway queue
         self._jobs_at: Counter[str] = Counter()  # flow control: jobs in flight per replica
+        # Jobs whose dispatch is recording its outcome: the store fences that write, and a
+        # renewal racing it (the job just finished, so no longer ours) must not cut it short.
+        self._recording: set[str] = set()
 
     def _deferred_ids(self) -> list[str]:
         now = time.monotonic()
@@ -178,7 +181,7 @@ class Scheduler:
         elsewhere, or taken over after our lease ran out) stop here: the very dispatch or claim
         asked about, not a newer one of the same job begun meanwhile."""
         for job_id, what in asked.items():
-            if job_id in still:
+            if job_id in still or job_id in self._recording:
                 continue
             if isinstance(what, Job):
                 if self._held is what:
@@ -405,6 +408,7 @@ class Scheduler:
         lease.close()
         outcome = outcome_of(reply, job, self._settings.max_attempts)
         metrics = self._metrics
+        self._recording.add(job.id)
         try:
             if outcome is None:
                 log.info("job %s: %s; queued again", job.id, reply.text[:200])
@@ -414,6 +418,8 @@ class Scheduler:
                 metrics.jobs_finished.labels(outcome.status).inc()
         except StoreUnavailable as exc:  # its lease runs out and a gateway runs it again
             log.warning("job %s: attempt %d not recorded: %s", job.id, job.attempt, exc)
+        finally:
+            self._recording.discard(job.id)
 
     async def _send(
         self, job: Job, replica: Replica, body: bytes, path: str, timeouts: Timeouts
