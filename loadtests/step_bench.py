@@ -45,11 +45,13 @@ class Timings:
     steps: int = 0
 
     def line(self, name: str) -> str:
-        per_step_cpu = self.cpu_s / max(1, self.steps)
-        return (
-            f"| {name} | {ms(statistics.median(self.gaps_s))} | {ms(per_step_cpu)} "
-            f"| {ms(statistics.median(self.engine_s))} |"
-        )
+        cells = [
+            statistics.median(self.gaps_s),
+            statistics.fmean(self.gaps_s),
+            self.cpu_s / max(1, self.steps),
+            statistics.median(self.engine_s),
+        ]
+        return f"| {name} | " + " | ".join(ms(c) for c in cells) + " |"
 
 
 def ms(seconds: float) -> str:
@@ -190,7 +192,8 @@ def main() -> None:
         f"tiny-gpt {args.gen_layers}x{args.gen_width} {args.dtype}, {args.device}, torch threads "
         f"{args.torch_threads}; {args.rows} rows, prompts {args.prompts} tokens, {args.steps} "
         f"decode steps each, {args.repeats} repeats. Times per decode step (ms).", "",
-        "| Path | step, median (wall) | CPU per step | engine.step, median |", "|---|---|---|---|",
+        "| Path | step, median (wall) | step, mean | CPU per step | engine.step, median |",
+        "|---|---|---|---|---|",
         static.line("static (generate_batch)"), continuous.line("continuous (ContinuousBatcher)"),
         "", f"Continuous / static step: {ratio:.2f}x", "",
     ]  # fmt: skip

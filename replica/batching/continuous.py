@@ -11,6 +11,13 @@ a decoding sequence needs a block and none is free, the newest running sequence 
 its blocks are freed and it goes back to the front of the line, to be recomputed (prompt and
 the tokens it already streamed) when memory allows. The client only sees it take longer.
 
+Steps are pipelined, as vLLM's async scheduling does: the next step is planned and queued on the
+forward thread while the current one runs, so the thread goes from step to step without waiting
+for the event loop, and the loop streams one step's tokens while the next computes. A decode
+planned before its input token is known carries `PENDING` (the engine puts the token in); a
+sequence that turns out to have finished (a stop string) costs one discarded row; results that
+come back for a sequence already gone (finished, cancelled, failed or preempted) are dropped.
+
 Given `kv_events` (replica/kv_events.py), the batcher hands it what the prefix cache did: one
 batch per step that stored or evicted blocks, and `AllBlocksCleared` once, at the start.
 """
@@ -28,7 +35,7 @@ from replica.batching.base import DEFAULT_KNOBS, Load, QueueKnobs
 from replica.batching.clock import Clock, LoopClock
 from replica.batching.observer import BatchObserver, NullObserver
 from replica.batching.queue import Pending, RequestQueue
-from replica.engines.base import GenerationEngine, StepPlan, Work
+from replica.engines.base import PENDING, GenerationEngine, StepPlan, Work
 from replica.errors import BadRequest
 from replica.generation import Completion, GenRequest, SequenceTracker
 from replica.kv import BlockManager, CacheCleared, CacheEvent
@@ -40,12 +47,32 @@ KvEvents = Callable[[Sequence[CacheEvent]], object]
 class _Seq:
     pending: Pending[GenRequest, Completion]
     tracker: SequenceTracker
-    ids: list[int]  # prompt, then every token generated so far
+    ids: list[int]  # prompt, then every token generated so far (whose result came back)
     computed: int = 0  # leading tokens whose keys/values are in the sequence's blocks
+    scheduled: int = 0  # leading tokens computed or in a step in flight
+    drawing: bool = False  # a step in flight samples its next token
 
     @property
     def id(self) -> int:
         return self.pending.item.id
+
+    @property
+    def length(self) -> int:
+        """Its tokens, the one being drawn included."""
+        return len(self.ids) + self.drawing
+
+    @property
+    def drawing_its_last(self) -> bool:
+        """The token in flight is its last (`max_tokens` or the context): nothing to plan."""
+        tracker = self.tracker
+        return self.drawing and len(tracker.token_ids) + 1 >= tracker.request.token_budget
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    plan: StepPlan
+    result: asyncio.Future[tuple[dict[int, int], float]]  # tokens, compute seconds
+    submitted_at: float
 
 
 class ContinuousBatcher:
@@ -122,16 +149,19 @@ class ContinuousBatcher:
             await self._task
 
     async def _loop(self) -> None:
+        """Plan a step, queue it, then take the results of the step before it (at most two in
+        flight: one running, one queued behind it)."""
+        in_flight: deque[_InFlight] = deque()
         while True:
             self._drop_cancelled()
-            busy = self._running or self._preempted or self._release
+            busy = self._running or self._preempted or self._release or in_flight
             if not busy and not await self._queue.wait_for(1, None):
                 return
             plan = self._schedule()
-            if plan.size:
-                await self._step(plan)
-            elif plan.release:
-                self._engine.step(plan)  # nothing to compute: only frees state
+            if plan.size or plan.release:
+                in_flight.append(self._submit(plan))
+            if in_flight and (len(in_flight) > 1 or not plan.size):
+                await self._finish(in_flight.popleft())
             if self._events and self._kv_events is not None:
                 self._kv_events(tuple(self._events))
                 self._events.clear()
@@ -143,14 +173,14 @@ class ContinuousBatcher:
         work: list[Work] = []
         preempted_now: set[int] = set()
         for seq in list(self._running.values()):  # decodes first, oldest first
-            if seq.id in preempted_now or len(seq.ids) - seq.computed != 1:
+            if seq.id in preempted_now or seq.length - seq.scheduled != 1 or seq.drawing_its_last:
                 continue
             if not self._make_room(seq, preempted_now):
                 continue
             work.append(self._work(seq, 1))
             budget -= 1
         for seq in self._running.values():  # then sequences part-way through their prefill
-            remaining = len(seq.ids) - seq.computed
+            remaining = seq.length - seq.scheduled
             if budget <= 0:
                 break
             if remaining > 1:
@@ -161,7 +191,7 @@ class ContinuousBatcher:
             joined = self._admit(preempted_now)
             if joined is None:
                 break
-            chunk = min(len(joined.ids) - joined.computed, budget)
+            chunk = min(joined.length - joined.scheduled, budget)
             work.append(self._work(joined, chunk))
             budget -= chunk
         release, self._release = tuple(self._release), []
@@ -170,7 +200,7 @@ class ContinuousBatcher:
     def _make_room(self, seq: _Seq, preempted_now: set[int]) -> bool:
         """A block for the decode token, preempting the newest sequences until one is free;
         False when `seq` itself was the newest and had to go."""
-        while not self.blocks.grow(seq.id, len(seq.ids)):
+        while not self.blocks.grow(seq.id, seq.scheduled + 1):
             newest = next(reversed(self._running.values()))
             self._preempt(newest)
             preempted_now.add(newest.id)
@@ -181,7 +211,8 @@ class ContinuousBatcher:
     def _preempt(self, seq: _Seq) -> None:
         del self._running[seq.id]
         self.blocks.free(seq.id, preempted=True)
-        seq.computed = 0
+        seq.computed = seq.scheduled = 0
+        seq.drawing = False  # a token in flight is dropped: the recompute draws it again
         self._preempted.appendleft(seq)
 
     def _admit(self, preempted_now: set[int]) -> _Seq | None:
@@ -204,21 +235,19 @@ class ContinuousBatcher:
             (pending,) = self._queue.take(1)
             seq = _Seq(pending, SequenceTracker(pending.item), list(pending.item.prompt_ids))
             seq.tracker.cached_tokens = cached
-        seq.computed = cached
+        seq.computed = seq.scheduled = cached
         self._running[seq.id] = seq
         seq.tracker.batch_size = len(self._running)  # the step it joins, itself included
         return seq
 
     def _work(self, seq: _Seq, tokens: int) -> Work:
-        start = seq.computed
+        start = seq.scheduled
         end = start + tokens
-        return Work(
-            seq.pending.item,
-            tuple(seq.ids[start:end]),
-            start,
-            tuple(self.blocks.table(seq.id)),
-            sample=end == len(seq.ids),
-        )
+        sample = end == seq.length
+        ids = tuple(seq.ids[start:end]) if end <= len(seq.ids) else (PENDING,)
+        seq.scheduled = end
+        seq.drawing = seq.drawing or sample
+        return Work(seq.pending.item, ids, start, tuple(self.blocks.table(seq.id)), sample)
 
     def _drop_cancelled(self) -> None:
         for seq in list(self._running.values()):
@@ -235,25 +264,37 @@ class ContinuousBatcher:
 
     # -- running a step ---------------------------------------------------------------------
 
-    async def _step(self, plan: StepPlan) -> None:
+    def _submit(self, plan: StepPlan) -> _InFlight:
+        loop = asyncio.get_running_loop()
+        result = loop.run_in_executor(self._executor, self._timed_step, plan)
+        return _InFlight(plan, result, time.perf_counter())
+
+    def _timed_step(self, plan: StepPlan) -> tuple[dict[int, int], float]:
+        """On the forward thread: the step and its own compute time (not its wait in line)."""
         started = time.perf_counter()
+        return self._engine.step(plan), time.perf_counter() - started
+
+    async def _finish(self, step: _InFlight) -> None:
+        plan = step.plan
         try:
-            loop = asyncio.get_running_loop()
-            tokens = await loop.run_in_executor(self._executor, self._engine.step, plan)
+            tokens, compute_s = await step.result
         except Exception as error:  # fail the sequences in this step; keep serving
+            if plan.size:
+                self._observer.on_batch(plan.size, time.perf_counter() - step.submitted_at)
             self._fail(plan, error)
             return
-        finally:
-            self._observer.on_batch(plan.size, time.perf_counter() - started)
+        if plan.size:
+            self._observer.on_batch(plan.size, compute_s)
         for w in plan.work:
             seq = self._running.get(w.id)
-            if seq is None:
+            if seq is None:  # gone since it was planned
                 continue
             seq.computed = w.start + len(w.tokens)
             self.blocks.commit(seq.id, seq.ids, seq.computed)
             if not w.sample:
                 continue
             token = tokens[w.id]
+            seq.drawing = seq.computed < seq.scheduled  # the next step, queued, draws again
             seq.ids.append(token)
             if seq.tracker.push(token).finish_reason is not None:
                 self._forget(seq)

@@ -45,26 +45,25 @@ class RecordingForward:
 class CountingEngine:
     """A generation engine whose sequences emit 'a', 'b', 'c', ...; records every plan.
 
-    A preempted sequence keeps its count, as a real engine keeps its sampler: the recompute
-    continues where the stream left off."""
+    The nth generated token is the nth letter whatever steps it took, as a real engine's sampler
+    keeps its place: a preempted sequence's recompute continues where the stream left off."""
 
     def __init__(self, kv: KvLayout | None = None) -> None:
         self.kv = kv or KvLayout(4096, 16)
         self.plans: list[StepPlan] = []
-        self._counts: dict[int, int] = {}
+        self._live: set[int] = set()
 
     def step(self, plan: StepPlan) -> dict[int, int]:
         self.plans.append(plan)
-        for seq_id in plan.release:
-            self._counts.pop(seq_id, None)
+        self._live.difference_update(plan.release)
         out = {}
         for w in plan.work:
-            count = self._counts.setdefault(w.id, 0)
+            self._live.add(w.id)
             if w.sample:
-                out[w.id] = ord("a") + count % 26
-                self._counts[w.id] = count + 1
+                generated = w.start + len(w.tokens) - len(w.request.prompt_ids)
+                out[w.id] = ord("a") + generated % 26
         return out
 
     @property
     def live_sequences(self) -> int:
-        return len(self._counts)
+        return len(self._live)

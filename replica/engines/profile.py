@@ -27,9 +27,13 @@ class GenerationProfile(_Frozen):
     block_size: int = Field(default=16, gt=0)  # KV block (page) size, tokens
 
     def step_s(self, prefill_tokens: int, prefill_seqs: int, decode_seqs: int) -> float:
-        prefill = self.prefill_base_s + self.prefill_s_per_token * prefill_tokens
-        decode = self.decode_base_s + self.decode_per_seq_s * decode_seqs
-        return (prefill if prefill_seqs else 0.0) + (decode if decode_seqs else 0.0)
+        """One forward pass, as the torch engine (and vLLM) runs a step: decodes and prompt
+        chunks together, so a step pays one base (the larger, when it has both), then per
+        prompt token and per decoding sequence."""
+        prefill_base = self.prefill_base_s if prefill_seqs else 0.0
+        base = max(prefill_base, self.decode_base_s if decode_seqs else 0.0)
+        per_token = self.prefill_s_per_token * prefill_tokens
+        return base + per_token + self.decode_per_seq_s * decode_seqs
 
 
 class ClassifierProfile(_Frozen):

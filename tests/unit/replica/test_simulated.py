@@ -5,6 +5,8 @@ from __future__ import annotations
 from array import array
 from pathlib import Path
 
+import pytest
+
 from replica.engines.base import generate_batch
 from replica.engines.calibrate import fit_line
 from replica.engines.profile import load_profile
@@ -30,6 +32,14 @@ def test_step_time_is_prefill_per_token_plus_decode_base_and_per_sequence() -> N
     decode = gen.decode_base_s + 2 * gen.decode_per_seq_s
     assert slept[0] == prefill
     assert slept[1] == decode
+
+
+def test_a_step_with_decodes_and_a_prompt_chunk_is_one_pass_with_one_base() -> None:
+    gen = load_profile().generation
+    mixed = gen.step_s(prefill_tokens=40, prefill_seqs=1, decode_seqs=8)
+    decode_only = gen.step_s(0, 0, 8)
+    assert mixed == pytest.approx(decode_only + 40 * gen.prefill_s_per_token)
+    assert mixed < decode_only + gen.step_s(40, 1, 0)  # not two passes
 
 
 def test_simulated_tokens_do_not_depend_on_the_batch() -> None:

@@ -38,9 +38,9 @@ def batcher(gen: TorchGenerationEngine, *, prefix_cache: bool, budget: int) -> C
     )  # fmt: skip
 
 
-def requests(prompts: list[str], sampled: bool = False) -> list[GenRequest]:
+def requests(prompts: list[str], sampled: bool = False, max_tokens: int = 12) -> list[GenRequest]:
     sampling = SamplingParams(0.8, 0.95, 3) if sampled else SamplingParams()
-    return [GenRequest(encode(p), 12, CONTEXT, sampling) for p in prompts]
+    return [GenRequest(encode(p), max_tokens, CONTEXT, sampling) for p in prompts]
 
 
 async def run(b: ContinuousBatcher, prompts: list[str], *, batched: bool) -> list[Completion]:
@@ -98,3 +98,21 @@ async def test_seeded_sampling_is_the_same_with_the_cache_and_chunking() -> None
     got = [(await cached.submit(r)).token_ids for r in requests(prompts, sampled=True)]
     assert got == want
     await asyncio.gather(plain.close(), cached.close())
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+async def test_preemption_changes_no_token(sampled: bool) -> None:
+    """KV memory for about two of six sequences: the newest are preempted while a step planned
+    ahead of them runs (its draw dropped), and recomputed; every token is as with room for all."""
+    prompts = [SYSTEM[: 20 + 9 * i] for i in range(6)]
+    params = TinyGptParams(context_len=CONTEXT, dtype="float64")
+    tight_engine = TorchGenerationEngine(params, torch.device("cpu"), KvLayout(num_blocks=12))
+    got = {}
+    for name, gen in (("roomy", engine()), ("tight", tight_engine)):
+        b = batcher(gen, prefix_cache=False, budget=64)
+        done = await asyncio.gather(*map(b.submit, requests(prompts, sampled, max_tokens=80)))
+        got[name] = [c.token_ids for c in done]
+        preemptions = b.blocks.stats().preemptions
+        await b.close()
+    assert preemptions > 0
+    assert got["tight"] == got["roomy"]
