@@ -5,6 +5,10 @@ of this one (one GPU each via CUDA_VISIBLE_DEVICES when GPUs exist). `infergate 
 Replicas are started as `python -m replica`, never imported (no torch here). When they are
 stopped every one gets SIGTERM and then SIGKILL; children also get SIGTERM from the kernel if
 this process dies, so none is left behind.
+
+`infergate up` serves tiny-gpt with the weights trained on the standard library's docstrings
+that ship with the replica package (replica/models/train_tiny_gpt.py), so a first completion
+reads like text; a cluster built in code (benchmarks, tests) keeps the seeded random weights.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,7 +28,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,6 +40,9 @@ READY_TIMEOUT_S = 180.0
 # Deferred jobs are on in a local cluster; the store outlives a restart of `infergate up`.
 DEFAULT_JOB_STORE = Path(tempfile.gettempdir()) / "infergate" / "jobs.db"
 PR_SET_PDEATHSIG = 1
+TRAINED_TINY_GPT = ("models", "trained", "tiny-gpt.pt")  # inside the replica package
+
+log = logging.getLogger("gateway")
 
 
 class ReplicaGroup(BaseModel):
@@ -63,6 +72,9 @@ class ClusterConfig(BaseModel):
     kv_events_port: int | None = Field(5557, ge=1, le=65000)
     # The gateway's own YAML minus `replicas` (listen, routing, timeouts, health_check, ...).
     gateway: dict[str, Any] = Field(default_factory=dict)
+    # tiny-gpt's weights on torch replicas without a replica_config: seeded "random" ones, or
+    # the "trained" ones shipped with the replica package (load_cluster's default).
+    tiny_gpt_weights: Literal["random", "trained"] = "random"
 
     @property
     def members(self) -> list[ReplicaGroup]:
@@ -97,6 +109,7 @@ def load_cluster(path: Path | None, args: argparse.Namespace) -> ClusterConfig:
         data["models"] = list(args.model)
     if args.engine is not None:
         data["engine"] = args.engine
+    data.setdefault("tiny_gpt_weights", "trained")  # `infergate up`: a first answer that reads
     try:
         return ClusterConfig.model_validate(data)
     except ValidationError as exc:
@@ -134,6 +147,30 @@ def kv_endpoints(cluster: ClusterConfig, index: int) -> tuple[str, str]:
     return f"tcp://{cluster.host}:{port}", f"tcp://{cluster.host}:{port + 1}"
 
 
+def trained_weights() -> Path | None:
+    """The trained tiny-gpt weights in the installed replica package, found without importing
+    it; None when either is missing."""
+    spec = importlib.util.find_spec("replica")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)), *TRAINED_TINY_GPT)
+    return path if path.is_file() else None
+
+
+def default_replica_yaml(cluster: ClusterConfig) -> dict[str, Any] | None:
+    """The replica YAML of replicas without a replica_config: None (the replica's built-in
+    models) unless tiny-gpt's trained weights are asked for, torch runs it and they exist."""
+    if cluster.tiny_gpt_weights == "random" or cluster.engine != "torch":
+        return None
+    weights = trained_weights()
+    if weights is None:
+        log.warning("no trained tiny-gpt weights in the replica package: random ones it is")
+        return None
+    # The replica's built-in models (replica/cli.py); trained weights emit any byte they like.
+    params = {"weights_path": str(weights), "ascii_only": False}
+    return {"models": [{"kind": "tiny-gpt", "params": params}, {"kind": "classifier"}]}
+
+
 def gpu_count() -> int:
     """GPUs without importing torch: nvidia-smi when present, else none."""
     smi = shutil.which("nvidia-smi")
@@ -157,13 +194,16 @@ def start_replica(
     gpus: int,
     output: IO[bytes] | None = None,
     extra_args: Sequence[str] = (),
+    default_config: Path | None = None,
 ) -> subprocess.Popen[bytes]:
+    """`default_config`: the replica YAML of a group without its own replica_config."""
     port = cluster.first_replica_port + index
     group = cluster.members[index]
     cmd = [sys.executable, "-m", "replica", "--host", cluster.host, "--port", str(port)]
     cmd += ["--engine", cluster.engine]
-    if group.replica_config is not None:
-        cmd += ["-c", str(group.replica_config)]
+    replica_config = group.replica_config or default_config
+    if replica_config is not None:
+        cmd += ["-c", str(replica_config)]
     for model in group.models:
         cmd += ["--model", model]
     if cluster.kv_events_port is not None:
@@ -229,12 +269,24 @@ def replicas_running(
     """`extra_args`: more command-line arguments for some replicas, by index."""
     gpus = gpu_count()
     procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for i in range(cluster.size):
-            procs.append(start_replica(cluster, i, gpus, output, (extra_args or {}).get(i, ())))
-        yield procs
-    finally:
-        stop_all(procs)
+    with tempfile.TemporaryDirectory(prefix="infergate-replicas-") as workdir:
+        default_config = write_default_replica_yaml(cluster, Path(workdir))
+        try:
+            for i in range(cluster.size):
+                extra = (extra_args or {}).get(i, ())
+                procs.append(start_replica(cluster, i, gpus, output, extra, default_config))
+            yield procs
+        finally:
+            stop_all(procs)
+
+
+def write_default_replica_yaml(cluster: ClusterConfig, workdir: Path) -> Path | None:
+    config = default_replica_yaml(cluster)
+    if config is None:
+        return None
+    path = workdir / "replica.yaml"
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
+    return path
 
 
 def banner(url: str, config_path: Path) -> str:
