@@ -1,16 +1,19 @@
-"""What tracing costs the gateway: the same load with `tracing:` off and on (sample_ratio 1.0,
-every request traced and exported), against a no-op upstream on loopback.
+"""What tracing costs the gateway: the same load with `tracing:` off and on (each of
+`--sample-ratios`; 1.0: every request traced and exported), against a no-op upstream on loopback.
 
-    .venv/bin/python -m loadtests.tracing_bench [--rounds 2] [--seconds 3] [--rate 300]
-        [--connections 16]
+    python -m loadtests.tracing_bench [--rounds 3] [--seconds 3] [--rate 300] [--connections 16]
+        [--sample-ratios 1.0,0.1] [--out loadtests/results/tracing]
 
 Three processes share the machine: a helper serving a no-op upstream (a small JSON answer) and
 an OTLP/HTTP sink that decodes and counts the spans it receives, the gateway (`python -m
 gateway`, one worker) and this load generator (open and closed loops as
-loadtests/gateway_overhead.py runs them). Each round starts a fresh gateway per mode, off then on,
-and measures the peak rate (closed loop, `--connections` at once) and the latency at a fixed
-rate (open loop, counted from when each request was due). Percentiles come from the raw samples
-of every round of a mode. The sink's count says the spans were really made and sent.
+loadtests/gateway_overhead.py runs them). Each round starts a fresh gateway per mode, off then
+each ratio, and measures the peak rate (closed loop, `--connections` at once) and the latency
+at a fixed rate (open loop, counted from when each request was due). The peak is the median over
+rounds with their range; percentiles come from the raw samples of every round of a mode. The
+sink's count says the spans were really made and sent.
+
+With `--out`, the folder gets table.md and command.txt (the full command).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -32,8 +36,10 @@ import yaml
 from aiohttp import web
 
 from loadtests.analysis.stats import percentile
+from loadtests.harness.plan import spelled_out
 
-MODES = ("off", "on")
+PROG = "python -m loadtests.tracing_bench"
+SECTION = "Tracing cost"
 
 
 @dataclass
@@ -44,6 +50,15 @@ class Measured:
     samples: list[float] = field(default_factory=list)  # latencies (s) at the fixed rate
     errors: int = 0
     spans: int = 0  # spans the sink received
+
+
+def modes(args: argparse.Namespace) -> list[float | None]:
+    """None: tracing off; else the sample ratio."""
+    return [None, *(float(r) for r in args.sample_ratios.split(","))]
+
+
+def label(mode: float | None) -> str:
+    return "off" if mode is None else f"on (sample_ratio {mode})"
 
 
 def _loop() -> asyncio.AbstractEventLoop:
@@ -164,8 +179,8 @@ async def closed_loop(url: str, connections: int, seconds: float) -> float:
 
 
 @contextlib.contextmanager
-def gateway(workdir: Path, upstream: str, sink: str | None) -> Iterator[str]:
-    """A gateway in front of `upstream`, tracing to `sink` when one is given."""
+def gateway(workdir: Path, upstream: str, sink: str, ratio: float | None) -> Iterator[str]:
+    """A gateway in front of `upstream`, tracing `ratio` of the requests to `sink` (None: off)."""
     port = free_port()
     config = {
         "listen": {"host": "127.0.0.1", "port": port},
@@ -174,8 +189,8 @@ def gateway(workdir: Path, upstream: str, sink: str | None) -> Iterator[str]:
         "load_feedback": {"poll_interval_s": 0},
         "reload": {"watch": False},
     }
-    if sink is not None:
-        config["tracing"] = {"otlp_endpoint": f"{sink}/v1/traces", "sample_ratio": 1.0}
+    if ratio is not None:
+        config["tracing"] = {"otlp_endpoint": f"{sink}/v1/traces", "sample_ratio": ratio}
     path = workdir / f"gateway-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "gateway", "-c", str(path), "--log-level", "warning"]
@@ -210,11 +225,11 @@ async def one_round(
     workdir: Path,
     upstream: str,
     sink: str,
-    results: dict[str, Measured],
+    results: dict[float | None, Measured],
 ) -> None:
-    for mode in MODES:
+    for mode in modes(args):
         before = await spans_received(sink)
-        with gateway(workdir, upstream, sink if mode == "on" else None) as url:
+        with gateway(workdir, upstream, sink, mode) as url:
             await wait_up(f"{url}/healthz")
             await closed_loop(f"{url}/warmup", args.connections, 1.0)
             rate = await closed_loop(f"{url}/x", args.connections, args.seconds)
@@ -227,65 +242,90 @@ async def one_round(
         mine.spans += sent
         p50, p99 = percentile(samples, 50) * 1e3, percentile(samples, 99) * 1e3
         print(
-            f"  tracing {mode:3s}  peak {rate:7.0f} req/s   at {args.rate:.0f} req/s: "
-            f"p50 {p50:6.3f} ms  p99 {p99:6.3f} ms  errors {errors}  spans sent {sent}",
+            f"  {label(mode):24s} peak {rate:6.0f} req/s   at {args.rate:.0f} req/s: "
+            f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  errors {errors}  spans {sent}",
             flush=True,
         )
 
 
-def summary(args: argparse.Namespace, results: dict[str, Measured]) -> None:
-    print(
-        f"\nsummary ({args.rounds} rounds, no-op upstream, 1 gateway worker; peak: mean of "
-        f"rounds; latency: pooled raw samples at {args.rate:.0f} req/s):"
-    )
-    print("| tracing | peak req/s | p50 ms | p99 ms | errors | spans sent |")
-    print("|---|---|---|---|---|---|")
-    rows = {}
-    for mode in MODES:
-        r = results[mode]
-        peak = sum(r.rates) / len(r.rates)
+def report(args: argparse.Namespace, results: dict[float | None, Measured], load: float) -> str:
+    """What ran, then the section README copies: one row a mode."""
+    rate = f"{args.rate:g} req/s"
+    lines = [
+        f"Machine: {os.cpu_count()} cores, shared by this load generator, one helper process "
+        "(the no-op upstream, an aiohttp app answering a small JSON body, and the OTLP/HTTP sink, "
+        "which decodes every export and counts its spans) and the gateway: `python -m gateway`, "
+        "one worker, `least_outstanding_requests` over that one upstream; other work on the "
+        f"machine: load average {load:.2f} as the run began. {args.rounds} rounds; each starts "
+        "a fresh gateway per mode and measures the peak rate for "
+        f"{args.seconds:g} s (closed loop, {args.connections} connections, after 1 s of "
+        f"warm-up), then {args.seconds:g} s at {rate} (open loop, each request timed from when "
+        "it was due).",
+        "",
+        f"### {SECTION}",
+        "",
+        f"| tracing | peak req/s, median [range] | P50 ms at {rate} | P99 ms at {rate} | "
+        "spans received |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, r in results.items():
+        rates = sorted(r.rates)
+        peak = f"{rates[len(rates) // 2]:,.0f} [{rates[0]:,.0f}, {rates[-1]:,.0f}]"
         p50, p99 = percentile(r.samples, 50) * 1e3, percentile(r.samples, 99) * 1e3
-        rows[mode] = (peak, p50, p99)
-        print(f"| {mode} | {peak:.0f} | {p50:.3f} | {p99:.3f} | {r.errors} | {r.spans} |")
-    (off_peak, off_p50, off_p99), (on_peak, on_p50, on_p99) = rows["off"], rows["on"]
-    print(
-        f"\ntracing on: peak {100 * (on_peak / off_peak - 1):+.1f}%, "
-        f"p50 {on_p50 - off_p50:+.3f} ms, p99 {on_p99 - off_p99:+.3f} ms"
-    )
+        lines.append(f"| {label(mode)} | {peak} | {p50:.2f} | {p99:.2f} | {r.spans:,} |")
+    failed = sum(r.errors for r in results.values())
+    lines += [
+        "",
+        f"Peak: over {args.rounds} rounds; P50/P99: the raw samples of every round pooled. "
+        f"Failed requests: {failed}.",
+    ]
+    return "\n".join(lines)
 
 
-async def main_async(args: argparse.Namespace) -> None:
+async def main_async(args: argparse.Namespace) -> str:
     started = time.monotonic()
-    results = {mode: Measured() for mode in MODES}
+    load = os.getloadavg()[0]
+    results = {mode: Measured() for mode in modes(args)}
     with tempfile.TemporaryDirectory() as tmp, helpers() as (upstream, sink):
         await wait_up(f"{upstream}/ping")  # any path answers
         await wait_up(f"{sink}/count")
-        print(
-            f"tracing off vs on (sample_ratio 1.0), {args.seconds:.0f} s per measurement, "
-            f"{args.connections} connections closed loop, {args.rate:.0f} req/s open loop:"
-        )
-        for _ in range(args.rounds):
+        for number in range(args.rounds):
+            print(f"round {number + 1} of {args.rounds}:", flush=True)
             await one_round(args, Path(tmp), upstream, sink, results)
-    summary(args, results)
     print(f"({time.monotonic() - started:.0f} s in all)")
+    return report(args, results, load)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtests.tracing_bench", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--rate", type=float, default=300.0)
-    parser.add_argument("--connections", type=int, default=16)
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="each measurement")
+    parser.add_argument("--rate", type=float, default=300.0, help="the open loop's req/s")
+    parser.add_argument("--connections", type=int, default=16, help="the closed loop's")
+    parser.add_argument("--sample-ratios", default="1.0,0.1", help="the modes with tracing on")
+    parser.add_argument("--out", type=Path, help="folder for table.md and command.txt")
     parser.add_argument("--serve-helpers", help=argparse.SUPPRESS)  # UPSTREAM_PORT,SINK_PORT
-    args = parser.parse_args()
+    return parser
+
+
+def command_of(args: argparse.Namespace) -> str:
+    return spelled_out(PROG, parser(), args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     with asyncio.Runner(loop_factory=_loop) as runner:
         if args.serve_helpers:
             upstream_port, sink_port = (int(p) for p in args.serve_helpers.split(","))
             runner.run(serve_helpers(upstream_port, sink_port))
-        else:
-            runner.run(main_async(args))
+            return
+        table = runner.run(main_async(args))
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = command_of(args)
+        (args.out / "command.txt").write_text(command + "\n")
+        (args.out / "table.md").write_text(f"Command: `{command}`\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def _swap(state: AppState, config: GatewayConfig, trigger: str) -> Runtime:
          config.limits.client_keepalive_s),
         ("limits.max_connections", old.limits.max_connections, config.limits.max_connections),
         ("jobs", old.jobs, config.jobs),
+        ("tracing", old.tracing, config.tracing),  # read at start-up (app/server.py _add_tracing)
     ):  # fmt: skip
         if before != after:
             log.warning("config reload (%s): '%s' changes take effect on restart", trigger, key)

@@ -200,6 +200,22 @@ def parse_command(command: str) -> argparse.Namespace:
     return recorded_args(command, PROG, parser())
 
 
+def spelled_out(prog: str, tool: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """`prog` with every option of `tool` that `args` gives a value, in the parser's order
+    (floats as `:g`, flags only when set); hidden options and unset ones are not written."""
+    argv = prog.split()
+    for action in tool._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.help == argparse.SUPPRESS or value is None:
+            continue
+        option = action.option_strings[-1]
+        if isinstance(value, bool):  # a flag: written when set
+            argv += [option] if value else []
+        else:
+            argv += [option, f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join(argv)
+
+
 def recorded_args(command: str, prog: str, tool: argparse.ArgumentParser) -> argparse.Namespace:
     """A result folder's recorded command line (`prog` and its options), parsed by `tool`."""
     words, head = shlex.split(command), prog.split()

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtests import batching_bench, flow_bench, frontends_bench, jobs_bench, prefix_bench, readme
+from loadtests import (
+    batching_bench,
+    flow_bench,
+    frontends_bench,
+    jobs_bench,
+    prefix_bench,
+    readme,
+    tracing_bench,
+)
 from loadtests.harness.plan import (
     HAPROXY,
     PROG,
@@ -31,11 +39,12 @@ JOBS = [f for f in FOLDERS if f.startswith("jobs-")]
 BATCHING = [f for f in FOLDERS if f.startswith("batching")]
 FRONT_ENDS = [f for f in FOLDERS if f.startswith("front-ends")]
 FLOW = [f for f in FOLDERS if f.startswith("flow-")]
+TRACING = [f for f in FOLDERS if f.startswith("tracing")]
 
 
-def test_every_folder_is_a_bench_a_jobs_a_batching_or_a_prefix_result() -> None:
-    assert sorted(BENCH + JOBS + BATCHING + PREFIX + FRONT_ENDS + FLOW) == FOLDERS
-    assert BENCH and JOBS and BATCHING and FRONT_ENDS and FLOW
+def test_every_folder_is_a_known_kind_of_result() -> None:
+    assert sorted(BENCH + JOBS + BATCHING + PREFIX + FRONT_ENDS + FLOW + TRACING) == FOLDERS
+    assert BENCH and JOBS and BATCHING and FRONT_ENDS and FLOW and TRACING
 
 
 @pytest.mark.parametrize("folder", FLOW)
@@ -52,6 +61,24 @@ def test_flow_command_parses_and_names_what_its_table_shows(folder: str) -> None
         "limits": "Limits across gateways",
     }
     assert set(readme.sections(table)) == {titles[part] for part in args.only.split(",")}
+
+
+@pytest.mark.parametrize("folder", TRACING)
+def test_tracing_command_parses_and_names_what_its_table_shows(folder: str) -> None:
+    command = (RESULTS / folder / "command.txt").read_text().strip()
+    args = recorded_args(command, tracing_bench.PROG, tracing_bench.parser())
+    assert tracing_bench.command_of(args) == command  # every option spelled out
+    assert args.out == Path("loadtests/results") / folder
+    lines = (RESULTS / folder / "table.md").read_text().splitlines()
+    assert lines[0] == f"Command: `{command}`"
+    assert f"{args.rounds} rounds;" in lines[2] and f"for {args.seconds:g} s" in lines[2]
+    sections = readme.sections("\n".join(lines))
+    assert list(sections) == [tracing_bench.SECTION]
+    table = sections[tracing_bench.SECTION]
+    modes = tracing_bench.modes(args)
+    assert [row[0] for row in table.rows] == [tracing_bench.label(m) for m in modes]
+    spans = [int(row[table.column("spans")].replace(",", "")) for row in table.rows]
+    assert spans[0] == 0 and all(n > 0 for n in spans[1:])  # off sends none; on sends some
 
 
 @pytest.mark.parametrize("folder", FRONT_ENDS)

@@ -6,11 +6,14 @@ request's spans through a real gateway app on loopback whose upstream is the cli
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -24,11 +27,18 @@ from gateway.datapath.proxy import PROXY
 from gateway.datapath.trace import with_trace
 from gateway.datapath.transport import UpstreamRequest
 from gateway.errors import ConfigError
-from gateway.ops.tracing import PROPAGATOR, GatewayTracer, open_provider
+from gateway.ops.tracing import (
+    EXPORT_BATCH,
+    PROPAGATOR,
+    GatewayTracer,
+    HashedOnce,
+    export_batch,
+    open_provider,
+)
 from gateway.pool.live import LIVE
 from replica.config import ConfigError as ReplicaConfigError
 from replica.config import parse_config as parse_replica_config
-from tests.support.servers import serve
+from tests.support.servers import running_gateway, serve, write_config
 
 URL = "http://127.0.0.1:9"  # nothing listens: only the mock answers
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flag}"
@@ -107,6 +117,39 @@ def test_the_clients_sampled_flag_decides_else_the_ratio(
         assert (result.decision == Decision.RECORD_AND_SAMPLE) is recorded
     finally:
         provider.shutdown()  # nothing was ended: nothing to send
+
+
+def test_the_resource_hashed_once_is_the_resource(monkeypatch: pytest.MonkeyPatch) -> None:
+    resource = Resource.create({"service.name": "s", "process.pid": 1})
+    hashed = HashedOnce(resource)
+    assert hashed == resource and hash(hashed) == hash(resource)  # the encoder groups by it
+    assert hashed.attributes == resource.attributes and hashed.schema_url == resource.schema_url
+    assert export_batch() == EXPORT_BATCH
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")
+    assert export_batch() is None  # the SDK reads the variable
+
+
+async def test_a_reload_that_changes_tracing_warns_that_it_waits_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "g.yaml"
+    config = {
+        "replicas": [{"url": URL}],
+        "served_models": {"path": None},
+        "reload": {"watch": False},
+    }
+    write_config(path, config)
+    async with (
+        running_gateway(path, admin_token="t") as gateway,
+        aiohttp.ClientSession() as client,
+    ):
+        write_config(path, config | {"tracing": {"otlp_endpoint": "http://127.0.0.1:9"}})
+        with caplog.at_level(logging.WARNING, logger="gateway.app.reload"):
+            headers = {"Authorization": "Bearer t"}
+            async with client.post(f"{gateway.url}/admin/reload", headers=headers) as response:
+                assert response.status == 200, await response.text()
+        assert gateway.app[PROXY].tracer is None  # still off: the provider opens at start-up
+    assert "config reload (admin): 'tracing' changes take effect on restart" in caplog.text
 
 
 async def test_a_queued_request_has_a_queue_span_under_its_routing_decision() -> None:
