@@ -9,6 +9,10 @@ own keys, not the long one's. A group's keys are gathered from the paged KV pool
 (a row's whole blocks, so up to `block_size - 1` keys past its end, masked); its queries see
 their own row's positions up to their own.
 
+The last layer computes only what the logits need: every token's keys and values, but attention
+and the MLP for each chunk's last token alone (a prompt chunk's other tokens have no use past
+their keys and values), so it has its own groups: one query per chunk.
+
 Every index the pass needs is built here in plain Python and crosses to torch as one buffer, so a
 step costs a few small tensor ops per group instead of a few per row.
 """
@@ -69,18 +73,21 @@ class Layout:
     ids: torch.Tensor  # [N] token ids, flat
     positions: torch.Tensor  # [N] for the position embedding (clamped to the context)
     write: torch.Tensor  # [N] pool slot each new token's key/value goes to
-    last: torch.Tensor  # [B] flat index of each chunk's last token, in the chunks' order
     groups: tuple[Group, ...]
+    # the last layer: its groups, the flat tokens it keeps (None: all, when every chunk is one
+    # token) and each chunk's row in its output (None: the chunks' own order)
+    final_groups: tuple[Group, ...]
+    keep: torch.Tensor | None
+    order: torch.Tensor | None
 
 
-def grouped(chunks: Sequence[ChunkLike]) -> list[list[int]]:
-    """Chunk indices by group: longest first, a new group when a row is under half the
-    group's first row in chunk length or key span (so decode rows never share a group with a
-    prompt chunk)."""
-    shapes = [(len(c.tokens), c.start + len(c.tokens)) for c in chunks]
+def grouped(shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Row indices by group, from each row's (queries, key span): longest first, a new group
+    when a row is under half the group's first row in either (so decode rows never share a
+    group with a prompt chunk)."""
     groups: list[list[int]] = []
     head_len = head_end = 0
-    for i in sorted(range(len(chunks)), key=shapes.__getitem__, reverse=True):
+    for i in sorted(range(len(shapes)), key=shapes.__getitem__, reverse=True):
         length, end = shapes[i]
         if groups and length * _PAD > head_len and end * _PAD > head_end:
             groups[-1].append(i)
@@ -97,20 +104,19 @@ class _GroupPlan:
     rows: int
     queries: int
     columns: int
-    keys: int
     first: int
     tokens: int
     tables: int
-    query_positions: int
+    query_positions: int = 0
     gather: int | None = None
     scatter: int | None = None
 
 
 class _Builder:
     """Every index of a step in plain Python: the flat tokens' ids, positions and pool slots,
-    each chunk's last token, and per group its block tables and query positions (and, when its
-    rows are padded, where each query slot comes from). All of it crosses to torch as one
-    buffer (`torch.frombuffer`: no copy), then is sliced."""
+    and per group its block tables and query positions (and, when its rows are padded, where
+    each query slot comes from). All of it crosses to torch as one buffer (`torch.frombuffer`:
+    no copy), then is sliced."""
 
     def __init__(self, chunks: Sequence[ChunkLike], block_size: int, context_len: int) -> None:
         self.chunks = chunks
@@ -119,43 +125,39 @@ class _Builder:
         self.ids: array[int] = array("q")
         self.positions: array[int] = array("q")
         self.write: array[int] = array("q")
-        self.last = [0] * len(chunks)
-        self.extra: array[int] = array("q")
+        self.last = [0] * len(chunks)  # flat index of each chunk's last token
+        self.extra: array[int] = array("q")  # the groups' lists
         self.groups: list[_GroupPlan] = []
+        self.final: list[_GroupPlan] | None = None  # None: the same groups
+        self.keep: list[int] = []
+        self.order: list[int] | None = None
 
-    def add_group(self, rows: list[int]) -> None:
-        chunks, bs = self.chunks, self.block_size
-        queries = max(len(chunks[i].tokens) for i in rows)
-        columns = -(-max(chunks[i].start + len(chunks[i].tokens) for i in rows) // bs)
-        tables: array[int] = array("q")
-        query_positions: array[int] = array("q")
-        first = len(self.ids)
-        for i in rows:
-            chunk = chunks[i]
-            blocks = chunk.blocks[:columns]
-            tables.extend(blocks)
-            if len(blocks) < columns:  # never visible: beyond the row's end
-                tables.extend([0] * (columns - len(blocks)))
-            self._tokens(chunk, query_positions, queries)
-            self.last[i] = len(self.ids) - 1
-        tokens = len(self.ids) - first
-        plan = _GroupPlan(
-            len(rows), queries, columns, columns * bs, first, tokens, len(self.extra), 0
-        )
-        self.extra.extend(tables)
-        plan.query_positions = len(self.extra)
-        self.extra.extend(query_positions)
-        if tokens < len(rows) * queries:
-            self._padding(plan, [len(chunks[i].tokens) for i in rows])
-        self.groups.append(plan)
+    def build(self) -> None:
+        chunks = self.chunks
+        shapes = [(len(c.tokens), c.start + len(c.tokens)) for c in chunks]
+        for rows in grouped(shapes):
+            first = len(self.ids)
+            for i in rows:
+                self._tokens(chunks[i])
+                self.last[i] = len(self.ids) - 1
+            self.groups.append(self._plan([chunks[i] for i in rows], first, last_only=False))
+        if len(self.ids) > len(chunks):  # a prompt chunk: the last layer takes last tokens only
+            self.final, self.order = [], [0] * len(chunks)
+            for rows in grouped([(1, end) for _, end in shapes]):
+                first = len(self.keep)
+                for i in rows:
+                    self.order[i] = len(self.keep)
+                    self.keep.append(self.last[i])
+                self.final.append(self._plan([chunks[i] for i in rows], first, last_only=True))
+        elif self.last != list(range(len(chunks))):
+            self.order = self.last
 
-    def _tokens(self, chunk: ChunkLike, query_positions: array[int], queries: int) -> None:
+    def _tokens(self, chunk: ChunkLike) -> None:
         tokens, start, blocks, bs = chunk.tokens, chunk.start, chunk.blocks, self.block_size
         if len(tokens) == 1:  # a decode row: most rows of most steps
             self.ids.append(tokens[0])
             self.positions.append(min(start, self.top))
             self.write.append(blocks[start // bs] * bs + start % bs)
-            query_positions.append(start)
             return
         end = start + len(tokens)
         self.ids.extend(tokens)
@@ -168,8 +170,30 @@ class _Builder:
             base = blocks[block] * bs + offset
             self.write.extend(range(base, base + run))
             position += run
-        query_positions.extend(range(start, end))
-        query_positions.extend([end - 1] * (queries - len(tokens)))  # padding: copies the last
+
+    def _plan(self, rows: list[ChunkLike], first: int, *, last_only: bool) -> _GroupPlan:
+        """Block tables and query positions of a group whose queries are its rows' tokens, or
+        (`last_only`) each row's last token."""
+        lengths = [1 if last_only else len(c.tokens) for c in rows]
+        queries = max(lengths)
+        columns = -(-max(c.start + len(c.tokens) for c in rows) // self.block_size)
+        tables: array[int] = array("q")
+        query_positions: array[int] = array("q")
+        for chunk, length in zip(rows, lengths, strict=True):
+            blocks = chunk.blocks[:columns]
+            tables.extend(blocks)
+            if len(blocks) < columns:  # never visible: beyond the row's end
+                tables.extend([0] * (columns - len(blocks)))
+            end = chunk.start + len(chunk.tokens)
+            query_positions.extend(range(end - length, end))
+            query_positions.extend([end - 1] * (queries - length))  # padding: copies the last
+        plan = _GroupPlan(len(rows), queries, columns, first, sum(lengths), len(self.extra))
+        self.extra.extend(tables)
+        plan.query_positions = len(self.extra)
+        self.extra.extend(query_positions)
+        if plan.tokens < len(rows) * queries:
+            self._padding(plan, lengths)
+        return plan
 
     def _padding(self, plan: _GroupPlan, lengths: list[int]) -> None:
         """Rows of unlike length: each query slot's flat token (a padded slot repeats its row's
@@ -187,21 +211,41 @@ class _Builder:
         self.extra.extend(scatter)
 
     def send(self, dtype: torch.dtype, device: torch.device) -> Layout:
-        n, b = len(self.ids), len(self.chunks)
+        n, keep, order = len(self.ids), len(self.keep), self.order or []
         values = self.ids
-        offset = len(values) + 2 * n + b  # where `extra` starts
-        values.extend(self.positions)
-        values.extend(self.write)
-        values.extend(self.last)
+        for part in (self.positions, self.write, self.keep, order):
+            values.extend(part)
         values.extend(self.extra)
         sent = torch.frombuffer(values, dtype=torch.int64)
         if device.type != "cpu":
             sent = sent.to(device, non_blocking=True)
-        keys = torch.arange(max(g.keys for g in self.groups), device=device)
-        groups = tuple(_group(g, sent[offset:], keys, dtype) for g in self.groups)
+        sizes = [n, n, n, keep, len(order), len(self.extra)]
+        ids, positions, write, kept, ordered, extra = torch.split(sent, sizes)
+        span = max(g.columns for g in [*self.groups, *(self.final or ())]) * self.block_size
+        keys = torch.arange(span, device=device)
+        groups = tuple(self._group(g, extra, keys, dtype) for g in self.groups)
+        final = groups if self.final is None else tuple(
+            self._group(g, extra, keys, dtype) for g in self.final
+        )  # fmt: skip
         return Layout(
-            sent[:n], sent[n : 2 * n], sent[2 * n : 3 * n], sent[3 * n : 3 * n + b], groups
-        )
+            ids, positions, write, groups, final,
+            kept if self.final is not None else None, ordered if self.order else None,
+        )  # fmt: skip
+
+    def _group(
+        self, plan: _GroupPlan, extra: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype
+    ) -> Group:
+        rows, queries, span = plan.rows, plan.queries, plan.columns * self.block_size
+        tables = extra[plan.tables : plan.tables + rows * plan.columns]
+        at = plan.query_positions
+        query_positions = extra[at : at + rows * queries].view(rows, 1, queries, 1)
+        hidden = keys[:span] > query_positions  # [rows, 1, queries, keys]
+        mask = torch.zeros(hidden.shape, dtype=dtype, device=keys.device).masked_fill_(hidden, -inf)
+        gather = scatter = None
+        if plan.gather is not None and plan.scatter is not None:
+            gather = extra[plan.gather : plan.gather + rows * queries]
+            scatter = extra[plan.scatter : plan.scatter + plan.tokens]
+        return Group(rows, queries, span, plan.first, tables, mask, gather, scatter)
 
 
 def layout(
@@ -209,20 +253,5 @@ def layout(
     device: torch.device,
 ) -> Layout:  # fmt: skip
     builder = _Builder(chunks, block_size, context_len)
-    for rows in grouped(chunks):
-        builder.add_group(rows)
+    builder.build()
     return builder.send(dtype, device)
-
-
-def _group(plan: _GroupPlan, extra: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> Group:
-    rows, queries = plan.rows, plan.queries
-    tables = extra[plan.tables : plan.tables + rows * plan.columns]
-    at = plan.query_positions
-    query_positions = extra[at : at + rows * queries].view(rows, 1, queries, 1)
-    hidden = keys[: plan.keys] > query_positions  # [rows, 1, queries, keys]
-    mask = torch.zeros(hidden.shape, dtype=dtype, device=keys.device).masked_fill_(hidden, -inf)
-    gather = scatter = None
-    if plan.gather is not None and plan.scatter is not None:
-        gather = extra[plan.gather : plan.gather + rows * queries]
-        scatter = extra[plan.scatter : plan.scatter + plan.tokens]
-    return Group(rows, queries, plan.keys, plan.first, tables, mask, gather, scatter)

@@ -85,13 +85,27 @@ class TinyGPT(nn.Module):
         weight = self.head.weight
         step = layout(chunks, pool.block_size, self.params.context_len, weight.dtype, weight.device)
         x = self.tok(step.ids) + self.pos(step.positions)  # [N, width]: every row's tokens
-        for layer, block in enumerate(self._layers()):
-            qkv = block.qkv(block.ln1(x)).view(-1, 3, self.heads, self.head_dim)
-            pool.kv[layer].index_copy_(0, step.write, qkv[:, 1:])
-            x = x + block.proj(self._attend(qkv[:, 0], pool.blocks(layer), step.groups))
-            x = x + block.mlp(block.ln2(x))
-        logits: torch.Tensor = self.head(self.ln_f(x.index_select(0, step.last)))
-        return logits
+        *inner, final = self._layers()
+        for layer, block in enumerate(inner):
+            x = self._layer(block, x, pool, layer, step.write, step.groups)
+        x = self._layer(final, x, pool, len(inner), step.write, step.final_groups, step.keep)
+        logits: torch.Tensor = self.head(self.ln_f(x))
+        return logits if step.order is None else logits.index_select(0, step.order)
+
+    def _layer(
+        self, block: Block, x: torch.Tensor, pool: KVPool, layer: int, write: torch.Tensor,
+        groups: tuple[Group, ...], keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """One block: every token's keys/values into the pool; the rest for the tokens `keep`
+        names (all when None)."""
+        qkv = block.qkv(block.ln1(x)).view(-1, 3, self.heads, self.head_dim)
+        pool.kv[layer].index_copy_(0, write, qkv[:, 1:])
+        q = qkv[:, 0]
+        if keep is not None:
+            q, x = q.index_select(0, keep), x.index_select(0, keep)
+        x = x + block.proj(self._attend(q, pool.blocks(layer), groups))
+        out: torch.Tensor = x + block.mlp(block.ln2(x))
+        return out
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, groups: tuple[Group, ...]) -> torch.Tensor:
         """Attention of the flat queries [N, heads, head_dim] over the pool's blocks

@@ -22,9 +22,9 @@ def chunk(tokens: int, start: int, first_block: int) -> Chunk:
 def test_rows_group_within_twice_the_longest_and_decodes_apart_from_prompt_chunks() -> None:
     decodes = [chunk(1, start, 0) for start in (40, 60, 120, 200, 340)]
     prompt = chunk(45, 0, 0)
-    groups = grouped([*decodes, prompt])
+    groups = grouped([(len(c.tokens), c.start + len(c.tokens)) for c in [*decodes, prompt]])
     assert groups == [[5], [4, 3], [2, 1], [0]]  # longest first; 61 > 200 / 2 starts anew
-    assert grouped([chunk(8, 0, 0), chunk(5, 0, 0), chunk(3, 0, 0)]) == [[0, 1], [2]]
+    assert grouped([(8, 8), (5, 5), (3, 3)]) == [[0, 1], [2]]
 
 
 def test_a_step_is_one_tensor_buffer_with_padded_groups_marked() -> None:
@@ -32,7 +32,9 @@ def test_a_step_is_one_tensor_buffer_with_padded_groups_marked() -> None:
     step = layout(chunks, BLOCK, 512, torch.float64, torch.device("cpu"))
     assert step.ids.tolist() == [*chunks[0].tokens, *chunks[1].tokens, *chunks[2].tokens]
     assert step.write.tolist() == [*range(8), *range(4 * 16 + 3, 4 * 16 + 8), 9 * 16 + 14]
-    assert step.last.tolist() == [7, 12, 13]
+    assert step.keep is not None and step.order is not None
+    assert step.keep.tolist() == [13, 7, 12]  # the last layer: last tokens, longest span first
+    assert step.order.tolist() == [1, 2, 0]
     padded, decode = step.groups
     assert (padded.rows, padded.queries, padded.keys) == (2, 8, 16)
     assert padded.gather is not None and padded.scatter is not None
