@@ -12,7 +12,9 @@ extra; Rust, multi-threaded); LiteLLM's proxy with `least-busy` (when `litellm` 
 infergate `least_outstanding_requests` with `workers: 1` and `workers: 2` (and, named
 `infergate:workers=N+flow`, with flow control on: classes and token fairness, no contention, so
 its cost alone). One that is not installed is skipped with a notice. `direct` (no front end)
-is the baseline.
+is the baseline, and `ceiling:workers=2` the Python ceiling: a bare relay on uvloop + httptools
+(loadtests/harness/ceiling.py: no routing, no limits, no metrics), as little as a Python front
+end can do per request.
 
 Request relay: the replicas are one nginx (Debian's, one worker process, two ports) returning a
 fixed OpenAI completion; without nginx, the Python upstream of loadtests/harness/relay_rig.py
@@ -84,6 +86,7 @@ FRONT_ENDS = (
     "litellm:least-busy",
     "infergate:workers=1",
     "infergate:workers=2",
+    "ceiling:workers=2",
 )
 DIRECT = "direct"
 STREAM_RATE = 40  # events per second per stream
@@ -216,11 +219,13 @@ def missing(name: str) -> str | None:
         "litellm": option == "least-busy",
         "infergate": option.startswith("workers=")
         and option[8:].removesuffix(FLOW_SUFFIX).isdigit(),
+        "ceiling": option.startswith("workers=") and option[8:].isdigit(),
     }
     if not known.get(kind, False):
         return (
             f"unknown front end {name} (haproxy:leastconn, vllm:POLICY, sglang:POLICY, "
-            "litellm:least-busy, infergate:workers=N, infergate:workers=N+flow)"
+            "litellm:least-busy, infergate:workers=N, infergate:workers=N+flow, "
+            "ceiling:workers=N)"
         )
     need = {
         "haproxy": ("haproxy", "apt-get install haproxy"),
@@ -274,6 +279,11 @@ def front_end(
         assert script is not None
         cmd = [script, "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
         with front_end_process(cmd, port, "/health/liveliness", log) as f:
+            yield f
+    elif kind == "ceiling":
+        cmd = [sys.executable, "-m", "loadtests.harness.ceiling", "--port", str(port)]
+        cmd += ["--workers", name.split("=")[1], *urls]
+        with front_end_process(cmd, port, "/health", log) as f:
             yield f
     else:
         option = name.split("=")[1]

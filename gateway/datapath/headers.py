@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import TYPE_CHECKING
 
-from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from gateway.datapath.auth import key_name
 from gateway.routing.request import Decision
+
+if TYPE_CHECKING:
+    from gateway.datapath.downstream import Downstream
 
 REPLICA_HEADER = "X-Infergate-Replica"
 DECISION_HEADER = "X-Infergate-Decision"  # with routing.explain: why it went there
@@ -39,23 +41,23 @@ def _dropped(headers: CIMultiDictProxy[str], extra: frozenset[str]) -> frozenset
     return HOP_BY_HOP | extra | named
 
 
-def upstream_request_headers(request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
-    headers = request.headers
+def upstream_request_headers(client: Downstream, request_id: str) -> list[tuple[str, str]]:
+    headers = client.headers
     dropped = _dropped(headers, NOT_FORWARDED)
-    owner = key_name(request)
+    owner = client.key_name
     out = [
         (k, owned_idempotency_key(owner, v) if owner and lower == "idempotency-key" else v)
         for k, v in headers.items()
         if (lower := k.lower()) not in dropped and lower not in FORWARDING
     ]
     out.append((REQUEST_ID_HEADER, request_id))
-    peer = request.remote or "unknown"
+    peer = client.remote or "unknown"
     prior = headers.get("X-Forwarded-For")
     out.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
     # What this gateway saw, never what the client claims (only X-Forwarded-For is a chain).
-    out.append(("X-Forwarded-Proto", request.scheme))
-    if request.host:
-        out.append(("X-Forwarded-Host", request.host))
+    out.append(("X-Forwarded-Proto", client.scheme))
+    if client.host:
+        out.append(("X-Forwarded-Host", client.host))
     return out
 
 

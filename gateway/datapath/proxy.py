@@ -18,9 +18,8 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig, Retries
 from gateway.datapath import tenancy as tenancy_step
-from gateway.datapath.auth import api_key, key_name
-from gateway.datapath.body import read_body
 from gateway.datapath.classify import Classified, Estimate, classify_off_loop
+from gateway.datapath.downstream import AiohttpDownstream, Downstream
 from gateway.datapath.h1client import DOT_SEGMENT_PROBLEM, dot_segment
 from gateway.datapath.headers import (
     DECISION_HEADER,
@@ -91,19 +90,27 @@ UPSTREAM = web.AppKey("upstream", Upstream)  # opened with the app (h1client.Ups
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    """Every path that is not the gateway's own ends here."""
-    if dot_segment(request.rel_url.raw_path_qs):  # before admission: it counts nowhere
+    """aiohttp's route for every path that is not the gateway's own (the lean front of
+    gateway/app/front.py calls `serve` itself)."""
+    client = AiohttpDownstream(request)
+    await serve(request.app[PROXY], client)
+    assert client.response is not None, "every way out of serve answers or raises"
+    return client.response
+
+
+async def serve(proxy: Proxy, client: Downstream) -> None:
+    """One proxied request, answered through `client`; a GatewayError raised before any of the
+    answer was sent is for the front end to answer (JSON, by checks.refusal's rules)."""
+    if dot_segment(client.path_qs):  # before admission: it counts nowhere
         raise InvalidRequest(f"the request path {DOT_SEGMENT_PROBLEM}")
-    proxy = request.app[PROXY]
     last: list[Lease] = []  # the last attempt's lease: what the request used
     if proxy.tracer is None:
-        return await _handle(request, proxy, last, None)
-    trace = proxy.tracer.request(request)
+        return await _handle(client, proxy, last, None)
+    trace = proxy.tracer.request(client)
     status = 500
     try:
-        response = await _handle(request, proxy, last, trace)
-        status = last[-1].code if last else response.status
-        return response
+        await _handle(client, proxy, last, trace)
+        status = last[-1].code if last else 200
     except GatewayError as exc:
         status = exc.status
         raise
@@ -115,25 +122,24 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def _handle(
-    request: web.Request, proxy: Proxy, last: list[Lease], trace: RequestTrace | None
-) -> web.StreamResponse:
+    client: Downstream, proxy: Proxy, last: list[Lease], trace: RequestTrace | None
+) -> None:
     live = proxy.live
     config = live.runtime.config
-    body = await read_body(request, config.limits.max_body_bytes, config.timeouts.client_body_s)
-    request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
-    estimate = tenancy_step.wants_estimate(config, api_key(request))
+    body = await client.body(config.limits.max_body_bytes, config.timeouts.client_body_s)
+    request_id = client.headers.get(REQUEST_ID_HEADER) or new_request_id()
+    estimate = tenancy_step.wants_estimate(config, client.key)
     try:
         # An alias is rewritten to the served model: in the body, or in a /v2/models/{name} path.
-        path_qs, headers = request.rel_url.raw_path_qs, request.headers
-        asked = await classify_off_loop(live, path_qs, headers, body, estimate)
+        asked = await classify_off_loop(live, client.path_qs, client.headers, body, estimate)
     except GatewayError as exc:  # an unknown model, or none of its replicas in rotation
         proxy.events.unrouted(exc.error_type)
         raise
     if trace is not None:
         trace.classified(asked.asked, request_id)
-    tenancy = _enter(request, proxy, asked.estimate, len(body))
+    tenancy = _enter(client, proxy, asked.estimate, len(body))
     try:
-        return await _attempts(request, proxy, asked, request_id, tenancy, last, trace)
+        await _attempts(client, proxy, asked, request_id, tenancy, last, trace)
     except GatewayError as exc:  # an error of the gateway's own still carries the headers
         exc.headers = {**tenancy.reply_headers, **exc.headers}
         raise
@@ -142,26 +148,24 @@ async def _handle(
         proxy.events.settled(tenancy.ticket, usage)
 
 
-def _enter(
-    request: web.Request, proxy: Proxy, estimate: Estimate | None, body_bytes: int
-) -> Tenancy:
-    key = api_key(request)
+def _enter(client: Downstream, proxy: Proxy, estimate: Estimate | None, body_bytes: int) -> Tenancy:
+    key = client.key
     try:
-        return tenancy_step.enter(proxy.live, key, request.headers, estimate, body_bytes)
+        return tenancy_step.enter(proxy.live, key, client.headers, estimate, body_bytes)
     except RateLimited as exc:
         proxy.events.rate_limited(key.tenant_name if key is not None else "", exc.code)
         raise
 
 
 async def _attempts(
-    request: web.Request,
+    client: Downstream,
     proxy: Proxy,
     asked: Classified,
     request_id: str,
     tenancy: Tenancy,
     last: list[Lease],
     trace: RequestTrace | None = None,
-) -> web.StreamResponse:
+) -> None:
     """The request's attempts, each on a replica of its own, while a retry may follow."""
     live, config = proxy.live, proxy.live.runtime.config
     body, path_qs, info = asked.body, asked.path_qs, asked.info
@@ -178,7 +182,7 @@ async def _attempts(
                 info, tried=tried, ticket=tenancy.ticket, explain=sampled
             ) as lease:
                 last.append(lease)
-                lease.key = key_name(request)
+                lease.key = client.key_name
                 lease.wants_usage = tenancy.wants_usage or sampled
                 tried.append(lease.replica)
                 retry = attempt > 0
@@ -189,7 +193,7 @@ async def _attempts(
                 if trace is not None:
                     tried_here = trace.attempt(attempt + 1, lease.decision, since_ns)
                 sent = Outgoing(path_qs, body, request_id, replies, tried_here)
-                return await _attempt(request, proxy, lease, sent, retry, config)
+                return await _attempt(client, proxy, lease, sent, retry, config)
         except NoUntriedReplica:
             break
         except GatewayError as exc:  # from admission: nowhere to go now
@@ -204,28 +208,26 @@ async def _attempts(
             if attempt + 1 < config.retries.max_attempts:
                 proxy.events.retried(failed.reason)
     assert failure is not None
-    if failure.response is not None:
-        return failure.response  # the replica's own 429/503, Retry-After and all
-    raise failure.error
+    if failure.response is None:
+        raise failure.error
+    await client.reply(failure.response)  # the replica's own 429/503, Retry-After and all
 
 
 async def _attempt(
-    request: web.Request,
+    client: Downstream,
     proxy: Proxy,
     lease: Lease,
     sent: Outgoing,
     retry: bool,
     config: GatewayConfig,
-) -> web.StreamResponse:
+) -> None:
     """One try on the leased replica; sets the lease's code to what the client got (and tells
     the attempt's trace, if any, how it went)."""
     proxy.retries_in_flight += retry
     trace = sent.trace
     try:
-        client, pool = proxy.upstream(), proxy.live.pool
-        response = await relay(request, lease, sent, client, config.timeouts, pool)
-        lease.code = response.status
-        return response
+        upstream, pool = proxy.upstream(), proxy.live.pool
+        lease.code = await relay(client, lease, sent, upstream, config.timeouts, pool)
     except AttemptFailed as failed:
         lease.code = failed.status
         if trace is not None:
@@ -235,11 +237,9 @@ async def _attempt(
         lease.code = 502
         if trace is not None:
             trace.failed("aborted", str(exc))
-        await cut(request, exc.response, str(exc))
-        return exc.response
-    except ClientGone as exc:
+        await cut(client, exc)
+    except ClientGone:
         lease.code = CLIENT_CLOSED
-        return exc.response
     finally:
         proxy.retries_in_flight -= retry
         if trace is not None:

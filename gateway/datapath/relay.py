@@ -18,9 +18,10 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.config import Timeouts
+from gateway.datapath.downstream import Buffered, Downstream
 from gateway.datapath.headers import (
     HOP_BY_HOP,
     REPLICA_HEADER,
@@ -62,9 +63,7 @@ class AttemptFailed(Exception):
     """An attempt failed before any response byte reached the client; `reason` is a
     `retries.retry_on` name, and `response` the replica's own answer when it sent one."""
 
-    def __init__(
-        self, reason: str, error: GatewayError, response: web.Response | None = None
-    ) -> None:
+    def __init__(self, reason: str, error: GatewayError, response: Buffered | None = None) -> None:
         super().__init__(str(error))
         self.reason = reason
         self.error = error
@@ -76,19 +75,19 @@ class AttemptFailed(Exception):
 
 
 class RelayAborted(Exception):
-    """The upstream failed after response bytes reached the client: the stream is cut."""
+    """The upstream failed after response bytes reached the client: the stream is cut
+    (`event_stream`: the client is told why in an SSE error event first)."""
 
-    def __init__(self, response: web.StreamResponse, reason: str) -> None:
+    def __init__(self, reason: str, event_stream: bool) -> None:
         super().__init__(reason)
-        self.response = response
+        self.event_stream = event_stream
 
 
 class ClientGone(Exception):
     """The client closed its connection while the response was being relayed."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
+    def __init__(self) -> None:
         super().__init__("client closed the connection")
-        self.response = response
 
 
 @dataclass(frozen=True)
@@ -105,13 +104,13 @@ class Outgoing:
 
 
 async def _send(
-    request: web.Request, replica: Replica, sent: Outgoing, upstream: Upstream, timeouts: Timeouts
+    client: Downstream, replica: Replica, sent: Outgoing, upstream: Upstream, timeouts: Timeouts
 ) -> UpstreamResponse:
     """The replica's response headers, or AttemptFailed naming why there are none."""
-    headers = upstream_request_headers(request, sent.request_id)
+    headers = upstream_request_headers(client, sent.request_id)
     if sent.trace is not None:
         headers = with_trace(headers, sent.trace.headers())
-    asked = UpstreamRequest(replica.url, request.method, sent.path_qs, headers, sent.body)
+    asked = UpstreamRequest(replica.url, client.method, sent.path_qs, headers, sent.body)
     try:
         return await upstream.send(asked, upstream_timeouts(timeouts))
     except UpstreamFailure as exc:
@@ -136,47 +135,51 @@ def _take_load_report(pool: ReplicaPool, replica: Replica, header: str) -> None:
 
 
 async def relay(
-    request: web.Request,
+    client: Downstream,
     lease: Lease,
     sent: Outgoing,
-    client: Upstream,
+    upstream_client: Upstream,
     timeouts: Timeouts,
     pool: ReplicaPool,
-) -> web.StreamResponse:
-    """The leased replica's answer to `sent`, relayed to the client: AttemptFailed while none
-    of it reached the client (a retry may follow), RelayAborted or ClientGone after."""
+) -> int:
+    """The leased replica's answer to `sent`, relayed to the client (its status returned):
+    AttemptFailed while none of it reached the client (a retry may follow), RelayAborted or
+    ClientGone after."""
     replica = lease.replica
-    upstream = await _send(request, replica, sent, client, timeouts)
-    response: web.StreamResponse
+    upstream = await _send(client, replica, sent, upstream_client, timeouts)
     try:
         report = upstream.header(LOAD_HEADER_LOWER)
         if report:
             _take_load_report(pool, replica, report)
-        if upstream.status in RETRIABLE_STATUSES or _is_small_whole_body(request, upstream):
-            response = await _buffered_response(upstream, lease, sent)
+        if upstream.status in RETRIABLE_STATUSES or _is_small_whole_body(client, upstream):
+            answer = await _buffered_response(upstream, lease, sent)
             if upstream.status in RETRIABLE_STATUSES:
                 error = UpstreamError(f"replica {replica.url} answered {upstream.status}")
-                raise AttemptFailed(str(upstream.status), error, response)
+                raise AttemptFailed(str(upstream.status), error, answer)
+            await client.reply(answer)
         else:
-            response = await _start_response(request, upstream, replica, sent)
-            await _copy_body(request, upstream, response, lease, sent.trace)
+            headers = _response_headers(upstream, replica, sent)
+            event_stream = _is_event_stream(headers.get("Content-Type", ""))
+            try:
+                chunked = await client.start(upstream.status, upstream.reason, headers)
+            except ConnectionResetError:
+                raise ClientGone() from None
+            await _copy_body(client, upstream, chunked, event_stream, lease, sent.trace)
     except BaseException:
         upstream.close()  # never hand a half-read connection back to the pool
         raise
     upstream.release()
-    return response
+    return upstream.status
 
 
-def _is_small_whole_body(request: web.Request, upstream: UpstreamResponse) -> bool:
+def _is_small_whole_body(client: Downstream, upstream: UpstreamResponse) -> bool:
     """A small body of known length is relayed in one write: it is not a stream, and one
     write instead of three (headers, body, end) is most of the proxy's cost per request."""
     length = upstream.content_length
-    return length is not None and length <= BUFFERED_MAX_BYTES and request.method != "HEAD"
+    return length is not None and length <= BUFFERED_MAX_BYTES and client.method != "HEAD"
 
 
-async def _buffered_response(
-    upstream: UpstreamResponse, lease: Lease, sent: Outgoing
-) -> web.Response:
+async def _buffered_response(upstream: UpstreamResponse, lease: Lease, sent: Outgoing) -> Buffered:
     replica = lease.replica
     headers = upstream.headers(RESPONSE_DROPPED)
     try:
@@ -199,29 +202,29 @@ async def _buffered_response(
     headers[REQUEST_ID_HEADER] = sent.request_id
     if sent.reply_headers:
         headers.update(sent.reply_headers)
-    return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+    return Buffered(upstream.status, upstream.reason, headers, body)
 
 
-async def _start_response(
-    request: web.Request, upstream: UpstreamResponse, replica: Replica, sent: Outgoing
-) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(upstream.headers(HOP_BY_HOP))
-    response.headers[REPLICA_HEADER] = replica.url
-    response.headers[REQUEST_ID_HEADER] = sent.request_id
+def _is_event_stream(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() == "text/event-stream"
+
+
+def _response_headers(
+    upstream: UpstreamResponse, replica: Replica, sent: Outgoing
+) -> CIMultiDict[str]:
+    headers = upstream.headers(HOP_BY_HOP)
+    headers[REPLICA_HEADER] = replica.url
+    headers[REQUEST_ID_HEADER] = sent.request_id
     if sent.reply_headers:
-        response.headers.update(sent.reply_headers)
-    try:
-        await response.prepare(request)
-    except ConnectionResetError:
-        raise ClientGone(response) from None
-    return response
+        headers.update(sent.reply_headers)
+    return headers
 
 
 async def _copy_body(
-    request: web.Request,
+    client: Downstream,
     upstream: UpstreamResponse,
-    response: web.StreamResponse,
+    chunked: bool,
+    event_stream: bool,
     lease: Lease,
     trace: AttemptTrace | None = None,
 ) -> None:
@@ -233,10 +236,9 @@ async def _copy_body(
     SseCounter) marks the lease failed: the client got a 200, but the replica did not serve it.
     A traced stream's first chunk is its time to first token."""
     replica = lease.replica
-    events = SseCounter(lease.wants_usage) if response.content_type == "text/event-stream" else None
+    events = SseCounter(lease.wants_usage) if event_stream else None
     first_chunk = trace.first_chunk if trace is not None and events is not None else None
-    chunked = response.headers.get("Transfer-Encoding") == "chunked"
-    transport = request.transport
+    transport = client.piped() if chunked else None
     while True:
         try:
             chunk = await upstream.chunk()
@@ -245,20 +247,20 @@ async def _copy_body(
             # stream rather than end it cleanly, and the client sees an incomplete response.
             reason = f"replica {replica.url} failed mid-response: {exc}"
             log.warning("%s", reason)
-            raise RelayAborted(response, reason) from None
+            raise RelayAborted(reason, event_stream) from None
         if not chunk:
             break
         if events is not None:
             _count_events(lease, events, chunk)
-        await _write(response, chunk)
+        await _write(client, chunk)
         if first_chunk is not None:
             first_chunk()
             first_chunk = None
-        if chunked and transport is not None:
+        if transport is not None:
             # Headers are out: from here on chunks go straight from the replica's socket to
-            # the client's while it keeps up, framed as aiohttp frames them.
+            # the client's while it keeps up, framed as the writer frames them.
             upstream.pipe(_pipe(lease, transport, events))
-    await _write(response, b"", eof=True)
+    await _write(client, b"", eof=True)
 
 
 def _count_events(lease: Lease, events: SseCounter, chunk: bytes) -> None:
@@ -288,19 +290,18 @@ def _pipe(
     return sink
 
 
-async def cut(request: web.Request, response: web.StreamResponse, reason: str) -> None:
+async def cut(client: Downstream, aborted: RelayAborted) -> None:
     """End a relayed response that cannot complete: an SSE client gets an error event first;
     then the connection is aborted so no client mistakes the truncated body for a whole one."""
-    if response.content_type == "text/event-stream":
-        event = json.dumps(error_body("upstream_error", reason))
+    if aborted.event_stream:
+        event = json.dumps(error_body("upstream_error", str(aborted)))
         with contextlib.suppress(ConnectionError):
-            await response.write(f"event: error\ndata: {event}\n\n".encode())
-    if request.transport is not None:
-        request.transport.abort()
+            await client.write(f"event: error\ndata: {event}\n\n".encode())
+    client.abort()
 
 
-async def _write(response: web.StreamResponse, chunk: bytes, *, eof: bool = False) -> None:
+async def _write(client: Downstream, chunk: bytes, *, eof: bool = False) -> None:
     try:
-        await (response.write_eof() if eof else response.write(chunk))
+        await (client.end() if eof else client.write(chunk))
     except ConnectionResetError:
-        raise ClientGone(response) from None
+        raise ClientGone() from None

@@ -10,12 +10,13 @@ there is a tracer, is the parent of the request's span and is not forwarded as i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.flow.service import Usage
 from gateway.routing.request import Decision
+
+if TYPE_CHECKING:
+    from gateway.datapath.downstream import Downstream
 
 TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
@@ -59,7 +60,7 @@ class RequestTrace(Protocol):
 
 
 class Tracer(Protocol):
-    def request(self, request: web.Request) -> RequestTrace:
+    def request(self, request: Downstream) -> RequestTrace:
         """A trace for a request that has just arrived (its parent: the client's traceparent)."""
         ...
 

@@ -25,7 +25,6 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 
-from aiohttp import web
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -35,6 +34,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, set_
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
 
+from gateway.datapath.downstream import Downstream
 from gateway.flow.service import Usage
 from gateway.routing.request import Decision
 
@@ -104,7 +104,7 @@ class GatewayTracer:
         self.provider = provider
         self._tracer = provider.get_tracer("infergate.gateway")
 
-    def request(self, request: web.Request) -> RequestSpans:
+    def request(self, request: Downstream) -> RequestSpans:
         parent = PROPAGATOR.extract(request.headers)
         path = request.path
         attributes = {
