@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
+from gateway.app.front import FrontSite, gateway_runner
 from gateway.app.listener import limit_connections
 from gateway.app.server import WATCHER, create_app
 from gateway.app.workers import (
@@ -76,15 +77,7 @@ async def serve(
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
     app = create_app(config, config_path=config_path, admin_token=token, worker=worker)
     limits = config.limits
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=DRAIN_TIMEOUT_S,
-        keepalive_timeout=limits.client_keepalive_s,
-        max_line_size=limits.max_header_bytes,
-        max_field_size=limits.max_header_bytes,
-    )
+    runner, front = gateway_runner(app, config, DRAIN_TIMEOUT_S)
     try:
         await runner.setup()
     except ConfigError:  # found while starting (the job store): close what was opened
@@ -92,11 +85,12 @@ async def serve(
         raise
     if limits.max_connections is not None:
         limit_connections(runner, limits.max_connections)
+    front.ready(runner, limits.max_connections)
     site: web.BaseSite
-    if worker is not None:  # the supervisor's listening socket, shared by every worker
-        site = web.SockSite(runner, socket.socket(fileno=worker.listen_fd), backlog=1024)
+    if worker is not None:  # this worker's own listening socket (SO_REUSEPORT)
+        site = FrontSite(runner, front, sock=socket.socket(fileno=worker.listen_fd))
     else:
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site = FrontSite(runner, front, host=host, port=port)
     try:
         await site.start()
     except OSError:

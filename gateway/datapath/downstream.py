@@ -37,7 +37,6 @@ class Downstream(Protocol):
     method: str
     path_qs: str  # the path and query as sent (never decoded)
     headers: CIMultiDictProxy[str]
-    remote: str | None
     scheme: str
     host: str | None  # the Host header
     key: ApiKey | None
@@ -46,6 +45,11 @@ class Downstream(Protocol):
     @property
     def path(self) -> str:
         """The path, percent-decoded (for names and spans, never for routing)."""
+        ...
+
+    @property
+    def remote(self) -> str | None:
+        """The client's address."""
         ...
 
     async def body(self, limit: int, timeout_s: float) -> bytes:

@@ -143,6 +143,18 @@ class GatewayMetrics(ProxyEvents):
             ["reason"],
             registry=registry,
         )
+        self.lean_requests = Counter(
+            "gateway_lean_requests",
+            "Proxied requests served by the lean front (gateway/app/front.py).",
+            registry=registry,
+        )
+        self.handoffs = Counter(
+            "gateway_front_handoffs",
+            "Connections the lean front handed to aiohttp's server, by why: a path the gateway "
+            "owns ('path') or any other request it leaves to aiohttp ('request').",
+            ["reason"],
+            registry=registry,
+        )
         self.retries = Counter(
             "gateway_retries",
             "Requests sent again to another replica, by what failed.",

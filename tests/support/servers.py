@@ -17,6 +17,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.app.front import FrontSite, gateway_runner
+from gateway.app.listener import limit_connections
 from gateway.app.server import create_app
 from gateway.config import load_config
 from gateway.ops.metrics import METRICS, GatewayMetrics
@@ -124,6 +126,23 @@ async def serve(app: web.Application, port: int = 0, host: str = "127.0.0.1") ->
 
 
 @asynccontextmanager
+async def serve_gateway(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """A gateway app as `infergate gateway` serves it: the lean front before aiohttp's server."""
+    config = app[LIVE].runtime.config
+    runner, front = gateway_runner(app, config, shutdown_s=1)
+    await runner.setup()
+    if config.limits.max_connections is not None:
+        limit_connections(runner, config.limits.max_connections)
+    front.ready(runner, config.limits.max_connections)
+    site = FrontSite(runner, front, host=host, port=0)
+    await site.start()
+    try:
+        yield site.name
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
 async def fake_replicas(n: int) -> AsyncIterator[list[FakeReplica]]:
     replicas = [FakeReplica(f"r{i}") for i in range(n)]
     async with _serve_all(replicas):
@@ -177,7 +196,7 @@ async def running_gateway(
     app = create_app(
         config, config_path=config_path, admin_token=admin_token, registry=CollectorRegistry()
     )
-    async with serve(app) as url:
+    async with serve_gateway(app) as url:
         state = app[LIVE]
         await wait_until(lambda: state.models_polled)  # as /readyz waits for it
         yield Gateway(url, state, config_path, app, app[METRICS])

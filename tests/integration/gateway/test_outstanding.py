@@ -47,7 +47,8 @@ async def test_least_outstanding_keeps_counts_within_one(tmp_path: Path) -> None
             while sum(r.in_flight for r in replicas) < 300:  # every request reached a replica
                 assert loop.time() < deadline, "requests did not all arrive"
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)
+            arrived = len(samples)  # a few more samples of all 300 held, however fast they came
+            await wait_until(lambda: len(samples) >= max(arrived + 3, 11))
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
             held = [r.in_flight for r in replicas]
