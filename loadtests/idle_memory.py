@@ -1,5 +1,6 @@
 """Memory per idle client connection: a one-worker gateway's resident set before and after
-`--connections` clients connect and send nothing (each held by the lean front, gateway/app/front.py).
+`--connections` clients connect and send nothing (each held by the lean front,
+gateway/app/front.py).
 
     python -m loadtests.idle_memory [--connections 2000]
 """
