@@ -26,7 +26,6 @@ import yaml
 from aiohttp import web
 
 from gateway.app.front import FrontSite, gateway_runner
-from gateway.app.listener import limit_connections
 from gateway.app.server import WATCHER, create_app
 from gateway.app.workers import (
     STARTUP_SIGNALS,
@@ -76,16 +75,13 @@ async def serve(
 ) -> int:
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
     app = create_app(config, config_path=config_path, admin_token=token, worker=worker)
-    limits = config.limits
     runner, front = gateway_runner(app, config, DRAIN_TIMEOUT_S)
     try:
         await runner.setup()
     except ConfigError:  # found while starting (the job store): close what was opened
         await runner.cleanup()
         raise
-    if limits.max_connections is not None:
-        limit_connections(runner, limits.max_connections)
-    front.ready(runner, limits.max_connections)
+    front.ready(runner)
     site: web.BaseSite
     if worker is not None:  # this worker's own listening socket (SO_REUSEPORT)
         site = FrontSite(runner, front, sock=socket.socket(fileno=worker.listen_fd))

@@ -35,11 +35,10 @@ from collections.abc import Iterable
 import httptools
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from prometheus_client import Counter
 from yarl import URL
 
-from gateway.app.listener import REFUSAL
-from gateway.config import ApiKey, GatewayConfig
+from gateway.app.listener import REFUSAL, limit_connections
+from gateway.config import ApiKey, GatewayConfig, Limits
 from gateway.datapath.auth import identify
 from gateway.datapath.downstream import Buffered
 from gateway.datapath.proxy import PROXY, serve
@@ -59,6 +58,7 @@ MAX_HEAD_BYTES = 64 * 1024  # buffered without a head's end before aiohttp is ha
 HIGH_WATER = 64 * 1024  # client-side bytes unsent past which a write waits for the client
 READ_AHEAD = 256 * 1024  # bytes of later requests buffered while one is served
 LEAN_METHODS = frozenset({b"GET", b"POST"})
+PATH, REQUEST = "path", "request"  # why a connection is handed over: a path the app owns, or not
 _NO_BODY = frozenset({204, 304})
 _SKIPPED = frozenset({"content-length", "transfer-encoding", "connection", "date"})
 
@@ -144,29 +144,29 @@ def _framing(fields: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict[str], int, 
 
 
 class Front:
-    """The listening sockets' protocol factory. Made before the runner's setup (its shutdown hook
-    joins the app's); `server` is aiohttp's, set after setup."""
+    """The listening sockets' protocol factory for a gateway app, with the limits it started
+    with. Made before the runner's setup (its shutdown hook joins the app's); `ready` after."""
 
-    def __init__(self, app: web.Application, keepalive_s: float, drain_s: float) -> None:
+    def __init__(self, app: web.Application, limits: Limits, drain_s: float) -> None:
         self.app = app
-        self.keepalive_s = keepalive_s
+        self.keepalive_s = limits.client_keepalive_s
+        self.max_connections = limits.max_connections
         self.drain_s = drain_s
-        self.max_connections: int | None = None
         self.server: web.Server | None = None
         self.connections: set[_Connection] = set()
         self.owned: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
-        self.served: Counter | None = None
-        self.handed: dict[str, Counter] = {}
+        metrics = app[METRICS]
+        self.served = metrics.lean_requests
+        self.handed = {why: metrics.handoffs.labels(why) for why in (PATH, REQUEST)}
         app.on_shutdown.append(self._drain)
 
-    def ready(self, runner: web.AppRunner, max_connections: int | None) -> None:
-        """After the runner's setup: aiohttp's server, and the paths the app owns (its routes
-        but the catch-all) as exact paths and prefixes."""
+    def ready(self, runner: web.AppRunner) -> None:
+        """After the runner's setup: aiohttp's server (held to max_connections on its own too,
+        for the sites it serves directly: the jobs socket of `workers: N`), and the paths the
+        app owns (its routes but the catch-all) as exact paths and prefixes."""
         self.server = runner.server
-        self.max_connections = max_connections
-        metrics = self.app[METRICS]
-        self.served = metrics.lean_requests
-        self.handed = {r: metrics.handoffs.labels(r) for r in ("path", "request")}
+        if self.max_connections is not None:
+            limit_connections(runner, self.max_connections)
         exact, prefixes = set(), []
         for resource in self.app.router.resources():
             canonical = resource.canonical
@@ -200,11 +200,9 @@ class Front:
             conn.closing = True
             if conn.task is None:
                 conn.close()
-        deadline = asyncio.get_running_loop().time() + self.drain_s
-        while any(c.task is not None for c in self.connections):
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        serving = [c.task for c in self.connections if c.task is not None]
+        if serving:
+            await asyncio.wait(serving, timeout=self.drain_s)
         for conn in list(self.connections):
             conn.abort()
 
@@ -223,7 +221,6 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.drained: asyncio.Future[None] | None = None
         self.idle: asyncio.TimerHandle | None = None
-        self.why = "request"  # why a hand-off (gateway_front_handoffs)
 
     # -- the transport's side ------------------------------------------------------------
 
@@ -243,8 +240,6 @@ class _Connection(asyncio.Protocol):
         self.closing = True
         if self.idle is not None:
             self.idle.cancel()
-        if self.exchange is not None:
-            self.exchange.gone()
         if self.task is not None:
             self.task.cancel()  # the client left: its request ends (handler_cancellation)
         self._wake_writer()
@@ -289,12 +284,12 @@ class _Connection(asyncio.Protocol):
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(buffer) > MAX_HEAD_BYTES or (buffer and b"\n\n" in buffer):
-                self._hand_off()
+                self._hand_off(REQUEST)
             return
         head = bytes(buffer[: end + 4])
         exchange = self._parse(head)
-        if exchange is None:
-            self._hand_off()
+        if isinstance(exchange, str):
+            self._hand_off(exchange)
             return
         del buffer[: end + 4]
         if self.idle is not None:
@@ -305,40 +300,40 @@ class _Connection(asyncio.Protocol):
             rest = exchange.take(bytes(buffer))
             buffer.clear()
             buffer += rest
-        if self.front.served is not None:
-            self.front.served.inc()
+        self.front.served.inc()
         self.task = self.loop.create_task(self._serve(exchange))
 
-    def _parse(self, head: bytes) -> _Exchange | None:
-        """The request in `head` when the lean path may serve it; None hands it to aiohttp."""
+    def _parse(self, head: bytes) -> _Exchange | str:
+        """The request in `head` when the lean path may serve it; else why aiohttp gets it
+        (PATH or REQUEST, gateway_front_handoffs' reasons)."""
         config = self.front.app[LIVE].runtime.config
         if len(head) > config.limits.max_header_bytes or head.count(b"\n") != head.count(b"\r\n"):
-            return None
+            return REQUEST
         if b"\r\n " in head or b"\r\n\t" in head or head.count(b"\r") != head.count(b"\r\n"):
-            return None  # folded lines and bare CRs: aiohttp's rules
+            return REQUEST  # folded lines and bare CRs: aiohttp's rules
         fields = _Head()
         parser = httptools.HttpRequestParser(fields)
         try:
             parser.feed_data(head)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            return None  # malformed, or CONNECT and upgrades: aiohttp's answers
+            return REQUEST  # malformed, or CONNECT and upgrades: aiohttp's answers
         if not fields.done or parser.get_http_version() != "1.1":
-            return None
+            return REQUEST
         method = parser.get_method()
         if method not in LEAN_METHODS:
-            return None
+            return REQUEST
         framed = _framing(fields.fields)
         if framed is None or framed[1] > config.limits.max_body_bytes:
-            return None
+            return REQUEST
         headers, length, close = framed
         path_qs = fields.url.decode("utf-8", "surrogateescape")
         if not path_qs.startswith("/") or not self.front.lean_path(path_qs.partition("?")[0]):
-            self.why = "path"
-            return None
+            return PATH
         return _Exchange(self, method.decode(), path_qs, CIMultiDictProxy(headers), length, close)
 
-    def _hand_off(self) -> None:
-        """aiohttp's protocol takes the connection and what it has sent so far."""
+    def _hand_off(self, why: str) -> None:
+        """aiohttp's protocol takes the connection and what it has sent so far (a request is
+        never under way here, so reading is not paused)."""
         front, transport = self.front, self.transport
         if front.server is None or transport is None or transport.is_closing():
             self.abort()
@@ -346,15 +341,11 @@ class _Connection(asyncio.Protocol):
         front.connections.discard(self)
         if self.idle is not None:
             self.idle.cancel()
-        counter = front.handed.get(self.why)
-        if counter is not None:
-            counter.inc()
+        front.handed[why].inc()
         handler = front.server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
         data, self.buffer = bytes(self.buffer), bytearray()
-        if self.paused:
-            transport.resume_reading()
         if data:
             handler.data_received(data)
 
@@ -377,8 +368,8 @@ class _Connection(asyncio.Protocol):
             await serve(self.front.app[PROXY], exchange)
         except GatewayError as exc:
             await exchange.refuse(exc.status, exc.error_type, str(exc), exc.headers, exc.code)
-        except (asyncio.CancelledError, ConnectionError):
-            raise
+        except ConnectionError:
+            raise  # the client left: _serve ends quietly
         except Exception:
             log.exception("unhandled error on %s %s", exchange.method, exchange.path)
             await exchange.refuse(500, "internal_error", "the gateway failed; see its log")
@@ -465,10 +456,6 @@ class _Exchange:
             self.arrived.set_result(None)
         return rest
 
-    def gone(self) -> None:
-        if self.arrived is not None and not self.arrived.done():
-            self.arrived.set_exception(ConnectionResetError("the client closed the connection"))
-
     async def body(self, limit: int, timeout_s: float) -> bytes:
         if self.wanted + sum(map(len, self.chunks)) > limit:  # limits.max_body_bytes reloaded
             raise BodyTooLarge(f"request body over limits.max_body_bytes = {limit} bytes")
@@ -522,11 +509,9 @@ class _Exchange:
         head = _head(status, reason, headers.items())
         length = headers.get("Content-Length")
         self.bodyless = status in _NO_BODY or 100 <= status < 200
-        if self.bodyless:
-            pass
-        elif length is not None and length.isdigit():
+        if length is not None and length.isdigit() and not self.bodyless:
             head += b"Content-Length: %s\r\n" % length.encode()
-        else:
+        elif not self.bodyless:
             self.chunked = True
             head += b"Transfer-Encoding: chunked\r\n"
         self.started = True
@@ -594,9 +579,9 @@ def gateway_runner(
     app: web.Application, config: GatewayConfig, shutdown_s: float
 ) -> tuple[web.AppRunner, Front]:
     """The runner of a gateway app and its lean front: aiohttp's server for what is handed
-    to it, with the config's limits (call `front.ready` after `runner.setup()`)."""
+    to it, with the config's limits (call `front.ready(runner)` after `runner.setup()`)."""
     limits = config.limits
-    front = Front(app, limits.client_keepalive_s, shutdown_s)
+    front = Front(app, limits, shutdown_s)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,

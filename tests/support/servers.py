@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app.front import FrontSite, gateway_runner
-from gateway.app.listener import limit_connections
 from gateway.app.server import create_app
 from gateway.config import load_config
 from gateway.ops.metrics import METRICS, GatewayMetrics
@@ -131,9 +130,7 @@ async def serve_gateway(app: web.Application, host: str = "127.0.0.1") -> AsyncI
     config = app[LIVE].runtime.config
     runner, front = gateway_runner(app, config, shutdown_s=1)
     await runner.setup()
-    if config.limits.max_connections is not None:
-        limit_connections(runner, config.limits.max_connections)
-    front.ready(runner, config.limits.max_connections)
+    front.ready(runner)
     site = FrontSite(runner, front, host=host, port=0)
     await site.start()
     try:
