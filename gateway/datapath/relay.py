@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from multidict import CIMultiDict
 
@@ -46,6 +47,7 @@ from gateway.pool.replicas import ReplicaPool, parse_load_report
 from gateway.routing.replica import Replica
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LOAD_HEADER = "X-Replica-Load"
 LOAD_HEADER_LOWER = LOAD_HEADER.lower().encode()
@@ -156,14 +158,11 @@ async def relay(
             if upstream.status in RETRIABLE_STATUSES:
                 error = UpstreamError(f"replica {replica.url} answered {upstream.status}")
                 raise AttemptFailed(str(upstream.status), error, answer)
-            await client.reply(answer)
+            await _to_client(client.reply(answer))
         else:
-            headers = _response_headers(upstream, replica, sent)
+            headers = _response_headers(upstream, replica, sent, HOP_BY_HOP)
             event_stream = _is_event_stream(headers.get("Content-Type", ""))
-            try:
-                chunked = await client.start(upstream.status, upstream.reason, headers)
-            except ConnectionResetError:
-                raise ClientGone() from None
+            chunked = await _to_client(client.start(upstream.status, upstream.reason, headers))
             await _copy_body(client, upstream, chunked, event_stream, lease, sent.trace)
     except BaseException:
         upstream.close()  # never hand a half-read connection back to the pool
@@ -181,7 +180,7 @@ def _is_small_whole_body(client: Downstream, upstream: UpstreamResponse) -> bool
 
 async def _buffered_response(upstream: UpstreamResponse, lease: Lease, sent: Outgoing) -> Buffered:
     replica = lease.replica
-    headers = upstream.headers(RESPONSE_DROPPED)
+    headers = _response_headers(upstream, replica, sent, RESPONSE_DROPPED)
     try:
         body = await upstream.read(BUFFERED_MAX_BYTES)
     except UpstreamFailure as exc:  # nothing was sent: a clean 502 (or 504)
@@ -198,10 +197,6 @@ async def _buffered_response(upstream: UpstreamResponse, lease: Lease, sent: Out
         headers["Content-Type"] = "application/json"
     elif lease.wants_usage and 200 <= upstream.status < 300:
         lease.usage = usage_of_body(body)
-    headers[REPLICA_HEADER] = replica.url
-    headers[REQUEST_ID_HEADER] = sent.request_id
-    if sent.reply_headers:
-        headers.update(sent.reply_headers)
     return Buffered(upstream.status, upstream.reason, headers, body)
 
 
@@ -210,9 +205,11 @@ def _is_event_stream(content_type: str) -> bool:
 
 
 def _response_headers(
-    upstream: UpstreamResponse, replica: Replica, sent: Outgoing
+    upstream: UpstreamResponse, replica: Replica, sent: Outgoing, dropped: frozenset[str]
 ) -> CIMultiDict[str]:
-    headers = upstream.headers(HOP_BY_HOP)
+    """The replica's headers less `dropped`, and the gateway's own: the replica, the request
+    id, what the request's tenancy adds."""
+    headers = upstream.headers(dropped)
     headers[REPLICA_HEADER] = replica.url
     headers[REQUEST_ID_HEADER] = sent.request_id
     if sent.reply_headers:
@@ -301,7 +298,12 @@ async def cut(client: Downstream, aborted: RelayAborted) -> None:
 
 
 async def _write(client: Downstream, chunk: bytes, *, eof: bool = False) -> None:
+    await _to_client(client.end() if eof else client.write(chunk))
+
+
+async def _to_client(sending: Awaitable[T]) -> T:
+    """A write to the client; ClientGone when it has left."""
     try:
-        await (client.end() if eof else client.write(chunk))
+        return await sending
     except ConnectionResetError:
         raise ClientGone() from None
