@@ -1,7 +1,7 @@
-"""`python -m loadtests.frontends_bench` end to end on its smallest run: one repeat of 1 s, direct
-and infergate with `workers: 1`, real replicas (nginx when installed, else the rig's upstream)
-and real load generators. Checks every measurement came back whole and the table is written;
-asserts nothing about timings."""
+"""`python -m loadtests.frontends_bench` end to end on its smallest run: one repeat of 1 s, direct,
+infergate with `workers: 1` and the Python ceiling relay with two processes, real replicas
+(nginx when installed, else the rig's upstream) and real load generators. Checks every
+measurement came back whole and the table is written; asserts nothing about timings."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_smallest_frontends_bench_measures_every_scenario(tmp_path: Path) -> Non
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "loadtests.frontends_bench", "--repeats", "1", "--seconds", "1",
            "--warmup-s", "1", "--streams", "100,400",
-           "--front-ends", "infergate:workers=1,no-such-router:x",
+           "--front-ends", "infergate:workers=1,ceiling:workers=2,no-such-router:x",
            "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -31,8 +31,8 @@ def test_smallest_frontends_bench_measures_every_scenario(tmp_path: Path) -> Non
 
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     by = {(r["front_end"], r["scenario"]): r for r in runs}
-    assert len(by) == len(runs) == 10  # 2 front ends x 5 scenarios
-    for name in ("direct", "infergate:workers=1"):
+    assert len(by) == len(runs) == 15  # 3 front ends x 5 scenarios
+    for name in ("direct", "infergate:workers=1", "ceiling:workers=2"):
         latency = by[name, "latency"]
         assert latency["requests"] == 1000 and latency["errors"] == 0
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
@@ -45,10 +45,11 @@ def test_smallest_frontends_bench_measures_every_scenario(tmp_path: Path) -> Non
             assert stream["streams_done"] >= stream["streams"]  # every stream ended in [DONE]
             assert 0 < stream["delay_p50_ms"] <= stream["delay_p99_ms"]
     assert by["infergate:workers=1", "saturation"]["cores"] > 0  # its CPU time was read
+    assert by["ceiling:workers=2", "saturation"]["cores"] > 0  # both processes' time
 
     table = (out / "table.md").read_text()
     assert "### Request relay" in table and "### Streaming relay" in table
-    assert "| infergate:workers=1 | +" in table
+    assert "| infergate:workers=1 | +" in table and "| ceiling:workers=2 | +" in table
     assert f"Command: `{(out / 'command.txt').read_text().strip()}`" in table
     rendered = subprocess.run(
         [sys.executable, "-m", "loadtests.frontends_bench", "--render", str(out)],
