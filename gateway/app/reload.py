@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from gateway.aio import wait_set
 from gateway.app.state import AppState
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
@@ -107,11 +108,8 @@ class ReloadWatcher:
             return
         while True:
             settings = self._state.live.runtime.config.reload
-            try:
-                await asyncio.wait_for(self._wake.wait(), settings.poll_interval_s)
-                trigger = "signal"
-            except TimeoutError:
-                trigger = "file change"
+            woken = await wait_set(self._wake, settings.poll_interval_s)
+            trigger = "signal" if woken else "file change"
             self._wake.clear()
             signature = file_signature(path)
             if trigger == "file change" and (not settings.watch or signature == self._seen):

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.aio import wait_set
 from gateway.app.listener import reuseport_socket
 from gateway.cluster import die_with_parent
 from gateway.flow.buckets_shared import SharedBuckets
@@ -212,8 +213,7 @@ class Supervisor:
             log.info("infergate gateway: %d workers on %s", self._count, self.address)
             restarts: dict[int, float] = {}
             while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.1)
+                await wait_set(stop, 0.1)
                 now = time.monotonic()
                 for index, proc in enumerate(self._procs):
                     if proc is not None and proc.poll() is not None and not stop.is_set():
@@ -269,7 +269,8 @@ class Supervisor:
             proc.terminate()
         waits = [asyncio.to_thread(p.wait) for p in running]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*waits), DRAIN_GRACE_S)
+            async with asyncio.timeout(DRAIN_GRACE_S):
+                await asyncio.gather(*waits)
         failed = 0
         for proc in running:
             if proc.poll() is None:

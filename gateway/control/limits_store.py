@@ -137,7 +137,8 @@ class LimitsStore:
     async def close(self) -> None:
         if self._pool is not None:
             try:
-                await asyncio.wait_for(self._pool.close(), STORE_TIMEOUT_S)
+                async with asyncio.timeout(STORE_TIMEOUT_S):
+                    await self._pool.close()
             except TimeoutError:
                 self._pool.terminate()
 

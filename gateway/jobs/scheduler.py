@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.aio import wait_set
 from gateway.config import Jobs, Timeouts
 from gateway.control.fetch import BodyOverLimit, Session, read_capped
 from gateway.datapath.classify import classify
@@ -317,8 +318,7 @@ class Scheduler:
             log.warning("job %s: refusal not recorded: %s", job.id, exc)
 
     async def _sleep(self, timeout_s: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout_s)
+        await wait_set(self._wake, timeout_s)
         self._wake.clear()
 
     def _start(self, job: Job, replicas: Sequence[Replica]) -> bool:
