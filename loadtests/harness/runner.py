@@ -5,6 +5,7 @@ throughout so a saturated load generator or machine is flagged, not silently rep
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import shutil
 import signal
@@ -108,8 +109,10 @@ def free_port_block(n: int, start: int = 20000) -> int:
 
 def exit_on_sigterm() -> None:
     """SIGTERM ends a benchmark as Ctrl-C does: through every `finally`, so the replicas, front
-    ends and load generators it started are stopped, not left running."""
+    ends and load generators it started are stopped, not left running. SIGUSR1 prints every
+    thread's stack to stderr (a benchmark that seems stuck says where)."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def wait_http(url: str, timeout_s: float = 30.0) -> None:

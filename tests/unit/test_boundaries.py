@@ -17,7 +17,7 @@ FIRST_PARTY = ("gateway", "replica", "loadtests")
 # rank, never one of the same rank or above (datapath and control are siblings: neither calls
 # the other). gateway/__init__.py describes each.
 LAYERS: dict[str, int] = {
-    "foundation": 0,  # errors, yamlfile, boundedjson, logfilter, sharedmem
+    "foundation": 0,  # errors, yamlfile, boundedjson, logfilter, sharedmem, aio
     "routing": 1,  # the replica type, the request info, policies, prefix index: sync, no I/O
     "launcher": 1,  # cluster: `infergate up`, apart from the gateway it starts
     "config": 2,  # the schema, embedding the routing options
@@ -30,7 +30,7 @@ LAYERS: dict[str, int] = {
     "app": 8,  # the composition root: nothing below imports it
     "entry": 9,  # python -m gateway
 }
-FOUNDATION = {"errors", "yamlfile", "boundedjson", "logfilter", "sharedmem"}
+FOUNDATION = {"errors", "yamlfile", "boundedjson", "logfilter", "sharedmem", "aio"}
 
 
 def module_name(path: Path) -> str:

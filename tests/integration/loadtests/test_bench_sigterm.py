@@ -3,6 +3,7 @@ everything it started: replicas, the front end and its load, none left running."
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -17,7 +18,9 @@ def test_sigterm_stops_the_benchmark_and_every_process_it_started(tmp_path: Path
            "--seeds", "1", "--warmup-s", "30", "--duration-s", "30", "--workloads", "unique",
            "--front-ends", "least_outstanding_requests",
            "--out", str(tmp_path / "out")]  # fmt: skip
-    bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("wb") as err:
+        bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     parent = psutil.Process(bench.pid)
     try:
         deadline = time.monotonic() + 60
@@ -29,10 +32,25 @@ def test_sigterm_stops_the_benchmark_and_every_process_it_started(tmp_path: Path
             time.sleep(0.2)
         assert len(started) >= 3, [p.cmdline() for p in started]
         bench.send_signal(signal.SIGTERM)
-        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        try:
+            code = bench.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            bench.send_signal(signal.SIGUSR1)  # its threads' stacks, to say where it is stuck
+            time.sleep(1)
+            raise AssertionError(_stuck(started, stderr)) from None
+        assert code == 128 + signal.SIGTERM, stderr.read_text()[-3000:]
         _, alive = psutil.wait_procs(started, timeout=10)
         assert not alive, [p.cmdline() for p in alive]
     finally:
         for child in parent.children(recursive=True) if bench.poll() is None else ():
             child.kill()
         bench.kill()
+
+
+def _stuck(started: list[psutil.Process], stderr: Path) -> str:
+    """What a benchmark that did not stop was doing: its processes still there, its stacks."""
+    alive = []
+    for proc in started:
+        with contextlib.suppress(psutil.Error):
+            alive.append(f"{proc.pid} {proc.status()} {' '.join(proc.cmdline()[:4])}")
+    return f"not stopped within 60 s; still running: {alive}\n{stderr.read_text()[-6000:]}"
