@@ -45,6 +45,7 @@ def test_sigterm_stops_the_benchmark_and_every_process_it_started(tmp_path: Path
         for child in parent.children(recursive=True) if bench.poll() is None else ():
             child.kill()
         bench.kill()
+        bench.wait()  # reaped here, not left to warn in a later test
 
 
 def _stuck(started: list[psutil.Process], stderr: Path) -> str:
