@@ -4,6 +4,7 @@ throughout so a saturated load generator or machine is flagged, not silently rep
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import os
@@ -109,10 +110,26 @@ def free_port_block(n: int, start: int = 20000) -> int:
 
 def exit_on_sigterm() -> None:
     """SIGTERM ends a benchmark as Ctrl-C does: through every `finally`, so the replicas, front
-    ends and load generators it started are stopped, not left running. SIGUSR1 prints every
-    thread's stack to stderr (a benchmark that seems stuck says where)."""
+    ends and load generators it started are stopped, not left running. A SIGTERM that lands
+    while a child is being started (inside `subprocess.Popen`, before any `finally` holds it)
+    would leave that child behind: at exit, every child still running is stopped too. SIGUSR1
+    prints every thread's stack to stderr (a benchmark that seems stuck says where)."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    atexit.register(stop_children)
+
+
+def stop_children(grace_s: float = 10.0) -> None:
+    """Stop every process this one started that is still running: SIGTERM, then SIGKILL for
+    those still there after `grace_s`."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def wait_http(url: str, timeout_s: float = 30.0) -> None:

@@ -55,3 +55,30 @@ def _stuck(started: list[psutil.Process], stderr: Path) -> str:
         with contextlib.suppress(psutil.Error):
             alive.append(f"{proc.pid} {proc.status()} {' '.join(proc.cmdline()[:4])}")
     return f"not stopped within 60 s; still running: {alive}\n{stderr.read_text()[-6000:]}"
+
+
+LEAKY_BENCH = """
+import subprocess, sys, time
+from loadtests.harness.runner import exit_on_sigterm
+exit_on_sigterm()
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_child_no_finally_holds_is_stopped_when_the_benchmark_exits() -> None:
+    """A SIGTERM that lands while a child starts leaves it out of every `finally`; the exit
+    hook stops it all the same (here no `finally` knows the child at all)."""
+    bench = subprocess.Popen([sys.executable, "-c", LEAKY_BENCH], stdout=subprocess.PIPE)
+    try:
+        assert bench.stdout is not None
+        child = psutil.Process(int(bench.stdout.readline()))
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+        assert not child.is_running()
+    finally:
+        bench.kill()
+        bench.wait()
+        if bench.stdout is not None:
+            bench.stdout.close()

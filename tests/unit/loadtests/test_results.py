@@ -18,6 +18,7 @@ from loadtests import (
     jobs_bench,
     prefix_bench,
     readme,
+    step_bench,
     tracing_bench,
 )
 from loadtests.harness.plan import (
@@ -40,11 +41,31 @@ BATCHING = [f for f in FOLDERS if f.startswith("batching")]
 FRONT_ENDS = [f for f in FOLDERS if f.startswith("front-ends")]
 FLOW = [f for f in FOLDERS if f.startswith("flow-")]
 TRACING = [f for f in FOLDERS if f.startswith("tracing")]
+STEP = [f for f in FOLDERS if f.startswith("step-bench")]
 
 
 def test_every_folder_is_a_known_kind_of_result() -> None:
-    assert sorted(BENCH + JOBS + BATCHING + PREFIX + FRONT_ENDS + FLOW + TRACING) == FOLDERS
-    assert BENCH and JOBS and BATCHING and FRONT_ENDS and FLOW and TRACING
+    assert sorted(BENCH + JOBS + BATCHING + PREFIX + FRONT_ENDS + FLOW + TRACING + STEP) == FOLDERS
+    assert BENCH and JOBS and BATCHING and FRONT_ENDS and FLOW and TRACING and STEP
+
+
+@pytest.mark.parametrize("folder", STEP)
+def test_step_bench_table_names_its_command_and_its_ratio_is_its_rows(folder: str) -> None:
+    lines = (RESULTS / folder / "table.md").read_text().splitlines()
+    command = lines[0].strip("`")
+    assert command.startswith(f"{step_bench.PROG} ")
+    args = step_bench.parser().parse_args(command.split()[len(step_bench.PROG.split()) :])
+    assert args.out == Path("loadtests/results") / folder / "table.md"
+    medians = {
+        cells[0]: float(cells[1])
+        for line in lines
+        if line.startswith(("| static", "| continuous"))
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    ratio = medians["continuous (ContinuousBatcher)"] / medians["static (generate_batch)"]
+    (stated,) = [line for line in lines if line.startswith("Continuous / static step: ")]
+    # the cells are rounded to 0.01 ms, the stated ratio is of the unrounded medians
+    assert abs(float(stated.split(": ")[1].rstrip("x")) - ratio) < 0.015, (stated, ratio)
 
 
 @pytest.mark.parametrize("folder", FLOW)
