@@ -17,6 +17,7 @@ from tests.support.servers import (
     gateway_config,
     metric_sum,
     running_gateway,
+    wait_until,
     write_config,
 )
 
@@ -99,17 +100,10 @@ async def test_a_client_that_leaves_releases_its_replica(tmp_path: Path) -> None
             _, writer = await connect(gw.url)
             writer.write(post("/hold", b'{"n": 1}'))
             await writer.drain()
-            for _ in range(200):
-                if replicas[0].in_flight:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: replicas[0].in_flight == 1)
             assert gw.state.pool.outstanding == 1
             writer.close()
-            for _ in range(200):
-                if not gw.state.pool.outstanding:
-                    break
-                await asyncio.sleep(0.01)
-            assert gw.state.pool.outstanding == 0
+            await wait_until(lambda: gw.state.pool.outstanding == 0)
             replicas[0].release.set()
 
 
