@@ -11,12 +11,16 @@ a decoding sequence needs a block and none is free, the newest running sequence 
 its blocks are freed and it goes back to the front of the line, to be recomputed (prompt and
 the tokens it already streamed) when memory allows. The client only sees it take longer.
 
-Steps are pipelined, as vLLM's async scheduling does: the next step is planned and queued on the
-forward thread while the current one runs, so the thread goes from step to step without waiting
-for the event loop, and the loop streams one step's tokens while the next computes. A decode
-planned before its input token is known carries `PENDING` (the engine puts the token in); a
-sequence that turns out to have finished (a stop string) costs one discarded row; results that
-come back for a sequence already gone (finished, cancelled, failed or preempted) are dropped.
+The step loop runs on the forward thread, as the static batcher's `generate_batch` does: plan,
+step, hand out the tokens, plan again, with no hop to the event loop between steps, so the
+loop's own work (HTTP, streaming) never holds a step back. The thread takes newcomers from the
+request queue itself and tells the loop what to resolve: token events go through each
+request's sink (thread-safe, as for static batches), finished and failed requests in one
+`call_soon_threadsafe` per step. The batcher's state (running and preempted sequences, KV
+blocks) belongs to the thread while a step runs; `_lock` guards it for the loop's readers
+(`load`, `cached_hashes`). The thread gives the executor back every `slice_s` seconds, so
+other models' forward passes queued on the same thread get their turn; the loop hands it the
+next slice at once while there is work.
 
 Given `kv_events` (replica/kv_events.py), the batcher hands it what the prefix cache did: one
 batch per step that stored or evicted blocks, and `AllBlocksCleared` once, at the start.
@@ -25,6 +29,7 @@ batch per step that stored or evicted blocks, and `AllBlocksCleared` once, at th
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,44 +40,37 @@ from replica.batching.base import DEFAULT_KNOBS, Load, QueueKnobs
 from replica.batching.clock import Clock, LoopClock
 from replica.batching.observer import BatchObserver, NullObserver
 from replica.batching.queue import Pending, RequestQueue
-from replica.engines.base import PENDING, GenerationEngine, StepPlan, Work
+from replica.engines.base import GenerationEngine, StepPlan, Work
 from replica.errors import BadRequest
 from replica.generation import Completion, GenRequest, SequenceTracker
 from replica.kv import BlockManager, CacheCleared, CacheEvent
 
 KvEvents = Callable[[Sequence[CacheEvent]], object]
+Outcome = tuple[asyncio.Future[Completion], Completion | BaseException]
 
 
 @dataclass(eq=False)
 class _Seq:
     pending: Pending[GenRequest, Completion]
     tracker: SequenceTracker
-    ids: list[int]  # prompt, then every token generated so far (whose result came back)
+    ids: list[int]  # prompt, then every token generated so far
     computed: int = 0  # leading tokens whose keys/values are in the sequence's blocks
-    scheduled: int = 0  # leading tokens computed or in a step in flight
-    drawing: bool = False  # a step in flight samples its next token
+    scheduled: int = 0  # leading tokens computed or planned in the step being built
 
     @property
     def id(self) -> int:
         return self.pending.item.id
 
-    @property
-    def length(self) -> int:
-        """Its tokens, the one being drawn included."""
-        return len(self.ids) + self.drawing
 
-    @property
-    def drawing_its_last(self) -> bool:
-        """The token in flight is its last (`max_tokens` or the context): nothing to plan."""
-        tracker = self.tracker
-        return self.drawing and len(tracker.token_ids) + 1 >= tracker.request.token_budget
-
-
-@dataclass(frozen=True)
-class _InFlight:
-    plan: StepPlan
-    result: asyncio.Future[tuple[dict[int, int], float]]  # tokens, compute seconds
-    submitted_at: float
+def _settle(outcomes: list[Outcome]) -> None:
+    """On the event loop: resolve what one step finished or failed (unless the client left)."""
+    for future, outcome in outcomes:
+        if future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 class ContinuousBatcher:
@@ -88,6 +86,7 @@ class ContinuousBatcher:
         clock: Clock | None = None,
         observer: BatchObserver | None = None,
         kv_events: KvEvents | None = None,
+        slice_s: float = 0.025,
     ) -> None:
         if max_batch_tokens < max_num_seqs:
             raise ValueError("max_batch_tokens must be at least max_num_seqs (one decode each)")
@@ -95,6 +94,7 @@ class ContinuousBatcher:
         self._executor = executor
         self.capacity = max_num_seqs
         self._max_batch_tokens = max_batch_tokens
+        self._slice_s = slice_s
         self._kv_events = kv_events
         self._events: list[CacheEvent] = []  # since the last step
         self.blocks = BlockManager(
@@ -112,6 +112,7 @@ class ContinuousBatcher:
             clock=clock or LoopClock(),
             observer=self._observer,
         )
+        self._lock = threading.Lock()  # the state below, while the forward thread runs steps
         self._running: dict[int, _Seq] = {}  # admission order: the last is the newest
         self._preempted: deque[_Seq] = deque()  # back to the front of the line
         self._release: list[int] = []
@@ -126,21 +127,28 @@ class ContinuousBatcher:
                 f"({self.blocks.num_blocks * self.blocks.block_size} tokens)"
             )
         if self._task is None and not self._queue.closed:
-            self._task = asyncio.create_task(self._loop(), name="ContinuousBatcher")
+            self._task = asyncio.create_task(self._drive(), name="ContinuousBatcher")
         return await self._queue.submit(item)
 
     def load(self) -> Load:
-        backlog = sum(p.item.token_budget for p in self._queue) + sum(
-            max(0, s.tracker.request.token_budget - len(s.tracker.token_ids))
-            for s in (*self._running.values(), *self._preempted)
-        )
-        return Load(
-            queued=len(self._queue) + len(self._preempted),
-            running=len(self._running),
-            capacity=self.capacity,
-            backlog_tokens=backlog,
-            kv_usage=self.blocks.stats().usage,
-        )
+        queued = list(self._queue)
+        with self._lock:
+            seqs = (*self._running.values(), *self._preempted)
+            backlog = sum(p.item.token_budget for p in queued) + sum(
+                max(0, s.tracker.request.token_budget - len(s.tracker.token_ids)) for s in seqs
+            )
+            return Load(
+                queued=len(queued) + len(self._preempted),
+                running=len(self._running),
+                capacity=self.capacity,
+                backlog_tokens=backlog,
+                kv_usage=self.blocks.stats().usage,
+            )
+
+    def cached_hashes(self) -> list[int]:
+        """The prefix cache's block hashes, oldest first (safe while a step runs)."""
+        with self._lock:
+            return self.blocks.cached_hashes()
 
     async def close(self) -> None:
         """Fail queued requests, let running (and preempted) sequences finish, stop the task."""
@@ -148,39 +156,58 @@ class ContinuousBatcher:
         if self._task is not None:
             await self._task
 
-    async def _loop(self) -> None:
-        """Plan a step, queue it, then take the results of the step before it (at most two in
-        flight: one running, one queued behind it)."""
-        in_flight: deque[_InFlight] = deque()
+    async def _drive(self) -> None:
+        """Hand the forward thread one slice of steps at a time while there is work."""
+        loop = asyncio.get_running_loop()
         while True:
-            self._drop_cancelled()
-            busy = self._running or self._preempted or self._release or in_flight
+            busy = self._running or self._preempted or self._release
             if not busy and not await self._queue.wait_for(1, None):
                 return
-            plan = self._schedule()
-            if plan.size or plan.release:
-                in_flight.append(self._submit(plan))
-            if in_flight and (len(in_flight) > 1 or not plan.size):
-                await self._finish(in_flight.popleft())
-            if self._events and self._kv_events is not None:
-                self._kv_events(tuple(self._events))
-                self._events.clear()
+            await loop.run_in_executor(self._executor, self._run_slice, loop)
 
-    # -- scheduling -------------------------------------------------------------------------
+    # -- on the forward thread ----------------------------------------------------------------
+
+    def _run_slice(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Steps until nothing is left to do or the slice is used up (at least one step)."""
+        ends_at = time.perf_counter() + self._slice_s
+        while True:
+            with self._lock:
+                self._drop_cancelled()
+                plan = self._schedule()
+            if not plan.size and not plan.release:
+                return
+            error: Exception | None = None
+            started = time.perf_counter()
+            try:
+                tokens = self._engine.step(plan)
+            except Exception as raised:  # fail the sequences in this step; keep serving
+                tokens, error = {}, raised
+            if plan.size:
+                self._observer.on_batch(plan.size, time.perf_counter() - started)
+            with self._lock:
+                outcomes = self._finish(plan, tokens) if error is None else self._fail(plan, error)
+                events = tuple(self._events)
+                self._events.clear()
+            if outcomes:
+                loop.call_soon_threadsafe(_settle, outcomes)
+            if events and self._kv_events is not None:
+                self._kv_events(events)
+            if time.perf_counter() >= ends_at:
+                return
 
     def _schedule(self) -> StepPlan:
         budget = self._max_batch_tokens
         work: list[Work] = []
         preempted_now: set[int] = set()
         for seq in list(self._running.values()):  # decodes first, oldest first
-            if seq.id in preempted_now or seq.length - seq.scheduled != 1 or seq.drawing_its_last:
+            if seq.id in preempted_now or len(seq.ids) - seq.scheduled != 1:
                 continue
             if not self._make_room(seq, preempted_now):
                 continue
             work.append(self._work(seq, 1))
             budget -= 1
         for seq in self._running.values():  # then sequences part-way through their prefill
-            remaining = seq.length - seq.scheduled
+            remaining = len(seq.ids) - seq.scheduled
             if budget <= 0:
                 break
             if remaining > 1:
@@ -191,7 +218,7 @@ class ContinuousBatcher:
             joined = self._admit(preempted_now)
             if joined is None:
                 break
-            chunk = min(joined.length - joined.scheduled, budget)
+            chunk = min(len(joined.ids) - joined.scheduled, budget)
             work.append(self._work(joined, chunk))
             budget -= chunk
         release, self._release = tuple(self._release), []
@@ -212,7 +239,6 @@ class ContinuousBatcher:
         del self._running[seq.id]
         self.blocks.free(seq.id, preempted=True)
         seq.computed = seq.scheduled = 0
-        seq.drawing = False  # a token in flight is dropped: the recompute draws it again
         self._preempted.appendleft(seq)
 
     def _admit(self, preempted_now: set[int]) -> _Seq | None:
@@ -226,13 +252,17 @@ class ContinuousBatcher:
                 return None
             self._preempted.popleft()
         else:
-            head = self._queue.peek()
-            if head is None:
+            fits: list[int] = []
+
+            def admit(item: GenRequest) -> bool:
+                got = self.blocks.allocate(item.id, item.prompt_ids)
+                fits.extend(() if got is None else (got,))
+                return got is not None
+
+            pending = self._queue.take_head_if(admit)
+            if pending is None:
                 return None
-            cached = self.blocks.allocate(head.item.id, head.item.prompt_ids)
-            if cached is None:
-                return None
-            (pending,) = self._queue.take(1)
+            cached = fits[0]
             seq = _Seq(pending, SequenceTracker(pending.item), list(pending.item.prompt_ids))
             seq.tracker.cached_tokens = cached
         seq.computed = seq.scheduled = cached
@@ -243,11 +273,10 @@ class ContinuousBatcher:
     def _work(self, seq: _Seq, tokens: int) -> Work:
         start = seq.scheduled
         end = start + tokens
-        sample = end == seq.length
-        ids = tuple(seq.ids[start:end]) if end <= len(seq.ids) else (PENDING,)
         seq.scheduled = end
-        seq.drawing = seq.drawing or sample
-        return Work(seq.pending.item, ids, start, tuple(self.blocks.table(seq.id)), sample)
+        sample = end == len(seq.ids)
+        return Work(seq.pending.item, tuple(seq.ids[start:end]), start,
+                    tuple(self.blocks.table(seq.id)), sample)  # fmt: skip
 
     def _drop_cancelled(self) -> None:
         for seq in list(self._running.values()):
@@ -262,50 +291,26 @@ class ContinuousBatcher:
         self.blocks.free(seq.id)
         self._release.append(seq.id)
 
-    # -- running a step ---------------------------------------------------------------------
-
-    def _submit(self, plan: StepPlan) -> _InFlight:
-        loop = asyncio.get_running_loop()
-        result = loop.run_in_executor(self._executor, self._timed_step, plan)
-        return _InFlight(plan, result, time.perf_counter())
-
-    def _timed_step(self, plan: StepPlan) -> tuple[dict[int, int], float]:
-        """On the forward thread: the step and its own compute time (not its wait in line)."""
-        started = time.perf_counter()
-        return self._engine.step(plan), time.perf_counter() - started
-
-    async def _finish(self, step: _InFlight) -> None:
-        plan = step.plan
-        try:
-            tokens, compute_s = await step.result
-        except Exception as error:  # fail the sequences in this step; keep serving
-            if plan.size:
-                self._observer.on_batch(plan.size, time.perf_counter() - step.submitted_at)
-            self._fail(plan, error)
-            return
-        if plan.size:
-            self._observer.on_batch(plan.size, compute_s)
+    def _finish(self, plan: StepPlan, tokens: dict[int, int]) -> list[Outcome]:
+        done: list[Outcome] = []
         for w in plan.work:
-            seq = self._running.get(w.id)
-            if seq is None:  # gone since it was planned
-                continue
+            seq = self._running[w.id]  # (only this thread removes sequences)
             seq.computed = w.start + len(w.tokens)
             self.blocks.commit(seq.id, seq.ids, seq.computed)
             if not w.sample:
                 continue
             token = tokens[w.id]
-            seq.drawing = seq.computed < seq.scheduled  # the next step, queued, draws again
             seq.ids.append(token)
             if seq.tracker.push(token).finish_reason is not None:
                 self._forget(seq)
-                if not seq.pending.future.done():
-                    seq.pending.future.set_result(seq.tracker.completion())
+                done.append((seq.pending.future, seq.tracker.completion()))
+        return done
 
-    def _fail(self, plan: StepPlan, error: Exception) -> None:
+    def _fail(self, plan: StepPlan, error: BaseException) -> list[Outcome]:
+        failed: list[Outcome] = []
         for w in plan.work:
             seq = self._running.get(w.id)
-            if seq is None:
-                continue
-            self._forget(seq)
-            if not seq.pending.future.done():
-                seq.pending.future.set_exception(error)
+            if seq is not None:
+                self._forget(seq)
+                failed.append((seq.pending.future, error))
+        return failed

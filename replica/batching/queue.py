@@ -1,14 +1,17 @@
 """The bounded request queue every batcher owns: admission (429), queue timeout (503), FIFO order.
 
 `RequestQueue.submit` is the one place a request waits before dispatch; it times itself out,
-so a busy forward pass never delays a queue-timeout error.
+so a busy forward pass never delays a queue-timeout error. Requests are put and waited for on
+the event loop; the continuous batcher takes them on its forward thread (`take_head_if`), so
+the line itself is guarded by a lock, held only for a deque operation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -33,6 +36,7 @@ class RequestQueue(Generic[T, R]):
         self, *, max_queue: int, queue_timeout_s: float, clock: Clock, observer: BatchObserver
     ) -> None:
         self._items: deque[Pending[T, R]] = deque()
+        self._lock = threading.Lock()
         self._max_queue = max_queue
         self._timeout_s = queue_timeout_s
         self._clock = clock
@@ -44,7 +48,8 @@ class RequestQueue(Generic[T, R]):
         return len(self._items)
 
     def __iter__(self) -> Iterator[Pending[T, R]]:
-        return iter(self._items)
+        with self._lock:
+            return iter(list(self._items))
 
     def oldest_enqueued_at(self) -> float | None:
         return self._items[0].enqueued_at_s if self._items else None
@@ -57,7 +62,8 @@ class RequestQueue(Generic[T, R]):
             raise QueueFull(f"queue is full ({self._max_queue} requests waiting); retry later")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         pending = Pending(item, self._clock.now(), future)
-        self._items.append(pending)
+        with self._lock:
+            self._items.append(pending)
         self.changed.set()
         return pending
 
@@ -65,8 +71,8 @@ class RequestQueue(Generic[T, R]):
         pending = self._put(item)
         try:
             deadline = pending.enqueued_at_s + self._timeout_s
-            if not await self._clock.wait(pending.dispatched, deadline):
-                self._discard(pending)
+            dispatched = await self._clock.wait(pending.dispatched, deadline)
+            if not dispatched and self._discard(pending):  # (not taken just as time ran out)
                 self._observer.on_reject("queue_timeout")
                 raise QueueTimeout(
                     f"request waited {self._timeout_s * 1000:.0f} ms in the queue; retry later"
@@ -77,22 +83,36 @@ class RequestQueue(Generic[T, R]):
             pending.future.cancel()
             raise
 
-    def _discard(self, pending: Pending[T, R]) -> None:
-        if pending in self._items:
+    def _discard(self, pending: Pending[T, R]) -> bool:
+        """Take `pending` out of the line; False when a batcher had already taken it."""
+        with self._lock:
+            if pending not in self._items:
+                return False
             self._items.remove(pending)
-            self.changed.set()
+        self.changed.set()
+        return True
 
     def take(self, n: int) -> list[Pending[T, R]]:
         """Pop up to n requests for dispatch, oldest first."""
-        now = self._clock.now()
-        batch = [self._items.popleft() for _ in range(min(n, len(self._items)))]
+        with self._lock:
+            batch = [self._items.popleft() for _ in range(min(n, len(self._items)))]
         for pending in batch:
-            pending.dispatched.set()
-            self._observer.on_dispatch(now - pending.enqueued_at_s)
+            self._dispatched(pending)
         return batch
 
-    def peek(self) -> Pending[T, R] | None:
-        return self._items[0] if self._items else None
+    def take_head_if(self, admit: Callable[[T], bool]) -> Pending[T, R] | None:
+        """From any thread: pop the oldest request if `admit(item)` lets it start. Its waiter
+        learns it was dispatched on the event loop, in the loop's next turn."""
+        with self._lock:
+            if not self._items or not admit(self._items[0].item):
+                return None
+            pending = self._items.popleft()
+        pending.future.get_loop().call_soon_threadsafe(self._dispatched, pending)
+        return pending
+
+    def _dispatched(self, pending: Pending[T, R]) -> None:
+        pending.dispatched.set()
+        self._observer.on_dispatch(self._clock.now() - pending.enqueued_at_s)
 
     async def wait_for(self, count: int, deadline: float | None) -> bool:
         """Wait until at least `count` requests are queued (True) or the deadline passes."""
@@ -107,8 +127,10 @@ class RequestQueue(Generic[T, R]):
     def close(self) -> None:
         """Refuse new requests and fail the queued ones."""
         self.closed = True
-        while self._items:
-            pending = self._items.popleft()
+        with self._lock:
+            failed = list(self._items)
+            self._items.clear()
+        for pending in failed:
             if not pending.future.done():
                 pending.future.set_exception(BatcherClosed("the replica is shutting down"))
             pending.dispatched.set()

@@ -6,9 +6,7 @@ of what it holds. One shape covers everything a scheduler asks for, as in vLLM's
 prompt (whole, or a chunk of it after a cached prefix or an earlier chunk), one decode token,
 or a preempted sequence's recompute. KV memory is paged (`replica/kv.py`): each
 `Work` carries the sequence's block table; per-sequence sampler state lives in the engine,
-keyed by `GenRequest.id`, until the plan releases it. A scheduler may plan a step while the one
-before it runs: a decode whose input is the token that one is sampling carries `PENDING`, and the
-engine, which runs steps in order, puts that token in.
+keyed by `GenRequest.id`, until the plan releases it.
 """
 
 from __future__ import annotations
@@ -20,8 +18,6 @@ from typing import Protocol
 
 from replica.generation import Completion, GenRequest, SequenceTracker
 from replica.kv import BlockManager
-
-PENDING = -1  # as a decode's token: the one the sequence's previous step sampled
 
 
 @dataclass(frozen=True)
@@ -44,8 +40,7 @@ class KvLayout:
 class Work:
     """Compute `tokens` at positions `start ..` of sequence `request.id`, whose earlier
     positions are already in its blocks (or computed by an earlier step of the same engine);
-    `sample`: return its next token. `tokens` is `(PENDING,)` for a decode planned before the
-    previous step's token was known."""
+    `sample`: return its next token."""
 
     request: GenRequest
     tokens: tuple[int, ...]

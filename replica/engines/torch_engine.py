@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import torch
 
 from replica.config import ClassifierParams, TinyGptParams
-from replica.engines.base import PENDING, KvLayout, StepPlan, Work
+from replica.engines.base import KvLayout, StepPlan, Work
 from replica.models.classifier import build_classifier
 from replica.models.sampling import choose, make_generator
-from replica.models.tiny_gpt import Chunk, KVPool, build_tiny_gpt
+from replica.models.tiny_gpt import KVPool, build_tiny_gpt
 from replica.models.tokenizer import PRINTABLE, VOCAB_SIZE
 
 
@@ -28,11 +28,9 @@ def resolve_device(name: str) -> torch.device:
 class TorchGenerationEngine:
     """Runs a plan as one forward pass: decode rows and prefill chunks together, each row at its
     own positions. Greedy rows take one batched argmax; a sampled row samples with its own
-    generator. A `PENDING` decode gets the token its sequence last sampled. A sampled row whose
-    draw was made before (a preempted sequence's recompute, planned while that draw ran and
-    dropped) draws again from the same generator state, so preemption changes no token.
-    `computed_positions` counts the token positions the model computed, so tests can see a
-    cached prefix was not."""
+    generator, which draws once per position: a preempted sequence's recompute draws only the
+    positions it had not reached, so preemption changes no token. `computed_positions` counts
+    the token positions the model computed, so tests can see a cached prefix was not."""
 
     def __init__(
         self, params: TinyGptParams, device: torch.device, kv: KvLayout | None = None
@@ -48,31 +46,22 @@ class TorchGenerationEngine:
         else:
             self._bias[VOCAB_SIZE - 1] = -math.inf  # never emit BOS
         self._generators: dict[int, torch.Generator] = {}
-        self._drawn: dict[int, tuple[int, torch.Tensor]] = {}  # position, generator state before
-        self._last: dict[int, int] = {}  # each sequence's last sampled token
         self.computed_positions = 0
 
     def step(self, plan: StepPlan) -> dict[int, int]:
         for seq_id in plan.release:
             self._generators.pop(seq_id, None)
-            self._drawn.pop(seq_id, None)
-            self._last.pop(seq_id, None)
-        work = [w for w in plan.work if w.tokens[0] != PENDING or w.id in self._last]
-        if not work:  # (a pending row whose sequence's last step failed is gone with it)
+        if not plan.work:
             return {}
-        rows = [Chunk((self._last[w.id],), w.start, w.blocks) if w.tokens[0] == PENDING else w
-                for w in work]  # fmt: skip
         with torch.inference_mode():
-            logits = self.model.forward_chunks(rows, self.pool) + self._bias
+            logits = self.model.forward_chunks(plan.work, self.pool) + self._bias
             greedy = logits.argmax(-1).tolist()
-        self.computed_positions += sum(len(w.tokens) for w in work)
+        self.computed_positions += plan.tokens
         out: dict[int, int] = {}
-        for row, w in enumerate(work):
+        for row, w in enumerate(plan.work):
             if w.sample:
                 sampled = w.request.sampling.temperature > 0
-                out[w.id] = self._last[w.id] = (
-                    self._sample(w, logits[row]) if sampled else greedy[row]
-                )
+                out[w.id] = self._sample(w, logits[row]) if sampled else greedy[row]
         return out
 
     def _sample(self, w: Work, logits: torch.Tensor) -> int:
@@ -80,12 +69,6 @@ class TorchGenerationEngine:
         generator = self._generators.get(w.id)
         if generator is None:
             generator = self._generators[w.id] = make_generator(sampling.seed, self.device)
-        end = w.start + len(w.tokens)
-        drawn = self._drawn.get(w.id)
-        if drawn is not None and drawn[0] == end:
-            generator.set_state(drawn[1])
-        else:
-            self._drawn[w.id] = (end, generator.get_state())
         with torch.inference_mode():
             return choose(logits, sampling.temperature, sampling.top_p, generator)
 

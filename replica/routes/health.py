@@ -114,7 +114,7 @@ async def cache_blocks(request: web.Request) -> web.Response:
             "num_blocks": blocks.num_blocks,
             "hash_scheme": HASH_SCHEME,
             "tokenizer": TOKENIZER,
-            "blocks": [f"{h:016x}" for h in blocks.cached_hashes()],
+            "blocks": [f"{h:016x}" for h in batcher.cached_hashes()],
             # Where this model's KV cache events are published (replica/kv_events.py); null
             # when they are off or the PUB socket connects out rather than binds.
             "kv_events": events.endpoint_bound if events else None,

@@ -9,6 +9,8 @@ import pytest
 
 from replica.batching import DynamicBatcher, NoBatcher, QueueKnobs, StaticBatcher
 from replica.batching.clock import FakeClock
+from replica.batching.observer import NullObserver
+from replica.batching.queue import Pending, RequestQueue
 from replica.batching.testing import InlineExecutor, RecordingForward
 from replica.errors import BatcherClosed, QueueFull, QueueTimeout
 
@@ -169,3 +171,33 @@ async def test_close_refuses_new_requests(clock: FakeClock) -> None:
     await batcher.close()
     with pytest.raises(BatcherClosed):
         await batcher.submit(1)
+
+
+class _DeadlineAsTaken(FakeClock):
+    """A request's queue deadline passes in the very instant a batcher on another thread takes
+    it: `hook` runs (the take), then the wait reports the deadline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook: Any = None
+
+    async def wait(self, event: asyncio.Event, deadline: float | None) -> bool:
+        if deadline is not None and self.hook is not None:
+            self.hook()
+            return event.is_set()
+        return await super().wait(event, deadline)
+
+
+async def test_a_request_taken_as_its_queue_deadline_passes_is_served_not_timed_out() -> None:
+    clock = _DeadlineAsTaken()
+    queue: RequestQueue[int, str] = RequestQueue(
+        max_queue=4, queue_timeout_s=1.0, clock=clock, observer=NullObserver()
+    )
+    taken: list[Pending[int, str]] = []
+    clock.hook = lambda: taken.append(queue.take_head_if(lambda item: True))  # type: ignore[arg-type]
+    task = asyncio.create_task(queue.submit(7))
+    await settle()
+    assert [p.item for p in taken] == [7] and not task.done()  # waits for its result
+    taken[0].future.set_result("served")
+    assert await task == "served"
+    assert len(queue) == 0

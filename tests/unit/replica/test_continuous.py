@@ -1,15 +1,18 @@
-"""Continuous batcher: iteration-level joins and leaves, exact with an inline counting engine."""
+"""Continuous batcher: iteration-level joins and leaves, exact with an inline counting engine
+(one step per slice); then on a real forward thread."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from replica.batching import ContinuousBatcher, QueueKnobs
+from replica.batching import ContinuousBatcher, Load, NoBatcher, QueueKnobs
 from replica.batching.clock import FakeClock
-from replica.batching.testing import CountingEngine, InlineExecutor
-from replica.engines.base import KvLayout
+from replica.batching.testing import CountingEngine, InlineExecutor, RecordingForward
+from replica.engines.base import KvLayout, StepPlan
 from replica.errors import BadRequest
 from replica.generation import GenRequest, TokenEvent
 
@@ -21,8 +24,9 @@ def request(max_tokens: int, prompt_len: int = 3) -> GenRequest:
 def batcher(engine: CountingEngine, **kwargs: int) -> ContinuousBatcher:
     knobs = {"max_num_seqs": 8, "max_batch_tokens": 1024} | kwargs
     return ContinuousBatcher(
-        engine, executor=InlineExecutor(), clock=FakeClock(), knobs=QueueKnobs(), **knobs
-    )
+        engine, executor=InlineExecutor(), clock=FakeClock(), knobs=QueueKnobs(), slice_s=0,
+        **knobs,
+    )  # fmt: skip
 
 
 async def test_short_request_arriving_during_a_long_one_finishes_first() -> None:
@@ -155,3 +159,63 @@ async def test_a_request_larger_than_kv_memory_is_refused_up_front() -> None:
     with pytest.raises(BadRequest, match="KV"):
         await b.submit(request(60, prompt_len=10))
     await b.close()
+
+
+class PacedEngine(CountingEngine):
+    """A counting engine whose every step takes `step_s`, as a forward pass does."""
+
+    def __init__(self, step_s: float, kv: KvLayout | None = None) -> None:
+        super().__init__(kv)
+        self.step_s = step_s
+
+    def step(self, plan: StepPlan) -> dict[int, int]:
+        time.sleep(self.step_s)
+        return super().step(plan)
+
+
+async def test_the_loop_reads_load_and_cache_safely_while_the_forward_thread_steps() -> None:
+    """Steps on a real forward thread; the event loop reads `load` and the cached blocks
+    between them, as the metrics scrape and the cache endpoint do, and every request ends."""
+    engine = CountingEngine(KvLayout(num_blocks=40, block_size=16))  # preempts as it goes
+    with ThreadPoolExecutor(1, thread_name_prefix="forward") as executor:
+        b = ContinuousBatcher(
+            engine, executor=executor, max_num_seqs=8, max_batch_tokens=64, prefix_cache=True
+        )
+        prompts = [tuple(range(i % 3, 40 + i % 3)) for i in range(48)]
+        tasks = [
+            asyncio.create_task(b.submit(GenRequest(p, 60, context_len=4096))) for p in prompts
+        ]
+        reads = 0
+        while not all(t.done() for t in tasks):
+            load = b.load()
+            assert 0 <= load.running <= 8 and load.queued >= 0
+            assert len(b.cached_hashes()) <= 40
+            reads += 1
+            await asyncio.sleep(0)
+        done = [t.result() for t in tasks]
+        assert all(len(c.token_ids) == 60 for c in done)
+        assert reads > 10
+        assert b.load() == Load(queued=0, running=0, capacity=8, backlog_tokens=0, kv_usage=0.0)
+        await b.close()
+    assert engine.live_sequences == 0
+
+
+async def test_the_forward_thread_takes_other_models_work_between_slices() -> None:
+    """One forward thread for two models, as in the replica: a long sequence on the continuous
+    batcher gives the thread back every `slice_s`, so the other model's request is served
+    while that sequence is still generating."""
+    engine = PacedEngine(step_s=0.002)
+    with ThreadPoolExecutor(1, thread_name_prefix="forward") as executor:
+        b = ContinuousBatcher(
+            engine, executor=executor, max_num_seqs=4, max_batch_tokens=64, slice_s=0.01
+        )
+        other = NoBatcher(RecordingForward(lambda x: x * 2), executor=executor)
+        long = asyncio.create_task(b.submit(request(max_tokens=1000)))  # 2 s or more of steps
+        while len(engine.plans) < 3:
+            await asyncio.sleep(0.001)
+        assert await other.submit(21) == 42
+        assert not long.done()
+        long.cancel()
+        await asyncio.gather(long, return_exceptions=True)
+        await asyncio.gather(b.close(), other.close())
+    assert engine.live_sequences == 0

@@ -102,8 +102,8 @@ async def test_seeded_sampling_is_the_same_with_the_cache_and_chunking() -> None
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
 async def test_preemption_changes_no_token(sampled: bool) -> None:
-    """KV memory for about two of six sequences: the newest are preempted while a step planned
-    ahead of them runs (its draw dropped), and recomputed; every token is as with room for all."""
+    """KV memory for about two of six sequences: the newest are preempted and recomputed
+    (prompt and the tokens they had streamed); every token is as with room for all."""
     prompts = [SYSTEM[: 20 + 9 * i] for i in range(6)]
     params = TinyGptParams(context_len=CONTEXT, dtype="float64")
     tight_engine = TorchGenerationEngine(params, torch.device("cpu"), KvLayout(num_blocks=12))
