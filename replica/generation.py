@@ -105,6 +105,7 @@ class SequenceTracker:
 
     def __init__(self, request: GenRequest, now: Callable[[], float] = time.monotonic) -> None:
         self.request = request
+        self._budget = request.token_budget
         self._now = now
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
@@ -127,10 +128,13 @@ class SequenceTracker:
             self._first_at = self._last_at
         self.token_ids.append(token_id)
         chunk = self._decoder.decode(bytes([token_id]) if token_id < 256 else b"")
-        emit, self._held, stopped = split_at_stop(self._held + chunk, self.request.stop)
+        if self.request.stop:
+            emit, self._held, stopped = split_at_stop(self._held + chunk, self.request.stop)
+        else:
+            emit, stopped = chunk, False
         if stopped:
             self.finish_reason = "stop"
-        elif len(self.token_ids) >= self.request.token_budget:
+        elif len(self.token_ids) >= self._budget:
             self.finish_reason = "length"
             emit += self._held + self._decoder.decode(b"", final=True)
             self._held = ""

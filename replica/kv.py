@@ -211,6 +211,8 @@ class BlockManager:
     def grow(self, seq_id: int, tokens: int) -> bool:
         """Make room for the sequence to hold `tokens` tokens; False when out of blocks."""
         seq = self._seqs[seq_id]
+        if tokens <= len(seq.table) * self.block_size:  # most decode steps
+            return True
         need = self.blocks_for(tokens) - len(seq.table)
         if need > self.available:
             return False

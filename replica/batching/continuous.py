@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from replica.batching.base import DEFAULT_KNOBS, Load, QueueKnobs
 from replica.batching.clock import Clock, LoopClock
@@ -56,10 +56,10 @@ class _Seq:
     ids: list[int]  # prompt, then every token generated so far
     computed: int = 0  # leading tokens whose keys/values are in the sequence's blocks
     scheduled: int = 0  # leading tokens computed or planned in the step being built
+    id: int = field(init=False)
 
-    @property
-    def id(self) -> int:
-        return self.pending.item.id
+    def __post_init__(self) -> None:
+        self.id = self.pending.item.id
 
 
 def _settle(outcomes: list[Outcome]) -> None:

@@ -176,7 +176,7 @@ class PacedEngine(CountingEngine):
 async def test_the_loop_reads_load_and_cache_safely_while_the_forward_thread_steps() -> None:
     """Steps on a real forward thread; the event loop reads `load` and the cached blocks
     between them, as the metrics scrape and the cache endpoint do, and every request ends."""
-    engine = CountingEngine(KvLayout(num_blocks=40, block_size=16))  # preempts as it goes
+    engine = PacedEngine(0.0005, KvLayout(num_blocks=40, block_size=16))  # preempts as it goes
     with ThreadPoolExecutor(1, thread_name_prefix="forward") as executor:
         b = ContinuousBatcher(
             engine, executor=executor, max_num_seqs=8, max_batch_tokens=64, prefix_cache=True
