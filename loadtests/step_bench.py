@@ -8,12 +8,12 @@ Each path gets the same `rows` requests (prompt lengths from `--prompts`: one le
 `MIN-MAX` spread evenly over the rows), all submitted at once, each generating `--steps` tokens,
 so both decode the same positions. A step's time is the gap between two tokens of one sequence
 as its sink sees them: for the static batcher the whole step of `generate_batch` on the forward
-thread; for the continuous batcher the engine step plus its scheduling, bookkeeping and the
-hand-offs between the event loop and the forward thread. Reported: the median gap over every
-decode step of every repeat (wall), the process CPU time per step (less sensitive to other work
-on the machine), and the median of the engine's `step` alone. The paths alternate repeat by
-repeat, so other work on the machine hits both alike. `--inline` runs every step on the event
-loop instead of the forward thread (what the hand-offs between threads cost).
+thread; for the continuous batcher the engine step plus its scheduling and bookkeeping, also on
+the forward thread, and the hand-off to the event loop at each slice's end. Reported: the median
+gap over every decode step of every repeat (wall), the process CPU time per step (less sensitive
+to other work on the machine), and the median of the engine's `step` alone. The paths alternate
+repeat by repeat, so other work on the machine hits both alike. `--inline` runs both on the
+event loop instead of the forward thread.
 """
 
 from __future__ import annotations
