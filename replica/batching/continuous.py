@@ -29,6 +29,7 @@ batch per step that stored or evicted blocks, and `AllBlocksCleared` once, at th
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -44,6 +45,8 @@ from replica.engines.base import GenerationEngine, StepPlan, Work
 from replica.errors import BadRequest
 from replica.generation import Completion, GenRequest, SequenceTracker
 from replica.kv import BlockManager, CacheCleared, CacheEvent
+
+log = logging.getLogger("replica")
 
 KvEvents = Callable[[Sequence[CacheEvent]], object]
 Outcome = tuple[asyncio.Future[Completion], Completion | BaseException]
@@ -163,7 +166,11 @@ class ContinuousBatcher:
             busy = self._running or self._preempted or self._release
             if not busy and not await self._queue.wait_for(1, None):
                 return
-            await loop.run_in_executor(self._executor, self._run_slice, loop)
+            try:
+                await loop.run_in_executor(self._executor, self._run_slice, loop)
+            except Exception as error:  # a fault in the batcher itself: fail what it holds
+                log.exception("continuous batcher: a step failed outside the engine")
+                self._fail_all(error)
 
     # -- on the forward thread ----------------------------------------------------------------
 
@@ -301,10 +308,28 @@ class ContinuousBatcher:
                 continue
             token = tokens[w.id]
             seq.ids.append(token)
-            if seq.tracker.push(token).finish_reason is not None:
+            try:
+                finished = seq.tracker.push(token).finish_reason is not None
+            except Exception as error:  # its sink or finish hook failed: it fails, alone
+                log.exception("request %d: handing out a token failed", seq.id)
+                self._forget(seq)
+                done.append((seq.pending.future, error))
+                continue
+            if finished:
                 self._forget(seq)
                 done.append((seq.pending.future, seq.tracker.completion()))
         return done
+
+    def _fail_all(self, error: BaseException) -> None:
+        """On the event loop, the thread idle: every running and preempted sequence fails."""
+        with self._lock:
+            seqs = [*self._running.values(), *self._preempted]
+            for seq in seqs:
+                self.blocks.free(seq.id)
+                self._release.append(seq.id)
+            self._running.clear()
+            self._preempted.clear()
+        _settle([(seq.pending.future, error) for seq in seqs])
 
     def _fail(self, plan: StepPlan, error: BaseException) -> list[Outcome]:
         failed: list[Outcome] = []

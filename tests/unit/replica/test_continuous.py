@@ -219,3 +219,44 @@ async def test_the_forward_thread_takes_other_models_work_between_slices() -> No
         await asyncio.gather(long, return_exceptions=True)
         await asyncio.gather(b.close(), other.close())
     assert engine.live_sequences == 0
+
+
+async def test_a_request_whose_sink_fails_fails_alone() -> None:
+    """A sink that raises (a fault in whoever reads the tokens) fails its own request with that
+    error; the others in the same steps finish, and nothing is left held."""
+    engine = CountingEngine()
+    b = batcher(engine)
+
+    def broken(event: TokenEvent) -> None:
+        if event.text == "c":
+            raise RuntimeError("the reader broke")
+
+    bad = asyncio.create_task(b.submit(GenRequest((1, 2), 10, context_len=64, sink=broken)))
+    good = asyncio.create_task(b.submit(request(max_tokens=10)))
+    with pytest.raises(RuntimeError, match="the reader broke"):
+        await bad
+    assert (await good).text == "abcdefghij"
+    assert b.load().running == 0 and b.blocks.stats().used_blocks == 0
+    await b.close()
+    assert engine.live_sequences == 0
+
+
+class ForgetfulEngine(CountingEngine):
+    """Its third step returns no tokens: a malformed answer from the engine."""
+
+    def step(self, plan: StepPlan) -> dict[int, int]:
+        out = super().step(plan)
+        return {} if len(self.plans) == 3 else out
+
+
+async def test_a_fault_outside_the_forward_pass_fails_what_runs_and_serving_goes_on() -> None:
+    engine = ForgetfulEngine()
+    b = batcher(engine)
+    running = [asyncio.create_task(b.submit(request(max_tokens=10))) for _ in range(2)]
+    for task in running:
+        with pytest.raises(KeyError):
+            await task
+    assert (await b.submit(request(max_tokens=3))).text == "abc"
+    assert b.load().running == 0 and b.blocks.stats().used_blocks == 0
+    await b.close()
+    assert engine.live_sequences == 0
