@@ -187,16 +187,25 @@ class ContinuousBatcher:
             started = time.perf_counter()
             try:
                 tokens = self._engine.step(plan)
+                missing = [w.id for w in plan.work if w.sample and w.id not in tokens]
+                if missing:
+                    raise RuntimeError(f"the engine returned no token for sequences {missing}")
             except Exception as raised:  # fail the sequences in this step; keep serving
                 tokens, error = {}, raised
             if plan.size:
                 self._observer.on_batch(plan.size, time.perf_counter() - started)
-            with self._lock:
-                outcomes = self._finish(plan, tokens) if error is None else self._fail(plan, error)
-                events = tuple(self._events)
-                self._events.clear()
-            if outcomes:
-                loop.call_soon_threadsafe(_settle, outcomes)
+            outcomes: list[Outcome] = []
+            try:
+                with self._lock:
+                    if error is None:
+                        self._finish(plan, tokens, outcomes)
+                    else:
+                        self._fail(plan, error, outcomes)
+                    events = tuple(self._events)
+                    self._events.clear()
+            finally:  # (what finished before a fault in the bookkeeping is still handed out)
+                if outcomes:
+                    loop.call_soon_threadsafe(_settle, outcomes)
             if events and self._kv_events is not None:
                 self._kv_events(events)
             if time.perf_counter() >= ends_at:
@@ -298,8 +307,7 @@ class ContinuousBatcher:
         self.blocks.free(seq.id)
         self._release.append(seq.id)
 
-    def _finish(self, plan: StepPlan, tokens: dict[int, int]) -> list[Outcome]:
-        done: list[Outcome] = []
+    def _finish(self, plan: StepPlan, tokens: dict[int, int], done: list[Outcome]) -> None:
         for w in plan.work:
             seq = self._running[w.id]  # (only this thread removes sequences)
             seq.computed = w.start + len(w.tokens)
@@ -318,7 +326,6 @@ class ContinuousBatcher:
             if finished:
                 self._forget(seq)
                 done.append((seq.pending.future, seq.tracker.completion()))
-        return done
 
     def _fail_all(self, error: BaseException) -> None:
         """On the event loop, the thread idle: every running and preempted sequence fails."""
@@ -331,11 +338,9 @@ class ContinuousBatcher:
             self._preempted.clear()
         _settle([(seq.pending.future, error) for seq in seqs])
 
-    def _fail(self, plan: StepPlan, error: BaseException) -> list[Outcome]:
-        failed: list[Outcome] = []
+    def _fail(self, plan: StepPlan, error: BaseException, failed: list[Outcome]) -> None:
         for w in plan.work:
             seq = self._running.get(w.id)
             if seq is not None:
                 self._forget(seq)
                 failed.append((seq.pending.future, error))
-        return failed

@@ -11,6 +11,7 @@ import pytest
 
 from replica.batching import ContinuousBatcher, Load, NoBatcher, QueueKnobs
 from replica.batching.clock import FakeClock
+from replica.batching.observer import NullObserver
 from replica.batching.testing import CountingEngine, InlineExecutor, RecordingForward
 from replica.engines.base import KvLayout, StepPlan
 from replica.errors import BadRequest
@@ -249,12 +250,40 @@ class ForgetfulEngine(CountingEngine):
         return {} if len(self.plans) == 3 else out
 
 
-async def test_a_fault_outside_the_forward_pass_fails_what_runs_and_serving_goes_on() -> None:
+async def test_an_engine_answer_without_a_token_fails_its_step_and_serving_goes_on() -> None:
     engine = ForgetfulEngine()
     b = batcher(engine)
     running = [asyncio.create_task(b.submit(request(max_tokens=10))) for _ in range(2)]
     for task in running:
-        with pytest.raises(KeyError):
+        with pytest.raises(RuntimeError, match="the engine returned no token"):
+            await task
+    assert (await b.submit(request(max_tokens=3))).text == "abc"
+    assert b.load().running == 0 and b.blocks.stats().used_blocks == 0
+    await b.close()
+    assert engine.live_sequences == 0
+
+
+class BrokenObserver(NullObserver):
+    """Its third `on_batch` raises: a fault in the batcher's own bookkeeping."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_batch(self, size: int, compute_s: float) -> None:
+        self.batches += 1
+        if self.batches == 3:
+            raise ValueError("bookkeeping broke")
+
+
+async def test_a_fault_in_the_batcher_itself_fails_what_it_holds_and_serving_goes_on() -> None:
+    engine = CountingEngine()
+    b = ContinuousBatcher(
+        engine, executor=InlineExecutor(), clock=FakeClock(), max_num_seqs=8,
+        max_batch_tokens=1024, observer=BrokenObserver(), slice_s=0,
+    )  # fmt: skip
+    running = [asyncio.create_task(b.submit(request(max_tokens=10))) for _ in range(2)]
+    for task in running:
+        with pytest.raises(ValueError, match="bookkeeping broke"):
             await task
     assert (await b.submit(request(max_tokens=3))).text == "abc"
     assert b.load().running == 0 and b.blocks.stats().used_blocks == 0
