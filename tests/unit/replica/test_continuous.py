@@ -250,17 +250,23 @@ class ForgetfulEngine(CountingEngine):
         return {} if len(self.plans) == 3 else out
 
 
-async def test_an_engine_answer_without_a_token_fails_its_step_and_serving_goes_on() -> None:
-    engine = ForgetfulEngine()
-    b = batcher(engine)
+async def fails_then_serves(
+    b: ContinuousBatcher, engine: CountingEngine, error: type[Exception], match: str
+) -> None:
+    """Two running requests fail with `error`; the next one is served; nothing is left held."""
     running = [asyncio.create_task(b.submit(request(max_tokens=10))) for _ in range(2)]
     for task in running:
-        with pytest.raises(RuntimeError, match="the engine returned no token"):
+        with pytest.raises(error, match=match):
             await task
     assert (await b.submit(request(max_tokens=3))).text == "abc"
     assert b.load().running == 0 and b.blocks.stats().used_blocks == 0
     await b.close()
     assert engine.live_sequences == 0
+
+
+async def test_an_engine_answer_without_a_token_fails_its_step_and_serving_goes_on() -> None:
+    engine = ForgetfulEngine()
+    await fails_then_serves(batcher(engine), engine, RuntimeError, "the engine returned no token")
 
 
 class BrokenObserver(NullObserver):
@@ -281,11 +287,4 @@ async def test_a_fault_in_the_batcher_itself_fails_what_it_holds_and_serving_goe
         engine, executor=InlineExecutor(), clock=FakeClock(), max_num_seqs=8,
         max_batch_tokens=1024, observer=BrokenObserver(), slice_s=0,
     )  # fmt: skip
-    running = [asyncio.create_task(b.submit(request(max_tokens=10))) for _ in range(2)]
-    for task in running:
-        with pytest.raises(ValueError, match="bookkeeping broke"):
-            await task
-    assert (await b.submit(request(max_tokens=3))).text == "abc"
-    assert b.load().running == 0 and b.blocks.stats().used_blocks == 0
-    await b.close()
-    assert engine.live_sequences == 0
+    await fails_then_serves(b, engine, ValueError, "bookkeeping broke")
