@@ -7,6 +7,7 @@ a time. torch is imported only when the torch engine is chosen.
 from __future__ import annotations
 
 import asyncio
+import math
 from array import array
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -25,7 +26,7 @@ from replica.batching import (
     StaticBatcher,
 )
 from replica.batching.clock import Clock
-from replica.batching.continuous import KvEvents
+from replica.batching.continuous import SHARED_SLICE_S, KvEvents
 from replica.batching.observer import BatchObserver
 from replica.config import (
     BatcherConfig,
@@ -134,6 +135,7 @@ def generation_batcher(
     clock: Clock | None = None,
     max_num_seqs_cap: int | None = None,
     kv_events: KvEvents | None = None,
+    slice_s: float = SHARED_SLICE_S,
 ) -> Batcher[GenRequest, Completion]:
     if not isinstance(config, ContinuousBatcherConfig):
         forward = partial(generate_batch, engine)
@@ -149,6 +151,7 @@ def generation_batcher(
         observer=observer,
         clock=clock,
         kv_events=kv_events,
+        slice_s=slice_s,
     )
 
 
@@ -257,6 +260,7 @@ def _build(
                 model.batcher, _with_faults(config.engine, gen), executor=executor,
                 observer=observer, clock=clock, max_num_seqs_cap=cap,
                 kv_events=None if events is None else events.publish,
+                slice_s=SHARED_SLICE_S if len(config.models) > 1 else math.inf,
             )  # fmt: skip
             served = GenerativeModel(model.name, model, batcher, observer, events)
         else:

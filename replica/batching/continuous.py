@@ -20,7 +20,7 @@ request's sink (thread-safe, as for static batches), finished and failed request
 blocks) belongs to the thread while a step runs; `_lock` guards it for the loop's readers
 (`load`, `cached_hashes`). The thread gives the executor back every `slice_s` seconds, so
 other models' forward passes queued on the same thread get their turn; the loop hands it the
-next slice at once while there is work.
+next slice at once while there is work. (A replica serving one model never slices.)
 
 Given `kv_events` (replica/kv_events.py), the batcher hands it what the prefix cache did: one
 batch per step that stored or evicted blocks, and `AllBlocksCleared` once, at the start.
@@ -49,6 +49,7 @@ from replica.kv import BlockManager, CacheCleared, CacheEvent
 log = logging.getLogger("replica")
 
 KvEvents = Callable[[Sequence[CacheEvent]], object]
+SHARED_SLICE_S = 0.025  # the forward thread's turn when other models wait for it
 Outcome = tuple[asyncio.Future[Completion], Completion | BaseException]
 
 
@@ -89,7 +90,7 @@ class ContinuousBatcher:
         clock: Clock | None = None,
         observer: BatchObserver | None = None,
         kv_events: KvEvents | None = None,
-        slice_s: float = 0.025,
+        slice_s: float = SHARED_SLICE_S,
     ) -> None:
         if max_batch_tokens < max_num_seqs:
             raise ValueError("max_batch_tokens must be at least max_num_seqs (one decode each)")

@@ -69,3 +69,22 @@ async def test_short_request_arriving_during_a_long_one_finishes_first(
         assert len(short) == 4
         assert not long.done()
         assert len(await long) == 128
+
+
+async def test_the_other_model_is_served_while_a_long_generation_runs(
+    start_replica: Start,
+) -> None:
+    """Both models share the replica's one forward thread: the continuous batcher gives it back
+    between slices, so a classifier request does not wait for a long generation to end."""
+    url = await start_replica()
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 16], "data": [0.5] * 16}]}
+    async with aiohttp.ClientSession() as session:
+        long_started = asyncio.Event()
+        long = asyncio.create_task(stream_texts(session, url, 128, long_started))
+        await long_started.wait()
+        async with session.post(f"{url}/v2/models/classifier/infer", json=body) as response:
+            assert response.status == 200
+            assert len((await response.json())["outputs"][0]["data"]) == 4
+        assert not long.done()
+        assert len(await long) == 128
+        assert (await load_of(session, url))["running"] == 0
