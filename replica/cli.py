@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.logfilter import filter_malformed_requests
+from gateway.logfilter import answer_in_json, filter_malformed_requests
 from replica.config import ConfigError, ReplicaConfig, load_config, parse_config, read_raw
 from replica.keys import STATE
 from replica.server import create_app
@@ -139,6 +139,8 @@ async def serve(config: ReplicaConfig) -> int:
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
     await runner.setup()
+    assert runner.server is not None
+    answer_in_json(runner.server)  # what aiohttp's parser refuses, in our JSON shape too
     site = web.TCPSite(runner, config.server.host, config.server.port)
     await site.start()
     host, port = runner.addresses[0][:2]

@@ -49,6 +49,7 @@ from gateway.errors import (
     GatewayError,
     error_body,
 )
+from gateway.logfilter import answer_in_json
 from gateway.ops.metrics import METRICS
 from gateway.pool.live import LIVE
 
@@ -165,6 +166,8 @@ class Front:
         for the sites it serves directly: the jobs socket of `workers: N`), and the paths the
         app owns (its routes but the catch-all) as exact paths and prefixes."""
         self.server = runner.server
+        assert self.server is not None, "call after runner.setup()"
+        answer_in_json(self.server)
         if self.max_connections is not None:
             limit_connections(runner, self.max_connections)
         exact, prefixes = set(), []

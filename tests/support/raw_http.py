@@ -85,3 +85,19 @@ def malformed_requests(api_key: str, path: str = "/v1/models", token: str = "") 
             f"Authorization: Bearer {api_key}\r\n\r\nzz{api_key}\r\n"
         ),
     }
+
+
+def assert_json_refusal(answer: bytes, status: int, *secrets: str) -> dict[str, str]:
+    """`answer` (raw, as read off the socket) is `status` with our JSON error body, which quotes
+    none of `secrets`; returns its `error` object."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].split(" ", 2)[1] == str(status), answer[:300]
+    fields = {k.strip().lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
+    assert fields["content-type"].startswith("application/json"), answer[:300]
+    error: dict[str, str] = json.loads(body)["error"]
+    assert error["type"] == ("invalid_request" if status < 500 else "internal_error"), error
+    assert error["message"], error
+    for secret in secrets:
+        assert secret not in body.decode("latin-1"), body
+    return error

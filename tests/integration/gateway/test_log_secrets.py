@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.support.processes import free_port, stop, wait_http_ok
-from tests.support.raw_http import malformed_requests, read_until_close
+from tests.support.raw_http import assert_json_refusal, malformed_requests, read_until_close
 from tests.support.servers import fake_replicas
 
 API_KEY = "sk-LOGSECRET-4f1c9a"
@@ -60,6 +60,7 @@ async def test_malformed_requests_get_400_and_leave_no_secret_in_the_log(
     assert code == 0, output
     for case, answer in answers.items():
         assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), (case, answer[:200])
+        assert_json_refusal(answer, 400, API_KEY, ADMIN_TOKEN)
     assert API_KEY not in output and ADMIN_TOKEN not in output, output
     assert "LOGSECRET" not in output and "ADMINSECRET" not in output, output
     # Each refusal is still logged by its class and reason, one line each (a bad method on a

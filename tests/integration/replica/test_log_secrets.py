@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.processes import REPLICA_CONFIG, replica_process
-from tests.support.raw_http import malformed_requests, read_until_close
+from tests.support.raw_http import assert_json_refusal, malformed_requests, read_until_close
 
 API_KEY = "sk-REPLICASECRET-9b3e1d"
 
@@ -27,6 +27,7 @@ async def test_malformed_requests_get_400_and_leave_no_secret_in_the_log(
     output = log.read_text(errors="replace")
     for case, answer in answers.items():
         assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), (case, answer[:200])
+        assert_json_refusal(answer, 400, API_KEY)
     assert API_KEY not in output and "REPLICASECRET" not in output, output
     # Each refusal is still logged by its class and reason, one line each (a bad method on a
     # connection's first request only at debug: aiohttp's choice, as port scanners send them).
