@@ -222,4 +222,6 @@ async def test_a_slow_file_is_parsed_off_the_event_loop(tmp_path: Path) -> None:
                 last = loop.time()
                 await asyncio.sleep(0.02)
     assert len(gaps) >= 3, gaps
-    assert max(gaps) < 0.5, gaps
+    # Parsed on the loop, one gap would be the whole parse: most of the time the reload took.
+    # Off it, no gap comes near that (a loaded machine stretches both alike).
+    assert max(gaps) < max(0.5, sum(gaps) / 3), gaps
