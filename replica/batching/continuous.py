@@ -269,17 +269,12 @@ class ContinuousBatcher:
                 return None
             self._preempted.popleft()
         else:
-            fits: list[int] = []
-
-            def admit(item: GenRequest) -> bool:
-                got = self.blocks.allocate(item.id, item.prompt_ids)
-                fits.extend(() if got is None else (got,))
-                return got is not None
-
-            pending = self._queue.take_head_if(admit)
-            if pending is None:
+            taken = self._queue.take_head_if(
+                lambda item: self.blocks.allocate(item.id, item.prompt_ids)
+            )
+            if taken is None:
                 return None
-            cached = fits[0]
+            pending, cached = taken
             seq = _Seq(pending, SequenceTracker(pending.item), list(pending.item.prompt_ids))
             seq.tracker.cached_tokens = cached
         seq.computed = seq.scheduled = cached
@@ -332,10 +327,9 @@ class ContinuousBatcher:
         """On the event loop, the thread idle: every running and preempted sequence fails."""
         with self._lock:
             seqs = [*self._running.values(), *self._preempted]
-            for seq in seqs:
-                self.blocks.free(seq.id)
-                self._release.append(seq.id)
-            self._running.clear()
+            for seq in list(self._running.values()):
+                self._forget(seq)
+            self._release.extend(seq.id for seq in self._preempted)  # (their blocks are free)
             self._preempted.clear()
         _settle([(seq.pending.future, error) for seq in seqs])
 

@@ -21,6 +21,7 @@ from replica.errors import BatcherClosed, QueueFull, QueueTimeout
 
 T = TypeVar("T")
 R = TypeVar("R")
+A = TypeVar("A")
 
 
 @dataclass(eq=False)
@@ -100,15 +101,19 @@ class RequestQueue(Generic[T, R]):
             self._dispatched(pending)
         return batch
 
-    def take_head_if(self, admit: Callable[[T], bool]) -> Pending[T, R] | None:
-        """From any thread: pop the oldest request if `admit(item)` lets it start. Its waiter
-        learns it was dispatched on the event loop, in the loop's next turn."""
+    def take_head_if(self, admit: Callable[[T], A | None]) -> tuple[Pending[T, R], A] | None:
+        """From any thread: pop the oldest request if `admit(item)` lets it start (anything
+        but None), with what `admit` said. Its waiter learns it was dispatched on the event
+        loop, in the loop's next turn."""
         with self._lock:
-            if not self._items or not admit(self._items[0].item):
+            if not self._items:
+                return None
+            admitted = admit(self._items[0].item)
+            if admitted is None:
                 return None
             pending = self._items.popleft()
         pending.future.get_loop().call_soon_threadsafe(self._dispatched, pending)
-        return pending
+        return pending, admitted
 
     def _dispatched(self, pending: Pending[T, R]) -> None:
         pending.dispatched.set()

@@ -25,11 +25,17 @@ class RawResponse:
 async def read_response(reader: asyncio.StreamReader, timeout_s: float = 10) -> RawResponse:
     """One response (interim or final) with a Content-Length body (the gateway's answers)."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines if x)}
+    status, headers = parse_head(head)
     length = int(headers.get("content-length", "0"))
     body = await asyncio.wait_for(reader.readexactly(length), timeout_s) if length else b""
-    return RawResponse(int(status_line.split(" ")[1]), headers, body)
+    return RawResponse(status, headers, body)
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """A response head's status and headers (lower-case names)."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines if x)}
+    return int(status_line.split(" ")[1]), headers
 
 
 async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -91,10 +97,9 @@ def assert_json_refusal(answer: bytes, status: int, *secrets: str) -> dict[str, 
     """`answer` (raw, as read off the socket) is `status` with our JSON error body, which quotes
     none of `secrets`; returns its `error` object."""
     head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    assert lines[0].split(" ", 2)[1] == str(status), answer[:300]
-    fields = {k.strip().lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
-    assert fields["content-type"].startswith("application/json"), answer[:300]
+    got, headers = parse_head(head)
+    assert got == status, answer[:300]
+    assert headers["content-type"].startswith("application/json"), answer[:300]
     error: dict[str, str] = json.loads(body)["error"]
     assert error["type"] == ("invalid_request" if status < 500 else "internal_error"), error
     assert error["message"], error

@@ -193,11 +193,11 @@ async def test_a_request_taken_as_its_queue_deadline_passes_is_served_not_timed_
     queue: RequestQueue[int, str] = RequestQueue(
         max_queue=4, queue_timeout_s=1.0, clock=clock, observer=NullObserver()
     )
-    taken: list[Pending[int, str]] = []
+    taken: list[tuple[Pending[int, str], bool]] = []
     clock.hook = lambda: taken.append(queue.take_head_if(lambda item: True))  # type: ignore[arg-type]
     task = asyncio.create_task(queue.submit(7))
     await settle()
-    assert [p.item for p in taken] == [7] and not task.done()  # waits for its result
-    taken[0].future.set_result("served")
+    assert [p.item for p, _ in taken] == [7] and not task.done()  # waits for its result
+    taken[0][0].future.set_result("served")
     assert await task == "served"
     assert len(queue) == 0
